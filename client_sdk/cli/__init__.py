@@ -1,0 +1,16 @@
+"""The ``hivemart`` command line. Each subcommand group lives in its own module here."""
+
+from __future__ import annotations
+
+from client_sdk.cli._root import cli
+
+# Importing the modules registers their commands on ``cli``.
+from client_sdk.cli import bench as _bench  # noqa: F401,E402
+from client_sdk.cli import model as _model  # noqa: F401,E402
+
+__all__ = ["cli", "main"]
+
+
+def main() -> None:
+    """Console-script entry point for ``hivemart``."""
+    cli(prog_name="hivemart")
