@@ -14,3 +14,37 @@ import click
 @cli.group()
 def bench() -> None:
     """Measure Hivemart's components (see each subcommand's --help)."""
+
+
+def emit(result: dict, as_json: bool) -> None:
+    """Print a benchmark's result: one JSON object as the last line with --json."""
+    import json
+
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            click.echo(f"{key:<{width}}  {value}")
+
+
+@bench.command()
+@click.option("--hidden", default=512, show_default=True, help="Hidden size of the generated llama model.")
+@click.option("--layers", default=8, show_default=True, help="Transformer blocks.")
+@click.option("--providers", default=2, show_default=True, help="Providers the blocks are split across.")
+@click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per run.")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs; the median is reported.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (providers and local model).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--provider-threads", default=1, show_default=True, help="torch threads per provider.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def inference(hidden: int, layers: int, providers: int, new_tokens: int, repeats: int, device: str, dtype: str,
+              provider_threads: int, as_json: bool) -> None:
+    """Local transformers generation versus generation through providers on loopback."""
+    from client_sdk.swarm.bench import run_inference_bench
+
+    result = run_inference_bench(hidden=hidden, layers=layers, providers=providers, new_tokens=new_tokens,
+                                 repeats=repeats, device=device, dtype=dtype, provider_threads=provider_threads,
+                                 progress=lambda msg: click.echo(msg, err=True))
+    emit(result, as_json)

@@ -1,0 +1,105 @@
+"""``hivemart bench inference``: local ``transformers`` generation versus the swarm's.
+
+Creates a model, starts a bootstrap node and providers on loopback, and times greedy
+generation of the same tokens locally (after a warm-up) and through the swarm, in push
+mode (the default) and in round-trip mode. Medians over ``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from client_sdk.models import create_model, load_tokenizer
+from client_sdk.swarm.local import LocalSwarm
+from client_sdk.swarm.model import DistributedModelForCausalLM
+from client_sdk.swarm.runtime import SwarmRuntime
+
+__all__ = ["run_inference_bench", "split_blocks"]
+
+PROMPT = "A marketplace for compute lets strangers trade GPU time safely"
+
+
+def split_blocks(layers: int, providers: int) -> list[tuple[int, int]]:
+    """``providers`` contiguous spans covering ``layers`` blocks as evenly as possible."""
+    if not 1 <= providers <= layers:
+        raise ValueError(f"need between 1 and {layers} providers for {layers} blocks, got {providers}")
+    bounds = [round(i * layers / providers) for i in range(providers + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _median_ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int, repeats: int,
+                         sync: Callable[[], None]) -> tuple[float, torch.Tensor]:
+    times, tokens = [], None
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        tokens = fn()
+        sync()
+        times.append((time.perf_counter() - started) * 1000 / new_tokens)
+    return statistics.median(times), tokens
+
+
+def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 2, new_tokens: int = 64,
+                        repeats: int = 5, device: str = "cpu", dtype: str = "float32", provider_threads: int = 1,
+                        workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="hivemart-bench-"))
+    progress(f"creating a llama model: hidden {hidden}, {layers} layers")
+    model_path = create_model(workdir / f"bench-llama-{hidden}x{layers}", arch="llama", hidden=hidden,
+                              layers=layers, seed=0)
+    torch_dtype = getattr(torch, dtype)
+    prompt = load_tokenizer(model_path)(PROMPT, return_tensors="pt").input_ids
+    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+
+    progress("timing local transformers generate")
+    local = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype).to(device).eval()
+    local_prompt = prompt.to(device)
+
+    def local_generate() -> torch.Tensor:
+        with torch.inference_mode():
+            return local.generate(local_prompt, max_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0).cpu()
+
+    local_generate()  # warm-up
+    local_ms, local_tokens = _median_ms_per_token(local_generate, new_tokens, repeats, sync)
+    del local
+
+    spans = split_blocks(layers, providers)
+    progress(f"starting {providers} providers on loopback: {spans}")
+    with LocalSwarm(workdir=workdir / "swarm") as swarm:
+        swarm.start_bootstrap()
+        extra = ["--device", device, "--dtype", dtype]
+        for start, end in spans:
+            swarm.start_agent(model_path, start, end, torch_threads=provider_threads, extra_args=extra)
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            results: dict[str, float] = {}
+            swarm_tokens = {}
+            for mode, push in (("push", True), ("round_trip", False)):
+                progress(f"timing swarm generation ({mode})")
+                model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime, push=push,
+                                                                    dtype=torch_dtype if device == "cpu" else None)
+
+                def swarm_generate() -> torch.Tensor:
+                    return model.generate(prompt, max_new_tokens=new_tokens)
+
+                swarm_generate()  # warm-up: connections, caches
+                results[mode], swarm_tokens[mode] = _median_ms_per_token(swarm_generate, new_tokens, repeats,
+                                                                         lambda: None)
+    swarm_ms = results["push"]
+    exact = all(torch.equal(t, local_tokens) for t in swarm_tokens.values())
+    return {
+        "hidden": hidden, "layers": layers, "providers": providers,
+        "local_ms_per_token": round(local_ms, 3), "swarm_ms_per_token": round(swarm_ms, 3),
+        "ratio": round(swarm_ms / local_ms, 3),
+        "overhead_ms_per_hop": round((swarm_ms - local_ms) / providers, 3),
+        "exact_match": exact,
+        "round_trip_ms_per_token": round(results["round_trip"], 3),
+        "new_tokens": new_tokens, "repeats": repeats, "device": device, "dtype": dtype,
+    }

@@ -1,0 +1,53 @@
+"""Reading and writing signed server records in the hivemind DHT."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils.logging import get_logger
+from hivemind.utils.timed_storage import get_dht_time
+
+from client_sdk.errors import ProtocolError
+from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.records import ServerRecord, block_key, sign_record, verify_record
+
+__all__ = ["announce_span", "fetch_span_records"]
+
+logger = get_logger(__name__)
+
+
+async def announce_span(node: DHTNode, identity: Identity, record: ServerRecord) -> bool:
+    """Store ``record`` under every block of its span; True when every store succeeded."""
+    value = sign_record(record, identity)
+    # The DHT's clock is wall-clock time; records carry the same absolute expiry.
+    expiration = get_dht_time() + max(1.0, record.expires_at - time.time())
+    keys = [block_key(record.model_id, i) for i in range(record.start, record.end)]
+    results = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[identity.peer_id] * len(keys))
+    return all(results.values())
+
+
+async def fetch_span_records(node: DHTNode, model_id: str, blocks: Iterable[int]) -> dict[str, ServerRecord]:
+    """Live, correctly signed records of every peer serving any of ``blocks``, by peer id.
+
+    Unsigned, mis-signed, expired and offline records are dropped here, so a forged record
+    for someone else's peer id never reaches routing.
+    """
+    blocks = list(blocks)
+    found = await node.get_many([block_key(model_id, i) for i in blocks], sufficient_expiration_time=float("inf"))
+    records: dict[str, ServerRecord] = {}
+    now = time.time()
+    for block in blocks:
+        entry = found.get(block_key(model_id, block))
+        if entry is None or not isinstance(entry.value, dict):
+            continue
+        for subkey, item in entry.value.items():
+            try:
+                record = verify_record(item.value, subkey=str(subkey), model_id=model_id, block=block)
+            except ProtocolError as e:
+                logger.debug(f"dropping a record for block {block} under {subkey!r}: {e}")
+                continue
+            if record.is_live(now):
+                records[record.peer_id] = record
+    return records

@@ -1,0 +1,136 @@
+"""Start a swarm on this machine: a bootstrap DHT node and provider agents as subprocesses.
+
+Used by ``hivemart demo``, the benchmarks and the tests. Every process started here gets
+the kernel's parent-death signal, so none outlives the Python process that started it,
+even when that one is SIGKILLed; :meth:`LocalSwarm.stop` stops them cleanly first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from client_sdk.errors import SwarmError
+from client_sdk.swarm.p2p import die_with_parent
+
+__all__ = ["LocalSwarm", "AgentProcess"]
+
+
+@dataclass
+class AgentProcess:
+    """A running ``hivemart-provider`` subprocess and what it reported when ready."""
+
+    process: subprocess.Popen
+    ready: dict
+    log_path: Path
+    name: str
+
+    @property
+    def peer_id(self) -> str:
+        return self.ready["peer_id"]
+
+    @property
+    def maddrs(self) -> list[str]:
+        return self.ready["maddrs"]
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalSwarm:
+    """``with LocalSwarm() as swarm: swarm.start_agent(model, 0, 4) ...``"""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hivemart-swarm-")))
+    python: str = sys.executable
+    startup_timeout: float = 120.0
+    bootstrap: AgentProcess | None = None
+    agents: list[AgentProcess] = field(default_factory=list)
+
+    @property
+    def initial_peers(self) -> list[str]:
+        if self.bootstrap is None:
+            raise SwarmError("the local swarm has no bootstrap node yet; call start_bootstrap()")
+        return self.bootstrap.maddrs
+
+    def _spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> AgentProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ready_file = self.workdir / f"{name}.ready"
+        log_path = self.workdir / f"{name}.log"
+        ready_file.unlink(missing_ok=True)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [self.python, "-m", "provider_agent", *args, "--ready-file", str(ready_file)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})}, preexec_fn=die_with_parent,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while not ready_file.exists():
+            if process.poll() is not None:
+                agent = AgentProcess(process, {}, log_path, name)
+                raise SwarmError(f"{name} exited with code {process.returncode} before it was ready:\n"
+                                 f"{agent.log_tail()}")
+            if time.monotonic() > deadline:
+                process.kill()
+                raise SwarmError(f"{name} was not ready within {self.startup_timeout:.0f} s; see {log_path}")
+            time.sleep(0.05)
+        ready = json.loads(ready_file.read_text())["ready"]
+        return AgentProcess(process, ready, log_path, name)
+
+    def start_bootstrap(self) -> AgentProcess:
+        self.bootstrap = self._spawn("dht", ["dht"])
+        return self.bootstrap
+
+    def start_agent(self, model_path: str | Path, start: int, end: int, *, name: str | None = None,
+                    extra_args: Sequence[str] = (), torch_threads: int = 1) -> AgentProcess:
+        """Start an agent serving blocks ``[start, end)`` and wait until it announced itself."""
+        name = name or f"agent{len(self.agents)}-{start}-{end}"
+        args = ["run", "--model", str(model_path), "--blocks", f"{start}:{end}",
+                "--identity", str(self.workdir / f"{name}.key"), "--torch-threads", str(torch_threads),
+                *[a for peer in self.initial_peers for a in ("--initial-peers", peer)], *extra_args]
+        agent = self._spawn(name, args)
+        self.agents.append(agent)
+        return agent
+
+    def stop_agent(self, agent: AgentProcess, *, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Stop one agent with ``sig`` (SIGKILL to simulate a crash); returns its exit code."""
+        if agent.process.poll() is None:
+            agent.process.send_signal(sig)
+            try:
+                agent.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+                agent.process.wait()
+        return agent.process.returncode
+
+    def stop(self) -> None:
+        """Stop every process this swarm started (agents first, then the bootstrap node)."""
+        processes = [a for a in self.agents if a.process.poll() is None]
+        if self.bootstrap is not None and self.bootstrap.process.poll() is None:
+            processes.append(self.bootstrap)
+        for agent in processes:
+            agent.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for agent in processes:
+            try:
+                agent.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+                agent.process.wait()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

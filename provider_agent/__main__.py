@@ -1,0 +1,3 @@
+from provider_agent.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""Runs a span of transformer blocks: inference with a KV cache, forward, and backward.
+
+The blocks are the real ``transformers`` decoder layers loaded by ``client_sdk.models``, so
+a span computes exactly what the same layers compute inside ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client_sdk.models import ModelInfo, load_blocks, load_model_info, make_rotary_embedding
+
+__all__ = ["SpanBackend", "SpanKVCache"]
+
+
+class SpanKVCache:
+    """Keys and values of one inference session for the blocks of one span.
+
+    Implements the part of ``transformers.Cache`` that decoder layers call (``update``).
+    Buffers are allocated once for ``max_length`` tokens, so a step never copies the whole
+    history, memory is known when the session opens, and rolling back to an earlier
+    position only moves a length.
+    """
+
+    def __init__(self, *, first_layer: int, num_layers: int, batch_size: int, max_length: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.first_layer = first_layer
+        self.max_length = max_length
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0  # tokens whose keys and values are stored
+
+    @staticmethod
+    def bytes_needed(*, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
+                     head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * batch_size * num_kv_heads * max_length * head_dim * dtype.itemsize
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.length
+        end = start + key_states.shape[-2]
+        index = layer_idx - self.first_layer
+        self.keys[index][:, :, start:end] = key_states
+        self.values[index][:, :, start:end] = value_states
+        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class SpanShape:
+    """What a request for this span must look like."""
+
+    hidden_size: int
+    dtype: torch.dtype
+
+
+class SpanBackend:
+    """Blocks ``[start, end)`` of one model on one device, ready to run."""
+
+    def __init__(self, model_path: str | Path, start: int, end: int, *, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.info: ModelInfo = load_model_info(model_path)
+        if not 0 <= start < end <= self.info.num_blocks:
+            raise ValueError(f"blocks {start}:{end} are outside the model's 0:{self.info.num_blocks}")
+        self.start, self.end = start, end
+        self.device = torch.device(device)
+        self.layers = load_blocks(model_path, start, end, dtype=dtype, device=self.device)
+        self.dtype: torch.dtype = next(self.layers[0].parameters()).dtype
+        self.rotary = make_rotary_embedding(self.layers[0].self_attn.config, device=self.device)
+        self.shape = SpanShape(hidden_size=self.info.hidden_size, dtype=self.dtype)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def layers_for(self, start: int, end: int) -> list[torch.nn.Module]:
+        return self.layers[start - self.start : end - self.start]
+
+    def cache_bytes(self, *, num_layers: int, batch_size: int, max_length: int) -> int:
+        return SpanKVCache.bytes_needed(num_layers=num_layers, batch_size=batch_size, max_length=max_length,
+                                        num_kv_heads=self.info.num_kv_heads, head_dim=self.info.head_dim,
+                                        dtype=self.dtype)
+
+    def new_cache(self, *, start: int, end: int, batch_size: int, max_length: int) -> SpanKVCache:
+        return SpanKVCache(first_layer=start, num_layers=end - start, batch_size=batch_size, max_length=max_length,
+                           num_kv_heads=self.info.num_kv_heads, head_dim=self.info.head_dim,
+                           dtype=self.dtype, device=self.device)
+
+    def _run(self, layers: list[torch.nn.Module], hidden: torch.Tensor, position: int,
+             cache: SpanKVCache | None) -> torch.Tensor:
+        seq_len = hidden.shape[1]
+        cache_position = torch.arange(position, position + seq_len, device=self.device)
+        position_ids = cache_position.unsqueeze(0).expand(hidden.shape[0], -1)
+        position_embeddings = self.rotary(hidden, position_ids)
+        mask = None
+        if seq_len > 1 and position > 0:
+            # A chunk after cached tokens: sdpa's is_causal would align the triangle top-left,
+            # so spell the causal mask out (True = may attend).
+            total = position + seq_len
+            mask = torch.ones(seq_len, total, dtype=torch.bool, device=self.device).tril(diagonal=position)[None, None]
+        for layer in layers:
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                        use_cache=cache is not None, cache_position=cache_position,
+                        position_embeddings=position_embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    # --- the three kinds of work -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def inference_step(self, cache: SpanKVCache, hidden: torch.Tensor, position: int, start: int,
+                       end: int) -> torch.Tensor:
+        """Run ``hidden`` (positions ``position..``) through blocks ``[start, end)`` and
+        append its keys and values to ``cache``, first dropping anything at or after
+        ``position`` (a rollback)."""
+        cache.length = position
+        output = self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), position, cache)
+        cache.length = position + hidden.shape[1]
+        return output
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Outputs of blocks ``[start, end)`` for full sequences, without a cache."""
+        return self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), 0, None)
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Gradient of ``sum(outputs * grad_output)`` with respect to the inputs of blocks
+        ``[start, end)``: recomputes the forward with autograd on, then backpropagates."""
+        with torch.enable_grad():
+            inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            outputs = self._run(self.layers_for(start, end), inputs, 0, None)
+            (grad_input,) = torch.autograd.grad(outputs, inputs, grad_output.to(self.device, self.dtype))
+        return grad_input

@@ -1,0 +1,42 @@
+"""A bootstrap DHT node: a peer that serves no blocks, only the DHT, at a known address."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils.logging import get_logger
+
+from client_sdk.protocol.identity import Identity
+from client_sdk.swarm.p2p import start_p2p
+
+logger = get_logger(__name__)
+
+
+async def run_bootstrap(*, host_maddrs: list[str], identity_path: Path | None, initial_peers: list[str],
+                        ready_file: Path | None, stop: asyncio.Event) -> None:
+    if identity_path is not None:
+        Identity.load_or_create(identity_path)
+    p2p = await start_p2p(initial_peers=initial_peers, identity_path=identity_path, host_maddrs=host_maddrs)
+    node = None
+    try:
+        node = await DHTNode.create(p2p=p2p, initial_peers=initial_peers or None,
+                                    ensure_bootstrap_success=bool(initial_peers))
+        maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+        line = json.dumps({"ready": {"peer_id": str(p2p.peer_id), "maddrs": maddrs}})
+        if ready_file is not None:
+            tmp = Path(str(ready_file) + ".tmp")
+            tmp.write_text(line + "\n")
+            tmp.replace(ready_file)
+        else:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        logger.info(f"bootstrap DHT node ready at {' '.join(maddrs)}")
+        await stop.wait()
+    finally:
+        if node is not None:
+            await node.shutdown()
+        await p2p.shutdown()

@@ -1,0 +1,122 @@
+"""``hivemart-provider``: serve blocks of a model (``run``) or a bootstrap DHT node (``dht``).
+
+Every flag can also come from a ``HIVEMART_*`` environment variable (``--model`` from
+``HIVEMART_MODEL``, ``--initial-peers`` from ``HIVEMART_INITIAL_PEERS``, space-separated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from provider_agent.config import AgentConfig
+
+__all__ = ["main"]
+
+
+def _parse_blocks(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        start_text, end_text = value.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise click.BadParameter("use START:END, e.g. 0:4 for blocks 0, 1, 2 and 3") from None
+    if not 0 <= start < end:
+        raise click.BadParameter(f"{value} is an empty or negative range")
+    return start, end
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "HIVEMART"})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Hivemart provider agent: sell your GPU by serving transformer blocks."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.getLogger().setLevel(level)
+    logging.getLogger("hivemind").setLevel(max(level, logging.INFO) if verbose < 2 else logging.DEBUG)
+    logging.getLogger("provider_agent").setLevel(level)
+
+
+@cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              envvar="HIVEMART_MODEL", help="Checkpoint directory of the model to serve.")
+@click.option("--blocks", callback=_parse_blocks, help="Blocks to serve, START:END (half-open).")
+@click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS",
+              help="Multiaddr of a peer in the swarm (repeatable).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Key file of this provider (created when missing).")
+@click.option("--host-maddrs", multiple=True, default=("/ip4/127.0.0.1/tcp/0",), show_default=True,
+              help="Multiaddrs to listen on.")
+@click.option("--announce-maddrs", multiple=True, help="Multiaddrs to announce instead of the listening ones.")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Compute dtype (auto: the checkpoint's on CPU, float16 on CUDA).")
+@click.option("--torch-threads", default=0, show_default=True, help="Threads for torch (0: torch's default).")
+@click.option("--max-session-length", default=2048, show_default=True, help="Longest inference session, tokens.")
+@click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")
+@click.option("--cache-mb", default=512, show_default=True, help="KV cache memory for all sessions, MiB.")
+@click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
+@click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the ready line (peer id, addresses) to this file instead of stdout.")
+def run(model_path: Path, blocks: tuple[int, int] | None, initial_peers: tuple[str, ...], identity_path: Path | None,
+        host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
+        max_session_length: int, max_sessions: int, cache_mb: int, throughput: float | None,
+        announce_period: float, ready_file: Path | None) -> None:
+    """Serve blocks of a model to the swarm until interrupted."""
+    from provider_agent.agent import serve_forever
+
+    peers = [p for entry in initial_peers for p in entry.split()]
+    config = AgentConfig(
+        model_path=model_path, blocks=blocks, initial_peers=peers, identity_path=identity_path,
+        host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
+        torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
+        cache_bytes=cache_mb * 1024 * 1024, throughput=throughput, announce_period=announce_period,
+        announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
+    )
+    try:
+        serve_forever(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@cli.command()
+@click.option("--host-maddrs", multiple=True, default=("/ip4/127.0.0.1/tcp/0",), show_default=True,
+              help="Multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337.")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Key file, so the node keeps its peer id across restarts.")
+@click.option("--initial-peers", multiple=True, help="Other bootstrap nodes to join.")
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the ready line (peer id, addresses) to this file instead of stdout.")
+def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers: tuple[str, ...],
+        ready_file: Path | None) -> None:
+    """Run a bootstrap DHT node: the swarm's well-known entry point."""
+    from provider_agent.bootstrap import run_bootstrap
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_bootstrap(host_maddrs=list(host_maddrs), identity_path=identity_path,
+                            initial_peers=list(initial_peers), ready_file=ready_file, stop=stop)
+
+    asyncio.run(main())
+
+
+def main() -> None:
+    """Console-script entry point for ``hivemart-provider``."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    cli(prog_name="hivemart-provider")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Configuration of a provider agent. The CLI maps flags and ``HIVEMART_*`` variables onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class AgentConfig:
+    # Checkpoint directory of the model to serve (a Hugging Face save_pretrained directory).
+    model_path: Path
+    # Blocks to serve, as a half-open range [start, end); None asks the swarm where we are needed.
+    blocks: tuple[int, int] | None = None
+    # How many blocks to serve when `blocks` is None.
+    num_blocks: int | None = None
+    # Multiaddrs of peers already in the swarm (a bootstrap DHT node, usually).
+    initial_peers: list[str] = field(default_factory=list)
+    # libp2p private key file; created on first run. Its Ed25519 key also signs records.
+    identity_path: Path | None = None
+    # Multiaddrs the p2p daemon listens on; the default picks a free loopback port.
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    # Addresses to announce to others when they differ from the listening ones (NAT, docker).
+    announce_maddrs: list[str] = field(default_factory=list)
+    # torch device and dtype the blocks run in ("auto" = the checkpoint's dtype on CPU, fp16 on CUDA).
+    device: str = "cpu"
+    dtype: str = "auto"
+    # Threads torch may use for computation; 0 leaves torch's default.
+    torch_threads: int = 0
+    # Longest sequence one inference session may hold, in tokens.
+    max_session_length: int = 2048
+    # Largest batch of one request.
+    max_batch_size: int = 64
+    # Most tokens (batch x sequence) one forward or backward request may carry.
+    max_request_tokens: int = 16384
+    # Open inference sessions allowed at once.
+    max_sessions: int = 64
+    # Bytes of KV cache all sessions together may hold.
+    cache_bytes: int = 512 * 1024 * 1024
+    # Seconds an inference session may stay idle before it is closed and its cache freed.
+    session_idle_timeout: float = 300.0
+    # Seconds between DHT announcements; records expire after `announce_ttl`.
+    announce_period: float = 10.0
+    announce_ttl: float = 30.0
+    # Throughput to announce (tokens/s through one block); None measures it at start-up.
+    throughput: float | None = None
+    # Where to print the ready line (multiaddrs) for scripts that start agents; None for stdout.
+    ready_file: Path | None = None

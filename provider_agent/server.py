@@ -1,0 +1,418 @@
+"""The provider's RPC handlers: info, forward, backward, inference sessions and pushes.
+
+Inference runs as a chain: the client opens a session on every provider of its route and
+sends each step to the first one; each provider pushes its output straight to the next
+provider's session (``hivemart.push``) and the last one answers the client. A generated
+token therefore costs one network message per hop instead of a client round trip per hop.
+Middle providers also return their outputs to the client when asked (``return_outputs``),
+after the push, so the client keeps the history it needs to replay a span on a backup.
+
+Every request is validated before it touches a tensor; a bad request gets an error reply
+and the server keeps serving everyone else. A framing error closes only that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.logging import get_logger
+
+from client_sdk.errors import ProtocolError
+from client_sdk.protocol.framing import Limits, read_message, write_message
+from client_sdk.protocol.rpc import (
+    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, SpanRequest, Step, error_header,
+)
+from provider_agent.backend import SpanBackend, SpanKVCache
+from provider_agent.config import AgentConfig
+
+logger = get_logger(__name__)
+
+# Steps with at most this many tokens run on the event loop thread: handing a few
+# milliseconds of work to a thread costs more latency than it saves. Larger work runs in
+# the compute thread so that the loop keeps answering other peers.
+_INLINE_TOKENS = 64
+_RECENT_STEPS = 32
+
+
+class RequestError(Exception):
+    """A request that is well-formed on the wire but cannot be served; carries a code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    spec: OpenSession
+    cache: SpanKVCache
+    reserved_bytes: int
+    client: asyncio.StreamWriter
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    recent_steps: "OrderedDict[int, None]" = field(default_factory=OrderedDict)
+    last_output: tuple[int, int, torch.Tensor] | None = None  # (step_id, position, output)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ProviderServer:
+    """Serves one span of blocks over a hivemind P2P instance."""
+
+    def __init__(self, backend: SpanBackend, config: AgentConfig, p2p: P2P, model_id: str) -> None:
+        self.backend, self.config, self.p2p, self.model_id = backend, config, p2p, model_id
+        self.sessions: dict[str, Session] = {}
+        self._by_next_session: dict[str, Session] = {}
+        self._reserved_bytes = 0
+        self._push_links: dict[str, asyncio.StreamWriter] = {}
+        self._push_link_lock = asyncio.Lock()
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-compute")
+        self._limits = Limits(max_tensors=4,
+                              max_tensor_bytes=config.max_request_tokens * backend.info.hidden_size * 4)
+        self._tasks: set[asyncio.Task] = set()
+        self.accepting = True
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        handlers: dict[str, Callable[..., Awaitable[None]]] = {
+            RPC_INFO: self._handle_info, RPC_FORWARD: self._handle_forward, RPC_BACKWARD: self._handle_backward,
+            RPC_INFERENCE: self._handle_inference, RPC_PUSH: self._handle_push,
+        }
+        for name, handler in handlers.items():
+            await self.p2p.add_binary_stream_handler(name, self._guard(name, handler))
+        self._spawn(self._expire_idle_sessions())
+
+    async def stop(self) -> None:
+        self.accepting = False
+        for task in list(self._tasks):
+            task.cancel()
+        for writer in self._push_links.values():
+            writer.close()
+        for session in list(self.sessions.values()):
+            session.client.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _guard(self, name: str, handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def guarded(stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await handler(stream_info, reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+                pass  # the peer went away; nothing to answer
+            except ProtocolError as e:
+                logger.info(f"{name} from {stream_info.peer_id}: malformed message: {e}")
+                await self._try_send(writer, error_header("bad_request", str(e)))
+            except Exception as e:  # never let one request take the server down
+                logger.exception(f"{name} from {stream_info.peer_id} failed: {e}")
+                await self._try_send(writer, error_header("internal", f"{type(e).__name__}: {e}"))
+            finally:
+                writer.close()
+
+        return guarded
+
+    @staticmethod
+    async def _try_send(writer: asyncio.StreamWriter, header: dict[str, Any],
+                        tensors: tuple[torch.Tensor, ...] = ()) -> None:
+        try:
+            await write_message(writer, header, tensors)
+        except (ConnectionError, BrokenPipeError, RuntimeError):
+            pass
+
+    # --- info -------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        info = self.backend.info
+        return {
+            "type": "info", "peer_id": str(self.p2p.peer_id), "model_id": self.model_id,
+            "start": self.backend.start, "end": self.backend.end, "dtype": str(self.backend.dtype).removeprefix("torch."),
+            "hidden_size": info.hidden_size, "accepting": self.accepting,
+            "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
+            "cache_bytes_left": self.cache_bytes_left,
+            "cache_tokens_left": self.cache_tokens_left,
+            "max_session_length": self.config.max_session_length, "max_batch_size": self.config.max_batch_size,
+            "max_request_tokens": self.config.max_request_tokens,
+        }
+
+    @property
+    def cache_bytes_left(self) -> int:
+        return max(0, self.config.cache_bytes - self._reserved_bytes)
+
+    @property
+    def cache_tokens_left(self) -> int:
+        per_token = self.backend.cache_bytes(num_layers=self.backend.end - self.backend.start, batch_size=1,
+                                             max_length=1)
+        return self.cache_bytes_left // per_token
+
+    async def _handle_info(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_message(reader, Limits(max_tensors=0))
+        await write_message(writer, self.info())
+
+    # --- validation ---------------------------------------------------------------------------
+
+    def _check_span(self, start: int, end: int) -> None:
+        if not (self.backend.start <= start < end <= self.backend.end):
+            raise RequestError("bad_span", f"blocks {start}:{end} are outside this provider's span "
+                                           f"{self.backend.start}:{self.backend.end}")
+
+    def _check_hidden(self, tensor: torch.Tensor, what: str, *, batch_size: int | None = None) -> None:
+        hidden_size = self.backend.info.hidden_size
+        if tensor.ndim != 3 or tensor.shape[2] != hidden_size or tensor.shape[1] == 0 or tensor.shape[0] == 0:
+            raise RequestError("bad_shape", f"{what} must have shape [batch, tokens, {hidden_size}] with "
+                                            f"batch, tokens >= 1; got {list(tensor.shape)}")
+        if tensor.dtype != self.backend.dtype:
+            raise RequestError("bad_dtype", f"{what} must be {self.backend.dtype} (this provider's dtype); "
+                                            f"got {tensor.dtype}")
+        if batch_size is not None and tensor.shape[0] != batch_size:
+            raise RequestError("bad_shape", f"{what} has batch {tensor.shape[0]}; the session was opened for "
+                                            f"{batch_size}")
+        if tensor.shape[0] > self.config.max_batch_size:
+            raise RequestError("too_large", f"batch {tensor.shape[0]} exceeds this provider's limit of "
+                                            f"{self.config.max_batch_size}")
+        if tensor.shape[0] * tensor.shape[1] > self.config.max_request_tokens:
+            raise RequestError("too_large", f"{tensor.shape[0] * tensor.shape[1]} tokens exceed this provider's "
+                                            f"limit of {self.config.max_request_tokens} per request")
+        if not torch.isfinite(tensor).all():
+            raise RequestError("bad_value", f"{what} contains NaN or infinite values")
+
+    async def _run_compute(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
+        if tokens <= _INLINE_TOKENS:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+
+    # --- forward and backward -------------------------------------------------------------------
+
+    async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        message = await read_message(reader, self._limits)
+        try:
+            request = SpanRequest.from_header(message.header)
+            self._check_span(request.start, request.end)
+            if len(message.tensors) != 1:
+                raise RequestError("bad_request", "forward takes exactly one tensor: hidden states")
+            (hidden,) = message.tensors
+            self._check_hidden(hidden, "hidden states")
+        except RequestError as e:
+            await write_message(writer, error_header(e.code, str(e)))
+            return
+        output = await self._run_compute(lambda: self.backend.forward(hidden, request.start, request.end),
+                                         hidden.shape[0] * hidden.shape[1])
+        await write_message(writer, {"type": "output"}, (output,))
+
+    async def _handle_backward(self, stream_info: Any, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        message = await read_message(reader, self._limits)
+        try:
+            request = SpanRequest.from_header(message.header)
+            self._check_span(request.start, request.end)
+            if len(message.tensors) != 2:
+                raise RequestError("bad_request", "backward takes two tensors: hidden states and output gradients")
+            hidden, grad_output = message.tensors
+            self._check_hidden(hidden, "hidden states")
+            self._check_hidden(grad_output, "output gradients")
+            if grad_output.shape != hidden.shape:
+                raise RequestError("bad_shape", f"output gradients {list(grad_output.shape)} must match hidden "
+                                                f"states {list(hidden.shape)}")
+        except RequestError as e:
+            await write_message(writer, error_header(e.code, str(e)))
+            return
+        grad_input = await self._run_compute(
+            lambda: self.backend.backward(hidden, grad_output, request.start, request.end),
+            3 * hidden.shape[0] * hidden.shape[1])
+        await write_message(writer, {"type": "grad"}, (grad_input,))
+
+    # --- inference sessions ---------------------------------------------------------------------
+
+    def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter) -> Session:
+        if not self.accepting:
+            raise RequestError("not_accepting", "this provider is shutting down or draining; use another")
+        self._check_span(spec.start, spec.end)
+        if spec.session_id in self.sessions:
+            raise RequestError("session_exists", f"session {spec.session_id} is already open here")
+        if spec.max_length > self.config.max_session_length:
+            raise RequestError("too_long", f"max_length {spec.max_length} exceeds this provider's limit of "
+                                           f"{self.config.max_session_length} tokens")
+        if spec.batch_size > self.config.max_batch_size:
+            raise RequestError("too_large", f"batch {spec.batch_size} exceeds this provider's limit of "
+                                            f"{self.config.max_batch_size}")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise RequestError("busy", f"this provider already serves {len(self.sessions)} sessions; try another")
+        needed = self.backend.cache_bytes(num_layers=spec.end - spec.start, batch_size=spec.batch_size,
+                                          max_length=spec.max_length)
+        if needed > self.cache_bytes_left:
+            raise RequestError("cache_full", f"the session needs {needed} bytes of cache, {self.cache_bytes_left} "
+                                             f"are free; ask for a shorter max_length or another provider")
+        cache = self.backend.new_cache(start=spec.start, end=spec.end, batch_size=spec.batch_size,
+                                       max_length=spec.max_length)
+        session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client)
+        self._reserved_bytes += needed
+        self.sessions[spec.session_id] = session
+        if spec.next_session is not None:
+            self._by_next_session[spec.next_session] = session
+        return session
+
+    def _close_session(self, session: Session) -> None:
+        if self.sessions.pop(session.spec.session_id, None) is session:
+            self._reserved_bytes -= session.reserved_bytes
+            if session.spec.next_session is not None:
+                self._by_next_session.pop(session.spec.next_session, None)
+
+    async def _handle_inference(self, stream_info: Any, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        message = await read_message(reader, self._limits)
+        spec = OpenSession.from_header(message.header)
+        try:
+            session = self._open_session(spec, writer)
+        except RequestError as e:
+            await write_message(writer, error_header(e.code, str(e)))
+            return
+        try:
+            await write_message(writer, {"type": "opened", "session_id": spec.session_id,
+                                         "cache_tokens_left": self.cache_tokens_left})
+            while True:
+                try:
+                    message = await read_message(reader, self._limits)
+                except asyncio.IncompleteReadError:
+                    return  # the client closed the session
+                try:
+                    step = Step.from_header(message.header)
+                except ProtocolError as e:  # a bad header spoils one step, not the session
+                    await write_message(writer, error_header("bad_request", str(e),
+                                                             step_id=message.header.get("step_id")))
+                    continue
+                if step.session_id != spec.session_id:
+                    await write_message(writer, error_header(
+                        "unknown_session", f"this stream serves session {spec.session_id}, not {step.session_id}",
+                        step_id=step.step_id))
+                    continue
+                await self._apply_step(session, step, message.tensors)
+        finally:
+            self._close_session(session)
+
+    async def _apply_step(self, session: Session, step: Step, tensors: list[torch.Tensor]) -> None:
+        """Run one step of a session and deliver its output; errors go to the session's client."""
+        async with session.lock:
+            try:
+                output = await self._compute_step(session, step, tensors)
+            except RequestError as e:
+                await self._try_send(session.client, error_header(e.code, str(e), step_id=step.step_id))
+                return
+            if output is None:
+                return
+            spec = session.spec
+            if spec.next_peer is not None:
+                await self._push(session, step, output)
+            if spec.return_outputs:
+                await self._try_send(session.client, {"type": "output", "step_id": step.step_id,
+                                                      "position": step.position}, (output,))
+
+    async def _compute_step(self, session: Session, step: Step, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        spec = session.spec
+        session.last_used = time.monotonic()
+        if step.step_id in session.recent_steps:
+            # Delivered twice (pushed and re-sent): apply once; answer again if it was the last.
+            last = session.last_output
+            if last is not None and last[0] == step.step_id and spec.return_outputs:
+                await self._try_send(session.client, {"type": "output", "step_id": step.step_id,
+                                                      "position": last[1]}, (last[2],))
+            return None
+        if len(tensors) != 1:
+            raise RequestError("bad_request", "a step carries exactly one tensor: hidden states")
+        (hidden,) = tensors
+        self._check_hidden(hidden, "hidden states", batch_size=spec.batch_size)
+        if step.position > session.cache.length:
+            raise RequestError("bad_position", f"step starts at position {step.position} but the session holds "
+                                               f"{session.cache.length} tokens; positions cannot be skipped")
+        if step.position + hidden.shape[1] > spec.max_length:
+            raise RequestError("too_long", f"positions {step.position}..{step.position + hidden.shape[1]} exceed "
+                                           f"the session's max_length of {spec.max_length}")
+        output = await self._run_compute(
+            lambda: self.backend.inference_step(session.cache, hidden, step.position, spec.start, spec.end),
+            hidden.shape[0] * hidden.shape[1])
+        session.recent_steps[step.step_id] = None
+        while len(session.recent_steps) > _RECENT_STEPS:
+            session.recent_steps.popitem(last=False)
+        session.last_output = (step.step_id, step.position, output)
+        return output
+
+    # --- pushes between providers -----------------------------------------------------------------
+
+    async def _push(self, session: Session, step: Step, output: torch.Tensor) -> None:
+        spec = session.spec
+        header = Step(session_id=spec.next_session, step_id=step.step_id, position=step.position).to_header()
+        try:
+            writer = await self._push_link(spec.next_peer)
+            await write_message(writer, header, (output,))
+        except Exception as e:
+            self._push_links.pop(spec.next_peer, None)
+            logger.info(f"push to {spec.next_peer} failed: {e!r}")
+            await self._try_send(session.client, error_header(
+                "next_hop_failed", f"could not push to the next provider {spec.next_peer}: {e!r}",
+                step_id=step.step_id, peer_id=spec.next_peer))
+
+    async def _push_link(self, peer_id: str) -> asyncio.StreamWriter:
+        writer = self._push_links.get(peer_id)
+        if writer is not None and not writer.is_closing():
+            return writer
+        async with self._push_link_lock:
+            writer = self._push_links.get(peer_id)
+            if writer is None or writer.is_closing():
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), RPC_PUSH)
+                self._push_links[peer_id] = writer
+                self._spawn(self._read_push_replies(peer_id, reader, writer))
+            return writer
+
+    async def _read_push_replies(self, peer_id: str, reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+        """Relay errors the next provider reports about our pushes to the client concerned."""
+        try:
+            while True:
+                message = await read_message(reader, Limits(max_tensors=0))
+                session = self._by_next_session.get(str(message.header.get("session_id")))
+                if session is not None:
+                    await self._try_send(session.client, error_header(
+                        "next_hop_failed", f"the next provider {peer_id} refused a step: "
+                                           f"{message.header.get('code')}: {message.header.get('message')}",
+                        step_id=message.header.get("step_id"), peer_id=peer_id))
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            pass
+        finally:
+            if self._push_links.get(peer_id) is writer:
+                del self._push_links[peer_id]
+
+    async def _handle_push(self, stream_info: Any, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        sender = str(stream_info.peer_id)
+        while True:
+            try:
+                message = await read_message(reader, self._limits)
+            except asyncio.IncompleteReadError:
+                return
+            step = Step.from_header(message.header)
+            session = self.sessions.get(step.session_id)
+            if session is None or session.spec.prev_peer != sender:
+                # Same answer for both cases: do not reveal which sessions exist to other peers.
+                await write_message(writer, error_header(
+                    "unknown_session", f"no session {step.session_id} expects steps from {sender}",
+                    session_id=step.session_id, step_id=step.step_id))
+                continue
+            await self._apply_step(session, step, message.tensors)
+
+    async def _expire_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.config.session_idle_timeout))
+            deadline = time.monotonic() - self.config.session_idle_timeout
+            for session in list(self.sessions.values()):
+                if session.last_used < deadline:
+                    logger.info(f"closing idle session {session.spec.session_id}")
+                    self._close_session(session)
+                    session.client.close()

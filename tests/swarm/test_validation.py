@@ -1,0 +1,165 @@
+"""Malformed requests get a clear error and the agent keeps serving correct ones."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from client_sdk.errors import RemoteError
+from client_sdk.protocol.framing import read_message, write_message
+from client_sdk.protocol.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, SpanRequest, Step
+from client_sdk.swarm.connection import ProviderConnection
+from client_sdk.swarm.local import LocalSwarm
+from client_sdk.swarm.runtime import SwarmRuntime
+
+pytestmark = pytest.mark.swarm
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def first_agent(two_provider_swarm: LocalSwarm):
+    return two_provider_swarm.agents[0]  # serves blocks 0:2
+
+
+def hidden(tokens: int = 3, *, size: int = HIDDEN, dtype: torch.dtype = torch.float32, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, tokens, size, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+
+
+async def raw_exchange(runtime: SwarmRuntime, peer_id: str, rpc: str, frames: list[bytes],
+                       replies: int = 1) -> list[dict]:
+    """Write raw bytes on a fresh stream and read the reply headers."""
+    _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), rpc)
+    try:
+        writer.writelines(frames)
+        await writer.drain()
+        return [(await asyncio.wait_for(read_message(reader), 10)).header for _ in range(replies)]
+    finally:
+        writer.close()
+
+
+def assert_still_serves(runtime: SwarmRuntime, peer_id: str) -> None:
+    """A correct forward right after the bad request is answered correctly."""
+    connection = ProviderConnection(runtime.p2p, peer_id)
+    output = runtime.run(connection.forward(0, 2, hidden()))
+    assert output.shape == (1, 3, HIDDEN) and torch.isfinite(output).all()
+    session = runtime.run(_open(runtime, peer_id, "check-session-" + str(id(output))))
+    assert session["type"] == "opened"
+
+
+async def _open(runtime: SwarmRuntime, peer_id: str, session_id: str, **overrides) -> dict:
+    spec = dict(session_id=session_id, start=0, end=2, max_length=16)
+    spec.update(overrides)
+    _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), RPC_INFERENCE)
+    try:
+        await write_message(writer, OpenSession(**spec).to_header())
+        return (await read_message(reader)).header
+    finally:
+        writer.close()
+
+
+def test_info_describes_the_span(runtime2, first_agent):
+    info = runtime2.run(ProviderConnection(runtime2.p2p, first_agent.peer_id).info())
+    assert (info["start"], info["end"], info["dtype"], info["hidden_size"]) == (0, 2, "float32", HIDDEN)
+    assert info["model_id"] == first_agent.ready["model_id"]
+    assert len(info["block_digests"]) == 2 and all(len(d) == 64 for d in info["block_digests"])
+    assert info["cache_tokens_left"] > 0 and info["max_session_length"] > 0
+
+
+@pytest.mark.parametrize("tensor, blocks, code", [
+    (hidden(size=HIDDEN + 1), (0, 2), "bad_shape"),
+    (hidden(dtype=torch.float16), (0, 2), "bad_dtype"),
+    (hidden()[0], (0, 2), "bad_shape"),
+    (hidden(), (1, 3), "bad_span"),
+    (hidden(), (2, 4), "bad_span"),
+    (hidden(tokens=20000), (0, 2), "too_large"),
+    (torch.full((1, 2, HIDDEN), float("nan")), (0, 2), "bad_value"),
+], ids=["hidden-size", "dtype", "rank", "span-overlap", "span-outside", "too-many-tokens", "nan"])
+def test_bad_forward_requests_are_refused(runtime2, first_agent, tensor, blocks, code):
+    connection = ProviderConnection(runtime2.p2p, first_agent.peer_id)
+    with pytest.raises(RemoteError) as error:
+        runtime2.run(connection.forward(*blocks, tensor))
+    assert error.value.code == code, error.value
+    assert_still_serves(runtime2, first_agent.peer_id)
+
+
+@pytest.mark.parametrize("frames", [
+    [b"\x00\x00\x00\x00\x00\x00\x00\x05hello"],
+    [b"\xff" * 8],
+    [b"\x00\x00\x00\x00\x00\x00\x00\x03\x81\xa1h"],
+], ids=["garbage-msgpack", "huge-length", "truncated-map"])
+def test_garbage_bytes_get_an_error(runtime2, first_agent, frames):
+    (reply,) = runtime2.run(raw_exchange(runtime2, first_agent.peer_id, RPC_FORWARD, frames))
+    assert reply["type"] == "error" and reply["code"] == "bad_request"
+    assert_still_serves(runtime2, first_agent.peer_id)
+
+
+def test_bad_session_openings_are_refused(runtime2, first_agent):
+    peer = first_agent.peer_id
+    assert runtime2.run(_open(runtime2, peer, "too-long-session", max_length=10**6))["code"] == "too_long"
+    assert runtime2.run(_open(runtime2, peer, "outside-span-1", start=1, end=3))["code"] == "bad_span"
+    assert runtime2.run(_open(runtime2, peer, "huge-batch-1", batch_size=10**6))["code"] == "too_large"
+    (reply,) = runtime2.run(raw_exchange(runtime2, peer, RPC_INFERENCE,
+                                         [_frames({"type": "open", "session_id": "x"})]))
+    assert reply["code"] == "bad_request"
+    assert_still_serves(runtime2, peer)
+
+
+def _frames(header: dict, tensors: tuple = ()) -> bytes:
+    from client_sdk.protocol.framing import encode_message
+
+    return b"".join(bytes(f) for f in encode_message(header, tensors))
+
+
+async def _session_steps(runtime: SwarmRuntime, peer_id: str, steps: list[tuple[dict, torch.Tensor]]) -> list[dict]:
+    """Open a session, send each (step header, tensor), return each reply header."""
+    _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), RPC_INFERENCE)
+    try:
+        await write_message(writer, OpenSession(session_id="steps-session-1", start=0, end=2, max_length=8).to_header())
+        assert (await read_message(reader)).header["type"] == "opened"
+        replies = []
+        for header, tensor in steps:
+            await write_message(writer, header, (tensor,))
+            replies.append((await asyncio.wait_for(read_message(reader), 10)).header)
+        return replies
+    finally:
+        writer.close()
+
+
+def test_bad_steps_are_refused_and_the_session_goes_on(runtime2, first_agent):
+    def step(step_id: int, position: int, session_id: str = "steps-session-1") -> dict:
+        return {"type": "step", "session_id": session_id, "step_id": step_id, "position": position}
+
+    replies = runtime2.run(_session_steps(runtime2, first_agent.peer_id, [
+        (step(0, 0), hidden(3)),                       # fine: positions 0..2
+        (step(1, 5), hidden(1)),                       # skips positions 3 and 4
+        ({**step(2, 0), "position": -1}, hidden(1)),   # negative position
+        (step(3, 3), hidden(6)),                       # beyond max_length 8
+        (step(4, 3), hidden(1, size=HIDDEN - 1)),      # wrong hidden size
+        (step(5, 3), hidden(1, dtype=torch.bfloat16)),  # wrong dtype
+        (step(6, 3, session_id="another-session"), hidden(1)),  # a session this stream does not serve
+        (step(7, 3), hidden(1)),                       # fine: position 3
+        (step(7, 3), hidden(1)),                       # re-sent: answered again, not applied twice
+        (step(8, 1), hidden(1)),                       # rollback to position 1: fine
+    ]))
+    codes = [r.get("code", r["type"]) for r in replies]
+    assert codes == ["output", "bad_position", "bad_request", "too_long", "bad_shape", "bad_dtype",
+                     "unknown_session", "output", "output", "output"]
+    assert replies[7]["step_id"] == replies[8]["step_id"] == 7
+    assert_still_serves(runtime2, first_agent.peer_id)
+
+
+def test_push_for_an_unknown_session_is_refused(runtime2, first_agent):
+    header = Step(session_id="no-such-session", step_id=0, position=0).to_header()
+    (reply,) = runtime2.run(raw_exchange(runtime2, first_agent.peer_id, RPC_PUSH, [_frames(header, (hidden(),))]))
+    assert reply["code"] == "unknown_session"
+    assert_still_serves(runtime2, first_agent.peer_id)
+
+
+def test_info_rejects_tensors(runtime2, first_agent):
+    (reply,) = runtime2.run(raw_exchange(runtime2, first_agent.peer_id, RPC_INFO, [_frames({}, (hidden(),))]))
+    assert reply["code"] == "bad_request"
