@@ -23,7 +23,15 @@ class ModelError(HivemartError):
 
 
 class ProtocolError(HivemartError):
-    """A message broke the wire protocol: framing, types, shapes, dtypes, sizes or counts."""
+    """A message broke the wire protocol: framing, types, shapes, dtypes, sizes or counts.
+
+    ``code`` is what a server answers with: ``bad_request``, or ``too_large`` for a
+    message over a size limit.
+    """
+
+    def __init__(self, message: str, *, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- swarm --------------------------------------------------------------------------------

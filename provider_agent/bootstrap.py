@@ -11,6 +11,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.logging import get_logger
 
 from client_sdk.protocol.identity import Identity
+from client_sdk.swarm.dht import SignedRecordValidator
 from client_sdk.swarm.p2p import start_p2p
 
 logger = get_logger(__name__)
@@ -24,7 +25,8 @@ async def run_bootstrap(*, host_maddrs: list[str], identity_path: Path | None, i
     node = None
     try:
         node = await DHTNode.create(p2p=p2p, initial_peers=initial_peers or None,
-                                    ensure_bootstrap_success=bool(initial_peers))
+                                    ensure_bootstrap_success=bool(initial_peers),
+                                    record_validator=SignedRecordValidator())
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         line = json.dumps({"ready": {"peer_id": str(p2p.peer_id), "maddrs": maddrs}})
         if ready_file is not None:

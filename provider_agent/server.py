@@ -64,8 +64,10 @@ class Session:
 class ProviderServer:
     """Serves one span of blocks over a hivemind P2P instance."""
 
-    def __init__(self, backend: SpanBackend, config: AgentConfig, p2p: P2P, model_id: str) -> None:
+    def __init__(self, backend: SpanBackend, config: AgentConfig, p2p: P2P, model_id: str, *,
+                 block_digests: list[str]) -> None:
         self.backend, self.config, self.p2p, self.model_id = backend, config, p2p, model_id
+        self.block_digests = block_digests
         self.sessions: dict[str, Session] = {}
         self._by_next_session: dict[str, Session] = {}
         self._reserved_bytes = 0
@@ -111,7 +113,8 @@ class ProviderServer:
                 pass  # the peer went away; nothing to answer
             except ProtocolError as e:
                 logger.info(f"{name} from {stream_info.peer_id}: malformed message: {e}")
-                await self._try_send(writer, error_header("bad_request", str(e)))
+                await self._try_send(writer, error_header(e.code, str(e)))
+                await self._discard_rest(reader)
             except Exception as e:  # never let one request take the server down
                 logger.exception(f"{name} from {stream_info.peer_id} failed: {e}")
                 await self._try_send(writer, error_header("internal", f"{type(e).__name__}: {e}"))
@@ -119,6 +122,21 @@ class ProviderServer:
                 writer.close()
 
         return guarded
+
+    @staticmethod
+    async def _discard_rest(reader: asyncio.StreamReader, max_bytes: int = 64 * 1024 * 1024,
+                            seconds: float = 2.0) -> None:
+        """Read and drop what the peer is still sending (bounded), so that closing the stream
+        does not reset it before the peer has read our error reply."""
+        async def drain() -> None:
+            left = max_bytes
+            while left > 0 and (chunk := await reader.read(min(left, 1 << 20))):
+                left -= len(chunk)
+
+        try:
+            await asyncio.wait_for(drain(), seconds)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
 
     @staticmethod
     async def _try_send(writer: asyncio.StreamWriter, header: dict[str, Any],
@@ -135,7 +153,7 @@ class ProviderServer:
         return {
             "type": "info", "peer_id": str(self.p2p.peer_id), "model_id": self.model_id,
             "start": self.backend.start, "end": self.backend.end, "dtype": str(self.backend.dtype).removeprefix("torch."),
-            "hidden_size": info.hidden_size, "accepting": self.accepting,
+            "hidden_size": info.hidden_size, "block_digests": self.block_digests, "accepting": self.accepting,
             "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
             "cache_bytes_left": self.cache_bytes_left,
             "cache_tokens_left": self.cache_tokens_left,
@@ -286,7 +304,7 @@ class ProviderServer:
                 try:
                     step = Step.from_header(message.header)
                 except ProtocolError as e:  # a bad header spoils one step, not the session
-                    await write_message(writer, error_header("bad_request", str(e),
+                    await write_message(writer, error_header(e.code, str(e),
                                                              step_id=message.header.get("step_id")))
                     continue
                 if step.session_id != spec.session_id:

@@ -107,7 +107,7 @@ async def write_message(
 async def _read_frame(reader: asyncio.StreamReader, max_bytes: int, what: str) -> bytes:
     length = int.from_bytes(await reader.readexactly(HEADER_LEN), "big")
     if length > max_bytes:
-        raise ProtocolError(f"{what} frame of {length} bytes exceeds the limit of {max_bytes}")
+        raise ProtocolError(f"{what} frame of {length} bytes exceeds the limit of {max_bytes}", code="too_large")
     return await reader.readexactly(length)
 
 
@@ -126,7 +126,8 @@ def _parse_descriptors(raw: Any, limits: Limits) -> list[tuple[str, tuple[int, .
             numel *= d
         nbytes = numel * _torch_dtype(dtype).itemsize
         if nbytes > limits.max_tensor_bytes:
-            raise ProtocolError(f"tensor of {nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}")
+            raise ProtocolError(f"tensor of {nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}",
+                                code="too_large")
         parsed.append((dtype, tuple(shape), nbytes))
     return parsed
 

@@ -59,7 +59,7 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
 
     progress("timing local transformers generate")
-    local = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype).to(device).eval()
+    local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     local_prompt = prompt.to(device)
 
     def local_generate() -> torch.Tensor:

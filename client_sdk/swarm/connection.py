@@ -45,7 +45,12 @@ class ProviderConnection:
         """One request, one response, on a fresh stream."""
         reader, writer = await self._open(rpc)
         try:
-            await write_message(writer, header, tensors)
+            try:
+                await write_message(writer, header, tensors)
+            except ConnectionError:
+                # The provider may have refused the request before reading all of it (too large,
+                # say) and closed its end: its answer is still worth reading.
+                timeout = 5.0
             reply = await asyncio.wait_for(read_message(reader, _CLIENT_LIMITS), timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise ProviderUnavailableError(self.peer_id, f"{rpc} stream broke: {e!r}") from e

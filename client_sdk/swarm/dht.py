@@ -6,14 +6,56 @@ import time
 from typing import Iterable
 
 from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.logging import get_logger
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.records import ServerRecord, block_key, sign_record, verify_record
 
-__all__ = ["announce_span", "fetch_span_records"]
+# A record may be stored a little past its own expiry: DHT peers' clocks differ slightly.
+_CLOCK_SLACK_S = 30.0
+_MAX_SPAN_BLOCKS = 1024
+
+
+class SignedRecordValidator(RecordValidatorBase):
+    """Makes every DHT node of the swarm refuse to store or return a server record that is
+    not signed by the peer id it is stored under, that describes another key, or that asks
+    to live longer than it says. Without it, anyone could overwrite a provider's record
+    (its subkey) with a forged one, even if clients would later drop the forgery.
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+            if not isinstance(subkey, str):
+                return False
+            parsed = _parse_unbound(value, subkey)
+        except Exception:  # anything malformed is simply invalid
+            return False
+        if record.expiration_time > parsed.expires_at + _CLOCK_SLACK_S:
+            return False
+        if parsed.end - parsed.start > _MAX_SPAN_BLOCKS:
+            return False
+        return any(DHTID.generate(block_key(parsed.model_id, i)).to_bytes() == record.key
+                   for i in range(parsed.start, parsed.end))
+
+
+def _parse_unbound(value: object, subkey: str) -> ServerRecord:
+    """Verify signature and owner without knowing the block yet (the caller checks the key)."""
+    import msgpack
+
+    if not isinstance(value, bytes) or len(value) <= 64:
+        raise ProtocolError("not a signed record")
+    body = msgpack.unpackb(value[:-64], raw=False)
+    record = ServerRecord.from_dict(body)
+    return verify_record(value, subkey=subkey, model_id=record.model_id, block=record.start)
+
+__all__ = ["announce_span", "fetch_span_records", "SignedRecordValidator"]
 
 logger = get_logger(__name__)
 

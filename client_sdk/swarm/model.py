@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -113,12 +113,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, session: GenerationSession | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` after ``input_ids`` [batch, tokens].
 
         Returns the prompt followed by the new tokens, like ``transformers``. Within a
         ``session``, a later call continues where the previous one stopped; ``input_ids``
-        then holds only the new text to append (or None).
+        then holds only the new text to append (or None). ``on_token`` is called with each
+        new token column [batch] as soon as it is chosen (to stream text to a terminal).
         """
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -130,12 +132,13 @@ class DistributedModelForCausalLM(torch.nn.Module):
             with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as fresh:
                 return self.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                                     session=fresh, eos_token_id=eos_token_id)
+                                     session=fresh, eos_token_id=eos_token_id, on_token=on_token)
         sampler = _Sampler(do_sample, temperature, top_k, top_p, generator)
-        return self.runtime.run(self._generate(session, input_ids, max_new_tokens, sampler, eos_token_id))
+        return self.runtime.run(self._generate(session, input_ids, max_new_tokens, sampler, eos_token_id, on_token))
 
     async def _generate(self, session: GenerationSession, input_ids: torch.Tensor | None, max_new_tokens: int,
-                        sampler: "_Sampler", eos_token_id: int | None) -> torch.Tensor:
+                        sampler: "_Sampler", eos_token_id: int | None,
+                        on_token: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
         pending = [t for t in (session.last_token, input_ids) if t is not None]
         if not pending:
             raise ValueError("nothing to continue from: pass input_ids")
@@ -154,6 +157,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                 finished |= token == eos_token_id
             outputs.append(token[:, None])
+            if on_token is not None:
+                on_token(token)
             feed = token[:, None]
             if eos_token_id is not None and bool(finished.all()):
                 break

@@ -12,10 +12,12 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Coroutine, Sequence, TypeVar
 
+import uvloop
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from client_sdk.errors import SwarmError
+from client_sdk.swarm.dht import SignedRecordValidator
 from client_sdk.swarm.p2p import start_p2p
 
 __all__ = ["SwarmRuntime"]
@@ -36,7 +38,7 @@ class SwarmRuntime:
             raise SwarmError("no initial peers: pass the multiaddr of a bootstrap node "
                              "(printed by `hivemart-provider dht`)")
         self.initial_peers = list(initial_peers)
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="hivemart-swarm", daemon=True)
         self._thread.start()
         self.p2p: P2P
@@ -53,7 +55,8 @@ class SwarmRuntime:
 
     async def _start(self, host_maddrs: list[str]) -> None:
         self.p2p = await start_p2p(initial_peers=self.initial_peers, host_maddrs=host_maddrs, client_mode=True)
-        self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers, client_mode=True)
+        self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers, client_mode=True,
+                                        record_validator=SignedRecordValidator())
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -21,7 +21,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def local_model(tiny_model: Path) -> AutoModelForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
