@@ -1,0 +1,289 @@
+"""Writes to the ledger: the only code that creates transactions or changes balances.
+
+Every service runs in one database transaction and follows the same recipe (``_record``):
+
+1. lock what decides the outcome (the hold row for hold operations), check it;
+2. write the postings, then the transaction header; the database refuses the header unless
+   the postings sum to zero, and refuses a reused idempotency key;
+3. apply each posting to its account's balance with ``UPDATE ... SET balance = balance + d``,
+   guarded by ``balance + d >= 0`` for debits (the CHECK constraint is the backstop).
+
+Row locks are taken in one global order, so two services never wait on each other in a
+cycle: the hold row first, then accounts by (kind rank, id) with escrow first and the
+platform's shared fees and external accounts last. Taking the shared rows last also keeps
+them locked for the shortest time, which is what lets captures from many holds run in
+parallel.
+
+Idempotency: a service given a key that was already used returns the earlier result when
+the request is the same (same kind, same postings) and raises ``IdempotencyConflict``
+otherwise.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from typing import Iterable
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from marketplace.accounts.models import User
+from marketplace.common.errors import (
+    ApplicationError,
+    Conflict,
+    IdempotencyConflict,
+    InsufficientCredits,
+    ValidationFailed,
+)
+from marketplace.ledger.models import Account, Hold, Posting, Transaction
+
+__all__ = [
+    "MAX_AMOUNT",
+    "wallet_get_or_create",
+    "earnings_account_create",
+    "platform_account",
+    "credit_grant",
+    "hold_place",
+    "hold_capture",
+    "hold_release",
+    "payout",
+    "fee_for",
+]
+
+# No single movement may exceed 10^15 micro-credits (a billion credits); bounding amounts
+# keeps every sum far inside a signed 64-bit column.
+MAX_AMOUNT = 10**15
+IDEMPOTENCY_KEY_MAX = 200
+
+_LOCK_RANK = {
+    Account.Kind.ESCROW: 0,
+    Account.Kind.WALLET: 1,
+    Account.Kind.EARNINGS: 2,
+    Account.Kind.FEES: 3,
+    Account.Kind.EXTERNAL: 4,
+}
+
+
+def _check_amount(amount: int, field: str = "amount") -> None:
+    # bool is an int subclass; True is not an amount.
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise ValidationFailed(f"{field} must be an integer number of micro-credits", extra={"field": field})
+    if not 0 < amount <= MAX_AMOUNT:
+        raise ValidationFailed(f"{field} must be between 1 and {MAX_AMOUNT} micro-credits",
+                               extra={"field": field, "value": amount})
+
+
+def _check_key(key: str | None) -> None:
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= IDEMPOTENCY_KEY_MAX):
+        raise ValidationFailed(f"an idempotency key is a string of 1 to {IDEMPOTENCY_KEY_MAX} characters",
+                               extra={"field": "idempotency_key"})
+
+
+def _check_kind(account: Account, *kinds: Account.Kind, role: str) -> None:
+    if account.kind not in kinds:
+        raise ValidationFailed(f"the {role} must be a {' or '.join(kinds)} account, not {account.kind}",
+                               extra={"account": account.pk})
+
+
+def fee_for(amount: int, fee_bps: int) -> int:
+    """The platform's fee on ``amount``: ``fee_bps`` basis points, rounded down (in the provider's favour)."""
+    return amount * fee_bps // 10_000
+
+
+def _existing(key: str | None, kind: str, entries: dict[int, int]) -> Transaction | None:
+    """The transaction recorded earlier under ``key``, if it asked for the same movement."""
+    if key is None:
+        return None
+    previous = Transaction.objects.filter(idempotency_key=key).first()
+    if previous is None:
+        return None
+    recorded = dict(previous.postings.values_list("account_id", "amount"))
+    if previous.kind != kind or recorded != entries:
+        raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
+                                  extra={"idempotency_key": key, "transaction": str(previous.pk)})
+    return previous
+
+
+def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_key: str | None = None,
+            hold: Hold | None = None, memo: str = "", created_by: User | None = None) -> Transaction:
+    """Write one balanced transaction and apply it to the balances. Call inside ``transaction.atomic``."""
+    deltas: dict[int, int] = defaultdict(int)
+    accounts: dict[int, Account] = {}
+    for account, amount in entries:
+        deltas[account.pk] += amount
+        accounts[account.pk] = account
+    deltas = {pk: d for pk, d in deltas.items() if d != 0}
+    if len(deltas) < 2 or sum(deltas.values()) != 0:
+        # A programming error in a service, not bad input: the database would refuse it too.
+        raise ApplicationError(f"unbalanced {kind} transaction {deltas}", code="ledger_unbalanced")
+
+    tx_id = uuid.uuid4()
+    Posting.objects.bulk_create(
+        [Posting(transaction_id=tx_id, account_id=pk, amount=d) for pk, d in sorted(deltas.items())]
+    )
+    try:
+        with transaction.atomic():
+            tx = Transaction.objects.create(id=tx_id, kind=kind, idempotency_key=idempotency_key, hold=hold,
+                                            memo=memo[:200], created_by=created_by)
+    except IntegrityError:
+        # Another request recorded this idempotency key after our check; it has committed
+        # (the unique index made us wait for it), so the caller can ask again and get it.
+        if idempotency_key is not None and Transaction.objects.filter(idempotency_key=idempotency_key).exists():
+            raise Conflict("a concurrent request with this idempotency key won; retry to get its result",
+                           extra={"idempotency_key": idempotency_key}) from None
+        raise
+
+    for pk in sorted(deltas, key=lambda pk: (_LOCK_RANK[accounts[pk].kind], pk)):
+        delta, account = deltas[pk], accounts[pk]
+        rows = Account.objects.filter(pk=pk)
+        if delta < 0 and account.kind != Account.Kind.EXTERNAL:
+            rows = rows.filter(balance__gte=-delta)
+        if rows.update(balance=F("balance") + delta) != 1:
+            balance = Account.objects.filter(pk=pk).values_list("balance", flat=True).first()
+            raise InsufficientCredits(f"account #{pk} holds {balance} micro-credits, {-delta} needed",
+                                      extra={"account": pk, "balance": balance, "needed": -delta})
+    return tx
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+
+def wallet_get_or_create(*, user: User) -> Account:
+    """The user's wallet, created on first use."""
+    wallet, _ = Account.objects.get_or_create(kind=Account.Kind.WALLET, user=user,
+                                              defaults={"label": f"wallet of {user.username}"})
+    return wallet
+
+
+def earnings_account_create(*, user: User, label: str) -> Account:
+    """A new earnings account owned by ``user`` (one per provider)."""
+    return Account.objects.create(kind=Account.Kind.EARNINGS, user=user, label=label[:200])
+
+
+def platform_account(kind: Account.Kind) -> Account:
+    """The platform's singleton ``fees`` or ``external`` account, created on first use."""
+    if kind not in (Account.Kind.FEES, Account.Kind.EXTERNAL):
+        raise ValueError(f"{kind} is not a platform account kind")
+    account, _ = Account.objects.get_or_create(kind=kind, user=None, defaults={"label": f"platform {kind}"})
+    return account
+
+
+# --- movements ----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def credit_grant(*, account: Account, amount: int, granted_by: User | None = None, memo: str = "",
+                 idempotency_key: str | None = None) -> Transaction:
+    """Staff top-up: credits from the external account into a wallet."""
+    _check_amount(amount)
+    _check_key(idempotency_key)
+    _check_kind(account, Account.Kind.WALLET, role="grant's recipient")
+    external = platform_account(Account.Kind.EXTERNAL)
+    entries = {external.pk: -amount, account.pk: amount}
+    if (previous := _existing(idempotency_key, Transaction.Kind.GRANT, entries)) is not None:
+        return previous
+    return _record(kind=Transaction.Kind.GRANT, entries=[(external, -amount), (account, amount)],
+                   idempotency_key=idempotency_key, memo=memo or "credit grant", created_by=granted_by)
+
+
+@transaction.atomic
+def hold_place(*, account: Account, amount: int, memo: str = "", idempotency_key: str | None = None) -> Hold:
+    """Set ``amount`` aside from a wallet into a new hold (InsufficientCredits if the wallet lacks it)."""
+    _check_amount(amount)
+    _check_key(idempotency_key)
+    _check_kind(account, Account.Kind.WALLET, role="hold's payer")
+    if idempotency_key is not None:
+        previous = Transaction.objects.filter(idempotency_key=idempotency_key).select_related("hold").first()
+        if previous is not None:
+            if previous.kind != Transaction.Kind.HOLD or previous.hold.payer_id != account.pk \
+                    or previous.hold.amount != amount:
+                raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
+                                          extra={"idempotency_key": idempotency_key})
+            return previous.hold
+    escrow = Account.objects.create(kind=Account.Kind.ESCROW, user_id=account.user_id, label=memo[:200])
+    hold = Hold.objects.create(payer=account, escrow=escrow, amount=amount, memo=memo[:200])
+    _record(kind=Transaction.Kind.HOLD, entries=[(account, -amount), (escrow, amount)],
+            idempotency_key=idempotency_key, hold=hold, memo=memo or "hold placed")
+    escrow.balance = amount
+    return hold
+
+
+def _lock_hold(hold: Hold) -> Hold:
+    """Re-read ``hold`` under a row lock: every operation on a hold holds this lock, so what is
+    left in its escrow cannot change until the caller commits."""
+    return Hold.objects.select_for_update(of=("self",)).select_related("escrow", "payer").get(pk=hold.pk)
+
+
+@transaction.atomic
+def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: str,
+                 fee_bps: int | None = None, memo: str = "") -> Transaction:
+    """Pay ``amount`` out of an open hold: ``amount - fee`` to ``payee`` (a provider's earnings
+    account), the fee to the platform. Partial captures are normal; a capture larger than what
+    is left of the hold raises InsufficientCredits. Idempotent by ``idempotency_key`` (required:
+    a capture is what a retried settlement must not repeat)."""
+    _check_amount(amount)
+    if idempotency_key is None:
+        raise ValidationFailed("a capture needs an idempotency key", extra={"field": "idempotency_key"})
+    _check_key(idempotency_key)
+    _check_kind(payee, Account.Kind.EARNINGS, role="capture's payee")
+    fee_bps = settings.HIVEMART_PLATFORM_FEE_BPS if fee_bps is None else fee_bps
+    if not isinstance(fee_bps, int) or not 0 <= fee_bps <= 10_000:
+        raise ValidationFailed("fee_bps is an integer between 0 and 10000", extra={"field": "fee_bps"})
+
+    hold = _lock_hold(hold)
+    fee = fee_for(amount, fee_bps)
+    entries: list[tuple[Account, int]] = [(hold.escrow, -amount), (payee, amount - fee)]
+    if fee:
+        entries.append((platform_account(Account.Kind.FEES), fee))
+    wanted: dict[int, int] = defaultdict(int)
+    for account, delta in entries:
+        wanted[account.pk] += delta
+    if (previous := _existing(idempotency_key, Transaction.Kind.CAPTURE,
+                              {pk: d for pk, d in wanted.items() if d})) is not None:
+        return previous
+    if hold.state != Hold.State.OPEN:
+        raise Conflict(f"hold #{hold.pk} is closed", extra={"hold": hold.pk}, code="hold_closed")
+    left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()
+    if amount > left:
+        raise InsufficientCredits(f"hold #{hold.pk} has {left} micro-credits left, {amount} asked",
+                                  extra={"hold": hold.pk, "left": left, "asked": amount})
+    return _record(kind=Transaction.Kind.CAPTURE, entries=entries, idempotency_key=idempotency_key, hold=hold,
+                   memo=memo or f"capture from hold #{hold.pk}")
+
+
+@transaction.atomic
+def hold_release(*, hold: Hold, memo: str = "") -> Transaction | None:
+    """Close a hold, returning what is left of it to the payer's wallet.
+
+    Returns the release transaction, or None when there was nothing to move (the hold was
+    captured in full, or is already closed: releasing twice is harmless).
+    """
+    hold = _lock_hold(hold)
+    if hold.state == Hold.State.CLOSED:
+        return None
+    left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()
+    tx = None
+    if left > 0:
+        tx = _record(kind=Transaction.Kind.RELEASE, entries=[(hold.escrow, -left), (hold.payer, left)],
+                     hold=hold, memo=memo or f"release of hold #{hold.pk}")
+    hold.state, hold.closed_at = Hold.State.CLOSED, timezone.now()
+    hold.save(update_fields=["state", "closed_at"])
+    return tx
+
+
+@transaction.atomic
+def payout(*, account: Account, amount: int, idempotency_key: str | None = None, requested_by: User | None = None,
+           memo: str = "") -> Transaction:
+    """Pay credits out of the platform: from a provider's earnings account to the external account."""
+    _check_amount(amount)
+    _check_key(idempotency_key)
+    _check_kind(account, Account.Kind.EARNINGS, role="payout's source")
+    external = platform_account(Account.Kind.EXTERNAL)
+    if (previous := _existing(idempotency_key, Transaction.Kind.PAYOUT,
+                              {account.pk: -amount, external.pk: amount})) is not None:
+        return previous
+    return _record(kind=Transaction.Kind.PAYOUT, entries=[(account, -amount), (external, amount)],
+                   idempotency_key=idempotency_key, memo=memo or "payout", created_by=requested_by)

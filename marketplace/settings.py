@@ -1,0 +1,230 @@
+"""Marketplace settings, all driven by environment variables with safe local defaults.
+
+| variable | default | meaning |
+|---|---|---|
+| ``DATABASE_URL`` | empty: SQLite file ``$HIVEMART_HOME/marketplace.sqlite3`` | e.g. ``postgres://user@host:5432/db`` |
+| ``HIVEMART_HOME`` | ``./var`` | where embedded state (the SQLite file) lives |
+| ``REDIS_URL`` | empty (the scheduler then uses its embedded broker) | Celery broker for production |
+| ``HIVEMART_CACHE_URL`` | empty: per-process memory cache | e.g. ``redis://127.0.0.1:6379/1``; shared API throttling |
+| ``DEBUG`` | ``false`` | ``true`` only on a developer machine |
+| ``SECRET_KEY`` | required unless ``DEBUG`` (then a random per-process key) | Django's signing key |
+| ``ALLOWED_HOSTS`` | ``localhost,127.0.0.1,[::1]`` (``*`` when ``DEBUG``) | comma-separated |
+| ``HIVEMART_PLATFORM_FEE_BPS`` | ``500`` (5 %) | platform fee on captured credits, basis points |
+| ``HIVEMART_HEARTBEAT_TIMEOUT_S`` | ``60`` | a provider silent this long is marked offline |
+| ``HIVEMART_CHALLENGE_TTL_S`` | ``300`` | how long a registration challenge stays valid |
+| ``HIVEMART_OPEN_SIGNUP`` | ``true`` | whether ``POST /api/auth/signup/`` is open to anyone |
+
+To add an app (``receipts``, ``web``, ...): append it to ``HIVEMART_APPS`` and include its
+``api_urls`` in ``marketplace/urls.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true or false)")
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ImproperlyConfigured(f"{name}={value} is outside [{minimum}, {maximum}]")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name, "").strip()
+    return [item.strip() for item in raw.split(",") if item.strip()] if raw else default
+
+
+DEBUG = env_bool("DEBUG", False)
+
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("set SECRET_KEY (or DEBUG=true for a throwaway development key)")
+    # Sessions and signed values do not survive a restart with this key: fine for development only.
+    SECRET_KEY = secrets.token_urlsafe(50)
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["*"] if DEBUG else ["localhost", "127.0.0.1", "[::1]"])
+
+HIVEMART_HOME = Path(os.environ.get("HIVEMART_HOME") or "var").resolve()
+
+# --- applications -------------------------------------------------------------------------
+
+# The marketplace's own apps, one per bounded context. Later apps are appended here.
+HIVEMART_APPS = [
+    "marketplace.common",
+    "marketplace.accounts",
+    "marketplace.catalog",
+    "marketplace.ledger",
+    "marketplace.providers",
+    "marketplace.jobs",
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    *HIVEMART_APPS,
+]
+
+MIDDLEWARE = [
+    "marketplace.common.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "marketplace.urls"
+WSGI_APPLICATION = "marketplace.wsgi.application"
+AUTH_USER_MODEL = "accounts.User"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- database -----------------------------------------------------------------------------
+
+_database_url = os.environ.get("DATABASE_URL", "").strip()
+if _database_url:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
+else:
+    HIVEMART_HOME.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": HIVEMART_HOME / "marketplace.sqlite3",
+            "OPTIONS": {
+                # The web server and the scheduler's workers write to the same file. IMMEDIATE
+                # transactions take the write lock up front, so two writers queue (for up to
+                # `timeout` seconds) instead of failing with "database is locked" on upgrade;
+                # this is also what serialises ledger writes where SELECT ... FOR UPDATE is a no-op.
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+
+_cache_url = os.environ.get("HIVEMART_CACHE_URL", "").strip()
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url}
+        if _cache_url
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
+# --- security -----------------------------------------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+SESSION_COOKIE_SECURE = not DEBUG and env_bool("HIVEMART_SECURE_COOKIES", True)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = HIVEMART_HOME / "static"
+LOGIN_URL = "/admin/login/"
+
+# --- API ----------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "marketplace.accounts.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "marketplace.common.pagination.Pagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "marketplace.common.exceptions.api_exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"]
+    + (["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_THROTTLE_RATES": {
+        "signup": os.environ.get("HIVEMART_SIGNUP_RATE", "20/hour"),
+        "challenge": os.environ.get("HIVEMART_CHALLENGE_RATE", "120/minute"),
+    },
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Hivemart marketplace API",
+    "DESCRIPTION": "Accounts, API keys, model catalog, providers, jobs and the credit ledger.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- Hivemart -----------------------------------------------------------------------------
+
+HIVEMART_PLATFORM_FEE_BPS = env_int("HIVEMART_PLATFORM_FEE_BPS", 500, minimum=0, maximum=10_000)
+HIVEMART_HEARTBEAT_TIMEOUT_S = env_int("HIVEMART_HEARTBEAT_TIMEOUT_S", 60, minimum=1)
+HIVEMART_CHALLENGE_TTL_S = env_int("HIVEMART_CHALLENGE_TTL_S", 300, minimum=10)
+HIVEMART_OPEN_SIGNUP = env_bool("HIVEMART_OPEN_SIGNUP", True)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "marketplace": {"handlers": ["console"], "level": os.environ.get("HIVEMART_LOG_LEVEL", "INFO")},
+    },
+}

@@ -1,0 +1,16 @@
+"""Settings for the test suite: the real settings (database from DATABASE_URL, ...) plus a
+fixed throwaway SECRET_KEY and a fast password hasher.
+
+pytest-django loads these (``DJANGO_SETTINGS_MODULE`` in pyproject.toml) before any conftest
+runs, so this is the one place where the test environment can supply a SECRET_KEY; it goes
+into ``os.environ`` so that processes the tests start (Celery workers, provider agents)
+inherit the same settings.
+"""
+
+import os
+
+os.environ.setdefault("SECRET_KEY", "hivemart-tests-only-not-a-secret")
+
+from marketplace.settings import *  # noqa: E402,F401,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
