@@ -85,6 +85,12 @@ class SwarmRuntime:
                 await self.dht.shutdown()
             if getattr(self, "p2p", None) is not None:
                 await self.p2p.shutdown()
+            # hivemind leaves helper tasks behind; cancel them so the loop closes quietly.
+            current = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not current]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         try:
             self.submit(stop()).result(timeout=15)
@@ -93,6 +99,8 @@ class SwarmRuntime:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self.loop.close()
 
     def __enter__(self) -> "SwarmRuntime":
         return self
