@@ -48,3 +48,16 @@ def inference(hidden: int, layers: int, providers: int, new_tokens: int, repeats
                                  repeats=repeats, device=device, dtype=dtype, provider_threads=provider_threads,
                                  progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
+
+
+@bench.command()
+@click.option("--captures", default=10_000, show_default=True, type=click.IntRange(min=1), help="Hold captures in all.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Concurrent worker processes, each with its own database session.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def ledger(captures: int, workers: int, as_json: bool) -> None:
+    """Concurrent hold captures against the configured database (DATABASE_URL; migrated first)."""
+    from marketplace.bench import run_ledger_bench
+
+    result = run_ledger_bench(captures=captures, workers=workers, progress=lambda msg: click.echo(msg, err=True))
+    emit(result, as_json)

@@ -14,6 +14,10 @@ platform's shared fees and external accounts last. Taking the shared rows last a
 them locked for the shortest time, which is what lets captures from many holds run in
 parallel.
 
+Captures, the hot path, run on PostgreSQL as one call of the ``ledger_capture()`` SQL
+function (migration 0003), which follows the same recipe inside the database; the ORM
+implementation below serves SQLite, and a test keeps the two in step.
+
 Idempotency: a service given a key that was already used returns the earlier result when
 the request is the same (same kind, same postings) and raises ``IdempotencyConflict``
 otherwise.
@@ -26,7 +30,7 @@ from collections import defaultdict
 from typing import Iterable
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -36,6 +40,7 @@ from marketplace.common.errors import (
     Conflict,
     IdempotencyConflict,
     InsufficientCredits,
+    NotFound,
     ValidationFailed,
 )
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
@@ -211,29 +216,42 @@ def hold_place(*, account: Account, amount: int, memo: str = "", idempotency_key
     return hold
 
 
-def _lock_hold(hold: Hold) -> Hold:
-    """Re-read ``hold`` under a row lock: every operation on a hold holds this lock, so what is
+def _lock_hold(hold_id: int) -> Hold:
+    """Re-read a hold under a row lock: every operation on a hold holds this lock, so what is
     left in its escrow cannot change until the caller commits."""
-    return Hold.objects.select_for_update(of=("self",)).select_related("escrow", "payer").get(pk=hold.pk)
+    try:
+        return Hold.objects.select_for_update(of=("self",)).select_related("escrow", "payer").get(pk=hold_id)
+    except Hold.DoesNotExist:
+        raise NotFound(f"no hold {hold_id}") from None
 
 
-@transaction.atomic
 def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: str,
                  fee_bps: int | None = None, memo: str = "") -> Transaction:
     """Pay ``amount`` out of an open hold: ``amount - fee`` to ``payee`` (a provider's earnings
     account), the fee to the platform. Partial captures are normal; a capture larger than what
-    is left of the hold raises InsufficientCredits. Idempotent by ``idempotency_key`` (required:
-    a capture is what a retried settlement must not repeat)."""
+    is left of the hold raises InsufficientCredits, one from a closed hold Conflict
+    (``hold_closed``). Idempotent by ``idempotency_key`` (required: a capture is what a
+    retried settlement must not repeat).
+
+    On PostgreSQL this runs as one call of the ``ledger_capture()`` function (migration 0003),
+    elsewhere through the ORM; both do the same thing under the same locks.
+    """
     _check_amount(amount)
     if idempotency_key is None:
         raise ValidationFailed("a capture needs an idempotency key", extra={"field": "idempotency_key"})
     _check_key(idempotency_key)
     _check_kind(payee, Account.Kind.EARNINGS, role="capture's payee")
     fee_bps = settings.HIVEMART_PLATFORM_FEE_BPS if fee_bps is None else fee_bps
-    if not isinstance(fee_bps, int) or not 0 <= fee_bps <= 10_000:
+    if not isinstance(fee_bps, int) or isinstance(fee_bps, bool) or not 0 <= fee_bps <= 10_000:
         raise ValidationFailed("fee_bps is an integer between 0 and 10000", extra={"field": "fee_bps"})
+    memo = (memo or f"capture from hold #{hold.pk}")[:200]
+    capture = _hold_capture_postgres if connection.vendor == "postgresql" else _hold_capture_orm
+    return capture(hold_id=hold.pk, amount=amount, payee=payee, fee_bps=fee_bps, key=idempotency_key, memo=memo)
 
-    hold = _lock_hold(hold)
+
+@transaction.atomic
+def _hold_capture_orm(*, hold_id: int, amount: int, payee: Account, fee_bps: int, key: str, memo: str) -> Transaction:
+    hold = _lock_hold(hold_id)
     fee = fee_for(amount, fee_bps)
     entries: list[tuple[Account, int]] = [(hold.escrow, -amount), (payee, amount - fee)]
     if fee:
@@ -241,17 +259,66 @@ def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: st
     wanted: dict[int, int] = defaultdict(int)
     for account, delta in entries:
         wanted[account.pk] += delta
-    if (previous := _existing(idempotency_key, Transaction.Kind.CAPTURE,
-                              {pk: d for pk, d in wanted.items() if d})) is not None:
+    if (previous := _existing(key, Transaction.Kind.CAPTURE, {pk: d for pk, d in wanted.items() if d})) is not None:
         return previous
     if hold.state != Hold.State.OPEN:
-        raise Conflict(f"hold #{hold.pk} is closed", extra={"hold": hold.pk}, code="hold_closed")
+        raise _hold_closed(hold_id)
     left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()
     if amount > left:
-        raise InsufficientCredits(f"hold #{hold.pk} has {left} micro-credits left, {amount} asked",
-                                  extra={"hold": hold.pk, "left": left, "asked": amount})
-    return _record(kind=Transaction.Kind.CAPTURE, entries=entries, idempotency_key=idempotency_key, hold=hold,
-                   memo=memo or f"capture from hold #{hold.pk}")
+        raise _hold_insufficient(hold_id, left, amount)
+    return _record(kind=Transaction.Kind.CAPTURE, entries=entries, idempotency_key=key, hold=hold, memo=memo)
+
+
+_CAPTURE_COLUMNS = ["id", "kind", "idempotency_key", "hold_id", "memo", "created_by_id", "created_at"]
+
+
+def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee_bps: int, key: str,
+                           memo: str) -> Transaction:
+    def call() -> tuple:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT transaction_id, created_at, replayed FROM ledger_capture(%s, %s, %s, %s, %s, %s)",
+                           [hold_id, amount, payee.pk, fee_bps, key, memo])
+            return cursor.fetchone()
+
+    try:
+        # Outside a transaction the call is one atomic statement, one round trip. Inside the
+        # caller's transaction it runs under a savepoint, so that a refusal (which aborts the
+        # statement) leaves the caller's transaction usable.
+        if connection.in_atomic_block:
+            with transaction.atomic():
+                tx_id, created_at, replayed = call()
+        else:
+            tx_id, created_at, replayed = call()
+    except DatabaseError as e:
+        cause = e.__cause__
+        state = getattr(cause, "sqlstate", None)
+        detail = getattr(getattr(cause, "diag", None), "message_detail", None)
+        if state == "HM001":
+            raise _hold_insufficient(hold_id, int(detail), amount) from None
+        if state == "HM002":
+            raise _hold_closed(hold_id) from None
+        if state == "HM003":
+            raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
+                                      extra={"idempotency_key": key, "transaction": detail}) from None
+        if state == "HM004":
+            raise NotFound(f"no hold {hold_id}") from None
+        if state == "23505":  # unique_violation: the same key, concurrently, on another hold
+            raise Conflict("a concurrent request with this idempotency key won; retry to get its result",
+                           extra={"idempotency_key": key}) from None
+        raise
+    if replayed:
+        return Transaction.objects.get(pk=tx_id)
+    return Transaction.from_db(connection.alias, _CAPTURE_COLUMNS,
+                               [tx_id, Transaction.Kind.CAPTURE, key, hold_id, memo, None, created_at])
+
+
+def _hold_closed(hold_id: int) -> Conflict:
+    return Conflict(f"hold #{hold_id} is closed", extra={"hold": hold_id}, code="hold_closed")
+
+
+def _hold_insufficient(hold_id: int, left: int, asked: int) -> InsufficientCredits:
+    return InsufficientCredits(f"hold #{hold_id} has {left} micro-credits left, {asked} asked",
+                               extra={"hold": hold_id, "left": left, "asked": asked})
 
 
 @transaction.atomic
@@ -261,7 +328,7 @@ def hold_release(*, hold: Hold, memo: str = "") -> Transaction | None:
     Returns the release transaction, or None when there was nothing to move (the hold was
     captured in full, or is already closed: releasing twice is harmless).
     """
-    hold = _lock_hold(hold)
+    hold = _lock_hold(hold.pk)
     if hold.state == Hold.State.CLOSED:
         return None
     left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from django.db import IntegrityError, connection, transaction
 
-from marketplace.common.errors import Conflict, IdempotencyConflict, InsufficientCredits, ValidationFailed
+from marketplace.common.errors import Conflict, IdempotencyConflict, InsufficientCredits, NotFound, ValidationFailed
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
 from marketplace.ledger.selectors import hold_captured, hold_left, ledger_verify, wallet_balance
 from marketplace.ledger.services import (
@@ -276,3 +276,47 @@ def test_postgres_rechecks_balance_at_commit_after_a_deleted_posting() -> None:
         Posting.objects.filter(pk=tx.postings.first().pk).delete()
         with connection.cursor() as cursor:
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+@pytest.mark.postgres
+def test_postgres_capture_function_matches_the_orm_implementation() -> None:
+    """The same script of captures through ``ledger_capture()`` and through the ORM path
+    (the one SQLite uses) gives the same outcomes and the same balances."""
+    from marketplace.ledger import services
+
+    script = [
+        dict(amount=300, fee_bps=500, key="a"),
+        dict(amount=300, fee_bps=500, key="a"),  # replay
+        dict(amount=301, fee_bps=500, key="a"),  # same key, other movement
+        dict(amount=100, fee_bps=10_000, key="b"),  # all to the platform
+        dict(amount=1, fee_bps=0, key="c"),
+        dict(amount=10_000, fee_bps=0, key="d"),  # more than is left
+        dict(amount=599, fee_bps=250, key="e"),  # exactly what is left
+        dict(amount=1, fee_bps=0, key="f"),  # nothing left
+    ]
+
+    def run(impl, tag: str) -> tuple[list[object], list[int]]:  # noqa: ANN001
+        hold = hold_place(account=make_wallet(credits=1_000), amount=1_000)
+        payee = make_earnings()
+        fees = platform_account(Account.Kind.FEES)
+        fees_before = balance(fees)
+        outcomes: list[object] = []
+        for step in script:
+            try:
+                tx = impl(hold_id=hold.pk, amount=step["amount"], payee=payee, fee_bps=step["fee_bps"],
+                          key=f"{tag}-{step['key']}", memo="m")
+                outcomes.append(sorted(tx.postings.values_list("amount", flat=True)))
+            except Exception as e:  # noqa: BLE001 - the type and code are what is compared
+                outcomes.append((type(e).__name__, getattr(e, "code", None), getattr(e, "extra", {}).get("left")))
+        hold_release(hold=hold)
+        with pytest.raises(Conflict):
+            impl(hold_id=hold.pk, amount=1, payee=payee, fee_bps=0, key=f"{tag}-closed", memo="m")
+        return outcomes, [balance(hold.escrow), balance(payee), balance(fees) - fees_before, balance(hold.payer)]
+
+    with_function = run(services._hold_capture_postgres, "pg")
+    with_orm = run(services._hold_capture_orm, "orm")
+    assert with_function == with_orm
+    assert with_function[1] == [0, 300 - 15 + 1 + 599 - 14, 15 + 100 + 14, 0]
+    assert ledger_verify().consistent
+    with pytest.raises(NotFound):
+        services._hold_capture_postgres(hold_id=10**12, amount=1, payee=make_earnings(), fee_bps=0, key="x", memo="")
