@@ -1,7 +1,20 @@
-"""Models: deterministic checkpoints for tests and the demo, per-block loading, digests.
+"""Models: deterministic checkpoints, per-block loading, and digests of weights.
 
 Supported: decoder-only checkpoints of the Llama family (Llama, Mistral, Qwen2) saved with
-``save_pretrained`` as safetensors, sharded or not.
+``save_pretrained`` as safetensors, sharded or not, in any floating-point dtype.
+
+- :func:`create_model` writes a small deterministic checkpoint and tokenizer (tests, demo).
+- :func:`load_config`, :func:`load_model_info` describe a checkpoint; ``ModelInfo.model_id``
+  is the swarm's name for it.
+- :func:`load_block`, :func:`load_blocks` build the real ``transformers`` decoder layers of
+  some blocks, reading only their tensors; :func:`make_rotary_embedding` gives the
+  ``(cos, sin)`` they take; :func:`load_client_parts` the embeddings, final norm and head.
+- :func:`block_digest`, :func:`client_digest`, :func:`model_digest` prove which weights a
+  peer holds (encoding in :mod:`client_sdk.models.checkpoint`).
+
+Everything raises :class:`client_sdk.errors.ModelError` for a missing, malformed or
+unsupported checkpoint. This package imports torch and transformers; ``client_sdk`` itself
+does not import it.
 """
 
 from __future__ import annotations
@@ -9,25 +22,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from client_sdk.models.checkpoint import (
-    SUPPORTED_ARCHS, ModelInfo, block_digest, client_digest, load_config, load_model_info, model_digest,
+    ATTN_IMPLEMENTATION, DIGEST_FILE, SUPPORTED_ARCHS, ModelInfo, block_digest, client_digest, compute_digests,
+    load_config, load_model_info, model_digest, model_id_for, write_digest_file,
 )
-from client_sdk.models.create import build_tokenizer, create_model
+from client_sdk.models.create import DTYPES, build_tokenizer, create_model
 from client_sdk.models.modules import ClientParts, load_block, load_blocks, load_client_parts, make_rotary_embedding
 
 __all__ = [
-    "SUPPORTED_ARCHS", "ModelInfo", "ClientParts", "create_model", "build_tokenizer", "load_config",
-    "load_model_info", "load_block", "load_blocks", "make_rotary_embedding", "load_client_parts",
-    "block_digest", "client_digest", "model_digest", "load_tokenizer",
+    "SUPPORTED_ARCHS", "ATTN_IMPLEMENTATION", "DIGEST_FILE", "DTYPES", "ModelInfo", "ClientParts",
+    "create_model", "build_tokenizer", "load_config", "load_model_info", "model_id_for", "load_block",
+    "load_blocks", "make_rotary_embedding", "load_client_parts", "block_digest", "client_digest",
+    "model_digest", "compute_digests", "write_digest_file", "load_tokenizer",
 ]
 
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer (a ``PreTrainedTokenizerFast``)."""
+    """The checkpoint's tokenizer (a ``transformers.PreTrainedTokenizerFast``)."""
     from transformers import AutoTokenizer
 
     from client_sdk.errors import ModelError
 
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise ModelError(f"{path} has no tokenizer (tokenizer.json)")
     try:
-        return AutoTokenizer.from_pretrained(Path(path))
-    except (OSError, ValueError) as e:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
         raise ModelError(f"cannot load the tokenizer of {path}: {e}") from e

@@ -1,5 +1,26 @@
-"""Building the real ``transformers`` modules of one block, or of the client side, from a
-checkpoint without materialising the rest of the model."""
+"""The real ``transformers`` modules of one block, or of the client side, built from a
+checkpoint without materialising the rest of the model.
+
+Modules are constructed on the meta device (no memory, no random initialisation) and then
+take the checkpoint's tensors with ``load_state_dict(assign=True)``, so loading a block
+costs one read of its weights and nothing more.
+
+Running blocks standalone, as ``LlamaModel.forward`` would::
+
+    parts = load_client_parts(path)
+    blocks = load_blocks(path, 0, n)
+    rotary = make_rotary_embedding(load_config(path))
+    hidden = parts.embed(input_ids)
+    position_ids = torch.arange(input_ids.shape[1])[None]
+    cos_sin = rotary(hidden, position_ids)
+    for block in blocks:
+        hidden = block(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)
+        # transformers 4.57 decoder layers return the hidden states (older ones a tuple)
+    logits = parts.logits(hidden)
+
+``attention_mask=None`` with ``sdpa`` means causal attention over the whole sequence, which
+is what ``LlamaModel`` passes for unpadded input.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +32,7 @@ from transformers import PretrainedConfig
 
 from client_sdk.errors import ModelError
 from client_sdk.models.checkpoint import (
-    _client_tensor_names, block_prefix, block_tensor_names, load_config, read_tensors,
+    _check_index, block_prefix, block_tensor_names, client_tensor_names, digest_tensors, load_config, read_tensors,
 )
 
 __all__ = ["load_block", "load_blocks", "make_rotary_embedding", "ClientParts", "load_client_parts"]
@@ -25,55 +46,91 @@ _CLASSES = {
 
 
 def _arch_class(config: PretrainedConfig, suffix: str) -> type:
+    if config.model_type not in _CLASSES:
+        raise ModelError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(_CLASSES)}")
     module_name, prefix = _CLASSES[config.model_type]
     return getattr(importlib.import_module(module_name), prefix + suffix)
 
 
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ModelError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
+
+
 def _materialise(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
                  dtype: torch.dtype | None, device: str | torch.device) -> torch.nn.Module:
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-    expected = set(module.state_dict())
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    """Give a meta-device ``module`` the tensors ``state``, strictly, then cast and move it."""
+    expected = {name: t for name, t in module.state_dict().items()}
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ModelError(f"{what} does not match its architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for name, tensor in state.items():
-        wanted = module.state_dict()[name].shape
-        if tensor.shape != wanted:
-            raise ModelError(f"{what}: tensor {name} has shape {list(tensor.shape)}, expected {list(wanted)}")
+        if tensor.shape != expected[name].shape:
+            raise ModelError(f"{what}: tensor {name} has shape {list(tensor.shape)}, "
+                             f"expected {list(expected[name].shape)}")
+        if not tensor.is_floating_point():
+            raise ModelError(f"{what}: tensor {name} is stored as {tensor.dtype}, expected floating point")
+    device = torch.device(device)
+    # Move first, then cast: accelerators cast far faster than the CPU does.
+    state = {k: v.to(device).to(dtype or v.dtype) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
-    return module.to(device).eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
 
 
-def load_block(path: str | Path, index: int, *, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Block ``index`` as the architecture's decoder layer, reading only its tensors."""
-    config = load_config(path)
-    if not 0 <= index < config.num_hidden_layers:
-        raise ModelError(f"block {index} is outside the model's 0..{config.num_hidden_layers - 1}")
-    prefix = block_prefix(index)
-    tensors = read_tensors(path, block_tensor_names(path, index))
+def _build_block(config: PretrainedConfig, index: int, tensors: dict[str, torch.Tensor], what: str,
+                 dtype: torch.dtype | None, device: str | torch.device) -> torch.nn.Module:
     layer_class = _arch_class(config, "DecoderLayer")
     with torch.device("meta"):
         layer = layer_class(config, layer_idx=index)
-    return _materialise(layer, {k.removeprefix(prefix): v for k, v in tensors.items()}, f"block {index} of {path}",
-                        dtype, device)
+    prefix = block_prefix(index)
+    return _materialise(layer, {k.removeprefix(prefix): v for k, v in tensors.items()}, what, dtype, device)
+
+
+def load_block(path: str | Path, index: int, *, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", expected_digest: str | None = None) -> torch.nn.Module:
+    """Block ``index`` as the architecture's decoder layer, reading only that block's tensors.
+
+    Returns ``LlamaDecoderLayer`` / ``MistralDecoderLayer`` / ``Qwen2DecoderLayer`` with
+    ``layer_idx == index`` (so it indexes a KV cache by its global position), in eval mode
+    with gradients off, its weights cast to ``dtype`` (default: as stored) on ``device``.
+    With ``expected_digest`` the block's digest is computed from the very bytes loaded and
+    a mismatch raises :class:`ModelError`. Raises :class:`ModelError` for an index out of
+    range or tensors that do not fit the architecture (missing, unexpected, misshapen).
+    """
+    _check_dtype(dtype)
+    config = load_config(path)
+    _check_index(config, index, path)
+    tensors = read_tensors(path, block_tensor_names(path, index))
+    if expected_digest is not None:
+        actual = digest_tensors(tensors, tag="hivemart-block-v1", strip=block_prefix(index))
+        if actual != expected_digest:
+            raise ModelError(f"block {index} of {path} has digest {actual[:16]}..., expected {expected_digest[:16]}...")
+    return _build_block(config, index, tensors, f"block {index} of {path}", dtype, device)
 
 
 def load_blocks(path: str | Path, start: int, end: int, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu") -> list[torch.nn.Module]:
-    """Blocks ``[start, end)``."""
-    if not start < end:
-        raise ModelError(f"empty block range {start}:{end}")
+    """Blocks ``[start, end)``, each as :func:`load_block` returns it."""
+    config = load_config(path)
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= config.num_hidden_layers):
+        raise ModelError(f"blocks {start}:{end} are not a non-empty range within {path}'s 0:{config.num_hidden_layers}")
     return [load_block(path, i, dtype=dtype, device=device) for i in range(start, end)]
 
 
 def make_rotary_embedding(config: PretrainedConfig, *, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model-level rotary module: ``rotary(hidden, position_ids) -> (cos, sin)``."""
+    """The model-level rotary module for ``config``: ``rotary(hidden, position_ids) -> (cos, sin)``.
+
+    ``cos`` and ``sin`` come out in ``hidden``'s dtype, shaped ``[batch, seq, head_dim]``,
+    ready to pass to a decoder layer as ``position_embeddings``.
+    """
     return _arch_class(config, "RotaryEmbedding")(config=config, device=torch.device(device))
 
 
 class ClientParts(torch.nn.Module):
-    """Embeddings, final norm and LM head: the part of the model a client runs itself."""
+    """Embeddings, final norm and LM head: the part of the model a client runs itself.
+
+    ``lm_head.weight`` is the embedding matrix itself when the checkpoint ties them.
+    """
 
     def __init__(self, embed_tokens: torch.nn.Embedding, norm: torch.nn.Module, lm_head: torch.nn.Linear) -> None:
         super().__init__()
@@ -83,31 +140,40 @@ class ClientParts(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[batch, seq]`` -> hidden states ``[batch, seq, hidden]``."""
         return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden states -> logits ``[batch, seq, vocab]``."""
         return self.lm_head(self.norm(hidden.to(self.lm_head.weight.device, self.dtype)))
 
 
 def load_client_parts(path: str | Path, *, dtype: torch.dtype | None = None,
                       device: str | torch.device = "cpu") -> ClientParts:
     """The client-side modules, tied or untied, without reading any block."""
+    _check_dtype(dtype)
     config = load_config(path)
-    tensors = read_tensors(path, _client_tensor_names(path))
+    tensors = read_tensors(path, client_tensor_names(path))
     if "model.embed_tokens.weight" not in tensors or "model.norm.weight" not in tensors:
         raise ModelError(f"{path} lacks the embeddings or the final norm")
-    embed_weight = tensors["model.embed_tokens.weight"]
-    head_weight = tensors.get("lm_head.weight")
-    if head_weight is None:
-        if not getattr(config, "tie_word_embeddings", False):
-            raise ModelError(f"{path} has no lm_head.weight and does not tie it to the embeddings")
-        head_weight = embed_weight
+    tied = "lm_head.weight" not in tensors
+    if tied and not getattr(config, "tie_word_embeddings", False):
+        raise ModelError(f"{path} has no lm_head.weight and does not tie it to the embeddings")
     with torch.device("meta"):
-        embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        pad = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < config.vocab_size else None
+        embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, pad)
         norm = _arch_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
         head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    embed = _materialise(embed, {"weight": embed_weight}, f"embeddings of {path}", dtype, device)
+    embed = _materialise(embed, {"weight": tensors["model.embed_tokens.weight"]}, f"embeddings of {path}", dtype, device)
     norm = _materialise(norm, {"weight": tensors["model.norm.weight"]}, f"final norm of {path}", dtype, device)
-    head = _materialise(head, {"weight": head_weight}, f"LM head of {path}", dtype, device)
+    if tied:
+        head.weight = embed.weight
+        head = head.eval().requires_grad_(False)
+    else:
+        head = _materialise(head, {"weight": tensors["lm_head.weight"]}, f"LM head of {path}", dtype, device)
     return ClientParts(embed, norm, head)
