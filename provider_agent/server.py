@@ -14,6 +14,7 @@ and the server keeps serving everyone else. A framing error closes only that str
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,8 @@ from hivemind.utils.logging import get_logger
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.framing import Limits, read_message, write_message
 from client_sdk.protocol.rpc import (
-    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, SpanRequest, Step, error_header,
+    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Relink, SpanRequest, Step,
+    error_header,
 )
 from provider_agent.backend import SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
@@ -301,6 +303,9 @@ class ProviderServer:
                     message = await read_message(reader, self._limits)
                 except asyncio.IncompleteReadError:
                     return  # the client closed the session
+                if message.header.get("type") == "relink":
+                    await self._relink(session, message.header, writer)
+                    continue
                 try:
                     step = Step.from_header(message.header)
                 except ProtocolError as e:  # a bad header spoils one step, not the session
@@ -316,6 +321,32 @@ class ProviderServer:
         finally:
             self._close_session(session)
 
+    async def _relink(self, session: Session, header: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        try:
+            relink = Relink.from_header(header)
+        except ProtocolError as e:
+            await write_message(writer, error_header(e.code, str(e)))
+            return
+        if relink.session_id != session.spec.session_id:
+            await write_message(writer, error_header("unknown_session", f"this stream serves session "
+                                                                          f"{session.spec.session_id}"))
+            return
+        async with session.lock:  # never re-wire in the middle of a step
+            spec = session.spec
+            if spec.next_session is not None:
+                self._by_next_session.pop(spec.next_session, None)
+            changes: dict[str, Any] = {}
+            if relink.prev_peer is not None:
+                changes["prev_peer"] = relink.prev_peer
+            if relink.next_peer is not None:
+                changes.update(next_peer=relink.next_peer, next_session=relink.next_session)
+            elif relink.clear_next:
+                changes.update(next_peer=None, next_session=None)
+            session.spec = dataclasses.replace(spec, **changes)
+            if session.spec.next_session is not None:
+                self._by_next_session[session.spec.next_session] = session
+        await write_message(writer, {"type": "relinked", "session_id": spec.session_id})
+
     async def _apply_step(self, session: Session, step: Step, tensors: list[torch.Tensor]) -> None:
         """Run one step of a session and deliver its output; errors go to the session's client."""
         async with session.lock:
@@ -329,7 +360,7 @@ class ProviderServer:
             spec = session.spec
             if spec.next_peer is not None:
                 await self._push(session, step, output)
-            if spec.return_outputs:
+            if spec.return_outputs or spec.next_peer is None:
                 await self._try_send(session.client, {"type": "output", "step_id": step.step_id,
                                                       "position": step.position}, (output,))
 

@@ -23,7 +23,7 @@ from client_sdk.errors import ProtocolError
 
 __all__ = [
     "RPC_INFO", "RPC_FORWARD", "RPC_BACKWARD", "RPC_INFERENCE", "RPC_PUSH",
-    "OpenSession", "Step", "SpanRequest", "error_header",
+    "OpenSession", "Step", "Relink", "SpanRequest", "error_header",
 ]
 
 RPC_INFO = "hivemart.info"
@@ -153,3 +153,35 @@ class Step:
             raise ProtocolError(f"expected a 'step' message, got {header.get('type')!r}")
         return cls(session_id=_session_id(header), step_id=_int(header, "step_id", high=2**62),
                    position=_int(header, "position"))
+
+
+@dataclass(frozen=True)
+class Relink:
+    """Re-wires an open session after a neighbour in the chain was replaced.
+
+    Sent by the session's client on its own stream: ``prev_peer`` becomes the only peer
+    allowed to push steps here; ``next_peer``/``next_session`` (both or neither) become
+    where outputs are pushed. A field left out keeps its value; ``clear_next`` stops pushing.
+    """
+
+    session_id: str
+    prev_peer: str | None = None
+    next_peer: str | None = None
+    next_session: str | None = None
+    clear_next: bool = False
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": "relink", **asdict(self)}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> "Relink":
+        if header.get("type") != "relink":
+            raise ProtocolError(f"expected a 'relink' message, got {header.get('type')!r}")
+        next_peer = _optional_str(header, "next_peer", _PEER_ID, "a base58 peer id")
+        clear_next = header.get("clear_next", False)
+        if not isinstance(clear_next, bool) or (clear_next and next_peer is not None):
+            raise ProtocolError("'clear_next' must be a boolean and excludes 'next_peer'")
+        return cls(session_id=_session_id(header),
+                   prev_peer=_optional_str(header, "prev_peer", _PEER_ID, "a base58 peer id"),
+                   next_peer=next_peer, next_session=None if next_peer is None else _session_id(header, "next_session"),
+                   clear_next=clear_next)

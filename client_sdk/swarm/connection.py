@@ -11,7 +11,9 @@ from hivemind.p2p import P2P, PeerID
 
 from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
 from client_sdk.protocol.framing import Limits, Message, read_message, write_message
-from client_sdk.protocol.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, OpenSession, SpanRequest, Step
+from client_sdk.protocol.rpc import (
+    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, OpenSession, Relink, SpanRequest, Step,
+)
 
 __all__ = ["ProviderConnection", "InferenceStream"]
 
@@ -78,9 +80,9 @@ class ProviderConnection:
                                 f"{[list(t.shape) for t in reply.tensors]}, expected one of {list(shape)}")
         return reply.tensors[0]
 
-    async def open_inference(self, spec: OpenSession, inbox: asyncio.Queue, hop: int,
-                             timeout: float | None = 30.0) -> "InferenceStream":
-        """Open an inference session; its replies are put on ``inbox`` as ``(hop, message)``."""
+    async def open_inference(self, spec: OpenSession, inbox: asyncio.Queue,
+                             timeout: float | None = 10.0) -> "InferenceStream":
+        """Open an inference session; its replies are put on ``inbox`` as ``(stream, message)``."""
         reader, writer = await self._open(RPC_INFERENCE)
         try:
             await write_message(writer, spec.to_header())
@@ -91,10 +93,10 @@ class ProviderConnection:
             if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
                 raise ProviderUnavailableError(self.peer_id, f"inference stream broke while opening: {e!r}") from e
             raise
-        return InferenceStream(self.peer_id, spec, reader, writer, inbox, hop)
+        return InferenceStream(self.peer_id, spec, reader, writer, inbox)
 
 
-@dataclass
+@dataclass(eq=False)
 class InferenceStream:
     """An open inference session on one provider. A reader task forwards every reply to
     the chain's shared inbox; a broken stream shows up there as a ``None`` message."""
@@ -104,7 +106,6 @@ class InferenceStream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     inbox: asyncio.Queue
-    hop: int
 
     def __post_init__(self) -> None:
         self._reader_task = asyncio.ensure_future(self._read_replies())
@@ -113,13 +114,19 @@ class InferenceStream:
         try:
             while True:
                 message = await read_message(self.reader, _CLIENT_LIMITS)
-                self.inbox.put_nowait((self.hop, message))
+                self.inbox.put_nowait((self, message))
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
-            self.inbox.put_nowait((self.hop, e))
+            self.inbox.put_nowait((self, e))
 
     async def send_step(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
+        await self._send(Step(self.spec.session_id, step_id, position).to_header(), (hidden,))
+
+    async def send_relink(self, relink: Relink) -> None:
+        await self._send(relink.to_header())
+
+    async def _send(self, header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> None:
         try:
-            await write_message(self.writer, Step(self.spec.session_id, step_id, position).to_header(), (hidden,))
+            await write_message(self.writer, header, tensors)
         except (ConnectionError, RuntimeError) as e:
             raise ProviderUnavailableError(self.peer_id, f"inference stream broke: {e!r}") from e
 

@@ -16,6 +16,7 @@ import torch
 
 from client_sdk.errors import HivemartError
 from client_sdk.models import ClientParts, ModelInfo, load_client_parts, load_model_info
+from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.remote import remote_sequential
 from client_sdk.swarm.routing import DEFAULT_HOP_COST_S, RouteHop, find_route
@@ -46,6 +47,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.info, self.parts, self.runtime = info, parts, runtime
         self._owns_runtime = owns_runtime
         self.push, self.hop_cost_s = push, hop_cost_s
+        self.bans = PeerBans()  # shared by every session and call of this model
         for name, module in (("embed_tokens", parts.embed_tokens), ("norm", parts.norm), ("lm_head", parts.lm_head)):
             self.add_module(name, module)
 
@@ -65,10 +67,15 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     # --- routing -------------------------------------------------------------------------------
 
-    async def _route(self, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
-        records = await fetch_span_records(self.runtime.dht, self.info.model_id, range(self.info.num_blocks))
-        return find_route(records.values(), self.info.model_id, 0, self.info.num_blocks,
-                          hop_cost_s=self.hop_cost_s, avoid=avoid)
+    async def _find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
+        """The fastest chain over blocks [start, end) among live, correctly signed records,
+        avoiding peers that failed recently."""
+        records = await fetch_span_records(self.runtime.dht, self.info.model_id, range(start, end))
+        return find_route(records.values(), self.info.model_id, start, end, hop_cost_s=self.hop_cost_s,
+                          avoid=avoid | self.bans.banned())
+
+    async def _route(self) -> list[RouteHop]:
+        return await self._find_route(0, self.info.num_blocks)
 
     def route(self) -> list[RouteHop]:
         """The chain of providers a new session would use now."""
@@ -105,7 +112,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     async def _open_chain(self, max_length: int, batch_size: int) -> ChainSession:
         chain = ChainSession(self.runtime.p2p, await self._route(), max_length=max_length, batch_size=batch_size,
-                             push=self.push)
+                             push=self.push, find_route=self._find_route, bans=self.bans)
         await chain.open()
         return chain
 

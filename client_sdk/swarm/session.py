@@ -1,113 +1,370 @@
-"""An inference session over a chain of providers.
+"""An inference session over a chain of providers, with failover.
 
 In *push* mode (the default) the client sends each step to the first provider only; every
 provider forwards its output to the next one and the last answers the client, so a token
 costs one message per hop. In *round-trip* mode the client relays every hop itself; it is
 kept for comparison (``hivemart bench inference`` reports both) and for peers that cannot
 reach each other directly.
+
+Every provider also returns its outputs to the client (after pushing them on), so the
+client keeps, for each block boundary of the chain, the hidden states that entered it.
+When a provider fails (its stream breaks, it reports an error, or it misses a deadline
+derived from its speed), the client finds a replacement for its blocks, replays the
+recorded inputs to it step by step exactly as they were first sent, so that its KV cache
+is bit-for-bit what the failed provider had, re-wires the chain, and resends the step.
+Generation then continues with outputs identical to a run without failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
 
 import torch
 from hivemind.p2p import P2P
+from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
+from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
 from client_sdk.protocol.framing import Message
-from client_sdk.protocol.rpc import OpenSession
+from client_sdk.protocol.rpc import OpenSession, Relink
+from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.connection import InferenceStream, ProviderConnection
 from client_sdk.swarm.routing import RouteHop
 
-__all__ = ["ChainSession"]
+__all__ = ["ChainSession", "FindRoute"]
+
+logger = get_logger(__name__)
+
+# find_route(start, end, avoid) -> hops covering [start, end) without the avoided peers
+FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
+
+# Error codes after which another provider may well succeed; anything else is the caller's
+# mistake (bad shapes, too long, ...) and is raised as it is.
+_RETRYABLE = {"internal", "busy", "not_accepting", "next_hop_failed", "unknown_session", "cache_full", "timeout"}
+_MAX_FAILOVERS_PER_STEP = 5
 
 
 def new_session_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+class _HopFailed(Exception):
+    def __init__(self, hop: "_Hop", reason: str) -> None:
+        super().__init__(reason)
+        self.hop, self.reason = hop, reason
+
+
+@dataclass(eq=False)
+class _Hop:
+    route: RouteHop
+    stream: InferenceStream
+    relinked: int = 0  # acknowledged relinks
+    outputs: int = 0  # step outputs received
+
+    @property
+    def start(self) -> int:
+        return self.route.start
+
+    @property
+    def end(self) -> int:
+        return self.route.end
+
+    @property
+    def peer_id(self) -> str:
+        return self.route.peer_id
+
+
+@dataclass
+class _Entry:
+    step_id: int
+    position: int
+    hidden: torch.Tensor
+
+
+@dataclass
+class _Boundary:
+    """Hidden states that entered one block boundary, per step, in order."""
+
+    entries: list[_Entry] = field(default_factory=list)
+
+    def get(self, step_id: int) -> torch.Tensor | None:
+        for entry in reversed(self.entries):
+            if entry.step_id == step_id:
+                return entry.hidden
+        return None
+
+    def record(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
+        if self.get(step_id) is None:
+            self.entries.append(_Entry(step_id, position, hidden))
+
+    def truncate(self, position: int) -> None:
+        """Forget everything at or after ``position`` (a rollback)."""
+        kept = []
+        for entry in self.entries:
+            if entry.position + entry.hidden.shape[1] <= position:
+                kept.append(entry)
+            elif entry.position < position:
+                kept.append(_Entry(entry.step_id, entry.position, entry.hidden[:, : position - entry.position]))
+        self.entries = kept
+
+
 class ChainSession:
-    """A KV-cached inference session across ``route``; use :meth:`open`, :meth:`step`,
-    :meth:`close` on the swarm loop."""
+    """A KV-cached inference session across a chain of providers; use :meth:`open`,
+    :meth:`step` and :meth:`close` on the swarm loop."""
 
     def __init__(self, p2p: P2P, route: Sequence[RouteHop], *, max_length: int, batch_size: int = 1,
-                 push: bool = True, step_timeout: float | None = 60.0) -> None:
-        self.p2p, self.route = p2p, list(route)
+                 push: bool = True, find_route: FindRoute | None = None, bans: PeerBans | None = None,
+                 step_timeout: float | None = None, min_timeout: float = 1.0) -> None:
+        if not route:
+            raise SwarmError("an inference session needs at least one provider")
+        self.p2p = p2p
         self.max_length, self.batch_size, self.push = max_length, batch_size, push
-        self.step_timeout = step_timeout
+        self.find_route, self.bans = find_route, bans or PeerBans()
+        self.step_timeout, self.min_timeout = step_timeout, min_timeout
         self.position = 0  # tokens processed so far
+        self.failovers: list[dict] = []  # what happened, for callers that report it
+        self._initial_route = list(route)
+        self.hops: list[_Hop] = []
         self._next_step_id = 0
         self._inbox: asyncio.Queue = asyncio.Queue()
-        self.streams: list[InferenceStream] = []
-        self.hop_dtypes = [getattr(torch, hop.record.dtype) for hop in self.route]
+        self._boundaries: dict[int, _Boundary] = {}
+
+    @property
+    def route(self) -> list[RouteHop]:
+        return [hop.route for hop in self.hops]
+
+    # --- opening and wiring -------------------------------------------------------------------
 
     async def open(self) -> None:
-        session_ids = [new_session_id() for _ in self.route]
+        route = self._initial_route
+        for _ in range(_MAX_FAILOVERS_PER_STEP):
+            results = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
+            hops = [r for r in results if isinstance(r, _Hop)]
+            failed = [(hop, r) for hop, r in zip(route, results) if isinstance(r, BaseException)]
+            if not failed:
+                self.hops = hops
+                try:
+                    await self._link(range(len(hops)))
+                except _HopFailed as e:
+                    await self.close()
+                    raise ProviderUnavailableError(e.hop.peer_id, f"could not wire the chain: {e.reason}") from None
+                return
+            for hop in hops:
+                hop.stream.close()
+            for hop, error in failed:
+                if not self._is_retryable(error):
+                    raise error
+                logger.info(f"provider {hop.peer_id} could not open a session ({error}); routing around it")
+                self.bans.failed(hop.peer_id)
+            route = await self._reroute(route, [hop for hop, _ in failed])
+        raise SwarmError("could not open an inference session: providers kept failing; try again later")
+
+    async def _reroute(self, route: list[RouteHop], failed: list[RouteHop]) -> list[RouteHop]:
+        if self.find_route is None:
+            raise ProviderUnavailableError(failed[0].peer_id, "no way to find a replacement (no route finder)")
+        new_route: list[RouteHop] = []
+        for hop in route:
+            if hop in failed:
+                new_route.extend(await self.find_route(hop.start, hop.end, self.bans.banned()))
+            else:
+                new_route.append(hop)
+        return new_route
+
+    async def _open_hop(self, route_hop: RouteHop) -> _Hop:
+        spec = OpenSession(session_id=new_session_id(), start=route_hop.start, end=route_hop.end,
+                           max_length=self.max_length, batch_size=self.batch_size, return_outputs=True)
+        stream = await ProviderConnection(self.p2p, route_hop.peer_id).open_inference(spec, self._inbox)
+        return _Hop(route_hop, stream)
+
+    async def _link(self, indices: Sequence[int]) -> None:
+        """Tell hops ``indices`` (and their neighbours) who pushes to whom, and wait for acks."""
+        if not self.push:
+            return
+        touched: dict[int, Relink] = {}
         my_peer = str(self.p2p.peer_id)
-        specs = []
-        for i, hop in enumerate(self.route):
-            pushing = self.push and i + 1 < len(self.route)
-            specs.append(OpenSession(
-                session_id=session_ids[i], start=hop.start, end=hop.end, max_length=self.max_length,
-                batch_size=self.batch_size,
-                prev_peer=self.route[i - 1].peer_id if self.push and i > 0 else my_peer,
-                next_peer=self.route[i + 1].peer_id if pushing else None,
-                next_session=session_ids[i + 1] if pushing else None,
-                return_outputs=not pushing,
-            ))
-        results = await asyncio.gather(
-            *(ProviderConnection(self.p2p, hop.peer_id).open_inference(spec, self._inbox, i)
-              for i, (hop, spec) in enumerate(zip(self.route, specs))),
-            return_exceptions=True)
-        self.streams = [r for r in results if isinstance(r, InferenceStream)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await self.close()
-            raise errors[0]
+        for i in indices:
+            for j in (i - 1, i, i + 1):
+                if 0 <= j < len(self.hops) and j not in touched:
+                    hop = self.hops[j]
+                    nxt = self.hops[j + 1] if j + 1 < len(self.hops) else None
+                    touched[j] = Relink(
+                        session_id=hop.stream.spec.session_id,
+                        prev_peer=self.hops[j - 1].peer_id if j > 0 else my_peer,
+                        next_peer=nxt.peer_id if nxt else None,
+                        next_session=nxt.stream.spec.session_id if nxt else None,
+                        clear_next=nxt is None)
+        expected = {j: self.hops[j].relinked + 1 for j in touched}
+        await asyncio.gather(*(self.hops[j].stream.send_relink(relink) for j, relink in touched.items()))
+        await self._pump_until(lambda: all(self.hops[j].relinked >= n for j, n in expected.items()),
+                               self.min_timeout * 5, first_hop=0)
+
+    # --- steps -------------------------------------------------------------------------------------
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run ``hidden`` [batch, tokens, hidden] through the chain starting at ``position``
         (default: the end of what the session holds) and return the last span's output."""
         position = self.position if position is None else position
-        step_id = self._next_step_id
+        if not 0 <= position <= self.position:
+            raise ValueError(f"position {position} is outside the session's 0..{self.position}")
+        if position < self.position:
+            for boundary in self._boundaries.values():
+                boundary.truncate(position)
+        step_id = self._new_step_id()
+        self._boundary(self.hops[0].start).record(step_id, position, hidden)
+        resume, failure = 0, None
+        for _ in range(_MAX_FAILOVERS_PER_STEP + 1):
+            try:
+                if failure is not None:
+                    resume, failure = await self._fail_over(failure, step_id), None
+                output = await self._run_step(step_id, position, hidden.shape[1], resume)
+                self.position = position + hidden.shape[1]
+                return output
+            except _HopFailed as failed:
+                failure = failed
+        raise SwarmError(f"step failed after {_MAX_FAILOVERS_PER_STEP} failovers; the swarm is unstable, try later")
+
+    def _new_step_id(self) -> int:
         self._next_step_id += 1
-        if self.push:
-            await self.streams[0].send_step(step_id, position, hidden.to(self.hop_dtypes[0]))
-            output = await self._await_output(len(self.streams) - 1, step_id)
-        else:
-            output = hidden
-            for hop, stream in enumerate(self.streams):
-                await stream.send_step(step_id, position, output.to(self.hop_dtypes[hop]))
-                output = await self._await_output(hop, step_id)
-        self.position = position + hidden.shape[1]
+        return self._next_step_id
+
+    def _boundary(self, block: int) -> _Boundary:
+        return self._boundaries.setdefault(block, _Boundary())
+
+    async def _run_step(self, step_id: int, position: int, tokens: int, resume: int) -> torch.Tensor:
+        hops = self.hops[resume:] if not self.push else self.hops[resume : resume + 1]
+        for hop in hops:
+            hidden = self._boundary(hop.start).get(step_id)
+            if hidden is None:  # the previous hop's output has not arrived yet
+                await self._pump_until(lambda: self._boundary(hop.start).get(step_id) is not None,
+                                       self._deadline(tokens, resume), first_hop=resume)
+                hidden = self._boundary(hop.start).get(step_id)
+            try:
+                await hop.stream.send_step(step_id, position, hidden.to(getattr(torch, hop.route.record.dtype)))
+            except ProviderUnavailableError as e:
+                raise _HopFailed(hop, str(e)) from e
+            if not self.push:
+                await self._pump_until(lambda: self._boundary(hop.end).get(step_id) is not None,
+                                       self._deadline(tokens, self.hops.index(hop)), first_hop=self.hops.index(hop))
+        # Wait for every hop's output, not only the last: they are the history a failover replays.
+        await self._pump_until(lambda: all(self._boundary(h.end).get(step_id) is not None for h in self.hops[resume:]),
+                               self._deadline(tokens, resume), first_hop=resume)
+        output = self._boundary(self.hops[-1].end).get(step_id)
+        if output.shape[:2] != (self.batch_size, tokens):
+            raise ProtocolError(f"provider {self.hops[-1].peer_id} returned shape {list(output.shape)}")
         return output
 
-    async def _await_output(self, hop: int, step_id: int) -> torch.Tensor:
-        while True:
-            try:
-                source, message = await asyncio.wait_for(self._inbox.get(), self.step_timeout)
-            except asyncio.TimeoutError as e:
-                raise ProviderUnavailableError(self.route[hop].peer_id,
-                                               f"no output within {self.step_timeout} s") from e
-            peer_id = self.route[source].peer_id
-            if isinstance(message, BaseException):
-                raise ProviderUnavailableError(peer_id, f"inference stream closed: {message!r}") from message
-            header = message.header
-            if header.get("type") == "error":
-                raise RemoteError(str(header.get("code")), str(header.get("message")),
-                                  peer_id=str(header.get("peer_id") or peer_id))
-            if header.get("type") == "output" and source == hop and header.get("step_id") == step_id:
-                return self._check_output(message, peer_id)
+    def _deadline(self, tokens: int, first_hop: int) -> float:
+        """Seconds to wait for a step: the chain's expected compute time with a wide margin,
+        but at least ``min_timeout`` so that a dead peer is noticed in about a second."""
+        if self.step_timeout is not None:
+            return self.step_timeout
+        expected = sum(tokens * self.batch_size * (h.end - h.start) / max(h.route.record.throughput, 1e-3)
+                       for h in self.hops[first_hop:])
+        return self.min_timeout + 3 * expected
 
-    def _check_output(self, message: Message, peer_id: str) -> torch.Tensor:
-        if len(message.tensors) != 1 or message.tensors[0].ndim != 3 or message.tensors[0].shape[0] != self.batch_size:
-            raise ProtocolError(f"provider {peer_id} sent a malformed step output")
-        return message.tensors[0]
+    async def _pump_until(self, done: Callable[[], bool], timeout: float, *, first_hop: int) -> None:
+        """Process replies until ``done()``; a failure or a missed deadline raises _HopFailed."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            try:
+                stream, message = await asyncio.wait_for(self._inbox.get(), max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                raise _HopFailed(self._first_silent_hop(first_hop), f"no answer within {timeout:.2f} s") from None
+            self._dispatch(stream, message)
+
+    def _first_silent_hop(self, first_hop: int) -> _Hop:
+        step_id = self._next_step_id
+        for hop in self.hops[first_hop:]:
+            if self._boundary(hop.end).get(step_id) is None:
+                return hop
+        return self.hops[first_hop]
+
+    def _dispatch(self, stream: InferenceStream, message: Message | BaseException) -> None:
+        hop = next((h for h in self.hops if h.stream is stream), None)
+        if hop is None:
+            return  # a reply from a provider we already replaced
+        if isinstance(message, BaseException):
+            raise _HopFailed(hop, f"stream closed: {message!r}")
+        header = message.header
+        kind = header.get("type")
+        if kind == "output":
+            if len(message.tensors) != 1 or message.tensors[0].ndim != 3:
+                raise ProtocolError(f"provider {hop.peer_id} sent a malformed step output")
+            hop.outputs += 1
+            self._boundary(hop.end).record(int(header.get("step_id", -1)), int(header.get("position", 0)),
+                                           message.tensors[0])
+        elif kind == "relinked":
+            hop.relinked += 1
+        elif kind == "error":
+            code = str(header.get("code"))
+            error = RemoteError(code, str(header.get("message")), peer_id=str(header.get("peer_id") or hop.peer_id))
+            if code not in _RETRYABLE:
+                raise error
+            culprit = hop
+            if code == "next_hop_failed":
+                culprit = next((h for h in self.hops if h.peer_id == header.get("peer_id")), hop)
+            raise _HopFailed(culprit, str(error))
+
+    @staticmethod
+    def _is_retryable(error: BaseException) -> bool:
+        return isinstance(error, ProviderUnavailableError) or (
+            isinstance(error, RemoteError) and error.code in _RETRYABLE)
+
+    # --- failover ------------------------------------------------------------------------------------
+
+    async def _fail_over(self, failure: _HopFailed, step_id: int) -> int:
+        """Replace the failed hop, replay its history, re-wire; returns the hop index to resume from."""
+        started = time.monotonic()
+        failed = failure.hop
+        index = self.hops.index(failed)
+        ban = self.bans.failed(failed.peer_id)
+        logger.warning(f"provider {failed.peer_id} failed ({failure.reason}); avoiding it for {ban:.0f} s and "
+                       f"moving blocks {failed.start}:{failed.end} to a backup")
+        failed.stream.close()
+        if self.find_route is None:
+            raise ProviderUnavailableError(failed.peer_id, f"{failure.reason}; no way to find a replacement")
+        replacement_route = await self.find_route(failed.start, failed.end, self.bans.banned())
+        new_hops: list[_Hop] = []
+        try:
+            for route_hop in replacement_route:
+                new_hops.append(await self._open_hop(route_hop))
+                await self._replay(new_hops[-1], exclude_step=step_id)
+        except (ProviderUnavailableError, RemoteError, _HopFailed) as e:
+            for hop in new_hops:
+                hop.stream.close()
+            peer = e.hop.peer_id if isinstance(e, _HopFailed) else getattr(e, "peer_id", None)
+            if peer:
+                self.bans.failed(peer)
+            # Keep the failed hop in place: the next attempt finds another replacement for it.
+            raise _HopFailed(failed, f"replacement failed: {e}") from None
+        self.hops[index : index + 1] = new_hops
+        await self._link(range(index, index + len(new_hops)))
+        self.failovers.append({"peer_id": failed.peer_id, "blocks": [failed.start, failed.end],
+                               "replacement": [h.peer_id for h in new_hops], "reason": failure.reason,
+                               "position": self.position, "seconds": round(time.monotonic() - started, 3)})
+        return index
+
+    async def _replay(self, hop: _Hop, *, exclude_step: int) -> None:
+        """Send a new hop every recorded input of its blocks, step by step as first sent,
+        and record what it returns for the boundary after it (filling any gap there)."""
+        entries = [e for e in self._boundary(hop.start).entries if e.step_id != exclude_step]
+        dtype = getattr(torch, hop.route.record.dtype)
+        for entry in entries:  # pipelined: the provider applies them in order
+            await hop.stream.send_step(entry.step_id, entry.position, entry.hidden.to(dtype))
+        tokens = sum(e.hidden.shape[1] for e in entries)
+        timeout = self.min_timeout + 3 * tokens * self.batch_size * (hop.end - hop.start) / max(
+            hop.route.record.throughput, 1e-3)
+        self.hops.append(hop)  # so that its replies are dispatched; not part of the chain yet
+        try:
+            await self._pump_until(lambda: hop.outputs >= len(entries), timeout, first_hop=len(self.hops) - 1)
+        finally:
+            self.hops.remove(hop)
 
     async def close(self) -> None:
-        for stream in self.streams:
-            stream.close()
-        self.streams = []
+        for hop in self.hops:
+            hop.stream.close()
+        self.hops = []
