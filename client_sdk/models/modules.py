@@ -153,6 +153,11 @@ class ClientParts(torch.nn.Module):
         return self.lm_head(self.norm(hidden.to(self.lm_head.weight.device, self.dtype)))
 
 
+def _padding_idx(config: PretrainedConfig) -> int | None:
+    pad = getattr(config, "pad_token_id", None)
+    return pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+
+
 def load_client_parts(path: str | Path, *, dtype: torch.dtype | None = None,
                       device: str | torch.device = "cpu") -> ClientParts:
     """The client-side modules, tied or untied, without reading any block."""
@@ -165,11 +170,11 @@ def load_client_parts(path: str | Path, *, dtype: torch.dtype | None = None,
     if tied and not getattr(config, "tie_word_embeddings", False):
         raise ModelError(f"{path} has no lm_head.weight and does not tie it to the embeddings")
     with torch.device("meta"):
-        pad = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < config.vocab_size else None
-        embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, _padding_idx(config))
         norm = _arch_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
         head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    embed = _materialise(embed, {"weight": tensors["model.embed_tokens.weight"]}, f"embeddings of {path}", dtype, device)
+    embed = _materialise(embed, {"weight": tensors["model.embed_tokens.weight"]}, f"embeddings of {path}", dtype,
+                         device)
     norm = _materialise(norm, {"weight": tensors["model.norm.weight"]}, f"final norm of {path}", dtype, device)
     if tied:
         head.weight = embed.weight

@@ -230,7 +230,8 @@ def test_unsupported_or_missing_checkpoints(make_model, copy_model, tmp_path: Pa
         load_block(tmp_path / "nowhere", 0)
     path = copy_model(make_model(arch="llama"))
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    gpt2 = {**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (path / "config.json").write_text(json.dumps(gpt2))
     with pytest.raises(ModelError, match="gpt2"):
         load_model_info(path)
     (path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))

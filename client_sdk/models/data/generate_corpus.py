@@ -241,7 +241,8 @@ def sentence(rng: random.Random, nouns: list[str], verbs: list[str], adjectives:
         return (f"{rng.choice(COUNTS).capitalize()} {plural(noun)} were {gerund(verb)} {prep} the {other} "
                 f"{rng.choice(CONNECTIVES)} {name} {past(rng.choice(verbs))} {adverb}.")
     if shape == 3:
-        return f"Why does the {noun} {verb} {adverb}? Ask {name}, who {third_person(rng.choice(verbs))} {plural(other)}."
+        does = third_person(rng.choice(verbs))
+        return f"Why does the {noun} {verb} {adverb}? Ask {name}, who {does} {plural(other)}."
     if shape == 4:
         day, month, year = rng.randint(1, 28), rng.choice(MONTHS), rng.randint(1800, 2099)
         return f"On {day} {month} {year}, {name} reached {place} with {rng.randint(2, 999)} {plural(noun)}."
@@ -249,7 +250,8 @@ def sentence(rng: random.Random, nouns: list[str], verbs: list[str], adjectives:
         return f"\"{gerund(verb).capitalize()} {plural(noun)} is {adjective} work,\" said {name}, {adverb}."
     if shape == 6:
         price = rng.randint(1, 99999)
-        return f"{article(noun).capitalize()} {noun} costs {price} credits per {rng.choice(['hour', 'token', 'block', 'day'])}; the {other} is {adjective}."
+        unit = rng.choice(["hour", "token", "block", "day"])
+        return f"{article(noun).capitalize()} {noun} costs {price} credits per {unit}; the {other} is {adjective}."
     if shape == 7:
         return f"In {place}, {plural(noun)} and {plural(other)} are {adverb} {adjective}."
     return f"Let {name} {verb} the {adjective} {noun}, then {rng.choice(verbs)} it {prep} the {other}."
