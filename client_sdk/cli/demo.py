@@ -55,9 +55,9 @@ def demo(data_dir: Path | None, new_tokens: int, keep: bool, as_json: bool) -> N
     with LocalSwarm(workdir=home / "swarm") as swarm:
         say("[2/4] starting a bootstrap DHT node")
         swarm.start_bootstrap()
-        for start, end in spans:
-            agent = swarm.start_agent(model_path, start, end)
-            say(f"[3/4] provider {agent.peer_id[-8:]} serves blocks {start}:{end}")
+        say(f"[3/4] starting {len(spans)} providers")
+        for agent, (start, end) in zip(swarm.start_agents(model_path, spans), spans):
+            say(f"      provider {agent.peer_id[-8:]} serves blocks {start}:{end}")
         with SwarmRuntime(swarm.initial_peers) as runtime:
             model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime)
             route = model.route()

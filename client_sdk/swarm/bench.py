@@ -75,9 +75,8 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
     progress(f"starting {providers} providers on loopback: {spans}")
     with LocalSwarm(workdir=workdir / "swarm") as swarm:
         swarm.start_bootstrap()
-        extra = ["--device", device, "--dtype", dtype]
-        for start, end in spans:
-            swarm.start_agent(model_path, start, end, torch_threads=provider_threads, extra_args=extra)
+        swarm.start_agents(model_path, spans, torch_threads=provider_threads,
+                           extra_args=["--device", device, "--dtype", dtype])
         with SwarmRuntime(swarm.initial_peers) as runtime:
             results: dict[str, float] = {}
             swarm_tokens = {}

@@ -64,7 +64,7 @@ class LocalSwarm:
             raise SwarmError("the local swarm has no bootstrap node yet; call start_bootstrap()")
         return self.bootstrap.maddrs
 
-    def _spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> AgentProcess:
+    def _launch(self, name: str, args: Sequence[str]) -> tuple[subprocess.Popen, Path, Path]:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready_file = self.workdir / f"{name}.ready"
         log_path = self.workdir / f"{name}.log"
@@ -72,9 +72,11 @@ class LocalSwarm:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "provider_agent", *args, "--ready-file", str(ready_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})}, preexec_fn=die_with_parent,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             )
+        return process, ready_file, log_path
+
+    def _wait_ready(self, name: str, process: subprocess.Popen, ready_file: Path, log_path: Path) -> AgentProcess:
         deadline = time.monotonic() + self.startup_timeout
         while not ready_file.exists():
             if process.poll() is not None:
@@ -88,6 +90,9 @@ class LocalSwarm:
         ready = json.loads(ready_file.read_text())["ready"]
         return AgentProcess(process, ready, log_path, name)
 
+    def _spawn(self, name: str, args: Sequence[str]) -> AgentProcess:
+        return self._wait_ready(name, *self._launch(name, args))
+
     def start_bootstrap(self) -> AgentProcess:
         self.bootstrap = self._spawn("dht", ["dht"])
         return self.bootstrap
@@ -95,13 +100,31 @@ class LocalSwarm:
     def start_agent(self, model_path: str | Path, start: int, end: int, *, name: str | None = None,
                     extra_args: Sequence[str] = (), torch_threads: int = 1) -> AgentProcess:
         """Start an agent serving blocks ``[start, end)`` and wait until it announced itself."""
-        name = name or f"agent{len(self.agents)}-{start}-{end}"
-        args = ["run", "--model", str(model_path), "--blocks", f"{start}:{end}",
-                "--identity", str(self.workdir / f"{name}.key"), "--torch-threads", str(torch_threads),
-                *[a for peer in self.initial_peers for a in ("--initial-peers", peer)], *extra_args]
-        agent = self._spawn(name, args)
-        self.agents.append(agent)
-        return agent
+        return self.start_agents(model_path, [(start, end)], names=[name] if name else None,
+                                 extra_args=extra_args, torch_threads=torch_threads)[0]
+
+    def start_agents(self, model_path: str | Path, spans: Sequence[tuple[int, int]], *,
+                     names: Sequence[str] | None = None, extra_args: Sequence[str] = (),
+                     torch_threads: int = 1) -> list[AgentProcess]:
+        """Start one agent per span at once (start-up is mostly imports and loading) and wait
+        until all of them announced themselves."""
+        launched = []
+        try:
+            for i, (start, end) in enumerate(spans):
+                name = names[i] if names else f"agent{len(self.agents) + i}-{start}-{end}"
+                args = ["run", "--model", str(model_path), "--blocks", f"{start}:{end}",
+                        "--identity", str(self.workdir / f"{name}.key"), "--torch-threads", str(torch_threads),
+                        *[a for peer in self.initial_peers for a in ("--initial-peers", peer)], *extra_args]
+                launched.append((name, *self._launch(name, args)))
+            agents = [self._wait_ready(*entry) for entry in launched]
+        except BaseException:
+            for _, process, _, _ in launched:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            raise
+        self.agents.extend(agents)
+        return agents
 
     def stop_agent(self, agent: AgentProcess, *, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Stop one agent with ``sig`` (SIGKILL to simulate a crash); returns its exit code."""

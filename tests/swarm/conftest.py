@@ -23,8 +23,7 @@ def start_swarm(model: Path, spans: list[tuple[int, int]], workdir: Path) -> Loc
     swarm = LocalSwarm(workdir=workdir)
     try:
         swarm.start_bootstrap()
-        for start, end in spans:
-            swarm.start_agent(model, start, end)
+        swarm.start_agents(model, spans)
     except BaseException:
         swarm.stop()
         raise

@@ -1,0 +1,146 @@
+"""Failover: killed providers are replaced mid-generation and outputs stay exact."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client_sdk.models import load_model_info, load_tokenizer
+from client_sdk.protocol.identity import Identity
+from client_sdk.errors import ProtocolError
+from client_sdk.protocol.records import ServerRecord, ServerState, block_key, verify_record
+from client_sdk.swarm.dht import fetch_span_records
+from client_sdk.swarm.local import LocalSwarm
+from client_sdk.swarm.model import DistributedModelForCausalLM
+from client_sdk.swarm.runtime import SwarmRuntime
+from tests.swarm.conftest import start_swarm
+
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_model: Path) -> torch.Tensor:
+    return load_tokenizer(tiny_model)("Failover keeps the tokens exact", return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="module")
+def expected_100(tiny_model: Path, prompt: torch.Tensor) -> torch.Tensor:
+    local = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return local.generate(prompt, max_new_tokens=100, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def agent_by_peer(swarm: LocalSwarm, peer_id: str):
+    return next(a for a in swarm.agents if a.peer_id == peer_id)
+
+
+def generate_killing(model: DistributedModelForCausalLM, swarm: LocalSwarm, prompt: torch.Tensor,
+                     kills: dict[int, tuple[int, int]]) -> tuple[torch.Tensor, list[dict]]:
+    """Generate 100 tokens; after token N, SIGKILL whoever serves blocks ``kills[N]`` now."""
+    with model.inference_session(max_length=prompt.shape[1] + 100) as session:
+        produced = 0
+
+        def on_token(_: torch.Tensor) -> None:
+            nonlocal produced
+            produced += 1
+            if produced in kills:
+                serving = next(h for h in session.chain.route if (h.start, h.end) == kills[produced])
+                swarm.stop_agent(agent_by_peer(swarm, serving.peer_id), sig=signal.SIGKILL)
+
+        tokens = model.generate(prompt, max_new_tokens=100, session=session, on_token=on_token)
+        return tokens, list(session.chain.failovers)
+
+
+def test_sigkill_at_token_20_fails_over_to_the_backup_exactly(tiny_model, prompt, expected_100, tmp_path):
+    swarm = start_swarm(tiny_model, [(0, 2), (2, 4), (2, 4)], tmp_path)
+    try:
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            tokens, failovers = generate_killing(model, swarm, prompt, {20: (2, 4)})
+            assert torch.equal(tokens, expected_100)
+            assert len(failovers) == 1 and failovers[0]["blocks"] == [2, 4]
+            assert failovers[0]["peer_id"] in model.bans.banned()
+    finally:
+        swarm.stop()
+
+
+def test_three_providers_for_the_same_blocks_two_killed_in_turn(tiny_model, prompt, expected_100, tmp_path):
+    swarm = start_swarm(tiny_model, [(0, 4), (0, 4), (0, 4)], tmp_path)
+    try:
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            tokens, failovers = generate_killing(model, swarm, prompt, {15: (0, 4), 60: (0, 4)})
+            assert torch.equal(tokens, expected_100)
+            assert len(failovers) == 2
+            assert len({f["peer_id"] for f in failovers} | {f["replacement"][0] for f in failovers}) == 3
+    finally:
+        swarm.stop()
+
+
+def test_a_middle_provider_killed_in_a_pushed_chain_is_replaced(tiny_model, prompt, expected_100, tmp_path):
+    swarm = start_swarm(tiny_model, [(0, 1), (1, 3), (3, 4), (1, 3)], tmp_path)
+    try:
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            tokens, failovers = generate_killing(model, swarm, prompt, {33: (1, 3)})
+            assert torch.equal(tokens, expected_100)
+            assert [f["blocks"] for f in failovers] == [[1, 3]]
+    finally:
+        swarm.stop()
+
+
+def test_a_forged_record_for_a_victims_peer_id_is_ignored(tiny_model, tmp_path):
+    swarm = start_swarm(tiny_model, [(0, 4)], tmp_path)
+    try:
+        victim = swarm.agents[0]
+        info = load_model_info(tiny_model)
+        attacker = Identity.generate()
+        forged = ServerRecord(peer_id=victim.peer_id, model_id=info.model_id, start=0, end=4,
+                              state=ServerState.OFFLINE, throughput=1e9, dtype="float32", cache_tokens_left=10**6,
+                              expires_at=time.time() + 3600)
+        body = msgpack.packb({**forged.__dict__, "maddrs": []}, use_bin_type=True)
+        forged_value = body + attacker.sign(body)
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            async def attack() -> dict:
+                from hivemind.utils.timed_storage import get_dht_time
+
+                stored = await runtime.dht.store(block_key(info.model_id, 0), forged_value, get_dht_time() + 3600,
+                                                 subkey=victim.peer_id)
+                return {"stored": stored, "records": await fetch_span_records(runtime.dht, info.model_id, range(4))}
+
+            result = runtime.run(attack())
+        assert result["stored"] is False  # every DHT node refused to store it
+        records = result["records"]
+        assert victim.peer_id in records and records[victim.peer_id].state == ServerState.ONLINE
+        assert records[victim.peer_id].throughput < 1e9
+        with pytest.raises(ProtocolError):  # and a client would drop it anyway
+            verify_record(forged_value, subkey=victim.peer_id, model_id=info.model_id, block=0)
+    finally:
+        swarm.stop()
+
+
+def test_a_client_starting_after_a_crash_does_not_wait_for_the_stale_record(tiny_model, prompt, tmp_path):
+    swarm = start_swarm(tiny_model, [(0, 4), (0, 4)], tmp_path)
+    try:
+        info = load_model_info(tiny_model)
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            # Crash whichever provider a new client would pick first, so it must route around it.
+            doomed = model.route()[0].peer_id
+            swarm.stop_agent(agent_by_peer(swarm, doomed), sig=signal.SIGKILL)
+            assert doomed in runtime.run(fetch_span_records(runtime.dht, info.model_id, range(4)))
+
+            first = model.generate(prompt, max_new_tokens=1)
+            # The crashed provider's record had not expired when the first token came back.
+            still_there = runtime.run(fetch_span_records(runtime.dht, info.model_id, range(4)))
+            assert doomed in still_there
+            assert first.shape[1] == prompt.shape[1] + 1
+            assert doomed in model.bans.banned()
+    finally:
+        swarm.stop()
