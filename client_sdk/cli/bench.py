@@ -61,3 +61,20 @@ def ledger(captures: int, workers: int, as_json: bool) -> None:
 
     result = run_ledger_bench(captures=captures, workers=workers, progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
+
+
+@bench.command()
+@click.option("--hidden", default=512, show_default=True, help="Hidden size of the generated llama model.")
+@click.option("--layers", default=8, show_default=True, help="Transformer blocks.")
+@click.option("--new-tokens", default=100, show_default=True, help="Tokens generated.")
+@click.option("--kill-at", default=20, show_default=True, help="SIGKILL the serving provider after this token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def failover(hidden: int, layers: int, new_tokens: int, kill_at: int, as_json: bool) -> None:
+    """Generation through a chain with a backup while its provider is SIGKILLed midway."""
+    from client_sdk.swarm.bench import run_failover_bench
+
+    if not 0 < kill_at < new_tokens:
+        raise click.BadParameter("must be between 1 and --new-tokens - 1", param_hint="--kill-at")
+    result = run_failover_bench(hidden=hidden, layers=layers, new_tokens=new_tokens, kill_at=kill_at,
+                                progress=lambda msg: click.echo(msg, err=True))
+    emit(result, as_json)

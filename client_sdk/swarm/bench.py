@@ -102,3 +102,51 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
         "round_trip_ms_per_token": round(results["round_trip"], 3),
         "new_tokens": new_tokens, "repeats": repeats, "device": device, "dtype": dtype,
     }
+
+
+def run_failover_bench(*, hidden: int = 512, layers: int = 8, new_tokens: int = 100, kill_at: int = 20,
+                       workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Generate through a chain whose second span has a backup; SIGKILL the provider serving
+    that span after token ``kill_at`` and measure the longest gap between tokens."""
+    import signal
+
+    from transformers import AutoModelForCausalLM
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="hivemart-bench-"))
+    progress(f"creating a llama model: hidden {hidden}, {layers} layers")
+    model_path = create_model(workdir / f"bench-llama-{hidden}x{layers}", arch="llama", hidden=hidden,
+                              layers=layers, seed=0)
+    prompt = load_tokenizer(model_path)(PROMPT, return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    del local
+
+    half = layers // 2
+    spans = [(0, half), (half, layers), (half, layers)]
+    progress(f"starting providers {spans} (the last is the backup)")
+    with LocalSwarm(workdir=workdir / "swarm") as swarm:
+        swarm.start_bootstrap()
+        swarm.start_agents(model_path, spans)
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime)
+            model.generate(prompt, max_new_tokens=4)  # warm-up: connections and caches
+            stamps: list[float] = []
+            with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+                def on_token(_: torch.Tensor) -> None:
+                    stamps.append(time.perf_counter())
+                    if len(stamps) == kill_at:
+                        serving = next(h for h in session.chain.route if h.start == half)
+                        victim = next(a for a in swarm.agents if a.peer_id == serving.peer_id)
+                        progress(f"token {kill_at}: SIGKILL provider {victim.peer_id[-8:]} (blocks {half}:{layers})")
+                        victim.process.send_signal(signal.SIGKILL)
+
+                started = time.perf_counter()
+                tokens = model.generate(prompt, max_new_tokens=new_tokens, session=session, on_token=on_token)
+                failovers = list(session.chain.failovers)
+    gaps = [(b - a) * 1000 for a, b in zip([started] + stamps[:-1], stamps)]
+    return {
+        "tokens": len(stamps), "killed_at": kill_at, "max_gap_ms": round(max(gaps[1:]), 1),
+        "median_ms_per_token": round(statistics.median(gaps[1:]), 3), "exact_match": bool(torch.equal(tokens, expected)),
+        "failovers": len(failovers), "hidden": hidden, "layers": layers,
+    }
