@@ -210,6 +210,15 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "JobKind": "marketplace.jobs.models.Job.Kind",
+        "JobState": "marketplace.jobs.models.Job.State",
+        "ProviderState": "marketplace.providers.models.Provider.State",
+        "AccountKind": "marketplace.ledger.models.Account.Kind",
+        "TransactionKind": "marketplace.ledger.models.Transaction.Kind",
+        "HoldState": "marketplace.ledger.models.Hold.State",
+        "ModelDType": "marketplace.catalog.models.CatalogModel.DType",
+    },
 }
 
 # --- Hivemart -----------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 
 # Same alphabet as the swarm's DHT keys (client_sdk.models.model_id_for).
 MODEL_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+# Field validators serve the admin's forms; the services check the same patterns themselves.
+_model_id_validator = RegexValidator(MODEL_ID_PATTERN, "1 to 128 characters from A-Z a-z 0-9 . _ -")
+_digest_validator = RegexValidator(DIGEST_PATTERN, "a lowercase hex sha256 (64 characters)")
 
 
 class CatalogModel(models.Model):
@@ -24,14 +28,14 @@ class CatalogModel(models.Model):
         FLOAT16 = "float16"
         BFLOAT16 = "bfloat16"
 
-    model_id = models.CharField(max_length=128, unique=True)
+    model_id = models.CharField(max_length=128, unique=True, validators=[_model_id_validator])
     name = models.CharField(max_length=200, blank=True, help_text="a human-readable name")
     arch = models.CharField(max_length=32, help_text="the Hugging Face model_type, e.g. llama")
     num_blocks = models.PositiveIntegerField()
     hidden_size = models.PositiveIntegerField()
     dtype = models.CharField(max_length=16, choices=DType.choices)
-    weights_digest = models.CharField(max_length=64)
-    client_digest = models.CharField(max_length=64, blank=True,
+    weights_digest = models.CharField(max_length=64, validators=[_digest_validator])
+    client_digest = models.CharField(max_length=64, blank=True, validators=[_digest_validator],
                                      help_text="digest of embeddings, final norm and LM head (optional)")
     active = models.BooleanField(default=True, help_text="inactive models can be neither served nor requested")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -53,7 +57,7 @@ class CatalogModel(models.Model):
 class BlockDigest(models.Model):
     model = models.ForeignKey(CatalogModel, on_delete=models.CASCADE, related_name="blocks")
     index = models.PositiveIntegerField()
-    digest = models.CharField(max_length=64)
+    digest = models.CharField(max_length=64, validators=[_digest_validator])
 
     class Meta:
         ordering = ["model_id", "index"]

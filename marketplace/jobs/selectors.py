@@ -11,7 +11,7 @@ from marketplace.jobs.models import Job, JobTransition, Plan, PlanSegment
 
 def jobs_visible_to(*, user: User) -> QuerySet[Job]:
     """A user's own jobs; staff see all of them."""
-    jobs = Job.objects.select_related("model", "hold")
+    jobs = Job.objects.select_related("model", "hold__escrow")
     return jobs if user.is_staff else jobs.filter(user=user)
 
 
