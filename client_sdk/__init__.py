@@ -4,7 +4,39 @@ Importing ``client_sdk`` is cheap: the REST client needs neither torch nor hivem
 swarm and model modules import them only when used (``client_sdk.swarm``, ``client_sdk.models``).
 """
 
-from client_sdk.errors import HivemartError
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["HivemartError"]
+from client_sdk.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    ConflictError,
+    HivemartError,
+    InsufficientCreditsError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    from client_sdk.api import Client
+
+__all__ = [
+    "Client", "HivemartError", "APIError", "APIConnectionError", "APITimeoutError", "AuthenticationError",
+    "ConflictError", "InsufficientCreditsError", "NotFoundError", "PermissionDeniedError", "RateLimitError",
+    "ServerError", "ValidationError",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # ``client_sdk.Client`` loads the REST client (and httpx) on first use, so that importing
+    # client_sdk for the CLI or the swarm does not pay for it.
+    if name == "Client":
+        from client_sdk.api import Client
+
+        return Client
+    raise AttributeError(f"module 'client_sdk' has no attribute {name!r}")

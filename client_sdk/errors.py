@@ -74,3 +74,80 @@ class ProviderUnavailableError(SwarmError):
 
 # --- marketplace REST API -----------------------------------------------------------------
 # (API errors: APIError and its subclasses, defined below by the REST client.)
+
+
+class APIError(HivemartError):
+    """The marketplace refused a request, or could not be reached.
+
+    ``status`` is the HTTP status (None when no response came back), ``code`` the
+    marketplace's machine-readable reason (``insufficient_credits``, ``invalid``, ...),
+    ``request_id`` the ``X-Request-Id`` to quote when reporting a problem, and ``extra``
+    the error's details (for ``invalid``: ``extra["fields"]`` maps each bad field to what is
+    wrong with it).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str = "error",
+                 request_id: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        self.message, self.status, self.code = message, status, code
+        self.request_id, self.extra = request_id, extra or {}
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}" if self.status is not None else "no response"
+        rid = f", request id {self.request_id}" if self.request_id else ""
+        return f"{self.code}: {self.message} ({where}{rid})"
+
+
+class ValidationError(APIError):
+    """400: the request's content was rejected; see ``extra`` for which field and why."""
+
+
+class AuthenticationError(APIError):
+    """401: no API key, or a malformed, unknown or revoked one. Check ``Client(api_key=...)``."""
+
+
+class InsufficientCreditsError(APIError):
+    """402: the wallet (or a hold) lacks the credits; ``extra`` says how many there are."""
+
+
+class PermissionDeniedError(APIError):
+    """403: authenticated, but not allowed (staff-only, someone else's object, a bad signature)."""
+
+
+class NotFoundError(APIError):
+    """404: no such object, or not one of yours."""
+
+
+class ConflictError(APIError):
+    """409: the request conflicts with the current state: a taken name, a job in the wrong
+    state (code ``invalid_state``), an idempotency key reused for another request
+    (``idempotency_conflict``)."""
+
+
+class RateLimitError(APIError):
+    """429: too many requests; ``retry_after`` says how many seconds to wait, when known."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kwargs)
+
+
+class ServerError(APIError):
+    """5xx: the marketplace failed; retried automatically, so seeing this means it kept failing."""
+
+
+class APIConnectionError(APIError):
+    """The marketplace could not be reached or the connection broke; the cause is chained
+    (``raise ... from``). Retried automatically where that is safe."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("code", "connection_error")
+        super().__init__(message, **kwargs)
+
+
+class APITimeoutError(APIConnectionError):
+    """The marketplace did not answer within the client's timeout."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("code", "timeout")
+        super().__init__(message, **kwargs)

@@ -54,7 +54,7 @@ class UserOutput(serializers.Serializer):
 class SignupInput(serializers.Serializer):
     username = serializers.CharField(max_length=150)
     password = serializers.CharField(max_length=128, write_only=True)
-    email = serializers.EmailField(required=False, default="", max_length=254)
+    email = serializers.EmailField(required=False, default="", allow_blank=True, max_length=254)
 
 
 class SignupOutput(serializers.Serializer):

@@ -1,0 +1,316 @@
+"""``Client``: the typed REST client for the Hivemart marketplace, one resource per area."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Callable, Iterator, Protocol, Required, Sequence, TypedDict, TypeVar
+
+import httpx
+
+from client_sdk.api._client import DEFAULT_BASE_URL, HTTPCore, env_api_key
+from client_sdk.api.types import (
+    Account,
+    ApiKey,
+    CatalogModel,
+    Challenge,
+    CreatedApiKey,
+    Hold,
+    Job,
+    JobTransition,
+    Measurement,
+    Offer,
+    Page,
+    Plan,
+    Posting,
+    Provider,
+    SignupResult,
+    Transaction,
+    User,
+)
+
+__all__ = ["Client", "Signer", "SegmentPlan"]
+
+T = TypeVar("T")
+
+
+class Signer(Protocol):
+    """What provider registration needs from an identity (``client_sdk.protocol.identity.Identity`` is one)."""
+
+    peer_id: str
+    public_key: bytes
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+def _new_key() -> str:
+    return uuid.uuid4().hex
+
+
+class _Resource:
+    def __init__(self, core: HTTPCore) -> None:
+        self._core = core
+
+    def _page(self, path: str, parse: Callable[[dict[str, Any]], T], page: int, page_size: int | None,
+              **params: Any) -> Page[T]:
+        body = self._core.request("GET", path, params={"page": page, "page_size": page_size, **params})
+        return Page.from_json(body, parse, page)
+
+    def _iter(self, path: str, parse: Callable[[dict[str, Any]], T], page_size: int, **params: Any) -> Iterator[T]:
+        page = 1
+        while True:
+            current = self._page(path, parse, page, page_size, **params)
+            yield from current.items
+            if not current.has_next:
+                return
+            page += 1
+
+
+class Accounts(_Resource):
+    def signup(self, *, username: str, password: str, email: str = "") -> SignupResult:
+        """Create an account (when the marketplace allows sign-up); returns the user and a first API key."""
+        body = self._core.request("POST", "/api/auth/signup/", auth=False,
+                                  json={"username": username, "password": password, "email": email})
+        return SignupResult.from_json(body)
+
+    def me(self) -> User:
+        return User.from_json(self._core.request("GET", "/api/me/"))
+
+
+class Keys(_Resource):
+    def list(self, *, page: int = 1, page_size: int | None = None) -> Page[ApiKey]:
+        return self._page("/api/keys/", ApiKey.from_json, page, page_size)
+
+    def iter(self, *, page_size: int = 100) -> Iterator[ApiKey]:
+        return self._iter("/api/keys/", ApiKey.from_json, page_size)
+
+    def get(self, key_id: int) -> ApiKey:
+        return ApiKey.from_json(self._core.request("GET", f"/api/keys/{int(key_id)}/"))
+
+    def create(self, *, name: str = "") -> CreatedApiKey:
+        """A new API key; ``.key`` holds the secret, which the marketplace will not show again."""
+        return CreatedApiKey.from_json(self._core.request("POST", "/api/keys/", json={"name": name}))
+
+    def revoke(self, key_id: int) -> ApiKey:
+        return ApiKey.from_json(self._core.request("DELETE", f"/api/keys/{int(key_id)}/"))
+
+
+class Models(_Resource):
+    def list(self, *, include_inactive: bool = False, page: int = 1, page_size: int | None = None) -> Page[CatalogModel]:
+        return self._page("/api/models/", CatalogModel.from_json, page, page_size,
+                          include_inactive="true" if include_inactive else None)
+
+    def iter(self, *, page_size: int = 100) -> Iterator[CatalogModel]:
+        return self._iter("/api/models/", CatalogModel.from_json, page_size)
+
+    def get(self, model_id: str) -> CatalogModel:
+        return CatalogModel.from_json(self._core.request("GET", f"/api/models/{model_id}/"))
+
+    def create(self, *, model_id: str, arch: str, num_blocks: int, hidden_size: int, dtype: str, weights_digest: str,
+               block_digests: Sequence[str], client_digest: str = "", name: str = "") -> CatalogModel:
+        """Staff: add a model to the catalog (digests as ``client_sdk.models`` computes them)."""
+        body = {"model_id": model_id, "arch": arch, "num_blocks": num_blocks, "hidden_size": hidden_size,
+                "dtype": dtype, "weights_digest": weights_digest, "block_digests": list(block_digests),
+                "client_digest": client_digest, "name": name}
+        return CatalogModel.from_json(self._core.request("POST", "/api/models/", json=body))
+
+    def set_active(self, model_id: str, active: bool) -> CatalogModel:
+        """Staff: withdraw a model (``active=False``) or return it to the marketplace."""
+        return CatalogModel.from_json(self._core.request("PATCH", f"/api/models/{model_id}/",
+                                                         json={"active": active}))
+
+    def offers(self, model_id: str) -> list[Offer]:
+        """Offers of online providers for the model, by span then price."""
+        return [Offer.from_json(o) for o in self._core.request("GET", f"/api/models/{model_id}/offers/")]
+
+
+class Providers(_Resource):
+    def challenge(self) -> Challenge:
+        return Challenge.from_json(self._core.request("POST", "/api/providers/challenge/"))
+
+    def register(self, *, identity: Signer, model: str, block_start: int, block_end: int, price: int, name: str = "",
+                 gpu: str = "", gpu_memory_mb: int = 0, region: str = "") -> Provider:
+        """Register (or re-register) the provider ``identity``: asks for a challenge, signs it
+        with the identity's key, and submits the offer (blocks ``[block_start, block_end)`` of
+        ``model`` at ``price`` micro-credits per million work units)."""
+        challenge = self.challenge()
+        body = {"peer_id": identity.peer_id, "public_key": identity.public_key.hex(),
+                "challenge": challenge.challenge, "signature": identity.sign(challenge.message()).hex(),
+                "model": model, "block_start": block_start, "block_end": block_end, "price": price, "name": name,
+                "gpu": gpu, "gpu_memory_mb": gpu_memory_mb, "region": region}
+        return Provider.from_json(self._core.request("POST", "/api/providers/", json=body))
+
+    def list(self, *, page: int = 1, page_size: int | None = None) -> Page[Provider]:
+        return self._page("/api/providers/", Provider.from_json, page, page_size)
+
+    def iter(self, *, page_size: int = 100) -> Iterator[Provider]:
+        return self._iter("/api/providers/", Provider.from_json, page_size)
+
+    def get(self, provider_id: int) -> Provider:
+        return Provider.from_json(self._core.request("GET", f"/api/providers/{int(provider_id)}/"))
+
+    def update_offer(self, provider_id: int, *, model: str | None = None, block_start: int | None = None,
+                     block_end: int | None = None, price: int | None = None) -> Provider:
+        body = {k: v for k, v in dict(model=model, block_start=block_start, block_end=block_end, price=price).items()
+                if v is not None}
+        return Provider.from_json(self._core.request("PATCH", f"/api/providers/{int(provider_id)}/", json=body))
+
+    def heartbeat(self, provider_id: int, *, state: str, throughput: float | None = None,
+                  latency_ms: float | None = None) -> Provider:
+        """Report liveness, ``state`` (joining, online, draining, offline) and self-measured figures."""
+        body = {"state": state, "throughput": throughput, "latency_ms": latency_ms}
+        return Provider.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/heartbeat/",
+                                                     json=body))
+
+    def measurements(self, provider_id: int, *, page: int = 1, page_size: int | None = None) -> Page[Measurement]:
+        return self._page(f"/api/providers/{int(provider_id)}/measurements/", Measurement.from_json, page, page_size)
+
+    def record_measurement(self, provider_id: int, *, throughput: float, latency_ms: float, success_rate: float,
+                           samples: int = 1, measured_at: datetime | None = None) -> Measurement:
+        """Staff (the scheduler): store figures measured by probing the provider."""
+        body = {"throughput": throughput, "latency_ms": latency_ms, "success_rate": success_rate, "samples": samples,
+                "measured_at": measured_at.isoformat() if measured_at else None}
+        if measured_at is None:
+            del body["measured_at"]
+        return Measurement.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/measurements/",
+                                                        json=body))
+
+    def suspend(self, provider_id: int, *, reason: str) -> Provider:
+        return Provider.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/suspend/",
+                                                     json={"reason": reason}))
+
+    def reinstate(self, provider_id: int) -> Provider:
+        return Provider.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/reinstate/"))
+
+
+class SegmentPlan(TypedDict, total=False):
+    """One segment of a plan for :meth:`Jobs.store_plan`."""
+
+    block_start: Required[int]
+    block_end: Required[int]  # exclusive
+    provider: Required[int]  # the primary's id
+    backups: list[int]  # provider ids, best first
+    price: int  # defaults to the primary's current price
+
+
+class Jobs(_Resource):
+    def create(self, *, model: str, kind: str, budget: int, max_price: int, min_throughput: float | None = None,
+               idempotency_key: str | None = None) -> Job:
+        """Create a job and hold ``budget`` micro-credits for it.
+
+        The request carries an idempotency key (a new random one unless given; the same one on
+        every retry), so a retried or repeated call returns the same job instead of a second
+        job and a second hold.
+        """
+        body = {"model": model, "kind": kind, "budget": budget, "max_price": max_price,
+                "min_throughput": min_throughput}
+        return Job.from_json(self._core.request("POST", "/api/jobs/", json=body,
+                                                idempotency_key=idempotency_key or _new_key()))
+
+    def get(self, job_id: int) -> Job:
+        return Job.from_json(self._core.request("GET", f"/api/jobs/{int(job_id)}/"))
+
+    def list(self, *, state: str | None = None, page: int = 1, page_size: int | None = None) -> Page[Job]:
+        return self._page("/api/jobs/", Job.from_json, page, page_size, state=state)
+
+    def iter(self, *, state: str | None = None, page_size: int = 100) -> Iterator[Job]:
+        return self._iter("/api/jobs/", Job.from_json, page_size, state=state)
+
+    def cancel(self, job_id: int, *, reason: str = "") -> Job:
+        """Cancel the job; what is left of its hold returns to your wallet."""
+        return Job.from_json(self._core.request("POST", f"/api/jobs/{int(job_id)}/cancel/", json={"reason": reason}))
+
+    def transition(self, job_id: int, *, to_state: str, reason: str = "") -> Job:
+        """Ask for a state change (owners: running, settling, cancelled; staff: any allowed one)."""
+        return Job.from_json(self._core.request("POST", f"/api/jobs/{int(job_id)}/transitions/",
+                                                json={"to_state": to_state, "reason": reason}))
+
+    def transitions(self, job_id: int) -> list[JobTransition]:
+        return [JobTransition.from_json(t) for t in self._core.request("GET", f"/api/jobs/{int(job_id)}/transitions/")]
+
+    def plan(self, job_id: int) -> Plan:
+        """The job's current plan (NotFoundError before the scheduler made one)."""
+        return Plan.from_json(self._core.request("GET", f"/api/jobs/{int(job_id)}/plan/"))
+
+    def store_plan(self, job_id: int, *, segments: Sequence[SegmentPlan], reason: str = "") -> Plan:
+        """Staff (the scheduler): store a plan, segments as ``{"block_start", "block_end",
+        "provider", "backups": [provider ids], "price": optional}``."""
+        return Plan.from_json(self._core.request("POST", f"/api/jobs/{int(job_id)}/plan/",
+                                                 json={"segments": list(segments), "reason": reason}))
+
+
+class Ledger(_Resource):
+    def accounts(self, *, page: int = 1, page_size: int | None = None) -> Page[Account]:
+        return self._page("/api/ledger/accounts/", Account.from_json, page, page_size)
+
+    def account(self, account_id: int) -> Account:
+        return Account.from_json(self._core.request("GET", f"/api/ledger/accounts/{int(account_id)}/"))
+
+    def postings(self, *, account: int | None = None, page: int = 1, page_size: int | None = None) -> Page[Posting]:
+        return self._page("/api/ledger/postings/", Posting.from_json, page, page_size, account=account)
+
+    def iter_postings(self, *, account: int | None = None, page_size: int = 100) -> Iterator[Posting]:
+        return self._iter("/api/ledger/postings/", Posting.from_json, page_size, account=account)
+
+    def holds(self, *, page: int = 1, page_size: int | None = None) -> Page[Hold]:
+        return self._page("/api/ledger/holds/", Hold.from_json, page, page_size)
+
+    def hold(self, hold_id: int) -> Hold:
+        return Hold.from_json(self._core.request("GET", f"/api/ledger/holds/{int(hold_id)}/"))
+
+    def grant(self, *, username: str, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
+        """Staff: grant ``amount`` micro-credits to a user (idempotent by key, generated unless given)."""
+        body = {"username": username, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
+        return Transaction.from_json(self._core.request("POST", "/api/ledger/grants/", json=body,
+                                                        idempotency_key=body["idempotency_key"]))
+
+    def payout(self, *, account: int, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
+        """Pay ``amount`` micro-credits out of one of your providers' earnings accounts."""
+        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
+        return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body,
+                                                        idempotency_key=body["idempotency_key"]))
+
+
+class Client:
+    """The Hivemart marketplace REST client.
+
+    >>> client = Client(api_key="hm_...", base_url="https://market.example")
+    >>> job = client.jobs.create(model="llama-8x512-3fa9c0d1e2b4", kind="inference",
+    ...                          budget=5_000_000, max_price=2_000)
+
+    ``api_key`` defaults to the ``HIVEMART_API_KEY`` environment variable. Failed connections,
+    429s and (for requests that are safe to repeat) 5xx answers are retried up to
+    ``max_retries`` times with jittered exponential backoff; every other failure raises an
+    :class:`~client_sdk.errors.APIError` subclass. ``transport`` routes requests through any
+    httpx transport (``httpx.WSGITransport(app=...)`` to call a Django app in-process, a mock
+    in tests). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, api_key: str | None = None, base_url: str = DEFAULT_BASE_URL, timeout: float = 30.0,
+                 max_retries: int = 2, *, transport: httpx.BaseTransport | None = None) -> None:
+        self._core = HTTPCore(api_key=env_api_key(api_key), base_url=base_url, timeout=timeout,
+                              max_retries=max_retries, transport=transport)
+        self.accounts = Accounts(self._core)
+        self.keys = Keys(self._core)
+        self.models = Models(self._core)
+        self.providers = Providers(self._core)
+        self.jobs = Jobs(self._core)
+        self.ledger = Ledger(self._core)
+
+    @property
+    def api_key(self) -> str | None:
+        return self._core.api_key
+
+    @api_key.setter
+    def api_key(self, value: str | None) -> None:
+        """Switch keys (after ``accounts.signup``, say) without a new client."""
+        self._core.api_key = value
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,389 @@
+"""What the marketplace API returns, as typed dataclasses.
+
+Each class is built from the API's JSON by ``from_json``, which reads the fields it knows and
+ignores the rest, so that a newer server with more fields does not break an older client.
+Money is integer micro-credits; prices are micro-credits per million work units; times are
+timezone-aware datetimes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+__all__ = [
+    "User", "ApiKey", "CreatedApiKey", "SignupResult", "CatalogModel", "Measurement", "Provider", "Offer",
+    "Challenge", "HoldSummary", "Job", "JobTransition", "PlanBackup", "PlanSegment", "Plan", "Account", "Posting",
+    "Hold", "TransactionLeg", "Transaction", "Page",
+]
+
+T = TypeVar("T")
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    email: str
+    is_staff: bool
+    wallet_balance: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "User":
+        return cls(id=d["id"], username=d["username"], email=d.get("email", ""), is_staff=d["is_staff"],
+                   wallet_balance=d["wallet_balance"])
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: int
+    name: str
+    prefix: str
+    username: str
+    active: bool
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def _fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        return dict(id=d["id"], name=d["name"], prefix=d["prefix"], username=d["username"], active=d["active"],
+                    created_at=_dt(d["created_at"]), last_used_at=_dt(d.get("last_used_at")),
+                    revoked_at=_dt(d.get("revoked_at")))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ApiKey":
+        return cls(**cls._fields(d))
+
+
+@dataclass(frozen=True)
+class CreatedApiKey(ApiKey):
+    """A key just created: ``key`` is the secret, returned this once."""
+
+    key: str = field(default="", repr=False)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CreatedApiKey":
+        return cls(**cls._fields(d), key=d["key"])
+
+
+@dataclass(frozen=True)
+class SignupResult:
+    user: User
+    api_key: CreatedApiKey
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SignupResult":
+        return cls(user=User.from_json(d["user"]), api_key=CreatedApiKey.from_json(d["api_key"]))
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    model_id: str
+    name: str
+    arch: str
+    num_blocks: int
+    hidden_size: int
+    dtype: str
+    weights_digest: str
+    client_digest: str
+    block_digests: list[str]
+    active: bool
+    created_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CatalogModel":
+        return cls(model_id=d["model_id"], name=d.get("name", ""), arch=d["arch"], num_blocks=d["num_blocks"],
+                   hidden_size=d["hidden_size"], dtype=d["dtype"], weights_digest=d["weights_digest"],
+                   client_digest=d.get("client_digest", ""), block_digests=list(d.get("block_digests", [])),
+                   active=d["active"], created_at=_dt(d["created_at"]))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Figures the scheduler measured (not self-reported)."""
+
+    id: int
+    throughput: float  # work units per second
+    latency_ms: float
+    success_rate: float  # 0..1
+    samples: int
+    measured_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Measurement":
+        return cls(id=d["id"], throughput=d["throughput"], latency_ms=d["latency_ms"],
+                   success_rate=d["success_rate"], samples=d["samples"], measured_at=_dt(d["measured_at"]))
+
+
+@dataclass(frozen=True)
+class Provider:
+    id: int
+    peer_id: str
+    public_key: str  # hex
+    name: str
+    gpu: str
+    gpu_memory_mb: int
+    region: str
+    model: str  # model_id
+    block_start: int
+    block_end: int  # exclusive
+    price: int  # micro-credits per million work units
+    state: str  # joining, online, draining, offline
+    last_heartbeat_at: datetime | None
+    reported_throughput: float | None
+    reported_latency_ms: float | None
+    measurement: Measurement | None  # when present, it is what counts
+    suspended: bool
+    suspension_reason: str
+    earnings_account: int
+    registered_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Provider":
+        return cls(
+            id=d["id"], peer_id=d["peer_id"], public_key=d["public_key"], name=d.get("name", ""), gpu=d.get("gpu", ""),
+            gpu_memory_mb=d.get("gpu_memory_mb", 0), region=d.get("region", ""), model=d["model"],
+            block_start=d["block_start"], block_end=d["block_end"], price=d["price"], state=d["state"],
+            last_heartbeat_at=_dt(d.get("last_heartbeat_at")), reported_throughput=d.get("reported_throughput"),
+            reported_latency_ms=d.get("reported_latency_ms"),
+            measurement=Measurement.from_json(d["measurement"]) if d.get("measurement") else None,
+            suspended=d.get("suspended", False), suspension_reason=d.get("suspension_reason", ""),
+            earnings_account=d["earnings_account"], registered_at=_dt(d["registered_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A provider's offer; figures are measured when ``measured``, else self-reported."""
+
+    provider_id: int
+    peer_id: str
+    model_id: str
+    block_start: int
+    block_end: int
+    price: int
+    throughput: float | None
+    latency_ms: float | None
+    success_rate: float | None
+    measured: bool
+    measured_at: datetime | None
+    region: str
+    state: str
+    last_heartbeat_at: datetime | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Offer":
+        return cls(provider_id=d["provider_id"], peer_id=d["peer_id"], model_id=d["model_id"],
+                   block_start=d["block_start"], block_end=d["block_end"], price=d["price"],
+                   throughput=d.get("throughput"), latency_ms=d.get("latency_ms"), success_rate=d.get("success_rate"),
+                   measured=d["measured"], measured_at=_dt(d.get("measured_at")), region=d.get("region", ""),
+                   state=d["state"], last_heartbeat_at=_dt(d.get("last_heartbeat_at")))
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A registration challenge. Sign :meth:`message` with the provider's Ed25519 key."""
+
+    challenge: str  # 64 hex characters
+    expires_at: datetime
+    message_prefix: str
+
+    def message(self) -> bytes:
+        """The exact bytes to sign: the ASCII prefix, then the 32 raw challenge bytes."""
+        return self.message_prefix.encode("ascii") + bytes.fromhex(self.challenge)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Challenge":
+        return cls(challenge=d["challenge"], expires_at=_dt(d["expires_at"]), message_prefix=d["message_prefix"])
+
+
+@dataclass(frozen=True)
+class HoldSummary:
+    id: int
+    amount: int
+    left: int
+    state: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "HoldSummary":
+        return cls(id=d["id"], amount=d["amount"], left=d["left"], state=d["state"])
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str  # inference or finetune
+    model: str
+    state: str  # pending, planned, running, settling, done, failed, cancelled
+    budget: int
+    max_price: int
+    min_throughput: float | None
+    idempotency_key: str
+    hold: HoldSummary | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Job":
+        return cls(id=d["id"], kind=d["kind"], model=d["model"], state=d["state"], budget=d["budget"],
+                   max_price=d["max_price"], min_throughput=d.get("min_throughput"),
+                   idempotency_key=d["idempotency_key"],
+                   hold=HoldSummary.from_json(d["hold"]) if d.get("hold") else None,
+                   created_at=_dt(d["created_at"]), updated_at=_dt(d["updated_at"]))
+
+
+@dataclass(frozen=True)
+class JobTransition:
+    id: int
+    from_state: str
+    to_state: str
+    reason: str
+    actor: str | None
+    at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "JobTransition":
+        return cls(id=d["id"], from_state=d["from_state"], to_state=d["to_state"], reason=d.get("reason", ""),
+                   actor=d.get("actor"), at=_dt(d["at"]))
+
+
+@dataclass(frozen=True)
+class PlanBackup:
+    rank: int
+    provider: int
+    peer_id: str
+    price: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PlanBackup":
+        return cls(rank=d["rank"], provider=d["provider"], peer_id=d["peer_id"], price=d["price"])
+
+
+@dataclass(frozen=True)
+class PlanSegment:
+    index: int
+    block_start: int
+    block_end: int
+    provider: int
+    peer_id: str
+    price: int
+    backups: list[PlanBackup]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PlanSegment":
+        return cls(index=d["index"], block_start=d["block_start"], block_end=d["block_end"], provider=d["provider"],
+                   peer_id=d["peer_id"], price=d["price"], backups=[PlanBackup.from_json(b) for b in d["backups"]])
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: int
+    version: int
+    reason: str
+    created_at: datetime
+    segments: list[PlanSegment]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Plan":
+        return cls(job=d["job"], version=d["version"], reason=d.get("reason", ""), created_at=_dt(d["created_at"]),
+                   segments=[PlanSegment.from_json(s) for s in d["segments"]])
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    kind: str  # wallet, earnings, escrow (staff also see fees, external)
+    label: str
+    balance: int
+    created_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Account":
+        return cls(id=d["id"], kind=d["kind"], label=d.get("label", ""), balance=d["balance"],
+                   created_at=_dt(d["created_at"]))
+
+
+@dataclass(frozen=True)
+class Posting:
+    id: int
+    transaction: str
+    kind: str  # grant, hold, capture, release, payout
+    account: int
+    account_kind: str
+    amount: int  # positive: credited to the account; negative: debited
+    memo: str
+    created_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Posting":
+        return cls(id=d["id"], transaction=d["transaction"], kind=d["kind"], account=d["account"],
+                   account_kind=d["account_kind"], amount=d["amount"], memo=d.get("memo", ""),
+                   created_at=_dt(d["created_at"]))
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: int
+    state: str
+    amount: int
+    left: int
+    payer: int
+    escrow: int
+    memo: str
+    created_at: datetime
+    closed_at: datetime | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Hold":
+        return cls(id=d["id"], state=d["state"], amount=d["amount"], left=d["left"], payer=d["payer"],
+                   escrow=d["escrow"], memo=d.get("memo", ""), created_at=_dt(d["created_at"]),
+                   closed_at=_dt(d.get("closed_at")))
+
+
+@dataclass(frozen=True)
+class TransactionLeg:
+    account: int
+    amount: int
+
+
+@dataclass(frozen=True)
+class Transaction:
+    id: str
+    kind: str
+    idempotency_key: str | None
+    memo: str
+    created_at: datetime
+    postings: list[TransactionLeg]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Transaction":
+        return cls(id=d["id"], kind=d["kind"], idempotency_key=d.get("idempotency_key"), memo=d.get("memo", ""),
+                   created_at=_dt(d["created_at"]),
+                   postings=[TransactionLeg(account=p["account"], amount=p["amount"]) for p in d["postings"]])
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list: ``items``, the total ``count``, and whether another page follows."""
+
+    items: list[T]
+    count: int
+    page: int
+    has_next: bool
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], parse: Callable[[dict[str, Any]], T], page: int) -> "Page[T]":
+        return cls(items=[parse(item) for item in d["results"]], count=d["count"], page=page,
+                   has_next=d.get("next") is not None)
