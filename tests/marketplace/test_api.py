@@ -498,3 +498,26 @@ def test_payouts_from_own_earnings_only(alice: User) -> None:
                  "invalid")
     assert_error(client_for(payer).post("/api/ledger/payouts/", {"account": provider.earnings_account_id,
                                                                  "amount": 1}, format="json"), 404, "not_found")
+
+
+def test_signup_is_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.cache import cache
+    from rest_framework.throttling import ScopedRateThrottle
+
+    cache.clear()
+    monkeypatch.setitem(ScopedRateThrottle.THROTTLE_RATES, "signup", "2/hour")
+    for i in range(2):
+        assert APIClient().post("/api/auth/signup/", {"username": f"u{i}x", "password": "a long passphrase 42"},
+                                format="json").status_code == 201
+    response = APIClient().post("/api/auth/signup/", {"username": "u9x", "password": "a long passphrase 42"},
+                                format="json")
+    assert_error(response, 429, "rate_limited")
+    assert int(response["Retry-After"]) > 0
+    cache.clear()
+
+
+def test_session_login_works_for_the_api_with_csrf_on_writes(alice: User) -> None:
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(alice)
+    assert client.get("/api/me/").json()["username"] == "alice"
+    assert_error(client.post("/api/keys/", {"name": "x"}, format="json"), 403, "permission_denied")

@@ -101,3 +101,21 @@ def test_concurrent_holds_never_overdraw_a_wallet() -> None:
     assert all(isinstance(r, InsufficientCredits) for r in results if not isinstance(r, Hold))
     assert Account.objects.get(pk=wallet.pk).balance == 100
     assert ledger_verify().consistent
+
+
+def test_concurrent_job_creation_with_one_key_makes_one_job_and_one_hold() -> None:
+    from marketplace.jobs.models import Job
+    from marketplace.jobs.services import job_create
+    from tests.marketplace.factories import make_model
+
+    wallet = make_wallet(credits=10_000)
+    model = make_model()
+    results = run_concurrently(
+        lambda i: job_create(user=wallet.user, kind="inference", model_id=model.model_id, budget=3_000, max_price=1,
+                             idempotency_key="one-job"),
+        calls=16,
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert len({job.pk for job, _ in results}) == 1 and sum(created for _, created in results) == 1
+    assert Job.objects.count() == 1 and Hold.objects.count() == 1
+    assert Account.objects.get(pk=wallet.pk).balance == 7_000
