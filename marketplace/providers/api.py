@@ -26,7 +26,7 @@ from marketplace.providers.services import (
     MAX_GPU_MEMORY_MB,
     MAX_PRICE,
     REGISTRATION_PREFIX,
-    Offer,
+    OfferSpec,
     challenge_issue,
     provider_heartbeat,
     provider_measurement_record,
@@ -123,9 +123,9 @@ class SuspendInput(serializers.Serializer):
     reason = serializers.CharField(max_length=200)
 
 
-def _offer_from(data: dict, base: Provider | None = None) -> Offer:
+def _offer_from(data: dict, base: Provider | None = None) -> OfferSpec:
     model = catalog_model_for_use(model_id=data["model"]) if "model" in data else base.model
-    return Offer(model=model, block_start=data.get("block_start", base.block_start if base else None),
+    return OfferSpec(model=model, block_start=data.get("block_start", base.block_start if base else None),
                  block_end=data.get("block_end", base.block_end if base else None),
                  price=data.get("price", base.price if base else None))
 

@@ -48,7 +48,7 @@ def registration_message(challenge: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class Offer:
+class OfferSpec:
     """What a provider sells: used by the registration and offer-update services."""
 
     model: CatalogModel
@@ -78,7 +78,7 @@ def _check_figure(field: str, value: object, high: float = 1e15) -> float | None
     return float(value)
 
 
-def _check_offer(offer: Offer) -> None:
+def _check_offer(offer: OfferSpec) -> None:
     if not offer.model.active:
         raise ValidationFailed(f"{offer.model.model_id} is withdrawn from the catalog", extra={"field": "model"})
     _check_int("block_start", offer.block_start, 0, offer.model.num_blocks - 1)
@@ -117,7 +117,7 @@ def _challenge_consume(*, user: User, nonce: str, now: datetime) -> None:
 
 
 def provider_register(*, user: User, peer_id: str, public_key: bytes, challenge: str, signature: bytes,
-                      offer: Offer, name: str = "", gpu: str = "", gpu_memory_mb: int = 0, region: str = "",
+                      offer: OfferSpec, name: str = "", gpu: str = "", gpu_memory_mb: int = 0, region: str = "",
                       now: datetime | None = None) -> tuple[Provider, bool]:
     """Register (or re-register) the provider ``peer_id`` for ``user``; returns (provider, created).
 
@@ -197,7 +197,7 @@ def provider_heartbeat(*, provider: Provider, state: str, throughput: float | No
 
 
 @transaction.atomic
-def provider_offer_update(*, provider: Provider, offer: Offer, now: datetime | None = None) -> Provider:
+def provider_offer_update(*, provider: Provider, offer: OfferSpec, now: datetime | None = None) -> Provider:
     """Change what a provider sells (model, span, price). Plans already stored keep their prices."""
     now = now or timezone.now()
     _check_offer(offer)

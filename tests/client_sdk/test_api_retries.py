@@ -7,7 +7,6 @@ tests/client_sdk runs against the real marketplace.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import httpx
 import pytest

@@ -14,7 +14,7 @@ from marketplace.ledger.models import Account
 from marketplace.ledger.services import credit_grant, earnings_account_create, wallet_get_or_create
 from marketplace.providers.models import Provider
 from marketplace.providers.services import (
-    Offer,
+    OfferSpec,
     challenge_issue,
     provider_heartbeat,
     provider_register,
@@ -64,7 +64,7 @@ def register(*, user: User, identity: Identity, model: CatalogModel, start: int 
     provider, _ = provider_register(
         user=user, peer_id=identity.peer_id, public_key=identity.public_key, challenge=challenge,
         signature=identity.sign(registration_message(challenge)),
-        offer=Offer(model=model, block_start=start, block_end=model.num_blocks if end is None else end, price=price),
+        offer=OfferSpec(model=model, block_start=start, block_end=model.num_blocks if end is None else end, price=price),
         **fields,
     )
     return provider

@@ -16,7 +16,7 @@ from marketplace.ledger.models import Account
 from marketplace.providers.models import Provider, ProviderEvent, RegistrationChallenge
 from marketplace.providers.selectors import offers_for_model
 from marketplace.providers.services import (
-    Offer,
+    OfferSpec,
     challenge_issue,
     provider_heartbeat,
     provider_measurement_record,
@@ -98,7 +98,7 @@ def _attempt(user, identity, model, *, challenge=None, signature=None, peer_id=N
     return provider_register(
         user=user, peer_id=peer_id or identity.peer_id, public_key=public_key or identity.public_key,
         challenge=challenge, signature=signature or identity.sign(registration_message(challenge)),
-        offer=Offer(model=model, block_start=0, block_end=model.num_blocks, price=10),
+        offer=OfferSpec(model=model, block_start=0, block_end=model.num_blocks, price=10),
     )
 
 
@@ -244,10 +244,10 @@ def test_offers_list_only_online_unsuspended_providers_of_the_model() -> None:
 def test_offer_update_changes_span_and_price() -> None:
     model = make_model(num_blocks=8)
     provider = provider_offer_update(provider=make_provider(model=model),
-                                     offer=Offer(model=model, block_start=2, block_end=3, price=77))
+                                     offer=OfferSpec(model=model, block_start=2, block_end=3, price=77))
     assert (provider.block_start, provider.block_end, provider.price) == (2, 3, 77)
     with pytest.raises(ValidationFailed):
-        provider_offer_update(provider=provider, offer=Offer(model=model, block_start=7, block_end=9, price=1))
+        provider_offer_update(provider=provider, offer=OfferSpec(model=model, block_start=7, block_end=9, price=1))
 
 
 def test_missed_heartbeats_mark_providers_offline(settings) -> None:  # noqa: ANN001 - pytest-django fixture
