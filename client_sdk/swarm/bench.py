@@ -83,7 +83,7 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
             for mode, push in (("push", True), ("round_trip", False)):
                 progress(f"timing swarm generation ({mode})")
                 model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime, push=push,
-                                                                    dtype=torch_dtype if device == "cpu" else None)
+                                                                    dtype=torch_dtype, device=device)
 
                 def swarm_generate() -> torch.Tensor:
                     return model.generate(prompt, max_new_tokens=new_tokens)

@@ -54,9 +54,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, initial_peers: Sequence[str] = (),
                         runtime: SwarmRuntime | None = None, dtype: torch.dtype | None = None,
-                        push: bool = True) -> "DistributedModelForCausalLM":
+                        device: str | torch.device = "cpu", push: bool = True) -> "DistributedModelForCausalLM":
+        """Load the client-side parts of the checkpoint at ``path`` (in ``dtype`` on
+        ``device``) and connect to the swarm through ``runtime`` or ``initial_peers``."""
         info = load_model_info(path)
-        parts = load_client_parts(path, dtype=dtype)
+        parts = load_client_parts(path, dtype=dtype, device=device)
         owns = runtime is None
         runtime = runtime or SwarmRuntime(initial_peers)
         return cls(info, parts, runtime, owns_runtime=owns, push=push)
@@ -159,7 +161,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         for _ in range(max_new_tokens):
             hidden = await session.chain.step(self.parts.embed(feed))
             logits = self.parts.logits(hidden[:, -1:].to(self._client_dtype))[:, -1]
-            token = sampler(logits)
+            token = sampler(logits).cpu()
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                 finished |= token == eos_token_id
@@ -190,7 +192,7 @@ class _Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.do_sample:
             return logits.argmax(dim=-1)
-        logits = logits.float() / self.temperature
+        logits = logits.float().cpu() / self.temperature  # sample on the CPU, where ``generator`` lives
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
