@@ -1,0 +1,48 @@
+"""The swarm benchmarks run end to end at toy sizes and report what they promise.
+
+These check the benchmarks' plumbing and correctness fields, never their timings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from client_sdk.cli import cli
+
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+
+
+def last_json_line(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_bench_inference_reports_an_exact_match(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    result = CliRunner().invoke(cli, ["bench", "inference", "--json", "--hidden", "64", "--layers", "2",
+                                      "--providers", "2", "--new-tokens", "4", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    report = last_json_line(result.stdout)
+    assert set(report) >= {"hidden", "layers", "providers", "local_ms_per_token", "swarm_ms_per_token", "ratio",
+                           "overhead_ms_per_hop", "exact_match"}
+    assert (report["hidden"], report["layers"], report["providers"]) == (64, 2, 2)
+    assert report["exact_match"] is True
+    assert report["ratio"] == pytest.approx(report["swarm_ms_per_token"] / report["local_ms_per_token"], rel=0.01)
+
+
+def test_bench_failover_survives_the_kill_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    result = CliRunner().invoke(cli, ["bench", "failover", "--json", "--hidden", "64", "--layers", "2",
+                                      "--new-tokens", "12", "--kill-at", "5"])
+    assert result.exit_code == 0, result.output
+    report = last_json_line(result.stdout)
+    assert report["tokens"] == 12 and report["killed_at"] == 5
+    assert report["exact_match"] is True and report["failovers"] == 1
+    assert report["max_gap_ms"] >= report["median_ms_per_token"] > 0
+
+
+def test_bench_failover_rejects_a_kill_outside_the_run():
+    result = CliRunner().invoke(cli, ["bench", "failover", "--new-tokens", "10", "--kill-at", "10"])
+    assert result.exit_code == 2 and "--kill-at" in result.output
