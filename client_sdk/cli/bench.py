@@ -78,3 +78,22 @@ def failover(hidden: int, layers: int, new_tokens: int, kill_at: int, as_json: b
     result = run_failover_bench(hidden=hidden, layers=layers, new_tokens=new_tokens, kill_at=kill_at,
                                 progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
+
+
+@bench.command()
+@click.option("--providers", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="Offers in the random swarm.")
+@click.option("--blocks", default=80, show_default=True, type=click.IntRange(1, 1000), help="Blocks of the model.")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed matches; the median is reported.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random swarm.")
+@click.option("--kind", default="inference", show_default=True, type=click.Choice(["inference", "finetune"]),
+              help="The job's kind, which picks the objective.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def matching(providers: int, blocks: int, repeats: int, seed: int, kind: str, as_json: bool) -> None:
+    """Time to match one job (scheduler.matching) against a random swarm of offers."""
+    from scheduler.bench import run_matching_bench
+
+    result = run_matching_bench(providers=providers, blocks=blocks, repeats=repeats, seed=seed, kind=kind,
+                                progress=lambda msg: click.echo(msg, err=True))
+    emit(result, as_json)
