@@ -228,6 +228,30 @@ HIVEMART_HEARTBEAT_TIMEOUT_S = env_int("HIVEMART_HEARTBEAT_TIMEOUT_S", 60, minim
 HIVEMART_CHALLENGE_TTL_S = env_int("HIVEMART_CHALLENGE_TTL_S", 300, minimum=10)
 HIVEMART_OPEN_SIGNUP = env_bool("HIVEMART_OPEN_SIGNUP", True)
 
+# --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------
+
+# Broker: Redis at REDIS_URL when set; otherwise kombu's filesystem transport under
+# $HIVEMART_HOME/celery, which the web process, workers and beat on one machine share.
+HIVEMART_CELERY_QUEUE = os.environ.get("HIVEMART_CELERY_QUEUE", "").strip() or "hivemart"
+# Enqueue job_match when a job is created (after commit). Tests turn it off where no worker runs.
+HIVEMART_MATCH_ON_CREATE = env_bool("HIVEMART_MATCH_ON_CREATE", True)
+HIVEMART_PLAN_BACKUPS = env_int("HIVEMART_PLAN_BACKUPS", 2, minimum=0, maximum=16)
+# A provider whose latest measured success rate is below this (percent) is degraded: never planned.
+HIVEMART_RELIABILITY_FLOOR_PCT = env_int("HIVEMART_RELIABILITY_FLOOR_PCT", 90, minimum=0, maximum=100)
+HIVEMART_HOUSEKEEPING_INTERVAL_S = env_int("HIVEMART_HOUSEKEEPING_INTERVAL_S", 30, minimum=1)
+HIVEMART_PROBE_INTERVAL_S = env_int("HIVEMART_PROBE_INTERVAL_S", 300, minimum=5)
+HIVEMART_PROBE_TOKENS = env_int("HIVEMART_PROBE_TOKENS", 16, minimum=1, maximum=4096)
+HIVEMART_PROBE_REQUESTS = env_int("HIVEMART_PROBE_REQUESTS", 2, minimum=1, maximum=100)
+HIVEMART_PROBE_TIMEOUT_S = env_int("HIVEMART_PROBE_TIMEOUT_S", 30, minimum=1)
+# Bootstrap multiaddrs the prober joins the swarm through; no probes without them.
+HIVEMART_SWARM_PEERS = env_list("HIVEMART_SWARM_PEERS", [])
+# Checkpoints the prober computes reference outputs from: <HIVEMART_MODELS_DIR>/<model_id>/.
+HIVEMART_MODELS_DIR = Path(os.environ.get("HIVEMART_MODELS_DIR") or HIVEMART_HOME / "models").resolve()
+# Pending or planned jobs with no transition for this long fail, releasing their holds.
+HIVEMART_JOB_IDLE_TIMEOUT_S = env_int("HIVEMART_JOB_IDLE_TIMEOUT_S", 3600, minimum=1)
+# Running jobs fail this long after they started running.
+HIVEMART_JOB_RUN_TIMEOUT_S = env_int("HIVEMART_JOB_RUN_TIMEOUT_S", 86400, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

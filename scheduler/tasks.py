@@ -1,0 +1,66 @@
+"""Celery tasks: thin wrappers that take ids, call a service in ``scheduler.services``, and
+return a small JSON-able summary.
+
+Every task is idempotent (the services re-read rows under a lock and act only from the
+expected state), so ``acks_late`` is safe. Retries are bounded, with exponential backoff,
+and only for errors known to be transient: the database going away or a lock timeout
+(``OperationalError``), and a plan that raced a provider's offer change (``MatchRaced``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+
+from scheduler import services
+from scheduler.celery import app
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT = (OperationalError, InterfaceError)
+_RETRY = dict(acks_late=True, max_retries=5, retry_backoff=2, retry_backoff_max=120, retry_jitter=True)
+
+
+@app.task(name="scheduler.job_match", autoretry_for=(*TRANSIENT, services.MatchRaced), **_RETRY)
+def job_match(job_id: int) -> dict[str, Any]:
+    """Plan a pending job (pending -> planned), or fail it with the reason no plan exists."""
+    return services.job_match(job_id=job_id).to_dict()
+
+
+@app.task(name="scheduler.jobs_match_pending", autoretry_for=TRANSIENT, **_RETRY)
+def jobs_match_pending() -> list[int]:
+    """Re-queue job_match for pending jobs whose first message never ran (a sweep)."""
+    return services.jobs_match_pending(older_than_s=settings.HIVEMART_HOUSEKEEPING_INTERVAL_S)
+
+
+@app.task(name="scheduler.providers_expire", autoretry_for=TRANSIENT, **_RETRY)
+def providers_expire() -> int:
+    """Mark providers whose heartbeats stopped offline."""
+    return services.providers_expire()
+
+
+@app.task(name="scheduler.holds_expire", autoretry_for=TRANSIENT, **_RETRY)
+def holds_expire() -> list[int]:
+    """Fail jobs idle past their deadline, releasing their holds."""
+    return services.holds_expire()
+
+
+# A probe round holds a swarm connection for a while; no point in queueing a second one behind it.
+@app.task(name="scheduler.providers_probe", autoretry_for=TRANSIENT, expires=600, **_RETRY)
+def providers_probe() -> dict[str, Any]:
+    """Benchmark every online provider through the swarm and record what was measured."""
+    from scheduler.probing_service import providers_probe as run_probes
+
+    return run_probes()
+
+
+@app.task(name="scheduler.placement_suggest", autoretry_for=TRANSIENT, **_RETRY)
+def placement_suggest(model_id: str, num_blocks: int) -> dict[str, int]:
+    """The span a joining provider of ``model_id`` with room for ``num_blocks`` blocks should serve."""
+    from marketplace.catalog.selectors import catalog_model_for_use
+
+    start, end = services.placement_suggest(model=catalog_model_for_use(model_id=model_id), num_blocks=num_blocks)
+    return {"start": start, "end": end}
