@@ -82,6 +82,7 @@ HIVEMART_APPS = [
     "marketplace.ledger",
     "marketplace.providers",
     "marketplace.jobs",
+    "marketplace.scheduling",
 ]
 
 INSTALLED_APPS = [

@@ -14,6 +14,9 @@ os.environ.setdefault("SECRET_KEY", "hivemart-tests-only-not-a-secret")
 # through the suite (test_api.py checks the throttle itself with a low rate).
 os.environ.setdefault("HIVEMART_SIGNUP_RATE", "100000/hour")
 os.environ.setdefault("HIVEMART_CHALLENGE_RATE", "100000/minute")
+# No worker consumes the queue in most tests; tests/scheduler turns matching-on-create on
+# where a real worker runs.
+os.environ.setdefault("HIVEMART_MATCH_ON_CREATE", "false")
 
 from marketplace.settings import *  # noqa: E402,F401,F403
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from django.db import IntegrityError, transaction
 
@@ -52,6 +52,18 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 OWNER_TRANSITIONS = frozenset({S.RUNNING, S.SETTLING, S.CANCELLED})
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 MAX_THROUGHPUT = 1e15
+
+
+# Called with a new job's id inside job_create's transaction (the scheduler registers one that
+# queues its matching after commit); a plain list keeps this app free of Celery imports.
+_job_created_hooks: list[Callable[[int], None]] = []
+
+
+def job_created_hook_register(hook: Callable[[int], None]) -> None:
+    """Call ``hook(job_id)`` whenever a job is created (inside the creating transaction;
+    use ``transaction.on_commit`` for side effects). Registering the same hook twice is a no-op."""
+    if hook not in _job_created_hooks:
+        _job_created_hooks.append(hook)
 
 
 def _check_reason(reason: str) -> str:
@@ -115,6 +127,8 @@ def job_create(*, user: User, kind: str, model_id: str, budget: int, max_price: 
         job.hold = hold_place(account=wallet_get_or_create(user=user), amount=budget, memo=f"job #{job.pk}")
         job.save(update_fields=["hold"])
         _record_transition(job, S.PENDING, reason="created", actor=user)
+        for hook in _job_created_hooks:
+            hook(job.pk)
     return job, True
 
 

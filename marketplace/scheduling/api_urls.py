@@ -1,0 +1,8 @@
+from django.urls import path
+
+from marketplace.scheduling import api
+
+urlpatterns = [
+    path("jobs/<int:job_id>/replan/", api.JobReplan.as_view(), name="job-replan"),
+    path("placement/", api.Placement.as_view(), name="placement"),
+]

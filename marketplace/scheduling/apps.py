@@ -1,0 +1,21 @@
+from django.apps import AppConfig
+from django.conf import settings
+
+
+def _match_on_create(job_id: int) -> None:
+    # Read at call time, so a test (or an operator's setting) can turn it off.
+    if settings.HIVEMART_MATCH_ON_CREATE:
+        from scheduler.services import job_match_enqueue
+
+        job_match_enqueue(job_id)
+
+
+class SchedulingConfig(AppConfig):
+    name = "marketplace.scheduling"
+    label = "scheduling"
+    verbose_name = "Scheduling"
+
+    def ready(self) -> None:
+        from marketplace.jobs.services import job_created_hook_register
+
+        job_created_hook_register(_match_on_create)
