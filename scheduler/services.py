@@ -327,3 +327,51 @@ def placement_suggest(*, model: CatalogModel, num_blocks: int) -> tuple[int, int
     capacity = block_capacity(model.num_blocks, [(o.start, o.end, o.throughput) for o in offers_for_matching(model=model)
                                                  if o.reliability >= reliability_floor()])
     return weakest_span(capacity, num_blocks)
+
+
+def providers_probe(*, runtime: object | None = None, references: object | None = None) -> dict[str, object]:
+    """Probe every online provider through the swarm (``scheduler.probing``) and record the
+    measured throughput, latency and success rate; those below the reliability floor are
+    degraded. Joins the swarm through ``HIVEMART_SWARM_PEERS`` unless given a ``runtime``.
+
+    Returns ``{"probed": [...], "degraded": [...], "skipped": [...]}`` (provider ids); a
+    provider is skipped when the prober has no reference checkpoint for its model.
+    """
+    from scheduler.probing import ProbeTarget, References, ReferenceUnavailable, probe_provider
+
+    summary: dict[str, list[int]] = {"probed": [], "degraded": [], "skipped": []}
+    providers = providers_to_probe()
+    if not providers:
+        return summary
+    own_runtime = runtime is None
+    if own_runtime:
+        if not settings.HIVEMART_SWARM_PEERS:
+            logger.warning("not probing %d providers: set HIVEMART_SWARM_PEERS to the swarm's bootstrap multiaddrs",
+                           len(providers))
+            summary["skipped"] = [p.pk for p in providers]
+            return summary
+        from client_sdk.swarm.runtime import SwarmRuntime
+
+        runtime = SwarmRuntime(settings.HIVEMART_SWARM_PEERS)
+    references = references or References(settings.HIVEMART_MODELS_DIR)
+    try:
+        for provider in providers:
+            try:
+                reference = references.get(provider.model.model_id)  # type: ignore[attr-defined]
+            except ReferenceUnavailable as e:
+                logger.warning("cannot check provider %s: %s", provider.pk, e)
+                summary["skipped"].append(provider.pk)
+                continue
+            result = probe_provider(
+                runtime, ProbeTarget(provider.peer_id, provider.model.model_id, provider.block_start,  # type: ignore[arg-type]
+                                     provider.block_end),
+                reference, tokens=settings.HIVEMART_PROBE_TOKENS, requests=settings.HIVEMART_PROBE_REQUESTS,
+                timeout=settings.HIVEMART_PROBE_TIMEOUT_S)
+            summary["probed"].append(provider.pk)
+            if provider_probe_record(provider=provider, throughput=result.throughput, latency_ms=result.latency_ms,
+                                     success_rate=result.success_rate, samples=result.requests):
+                summary["degraded"].append(provider.pk)
+    finally:
+        if own_runtime:
+            runtime.shutdown()  # type: ignore[union-attr]
+    return summary

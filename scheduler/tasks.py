@@ -52,9 +52,7 @@ def holds_expire() -> list[int]:
 @app.task(name="scheduler.providers_probe", autoretry_for=TRANSIENT, expires=600, **_RETRY)
 def providers_probe() -> dict[str, Any]:
     """Benchmark every online provider through the swarm and record what was measured."""
-    from scheduler.probing_service import providers_probe as run_probes
-
-    return run_probes()
+    return services.providers_probe()
 
 
 @app.task(name="scheduler.placement_suggest", autoretry_for=TRANSIENT, **_RETRY)
