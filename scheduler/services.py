@@ -211,7 +211,8 @@ def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
     price cap, and return it.
 
     Idempotent for the client's retries: reporting a provider that an earlier replan already
-    replaced returns the current plan with no replacements. Conflict ``no_plan`` (with the
+    replaced returns the current plan with no replacements. A provider once replaced is not
+    chosen again for this job. Conflict ``no_plan`` (with the
     uncovered blocks in ``extra``) when nobody else can serve its blocks.
     """
     if not by.is_staff and job.user_id != by.pk:
@@ -226,6 +227,10 @@ def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
         offers = offers_for_matching(model=job.model)
         plan = _stored_plan(current, job, {o.provider_id: o for o in offers})
         failed = str(failed_provider_id)
+        # Providers an earlier replan dropped from this job failed it once: never bring them back.
+        in_plan = plan.primaries | {b for s in plan.segments for b in s.backups}
+        dropped = {str(pk) for pk in PlanSegment.objects.filter(plan__job=job).values_list("provider_id", flat=True)}
+        offers = [o for o in offers if o.provider_id in in_plan or o.provider_id not in dropped]
         if failed not in plan.primaries:
             if PlanSegment.objects.filter(plan__job=job, provider_id=failed_provider_id).exists():
                 return Replan(current, ())
