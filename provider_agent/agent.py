@@ -15,14 +15,15 @@ import uvloop
 from hivemind.dht.node import DHTNode
 from hivemind.utils.logging import get_logger
 
-from client_sdk.models import block_digest
+from client_sdk.models import block_digest, load_model_info
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.records import ServerRecord, ServerState
-from client_sdk.swarm.dht import SignedRecordValidator, announce_span
+from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
 from client_sdk.swarm.p2p import start_p2p
 from provider_agent.backend import SpanBackend
 from provider_agent.config import AgentConfig
 from provider_agent.server import ProviderServer
+from scheduler.placement import Span, choose_span, should_move
 
 logger = get_logger(__name__)
 
@@ -66,6 +67,7 @@ class Announcer:
                  throughput: float, maddrs: list[str]) -> None:
         self.node, self.identity, self.server, self.config = node, identity, server, config
         self.throughput, self.maddrs = throughput, maddrs
+        self.state = ServerState.ONLINE
 
     def record(self, state: str, ttl: float) -> ServerRecord:
         backend = self.server.backend
@@ -76,8 +78,8 @@ class Announcer:
             maddrs=tuple(self.maddrs),
         )
 
-    async def announce(self, state: str = ServerState.ONLINE) -> None:
-        ok = await announce_span(self.node, self.identity, self.record(state, self.config.announce_ttl))
+    async def announce(self) -> None:
+        ok = await announce_span(self.node, self.identity, self.record(self.state, self.config.announce_ttl))
         if not ok:
             logger.warning("some DHT stores of our record failed; will retry at the next announcement")
 
@@ -94,50 +96,118 @@ class Announcer:
         await announce_span(self.node, self.identity, self.record(ServerState.OFFLINE, 5.0))
 
 
+async def swarm_spans(node: DHTNode, model_id: str, num_blocks: int, *, exclude: str) -> list[Span]:
+    """``(start, end, throughput)`` of every live provider of the model but ``exclude``."""
+    records = await fetch_span_records(node, model_id, range(num_blocks))
+    return [(r.start, r.end, r.throughput) for r in records.values() if r.peer_id != exclude]
+
+
+def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, list[str]]:
+    """Load blocks [start, end) and the digests of exactly the weights loaded."""
+    backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
+                          device=config.device)
+    # Digests of the weights as stored on disk, so clients can check what we serve.
+    return backend, [block_digest(config.model_path, i) for i in range(start, end)]
+
+
+class Rebalancer:
+    """Moves the agent to another span when that raises the swarm's weakest block enough.
+
+    Moving drains first: the agent announces itself draining (clients stop choosing it),
+    refuses new sessions, lets open ones finish for up to ``drain_timeout`` and closes the
+    rest, whose clients replay them on other providers exactly. Then it withdraws its old
+    records, loads the new blocks and announces them.
+    """
+
+    def __init__(self, config: AgentConfig, node: DHTNode, server: ProviderServer, announcer: Announcer,
+                 identity: Identity) -> None:
+        self.config, self.node, self.server, self.announcer, self.identity = config, node, server, announcer, identity
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rebalance_period)
+            try:
+                await self.check()
+            except Exception as e:  # a failed check must not stop serving
+                logger.warning(f"rebalancing check failed: {e!r}")
+
+    async def check(self) -> bool:
+        backend = self.server.backend
+        others = await swarm_spans(self.node, self.server.model_id, backend.info.num_blocks,
+                                   exclude=self.identity.peer_id)
+        move, span = should_move(backend.info.num_blocks, (backend.start, backend.end), self.announcer.throughput,
+                                 others, self.config.rebalance_factor)
+        if move:
+            await self.move_to(*span)
+        return move
+
+    async def move_to(self, start: int, end: int) -> None:
+        old = (self.server.backend.start, self.server.backend.end)
+        logger.info(f"moving from blocks {old[0]}:{old[1]} to {start}:{end}: draining")
+        self.announcer.state = ServerState.DRAINING
+        await self.announcer.announce()
+        closed = await self.server.drain(self.config.drain_timeout)
+        if closed:
+            logger.info(f"closed {closed} sessions still open after {self.config.drain_timeout} s; "
+                        f"their clients fail over")
+        await self.announcer.withdraw()
+        backend, digests = await asyncio.get_running_loop().run_in_executor(None, load_span, self.config, start, end)
+        self.server.replace_backend(backend, digests)
+        self.announcer.state = ServerState.ONLINE
+        await self.announcer.announce()
+        logger.info(f"now serving blocks {start}:{end}")
+
+
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then withdraw from the DHT and shut everything down."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    if config.blocks is None:
-        raise ValueError("choose the blocks to serve with --blocks START:END")
-    start, end = config.blocks
-    backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
-                          device=config.device)
-    model_id = backend.info.model_id
-    throughput = config.throughput or measure_throughput(backend)
+    if config.blocks is None and not config.num_blocks:
+        raise ValueError("say which blocks to serve (--blocks START:END) or how many (--num-blocks N)")
+    info = load_model_info(config.model_path)
     identity_path = config.identity_path or Path(os.environ.get("HIVEMART_HOME", ".hivemart")) / "provider.key"
     identity = Identity.load_or_create(identity_path)
 
     p2p = await start_p2p(initial_peers=config.initial_peers, identity_path=identity_path,
                           host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
-    node = server = announce_task = None
+    node = server = None
+    tasks: list[asyncio.Task] = []
     try:
         node = await DHTNode.create(p2p=p2p, initial_peers=config.initial_peers or None,
                                     client_mode=False, ensure_bootstrap_success=bool(config.initial_peers),
                                     record_validator=SignedRecordValidator())
-        # Digests of the weights as loaded from disk, so clients can check what we serve.
-        digests = [block_digest(config.model_path, i) for i in range(start, end)]
-        server = ProviderServer(backend, config, p2p, model_id, block_digests=digests)
+        if config.blocks is not None:
+            start, end = config.blocks
+        else:
+            others = await swarm_spans(node, info.model_id, info.num_blocks, exclude=identity.peer_id)
+            start, end = choose_span(info.num_blocks, config.num_blocks, others)
+            logger.info(f"the swarm needs blocks {start}:{end} most; serving them")
+        backend, digests = load_span(config, start, end)
+        throughput = config.throughput or measure_throughput(backend)
+        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests)
         await server.start()
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         announcer = Announcer(node, identity, server, config, throughput, maddrs)
         await announcer.announce()
-        announce_task = asyncio.create_task(announcer.run())
-        _report_ready(config, {"peer_id": identity.peer_id, "maddrs": maddrs, "model_id": model_id,
+        tasks.append(asyncio.create_task(announcer.run()))
+        if config.blocks is None and config.rebalance_period > 0:
+            tasks.append(asyncio.create_task(Rebalancer(config, node, server, announcer, identity).run()))
+        _report_ready(config, {"peer_id": identity.peer_id, "maddrs": maddrs, "model_id": info.model_id,
                                "start": start, "end": end, "throughput": throughput,
                                "dtype": str(backend.dtype).removeprefix("torch.")})
-        logger.info(f"serving blocks {start}:{end} of {model_id} as {identity.peer_id}")
+        logger.info(f"serving blocks {start}:{end} of {info.model_id} as {identity.peer_id}")
         await stop.wait()
         logger.info("shutting down: withdrawing our record")
-        announce_task.cancel()
+        for task in tasks:
+            task.cancel()
         server.accepting = False
         try:
             await asyncio.wait_for(announcer.withdraw(), timeout=5)
         except Exception as e:
             logger.warning(f"could not withdraw our DHT record ({e!r}); it expires on its own")
     finally:
-        if announce_task is not None:
-            announce_task.cancel()
+        for task in tasks:
+            task.cancel()
         if server is not None:
             await server.stop()
         if node is not None:

@@ -47,6 +47,13 @@ def cli(verbose: int) -> None:
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               envvar="HIVEMART_MODEL", help="Checkpoint directory of the model to serve.")
 @click.option("--blocks", callback=_parse_blocks, help="Blocks to serve, START:END (half-open).")
+@click.option("--num-blocks", type=click.IntRange(min=1),
+              help="Without --blocks: serve this many blocks where the swarm needs them most.")
+@click.option("--rebalance-period", default=0.0, show_default=True,
+              help="Without --blocks: seconds between checks whether to move to a weaker part of the swarm "
+                   "(0: never move).")
+@click.option("--drain-timeout", default=60.0, show_default=True,
+              help="Seconds open sessions may finish before a move; their clients fail over after that.")
 @click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS",
               help="Multiaddr of a peer in the swarm (repeatable).")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -66,7 +73,8 @@ def cli(verbose: int) -> None:
 @click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
-def run(model_path: Path, blocks: tuple[int, int] | None, initial_peers: tuple[str, ...], identity_path: Path | None,
+def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
+        drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
@@ -75,7 +83,8 @@ def run(model_path: Path, blocks: tuple[int, int] | None, initial_peers: tuple[s
 
     peers = [p for entry in initial_peers for p in entry.split()]
     config = AgentConfig(
-        model_path=model_path, blocks=blocks, initial_peers=peers, identity_path=identity_path,
+        model_path=model_path, blocks=blocks, num_blocks=num_blocks, rebalance_period=rebalance_period,
+        drain_timeout=drain_timeout, initial_peers=peers, identity_path=identity_path,
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024, throughput=throughput, announce_period=announce_period,

@@ -42,6 +42,12 @@ class AgentConfig:
     # Seconds between DHT announcements; records expire after `announce_ttl`.
     announce_period: float = 10.0
     announce_ttl: float = 30.0
+    # Seconds between checks whether moving to another span would raise the swarm's weakest
+    # block throughput by more than `rebalance_factor`; 0 never moves (always with --blocks).
+    rebalance_period: float = 0.0
+    rebalance_factor: float = 1 / 0.75
+    # Seconds to let active sessions finish before moving; clients fail over the rest exactly.
+    drain_timeout: float = 60.0
     # Throughput to announce (tokens/s through one block); None measures it at start-up.
     throughput: float | None = None
     # Where to print the ready line (multiaddrs) for scripts that start agents; None for stdout.

@@ -148,6 +148,26 @@ class ProviderServer:
         except (ConnectionError, BrokenPipeError, RuntimeError):
             pass
 
+    async def drain(self, timeout: float) -> int:
+        """Refuse new work and wait up to ``timeout`` s for open sessions to end; then close
+        the rest (their clients replay them on another provider). Returns how many were closed."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        remaining = list(self.sessions.values())
+        for session in remaining:
+            self._close_session(session)
+            session.client.close()
+        return len(remaining)
+
+    def replace_backend(self, backend: SpanBackend, block_digests: list[str]) -> None:
+        """Serve another span (after :meth:`drain`) and accept work again."""
+        if self.sessions:
+            raise RuntimeError("drain the server before replacing its blocks")
+        self.backend, self.block_digests = backend, block_digests
+        self.accepting = True
+
     # --- info -------------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
@@ -215,6 +235,7 @@ class ProviderServer:
                               writer: asyncio.StreamWriter) -> None:
         message = await read_message(reader, self._limits)
         try:
+            self._check_accepting()
             request = SpanRequest.from_header(message.header)
             self._check_span(request.start, request.end)
             if len(message.tensors) != 1:
@@ -232,6 +253,7 @@ class ProviderServer:
                                writer: asyncio.StreamWriter) -> None:
         message = await read_message(reader, self._limits)
         try:
+            self._check_accepting()
             request = SpanRequest.from_header(message.header)
             self._check_span(request.start, request.end)
             if len(message.tensors) != 2:
@@ -252,9 +274,12 @@ class ProviderServer:
 
     # --- inference sessions ---------------------------------------------------------------------
 
-    def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter) -> Session:
+    def _check_accepting(self) -> None:
         if not self.accepting:
-            raise RequestError("not_accepting", "this provider is shutting down or draining; use another")
+            raise RequestError("not_accepting", "this provider is shutting down or moving; use another")
+
+    def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter) -> Session:
+        self._check_accepting()
         self._check_span(spec.start, spec.end)
         if spec.session_id in self.sessions:
             raise RequestError("session_exists", f"session {spec.session_id} is already open here")

@@ -103,6 +103,17 @@ class LocalSwarm:
         return self.start_agents(model_path, [(start, end)], names=[name] if name else None,
                                  extra_args=extra_args, torch_threads=torch_threads)[0]
 
+    def start_placed_agent(self, model_path: str | Path, num_blocks: int, *, name: str | None = None,
+                           extra_args: Sequence[str] = (), torch_threads: int = 1) -> AgentProcess:
+        """Start an agent that serves ``num_blocks`` blocks wherever the swarm needs them most."""
+        name = name or f"agent{len(self.agents)}-placed"
+        args = ["run", "--model", str(model_path), "--num-blocks", str(num_blocks),
+                "--identity", str(self.workdir / f"{name}.key"), "--torch-threads", str(torch_threads),
+                *[a for peer in self.initial_peers for a in ("--initial-peers", peer)], *extra_args]
+        agent = self._spawn(name, args)
+        self.agents.append(agent)
+        return agent
+
     def start_agents(self, model_path: str | Path, spans: Sequence[tuple[int, int]], *,
                      names: Sequence[str] | None = None, extra_args: Sequence[str] = (),
                      torch_threads: int = 1) -> list[AgentProcess]:
