@@ -13,6 +13,9 @@
 | ``HIVEMART_HEARTBEAT_TIMEOUT_S`` | ``60`` | a provider silent this long is marked offline |
 | ``HIVEMART_CHALLENGE_TTL_S`` | ``300`` | how long a registration challenge stays valid |
 | ``HIVEMART_OPEN_SIGNUP`` | ``true`` | whether ``POST /api/auth/signup/`` is open to anyone |
+| ``HIVEMART_SWARM_PEERS`` | empty (no probes) | bootstrap multiaddrs the scheduler's prober joins |
+| ``HIVEMART_MODELS_DIR`` | ``$HIVEMART_HOME/models`` | reference checkpoints for probes, ``<dir>/<model_id>/`` |
+| ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
 To add an app (``receipts``, ``web``, ...): append it to ``HIVEMART_APPS`` and include its
 ``api_urls`` in ``marketplace/urls.py``.

@@ -15,6 +15,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="options passed to `celery worker`")
 
+    def run_from_argv(self, argv: list[str]) -> None:
+        # Celery parses its own options (``--pool solo``); Django's parser would refuse them.
+        self.handle(celery_args=argv[2:])
+
     def handle(self, *args: Any, celery_args: list[str], **options: Any) -> None:
         from scheduler.celery import app
 
