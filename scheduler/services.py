@@ -50,7 +50,7 @@ from scheduler.matching import (
     match_job,
     replan_segment,
 )
-from scheduler.spans import block_capacity, weakest_span
+from scheduler.placement import choose_span
 
 logger = logging.getLogger(__name__)
 
@@ -326,12 +326,12 @@ def provider_is_degraded(provider: Provider) -> bool:
 def placement_suggest(*, model: CatalogModel, num_blocks: int) -> tuple[int, int]:
     """The span ``[start, end)`` of ``model`` a joining provider with room for ``num_blocks``
     blocks should serve: the one raising the weakest block's throughput (Petals' rule,
-    :func:`scheduler.spans.weakest_span`), from the usable providers' figures."""
+    :func:`scheduler.placement.choose_span`), from the usable providers' figures."""
     if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
         raise ValidationFailed("num_blocks is a positive integer", extra={"field": "num_blocks"})
-    capacity = block_capacity(model.num_blocks, [(o.start, o.end, o.throughput) for o in offers_for_matching(model=model)
-                                                 if o.reliability >= reliability_floor()])
-    return weakest_span(capacity, num_blocks)
+    spans = [(o.start, o.end, o.throughput) for o in offers_for_matching(model=model)
+             if o.reliability >= reliability_floor()]
+    return choose_span(model.num_blocks, num_blocks, spans)
 
 
 def providers_probe(*, runtime: object | None = None, references: object | None = None) -> dict[str, object]:
