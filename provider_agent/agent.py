@@ -15,6 +15,7 @@ import uvloop
 from hivemind.dht.node import DHTNode
 from hivemind.utils.logging import get_logger
 
+from client_sdk.errors import HivemartError
 from client_sdk.models import block_digest, load_model_info
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.records import ServerRecord, ServerState
@@ -102,6 +103,29 @@ async def swarm_spans(node: DHTNode, model_id: str, num_blocks: int, *, exclude:
     return [(r.start, r.end, r.throughput) for r in records.values() if r.peer_id != exclude]
 
 
+async def choose_blocks(config: AgentConfig, model_id: str, num_blocks: int, node: DHTNode,
+                        identity: Identity) -> tuple[int, int]:
+    """Where a joining agent is needed most: the marketplace's answer (from measured
+    throughputs) when one is configured and answers, else Petals' rule over DHT records."""
+    if config.market_url:
+        from client_sdk.api import Client
+
+        def ask() -> tuple[int, int]:
+            with Client(api_key=config.api_key, base_url=config.market_url, timeout=10.0) as client:
+                return client.models.placement(model_id, config.num_blocks)
+
+        try:
+            start, end = await asyncio.get_running_loop().run_in_executor(None, ask)
+            logger.info(f"the marketplace says blocks {start}:{end} need us most")
+            return start, end
+        except HivemartError as e:
+            logger.warning(f"the marketplace could not place us ({e}); choosing from the DHT instead")
+    others = await swarm_spans(node, model_id, num_blocks, exclude=identity.peer_id)
+    start, end = choose_span(num_blocks, config.num_blocks, others)
+    logger.info(f"the swarm needs blocks {start}:{end} most; serving them")
+    return start, end
+
+
 def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, list[str]]:
     """Load blocks [start, end) and the digests of exactly the weights loaded."""
     backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
@@ -176,12 +200,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
         node = await DHTNode.create(p2p=p2p, initial_peers=config.initial_peers or None,
                                     client_mode=False, ensure_bootstrap_success=bool(config.initial_peers),
                                     record_validator=SignedRecordValidator())
-        if config.blocks is not None:
-            start, end = config.blocks
-        else:
-            others = await swarm_spans(node, info.model_id, info.num_blocks, exclude=identity.peer_id)
-            start, end = choose_span(info.num_blocks, config.num_blocks, others)
-            logger.info(f"the swarm needs blocks {start}:{end} most; serving them")
+        start, end = config.blocks or await choose_blocks(config, info.model_id, info.num_blocks, node, identity)
         backend, digests = load_span(config, start, end)
         throughput = config.throughput or measure_throughput(backend)
         server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests)

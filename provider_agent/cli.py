@@ -52,6 +52,9 @@ def cli(verbose: int) -> None:
 @click.option("--rebalance-period", default=0.0, show_default=True,
               help="Without --blocks: seconds between checks whether to move to a weaker part of the swarm "
                    "(0: never move).")
+@click.option("--market", "market_url", envvar="HIVEMART_MARKET",
+              help="Marketplace URL; without --blocks, ask it where this agent is needed.")
+@click.option("--api-key", envvar="HIVEMART_API_KEY", help="Marketplace API key.")
 @click.option("--drain-timeout", default=60.0, show_default=True,
               help="Seconds open sessions may finish before a move; their clients fail over after that.")
 @click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS",
@@ -74,7 +77,7 @@ def cli(verbose: int) -> None:
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
 def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
-        drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
+        market_url: str | None, api_key: str | None, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
@@ -84,7 +87,7 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
     peers = [p for entry in initial_peers for p in entry.split()]
     config = AgentConfig(
         model_path=model_path, blocks=blocks, num_blocks=num_blocks, rebalance_period=rebalance_period,
-        drain_timeout=drain_timeout, initial_peers=peers, identity_path=identity_path,
+        drain_timeout=drain_timeout, market_url=market_url, api_key=api_key, initial_peers=peers, identity_path=identity_path,
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024, throughput=throughput, announce_period=announce_period,

@@ -42,6 +42,10 @@ class AgentConfig:
     # Seconds between DHT announcements; records expire after `announce_ttl`.
     announce_period: float = 10.0
     announce_ttl: float = 30.0
+    # Marketplace base URL; without --blocks the agent asks it where it is needed (else the DHT).
+    market_url: str | None = None
+    # API key for the marketplace (HIVEMART_API_KEY).
+    api_key: str | None = None
     # Seconds between checks whether moving to another span would raise the swarm's weakest
     # block throughput by more than `rebalance_factor`; 0 never moves (always with --blocks).
     rebalance_period: float = 0.0

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Protocol, Required, Sequence, TypedD
 
 import httpx
 
+from client_sdk.errors import ProtocolError
 from client_sdk.api._client import DEFAULT_BASE_URL, HTTPCore, env_api_key
 from client_sdk.api.types import (
     Account,
@@ -122,6 +123,15 @@ class Models(_Resource):
     def offers(self, model_id: str) -> list[Offer]:
         """Offers of online providers for the model, by span then price."""
         return [Offer.from_json(o) for o in self._core.request("GET", f"/api/models/{model_id}/offers/")]
+
+    def placement(self, model_id: str, blocks: int) -> tuple[int, int]:
+        """The blocks ``[start, end)`` a provider able to hold ``blocks`` blocks of the model
+        should serve: where the swarm's measured throughput is weakest."""
+        answer = self._core.request("GET", "/api/placement/", params={"model": model_id, "blocks": blocks})
+        start, end = answer.get("block_start"), answer.get("block_end")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            raise ProtocolError(f"the marketplace answered a malformed placement: {answer!r}")
+        return start, end
 
 
 class Providers(_Resource):

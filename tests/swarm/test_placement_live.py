@@ -65,3 +65,24 @@ def test_an_agent_moves_to_the_blocks_nobody_serves(eight_blocks: Path, tmp_path
                 time.sleep(0.5)
             assert record is not None and (record.start, record.end, record.state) == (4, 8, ServerState.ONLINE)
             assert exact(eight_blocks, runtime)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_agent_asks_the_marketplace_where_it_is_needed(eight_blocks: Path, tmp_path: Path, live_server):
+    from marketplace.accounts.services import api_key_create
+    from tests.marketplace.factories import make_model, make_provider, make_user
+
+    info = load_model_info(eight_blocks)
+    catalogued = make_model(model_id=info.model_id, num_blocks=8, hidden_size=64)
+    # The marketplace knows a provider of blocks 0:4 that has not joined this DHT: only the
+    # marketplace's answer (4:8) differs from what the empty DHT would suggest (0:4).
+    make_provider(model=catalogued, start=0, end=4)
+    key = api_key_create(user=make_user()).raw
+    with LocalSwarm(workdir=tmp_path) as swarm:
+        swarm.start_bootstrap()
+        agent = swarm.start_placed_agent(eight_blocks, 4, extra_args=["--market", live_server.url, "--api-key", key])
+        assert (agent.ready["start"], agent.ready["end"]) == (4, 8)
+        # An unreachable marketplace is not fatal: the agent falls back to the DHT.
+        fallback = swarm.start_placed_agent(eight_blocks, 4, extra_args=["--market", "http://127.0.0.1:9",
+                                                                          "--api-key", key])
+        assert (fallback.ready["start"], fallback.ready["end"]) == (0, 4)
