@@ -26,7 +26,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError
-from client_sdk.protocol.framing import Limits, read_message, write_message
+from client_sdk.protocol.framing import Limits, Message, read_message, write_message
 from client_sdk.protocol.rpc import (
     RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Relink, SpanRequest, Step,
     error_header,
@@ -231,46 +231,43 @@ class ProviderServer:
 
     # --- forward and backward -------------------------------------------------------------------
 
-    async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
+    def _parse_span_request(self, message: Message, tensor_names: tuple[str, ...]) -> tuple[SpanRequest, list[torch.Tensor]]:
+        """Validate a forward or backward request: span, tensor count, shapes and dtypes."""
+        self._check_accepting()
+        request = SpanRequest.from_header(message.header)
+        self._check_span(request.start, request.end)
+        if len(message.tensors) != len(tensor_names):
+            raise RequestError("bad_request", f"expected {len(tensor_names)} tensors: {', '.join(tensor_names)}")
+        for tensor, name in zip(message.tensors, tensor_names):
+            self._check_hidden(tensor, name)
+        if any(t.shape != message.tensors[0].shape for t in message.tensors):
+            raise RequestError("bad_shape", f"{' and '.join(tensor_names)} must have the same shape; got "
+                                            f"{[list(t.shape) for t in message.tensors]}")
+        return request, message.tensors
+
+    async def _serve_span(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          tensor_names: tuple[str, ...], reply_type: str, cost: int,
+                          work: Callable[[SpanRequest, list[torch.Tensor]], torch.Tensor]) -> None:
         message = await read_message(reader, self._limits)
         try:
-            self._check_accepting()
-            request = SpanRequest.from_header(message.header)
-            self._check_span(request.start, request.end)
-            if len(message.tensors) != 1:
-                raise RequestError("bad_request", "forward takes exactly one tensor: hidden states")
-            (hidden,) = message.tensors
-            self._check_hidden(hidden, "hidden states")
+            request, tensors = self._parse_span_request(message, tensor_names)
         except RequestError as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
-        output = await self._run_compute(lambda: self.backend.forward(hidden, request.start, request.end),
-                                         hidden.shape[0] * hidden.shape[1])
-        await write_message(writer, {"type": "output"}, (output,))
+        tokens = tensors[0].shape[0] * tensors[0].shape[1]
+        output = await self._run_compute(lambda: work(request, tensors), cost * tokens)
+        await write_message(writer, {"type": reply_type}, (output,))
+
+    async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        await self._serve_span(reader, writer, ("hidden states",), "output", 1,
+                               lambda r, t: self.backend.forward(t[0], r.start, r.end))
 
     async def _handle_backward(self, stream_info: Any, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
-        message = await read_message(reader, self._limits)
-        try:
-            self._check_accepting()
-            request = SpanRequest.from_header(message.header)
-            self._check_span(request.start, request.end)
-            if len(message.tensors) != 2:
-                raise RequestError("bad_request", "backward takes two tensors: hidden states and output gradients")
-            hidden, grad_output = message.tensors
-            self._check_hidden(hidden, "hidden states")
-            self._check_hidden(grad_output, "output gradients")
-            if grad_output.shape != hidden.shape:
-                raise RequestError("bad_shape", f"output gradients {list(grad_output.shape)} must match hidden "
-                                                f"states {list(hidden.shape)}")
-        except RequestError as e:
-            await write_message(writer, error_header(e.code, str(e)))
-            return
-        grad_input = await self._run_compute(
-            lambda: self.backend.backward(hidden, grad_output, request.start, request.end),
-            3 * hidden.shape[0] * hidden.shape[1])
-        await write_message(writer, {"type": "grad"}, (grad_input,))
+        # A backward recomputes the forward first: about three forwards of work.
+        await self._serve_span(reader, writer, ("hidden states", "output gradients"), "grad", 3,
+                               lambda r, t: self.backend.backward(t[0], t[1], r.start, r.end))
 
     # --- inference sessions ---------------------------------------------------------------------
 

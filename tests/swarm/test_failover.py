@@ -144,3 +144,29 @@ def test_a_client_starting_after_a_crash_does_not_wait_for_the_stale_record(tiny
             assert doomed in model.bans.banned()
     finally:
         swarm.stop()
+
+
+def test_a_provider_that_stops_answering_is_replaced_after_its_deadline(tiny_model, prompt, expected_100, tmp_path):
+    swarm = start_swarm(tiny_model, [(0, 4), (0, 4)], tmp_path)
+    frozen = None
+    try:
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            with model.inference_session(max_length=prompt.shape[1] + 100) as session:
+                produced = 0
+
+                def on_token(_: torch.Tensor) -> None:
+                    nonlocal produced, frozen
+                    produced += 1
+                    if produced == 10:  # hung, not dead: its connections stay open
+                        frozen = agent_by_peer(swarm, session.chain.route[0].peer_id)
+                        frozen.process.send_signal(signal.SIGSTOP)
+
+                tokens = model.generate(prompt, max_new_tokens=100, session=session, on_token=on_token)
+                failovers = list(session.chain.failovers)
+            assert torch.equal(tokens, expected_100)
+            assert len(failovers) == 1 and "no answer within" in failovers[0]["reason"]
+    finally:
+        if frozen is not None:
+            frozen.process.send_signal(signal.SIGCONT)
+        swarm.stop()
