@@ -7,7 +7,6 @@ Every flag can also come from a ``HIVEMART_*`` environment variable (``--model``
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys

@@ -69,7 +69,6 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
 
     local_generate()  # warm-up
     local_ms, local_tokens = _median_ms_per_token(local_generate, new_tokens, repeats, sync)
-    del local
 
     spans = split_blocks(layers, providers)
     progress(f"starting {providers} providers on loopback: {spans}")

@@ -8,7 +8,6 @@ even when that one is SIGKILLed; :meth:`LocalSwarm.stop` stops them cleanly firs
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client_sdk.models import load_tokenizer
-from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from hivemind.p2p import PeerID
 
 from client_sdk.errors import RemoteError
 from client_sdk.protocol.framing import read_message, write_message
-from client_sdk.protocol.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, SpanRequest, Step
+from client_sdk.protocol.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Step
 from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.runtime import SwarmRuntime
