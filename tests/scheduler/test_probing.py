@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from client_sdk.models import create_model, load_model_info
