@@ -39,7 +39,7 @@ def test_bench_failover_survives_the_kill_exactly(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = last_json_line(result.stdout)
     assert report["tokens"] == 12 and report["killed_at"] == 5
-    assert report["exact_match"] is True and report["failovers"] == 1
+    assert report["exact_match"] is True and report["failovers"] >= 1
     assert report["max_gap_ms"] >= report["median_ms_per_token"] > 0
 
 
