@@ -269,11 +269,15 @@ class ChainSession:
         """Process replies until ``done()``; a failure or a missed deadline raises _HopFailed."""
         deadline = time.monotonic() + timeout
         while not done():
-            remaining = deadline - time.monotonic()
-            try:
-                stream, message = await asyncio.wait_for(self._inbox.get(), max(remaining, 0.0))
-            except asyncio.TimeoutError:
-                raise _HopFailed(self._first_silent_hop(first_hop), f"no answer within {timeout:.2f} s") from None
+            if self._inbox.empty():
+                try:
+                    # asyncio.timeout, unlike wait_for, creates no task: this runs per message.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                        stream, message = await self._inbox.get()
+                except TimeoutError:
+                    raise _HopFailed(self._first_silent_hop(first_hop), f"no answer within {timeout:.2f} s") from None
+            else:
+                stream, message = self._inbox.get_nowait()
             self._dispatch(stream, message)
 
     def _first_silent_hop(self, first_hop: int) -> _Hop:
