@@ -7,6 +7,7 @@ mode (the default) and in round-trip mode. Medians over ``repeats`` runs.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -45,12 +46,23 @@ def _median_ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int, repeat
     return statistics.median(times), tokens
 
 
+def _in_workdir(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run a benchmark in ``workdir``, or in a temporary directory removed afterwards."""
+    @functools.wraps(fn)
+    def run(*, workdir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+        if workdir is not None:
+            return fn(workdir=Path(workdir), **kwargs)
+        with tempfile.TemporaryDirectory(prefix="hivemart-bench-") as tmp:
+            return fn(workdir=Path(tmp), **kwargs)
+    return run
+
+
+@_in_workdir
 def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 2, new_tokens: int = 64,
                         repeats: int = 5, device: str = "cpu", dtype: str = "float32", provider_threads: int = 1,
                         workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="hivemart-bench-"))
     progress(f"creating a llama model: hidden {hidden}, {layers} layers")
     model_path = create_model(workdir / f"bench-llama-{hidden}x{layers}", arch="llama", hidden=hidden,
                               layers=layers, seed=0)
@@ -103,6 +115,7 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
     }
 
 
+@_in_workdir
 def run_failover_bench(*, hidden: int = 512, layers: int = 8, new_tokens: int = 100, kill_at: int = 20,
                        workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Generate through a chain whose second span has a backup; SIGKILL the provider serving
@@ -111,7 +124,6 @@ def run_failover_bench(*, hidden: int = 512, layers: int = 8, new_tokens: int = 
 
     from transformers import AutoModelForCausalLM
 
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="hivemart-bench-"))
     progress(f"creating a llama model: hidden {hidden}, {layers} layers")
     model_path = create_model(workdir / f"bench-llama-{hidden}x{layers}", arch="llama", hidden=hidden,
                               layers=layers, seed=0)
