@@ -6,7 +6,6 @@ a span computes exactly what the same layers compute inside ``AutoModelForCausal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,14 +51,6 @@ class SpanKVCache:
         return self.length
 
 
-@dataclass(frozen=True)
-class SpanShape:
-    """What a request for this span must look like."""
-
-    hidden_size: int
-    dtype: torch.dtype
-
-
 class SpanBackend:
     """Blocks ``[start, end)`` of one model on one device, ready to run."""
 
@@ -73,7 +64,6 @@ class SpanBackend:
         self.layers = load_blocks(model_path, start, end, dtype=dtype, device=self.device)
         self.dtype: torch.dtype = next(self.layers[0].parameters()).dtype
         self.rotary = make_rotary_embedding(self.layers[0].self_attn.config, device=self.device)
-        self.shape = SpanShape(hidden_size=self.info.hidden_size, dtype=self.dtype)
         self._rope_table = self._build_rope_table(self.layers[0].self_attn.config)
 
     def _build_rope_table(self, config: object, max_positions: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -20,7 +20,8 @@ import msgpack
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.identity import Identity, public_key_from_peer_id, verify_signature
 
-__all__ = ["ServerRecord", "ServerState", "block_key", "sign_record", "verify_record", "MODEL_ID_PATTERN"]
+__all__ = ["ServerRecord", "ServerState", "block_key", "sign_record", "verify_record", "verify_signed_record",
+           "MODEL_ID_PATTERN"]
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _SIGNATURE_LEN = 64
@@ -93,9 +94,9 @@ def sign_record(record: ServerRecord, identity: Identity) -> bytes:
     return body + identity.sign(body)
 
 
-def verify_record(value: Any, *, subkey: str, model_id: str, block: int) -> ServerRecord:
-    """Parse a DHT value stored under ``(block_key(model_id, block), subkey)`` and check that
-    it is signed by ``subkey``'s key and describes that peer, model and block."""
+def verify_signed_record(value: Any, *, subkey: str) -> ServerRecord:
+    """Parse a DHT value stored under ``subkey`` and check that it is signed by that peer's
+    key and describes that peer (not yet which model or block it is stored for)."""
     if not isinstance(value, bytes) or not _SIGNATURE_LEN < len(value) <= _MAX_RECORD_BYTES:
         raise ProtocolError("a server record must be signed bytes of bounded size")
     body, signature = value[:-_SIGNATURE_LEN], value[-_SIGNATURE_LEN:]
@@ -106,6 +107,15 @@ def verify_record(value: Any, *, subkey: str, model_id: str, block: int) -> Serv
     except Exception as e:
         raise ProtocolError(f"record body is not msgpack: {e}") from e
     record = ServerRecord.from_dict(raw)
-    if record.peer_id != subkey or record.model_id != model_id or not record.start <= block < record.end:
-        raise ProtocolError(f"record under {subkey} describes another peer, model or block")
+    if record.peer_id != subkey:
+        raise ProtocolError(f"record under {subkey} describes another peer")
+    return record
+
+
+def verify_record(value: Any, *, subkey: str, model_id: str, block: int) -> ServerRecord:
+    """Parse a DHT value stored under ``(block_key(model_id, block), subkey)`` and check that
+    it is signed by ``subkey``'s key and describes that peer, model and block."""
+    record = verify_signed_record(value, subkey=subkey)
+    if record.model_id != model_id or not record.start <= block < record.end:
+        raise ProtocolError(f"record under {subkey} describes another model or block")
     return record

@@ -14,7 +14,11 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import ServerRecord, block_key, sign_record, verify_record
+from client_sdk.protocol.records import ServerRecord, block_key, sign_record, verify_record, verify_signed_record
+
+__all__ = ["announce_span", "fetch_span_records", "SignedRecordValidator"]
+
+logger = get_logger(__name__)
 
 # A record may be stored a little past its own expiry: DHT peers' clocks differ slightly.
 _CLOCK_SLACK_S = 30.0
@@ -34,7 +38,7 @@ class SignedRecordValidator(RecordValidatorBase):
             value = MSGPackSerializer.loads(record.value)
             if not isinstance(subkey, str):
                 return False
-            parsed = _parse_unbound(value, subkey)
+            parsed = verify_signed_record(value, subkey=subkey)
         except Exception:  # anything malformed is simply invalid
             return False
         if record.expiration_time > parsed.expires_at + _CLOCK_SLACK_S:
@@ -43,21 +47,6 @@ class SignedRecordValidator(RecordValidatorBase):
             return False
         return any(DHTID.generate(block_key(parsed.model_id, i)).to_bytes() == record.key
                    for i in range(parsed.start, parsed.end))
-
-
-def _parse_unbound(value: object, subkey: str) -> ServerRecord:
-    """Verify signature and owner without knowing the block yet (the caller checks the key)."""
-    import msgpack
-
-    if not isinstance(value, bytes) or len(value) <= 64:
-        raise ProtocolError("not a signed record")
-    body = msgpack.unpackb(value[:-64], raw=False)
-    record = ServerRecord.from_dict(body)
-    return verify_record(value, subkey=subkey, model_id=record.model_id, block=record.start)
-
-__all__ = ["announce_span", "fetch_span_records", "SignedRecordValidator"]
-
-logger = get_logger(__name__)
 
 
 async def announce_span(node: DHTNode, identity: Identity, record: ServerRecord) -> bool:
