@@ -10,7 +10,14 @@ RPC names (libp2p protocol handlers):
 - ``hivemart.backward``  ``SpanRequest`` + hidden, grad_output -> grad_input
 - ``hivemart.inference`` bidirectional: ``OpenSession``, then ``Step`` + hidden per step
 - ``hivemart.push``      provider to provider: ``Step`` + hidden for the next span of a chain
+- ``hivemart.adapter``   ``AdapterRequest`` (+ weights) -> ``{"type": "adapter", ...}`` (+ weights)
+Forward and backward take fine-tuning fields (``SpanTuning``): deep prompts and a LoRA adapter.
 Errors come back as ``{"type": "error", "code": ..., "message": ..., "step_id": ...}``.
+
+Billing: with a marketplace, ``OpenSession`` and ``SpanRequest`` carry a job ``ticket``
+(``client_sdk.protocol.tickets``); the provider answers with signed cumulative receipts
+(``client_sdk.protocol.receipts``): ``{"type": "receipt", "receipt": {...}}`` messages on
+an inference stream, a ``"receipt"`` entry in forward/backward reply headers.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from typing import Any
 from client_sdk.errors import ProtocolError
 
 __all__ = [
-    "RPC_INFO", "RPC_FORWARD", "RPC_BACKWARD", "RPC_INFERENCE", "RPC_PUSH",
-    "OpenSession", "Step", "Relink", "SpanRequest", "error_header",
+    "RPC_INFO", "RPC_FORWARD", "RPC_BACKWARD", "RPC_INFERENCE", "RPC_PUSH", "RPC_ADAPTER",
+    "OpenSession", "Step", "Relink", "SpanRequest", "SpanTuning", "AdapterRequest", "error_header",
 ]
 
 RPC_INFO = "hivemart.info"
@@ -31,8 +38,10 @@ RPC_FORWARD = "hivemart.forward"
 RPC_BACKWARD = "hivemart.backward"
 RPC_INFERENCE = "hivemart.inference"
 RPC_PUSH = "hivemart.push"
+RPC_ADAPTER = "hivemart.adapter"
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_MAX_TICKET_FIELDS = 16
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # base58btc
 _MAX_INT = 2**31 - 1
 
@@ -69,23 +78,144 @@ def _span(header: dict[str, Any]) -> tuple[int, int]:
     return start, end
 
 
+def _ticket(header: dict[str, Any]) -> dict[str, Any] | None:
+    """The job ticket a billable request carries, as a map; checked by the provider against
+    the platform key (``client_sdk.protocol.tickets.verify_ticket``)."""
+    value = header.get("ticket")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > _MAX_TICKET_FIELDS:
+        raise ProtocolError("'ticket' must be a map of ticket fields")
+    return value
+
+
 def error_header(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
 
 @dataclass(frozen=True)
 class SpanRequest:
-    """A forward or backward over blocks [start, end) of the provider's span."""
+    """A forward or backward over blocks [start, end) of the provider's span.
+
+    A billable request carries its job ``ticket``; ``session_id`` names the client's run
+    (a training loop, say) whose work one cumulative receipt counts.
+    """
 
     start: int
     end: int
+    ticket: dict[str, Any] | None = None
+    session_id: str | None = None
+    # Fine-tuning (see SpanTuning): deep prompts travel as an extra tensor, the adapter by id.
+    tuning: "SpanTuning | None" = None
 
     def to_header(self) -> dict[str, Any]:
-        return {"type": "span", **asdict(self)}
+        header = {"type": "span", "start": self.start, "end": self.end}
+        if self.ticket is not None:
+            header["ticket"] = self.ticket
+        if self.session_id is not None:
+            header["session_id"] = self.session_id
+        if self.tuning is not None:
+            header.update(self.tuning.to_header())
+        return header
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> "SpanRequest":
-        return cls(*_span(header))
+        start, end = _span(header)
+        session_id = None if header.get("session_id") is None else _session_id(header)
+        return cls(start, end, ticket=_ticket(header), session_id=session_id, tuning=SpanTuning.from_header(header))
+
+
+@dataclass(frozen=True)
+class SpanTuning:
+    """Fine-tuning fields of a forward or backward.
+
+    ``prompts``: the request carries, after its hidden states (and output gradients), deep
+    prompts ``[blocks, batch or 1, prefix, hidden]`` added to the first ``prefix`` positions
+    of each block's input; a backward then also returns their gradient. ``adapter_id``: run
+    with that LoRA adapter (see ``AdapterRequest``); ``lora_grads`` asks a backward to return
+    the adapter's weight gradient too, as one flat float32 tensor ``[blocks, per_block]``.
+    """
+
+    prompts: bool = False
+    adapter_id: str | None = None
+    lora_grads: bool = False
+
+    def to_header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {}
+        if self.prompts:
+            header["prompts"] = True
+        if self.adapter_id is not None:
+            header["adapter_id"] = self.adapter_id
+        if self.lora_grads:
+            header["lora_grads"] = True
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> "SpanTuning | None":
+        prompts, lora_grads = header.get("prompts", False), header.get("lora_grads", False)
+        if not isinstance(prompts, bool) or not isinstance(lora_grads, bool):
+            raise ProtocolError("'prompts' and 'lora_grads' must be booleans")
+        adapter_id = _optional_str(header, "adapter_id", _SESSION_ID, "8 to 64 characters of [A-Za-z0-9_-]")
+        if lora_grads and adapter_id is None:
+            raise ProtocolError("'lora_grads' needs an 'adapter_id'")
+        if not prompts and adapter_id is None:
+            return None
+        return cls(prompts=prompts, adapter_id=adapter_id, lora_grads=lora_grads)
+
+
+_ADAPTER_OPS = ("create", "set", "get", "delete")
+_MAX_TARGETS = 7
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """``hivemart.adapter``: manage one LoRA adapter kept on the provider for a job.
+
+    - ``create``: a new adapter ``adapter_id`` for blocks ``[start, end)`` with ``rank``,
+      ``alpha`` and ``targets``; its weights come from ``seed`` (PEFT's initialisation,
+      ``client_sdk.finetune.lora.init_weights``) or, without a seed, from one tensor
+      ``[blocks, per_block]`` sent along.
+    - ``set``: replace its weights with the tensor sent along (the client's optimizer step).
+    - ``get``: answer with its weights. ``delete``: forget it.
+    Only the peer that created an adapter may use it.
+    """
+
+    op: str
+    adapter_id: str
+    start: int = 0
+    end: int = 0
+    rank: int = 0
+    alpha: float = 0.0
+    targets: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {"type": "adapter", "op": self.op, "adapter_id": self.adapter_id}
+        if self.op == "create":
+            header.update(start=self.start, end=self.end, rank=self.rank, alpha=self.alpha,
+                          targets=list(self.targets), seed=self.seed)
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> "AdapterRequest":
+        if header.get("type") != "adapter":
+            raise ProtocolError(f"expected an 'adapter' message, got {header.get('type')!r}")
+        op = header.get("op")
+        if op not in _ADAPTER_OPS:
+            raise ProtocolError(f"'op' must be one of {', '.join(_ADAPTER_OPS)}")
+        adapter_id = _session_id(header, "adapter_id")
+        if op != "create":
+            return cls(op=op, adapter_id=adapter_id)
+        start, end = _span(header)
+        alpha, targets = header.get("alpha"), header.get("targets")
+        if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
+            raise ProtocolError("'alpha' must be a number in (0, 1e6)")
+        if (not isinstance(targets, list) or not 0 < len(targets) <= _MAX_TARGETS
+                or not all(isinstance(t, str) and len(t) <= 32 for t in targets)):
+            raise ProtocolError(f"'targets' must be a list of 1 to {_MAX_TARGETS} module names")
+        seed = None if header.get("seed") is None else _int(header, "seed")
+        return cls(op=op, adapter_id=adapter_id, start=start, end=end, rank=_int(header, "rank", low=1, high=4096),
+                   alpha=float(alpha), targets=tuple(targets), seed=seed)
 
 
 @dataclass(frozen=True)
@@ -96,6 +226,8 @@ class OpenSession:
     pushes each step's output there directly instead of through the client. ``prev_peer``
     is the only peer allowed to push steps into this session. ``return_outputs`` asks for
     every step's output on this stream too (the last span of a chain always returns it).
+    ``ticket`` is the job ticket that pays for the session (required by providers that
+    trust a marketplace); the provider answers with signed ``receipt`` messages.
     """
 
     session_id: str
@@ -107,9 +239,13 @@ class OpenSession:
     next_peer: str | None = None
     next_session: str | None = None
     return_outputs: bool = True
+    ticket: dict[str, Any] | None = None
 
     def to_header(self) -> dict[str, Any]:
-        return {"type": "open", **asdict(self)}
+        header = {"type": "open", **asdict(self)}
+        if self.ticket is None:
+            del header["ticket"]
+        return header
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> "OpenSession":
@@ -128,6 +264,7 @@ class OpenSession:
             prev_peer=_optional_str(header, "prev_peer", _PEER_ID, "a base58 peer id"),
             next_peer=next_peer, next_session=next_session,
             return_outputs=return_outputs or next_peer is None,
+            ticket=_ticket(header),
         )
 
 

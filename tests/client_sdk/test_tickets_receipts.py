@@ -160,3 +160,20 @@ def test_malformed_receipts_are_bad_receipts() -> None:
         with pytest.raises(ReceiptError) as error:
             verify_receipt({**data, key: value}, make_ticket())
         assert error.value.code == "bad_receipt"
+
+
+def test_output_comparison_tolerances() -> None:
+    from client_sdk.protocol.verification import compare_outputs
+
+    torch.manual_seed(0)
+    reference = torch.randn(4, 32, 128)  # activations of a small batch: 16k values
+    assert compare_outputs(reference.clone(), reference)
+    assert compare_outputs(reference * (1 + 1e-5), reference)
+    noisy = reference + 0.01 * reference.abs().max() * torch.randn_like(reference)
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert not compare_outputs(noisy, reference, dtype=dtype), dtype
+    assert compare_outputs(reference.to(torch.bfloat16), reference)  # bf16 rounding alone is within tolerance
+    assert not compare_outputs(reference[:, :4], reference)
+    nan = reference.clone()
+    nan[0, 0, 0] = float("nan")
+    assert not compare_outputs(nan, reference)
