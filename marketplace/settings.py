@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -86,6 +87,7 @@ HIVEMART_APPS = [
     "marketplace.providers",
     "marketplace.jobs",
     "marketplace.scheduling",
+    "marketplace.web",
 ]
 
 INSTALLED_APPS = [
@@ -103,6 +105,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "marketplace.common.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ from gunicorn itself (the web pages' one stylesheet); no separate file server.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -185,7 +189,14 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = HIVEMART_HOME / "static"
-LOGIN_URL = "/admin/login/"
+# Serve straight from the apps' static folders, so that `collectstatic` is optional (the demo
+# never runs it); deploy/Dockerfile runs it, and whitenoise then serves the collected copies.
+WHITENOISE_USE_FINDERS = True
+# ... which is why a missing STATIC_ROOT is normal here, not worth a warning on every start.
+warnings.filterwarnings("ignore", message=r"No directory at: .*static", category=UserWarning)
+LOGIN_URL = "web:login"
+LOGIN_REDIRECT_URL = "web:wallet"
+LOGOUT_REDIRECT_URL = "web:overview"
 
 # --- API ----------------------------------------------------------------------------------
 

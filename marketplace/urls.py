@@ -11,6 +11,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     *[path("api/", include(f"marketplace.{app}.api_urls")) for app in API_APPS],
+    # The web pages take the rest of the site (overview at /, /providers/, /wallet/, /healthz, ...).
+    path("", include("marketplace.web.urls")),
 ]
 
 handler404 = "marketplace.common.exceptions.not_found"

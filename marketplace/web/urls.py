@@ -1,0 +1,25 @@
+"""The web pages, mounted at the site's root (the API lives under /api/, the admin under /admin/)."""
+
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from marketplace.web import views
+
+app_name = "web"
+
+urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("providers/", views.providers, name="providers"),
+    path("providers/<int:provider_id>/", views.provider_detail, name="provider"),
+    path("sell/", views.sell, name="sell"),
+    path("wallet/", views.wallet, name="wallet"),
+    path("jobs/", views.jobs, name="jobs"),
+    path("jobs/<int:job_id>/", views.job_detail, name="job"),
+    path("keys/", views.keys, name="keys"),
+    path("keys/<int:key_id>/revoke/", views.key_revoke, name="key-revoke"),
+    path("signup/", views.signup, name="signup"),
+    path("login/", auth_views.LoginView.as_view(template_name="web/login.html", redirect_authenticated_user=True),
+         name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("healthz", views.healthz, name="healthz"),
+]

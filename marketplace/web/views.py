@@ -1,0 +1,179 @@
+"""The web pages. Thin: parse the request, call a selector or a service, render a template.
+
+Pages anyone may see: overview, providers, sell compute, sign-up, login. Pages for a
+signed-in client: wallet, jobs, API keys (only their own). Writes go through the owning
+app's services (``user_create``, ``api_key_create``, ``api_key_revoke``).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from marketplace.accounts.selectors import api_key_get
+from marketplace.accounts.services import api_key_create, api_key_revoke, user_create
+from marketplace.common.errors import ApplicationError, NotFound
+from marketplace.jobs.selectors import job_get, job_plan_current, job_transitions
+from marketplace.ledger.selectors import wallet_balance
+from marketplace.web import selectors
+from marketplace.web.charts import coverage_chart
+from marketplace.web.forms import ApiKeyCreateForm, SignupForm
+from marketplace.web.health import health_checks
+
+PAGE_SIZE = 50
+# Fields user_create names in its errors, and the sign-up form's field each belongs to.
+_SIGNUP_FIELDS = {"username": "username", "password": "password1"}
+
+
+def _page(request: HttpRequest, items: object) -> object:
+    """The ``?page=`` page of ``items`` (out-of-range and malformed numbers give the nearest page)."""
+    return Paginator(items, PAGE_SIZE).get_page(request.GET.get("page"))
+
+
+def _market_url(request: HttpRequest) -> str:
+    """The address agents and SDK clients should use: this site's own, as the browser reached it."""
+    return request.build_absolute_uri("/").rstrip("/")
+
+
+@require_GET
+def overview(request: HttpRequest) -> HttpResponse:
+    coverage = [(c, coverage_chart(c.block_throughputs, c.block_providers)) for c in selectors.catalog_coverage()]
+    online = selectors.provider_cards(online_only=True)
+    return render(request, "web/overview.html", {"coverage": coverage, "online": online[:PAGE_SIZE],
+                                                 "online_count": len(online)})
+
+
+@require_GET
+def providers(request: HttpRequest) -> HttpResponse:
+    model_id = request.GET.get("model", "").strip()[:128] or None
+    cards = selectors.provider_cards(model_id=model_id)
+    return render(request, "web/providers.html", {"page": _page(request, cards), "model_id": model_id})
+
+
+@require_GET
+def provider_detail(request: HttpRequest, provider_id: int) -> HttpResponse:
+    try:
+        card = selectors.provider_card_get(provider_id=provider_id)
+    except NotFound:
+        raise Http404("no such provider") from None
+    return render(request, "web/provider_detail.html", {
+        "card": card,
+        "events": selectors.provider_recent_events(provider=card.provider),
+        "measurements": selectors.provider_recent_measurements(provider=card.provider),
+    })
+
+
+@require_GET
+def sell(request: HttpRequest) -> HttpResponse:
+    models = [c.model for c in selectors.catalog_coverage()]
+    return render(request, "web/sell.html", {"market_url": _market_url(request), "models": models,
+                                             "swarm_peers": settings.HIVEMART_SWARM_PEERS})
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    if not settings.HIVEMART_OPEN_SIGNUP:
+        return render(request, "web/signup_closed.html", status=403)
+    if request.user.is_authenticated:
+        return redirect("web:wallet")
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = user_create(username=form.cleaned_data["username"], password=form.cleaned_data["password1"],
+                               email=form.cleaned_data["email"])
+        except ApplicationError as e:
+            # The service's rules (name alphabet, password validators, a taken name) land on the field they name.
+            field = _SIGNUP_FIELDS.get(e.extra.get("field"))
+            for reason in e.extra.get("reasons", [e.message]):
+                form.add_error(field, reason)
+        else:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            messages.success(request, f"Welcome, {user.username}. Create an API key to use the SDK or sell compute.")
+            return redirect("web:keys")
+    return render(request, "web/signup.html", {"form": form})
+
+
+@login_required
+@require_GET
+def wallet(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    return render(request, "web/wallet.html", {
+        "balance": wallet_balance(user=user),
+        "holds": selectors.open_holds(user=user),
+        "page": _page(request, selectors.wallet_postings(user=user)),
+    })
+
+
+@login_required
+@require_GET
+def jobs(request: HttpRequest) -> HttpResponse:
+    return render(request, "web/jobs.html", {"page": _page(request, selectors.own_jobs(user=request.user))})
+
+
+@login_required
+@require_GET
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    try:
+        job = job_get(user=request.user, job_id=job_id)  # another user's job is a 404, not a 403: no probing
+    except NotFound:
+        raise Http404("no such job") from None
+    return render(request, "web/job_detail.html", {
+        "job": job,
+        "plan": job_plan_current(job=job),
+        "transitions": job_transitions(job=job),
+        "cost": selectors.job_cost(job=job),
+    })
+
+
+@never_cache
+@login_required
+@require_http_methods(["GET", "POST"])
+def keys(request: HttpRequest) -> HttpResponse:
+    form = ApiKeyCreateForm(request.POST or None)
+    created = None
+    if request.method == "POST" and form.is_valid():
+        try:
+            created = api_key_create(user=request.user, name=form.cleaned_data["name"])
+        except ApplicationError as e:
+            form.add_error("name", e.message)
+        else:
+            # Rendered in this response only (never stored, never redirected with), hence never_cache.
+            form = ApiKeyCreateForm()
+    return render(request, "web/keys.html", {
+        "form": form, "created": created, "keys": selectors.own_api_keys(user=request.user),
+        "market_url": _market_url(request),
+    })
+
+
+@login_required
+@require_POST
+def key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
+    try:
+        key = api_key_get(user=request.user, key_id=key_id)
+        if key.user_id != request.user.pk:  # staff revoke other people's keys in the admin, not here
+            raise NotFound(f"no API key {key_id}")
+        api_key_revoke(key=key, by=request.user)
+    except NotFound:
+        raise Http404("no such key") from None
+    messages.success(request, f"Key {key.prefix}… revoked; requests with it now fail.")
+    return redirect(reverse("web:keys"))
+
+
+@never_cache
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    """200 when the database and the broker answer, 503 (with what failed) otherwise."""
+    checks = health_checks()
+    ok = all(c.ok for c in checks)
+    body = {"status": "ok" if ok else "unavailable", "checks": {c.name: {"ok": c.ok, "detail": c.detail}
+                                                                for c in checks}}
+    return JsonResponse(body, status=200 if ok else 503)
