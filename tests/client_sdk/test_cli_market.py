@@ -1,0 +1,93 @@
+"""The ``hivemart`` marketplace commands against a live marketplace over a real socket."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from client_sdk.cli import cli
+from client_sdk.cli.market import credits
+from marketplace.accounts.services import api_key_create, user_create
+from marketplace.ledger.services import credit_grant, wallet_get_or_create
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("HIVEMART_CONFIG", str(tmp_path / "config.json"))
+    monkeypatch.delenv("HIVEMART_API_KEY", raising=False)
+    monkeypatch.delenv("HIVEMART_URL", raising=False)
+    return CliRunner()
+
+
+def run(runner: CliRunner, *args: str, ok: bool = True) -> str:
+    result = runner.invoke(cli, list(args), catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    return result.output
+
+
+def test_credits_are_formatted_exactly() -> None:
+    assert credits(1_500_000) == "1.500000"
+    assert credits(7) == "0.000007"
+    assert credits(-2_000_001) == "-2.000001"
+
+
+def test_login_keys_jobs_and_balance(runner: CliRunner, live_server, tmp_path: Path) -> None:
+    user = user_create(username="alice")
+    credit_grant(account=wallet_get_or_create(user=user), amount=5_000_000)
+    key = api_key_create(user=user).raw
+
+    out = run(runner, "login", "--url", live_server.url, "--api-key", key)
+    assert "logged in" in out and "alice" in out
+    config = tmp_path / "config.json"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert json.loads(config.read_text())["api_key"] == key
+
+    me = json.loads(run(runner, "whoami", "--json"))
+    assert me["username"] == "alice" and me["wallet_balance"] == 5_000_000
+    assert "5.000000 credits" in run(runner, "balance")
+
+    created = json.loads(run(runner, "keys", "create", "--name", "ci", "--json"))
+    listed = json.loads(run(runner, "keys", "list", "--json"))
+    assert {k["id"] for k in listed} >= {created["id"]}
+    run(runner, "keys", "revoke", str(created["id"]))
+    assert not next(k for k in json.loads(run(runner, "keys", "list", "--json")) if k["id"] == created["id"])["active"]
+
+    assert json.loads(run(runner, "jobs", "list", "--json")) == []
+    out = run(runner, "jobs", "create", "--model", "no-such-model", "--budget", "1000", "--max-price", "10", ok=False)
+    assert "Error" in out
+
+    run(runner, "logout")
+    assert json.loads(config.read_text())["api_key"] is None
+
+
+def test_errors_say_what_to_do(runner: CliRunner, live_server) -> None:
+    out = run(runner, "whoami", "--url", live_server.url, "--api-key", "hm_not_a_key", ok=False)
+    assert "hivemart login" in out
+    out = run(runner, "whoami", "--url", "http://127.0.0.1:9", "--api-key", "x", ok=False)
+    assert "cannot reach the marketplace" in out and "--url" in out
+    out = runner.invoke(cli, ["login", "--url", live_server.url], input="").output
+    assert "no API key" in out
+
+
+def test_models_register_and_show(runner: CliRunner, live_server, tmp_path: Path) -> None:
+    from client_sdk.models import create_model, load_model_info
+
+    staff = user_create(username="ops", is_staff=True)
+    key = api_key_create(user=staff).raw
+    path = create_model(tmp_path / "m", hidden=64, layers=2, seed=3)
+    out = json.loads(run(runner, "models", "register", str(path), "--url", live_server.url, "--api-key", key,
+                         "--json"))
+    model_id = load_model_info(path).model_id
+    assert out["model_id"] == model_id and out["num_blocks"] == 2
+    shown = json.loads(run(runner, "models", "show", model_id, "--url", live_server.url, "--api-key", key, "--json"))
+    assert shown["model"]["model_id"] == model_id and shown["offers"] == []
+    assert model_id in run(runner, "models", "list", "--url", live_server.url, "--api-key", key)
+    assert run(runner, "providers", "list", "--url", live_server.url, "--api-key", key).strip() == "(none)"
+
+    user_key = api_key_create(user=user_create(username="bob")).raw
+    out = run(runner, "models", "register", str(path), "--url", live_server.url, "--api-key", user_key, ok=False)
+    assert "staff" in out
