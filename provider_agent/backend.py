@@ -2,17 +2,42 @@
 
 The blocks are the real ``transformers`` decoder layers loaded by ``client_sdk.models``, so
 a span computes exactly what the same layers compute inside ``AutoModelForCausalLM``.
+Forward and backward also take what fine-tuning jobs send: *deep prompts* (a tensor
+``[blocks, batch or 1, prefix, hidden]`` added to the first ``prefix`` positions of each
+block's input, as Petals does) and a LoRA adapter (see :mod:`provider_agent.adapters`);
+backward returns the gradients with respect to both along with the input gradient.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from client_sdk.models import ModelInfo, load_blocks, load_model_info, make_rotary_embedding
+from client_sdk.finetune.lora import TARGET_MODULES, LoraSpec, target_shapes
+from client_sdk.models import ModelInfo, load_blocks, load_config, load_model_info, make_rotary_embedding
+from provider_agent.adapters import ActiveLora, active_lora, install_adapter_slots
 
-__all__ = ["SpanBackend", "SpanKVCache"]
+__all__ = ["SpanBackend", "SpanKVCache", "LoraWeights", "SpanGrads"]
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """An adapter's weights for the blocks of one request: ``weights[i]`` is block ``start + i``."""
+
+    spec: LoraSpec
+    weights: torch.Tensor  # [blocks, per_block]
+    start: int
+
+
+@dataclass(frozen=True)
+class SpanGrads:
+    """What a backward returns: gradients with respect to the inputs, deep prompts and adapter."""
+
+    inputs: torch.Tensor
+    prompts: torch.Tensor | None = None
+    adapter: torch.Tensor | None = None  # float32, shaped like LoraWeights.weights
 
 
 class SpanKVCache:
@@ -63,6 +88,8 @@ class SpanBackend:
         self.device = torch.device(device)
         self.layers = load_blocks(model_path, start, end, dtype=dtype, device=self.device)
         self.dtype: torch.dtype = next(self.layers[0].parameters()).dtype
+        self.lora_shapes = target_shapes(load_config(model_path))
+        install_adapter_slots(self.layers, start, list(TARGET_MODULES))
         self.rotary = make_rotary_embedding(self.layers[0].self_attn.config, device=self.device)
         self._rope_table = self._build_rope_table(self.layers[0].self_attn.config)
 
@@ -104,7 +131,7 @@ class SpanBackend:
                            dtype=self.dtype, device=self.device)
 
     def _run(self, layers: list[torch.nn.Module], hidden: torch.Tensor, position: int,
-             cache: SpanKVCache | None) -> torch.Tensor:
+             cache: SpanKVCache | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         seq_len = hidden.shape[1]
         cache_position = torch.arange(position, position + seq_len, device=self.device)
         position_ids = cache_position.unsqueeze(0).expand(hidden.shape[0], -1)
@@ -115,12 +142,20 @@ class SpanBackend:
             # so spell the causal mask out (True = may attend).
             total = position + seq_len
             mask = torch.ones(seq_len, total, dtype=torch.bool, device=self.device).tril(diagonal=position)[None, None]
-        for layer in layers:
+        for index, layer in enumerate(layers):
+            if prompts is not None:
+                prefix = prompts.shape[2]
+                hidden = torch.cat([hidden[:, :prefix] + prompts[index], hidden[:, prefix:]], dim=1)
             out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                         use_cache=cache is not None, cache_position=cache_position,
                         position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _active(self, lora: LoraWeights | None, weights: torch.Tensor | None = None) -> ActiveLora | None:
+        if lora is None:
+            return None
+        return ActiveLora(lora.spec, self.lora_shapes, lora.weights if weights is None else weights, lora.start)
 
     # --- the three kinds of work -----------------------------------------------------------
 
@@ -136,15 +171,34 @@ class SpanBackend:
         return output
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Outputs of blocks ``[start, end)`` for full sequences, without a cache."""
-        return self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), 0, None)
+    def forward(self, hidden: torch.Tensor, start: int, end: int, *, prompts: torch.Tensor | None = None,
+                lora: LoraWeights | None = None) -> torch.Tensor:
+        """Outputs of blocks ``[start, end)`` for full sequences, without a cache, with the
+        deep ``prompts`` of those blocks and the ``lora`` adapter if given."""
+        prompts = None if prompts is None else prompts.to(self.device, self.dtype)
+        with active_lora(self._active(lora)):
+            return self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), 0, None, prompts)
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Gradient of ``sum(outputs * grad_output)`` with respect to the inputs of blocks
-        ``[start, end)``: recomputes the forward with autograd on, then backpropagates."""
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int, *,
+                 prompts: torch.Tensor | None = None, lora: LoraWeights | None = None,
+                 lora_grads: bool = False) -> SpanGrads:
+        """Gradients of ``sum(outputs * grad_output)`` with respect to the inputs of blocks
+        ``[start, end)``, their deep ``prompts`` (if given) and the ``lora`` weights (if
+        ``lora_grads``): recomputes the forward with autograd on, then backpropagates."""
         with torch.enable_grad():
             inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
-            outputs = self._run(self.layers_for(start, end), inputs, 0, None)
-            (grad_input,) = torch.autograd.grad(outputs, inputs, grad_output.to(self.device, self.dtype))
-        return grad_input
+            leaves = [inputs]
+            prompt_leaf = weights = None
+            if prompts is not None:
+                prompt_leaf = prompts.to(self.device, self.dtype).detach().requires_grad_(True)
+                leaves.append(prompt_leaf)
+            if lora is not None:
+                weights = lora.weights.detach().requires_grad_(lora_grads)
+                if lora_grads:
+                    leaves.append(weights)
+            with active_lora(self._active(lora, weights)):
+                outputs = self._run(self.layers_for(start, end), inputs, 0, None, prompt_leaf)
+            grads = torch.autograd.grad(outputs, leaves, grad_output.to(self.device, self.dtype))
+        grad_prompts = grads[1] if prompt_leaf is not None else None
+        grad_lora = grads[-1].float() if lora is not None and lora_grads else None
+        return SpanGrads(grads[0], grad_prompts, grad_lora)

@@ -71,6 +71,10 @@ def cli(verbose: int) -> None:
 @click.option("--max-session-length", default=2048, show_default=True, help="Longest inference session, tokens.")
 @click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")
 @click.option("--cache-mb", default=512, show_default=True, help="KV cache memory for all sessions, MiB.")
+@click.option("--adapter-mb", default=256.0, show_default=True,
+              help="Memory for the LoRA adapters of fine-tuning jobs, all together, MiB.")
+@click.option("--max-adapter-rank", default=64, show_default=True, help="Largest LoRA rank a job may ask for.")
+@click.option("--adapter-ttl", default=600.0, show_default=True, help="Seconds an unused adapter is kept.")
 @click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
 @click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -78,7 +82,8 @@ def cli(verbose: int) -> None:
 def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
         market_url: str | None, api_key: str | None, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
-        max_session_length: int, max_sessions: int, cache_mb: int, throughput: float | None,
+        max_session_length: int, max_sessions: int, cache_mb: int, adapter_mb: float, max_adapter_rank: int,
+        adapter_ttl: float, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
     from provider_agent.agent import serve_forever
@@ -89,7 +94,8 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         drain_timeout=drain_timeout, market_url=market_url, api_key=api_key, initial_peers=peers, identity_path=identity_path,
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
-        cache_bytes=cache_mb * 1024 * 1024, throughput=throughput, announce_period=announce_period,
+        cache_bytes=cache_mb * 1024 * 1024, adapter_bytes=int(adapter_mb * 1024 * 1024),
+        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
     )
     try:

@@ -39,6 +39,12 @@ class AgentConfig:
     cache_bytes: int = 512 * 1024 * 1024
     # Seconds an inference session may stay idle before it is closed and its cache freed.
     session_idle_timeout: float = 300.0
+    # Bytes of LoRA adapters that fine-tuning jobs may keep here, all jobs together.
+    adapter_bytes: int = 256 * 1024 * 1024
+    # Largest LoRA rank a job may ask for.
+    max_adapter_rank: int = 64
+    # Seconds an adapter may stay unused before it is forgotten (each use refreshes it).
+    adapter_ttl: float = 600.0
     # Seconds between DHT announcements; records expire after `announce_ttl`.
     announce_period: float = 10.0
     announce_ttl: float = 30.0

@@ -27,11 +27,13 @@ from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.framing import Limits, Message, read_message, write_message
+from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.rpc import (
-    RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Relink, SpanRequest, Step,
-    error_header,
+    RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, AdapterRequest, OpenSession, Relink,
+    SpanRequest, Step, error_header,
 )
-from provider_agent.backend import SpanBackend, SpanKVCache
+from provider_agent.adapters import Adapter, AdapterError, AdapterStore
+from provider_agent.backend import LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
 
 logger = get_logger(__name__)
@@ -78,6 +80,11 @@ class ProviderServer:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-compute")
         self._limits = Limits(max_tensors=4,
                               max_tensor_bytes=config.max_request_tokens * backend.info.hidden_size * 4)
+        self.adapters = AdapterStore(budget_bytes=config.adapter_bytes, max_rank=config.max_adapter_rank,
+                                     ttl=config.adapter_ttl)
+        # Adapter weights travel as float32 whatever the compute dtype.
+        self._adapter_limits = Limits(max_tensors=1,
+                                      max_tensor_bytes=max(4, config.adapter_bytes // backend.dtype.itemsize * 4))
         self._tasks: set[asyncio.Task] = set()
         self.accepting = True
 
@@ -86,11 +93,12 @@ class ProviderServer:
     async def start(self) -> None:
         handlers: dict[str, Callable[..., Awaitable[None]]] = {
             RPC_INFO: self._handle_info, RPC_FORWARD: self._handle_forward, RPC_BACKWARD: self._handle_backward,
-            RPC_INFERENCE: self._handle_inference, RPC_PUSH: self._handle_push,
+            RPC_INFERENCE: self._handle_inference, RPC_PUSH: self._handle_push, RPC_ADAPTER: self._handle_adapter,
         }
         for name, handler in handlers.items():
             await self.p2p.add_binary_stream_handler(name, self._guard(name, handler))
         self._spawn(self._expire_idle_sessions())
+        self._spawn(self._expire_adapters())
 
     async def stop(self) -> None:
         self.accepting = False
@@ -100,6 +108,7 @@ class ProviderServer:
             writer.close()
         for session in list(self.sessions.values()):
             session.client.close()
+        self.adapters.clear()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -166,6 +175,7 @@ class ProviderServer:
         if self.sessions:
             raise RuntimeError("drain the server before replacing its blocks")
         self.backend, self.block_digests = backend, block_digests
+        self.adapters.clear()  # they were for the old span; their clients create them again elsewhere
         self.accepting = True
 
     # --- info -------------------------------------------------------------------------------
@@ -181,6 +191,8 @@ class ProviderServer:
             "cache_tokens_left": self.cache_tokens_left,
             "max_session_length": self.config.max_session_length, "max_batch_size": self.config.max_batch_size,
             "max_request_tokens": self.config.max_request_tokens,
+            "adapter_bytes_left": max(0, self.config.adapter_bytes - self.adapters.used_bytes),
+            "max_adapter_rank": self.config.max_adapter_rank,
         }
 
     @property
@@ -231,43 +243,153 @@ class ProviderServer:
 
     # --- forward and backward -------------------------------------------------------------------
 
-    def _parse_span_request(self, message: Message, tensor_names: tuple[str, ...]) -> tuple[SpanRequest, list[torch.Tensor]]:
-        """Validate a forward or backward request: span, tensor count, shapes and dtypes."""
+    def _parse_span_request(self, message: Message, tensor_names: tuple[str, ...]
+                            ) -> tuple[SpanRequest, list[torch.Tensor], torch.Tensor | None]:
+        """Validate a forward or backward request: span, tensor count, shapes and dtypes.
+        Returns the request, its hidden-state tensors, and its deep prompts (or None)."""
         self._check_accepting()
         request = SpanRequest.from_header(message.header)
         self._check_span(request.start, request.end)
-        if len(message.tensors) != len(tensor_names):
-            raise RequestError("bad_request", f"expected {len(tensor_names)} tensors: {', '.join(tensor_names)}")
-        for tensor, name in zip(message.tensors, tensor_names):
+        with_prompts = request.tuning is not None and request.tuning.prompts
+        names = tensor_names + (("deep prompts",) if with_prompts else ())
+        if len(message.tensors) != len(names):
+            raise RequestError("bad_request", f"expected {len(names)} tensors: {', '.join(names)}")
+        tensors = message.tensors[: len(tensor_names)]
+        for tensor, name in zip(tensors, tensor_names):
             self._check_hidden(tensor, name)
-        if any(t.shape != message.tensors[0].shape for t in message.tensors):
+        if any(t.shape != tensors[0].shape for t in tensors):
             raise RequestError("bad_shape", f"{' and '.join(tensor_names)} must have the same shape; got "
-                                            f"{[list(t.shape) for t in message.tensors]}")
-        return request, message.tensors
+                                            f"{[list(t.shape) for t in tensors]}")
+        prompts = message.tensors[-1] if with_prompts else None
+        if prompts is not None:
+            self._check_prompts(prompts, request, tensors[0])
+        return request, tensors, prompts
 
-    async def _serve_span(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def _check_prompts(self, prompts: torch.Tensor, request: SpanRequest, hidden: torch.Tensor) -> None:
+        blocks, (batch, tokens, hidden_size) = request.end - request.start, hidden.shape
+        if (prompts.ndim != 4 or prompts.shape[0] != blocks or prompts.shape[1] not in (1, batch)
+                or not 1 <= prompts.shape[2] <= tokens or prompts.shape[3] != hidden_size):
+            raise RequestError("bad_shape", f"deep prompts must have shape [{blocks}, 1 or {batch}, prefix, "
+                                            f"{hidden_size}] with 1 <= prefix <= {tokens}; got {list(prompts.shape)}")
+        if prompts.dtype != self.backend.dtype:
+            raise RequestError("bad_dtype", f"deep prompts must be {self.backend.dtype}; got {prompts.dtype}")
+        if not torch.isfinite(prompts).all():
+            raise RequestError("bad_value", "deep prompts contain NaN or infinite values")
+
+    def _lora_for(self, request: SpanRequest, owner: str) -> LoraWeights | None:
+        """The weights of the request's adapter for its blocks (None without an adapter)."""
+        if request.tuning is None or request.tuning.adapter_id is None:
+            return None
+        adapter = self.adapters.get(request.tuning.adapter_id, owner)
+        if not adapter.start <= request.start < request.end <= adapter.end:
+            raise RequestError("bad_span", f"adapter {adapter.adapter_id} covers blocks {adapter.start}:"
+                                           f"{adapter.end}, not {request.start}:{request.end}")
+        rows = adapter.weights[request.start - adapter.start : request.end - adapter.start]
+        return LoraWeights(adapter.spec, rows, request.start)
+
+    async def _serve_span(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           tensor_names: tuple[str, ...], reply_type: str, cost: int,
-                          work: Callable[[SpanRequest, list[torch.Tensor]], torch.Tensor]) -> None:
+                          work: Callable[[SpanRequest, list[torch.Tensor], torch.Tensor | None, LoraWeights | None],
+                                         tuple[dict[str, Any], tuple[torch.Tensor, ...]]]) -> None:
         message = await read_message(reader, self._limits)
         try:
-            request, tensors = self._parse_span_request(message, tensor_names)
-        except RequestError as e:
+            request, tensors, prompts = self._parse_span_request(message, tensor_names)
+            lora = self._lora_for(request, str(stream_info.peer_id))
+        except (RequestError, AdapterError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
         tokens = tensors[0].shape[0] * tensors[0].shape[1]
-        output = await self._run_compute(lambda: work(request, tensors), cost * tokens)
-        await write_message(writer, {"type": reply_type}, (output,))
+        extra, outputs = await self._run_compute(lambda: work(request, tensors, prompts, lora), cost * tokens)
+        await write_message(writer, {"type": reply_type, **extra}, outputs)
 
     async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
-        await self._serve_span(reader, writer, ("hidden states",), "output", 1,
-                               lambda r, t: self.backend.forward(t[0], r.start, r.end))
+        def work(r: SpanRequest, t: list[torch.Tensor], prompts: torch.Tensor | None,
+                 lora: LoraWeights | None) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+            return {}, (self.backend.forward(t[0], r.start, r.end, prompts=prompts, lora=lora),)
+
+        await self._serve_span(stream_info, reader, writer, ("hidden states",), "output", 1, work)
 
     async def _handle_backward(self, stream_info: Any, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
+        def work(r: SpanRequest, t: list[torch.Tensor], prompts: torch.Tensor | None,
+                 lora: LoraWeights | None) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+            lora_grads = r.tuning is not None and r.tuning.lora_grads
+            grads = self.backend.backward(t[0], t[1], r.start, r.end, prompts=prompts, lora=lora,
+                                          lora_grads=lora_grads)
+            # Reply order: grad_input, then grad_prompts and the adapter gradient when asked for.
+            outputs = tuple(g for g in (grads.inputs, grads.prompts, grads.adapter) if g is not None)
+            return {"prompts": grads.prompts is not None, "lora_grads": grads.adapter is not None}, outputs
+
         # A backward recomputes the forward first: about three forwards of work.
-        await self._serve_span(reader, writer, ("hidden states", "output gradients"), "grad", 3,
-                               lambda r, t: self.backend.backward(t[0], t[1], r.start, r.end))
+        await self._serve_span(stream_info, reader, writer, ("hidden states", "output gradients"), "grad", 3, work)
+
+    # --- LoRA adapters of fine-tuning jobs ---------------------------------------------------------
+
+    async def _handle_adapter(self, stream_info: Any, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        message = await read_message(reader, self._adapter_limits)
+        request = AdapterRequest.from_header(message.header)
+        try:
+            reply, tensors = self._adapter_op(request, str(stream_info.peer_id), message.tensors)
+        except (RequestError, AdapterError) as e:
+            await write_message(writer, error_header(e.code, str(e)))
+            return
+        await write_message(writer, {"type": "adapter", "op": request.op, "adapter_id": request.adapter_id, **reply},
+                            tensors)
+
+    def _adapter_op(self, request: AdapterRequest, owner: str,
+                    tensors: list[torch.Tensor]) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+        if request.op == "create":
+            adapter = self._create_adapter(request, owner, tensors)
+            return {"start": adapter.start, "end": adapter.end, "numel": adapter.weights.numel()}, ()
+        adapter = self.adapters.get(request.adapter_id, owner)
+        if request.op == "set":
+            adapter.weights = self._adapter_weights(tensors, tuple(adapter.weights.shape))
+            return {}, ()
+        if request.op == "get":
+            return {}, (adapter.weights.float().cpu(),)
+        self.adapters.delete(request.adapter_id, owner)
+        return {}, ()
+
+    def _create_adapter(self, request: AdapterRequest, owner: str, tensors: list[torch.Tensor]) -> Adapter:
+        self._check_accepting()
+        self._check_span(request.start, request.end)
+        try:
+            spec = LoraSpec(request.rank, request.alpha, request.targets)
+        except ValueError as e:
+            raise RequestError("bad_request", str(e)) from None
+        shape = (request.end - request.start, block_numel(spec, self.backend.lora_shapes))
+        # Check the budget before building anything.
+        self.adapters.check_new(request.adapter_id, spec, shape[0] * shape[1] * self.backend.dtype.itemsize)
+        if request.seed is not None and not tensors:
+            weights = init_weights(spec, self.backend.lora_shapes, request.seed, request.start, request.end)
+            weights = weights.to(self.backend.device, self.backend.dtype)
+        elif request.seed is None:
+            weights = self._adapter_weights(tensors, shape)
+        else:
+            raise RequestError("bad_request", "send either a seed or the weights, not both")
+        adapter = Adapter(request.adapter_id, owner, request.start, request.end, spec, weights)
+        self.adapters.add(adapter)
+        return adapter
+
+    def _adapter_weights(self, tensors: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        if len(tensors) != 1:
+            raise RequestError("bad_request", "expected one tensor: the adapter weights")
+        (weights,) = tensors
+        if tuple(weights.shape) != shape or not weights.is_floating_point():
+            raise RequestError("bad_shape", f"adapter weights must be a floating-point tensor of shape {list(shape)}; "
+                                            f"got {weights.dtype} {list(weights.shape)}")
+        if not torch.isfinite(weights).all():
+            raise RequestError("bad_value", "adapter weights contain NaN or infinite values")
+        # A fresh tensor, never an in-place copy: a request computing now keeps the old weights.
+        return weights.to(self.backend.device, self.backend.dtype)
+
+    async def _expire_adapters(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.config.adapter_ttl))
+            for adapter_id in self.adapters.expire():
+                logger.info(f"forgot adapter {adapter_id} (unused for {self.config.adapter_ttl:.0f} s)")
 
     # --- inference sessions ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from client_sdk.errors import HivemartError
 from client_sdk.models import ClientParts, ModelInfo, load_client_parts, load_model_info
 from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.dht import fetch_span_records
-from client_sdk.swarm.remote import remote_sequential
+from client_sdk.swarm.remote import RemoteBlocks, RemoteLora
 from client_sdk.swarm.routing import DEFAULT_HOP_COST_S, RouteHop, find_route
 from client_sdk.swarm.runtime import SwarmRuntime
 from client_sdk.swarm.session import ChainSession
@@ -48,6 +48,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self._owns_runtime = owns_runtime
         self.push, self.hop_cost_s = push, hop_cost_s
         self.bans = PeerBans()  # shared by every session and call of this model
+        # Autograd through the swarm (training, scoring): chunked batches with failover.
+        self.remote = RemoteBlocks(runtime, self._find_route, info.num_blocks, bans=self.bans)
         for name, module in (("embed_tokens", parts.embed_tokens), ("norm", parts.norm), ("lm_head", parts.lm_head)):
             self.add_module(name, module)
 
@@ -89,17 +91,25 @@ class DistributedModelForCausalLM(torch.nn.Module):
     def _client_dtype(self) -> torch.dtype:
         return self.parts.lm_head.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, deep_prompts: torch.Tensor | None = None,
+                lora: RemoteLora | None = None) -> torch.Tensor:
         """Logits ``[batch, tokens, vocab]`` for ``input_ids``; differentiable with respect to
-        the client-side parameters (and the input embeddings) through the remote blocks."""
+        the client-side parameters (and the input embeddings) through the remote blocks, and
+        to ``deep_prompts`` and ``lora.weights`` when given (see :meth:`run_blocks`)."""
         hidden = self.parts.embed(input_ids)
-        hidden = self.run_blocks(hidden)
+        hidden = self.run_blocks(hidden, deep_prompts=deep_prompts, lora=lora)
         return self.parts.logits(hidden.to(self._client_dtype))
 
-    def run_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states after all blocks, with autograd (backward calls ``rpc_backward``)."""
-        route = self.route()
-        return remote_sequential(hidden, route, self.runtime)
+    def run_blocks(self, hidden: torch.Tensor, *, deep_prompts: torch.Tensor | None = None,
+                   lora: RemoteLora | None = None) -> torch.Tensor:
+        """Hidden states after all blocks, with autograd (backward calls ``rpc_backward``).
+
+        ``deep_prompts`` ``[num_blocks, batch or 1, prefix, hidden]`` are added by each block
+        to the first ``prefix`` positions of its input; ``lora`` is an adapter whose master
+        weights this client holds. Large batches are split into chunks run concurrently, and
+        failed providers are replaced (see :class:`client_sdk.swarm.remote.RemoteBlocks`).
+        """
+        return self.remote(hidden, deep_prompts, lora)
 
     # --- generation --------------------------------------------------------------------------------
 
