@@ -29,6 +29,8 @@ from marketplace.web.forms import ApiKeyCreateForm, SignupForm
 from marketplace.web.health import health_checks
 
 PAGE_SIZE = 50
+# A job page reloads itself this often until the job ends, so its owner can watch it (no JavaScript).
+JOB_REFRESH_S = 5
 # Fields user_create names in its errors, and the sign-up form's field each belongs to.
 _SIGNUP_FIELDS = {"username": "username", "password": "password1"}
 
@@ -131,6 +133,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "plan": job_plan_current(job=job),
         "transitions": job_transitions(job=job),
         "cost": selectors.job_cost(job=job),
+        "refresh_s": JOB_REFRESH_S,
     })
 
 
