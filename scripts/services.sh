@@ -39,3 +39,19 @@ ensure_redis() {
     unset REDIS_URL
     return 1
 }
+
+# The browser test (tests/web/test_browser.py) drives Debian's chromium through Playwright,
+# which must never download a browser of its own. Installs the package when it is missing.
+ensure_chromium() {
+    local browser="${HIVEMART_CHROMIUM:-/usr/bin/chromium}"
+    if [ -x "$browser" ]; then return 0; fi
+    if command -v apt-get >/dev/null && [ "$(id -u)" = "0" ]; then
+        echo "installing chromium (for the browser test)" >&2
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+            >/tmp/hivemart-chromium-install.log 2>&1 || tail -n 20 /tmp/hivemart-chromium-install.log >&2
+        if [ -x "$browser" ]; then return 0; fi
+    fi
+    # In CI the test itself fails too (it does not skip when CI=true); failing here says why sooner.
+    _service_fail "chromium is not installed at $browser and could not be installed (apt-get install chromium)"
+    return 1
+}
