@@ -32,9 +32,11 @@ from client_sdk.protocol.rpc import (
     RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, AdapterRequest, OpenSession, Relink,
     SpanRequest, Step, error_header,
 )
+from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
 from provider_agent.backend import LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
+from provider_agent.metering import Charge, TicketBook
 
 logger = get_logger(__name__)
 
@@ -63,14 +65,17 @@ class Session:
     recent_steps: "OrderedDict[int, None]" = field(default_factory=OrderedDict)
     last_output: tuple[int, int, torch.Tensor] | None = None  # (step_id, position, output)
     last_used: float = field(default_factory=time.monotonic)
+    ticket: JobTicket | None = None  # what pays for the session (None in free mode)
 
 
 class ProviderServer:
     """Serves one span of blocks over a hivemind P2P instance."""
 
     def __init__(self, backend: SpanBackend, config: AgentConfig, p2p: P2P, model_id: str, *,
-                 block_digests: list[str]) -> None:
+                 block_digests: list[str], tickets: TicketBook | None = None) -> None:
         self.backend, self.config, self.p2p, self.model_id = backend, config, p2p, model_id
+        # None: free mode, no tickets asked and no receipts (local swarms, benchmarks).
+        self.tickets = tickets
         self.block_digests = block_digests
         self.sessions: dict[str, Session] = {}
         self._by_next_session: dict[str, Session] = {}
@@ -107,6 +112,8 @@ class ProviderServer:
         for writer in self._push_links.values():
             writer.close()
         for session in list(self.sessions.values()):
+            if session.ticket is not None:  # sign the totals now, for the agent's last upload
+                self.tickets.final_receipt(session.ticket, session.spec.session_id)
             session.client.close()
         self.adapters.clear()
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -295,12 +302,34 @@ class ProviderServer:
         try:
             request, tensors, prompts = self._parse_span_request(message, tensor_names)
             lora = self._lora_for(request, str(stream_info.peer_id))
-        except (RequestError, AdapterError) as e:
+            charge = self._charge_span(request, tensors[0], backward=reply_type == "grad")
+        except (RequestError, AdapterError, TicketError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
         tokens = tensors[0].shape[0] * tensors[0].shape[1]
-        extra, outputs = await self._run_compute(lambda: work(request, tensors, prompts, lora), cost * tokens)
+        try:
+            extra, outputs = await self._run_compute(lambda: work(request, tensors, prompts, lora), cost * tokens)
+        except BaseException:
+            if charge is not None:
+                charge.cancel()  # no output, no bill: give the reserved units back
+            raise
+        if charge is not None:
+            extra = {**extra, "receipt": self._commit_span(charge, outputs)}
         await write_message(writer, {"type": reply_type, **extra}, outputs)
+
+    def _charge_span(self, request: SpanRequest, hidden: torch.Tensor, *, backward: bool) -> Charge | None:
+        """Check the request's ticket and reserve its units (None in free mode). A request
+        without a session id counts on the session named like its ticket."""
+        if self.tickets is None:
+            return None
+        ticket = self.tickets.check(request.ticket, request.start, request.end)
+        return self.tickets.charge(ticket, request.session_id or ticket.ticket_id,
+                                   tokens=hidden.shape[0] * hidden.shape[1], blocks=request.end - request.start,
+                                   backward=backward)
+
+    def _commit_span(self, charge: Charge, outputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        charge.commit(outputs)
+        return self.tickets.receipt(charge.ticket, charge.session_id).to_dict()
 
     async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
@@ -400,6 +429,7 @@ class ProviderServer:
     def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter) -> Session:
         self._check_accepting()
         self._check_span(spec.start, spec.end)
+        ticket = None if self.tickets is None else self.tickets.check(spec.ticket, spec.start, spec.end)
         if spec.session_id in self.sessions:
             raise RequestError("session_exists", f"session {spec.session_id} is already open here")
         if spec.max_length > self.config.max_session_length:
@@ -417,7 +447,7 @@ class ProviderServer:
                                              f"are free; ask for a shorter max_length or another provider")
         cache = self.backend.new_cache(start=spec.start, end=spec.end, batch_size=spec.batch_size,
                                        max_length=spec.max_length)
-        session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client)
+        session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client, ticket=ticket)
         self._reserved_bytes += needed
         self.sessions[spec.session_id] = session
         if spec.next_session is not None:
@@ -436,7 +466,7 @@ class ProviderServer:
         spec = OpenSession.from_header(message.header)
         try:
             session = self._open_session(spec, writer)
-        except RequestError as e:
+        except (RequestError, TicketError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
         try:
@@ -447,6 +477,8 @@ class ProviderServer:
                     message = await read_message(reader, self._limits)
                 except asyncio.IncompleteReadError:
                     return  # the client closed the session
+                if message.header.get("type") == "close":
+                    return  # a clean close: the final receipt goes out below, then the stream ends
                 if message.header.get("type") == "relink":
                     await self._relink(session, message.header, writer)
                     continue
@@ -464,6 +496,16 @@ class ProviderServer:
                 await self._apply_step(session, step, message.tensors)
         finally:
             self._close_session(session)
+            if session.ticket is not None:
+                await self._send_receipt(session, final=True)
+
+    async def _send_receipt(self, session: Session, *, final: bool = False) -> None:
+        """Sign the session's totals and send them on its stream (kept for upload either way)."""
+        ticket, session_id = session.ticket, session.spec.session_id
+        receipt = (self.tickets.final_receipt(ticket, session_id) if final
+                   else self.tickets.receipt(ticket, session_id))
+        if receipt is not None:
+            await self._try_send(session.client, {"type": "receipt", "receipt": receipt.to_dict()})
 
     async def _relink(self, session: Session, header: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         try:
@@ -496,7 +538,7 @@ class ProviderServer:
         async with session.lock:
             try:
                 output = await self._compute_step(session, step, tensors)
-            except RequestError as e:
+            except (RequestError, TicketError) as e:
                 await self._try_send(session.client, error_header(e.code, str(e), step_id=step.step_id))
                 return
             if output is None:
@@ -507,6 +549,8 @@ class ProviderServer:
             if spec.return_outputs or spec.next_peer is None:
                 await self._try_send(session.client, {"type": "output", "step_id": step.step_id,
                                                       "position": step.position}, (output,))
+            if session.ticket is not None and self.tickets.receipt_due(session.ticket, spec.session_id):
+                await self._send_receipt(session)
 
     async def _compute_step(self, session: Session, step: Step, tensors: list[torch.Tensor]) -> torch.Tensor | None:
         spec = session.spec
@@ -528,9 +572,18 @@ class ProviderServer:
         if step.position + hidden.shape[1] > spec.max_length:
             raise RequestError("too_long", f"positions {step.position}..{step.position + hidden.shape[1]} exceed "
                                            f"the session's max_length of {spec.max_length}")
-        output = await self._run_compute(
-            lambda: self.backend.inference_step(session.cache, hidden, step.position, spec.start, spec.end),
-            hidden.shape[0] * hidden.shape[1])
+        charge = None if session.ticket is None else self.tickets.charge(
+            session.ticket, spec.session_id, tokens=hidden.shape[0] * hidden.shape[1], blocks=spec.end - spec.start)
+        try:
+            output = await self._run_compute(
+                lambda: self.backend.inference_step(session.cache, hidden, step.position, spec.start, spec.end),
+                hidden.shape[0] * hidden.shape[1])
+        except BaseException:
+            if charge is not None:
+                charge.cancel()
+            raise
+        if charge is not None:
+            charge.commit((output,))
         session.recent_steps[step.step_id] = None
         while len(session.recent_steps) > _RECENT_STEPS:
             session.recent_steps.popitem(last=False)
