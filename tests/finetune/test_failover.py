@@ -1,0 +1,70 @@
+"""A provider SIGKILLed during a training step: the step completes exactly on a replacement."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client_sdk.swarm.model import DistributedModelForCausalLM
+from client_sdk.swarm.runtime import SwarmRuntime
+from tests.finetune.conftest import local_peft, make_lora, peft_grads
+from tests.swarm.conftest import start_swarm
+
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def kill_before(remote, method: str, swarm, blocks: tuple[int, int], killed: list[str]) -> None:
+    """Make ``remote.<method>`` SIGKILL the provider of ``blocks`` right before its first call."""
+    original = getattr(remote, method)
+
+    async def killing(hop, *args, **kwargs):
+        if not killed and (hop.start, hop.end) == blocks:
+            agent = next(a for a in swarm.agents if a.peer_id == hop.peer_id)
+            swarm.stop_agent(agent, sig=signal.SIGKILL)
+            killed.append(hop.peer_id)
+        return await original(hop, *args, **kwargs)
+
+    setattr(remote, method, killing)
+
+
+@pytest.mark.parametrize("phase", ["_hop_forward", "_hop_backward"], ids=["in-forward", "in-backward"])
+def test_provider_killed_mid_step_does_not_corrupt_the_step(tiny_model: Path, tmp_path: Path, phase: str):
+    swarm = start_swarm(tiny_model, [(0, 2), (2, 4), (2, 4)], tmp_path)
+    try:
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            model.remote.max_chunk_tokens = 20  # two chunks: the other one may be mid-flight on the victim
+            lora = make_lora(tiny_model, seed=3, random_b=True)
+            optimizer = torch.optim.AdamW([lora.weights], lr=1e-2)
+            ids = torch.randint(3, 2048, (4, 10), generator=torch.Generator().manual_seed(8))
+            killed: list[str] = []
+            for step in range(2):
+                reference = local_peft(tiny_model, lora)
+                local_loss = lm_loss(reference(input_ids=ids).logits, ids)
+                local_loss.backward()
+                if step == 1:
+                    kill_before(model.remote, phase, swarm, (2, 4), killed)
+                optimizer.zero_grad()
+                loss = lm_loss(model(ids, lora=lora), ids)
+                loss.backward()
+                torch.testing.assert_close(loss, local_loss, atol=1e-5, rtol=0)
+                torch.testing.assert_close(lora.weights.grad, peft_grads(reference, lora), atol=1e-5, rtol=1e-3)
+                optimizer.step()
+            assert len(killed) == 1
+            failover = next(f for f in model.remote.failovers if f["peer_id"] == killed[0])
+            assert failover["blocks"][0] == 2 and killed[0] not in failover["replacement"]
+            assert killed[0] in model.bans.banned()
+            # The replacement got the current master weights: outputs after the step match.
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids, lora=lora), local_peft(tiny_model, lora)(input_ids=ids).logits,
+                                           atol=1e-4, rtol=0)
+    finally:
+        swarm.stop()
