@@ -15,6 +15,10 @@
 | ``HIVEMART_OPEN_SIGNUP`` | ``true`` | whether ``POST /api/auth/signup/`` is open to anyone |
 | ``HIVEMART_SWARM_PEERS`` | empty (no probes) | bootstrap multiaddrs the scheduler's prober joins |
 | ``HIVEMART_MODELS_DIR`` | ``$HIVEMART_HOME/models`` | reference checkpoints for probes, ``<dir>/<model_id>/`` |
+| ``HIVEMART_PLATFORM_KEY_FILE`` | ``$HIVEMART_HOME/platform.key`` | the Ed25519 key tickets are signed with (created on first use) |
+| ``HIVEMART_TICKET_TTL`` | ``3600`` | seconds a job ticket stays valid |
+| ``HIVEMART_SUSPEND_AFTER`` | ``2`` | offences (failed audits, wrong probe answers) before a provider is suspended |
+| ``HIVEMART_SETTLE_GRACE_S`` | ``30`` | a settling job waits this long for late receipts before it is done |
 | ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
 To add an app (``receipts``, ``web``, ...): append it to ``HIVEMART_APPS`` and include its
@@ -88,6 +92,7 @@ HIVEMART_APPS = [
     "marketplace.jobs",
     "marketplace.scheduling",
     "marketplace.web",
+    "marketplace.receipts",
 ]
 
 INSTALLED_APPS = [
@@ -242,6 +247,16 @@ HIVEMART_PLATFORM_FEE_BPS = env_int("HIVEMART_PLATFORM_FEE_BPS", 500, minimum=0,
 HIVEMART_HEARTBEAT_TIMEOUT_S = env_int("HIVEMART_HEARTBEAT_TIMEOUT_S", 60, minimum=1)
 HIVEMART_CHALLENGE_TTL_S = env_int("HIVEMART_CHALLENGE_TTL_S", 300, minimum=10)
 HIVEMART_OPEN_SIGNUP = env_bool("HIVEMART_OPEN_SIGNUP", True)
+# Settlement (marketplace.receipts): the platform key signs job tickets; tickets expire after
+# HIVEMART_TICKET_TTL seconds; a provider with HIVEMART_SUSPEND_AFTER offences is suspended;
+# a settling job is done once nothing is left to settle and HIVEMART_SETTLE_GRACE_S has passed.
+HIVEMART_PLATFORM_KEY_FILE = Path(os.environ.get("HIVEMART_PLATFORM_KEY_FILE")
+                                  or HIVEMART_HOME / "platform.key").resolve()
+HIVEMART_TICKET_TTL = env_int("HIVEMART_TICKET_TTL", 3600, minimum=10)
+HIVEMART_SUSPEND_AFTER = env_int("HIVEMART_SUSPEND_AFTER", 2, minimum=1)
+HIVEMART_REPUTATION_PENALTY = env_int("HIVEMART_REPUTATION_PENALTY", 25, minimum=0, maximum=100)
+HIVEMART_SETTLE_GRACE_S = env_int("HIVEMART_SETTLE_GRACE_S", 30, minimum=0)
+HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1)
 
 # --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------
 

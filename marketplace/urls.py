@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-API_APPS = ["accounts", "catalog", "providers", "jobs", "ledger", "scheduling"]
+API_APPS = ["accounts", "catalog", "providers", "jobs", "ledger", "scheduling", "receipts"]
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Callable, Iterator, Protocol, Required, Sequence, TypedDict, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Required, Sequence, TypedDict, TypeVar
 
 import httpx
 
@@ -16,16 +16,22 @@ from client_sdk.api.types import (
     CatalogModel,
     Challenge,
     CreatedApiKey,
+    FinishResult,
     Hold,
     Job,
+    JobTicketEntry,
     JobTransition,
     Measurement,
     Offer,
     Page,
     Plan,
+    PlatformInfo,
     Posting,
     Provider,
+    ReceiptResult,
+    Settlement,
     SignupResult,
+    StoredReceipt,
     Transaction,
     User,
 )
@@ -46,6 +52,15 @@ class Signer(Protocol):
 
 def _new_key() -> str:
     return uuid.uuid4().hex
+
+
+# The marketplace takes at most this many receipts per upload; longer lists are sent in batches.
+RECEIPT_BATCH = 500
+
+
+def _receipt_dict(receipt: Any) -> dict[str, Any]:
+    """A receipt as JSON: a ``WorkReceipt`` (anything with ``to_dict``) or a dict already."""
+    return receipt.to_dict() if hasattr(receipt, "to_dict") else dict(receipt)
 
 
 class _Resource:
@@ -205,15 +220,18 @@ class SegmentPlan(TypedDict, total=False):
 
 class Jobs(_Resource):
     def create(self, *, model: str, kind: str, budget: int, max_price: int, min_throughput: float | None = None,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None, client_key: bytes | str | None = None) -> Job:
         """Create a job and hold ``budget`` micro-credits for it.
 
         The request carries an idempotency key (a new random one unless given; the same one on
         every retry), so a retried or repeated call returns the same job instead of a second
-        job and a second hold.
+        job and a second hold. ``client_key`` (raw bytes or hex) is the Ed25519 public key
+        that will countersign this job's work receipts; it is bound into every ticket.
         """
         body = {"model": model, "kind": kind, "budget": budget, "max_price": max_price,
                 "min_throughput": min_throughput}
+        if client_key is not None:
+            body["client_key"] = client_key.hex() if isinstance(client_key, bytes) else client_key
         return Job.from_json(self._core.request("POST", "/api/jobs/", json=body,
                                                 idempotency_key=idempotency_key or _new_key()))
 
@@ -247,6 +265,59 @@ class Jobs(_Resource):
         "provider", "backups": [provider ids], "price": optional}``."""
         return Plan.from_json(self._core.request("POST", f"/api/jobs/{int(job_id)}/plan/",
                                                  json={"segments": list(segments), "reason": reason}))
+
+    def tickets(self, job_id: int) -> list[JobTicketEntry]:
+        """The signed tickets of the job's current plan, one per segment and provider (primaries
+        and backups); attach ``entry.ticket`` to the requests sent to ``entry.provider_peer``."""
+        return [JobTicketEntry.from_json(t) for t in self._core.request("GET", f"/api/jobs/{int(job_id)}/tickets/")]
+
+    def renew_tickets(self, job_id: int) -> list[JobTicketEntry]:
+        """New tickets (new ids, a later expiry) for the current plan, e.g. before the old ones expire."""
+        return [JobTicketEntry.from_json(t) for t in
+                self._core.request("POST", f"/api/jobs/{int(job_id)}/tickets/renew/", idempotency_key=_new_key())]
+
+    def finish(self, job_id: int, *, receipts: Iterable[Any] = ()) -> FinishResult:
+        """Upload the last receipts and move the job to settling; settlement pays the providers
+        and then closes the job (what is left of the hold returns to your wallet)."""
+        batch = [_receipt_dict(r) for r in receipts]
+        if len(batch) > RECEIPT_BATCH:
+            Receipts(self._core).upload(batch[:-RECEIPT_BATCH])
+            batch = batch[-RECEIPT_BATCH:]
+        # Finishing twice is harmless (settling -> settling is a no-op), so the POST may be retried.
+        return FinishResult.from_json(self._core.request("POST", f"/api/jobs/{int(job_id)}/finish/",
+                                                         json={"receipts": batch}, idempotency_key=_new_key()))
+
+
+class Platform(_Resource):
+    def get(self) -> PlatformInfo:
+        """The marketplace's platform public key (it signs job tickets) and fee; no API key needed."""
+        return PlatformInfo.from_json(self._core.request("GET", "/api/platform/", auth=False))
+
+
+class Receipts(_Resource):
+    def upload(self, receipts: Iterable[Any]) -> list[ReceiptResult]:
+        """Upload signed work receipts (``WorkReceipt`` objects or their dicts), in batches of at
+        most 500; one result per receipt, in order. Uploading the same receipt again is
+        harmless (``stale``), so failed requests are retried."""
+        items = [_receipt_dict(r) for r in receipts]
+        results: list[ReceiptResult] = []
+        for offset in range(0, len(items), RECEIPT_BATCH):
+            body = self._core.request("POST", "/api/receipts/", json={"receipts": items[offset:offset + RECEIPT_BATCH]},
+                                      idempotency_key=_new_key())
+            results += [ReceiptResult.from_json(r) for r in body["results"]]
+        return results
+
+    def list(self, *, job: int | None = None, page: int = 1, page_size: int | None = None) -> Page[StoredReceipt]:
+        """Stored receipts of your jobs and your providers, newest first."""
+        return self._page("/api/receipts/", StoredReceipt.from_json, page, page_size, job=job)
+
+    def iter(self, *, job: int | None = None, page_size: int = 100) -> Iterator[StoredReceipt]:
+        return self._iter("/api/receipts/", StoredReceipt.from_json, page_size, job=job)
+
+    def settlements(self, *, job: int | None = None, provider: int | None = None, page: int = 1,
+                    page_size: int | None = None) -> Page[Settlement]:
+        """What settlement paid, per job and provider, newest first."""
+        return self._page("/api/settlements/", Settlement.from_json, page, page_size, job=job, provider=provider)
 
 
 class Ledger(_Resource):
@@ -306,6 +377,8 @@ class Client:
         self.providers = Providers(self._core)
         self.jobs = Jobs(self._core)
         self.ledger = Ledger(self._core)
+        self.platform = Platform(self._core)
+        self.receipts = Receipts(self._core)
 
     @property
     def api_key(self) -> str | None:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 __all__ = [
     "User", "ApiKey", "CreatedApiKey", "SignupResult", "CatalogModel", "Measurement", "Provider", "Offer",
     "Challenge", "HoldSummary", "Job", "JobTransition", "PlanBackup", "PlanSegment", "Plan", "Account", "Posting",
-    "Hold", "TransactionLeg", "Transaction", "Page",
+    "Hold", "TransactionLeg", "Transaction", "Page", "PlatformInfo", "JobTicketEntry", "ReceiptResult",
+    "StoredReceipt", "Settlement", "FinishResult", "Audit",
 ]
 
 T = TypeVar("T")
@@ -143,6 +144,7 @@ class Provider:
     suspension_reason: str
     earnings_account: int
     registered_at: datetime
+    reputation: int = 100  # 0..100, falls with every offence (failed audit, wrong probe answer)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Provider":
@@ -155,6 +157,7 @@ class Provider:
             measurement=Measurement.from_json(d["measurement"]) if d.get("measurement") else None,
             suspended=d.get("suspended", False), suspension_reason=d.get("suspension_reason", ""),
             earnings_account=d["earnings_account"], registered_at=_dt(d["registered_at"]),
+            reputation=d.get("reputation", 100),
         )
 
 
@@ -228,6 +231,7 @@ class Job:
     hold: HoldSummary | None
     created_at: datetime
     updated_at: datetime
+    client_key: str = ""  # hex Ed25519 public key that countersigns receipts; empty when none
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Job":
@@ -235,7 +239,8 @@ class Job:
                    max_price=d["max_price"], min_throughput=d.get("min_throughput"),
                    idempotency_key=d["idempotency_key"],
                    hold=HoldSummary.from_json(d["hold"]) if d.get("hold") else None,
-                   created_at=_dt(d["created_at"]), updated_at=_dt(d["updated_at"]))
+                   created_at=_dt(d["created_at"]), updated_at=_dt(d["updated_at"]),
+                   client_key=d.get("client_key", ""))
 
 
 @dataclass(frozen=True)
@@ -366,6 +371,147 @@ class Transaction:
         return cls(id=d["id"], kind=d["kind"], idempotency_key=d.get("idempotency_key"), memo=d.get("memo", ""),
                    created_at=_dt(d["created_at"]),
                    postings=[TransactionLeg(account=p["account"], amount=p["amount"]) for p in d["postings"]])
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    """The marketplace's platform key (signs job tickets) and its fee."""
+
+    public_key: str  # hex Ed25519
+    peer_id: str
+    fee_bps: int
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        return bytes.fromhex(self.public_key)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PlatformInfo":
+        return cls(public_key=d["public_key"], peer_id=d["peer_id"], fee_bps=d["fee_bps"])
+
+
+@dataclass(frozen=True)
+class JobTicketEntry:
+    """One ticket of a job's current plan: who (``provider_peer``) may bill which blocks, as
+    ``primary`` or ``backup`` (``rank``) of plan segment ``segment``. ``ticket`` is the signed
+    dict to attach to requests (``client_sdk.protocol.tickets.JobTicket.from_dict``)."""
+
+    segment: int
+    role: str
+    rank: int
+    provider: int
+    provider_peer: str
+    start: int
+    end: int
+    ticket: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "JobTicketEntry":
+        return cls(segment=d["segment"], role=d["role"], rank=d["rank"], provider=d["provider"],
+                   provider_peer=d["provider_peer"], start=d["start"], end=d["end"], ticket=dict(d["ticket"]))
+
+
+@dataclass(frozen=True)
+class ReceiptResult:
+    """What the marketplace did with one uploaded receipt: ``accepted``, ``stale`` (not newer
+    than the stored one) or ``rejected`` (``code`` says why)."""
+
+    status: str
+    code: str
+    message: str
+    ticket_id: str
+    session_id: str
+    seq: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ReceiptResult":
+        return cls(status=d["status"], code=d.get("code", ""), message=d.get("message", ""),
+                   ticket_id=d.get("ticket_id", ""), session_id=d.get("session_id", ""), seq=d.get("seq", 0))
+
+
+@dataclass(frozen=True)
+class StoredReceipt:
+    """The newest receipt the marketplace holds for one (ticket, session)."""
+
+    id: int
+    ticket_id: str
+    job: int
+    provider: int
+    provider_peer: str
+    session_id: str
+    seq: int
+    units: int
+    steps: int
+    chain: str
+    settled_units: int
+    countersigned: bool
+    voided: bool
+    updated_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StoredReceipt":
+        return cls(id=d["id"], ticket_id=d["ticket_id"], job=d["job"], provider=d["provider"],
+                   provider_peer=d["provider_peer"], session_id=d["session_id"], seq=d["seq"], units=d["units"],
+                   steps=d["steps"], chain=d["chain"], settled_units=d["settled_units"],
+                   countersigned=d["countersigned"], voided=d["voided"], updated_at=_dt(d["updated_at"]))
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """One settlement payment: ``amount`` captured from the job's hold for ``units`` work units
+    (the provider receives it minus the platform fee); ``shortfall`` was owed beyond the hold."""
+
+    id: int
+    job: int
+    provider: int
+    units: int
+    amount: int
+    shortfall: int
+    transaction: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Settlement":
+        return cls(id=d["id"], job=d["job"], provider=d["provider"], units=d["units"], amount=d["amount"],
+                   shortfall=d["shortfall"], transaction=d.get("transaction"), created_at=_dt(d["created_at"]))
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    job: Job
+    results: list[ReceiptResult]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FinishResult":
+        return cls(job=Job.from_json(d["job"]), results=[ReceiptResult.from_json(r) for r in d["results"]])
+
+
+@dataclass(frozen=True)
+class Audit:
+    """A reported output mismatch and its verdict (``provider_cheated``, ``reporter_wrong``,
+    ``backup_cheated``, ``inconclusive``; empty while ``open``)."""
+
+    id: int
+    job: int
+    ticket_id: str
+    session_id: str
+    provider: int
+    reference_provider: int | None
+    start: int
+    end: int
+    dtype: str
+    state: str
+    verdict: str
+    detail: str
+    created_at: datetime
+    decided_at: datetime | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Audit":
+        return cls(id=d["id"], job=d["job"], ticket_id=d["ticket_id"], session_id=d["session_id"],
+                   provider=d["provider"], reference_provider=d.get("reference_provider"), start=d["start"],
+                   end=d["end"], dtype=d["dtype"], state=d["state"], verdict=d.get("verdict", ""),
+                   detail=d.get("detail", ""), created_at=_dt(d["created_at"]), decided_at=_dt(d.get("decided_at")))
 
 
 @dataclass(frozen=True)

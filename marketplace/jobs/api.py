@@ -41,7 +41,8 @@ class JobOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Job
-        fields = ["id", "kind", "model", "state", "budget", "max_price", "min_throughput", "idempotency_key", "hold",
+        fields = ["id", "kind", "model", "state", "budget", "max_price", "min_throughput", "idempotency_key",
+                  "client_key", "hold",
                   "created_at", "updated_at"]
 
 
@@ -88,6 +89,9 @@ class JobInput(serializers.Serializer):
     min_throughput = StrictFloatField(required=False, allow_null=True, default=None, max_value=MAX_THROUGHPUT)
     idempotency_key = serializers.CharField(max_length=200, required=False,
                                             help_text=f"or the {IDEMPOTENCY_HEADER} header (which wins)")
+    client_key = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False, default="", allow_blank=True,
+                                        help_text="the client's hex Ed25519 public key for this job "
+                                                  "(countersigns work receipts)")
 
 
 class TransitionInput(serializers.Serializer):
@@ -143,7 +147,7 @@ class JobListCreate(ListAPIView):
                                    extra={"field": "idempotency_key"})
         job, created = job_create(user=request.user, kind=data["kind"], model_id=data["model"], budget=data["budget"],
                                   max_price=data["max_price"], min_throughput=data["min_throughput"],
-                                  idempotency_key=key)
+                                  idempotency_key=key, client_key=data["client_key"])
         job = job_get(user=request.user, job_id=job.pk)
         return Response(JobOutput(job).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

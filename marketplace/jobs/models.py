@@ -28,6 +28,9 @@ class Job(models.Model):
     max_price = models.BigIntegerField(help_text="highest acceptable price, micro-credits per million work units")
     min_throughput = models.FloatField(null=True, blank=True, help_text="work units per second, optional")
     idempotency_key = models.CharField(max_length=200)
+    # The client's per-job Ed25519 public key (hex), bound into every ticket so that the client
+    # can countersign receipts; empty when the client has none (provider-signed receipts only).
+    client_key = models.CharField(max_length=64, blank=True, default="")
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     hold = models.OneToOneField("ledger.Hold", null=True, blank=True, on_delete=models.PROTECT, related_name="job")
     created_at = models.DateTimeField(auto_now_add=True)

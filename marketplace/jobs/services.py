@@ -57,6 +57,10 @@ MAX_THROUGHPUT = 1e15
 # Called with a new job's id inside job_create's transaction (the scheduler registers one that
 # queues its matching after commit); a plain list keeps this app free of Celery imports.
 _job_created_hooks: list[Callable[[int], None]] = []
+# Called with each newly stored plan inside job_plan_store's transaction (the receipts app
+# registers one that issues the plan's tickets).
+_plan_stored_hooks: list[Callable[[Plan], None]] = []
+_CLIENT_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def job_created_hook_register(hook: Callable[[int], None]) -> None:
@@ -64,6 +68,13 @@ def job_created_hook_register(hook: Callable[[int], None]) -> None:
     use ``transaction.on_commit`` for side effects). Registering the same hook twice is a no-op."""
     if hook not in _job_created_hooks:
         _job_created_hooks.append(hook)
+
+
+def plan_stored_hook_register(hook: Callable[[Plan], None]) -> None:
+    """Call ``hook(plan)`` whenever a plan is stored (inside the storing transaction, after its
+    segments and backups are written). Registering the same hook twice is a no-op."""
+    if hook not in _plan_stored_hooks:
+        _plan_stored_hooks.append(hook)
 
 
 def _check_reason(reason: str) -> str:
@@ -77,12 +88,13 @@ def _record_transition(job: Job, to_state: str, *, reason: str, actor: User | No
 
 
 def job_create(*, user: User, kind: str, model_id: str, budget: int, max_price: int, idempotency_key: str,
-               min_throughput: float | None = None) -> tuple[Job, bool]:
+               min_throughput: float | None = None, client_key: str = "") -> tuple[Job, bool]:
     """Create a job and hold its budget from the user's wallet, in one transaction.
 
     Returns ``(job, created)``. The same ``idempotency_key`` with the same parameters returns
     the job created the first time (``created`` False); with different parameters it is an
     IdempotencyConflict. InsufficientCredits when the wallet cannot cover the budget.
+    ``client_key`` is the client's hex Ed25519 public key for this job (countersigns receipts).
     """
     if kind not in Job.Kind.values:
         raise ValidationFailed(f"kind is one of {', '.join(Job.Kind.values)}", extra={"field": "kind"})
@@ -99,13 +111,17 @@ def job_create(*, user: User, kind: str, model_id: str, budget: int, max_price: 
     if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
         raise ValidationFailed("an idempotency key is 1 to 200 printable ASCII characters without spaces",
                                extra={"field": "idempotency_key"})
+    if not isinstance(client_key, str) or not (client_key == "" or _CLIENT_KEY_RE.match(client_key.lower())):
+        raise ValidationFailed("client_key is a hex Ed25519 public key (64 hex characters)",
+                               extra={"field": "client_key"})
     model = catalog_model_for_use(model_id=model_id)
     wanted = dict(kind=kind, model_id=model.pk, budget=budget, max_price=max_price,
-                  min_throughput=None if min_throughput is None else float(min_throughput))
+                  min_throughput=None if min_throughput is None else float(min_throughput),
+                  client_key=client_key.lower())
 
     def replay(job: Job) -> tuple[Job, bool]:
         recorded = dict(kind=job.kind, model_id=job.model_id, budget=job.budget, max_price=job.max_price,
-                        min_throughput=job.min_throughput)
+                        min_throughput=job.min_throughput, client_key=job.client_key)
         if recorded != wanted:
             raise IdempotencyConflict("this idempotency key was used to create a different job",
                                       extra={"idempotency_key": idempotency_key, "job": job.pk})
@@ -249,6 +265,8 @@ def job_plan_store(*, job: Job, segments: Sequence[SegmentSpec], reason: str = "
                        price=providers[_provider_id(b)].price)
             for rank, b in enumerate(seg.backups)
         )
+    for hook in _plan_stored_hooks:
+        hook(plan)
     if job.state == S.PENDING:
         job_transition(job=job, to_state=S.PLANNED, reason=reason or f"plan v{plan.version}")
     return plan

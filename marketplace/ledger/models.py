@@ -102,6 +102,7 @@ class Transaction(models.Model):
         CAPTURE = "capture"
         RELEASE = "release"
         PAYOUT = "payout"
+        CLAWBACK = "clawback"
 
     # Chosen by the service before the postings are written (they reference it; the header
     # row comes last), hence a UUID rather than a database sequence.

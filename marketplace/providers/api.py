@@ -56,7 +56,7 @@ class ProviderOutput(serializers.ModelSerializer):
         model = Provider
         fields = ["id", "peer_id", "public_key", "name", "gpu", "gpu_memory_mb", "region", "model", "block_start",
                   "block_end", "price", "state", "last_heartbeat_at", "reported_throughput", "reported_latency_ms",
-                  "measurement", "suspended", "suspension_reason", "earnings_account", "registered_at"]
+                  "measurement", "suspended", "suspension_reason", "reputation", "earnings_account", "registered_at"]
 
 
 class OfferOutput(serializers.Serializer):

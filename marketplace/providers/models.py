@@ -42,6 +42,9 @@ class Provider(models.Model):
                                            related_name="+")
     suspended_at = models.DateTimeField(null=True, blank=True)
     suspension_reason = models.CharField(max_length=200, blank=True)
+    # 0..100: starts at 100 and falls with every offence (a failed audit, a wrong probe
+    # answer); see marketplace.receipts.services.provider_offence_record.
+    reputation = models.PositiveSmallIntegerField(default=100)
 
     earnings_account = models.OneToOneField("ledger.Account", on_delete=models.PROTECT, related_name="provider")
     registered_at = models.DateTimeField(auto_now_add=True)

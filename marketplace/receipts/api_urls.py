@@ -1,0 +1,12 @@
+from django.urls import path
+
+from marketplace.receipts import api
+
+urlpatterns = [
+    path("platform/", api.Platform.as_view(), name="platform"),
+    path("jobs/<int:job_id>/tickets/", api.JobTickets.as_view(), name="job-tickets"),
+    path("jobs/<int:job_id>/tickets/renew/", api.JobTicketsRenew.as_view(), name="job-tickets-renew"),
+    path("jobs/<int:job_id>/finish/", api.JobFinish.as_view(), name="job-finish"),
+    path("receipts/", api.Receipts.as_view(), name="receipts"),
+    path("settlements/", api.Settlements.as_view(), name="settlements"),
+]

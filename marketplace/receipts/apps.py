@@ -1,0 +1,13 @@
+from django.apps import AppConfig
+
+
+class ReceiptsConfig(AppConfig):
+    name = "marketplace.receipts"
+    label = "receipts"
+    verbose_name = "Tickets, receipts and audits"
+
+    def ready(self) -> None:
+        from marketplace.jobs.services import plan_stored_hook_register
+        from marketplace.receipts.services import tickets_issue_for_plan
+
+        plan_stored_hook_register(tickets_issue_for_plan)

@@ -1,0 +1,156 @@
+"""Tickets, work receipts, settlements, audits and offences.
+
+- :class:`Ticket`: the marketplace's signed permission for one provider to bill one job for
+  one segment of its plan (``client_sdk.protocol.tickets``). Its ``settled_units`` and
+  ``settled_amount`` are the running totals settlement has paid for, across all sessions.
+- :class:`Receipt`: the newest receipt (highest ``seq``) per (ticket, session). Receipts are
+  cumulative, so the newest one supersedes the rest; ``settled_units`` is how much of it
+  settlement has accounted for.
+- :class:`Settlement`: one capture (or shortfall) per (job, provider) per settlement run.
+- :class:`Audit`: a client's report that a provider's output differed from a backup's, and
+  the validator's verdict.
+- :class:`Offence`: what a provider was found doing (failed audit, wrong probe answer).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Ticket(models.Model):
+    class Role(models.TextChoices):
+        PRIMARY = "primary"
+        BACKUP = "backup"
+
+    ticket_id = models.CharField(max_length=64, unique=True)
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="tickets")
+    plan = models.ForeignKey("jobs.Plan", on_delete=models.CASCADE, related_name="tickets")
+    segment = models.PositiveIntegerField(help_text="index of the plan segment")
+    role = models.CharField(max_length=8, choices=Role.choices)
+    rank = models.PositiveIntegerField(default=0, help_text="backup rank (0 for the primary)")
+    provider = models.ForeignKey("providers.Provider", on_delete=models.PROTECT, related_name="tickets")
+    block_start = models.PositiveIntegerField()
+    block_end = models.PositiveIntegerField()
+    price = models.BigIntegerField(help_text="micro-credits per million work units")
+    max_units = models.BigIntegerField()
+    expires_at = models.DateTimeField()
+    signed = models.JSONField(help_text="the signed ticket as sent to clients and providers")
+    settled_units = models.BigIntegerField(default=0, help_text="work units settlement has accounted for")
+    settled_amount = models.BigIntegerField(default=0, help_text="micro-credits owed for settled_units (cost)")
+    voided_at = models.DateTimeField(null=True, blank=True, help_text="set when an audit found the provider cheating")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["job_id", "plan_id", "segment", "rank", "role"]
+        constraints = [
+            models.CheckConstraint(condition=Q(role__in=["primary", "backup"]), name="receipts_ticket_role_valid"),
+            models.CheckConstraint(condition=Q(max_units__gt=0) & Q(price__gte=0), name="receipts_ticket_bounds"),
+            models.CheckConstraint(condition=Q(settled_units__gte=0) & Q(settled_amount__gte=0),
+                                   name="receipts_ticket_settled_non_negative"),
+        ]
+        indexes = [models.Index(fields=["job", "provider"], name="receipts_ticket_job_provider")]
+
+    def __str__(self) -> str:
+        return f"ticket {self.ticket_id} (job #{self.job_id}, {self.role} of segment {self.segment})"
+
+
+class Receipt(models.Model):
+    ticket = models.ForeignKey(Ticket, on_delete=models.CASCADE, related_name="receipts")
+    session_id = models.CharField(max_length=64)
+    seq = models.BigIntegerField()
+    units = models.BigIntegerField()
+    steps = models.BigIntegerField()
+    chain = models.CharField(max_length=64)
+    issued_at = models.BigIntegerField(help_text="unix seconds, as the provider stated")
+    provider_signature = models.CharField(max_length=128)
+    client_signature = models.CharField(max_length=128, blank=True)
+    settled_units = models.BigIntegerField(default=0)
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["ticket_id", "session_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["ticket", "session_id"], name="receipts_one_per_ticket_session"),
+            models.CheckConstraint(condition=Q(settled_units__gte=0) & Q(settled_units__lte=models.F("units")),
+                                   name="receipts_settled_within_units"),
+        ]
+        indexes = [models.Index(fields=["ticket"], condition=Q(units__gt=models.F("settled_units")),
+                                name="receipts_unsettled")]
+
+    def __str__(self) -> str:
+        return f"receipt {self.ticket_id}/{self.session_id}#{self.seq} ({self.units} units)"
+
+
+class Settlement(models.Model):
+    """What one settlement run paid a provider for a job: ``amount`` captured from the hold
+    (``transaction``), ``shortfall`` owed but beyond what was left of the hold."""
+
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="settlements")
+    provider = models.ForeignKey("providers.Provider", on_delete=models.PROTECT, related_name="settlements")
+    units = models.BigIntegerField()
+    amount = models.BigIntegerField()
+    shortfall = models.BigIntegerField(default=0)
+    transaction = models.ForeignKey("ledger.Transaction", null=True, blank=True, on_delete=models.PROTECT,
+                                    related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [models.CheckConstraint(condition=Q(amount__gte=0) & Q(shortfall__gte=0) & Q(units__gte=0),
+                                              name="receipts_settlement_non_negative")]
+
+
+class Audit(models.Model):
+    class State(models.TextChoices):
+        OPEN = "open"
+        DECIDED = "decided"
+
+    class Verdict(models.TextChoices):
+        PROVIDER_CHEATED = "provider_cheated"
+        REPORTER_WRONG = "reporter_wrong"
+        BACKUP_CHEATED = "backup_cheated"
+        INCONCLUSIVE = "inconclusive"
+
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="audits")
+    reporter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    ticket = models.ForeignKey(Ticket, on_delete=models.PROTECT, related_name="audits")
+    provider = models.ForeignKey("providers.Provider", on_delete=models.PROTECT, related_name="audits")
+    reference_provider = models.ForeignKey("providers.Provider", null=True, blank=True, on_delete=models.PROTECT,
+                                           related_name="+")
+    session_id = models.CharField(max_length=64)
+    block_start = models.PositiveIntegerField()
+    block_end = models.PositiveIntegerField()
+    dtype = models.CharField(max_length=16)
+    inputs = models.BinaryField()
+    claimed = models.BinaryField()
+    reference = models.BinaryField()
+    state = models.CharField(max_length=8, choices=State.choices, default=State.OPEN)
+    verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
+    detail = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [models.CheckConstraint(condition=Q(state__in=["open", "decided"]),
+                                              name="receipts_audit_state_valid")]
+
+
+class Offence(models.Model):
+    class Kind(models.TextChoices):
+        AUDIT = "audit", "failed an audit"
+        PROBE = "probe", "answered a probe wrongly"
+
+    provider = models.ForeignKey("providers.Provider", on_delete=models.CASCADE, related_name="offences")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    job = models.ForeignKey("jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    audit = models.OneToOneField(Audit, null=True, blank=True, on_delete=models.SET_NULL, related_name="offence")
+    detail = models.CharField(max_length=200, blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]

@@ -1,0 +1,395 @@
+"""Writes for settlement: tickets, receipt uploads, settling receipts into the ledger, closing jobs.
+
+Rules (docs/protocol.md, "Tickets and receipts"):
+
+- **Tickets.** Storing a plan issues one ticket per (segment, provider), primaries and
+  backups, signed with the platform key. ``max_units`` is what the job's budget buys at the
+  ticket's price, so a provider never works for more than the hold can pay.
+- **Uploads.** A receipt is checked against its stored ticket (``verify_receipt``): provider
+  signature, the ticket's job and provider, units within ``max_units``, and the client's
+  countersignature when present. The newest receipt (highest ``seq``) per (ticket, session)
+  is kept; a receipt not newer than the stored one is ``stale`` (a replay; harmless); a newer
+  one with fewer units is refused (cumulative counts never go down). Who may upload: the
+  job's owner (the client), the user who registered the provider the receipt names, staff.
+- **Settlement.** The provider is owed ``cost(U) - cost(U_settled)`` per ticket, with
+  ``cost(u) = min(u, max_units) * price // 1e6`` on the ticket's cumulative units across all
+  its sessions, so integer rounding neither loses nor invents credits over many runs. One
+  capture per (job, provider) per run, never beyond what is left of the hold (the rest is
+  recorded as a shortfall). Each (job, provider) is settled in one transaction under the
+  job's row lock, so concurrent settlers pay once. Voided tickets are never paid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any, Callable, Sequence
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Exists, F, OuterRef
+from django.utils import timezone
+
+from client_sdk.protocol.receipts import ReceiptError, WorkReceipt, verify_receipt
+from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
+from marketplace.accounts.models import User
+from marketplace.common.errors import PermissionDenied, ValidationFailed
+from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
+from marketplace.jobs.services import job_charge, job_transition, job_transition_request
+from marketplace.ledger.models import Account, Hold
+from marketplace.receipts.models import Receipt, Settlement, Ticket
+from marketplace.receipts.platform import platform_identity
+
+__all__ = [
+    "MAX_RECEIPTS_PER_UPLOAD", "NO_CLIENT_KEY", "ReceiptOutcome", "SettleSummary", "ticket_cost",
+    "tickets_issue_for_plan", "tickets_renew", "receipts_upload", "receipts_settle", "jobs_close_settled",
+    "job_finish", "receipts_uploaded_hook_register",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_RECEIPTS_PER_UPLOAD = 500
+# Bound into tickets of jobs created without a client key. The marketplace refuses client
+# signatures on such tickets (a small-order key like this one must never vouch for anything).
+NO_CLIENT_KEY = "00" * 32
+_MAX_UNITS = 2**62
+_PAYABLE_STATES = (Job.State.PLANNED, Job.State.RUNNING, Job.State.SETTLING)
+
+# Called (inside the upload's transaction) after receipts were accepted; the scheduling app
+# registers one that queues settlement on commit.
+_uploaded_hooks: list[Callable[[], None]] = []
+
+
+def receipts_uploaded_hook_register(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` after every upload that accepted at least one receipt."""
+    if hook not in _uploaded_hooks:
+        _uploaded_hooks.append(hook)
+
+
+def ticket_cost(units: int, *, max_units: int, price: int) -> int:
+    """Micro-credits owed for ``units`` cumulative work units on a ticket (rounded down)."""
+    return min(units, max_units) * price // 1_000_000
+
+
+# --- tickets ---------------------------------------------------------------------------------
+
+
+def _max_units(budget: int, price: int) -> int:
+    return max(1, min(budget * 1_000_000 // max(price, 1), _MAX_UNITS))
+
+
+def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
+    """Issue and store a signed ticket for every primary and backup of ``plan``.
+
+    Runs inside ``job_plan_store``'s transaction (registered as its plan hook), so a plan
+    never exists without its tickets. Also used to renew a plan's tickets before they expire.
+    """
+    job = Job.objects.select_related("model").get(pk=plan.job_id)
+    identity = platform_identity()
+    expires_at = int((timezone.now() + timedelta(seconds=settings.HIVEMART_TICKET_TTL)).timestamp())
+    rows = []
+    segments = plan.segments.select_related("provider").prefetch_related("backups__provider").order_by("index")
+    for seg in segments:
+        slots = [(Ticket.Role.PRIMARY, 0, seg.provider, seg.price)]
+        slots += [(Ticket.Role.BACKUP, b.rank, b.provider, b.price) for b in seg.backups.all()]
+        for role, rank, provider, price in slots:
+            signed = issue_ticket(
+                identity, ticket_id=secrets.token_urlsafe(18), job_id=job.pk,
+                client_key=job.client_key or NO_CLIENT_KEY, provider_peer=provider.peer_id,
+                model_id=job.model.model_id, model_digest=job.model.weights_digest, start=seg.block_start,
+                end=seg.block_end, max_units=_max_units(job.budget, price), price=price, expires_at=expires_at)
+            rows.append(Ticket(
+                ticket_id=signed.ticket_id, job=job, plan=plan, segment=seg.index, role=role, rank=rank,
+                provider=provider, block_start=seg.block_start, block_end=seg.block_end, price=price,
+                max_units=signed.max_units, expires_at=datetime.fromtimestamp(expires_at, tz=dt_timezone.utc),
+                signed=signed.to_dict()))
+    return Ticket.objects.bulk_create(rows)
+
+
+@transaction.atomic
+def tickets_renew(*, job: Job, by: User) -> list[Ticket]:
+    """Fresh tickets (new ids, new expiry) for the job's current plan; the old ones stay
+    payable for the work they covered. Owner or staff; the job must still be able to run."""
+    job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
+    if not by.is_staff and job.user_id != by.pk:
+        raise PermissionDenied("this is not your job")
+    if job.state not in _PAYABLE_STATES:
+        raise ValidationFailed(f"a {job.state} job gets no new tickets", extra={"state": job.state},
+                               code="invalid_state")
+    plan = job.plans.order_by("-version").first()
+    if plan is None:
+        raise ValidationFailed("this job has no plan yet", code="no_plan")
+    return tickets_issue_for_plan(plan)
+
+
+# --- uploads ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceiptOutcome:
+    """What became of one uploaded receipt: ``accepted``, ``stale`` or ``rejected`` (with ``code``)."""
+
+    status: str
+    code: str = ""
+    message: str = ""
+    ticket_id: str = ""
+    session_id: str = ""
+    seq: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "code": self.code, "message": self.message, "ticket_id": self.ticket_id,
+                "session_id": self.session_id, "seq": self.seq}
+
+
+def _rejected(code: str, message: str, data: Any) -> ReceiptOutcome:
+    tid = data.get("ticket_id") if isinstance(data, dict) else None
+    sid = data.get("session_id") if isinstance(data, dict) else None
+    seq = data.get("seq") if isinstance(data, dict) else None
+    return ReceiptOutcome("rejected", code, message, tid if isinstance(tid, str) else "",
+                          sid if isinstance(sid, str) else "", seq if type(seq) is int else 0)
+
+
+def _check_receipt(data: Any, ticket: Ticket | None, parsed: dict[int, JobTicket], user: User) -> WorkReceipt:
+    if ticket is None:
+        raise ReceiptError("no such ticket", code="receipt_ticket")
+    if not (user.is_staff or ticket.job.user_id == user.pk or ticket.provider.user_id == user.pk):
+        raise ReceiptError("only the job's client or the provider it names may upload this receipt",
+                           code="permission_denied")
+    if ticket.voided_at is not None:
+        raise ReceiptError("this ticket was voided by an audit; its work is not paid", code="receipt_voided")
+    if ticket.job.state in TERMINAL_STATES:
+        raise ReceiptError(f"job #{ticket.job_id} is {ticket.job.state}; it takes no more receipts",
+                           code="job_closed")
+    job_ticket = parsed.get(ticket.pk)
+    if job_ticket is None:
+        try:
+            job_ticket = parsed[ticket.pk] = JobTicket.from_dict(ticket.signed)
+        except TicketError as e:  # our own stored ticket: a bug, but never pay on it
+            raise ReceiptError(f"stored ticket is unreadable: {e}", code="receipt_ticket") from e
+    receipt = verify_receipt(data, job_ticket)
+    if receipt.client_signature and not ticket.job.client_key:
+        raise ReceiptError("this job has no client key, so its receipts cannot be countersigned",
+                           code="client_signature")
+    return receipt
+
+
+_UPSERT = """
+INSERT INTO receipts_receipt (ticket_id, session_id, seq, units, steps, chain, issued_at, provider_signature,
+                              client_signature, settled_units, uploaded_by_id, updated_at)
+VALUES {values}
+ON CONFLICT (ticket_id, session_id) DO UPDATE SET
+    seq = excluded.seq, units = excluded.units, steps = excluded.steps, chain = excluded.chain,
+    issued_at = excluded.issued_at, provider_signature = excluded.provider_signature,
+    client_signature = excluded.client_signature, uploaded_by_id = excluded.uploaded_by_id,
+    updated_at = excluded.updated_at
+WHERE (excluded.seq > receipts_receipt.seq AND excluded.units >= receipts_receipt.units)
+   OR (excluded.seq = receipts_receipt.seq AND excluded.units = receipts_receipt.units
+       AND excluded.chain = receipts_receipt.chain AND receipts_receipt.client_signature = ''
+       AND excluded.client_signature <> '')
+RETURNING ticket_id, session_id
+"""
+
+
+def _store(rows: list[tuple[int, WorkReceipt]], user: User) -> set[tuple[int, str]]:
+    """Upsert receipts; the WHERE clause re-applies the newer-and-not-fewer rule in the
+    database, so that concurrent uploads cannot regress a stored receipt. Returns the keys
+    written."""
+    if not rows:
+        return set()
+    now = timezone.now()
+    params: list[Any] = []
+    for ticket_pk, r in rows:
+        params += [ticket_pk, r.session_id, r.seq, r.units, r.steps, r.chain, r.issued_at, r.provider_signature,
+                   r.client_signature, 0, user.pk, now]
+    values = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+    with connection.cursor() as cursor:
+        cursor.execute(_UPSERT.format(values=values), params)
+        return {(t, s) for t, s in cursor.fetchall()}
+
+
+@transaction.atomic
+def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutcome]:
+    """Check and store a batch of receipts (at most ``MAX_RECEIPTS_PER_UPLOAD``); one outcome
+    per receipt, in order. Nothing here moves credits: :func:`receipts_settle` does."""
+    if not isinstance(receipts, (list, tuple)) or not 0 < len(receipts) <= MAX_RECEIPTS_PER_UPLOAD:
+        raise ValidationFailed(f"send 1 to {MAX_RECEIPTS_PER_UPLOAD} receipts", extra={"field": "receipts"})
+    ticket_ids = {d["ticket_id"] for d in receipts if isinstance(d, dict) and isinstance(d.get("ticket_id"), str)}
+    tickets = {t.ticket_id: t for t in Ticket.objects.select_related("job", "provider").filter(ticket_id__in=ticket_ids)}
+    parsed: dict[int, JobTicket] = {}
+    outcomes: list[ReceiptOutcome | None] = [None] * len(receipts)
+    candidates: list[tuple[int, Ticket, WorkReceipt]] = []
+    for i, data in enumerate(receipts):
+        ticket = tickets.get(data.get("ticket_id")) if isinstance(data, dict) else None
+        try:
+            candidates.append((i, ticket, _check_receipt(data, ticket, parsed, user)))
+        except ReceiptError as e:
+            outcomes[i] = _rejected(e.code, str(e), data)
+
+    keys = {(t.pk, r.session_id) for _, t, r in candidates}
+    state: dict[tuple[int, str], tuple[int, int, str, str]] = {}
+    if keys:
+        stored = Receipt.objects.filter(ticket_id__in={k[0] for k in keys}).values_list(
+            "ticket_id", "session_id", "seq", "units", "chain", "client_signature")
+        state = {(t, s): (seq, units, chain, csig) for t, s, seq, units, chain, csig in stored if (t, s) in keys}
+    winners: dict[tuple[int, str], tuple[int, WorkReceipt]] = {}
+    for i, ticket, r in sorted(candidates, key=lambda c: (c[1].pk, c[2].session_id, c[2].seq)):
+        key = (ticket.pk, r.session_id)
+        ident = dict(ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
+        current = state.get(key)
+        if current is not None:
+            seq, units, chain, csig = current
+            countersigns = (r.seq == seq and r.units == units and r.chain == chain and not csig
+                            and r.client_signature)
+            if r.seq <= seq and not countersigns:
+                outcomes[i] = ReceiptOutcome("stale", "receipt_replay", f"not newer than the stored #{seq}", **ident)
+                continue
+            if r.units < units:
+                outcomes[i] = ReceiptOutcome("rejected", "receipt_units",
+                                             f"{r.units} units is fewer than the {units} of receipt #{seq}", **ident)
+                continue
+        state[key] = (r.seq, r.units, r.chain, r.client_signature)
+        winners[key] = (i, r)
+        outcomes[i] = ReceiptOutcome("accepted", **ident)
+    written = _store([(key[0], r) for key, (_, r) in winners.items()], user)
+    for key, (i, r) in winners.items():
+        if key not in written:  # a concurrent upload stored a newer receipt first
+            outcomes[i] = ReceiptOutcome("stale", "receipt_replay", "a newer receipt was stored meanwhile",
+                                         ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
+    if written:
+        for hook in _uploaded_hooks:
+            hook()
+    return [o for o in outcomes if o is not None]
+
+
+# --- settlement ------------------------------------------------------------------------------
+
+
+@dataclass
+class SettleSummary:
+    """One settlement run: receipts settled, micro-credits captured and owed beyond holds,
+    (job, provider) groups paid, jobs closed."""
+
+    receipts: int = 0
+    captured: int = 0
+    shortfall: int = 0
+    groups: int = 0
+    closed: list[int] = field(default_factory=list)
+
+    def add(self, other: "SettleSummary") -> None:
+        self.receipts += other.receipts
+        self.captured += other.captured
+        self.shortfall += other.shortfall
+        self.groups += other.groups
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"receipts": self.receipts, "captured": self.captured, "shortfall": self.shortfall,
+                "groups": self.groups, "closed": self.closed}
+
+
+def _unsettled() -> Any:
+    return Receipt.objects.filter(units__gt=F("settled_units"), ticket__voided_at__isnull=True)
+
+
+def _settle_key(receipts: Sequence[Receipt], tickets: dict[int, Ticket]) -> str:
+    digest = hashlib.sha256()
+    for r in sorted(receipts, key=lambda r: (tickets[r.ticket_id].ticket_id, r.session_id)):
+        digest.update(f"{tickets[r.ticket_id].ticket_id}/{r.session_id}/{r.units}\n".encode())
+    return digest.hexdigest()[:40]
+
+
+@transaction.atomic
+def receipt_group_settle(*, job_id: int, provider_id: int) -> SettleSummary:
+    """Pay ``provider_id`` for its unsettled receipts on ``job_id``: one capture, under the
+    job's row lock (which every settler of this job takes first, so two settle it once)."""
+    summary = SettleSummary()
+    job = Job.objects.select_for_update(of=("self",)).select_related("hold").filter(pk=job_id).first()
+    if job is None or job.state not in _PAYABLE_STATES:
+        return summary
+    receipts = list(_unsettled().select_for_update(of=("self",))
+                    .filter(ticket__job_id=job_id, ticket__provider_id=provider_id).order_by("pk"))
+    if not receipts:
+        return summary
+    if job.state == Job.State.PLANNED:
+        job = job_transition(job=job, to_state=Job.State.RUNNING, reason="work receipts arrived")
+    tickets = {t.pk: t for t in Ticket.objects.select_for_update().filter(pk__in={r.ticket_id for r in receipts})}
+    owed = units = 0
+    for r in receipts:
+        ticket = tickets[r.ticket_id]
+        units += r.units - r.settled_units
+        ticket.settled_units += r.units - r.settled_units
+    for ticket in tickets.values():
+        cost = ticket_cost(ticket.settled_units, max_units=ticket.max_units, price=ticket.price)
+        owed += cost - ticket.settled_amount
+        ticket.settled_amount = cost
+    key = _settle_key(receipts, tickets)
+    Receipt.objects.filter(pk__in=[r.pk for r in receipts]).update(settled_units=F("units"))
+    Ticket.objects.bulk_update(tickets.values(), ["settled_units", "settled_amount"])
+    left = Account.objects.filter(pk=job.hold.escrow_id).values_list("balance", flat=True).get()
+    amount = min(owed, left) if job.hold.state == Hold.State.OPEN else 0
+    tx = None
+    if amount > 0:
+        provider = tickets[receipts[0].ticket_id].provider
+        tx = job_charge(job=job, provider=provider, amount=amount, idempotency_key=f"settle:{provider_id}:{key}",
+                        memo=f"job #{job.pk}: {units} work units")
+    if owed > 0:
+        Settlement.objects.create(job=job, provider_id=provider_id, units=units, amount=amount,
+                                  shortfall=owed - amount, transaction=tx)
+        if owed > amount:
+            logger.warning("job #%s owes provider %s %s micro-credits beyond its hold", job.pk, provider_id,
+                           owed - amount)
+    return SettleSummary(receipts=len(receipts), captured=amount, shortfall=owed - amount, groups=1)
+
+
+def jobs_close_settled(*, now: datetime | None = None) -> list[int]:
+    """Settling jobs with nothing left to settle, idle for ``HIVEMART_SETTLE_GRACE_S`` (time for
+    late uploads), become done, which releases what is left of their holds."""
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.HIVEMART_SETTLE_GRACE_S)
+    pending = _unsettled().filter(ticket__job_id=OuterRef("pk"))
+    closed = []
+    for pk in (Job.objects.filter(state=Job.State.SETTLING, updated_at__lte=cutoff).exclude(Exists(pending))
+               .values_list("pk", flat=True)):
+        with transaction.atomic():
+            job = Job.objects.select_for_update(of=("self",)).filter(pk=pk, state=Job.State.SETTLING).first()
+            if job is None or _unsettled().filter(ticket__job_id=pk).exists():
+                continue
+            job_transition(job=job, to_state=Job.State.DONE, reason="settled")
+        closed.append(pk)
+    return closed
+
+
+def receipts_settle(*, job_ids: Sequence[int] | None = None, close: bool = True,
+                    now: datetime | None = None) -> SettleSummary:
+    """Settle every (job, provider) with unsettled receipts (of ``job_ids`` when given), each
+    in its own transaction, then close settling jobs that are finished. Idempotent: run it
+    as often as you like, from as many workers as you like."""
+    groups = _unsettled().filter(ticket__job__state__in=_PAYABLE_STATES)
+    if job_ids is not None:
+        groups = groups.filter(ticket__job_id__in=list(job_ids))
+    summary = SettleSummary()
+    for job_id, provider_id in sorted(set(groups.values_list("ticket__job_id", "ticket__provider_id"))):
+        summary.add(receipt_group_settle(job_id=job_id, provider_id=provider_id))
+    if close:
+        summary.closed = jobs_close_settled(now=now)
+    return summary
+
+
+# --- finishing -------------------------------------------------------------------------------
+
+
+def job_finish(*, job: Job, by: User, receipts: Sequence[Any] = ()) -> tuple[Job, list[ReceiptOutcome]]:
+    """The client is done: upload its last receipts (optional) and move the job to settling
+    (through running when it never started). Settlement pays what is owed and closes it."""
+    outcomes = receipts_upload(user=by, receipts=receipts) if receipts else []
+    with transaction.atomic():
+        if job.state == Job.State.PLANNED:
+            job = job_transition_request(job=job, by=by, to_state=Job.State.RUNNING, reason="finishing")
+        job = job_transition_request(job=job, by=by, to_state=Job.State.SETTLING, reason="finished by the client")
+    grouped: dict[str, int] = defaultdict(int)
+    for o in outcomes:
+        grouped[o.status] += 1
+    logger.info("job #%s finished; final receipts %s", job.pk, dict(grouped))
+    return job, outcomes
