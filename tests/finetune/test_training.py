@@ -131,3 +131,30 @@ def test_two_concurrent_jobs_with_different_adapters_stay_isolated(model, tiny_m
         torch.testing.assert_close(logits, expected_base, atol=1e-4, rtol=0)
     for lora in adapters:
         model.runtime.run(lora.release(model.runtime.p2p))
+
+
+def test_cli_trains_checkpoints_and_resumes(swarm, tiny_model: Path, data_file: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from client_sdk.cli import cli
+
+    args = ["finetune", "--model", str(tiny_model), "--mode", "lora", "--data", str(data_file), "--lr", "1e-2",
+            "--batch-size", "2", "--seq-len", "16", "--rank", "4", "--checkpoint", str(tmp_path / "ckpt"),
+            "--checkpoint-every", "2", "--out", str(tmp_path / "out"), "--quiet", "--json",
+            *[a for peer in swarm.initial_peers for a in ("--initial-peers", peer)]]
+    first = CliRunner().invoke(cli, [*args, "--steps", "2"])
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["mode"] == "lora"
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+
+    second = CliRunner().invoke(cli, [*args, "--steps", "4", "--resume"])
+    assert second.exit_code == 0, second.output
+    resumed = json.loads(second.output.strip().splitlines()[-1])
+    assert resumed["steps"] == 4 and resumed["first_loss"] == summary["first_loss"]
+    assert torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)["step"] == 4
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+    bad = CliRunner().invoke(cli, [*args, "--steps", "1", "--targets", "nonsense"])
+    assert bad.exit_code != 0 and "unknown target" in bad.output
