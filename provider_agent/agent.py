@@ -23,6 +23,8 @@ from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_spa
 from client_sdk.swarm.p2p import start_p2p
 from provider_agent.backend import SpanBackend
 from provider_agent.config import AgentConfig
+from provider_agent.market import MarketLink, Offer, hardware
+from provider_agent.metering import TicketBook
 from provider_agent.server import ProviderServer
 from scheduler.placement import Span, choose_span, should_move
 
@@ -126,6 +128,31 @@ async def choose_blocks(config: AgentConfig, model_id: str, num_blocks: int, nod
     return start, end
 
 
+def ticket_book(config: AgentConfig, identity: Identity, model_id: str) -> TicketBook | None:
+    """The agent's ticket policy: None (free mode) unless it knows or can fetch a platform key."""
+    if config.platform_key is None and not config.market_url:
+        logger.info("free mode: no --platform-key and no --market, so no tickets are asked and no receipts signed")
+        return None
+    key = bytes.fromhex(config.platform_key) if config.platform_key else None
+    return TicketBook(identity=identity, model_id=model_id, platform_key=key, receipt_every=config.receipt_every)
+
+
+def start_market_link(config: AgentConfig, identity: Identity, book: TicketBook, server: ProviderServer,
+                      announcer: "Announcer") -> MarketLink:
+    """Start talking to the marketplace: platform key, registration, heartbeats, receipt uploads."""
+    gpu, gpu_memory_mb = hardware(config.device)
+
+    def offer() -> Offer:
+        backend = server.backend
+        return Offer(model_id=server.model_id, start=backend.start, end=backend.end,
+                     block_digests=tuple(server.block_digests), price=config.price, gpu=gpu,
+                     gpu_memory_mb=gpu_memory_mb)
+
+    link = MarketLink(config, identity, book, offer=offer, status=lambda: (announcer.state, announcer.throughput))
+    link.start()
+    return link
+
+
 def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, list[str]]:
     """Load blocks [start, end) and the digests of exactly the weights loaded."""
     backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
@@ -194,7 +221,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
 
     p2p = await start_p2p(initial_peers=config.initial_peers, identity_path=identity_path,
                           host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
-    node = server = None
+    node = server = market = None
     tasks: list[asyncio.Task] = []
     try:
         node = await DHTNode.create(p2p=p2p, initial_peers=config.initial_peers or None,
@@ -203,11 +230,14 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
         start, end = config.blocks or await choose_blocks(config, info.model_id, info.num_blocks, node, identity)
         backend, digests = load_span(config, start, end)
         throughput = config.throughput or measure_throughput(backend)
-        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests)
+        book = ticket_book(config, identity, info.model_id)
+        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests, tickets=book)
         await server.start()
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         announcer = Announcer(node, identity, server, config, throughput, maddrs)
         await announcer.announce()
+        if config.market_url and book is not None:
+            market = start_market_link(config, identity, book, server, announcer)
         tasks.append(asyncio.create_task(announcer.run()))
         if config.blocks is None and config.rebalance_period > 0:
             tasks.append(asyncio.create_task(Rebalancer(config, node, server, announcer, identity).run()))
@@ -229,6 +259,8 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
             task.cancel()
         if server is not None:
             await server.stop()
+        if market is not None:
+            await market.close()  # after the server: its last receipts go out too
         if node is not None:
             await node.shutdown()
         await p2p.shutdown()

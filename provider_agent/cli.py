@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from client_sdk.protocol.tickets import HEX64_PATTERN as HEX64
 from provider_agent.config import AgentConfig
 
 __all__ = ["main"]
@@ -30,6 +31,15 @@ def _parse_blocks(ctx: click.Context, param: click.Parameter, value: str | None)
     if not 0 <= start < end:
         raise click.BadParameter(f"{value} is an empty or negative range")
     return start, end
+
+
+def _parse_platform_key(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if not HEX64.match(value):
+        raise click.BadParameter("the platform key is 64 hex characters (GET /api/platform/ shows it)")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "HIVEMART"})
@@ -53,7 +63,19 @@ def cli(verbose: int) -> None:
                    "(0: never move).")
 @click.option("--market", "market_url", envvar="HIVEMART_MARKET",
               help="Marketplace URL; without --blocks, ask it where this agent is needed.")
-@click.option("--api-key", envvar="HIVEMART_API_KEY", help="Marketplace API key.")
+@click.option("--api-key", envvar="HIVEMART_API_KEY",
+              help="Marketplace API key: register this provider, heartbeat, upload receipts.")
+@click.option("--platform-key", callback=_parse_platform_key, envvar="HIVEMART_PLATFORM_KEY",
+              help="Hex public key of the marketplace that signs job tickets (default: fetched from --market). "
+                   "With either, billable requests need a valid ticket; with neither the agent serves for free.")
+@click.option("--price", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Price offered to the marketplace: micro-credits per million work units.")
+@click.option("--receipt-every", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Send a signed receipt on an inference stream every this many steps.")
+@click.option("--heartbeat-period", default=15.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between heartbeats to the marketplace.")
+@click.option("--upload-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between uploads of receipts to the marketplace.")
 @click.option("--drain-timeout", default=60.0, show_default=True,
               help="Seconds open sessions may finish before a move; their clients fail over after that.")
 @click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS",
@@ -80,7 +102,8 @@ def cli(verbose: int) -> None:
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
 def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
-        market_url: str | None, api_key: str | None, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
+        market_url: str | None, api_key: str | None, platform_key: str | None, price: int, receipt_every: int,
+        heartbeat_period: float, upload_period: float, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, adapter_mb: float, max_adapter_rank: int,
         adapter_ttl: float, throughput: float | None,
@@ -91,7 +114,9 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
     peers = [p for entry in initial_peers for p in entry.split()]
     config = AgentConfig(
         model_path=model_path, blocks=blocks, num_blocks=num_blocks, rebalance_period=rebalance_period,
-        drain_timeout=drain_timeout, market_url=market_url, api_key=api_key, initial_peers=peers, identity_path=identity_path,
+        drain_timeout=drain_timeout, market_url=market_url, api_key=api_key, platform_key=platform_key, price=price,
+        receipt_every=receipt_every, heartbeat_period=heartbeat_period, upload_period=upload_period,
+        initial_peers=peers, identity_path=identity_path,
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024, adapter_bytes=int(adapter_mb * 1024 * 1024),

@@ -50,8 +50,20 @@ class AgentConfig:
     announce_ttl: float = 30.0
     # Marketplace base URL; without --blocks the agent asks it where it is needed (else the DHT).
     market_url: str | None = None
-    # API key for the marketplace (HIVEMART_API_KEY).
+    # API key for the marketplace (HIVEMART_API_KEY): registers the provider, heartbeats,
+    # uploads receipts. The marketplace pays its user.
     api_key: str | None = None
+    # Hex Ed25519 public key of the marketplace that signs job tickets. With it (or with
+    # `market_url`, which serves it) the agent requires a valid ticket on every billable RPC;
+    # with neither it serves for free (local swarms, benchmarks).
+    platform_key: str | None = None
+    # Price of the offer registered with the marketplace: micro-credits per million work units.
+    price: int = 1000
+    # Send a receipt on an inference stream after every this many steps (and at its close).
+    receipt_every: int = 8
+    # Seconds between heartbeats to the marketplace, and between receipt uploads.
+    heartbeat_period: float = 15.0
+    upload_period: float = 5.0
     # Seconds between checks whether moving to another span would raise the swarm's weakest
     # block throughput by more than `rebalance_factor`; 0 never moves (always with --blocks).
     rebalance_period: float = 0.0
