@@ -320,6 +320,25 @@ def provider_is_degraded(provider: Provider) -> bool:
     return m is not None and m.success_rate < reliability_floor()
 
 
+# --- settlement ------------------------------------------------------------------------------
+
+
+def receipts_settle(*, job_ids: Sequence[int] | None = None, now: datetime | None = None) -> dict[str, object]:
+    """Pay providers for their unsettled receipts and close finished settling jobs
+    (``marketplace.receipts.services.receipts_settle``); a summary for the task result."""
+    from marketplace.receipts.services import receipts_settle as settle
+
+    return settle(job_ids=job_ids, now=now).to_dict()
+
+
+def receipts_settle_enqueue(job_ids: Sequence[int]) -> None:
+    """Queue settlement of ``job_ids`` once the current transaction commits."""
+    from scheduler.tasks import receipts_settle as task
+
+    ids = sorted(set(job_ids))
+    transaction.on_commit(lambda: task.delay(ids))
+
+
 # --- placement -------------------------------------------------------------------------------
 
 

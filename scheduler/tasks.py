@@ -62,3 +62,12 @@ def placement_suggest(model_id: str, num_blocks: int) -> dict[str, int]:
 
     start, end = services.placement_suggest(model=catalog_model_for_use(model_id=model_id), num_blocks=num_blocks)
     return {"start": start, "end": end}
+
+
+@app.task(name="scheduler.receipts_settle", autoretry_for=TRANSIENT, **_RETRY)
+def receipts_settle(job_ids: list[int] | None = None) -> dict[str, Any]:
+    """Settle uploaded receipts (of ``job_ids``, or of every job) into the ledger and close
+    finished settling jobs. Safe to run concurrently: each (job, provider) settles once."""
+    if job_ids is not None and not (isinstance(job_ids, list) and all(type(j) is int for j in job_ids)):
+        raise ValueError("job_ids is a list of integers")
+    return services.receipts_settle(job_ids=job_ids)

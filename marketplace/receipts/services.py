@@ -59,13 +59,13 @@ NO_CLIENT_KEY = "00" * 32
 _MAX_UNITS = 2**62
 _PAYABLE_STATES = (Job.State.PLANNED, Job.State.RUNNING, Job.State.SETTLING)
 
-# Called (inside the upload's transaction) after receipts were accepted; the scheduling app
-# registers one that queues settlement on commit.
-_uploaded_hooks: list[Callable[[], None]] = []
+# Called (inside the upload's transaction) with the ids of the jobs whose receipts were
+# accepted; the scheduling app registers one that queues their settlement on commit.
+_uploaded_hooks: list[Callable[[list[int]], None]] = []
 
 
-def receipts_uploaded_hook_register(hook: Callable[[], None]) -> None:
-    """Call ``hook()`` after every upload that accepted at least one receipt."""
+def receipts_uploaded_hook_register(hook: Callable[[list[int]], None]) -> None:
+    """Call ``hook(job_ids)`` after every upload that accepted at least one receipt."""
     if hook not in _uploaded_hooks:
         _uploaded_hooks.append(hook)
 
@@ -260,8 +260,9 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
             outcomes[i] = ReceiptOutcome("stale", "receipt_replay", "a newer receipt was stored meanwhile",
                                          ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
     if written:
+        job_ids = sorted({tickets[r.ticket_id].job_id for _, r in winners.values()})
         for hook in _uploaded_hooks:
-            hook()
+            hook(job_ids)
     return [o for o in outcomes if o is not None]
 
 

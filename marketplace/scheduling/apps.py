@@ -10,6 +10,13 @@ def _match_on_create(job_id: int) -> None:
         job_match_enqueue(job_id)
 
 
+def _settle_on_upload(job_ids: list[int]) -> None:
+    if settings.HIVEMART_SETTLE_ON_UPLOAD:
+        from scheduler.services import receipts_settle_enqueue
+
+        receipts_settle_enqueue(job_ids)
+
+
 class SchedulingConfig(AppConfig):
     name = "marketplace.scheduling"
     label = "scheduling"
@@ -18,4 +25,7 @@ class SchedulingConfig(AppConfig):
     def ready(self) -> None:
         from marketplace.jobs.services import job_created_hook_register
 
+        from marketplace.receipts.services import receipts_uploaded_hook_register
+
         job_created_hook_register(_match_on_create)
+        receipts_uploaded_hook_register(_settle_on_upload)
