@@ -27,13 +27,15 @@ from typing import Any, Callable, TypeVar
 from hivemind.utils.logging import get_logger
 
 from client_sdk.api import Client
+from client_sdk.api.types import ReceiptResult
 from client_sdk.errors import HivemartError, NotFoundError, ValidationError
 from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.receipts import WorkReceipt
 from client_sdk.protocol.tickets import HEX64_PATTERN
 from provider_agent.config import AgentConfig
 from provider_agent.metering import TicketBook
 
-__all__ = ["MarketLink", "MarketSetupError", "Offer", "fetch_platform_key", "upload_receipts"]
+__all__ = ["MarketLink", "MarketSetupError", "Offer", "fetch_platform_key", "hardware"]
 
 logger = get_logger(__name__)
 
@@ -77,29 +79,10 @@ def hardware(device: str) -> tuple[str, int]:
 
 def fetch_platform_key(client: Client) -> bytes:
     """The marketplace's platform public key (``GET /api/platform/``, no authentication)."""
-    platform = getattr(client, "platform", None)
-    if platform is not None:
-        info = platform.get()
-        key = info.public_key if hasattr(info, "public_key") else info.get("public_key")
-    else:  # an SDK from before the platform resource
-        key = (client._core.request("GET", "/api/platform/", auth=False) or {}).get("public_key")
+    key = client.platform.get().public_key
     if not isinstance(key, str) or not HEX64_PATTERN.match(key):
         raise HivemartError(f"the marketplace answered a malformed platform key: {key!r}")
     return bytes.fromhex(key)
-
-
-def upload_receipts(client: Client, receipts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``POST /api/receipts/``: one status map per receipt (``accepted``, ``stale`` or ``rejected``)."""
-    resource = getattr(client, "receipts", None)
-    if resource is not None:
-        answer: Any = resource.upload(receipts)
-    else:  # an SDK from before the receipts resource
-        answer = client._core.request("POST", "/api/receipts/", json={"receipts": receipts})
-    if isinstance(answer, dict):
-        answer = answer.get("results", answer.get("receipts"))
-    if not isinstance(answer, list):
-        raise HivemartError(f"the marketplace answered a receipt upload with {type(answer).__name__}, not a list")
-    return [a if isinstance(a, dict) else vars(a) for a in answer]
 
 
 class MarketLink:
@@ -151,7 +134,7 @@ class MarketLink:
         if self.config.api_key:
             try:
                 await asyncio.wait_for(self._upload_all(), _SHUTDOWN_UPLOAD_S)
-            except (asyncio.TimeoutError, HivemartError) as e:
+            except Exception as e:
                 left = self.book.pending_count()
                 logger.warning(f"could not upload {left} receipts before shutdown ({e!r}); they are lost to this "
                                f"agent, but clients upload their countersigned copies")
@@ -159,7 +142,7 @@ class MarketLink:
                 try:
                     await asyncio.wait_for(self._call(self.client.providers.heartbeat, self.provider_id,
                                                       state="offline"), 5.0)
-                except (asyncio.TimeoutError, HivemartError) as e:
+                except Exception as e:
                     logger.info(f"could not tell the marketplace we are going offline: {e!r}")
         self._http.shutdown(wait=False, cancel_futures=True)
         self.client.close()
@@ -175,8 +158,8 @@ class MarketLink:
             except MarketSetupError as e:
                 logger.error(f"cannot {what}: {e} (retrying every {_SETUP_RETRY_S:.0f} s)")
                 await asyncio.sleep(_SETUP_RETRY_S)
-            except HivemartError as e:
-                logger.warning(f"cannot {what} ({e}); retrying in {delay:.0f} s, still serving meanwhile")
+            except Exception as e:  # an outage, or a malformed answer: this loop must outlive both
+                logger.warning(f"cannot {what} ({e!r}); retrying in {delay:.0f} s, still serving meanwhile")
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
@@ -227,8 +210,8 @@ class MarketLink:
                 await self.heartbeat()
             except MarketSetupError as e:
                 logger.error(f"the marketplace refuses our new offer: {e}")
-            except HivemartError as e:
-                logger.warning(f"heartbeat failed ({e}); still serving, next try in "
+            except Exception as e:
+                logger.warning(f"heartbeat failed ({e!r}); still serving, next try in "
                                f"{self.config.heartbeat_period:.0f} s")
             await asyncio.sleep(self.config.heartbeat_period)
 
@@ -249,16 +232,16 @@ class MarketLink:
             try:
                 await self._upload_all()
                 delay = self.config.upload_period
-            except HivemartError as e:
+            except Exception as e:
                 delay = min(max(delay * 2, self.config.upload_period), _BACKOFF_MAX_S)
-                logger.warning(f"receipt upload failed ({e}); {self.book.pending_count()} receipts wait, "
+                logger.warning(f"receipt upload failed ({e!r}); {self.book.pending_count()} receipts wait, "
                                f"next try in {delay:.0f} s")
 
     async def _upload_all(self) -> None:
         """Upload every pending receipt, in batches; a failed batch goes back to the queue."""
         while batch := self.book.take_pending(_MAX_UPLOAD_BATCH):
             try:
-                statuses = await self._call(upload_receipts, self.client, [r.to_dict() for r in batch])
+                results = await self._call(self.client.receipts.upload, batch)
             except ValidationError as e:
                 # The batch itself is malformed in the marketplace's eyes: resending cannot help.
                 logger.error(f"the marketplace refused a batch of {len(batch)} receipts: {e}")
@@ -266,14 +249,13 @@ class MarketLink:
             except BaseException:
                 self.book.requeue(batch)
                 raise
-            self._count(batch, statuses)
+            self._count(batch, results)
 
-    def _count(self, batch: list[Any], statuses: list[dict[str, Any]]) -> None:
-        if len(statuses) != len(batch):
-            logger.warning(f"the marketplace answered {len(statuses)} statuses for {len(batch)} receipts")
-        for receipt, status in zip(batch, statuses):
-            state = str(status.get("status"))
-            self.uploaded[state] = self.uploaded.get(state, 0) + 1
-            if state == "rejected":
+    def _count(self, batch: list[WorkReceipt], results: list[ReceiptResult]) -> None:
+        if len(results) != len(batch):
+            logger.warning(f"the marketplace answered {len(results)} results for {len(batch)} receipts")
+        for receipt, result in zip(batch, results):
+            self.uploaded[result.status] = self.uploaded.get(result.status, 0) + 1
+            if result.status == "rejected":
                 logger.warning(f"the marketplace rejected our receipt {receipt.ticket_id}/{receipt.session_id}#"
-                               f"{receipt.seq}: {status.get('code')}: {status.get('message', '')}")
+                               f"{receipt.seq}: {result.code}: {result.message}")
