@@ -97,3 +97,27 @@ def matching(providers: int, blocks: int, repeats: int, seed: int, kind: str, as
     result = run_matching_bench(providers=providers, blocks=blocks, repeats=repeats, seed=seed, kind=kind,
                                 progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
+
+
+@bench.command()
+@click.option("--mode", default="lora", show_default=True, type=click.Choice(["ptune", "deep_ptune", "lora"]),
+              help="What is trained.")
+@click.option("--hidden", default=512, show_default=True, help="Hidden size of the generated llama model.")
+@click.option("--layers", default=8, show_default=True, help="Transformer blocks.")
+@click.option("--providers", default=2, show_default=True, help="Providers the blocks are split across.")
+@click.option("--batch-size", default=8, show_default=True, help="Rows per step.")
+@click.option("--seq-len", default=128, show_default=True, help="Tokens per row.")
+@click.option("--repeats", default=5, show_default=True, help="Timed steps; the median is reported.")
+@click.option("--chunk-tokens", default=512, show_default=True,
+              help="Most tokens per request: the batch is split into chunks pipelined through the chain.")
+@click.option("--provider-threads", default=1, show_default=True, help="torch threads per provider.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def train(mode: str, hidden: int, layers: int, providers: int, batch_size: int, seq_len: int, repeats: int,
+          chunk_tokens: int, provider_threads: int, as_json: bool) -> None:
+    """Seconds per fine-tuning step: local transformers (+PEFT) versus through providers on loopback."""
+    from client_sdk.finetune.bench import run_train_bench
+
+    result = run_train_bench(mode=mode, hidden=hidden, layers=layers, providers=providers, batch_size=batch_size,
+                             seq_len=seq_len, repeats=repeats, chunk_tokens=chunk_tokens,
+                             provider_threads=provider_threads, progress=lambda msg: click.echo(msg, err=True))
+    emit(result, as_json)
