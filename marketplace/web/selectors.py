@@ -23,8 +23,15 @@ from marketplace.jobs.models import Job
 from marketplace.jobs.selectors import jobs_visible_to
 from marketplace.ledger.models import Hold, Posting, Transaction
 from marketplace.ledger.selectors import hold_captured, hold_left
-from marketplace.providers.models import Provider, ProviderEvent
+from marketplace.providers.models import Provider, ProviderEvent, ProviderMeasurement
 from marketplace.providers.selectors import ProviderOffer, offers_for_model, provider_offer
+from marketplace.receipts.models import Audit, Offence, Receipt, Settlement
+from marketplace.receipts.selectors import (
+    audits_visible_to,
+    provider_offences,
+    receipts_visible_to,
+    settlements_visible_to,
+)
 from scheduler.placement import block_throughputs
 
 # Uptime is the share of this window (or of the time since registration, if shorter) spent online.
@@ -155,8 +162,13 @@ def provider_recent_events(*, provider: Provider, limit: int = 20) -> list[Provi
     return list(provider.events.all()[:limit])
 
 
-def provider_recent_measurements(*, provider: Provider, limit: int = 10) -> list:
+def provider_recent_measurements(*, provider: Provider, limit: int = 10) -> list[ProviderMeasurement]:
     return list(provider.measurements.all()[:limit])
+
+
+def provider_recent_offences(*, provider: Provider, limit: int = 20) -> list[Offence]:
+    """Failed audits and wrong probe answers: what lowered the provider's reputation."""
+    return list(provider_offences(provider_id=provider.pk)[:limit])
 
 
 # --- the signed-in client -----------------------------------------------------------------
@@ -223,3 +235,20 @@ def job_cost(*, job: Job) -> JobCost | None:
             released += sum(p.amount for p in postings if p.account_id == hold.payer_id)
     return JobCost(budget=hold.amount, captured=hold_captured(hold=hold), left=hold_left(hold=hold),
                    released=released, charges=charges)
+
+
+# --- settlement -----------------------------------------------------------------------------
+
+def job_receipts(*, user: User, job: Job) -> QuerySet[Receipt]:
+    """The job's work receipts (one per ticket and session, the latest cumulative one)."""
+    return receipts_visible_to(user=user).filter(ticket__job=job).order_by("ticket__segment", "ticket__role",
+                                                                           "session_id")
+
+
+def job_settlements(*, user: User, job: Job) -> QuerySet[Settlement]:
+    return settlements_visible_to(user=user).filter(job=job).order_by("created_at", "id")
+
+
+def audits_for_staff(*, user: User) -> QuerySet[Audit]:
+    """Every audit, newest first (the caller checks that ``user`` is staff)."""
+    return audits_visible_to(user=user).select_related("job").order_by("-created_at", "-id")

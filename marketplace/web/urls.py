@@ -17,6 +17,7 @@ urlpatterns = [
     path("jobs/<int:job_id>/", views.job_detail, name="job"),
     path("keys/", views.keys, name="keys"),
     path("keys/<int:key_id>/revoke/", views.key_revoke, name="key-revoke"),
+    path("staff/audits/", views.audits, name="audits"),
     path("signup/", views.signup, name="signup"),
     path("login/", auth_views.LoginView.as_view(template_name="web/login.html", redirect_authenticated_user=True),
          name="login"),

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -70,6 +71,7 @@ def provider_detail(request: HttpRequest, provider_id: int) -> HttpResponse:
         "card": card,
         "events": selectors.provider_recent_events(provider=card.provider),
         "measurements": selectors.provider_recent_measurements(provider=card.provider),
+        "offences": selectors.provider_recent_offences(provider=card.provider),
     })
 
 
@@ -133,6 +135,8 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "plan": job_plan_current(job=job),
         "transitions": job_transitions(job=job),
         "cost": selectors.job_cost(job=job),
+        "receipts": selectors.job_receipts(user=request.user, job=job),
+        "settlements": selectors.job_settlements(user=request.user, job=job),
         "refresh_s": JOB_REFRESH_S,
     })
 
@@ -169,6 +173,15 @@ def key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
         raise Http404("no such key") from None
     messages.success(request, f"Key {key.prefix}… revoked; requests with it now fail.")
     return redirect(reverse("web:keys"))
+
+
+@login_required
+@require_GET
+def audits(request: HttpRequest) -> HttpResponse:
+    """Staff only: every audit with its verdict (a signed-in non-staff user gets 403)."""
+    if not request.user.is_staff:
+        raise PermissionDenied("staff only")
+    return render(request, "web/audits.html", {"page": _page(request, selectors.audits_for_staff(user=request.user))})
 
 
 @never_cache

@@ -1,9 +1,9 @@
 """The web marketplace in a real browser: Playwright driving Debian's ``chromium`` package.
 
 A visitor signs up, creates an API key (read from the page), logs out and in again; then a
-job for that user is created, planned and charged through the real services while the
-browser watches the job page (it reloads itself until the job ends) and the wallet balance
-change. Screenshots go to ``test-artifacts/web/``.
+job for that user is created and planned through the real services, its provider's signed
+work receipt is uploaded and settled (``marketplace.receipts``), and the browser watches the
+job page (it reloads itself until the job ends) and the wallet balance change. Screenshots go to ``test-artifacts/web/``.
 
 Playwright never downloads a browser here: it launches ``/usr/bin/chromium`` (or
 ``$HIVEMART_CHROMIUM``). Without it the test is skipped, except in CI (``CI=true``), where
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -25,7 +26,10 @@ T = TypeVar("T")
 CHROMIUM = Path(os.environ.get("HIVEMART_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
 PASSWORD = "correct horse battery staple"
-GRANT, BUDGET, CHARGE = 5_000_000, 2_000_000, 750_000
+GRANT, BUDGET = 5_000_000, 2_000_000
+PRICE = 10_000  # micro-credits per million work units
+UNITS = 75_000_000  # work units the provider's receipt claims
+CHARGE = UNITS * PRICE // 1_000_000  # 750_000 micro-credits: what settlement must capture
 # Waits for the page, not assertions about speed: generous so a loaded machine still passes.
 WAIT_MS = 30_000
 
@@ -65,15 +69,25 @@ def balance_micro(page) -> int:  # noqa: ANN001
     return int(page.locator("#balance").get_attribute("data-micro"))
 
 
-def test_sign_up_create_a_key_and_watch_a_job_settle(live_server) -> None:  # noqa: ANN001
+def test_sign_up_create_a_key_and_watch_a_job_settle(live_server, settings, tmp_path: Path) -> None:  # noqa: ANN001
     chromium = _browser_or_skip()
+    from django.utils import timezone
     from playwright.sync_api import expect, sync_playwright
 
+    from client_sdk.protocol.identity import Identity
+    from client_sdk.protocol.receipts import ReceiptCounter, countersign
+    from client_sdk.protocol.tickets import JobTicket
     from marketplace.accounts.models import User
     from marketplace.accounts.services import api_key_authenticate
-    from marketplace.jobs.services import SegmentSpec, job_charge, job_create, job_plan_store, job_transition
+    from marketplace.jobs.services import SegmentSpec, job_create, job_plan_store, job_transition
     from marketplace.ledger.services import credit_grant, wallet_get_or_create
-    from tests.marketplace.factories import make_model, make_provider
+    from marketplace.providers.services import provider_heartbeat
+    from marketplace.receipts.services import job_finish, receipts_settle
+    from tests.marketplace.factories import make_model, make_user, register
+    from tests.marketplace.settlement import platform_key_file
+
+    settings.HIVEMART_PLATFORM_KEY_FILE = platform_key_file(tmp_path)
+    provider_identity, client_identity = Identity.generate(), Identity.generate()
 
     base = live_server.url
     with sync_playwright() as pw:
@@ -117,14 +131,18 @@ def test_sign_up_create_a_key_and_watch_a_job_settle(live_server) -> None:  # no
             expect(page).to_have_url(f"{base}/wallet/")
             assert balance_micro(page) == 0
 
-            # Credits arrive and a job is created, planned and started by the real services.
+            # Credits arrive and a job is created, planned (which issues signed tickets) and
+            # started, all through the real services.
             def start_job() -> tuple[int, int]:
                 user = User.objects.get(username="browser-user")
                 credit_grant(account=wallet_get_or_create(user=user), amount=GRANT, memo="browser test grant")
                 model = make_model(num_blocks=4)
-                provider = make_provider(model=model, price=1_000, name="browser-gpu")
+                provider = register(user=make_user(), identity=provider_identity, model=model, price=PRICE,
+                                    name="browser-gpu")
+                provider_heartbeat(provider=provider, state="online", throughput=1000.0, latency_ms=20.0)
                 job, _ = job_create(user=user, kind="inference", model_id=model.model_id, budget=BUDGET,
-                                    max_price=10_000, idempotency_key="browser-job")
+                                    max_price=PRICE, idempotency_key="browser-job",
+                                    client_key=client_identity.public_key.hex())
                 job_plan_store(job=job, segments=[SegmentSpec(block_start=0, block_end=4, provider=provider)])
                 job_transition(job=job, to_state="running", reason="client started")
                 return job.pk, provider.pk
@@ -142,19 +160,31 @@ def test_sign_up_create_a_key_and_watch_a_job_settle(live_server) -> None:  # no
             assert int(page.locator("#cost-captured").get_attribute("data-micro")) == 0
             shot(page, "04-job-running")
 
-            # Settle while the browser watches: the page reloads itself until the job ends.
-            def settle() -> None:
+            # The provider signs a receipt for its work (as its agent does), the client
+            # countersigns it and finishes the job; settlement pays the provider and closes
+            # the job, while the browser watches (the page reloads itself until the job ends).
+            def settle() -> int:
                 from marketplace.jobs.models import Job
-                from marketplace.providers.models import Provider
+                from marketplace.receipts.models import Ticket
 
-                job, provider = Job.objects.get(pk=job_id), Provider.objects.get(pk=provider_id)
-                job_charge(job=job, provider=provider, amount=CHARGE, idempotency_key="browser-receipt-1")
-                job_transition(job=job, to_state="settling", reason="receipts in")
-                job_transition(job=job, to_state="done", reason="settled")
+                job = Job.objects.get(pk=job_id)
+                ticket = Ticket.objects.filter(job=job, provider_id=provider_id, role="primary").latest("id")
+                counter = ReceiptCounter(JobTicket.from_dict(ticket.signed), "browser-session-1")
+                counter.record(UNITS, os.urandom(32))
+                receipt = countersign(counter.receipt(provider_identity), client_identity)
+                _, outcomes = job_finish(job=job, by=job.user, receipts=[receipt.to_dict()])
+                assert [o.status for o in outcomes] == ["accepted"]
+                grace = timedelta(seconds=settings.HIVEMART_SETTLE_GRACE_S + 1)
+                summary = receipts_settle(job_ids=[job_id], now=timezone.now() + grace)
+                assert summary.closed == [job_id]
+                return summary.captured
 
-            in_thread(settle)
+            captured = in_thread(settle)
+            assert captured == CHARGE
             expect(page.locator("#job-state")).to_have_text("done", timeout=WAIT_MS)
             assert int(page.locator("#cost-captured").get_attribute("data-micro")) == CHARGE
+            expect(page.locator("#receipts")).to_contain_text(str(UNITS))
+            expect(page.locator("#settlements")).to_contain_text("browser-gpu")
             expect(page.locator("#charges")).to_contain_text("browser-gpu")
             shot(page, "05-job-settled")
 
