@@ -1,21 +1,30 @@
-"""Talking to one provider: info, forward, backward, and inference streams."""
+"""Talking to one provider: info, forward, backward, and inference streams.
+
+Billing: a connection made with a :class:`SpanBilling` attaches the job's ticket and the
+client's session id to every forward and backward, mirrors the work in the job's
+:class:`~client_sdk.swarm.receipts.ReceiptCollector` from the output it received, and hands
+the receipt of the reply header to it for checking and countersigning.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from hivemind.p2p import P2P, PeerID
 
 from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
 from client_sdk.protocol.framing import Limits, Message, read_message, write_message
+from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import (
     RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, OpenSession, Relink, SpanRequest, Step,
 )
+from client_sdk.protocol.tickets import JobTicket
+from client_sdk.swarm.receipts import ReceiptCollector
 
-__all__ = ["ProviderConnection", "InferenceStream"]
+__all__ = ["ProviderConnection", "InferenceStream", "SpanBilling"]
 
 _CLIENT_LIMITS = Limits(max_tensors=4, max_tensor_bytes=2**32)
 
@@ -28,11 +37,47 @@ def _raise_if_error(message: Message, peer_id: str) -> Message:
     return message
 
 
-class ProviderConnection:
-    """RPCs to one provider over the client's p2p daemon."""
+@dataclass
+class SpanBilling:
+    """What pays for a provider's forwards and backwards, and who checks their receipts.
 
-    def __init__(self, p2p: P2P, peer_id: str) -> None:
-        self.p2p, self.peer_id = p2p, peer_id
+    ``session_id`` names the client's run on this ticket (one cumulative receipt counts it);
+    ``lost`` is called when a request fails after it may have been computed, because the
+    provider may then have counted work whose output the client never saw: the caller must
+    use a new session id from then on, or every later receipt would fail the chain check.
+    """
+
+    ticket: JobTicket
+    session_id: str
+    collector: ReceiptCollector
+    lost: Callable[[], None] | None = None
+
+    def header(self) -> dict[str, Any]:
+        return {"ticket": self.ticket.to_dict(), "session_id": self.session_id}
+
+    def on_reply(self, rpc: str, header: dict[str, Any], sent: Sequence[torch.Tensor], reply: Message) -> None:
+        """Mirror the provider's count (tokens x blocks, backward double; chain over the
+        first output tensor) and check the receipt of the reply, if any."""
+        hidden = sent[0]
+        units = work_units(tokens=hidden.shape[0] * hidden.shape[1], blocks=int(header["end"]) - int(header["start"]),
+                           backward=rpc == RPC_BACKWARD)
+        self.collector.record(self.ticket, self.session_id, units, reply.tensors[0])
+        receipt = reply.header.get("receipt")
+        if receipt is None:
+            self.collector.missing_receipt(self.ticket, self.session_id)
+        else:
+            self.collector.receive(receipt, ticket=self.ticket, session_id=self.session_id)
+
+    def on_failure(self) -> None:
+        if self.lost is not None:
+            self.lost()
+
+
+class ProviderConnection:
+    """RPCs to one provider over the client's p2p daemon (billed with ``billing`` when given)."""
+
+    def __init__(self, p2p: P2P, peer_id: str, *, billing: SpanBilling | None = None) -> None:
+        self.p2p, self.peer_id, self.billing = p2p, peer_id, billing
         self._peer = PeerID.from_base58(peer_id)
 
     async def _open(self, rpc: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -44,7 +89,23 @@ class ProviderConnection:
 
     async def call(self, rpc: str, header: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
                    timeout: float | None = None) -> Message:
-        """One request, one response, on a fresh stream."""
+        """One request, one response, on a fresh stream; forwards and backwards are billed
+        to the connection's ticket when it has one."""
+        billing = self.billing if rpc in (RPC_FORWARD, RPC_BACKWARD) else None
+        if billing is None:
+            return await self._call(rpc, header, tensors, timeout)
+        header = {**header, **billing.header()}
+        try:
+            reply = await self._call(rpc, header, tensors, timeout)
+        except BaseException:
+            billing.on_failure()
+            raise
+        if reply.tensors and tensors:
+            billing.on_reply(rpc, header, tensors, reply)
+        return reply
+
+    async def _call(self, rpc: str, header: dict[str, Any], tensors: Sequence[torch.Tensor],
+                    timeout: float | None) -> Message:
         reader, writer = await self._open(rpc)
         try:
             try:
@@ -66,6 +127,7 @@ class ProviderConnection:
         return (await self.call(RPC_INFO, {}, timeout=timeout)).header
 
     async def forward(self, start: int, end: int, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        """Hidden states after blocks [start, end) (billed when the connection has a ticket)."""
         reply = await self.call(RPC_FORWARD, SpanRequest(start, end).to_header(), (hidden,), timeout)
         return self._single_tensor(reply, hidden.shape)
 
@@ -96,6 +158,7 @@ class ProviderConnection:
         return InferenceStream(self.peer_id, spec, reader, writer, inbox)
 
 
+
 @dataclass(eq=False)
 class InferenceStream:
     """An open inference session on one provider. A reader task forwards every reply to
@@ -117,6 +180,19 @@ class InferenceStream:
                 self.inbox.put_nowait((self, message))
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
             self.inbox.put_nowait((self, e))
+
+    async def send_close(self) -> None:
+        """Ask the provider to end the session: it answers with its final receipt, if any,
+        and then ends the stream (a broken stream is ignored: it is being closed anyway)."""
+        try:
+            await self._send({"type": "close", "session_id": self.spec.session_id})
+        except ProviderUnavailableError:
+            pass
+
+    @property
+    def finished(self) -> bool:
+        """The provider ended the stream (or it broke) and every reply was delivered."""
+        return self._reader_task.done()
 
     async def send_step(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
         await self._send(Step(self.spec.session_id, step_id, position).to_header(), (hidden,))

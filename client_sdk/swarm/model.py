@@ -21,7 +21,7 @@ from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.remote import RemoteBlocks, RemoteLora
 from client_sdk.swarm.routing import DEFAULT_HOP_COST_S, RouteHop, find_route
 from client_sdk.swarm.runtime import SwarmRuntime
-from client_sdk.swarm.session import ChainSession
+from client_sdk.swarm.session import ChainSession, SessionJob
 
 __all__ = ["DistributedModelForCausalLM", "GenerationSession"]
 
@@ -50,6 +50,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.bans = PeerBans()  # shared by every session and call of this model
         # Autograd through the swarm (training, scoring): chunked batches with failover.
         self.remote = RemoteBlocks(runtime, self._find_route, info.num_blocks, bans=self.bans)
+        # A paid job (client_sdk.swarm.job.SwarmJob.attach): its plan routes, its tickets pay.
+        self.job: SessionJob | None = None
         for name, module in (("embed_tokens", parts.embed_tokens), ("norm", parts.norm), ("lm_head", parts.lm_head)):
             self.add_module(name, module)
 
@@ -73,7 +75,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     async def _find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
         """The fastest chain over blocks [start, end) among live, correctly signed records,
-        avoiding peers that failed recently."""
+        avoiding peers that failed recently; with a job attached, the job's planned route."""
+        if self.job is not None:
+            return await self.job.find_route(start, end, avoid | self.bans.banned())
         records = await fetch_span_records(self.runtime.dht, self.info.model_id, range(start, end))
         return find_route(records.values(), self.info.model_id, start, end, hop_cost_s=self.hop_cost_s,
                           avoid=avoid | self.bans.banned())
@@ -124,7 +128,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     async def _open_chain(self, max_length: int, batch_size: int) -> ChainSession:
         chain = ChainSession(self.runtime.p2p, await self._route(), max_length=max_length, batch_size=batch_size,
-                             push=self.push, find_route=self._find_route, bans=self.bans)
+                             push=self.push, find_route=self._find_route, bans=self.bans, job=self.job)
         await chain.open()
         return chain
 

@@ -39,7 +39,7 @@ from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.framing import Message
 from client_sdk.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
 from client_sdk.swarm.bans import PeerBans
-from client_sdk.swarm.connection import ProviderConnection
+from client_sdk.swarm.connection import ProviderConnection, SpanBilling
 from client_sdk.swarm.routing import RouteHop
 from client_sdk.swarm.runtime import SwarmRuntime
 
@@ -158,6 +158,9 @@ class RemoteBlocks:
     timeout: float | None = 120.0
     max_failovers: int = 5
     failovers: list[dict] = field(default_factory=list)  # what happened, for callers that report it
+    # billing(hop, lane) -> the ticket and receipt session of a paid job's request (None: free);
+    # lane tells concurrent chunks apart (see client_sdk.swarm.job.SwarmJob.span_billing).
+    billing: Callable[[RouteHop, object], SpanBilling | None] | None = None
 
     def __call__(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None,
                  lora: RemoteLora | None = None) -> torch.Tensor:
@@ -203,7 +206,8 @@ class RemoteBlocks:
                     lora: RemoteLora | None, lora_grads: bool = False) -> Message:
         """One forward or backward on ``hop``; adapter placement and an expired adapter are
         handled here, provider failures raise _SpanFailed."""
-        connection = ProviderConnection(self.runtime.p2p, hop.peer_id)
+        billing = self.billing(hop, chunk.rows.start) if self.billing is not None else None
+        connection = ProviderConnection(self.runtime.p2p, hop.peer_id, billing=billing)
         dtype = getattr(torch, hop.record.dtype)
         prompts = self._hop_prompts(chunk, hop, dtype)
         for _ in range(2):  # a second try after the provider forgot our adapter

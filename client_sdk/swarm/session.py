@@ -13,6 +13,14 @@ derived from its speed), the client finds a replacement for its blocks, replays 
 recorded inputs to it step by step exactly as they were first sent, so that its KV cache
 is bit-for-bit what the failed provider had, re-wires the chain, and resends the step.
 Generation then continues with outputs identical to a run without failure.
+
+A session of a paid job (``job``: see :mod:`client_sdk.swarm.job`) opens every hop with the
+job ticket of its provider, mirrors each provider's work from the outputs it returns, and
+hands the receipts that arrive on the streams to the job's collector; closing asks every
+provider for its final receipt. With shadow verification, a step is re-run on a backup
+after it completes; a provider caught returning different outputs is reported and replaced,
+and every hop after it is rebuilt from the corrected hidden states, so the step still
+returns what honest providers compute.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
 
 import torch
 from hivemind.p2p import P2P
@@ -29,12 +37,18 @@ from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
 from client_sdk.protocol.framing import Message
+from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import OpenSession, Relink
+from client_sdk.protocol.tickets import JobTicket
 from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.connection import InferenceStream, ProviderConnection
 from client_sdk.swarm.routing import RouteHop
 
-__all__ = ["ChainSession", "FindRoute"]
+if TYPE_CHECKING:
+    from client_sdk.swarm.receipts import ReceiptCollector
+    from client_sdk.swarm.verify import ShadowVerifier
+
+__all__ = ["ChainSession", "FindRoute", "SessionJob"]
 
 logger = get_logger(__name__)
 
@@ -51,6 +65,22 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+class SessionJob(Protocol):
+    """What a paid job gives its sessions (``client_sdk.swarm.job.SwarmJob`` is one)."""
+
+    collector: "ReceiptCollector"
+    verifier: "ShadowVerifier | None"
+
+    def ticket_for(self, peer_id: str, start: int, end: int) -> JobTicket | None:
+        """The job's ticket for ``peer_id`` covering blocks [start, end), if any."""
+
+    def exclude(self, peer_id: str) -> None:
+        """Never route this job to ``peer_id`` again (it was caught returning wrong outputs)."""
+
+    async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
+        """The job's planned route over blocks [start, end) without ``avoid``."""
+
+
 class _HopFailed(Exception):
     def __init__(self, hop: "_Hop", reason: str) -> None:
         super().__init__(reason)
@@ -63,6 +93,8 @@ class _Hop:
     stream: InferenceStream
     relinked: int = 0  # acknowledged relinks
     outputs: int = 0  # step outputs received
+    ticket: JobTicket | None = None  # what pays for this hop's session (None: free mode)
+    billed_steps: set[int] = field(default_factory=set)  # step ids whose output the receipt mirror counted
 
     @property
     def start(self) -> int:
@@ -100,6 +132,15 @@ class _Boundary:
         if self.get(step_id) is None:
             self.entries.append(_Entry(step_id, position, hidden))
 
+    def prefix(self) -> torch.Tensor | None:
+        """Every position recorded so far, in order, or None if there is a gap."""
+        length = 0
+        for entry in self.entries:
+            if entry.position != length:
+                return None
+            length += entry.hidden.shape[1]
+        return torch.cat([e.hidden for e in self.entries], dim=1) if self.entries else None
+
     def truncate(self, position: int) -> None:
         """Forget everything at or after ``position`` (a rollback)."""
         kept = []
@@ -117,13 +158,15 @@ class ChainSession:
 
     def __init__(self, p2p: P2P, route: Sequence[RouteHop], *, max_length: int, batch_size: int = 1,
                  push: bool = True, find_route: FindRoute | None = None, bans: PeerBans | None = None,
-                 step_timeout: float | None = None, min_timeout: float = 1.0) -> None:
+                 step_timeout: float | None = None, min_timeout: float = 1.0, job: SessionJob | None = None,
+                 close_timeout: float = 2.0) -> None:
         if not route:
             raise SwarmError("an inference session needs at least one provider")
         self.p2p = p2p
         self.max_length, self.batch_size, self.push = max_length, batch_size, push
         self.find_route, self.bans = find_route, bans or PeerBans()
         self.step_timeout, self.min_timeout = step_timeout, min_timeout
+        self.job, self.close_timeout = job, close_timeout
         self.position = 0  # tokens processed so far
         self.failovers: list[dict] = []  # what happened, for callers that report it
         self._initial_route = list(route)
@@ -174,10 +217,13 @@ class ChainSession:
         return new_route
 
     async def _open_hop(self, route_hop: RouteHop) -> _Hop:
+        ticket = None if self.job is None else self.job.ticket_for(route_hop.peer_id, route_hop.start, route_hop.end)
+        # return_outputs stays on: failover needs every boundary, and receipts are checked against them.
         spec = OpenSession(session_id=new_session_id(), start=route_hop.start, end=route_hop.end,
-                           max_length=self.max_length, batch_size=self.batch_size, return_outputs=True)
+                           max_length=self.max_length, batch_size=self.batch_size, return_outputs=True,
+                           ticket=None if ticket is None else ticket.to_dict())
         stream = await ProviderConnection(self.p2p, route_hop.peer_id).open_inference(spec, self._inbox)
-        return _Hop(route_hop, stream)
+        return _Hop(route_hop, stream, ticket=ticket)
 
     async def _link(self, indices: Sequence[int]) -> None:
         """Tell hops ``indices`` (and their neighbours) who pushes to whom, and wait for acks."""
@@ -220,6 +266,8 @@ class ChainSession:
                 if failure is not None:
                     resume, failure = await self._fail_over(failure, step_id), None
                 output = await self._run_step(step_id, position, hidden.shape[1], resume)
+                if self.job is not None and self.job.verifier is not None:
+                    output = await self._verify_step(step_id, output)
                 self.position = position + hidden.shape[1]
                 return output
             except _HopFailed as failed:
@@ -299,10 +347,13 @@ class ChainSession:
             if len(message.tensors) != 1 or message.tensors[0].ndim != 3:
                 raise ProtocolError(f"provider {hop.peer_id} sent a malformed step output")
             hop.outputs += 1
-            self._boundary(hop.end).record(int(header.get("step_id", -1)), int(header.get("position", 0)),
-                                           message.tensors[0])
+            step_id = int(header.get("step_id", -1))
+            self._bill_output(hop, step_id, message.tensors[0])
+            self._boundary(hop.end).record(step_id, int(header.get("position", 0)), message.tensors[0])
         elif kind == "relinked":
             hop.relinked += 1
+        elif kind == "receipt":
+            self._receive_receipt(hop, header)
         elif kind == "error":
             code = str(header.get("code"))
             error = RemoteError(code, str(header.get("message")), peer_id=str(header.get("peer_id") or hop.peer_id))
@@ -312,6 +363,22 @@ class ChainSession:
             if code == "next_hop_failed":
                 culprit = next((h for h in self.hops if h.peer_id == header.get("peer_id")), hop)
             raise _HopFailed(culprit, str(error))
+
+    # --- receipts --------------------------------------------------------------------------------
+
+    def _bill_output(self, hop: _Hop, step_id: int, output: torch.Tensor) -> None:
+        """Mirror the provider's count: each step it computed once, tokens x blocks."""
+        if hop.ticket is None or self.job is None or step_id in hop.billed_steps:
+            return  # a step answered twice (pushed and re-sent) is computed, and counted, once
+        hop.billed_steps.add(step_id)
+        units = work_units(tokens=output.shape[0] * output.shape[1], blocks=hop.end - hop.start)
+        self.job.collector.record(hop.ticket, hop.stream.spec.session_id, units, output)
+
+    def _receive_receipt(self, hop: _Hop, header: dict) -> None:
+        if hop.ticket is None or self.job is None:
+            logger.debug(f"ignoring a receipt from {hop.peer_id}: this session is not billed")
+            return
+        self.job.collector.receive(header.get("receipt"), ticket=hop.ticket, session_id=hop.stream.spec.session_id)
 
     @staticmethod
     def _is_retryable(error: BaseException) -> bool:
@@ -368,7 +435,94 @@ class ChainSession:
         finally:
             self.hops.remove(hop)
 
+    # --- shadow verification -------------------------------------------------------------------------
+
+    async def _verify_step(self, step_id: int, output: torch.Tensor) -> torch.Tensor:
+        """Check the step's hops that the verifier picks; after a mismatch, the step's output
+        as recomputed without the provider that was caught."""
+        verifier = self.job.verifier
+        for index, hop in enumerate(self.hops):
+            if not verifier.due():
+                continue
+            prefix, claimed = self._boundary(hop.start).prefix(), self._boundary(hop.end).get(step_id)
+            if prefix is None or claimed is None:
+                verifier.stats.skipped += 1
+                continue
+            mismatch = await verifier.check(self.p2p, hop.route, hop.ticket, hop.stream.spec.session_id, prefix,
+                                            claimed)
+            if mismatch is not None:
+                await self._replace_from(index, step_id, reason=f"outputs differ from {mismatch.reference_peer}'s "
+                                                                f"({mismatch.comparison})")
+                return self._boundary(self.hops[-1].end).get(step_id)
+        return output
+
+    async def _replace_from(self, index: int, step_id: int, *, reason: str) -> None:
+        """Replace hop ``index`` (excluded from the job for good) and rebuild every hop after it:
+        their caches and the boundaries after the replaced hop were computed from its outputs."""
+        started = time.monotonic()
+        culprit = self.hops[index]
+        self.job.exclude(culprit.peer_id)
+        if self.find_route is None:
+            raise ProviderUnavailableError(culprit.peer_id, f"{reason}; no way to find a replacement")
+        end = self.hops[-1].end
+        old, self.hops = self.hops[index:], self.hops[:index]
+        await self._close_hops(old)
+        for _ in range(_MAX_FAILOVERS_PER_STEP):
+            self._boundaries = {block: b for block, b in self._boundaries.items() if block <= culprit.start}
+            route = await self.find_route(culprit.start, end, self.bans.banned() | {culprit.peer_id})
+            new_hops: list[_Hop] = []
+            try:
+                for route_hop in route:  # in order: each replays the boundary its predecessor just rebuilt
+                    new_hops.append(await self._open_hop(route_hop))
+                    await self._replay(new_hops[-1], exclude_step=-1)
+                    self.hops.append(new_hops[-1])
+                break
+            except (ProviderUnavailableError, RemoteError, _HopFailed) as e:
+                peer = e.hop.peer_id if isinstance(e, _HopFailed) else getattr(e, "peer_id", None)
+                if peer:
+                    self.bans.failed(peer)
+                for hop in new_hops:
+                    hop.stream.close()
+                self.hops = self.hops[:index]
+                logger.info(f"rebuilding blocks {culprit.start}:{end} failed ({e}); trying other providers")
+        else:
+            raise SwarmError(f"could not rebuild blocks {culprit.start}:{end} after replacing {culprit.peer_id}")
+        await self._link(range(index, len(self.hops)))
+        self.failovers.append({"peer_id": culprit.peer_id, "blocks": [culprit.start, culprit.end],
+                               "replacement": [h.peer_id for h in self.hops[index:]], "reason": reason,
+                               "position": self.position, "seconds": round(time.monotonic() - started, 3)})
+
+    # --- closing ---------------------------------------------------------------------------------------
+
     async def close(self) -> None:
-        for hop in self.hops:
-            hop.stream.close()
-        self.hops = []
+        hops, self.hops = self.hops, []
+        await self._close_hops(hops)
+
+    async def _close_hops(self, hops: Sequence[_Hop]) -> None:
+        """Close the streams of ``hops``; billed ones first get a chance to send their final
+        receipts (bounded by ``close_timeout``)."""
+        billed = [hop for hop in hops if hop.ticket is not None]
+        try:
+            if billed and self.job is not None:
+                await asyncio.gather(*(hop.stream.send_close() for hop in billed))
+                await self._collect_final_receipts(billed)
+        finally:
+            for hop in hops:
+                hop.stream.close()
+
+    async def _collect_final_receipts(self, closing: Sequence[_Hop]) -> None:
+        by_stream = {hop.stream: hop for hop in [*closing, *self.hops]}
+        deadline = time.monotonic() + self.close_timeout
+        while True:
+            finished = all(hop.stream.finished for hop in closing)
+            if finished and self._inbox.empty():
+                return
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    stream, message = await self._inbox.get()
+            except TimeoutError:
+                logger.info("some providers did not end their sessions in time; closing without their last receipts")
+                return
+            hop = by_stream.get(stream)
+            if hop is not None and not isinstance(message, BaseException) and message.header.get("type") == "receipt":
+                self._receive_receipt(hop, message.header)

@@ -1,0 +1,363 @@
+"""Paid jobs on the swarm: the marketplace's plan as the route, tickets, receipts, verification.
+
+>>> job = MarketJob.create(client, model=model.info.model_id, budget=5_000_000, max_price=2_000_000,
+...                        verify_rate=0.05)
+>>> job.attach(model)                       # routes, tickets and receipts now come from the job
+>>> model.generate(input_ids, max_new_tokens=20)
+>>> summary = job.finish()                  # last receipts uploaded, job settling
+
+A :class:`MarketJob` creates the job over REST with a fresh client key (an Ed25519
+:class:`~client_sdk.protocol.identity.Identity` kept in memory: its public key is bound into
+every ticket, and it countersigns receipts), waits for the scheduler's plan, and fetches the
+plan's tickets. :class:`JobPlan` turns them into routes: for each segment the primary, else
+the best-ranked backup that is alive and not avoided, so a planned route always takes
+precedence over the DHT's minimum-latency routing, and failover replacements come from the
+plan's backups. Every hop carries the ticket of its provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from hivemind.utils.logging import get_logger
+
+from client_sdk.errors import APIError, ConflictError, HivemartError, NoProvidersError, ProtocolError, SwarmError
+from client_sdk.protocol.framing import encode_message
+from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.records import ServerRecord
+from client_sdk.protocol.tickets import JobTicket, verify_ticket
+from client_sdk.swarm.connection import SpanBilling
+from client_sdk.swarm.dht import fetch_span_records
+from client_sdk.swarm.receipts import ReceiptCollector, UploadReceipts
+from client_sdk.swarm.routing import RouteHop
+from client_sdk.swarm.verify import Mismatch, ShadowVerifier
+
+if TYPE_CHECKING:
+    from client_sdk.api import Client, Job
+    from client_sdk.swarm.model import DistributedModelForCausalLM
+
+__all__ = ["PlannedProvider", "JobPlan", "SwarmJob", "MarketJob", "JobPlanError", "DEFAULT_VERIFY_RATE"]
+
+logger = get_logger(__name__)
+
+DEFAULT_VERIFY_RATE = 0.05
+_PLANNED_STATES = ("planned", "running")
+_DEAD_STATES = ("failed", "cancelled", "done", "settling")
+
+
+class JobPlanError(SwarmError):
+    """The job has no usable plan (yet): no plan in time, a malformed one, or no provider left."""
+
+
+@dataclass(frozen=True)
+class PlannedProvider:
+    """One provider of a plan segment and the ticket that pays it."""
+
+    segment: int
+    role: str  # "primary" or "backup"
+    rank: int  # 0 for the primary, then backups best first
+    peer_id: str
+    start: int
+    end: int
+    ticket: JobTicket
+
+
+def _field(entry: Any, name: str) -> Any:
+    return entry[name] if isinstance(entry, Mapping) else getattr(entry, name)
+
+
+class JobPlan:
+    """A job's plan as its tickets tell it: segments tiling the model's blocks, each with its
+    primary and ranked backups. Pure: routes are computed from DHT records passed in."""
+
+    def __init__(self, providers: Sequence[PlannedProvider]) -> None:
+        if not providers:
+            raise JobPlanError("the job's plan has no tickets")
+        by_segment: dict[int, list[PlannedProvider]] = {}
+        for provider in providers:
+            by_segment.setdefault(provider.segment, []).append(provider)
+        self.segments = [sorted(by_segment[i], key=lambda p: (p.role != "primary", p.rank)) for i in sorted(by_segment)]
+        boundary = 0
+        for candidates in self.segments:
+            spans = {(p.start, p.end) for p in candidates}
+            if len(spans) != 1 or next(iter(spans))[0] != boundary:
+                raise JobPlanError(f"the plan's segments do not tile the blocks from 0 (at block {boundary}: {spans})")
+            boundary = candidates[0].end
+        self.num_blocks = boundary
+
+    @classmethod
+    def from_tickets(cls, entries: Sequence[Any], *, platform_key: bytes, job_id: int, client_key: str,
+                     model_id: str | None = None, now: float | None = None) -> "JobPlan":
+        """Check every ticket of ``GET /api/jobs/<id>/tickets/`` (platform signature, this job,
+        this client key, the provider and blocks the entry names) and build the plan."""
+        providers = []
+        for entry in entries:
+            peer, start, end = _field(entry, "provider_peer"), _field(entry, "start"), _field(entry, "end")
+            ticket = verify_ticket(_field(entry, "ticket"), platform_key=platform_key, provider_peer=peer,
+                                   model_id=model_id, now=now)
+            if (ticket.job_id, ticket.client_key, ticket.start, ticket.end) != (job_id, client_key, start, end):
+                raise ProtocolError(f"ticket {ticket.ticket_id} is not for job {job_id}'s key and blocks {start}:{end}")
+            role, rank = _field(entry, "role"), _field(entry, "rank")
+            if role not in ("primary", "backup") or type(rank) is not int:
+                raise ProtocolError(f"ticket {ticket.ticket_id}: bad role {role!r} or rank {rank!r}")
+            providers.append(PlannedProvider(int(_field(entry, "segment")), role, rank, peer, start, end, ticket))
+        return cls(providers)
+
+    def providers(self) -> list[PlannedProvider]:
+        return [p for candidates in self.segments for p in candidates]
+
+    def ticket_for(self, peer_id: str, start: int, end: int) -> JobTicket | None:
+        """The ticket of ``peer_id`` covering blocks [start, end), if the plan has one."""
+        for provider in self.providers():
+            if provider.peer_id == peer_id and provider.ticket.covers(start, end):
+                return provider.ticket
+        return None
+
+    def route(self, records: Mapping[str, ServerRecord], start: int, end: int, avoid: frozenset[str] | set[str],
+              *, model_id: str = "the model") -> list[RouteHop]:
+        """Hops over blocks [start, end): per segment, the first of primary and backups that
+        is not avoided and has a live record covering the part needed."""
+        hops, boundary = [], start
+        while boundary < end:
+            candidates = next((c for c in self.segments if c[0].start <= boundary < c[0].end), None)
+            if candidates is None:
+                raise NoProvidersError(model_id, boundary, end, hint="the job's plan does not cover these blocks")
+            stop = min(candidates[0].end, end)
+            hop = next((RouteHop(p.peer_id, boundary, stop, records[p.peer_id]) for p in candidates
+                        if p.peer_id not in avoid and _serves(records.get(p.peer_id), boundary, stop)), None)
+            if hop is None:
+                raise JobPlanError(f"no planned provider is left for blocks {boundary}:{stop} (the primary and "
+                                   f"{len(candidates) - 1} backups failed, were excluded or are offline); ask the "
+                                   f"marketplace for a new plan")
+            hops.append(hop)
+            boundary = stop
+        return hops
+
+    def references(self, records: Mapping[str, ServerRecord], start: int, end: int,
+                   avoid: frozenset[str] | set[str]) -> list[tuple[RouteHop, JobTicket]]:
+        """Planned providers other than ``avoid`` whose tickets and live records cover blocks
+        [start, end): who may recompute a step of them (primaries of the segment first)."""
+        found = []
+        for provider in self.providers():
+            if (provider.peer_id not in avoid and provider.ticket.covers(start, end)
+                    and _serves(records.get(provider.peer_id), start, end)):
+                found.append((RouteHop(provider.peer_id, start, end, records[provider.peer_id]), provider.ticket))
+        return found
+
+
+def _serves(record: ServerRecord | None, start: int, end: int) -> bool:
+    return record is not None and record.start <= start and end <= record.end
+
+
+class SwarmJob:
+    """A job's plan, client key, receipt collector and verifier, attached to a model.
+
+    Without a marketplace (``upload``/``file_audit`` None) it still routes by the plan,
+    mirrors and countersigns receipts, and verifies; :class:`MarketJob` adds the REST side.
+    """
+
+    def __init__(self, plan: JobPlan, identity: Identity, *, job_id: int, verify_rate: float = DEFAULT_VERIFY_RATE,
+                 upload: UploadReceipts | None = None, file_audit: Callable[[Mismatch], Any] | None = None,
+                 receipt_batch: int = 64, rng: random.Random | None = None) -> None:
+        self.plan, self.identity, self.job_id = plan, identity, job_id
+        self.collector = ReceiptCollector(identity, upload=upload, batch_size=receipt_batch)
+        self.excluded: set[str] = set()  # caught returning wrong outputs: never used again by this job
+        self.audits: list[Any] = []  # what file_audit returned for each mismatch
+        self.audit_errors: list[str] = []
+        self._file_audit = file_audit
+        self.verifier: ShadowVerifier | None = ShadowVerifier(
+            rate=verify_rate, find_references=self._find_references, on_mismatch=self._report,
+            rng=rng) if verify_rate > 0 else None
+        self._lanes: dict[tuple[str, object], str] = {}  # (ticket id, lane) -> session id of forwards/backwards
+        self._model: "DistributedModelForCausalLM | None" = None
+
+    # --- attaching to a model ----------------------------------------------------------------------
+
+    def attach(self, model: "DistributedModelForCausalLM") -> None:
+        """Make ``model`` route by this job's plan and bill its sessions and calls to its tickets."""
+        if model.info.num_blocks != self.plan.num_blocks:
+            raise JobPlanError(f"the plan covers {self.plan.num_blocks} blocks, the model has {model.info.num_blocks}")
+        self._model = model
+        model.job = self
+        model.remote.billing = self.span_billing
+
+    def detach(self) -> None:
+        if self._model is not None:
+            self._model.job = None
+            self._model.remote.billing = None
+            self._model = None
+
+    def _records_model(self) -> "DistributedModelForCausalLM":
+        if self._model is None:
+            raise SwarmError("attach the job to a model first: job.attach(model)")
+        return self._model
+
+    async def _records(self, start: int, end: int) -> dict[str, ServerRecord]:
+        model = self._records_model()
+        return await fetch_span_records(model.runtime.dht, model.info.model_id, range(start, end))
+
+    # --- what sessions and calls ask ------------------------------------------------------------------
+
+    async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
+        """The planned route over blocks [start, end) without ``avoid`` and excluded providers."""
+        records = await self._records(start, end)
+        return self.plan.route(records, start, end, avoid | self.excluded,
+                               model_id=self._records_model().info.model_id)
+
+    def ticket_for(self, peer_id: str, start: int, end: int) -> JobTicket | None:
+        return self.plan.ticket_for(peer_id, start, end)
+
+    def exclude(self, peer_id: str) -> None:
+        self.excluded.add(peer_id)
+
+    def span_billing(self, hop: RouteHop, lane: object) -> SpanBilling | None:
+        """Billing of forwards/backwards to ``hop``: its ticket and the session id of ``lane``
+        (one per concurrent chunk, so each receipt chain sees its requests in order)."""
+        ticket = self.ticket_for(hop.peer_id, hop.start, hop.end)
+        if ticket is None:
+            return None
+        key = (ticket.ticket_id, lane)
+        session_id = self._lanes.get(key)
+        if session_id is None:
+            session_id = self._lanes[key] = secrets.token_urlsafe(12)
+
+        def lost() -> None:  # the provider may have counted work we never saw: start a new chain
+            self._lanes.pop(key, None)
+
+        return SpanBilling(ticket, session_id, self.collector, lost)
+
+    async def _find_references(self, start: int, end: int,
+                               avoid: frozenset[str]) -> list[tuple[RouteHop, SpanBilling | None]]:
+        records = await self._records(start, end)
+        found = self.plan.references(records, start, end, avoid | self.excluded | self._banned())
+        return [(hop, self.span_billing(hop, "verify")) for hop, _ in found]
+
+    def _banned(self) -> frozenset[str]:
+        return self._model.bans.banned() if self._model is not None else frozenset()
+
+    # --- mismatches ---------------------------------------------------------------------------------
+
+    async def _report(self, mismatch: Mismatch) -> None:
+        self.exclude(mismatch.peer_id)
+        if self._file_audit is None:
+            return
+        try:
+            # Off the swarm loop: the upload carries up to three tensors over HTTP.
+            self.audits.append(await asyncio.to_thread(self._file_audit, mismatch))
+        except HivemartError as e:
+            logger.warning(f"could not file an audit against {mismatch.peer_id}: {e}")
+            self.audit_errors.append(str(e))
+
+    # --- the end ---------------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Receipts, verification and audits of the job so far."""
+        verification = self.verifier.stats.to_dict() if self.verifier is not None else {
+            "checked": 0, "mismatches": 0, "skipped": 0, "caught": []}
+        return {"job": self.job_id, "receipts": self.collector.summary(), "verification": verification,
+                "excluded": sorted(self.excluded), "audits": [getattr(a, "id", a) for a in self.audits],
+                "audit_errors": list(self.audit_errors)}
+
+    @property
+    def steps_verified(self) -> int:
+        return self.verifier.stats.checked if self.verifier is not None else 0
+
+    @property
+    def mismatches(self) -> int:
+        return self.verifier.stats.mismatches if self.verifier is not None else 0
+
+
+def encode_tensor(tensor: Any) -> bytes:
+    """A tensor as audit evidence: one framed message, so dtype and shape travel with it."""
+    return b"".join(bytes(part) for part in encode_message({}, [tensor.detach().cpu().contiguous()]))
+
+
+class MarketJob(SwarmJob):
+    """A :class:`SwarmJob` created and settled through the marketplace's REST API."""
+
+    def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, **kwargs: Any) -> None:
+        self.client, self.job = client, job
+        super().__init__(plan, identity, job_id=job.id, upload=self._upload, file_audit=self._file, **kwargs)
+
+    @classmethod
+    def create(cls, client: "Client", *, model: str, budget: int, max_price: int, kind: str = "inference",
+               min_throughput: float | None = None, plan_timeout: float = 120.0, poll_interval: float = 0.5,
+               identity: Identity | None = None, **kwargs: Any) -> "MarketJob":
+        """Create a job (holding ``budget``) with a fresh client key, wait for its plan and
+        fetch its tickets. ``kwargs`` go to :class:`SwarmJob` (``verify_rate``, ...)."""
+        identity = identity or Identity.generate()
+        job = client.jobs.create(model=model, kind=kind, budget=budget, max_price=max_price,
+                                 min_throughput=min_throughput, client_key=identity.public_key)
+        return cls.open(client, job.id, identity, plan_timeout=plan_timeout, poll_interval=poll_interval, **kwargs)
+
+    @classmethod
+    def open(cls, client: "Client", job_id: int, identity: Identity, *, plan_timeout: float = 120.0,
+             poll_interval: float = 0.5, **kwargs: Any) -> "MarketJob":
+        """An existing job whose client key is ``identity`` (e.g. resumed from a checkpoint)."""
+        job = wait_for_plan(client, job_id, timeout=plan_timeout, poll_interval=poll_interval)
+        if job.client_key and job.client_key != identity.public_key.hex():
+            raise JobPlanError(f"job {job_id} was created with another client key; open it with that identity")
+        platform = client.platform.get()
+        plan = JobPlan.from_tickets(client.jobs.tickets(job_id), platform_key=platform.public_key_bytes,
+                                    job_id=job_id, client_key=identity.public_key.hex(), model_id=None)
+        return cls(client, job, plan, identity, **kwargs)
+
+    def attach(self, model: "DistributedModelForCausalLM") -> None:
+        for provider in self.plan.providers():
+            if provider.ticket.model_id != model.info.model_id:
+                raise JobPlanError(f"job {self.job_id} is for model {provider.ticket.model_id}, not "
+                                   f"{model.info.model_id}")
+        super().attach(model)
+        if self.job.state == "planned":
+            try:
+                self.job = self.client.jobs.transition(self.job_id, to_state="running", reason="client started")
+            except ConflictError:
+                pass  # someone (another process of ours, the scheduler) moved it already
+
+    def _upload(self, receipts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"status": r.status, "code": r.code, "message": r.message}
+                for r in self.client.receipts.upload(receipts)]
+
+    def _file(self, mismatch: Mismatch) -> Any:
+        import base64
+
+        body = {"job": self.job_id, "ticket_id": mismatch.ticket.ticket_id if mismatch.ticket else "",
+                "session_id": mismatch.session_id, "start": mismatch.start, "end": mismatch.end,
+                "dtype": mismatch.dtype, "reference_peer": mismatch.reference_peer,
+                **{name: base64.b64encode(encode_tensor(t)).decode() for name, t in
+                   (("inputs", mismatch.inputs), ("claimed", mismatch.claimed), ("reference", mismatch.reference))}}
+        return self.client.audits.create(**body)
+
+    def finish(self) -> dict[str, Any]:
+        """Upload the remaining receipts, move the job to settling, and return the summary."""
+        self.detach()
+        try:
+            self.collector.close()
+        finally:
+            try:
+                self.job = self.client.jobs.finish(self.job_id).job
+            except APIError as e:
+                logger.warning(f"could not finish job {self.job_id}: {e}")
+                raise
+        return {**self.summary(), "state": self.job.state}
+
+
+def wait_for_plan(client: "Client", job_id: int, *, timeout: float = 120.0, poll_interval: float = 0.5) -> "Job":
+    """Poll the job until the scheduler planned it; :class:`JobPlanError` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.jobs.get(job_id)
+        if job.state in _PLANNED_STATES:
+            return job
+        if job.state in _DEAD_STATES:
+            raise JobPlanError(f"job {job_id} is {job.state}; it will not be planned")
+        if time.monotonic() >= deadline:
+            raise JobPlanError(f"job {job_id} has no plan after {timeout:.0f} s (state {job.state}): no online "
+                               f"providers may cover its model within its max_price, or the scheduler is not "
+                               f"running; see `hivemart jobs show {job_id}`")
+        time.sleep(poll_interval)

@@ -1,0 +1,102 @@
+"""A job's plan as routes: planned providers first, backups for failover, tickets checked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from client_sdk.errors import ProtocolError
+from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.records import ServerRecord, ServerState
+from client_sdk.protocol.tickets import TicketError, issue_ticket
+from client_sdk.swarm.job import JobPlan, JobPlanError
+
+PLATFORM = Identity.from_seed(bytes(range(32)))
+CLIENT = Identity.from_seed(bytes([9] * 32))
+PEERS = [Identity.from_seed(bytes([i + 1] * 32)).peer_id for i in range(5)]
+MODEL = "llama-4x64-0123456789ab"
+JOB = 42
+
+
+def entry(segment: int, role: str, rank: int, peer: str, start: int, end: int, *, signer: Identity = PLATFORM,
+          **ticket: object) -> dict:
+    body = dict(ticket_id=f"tkt_{segment}_{rank}_{peer[-6:]}", job_id=JOB, client_key=CLIENT.public_key.hex(),
+                provider_peer=peer, model_id=MODEL, model_digest="a" * 64, start=start, end=end, max_units=10_000,
+                price=1_000_000, expires_at=int(time.time()) + 600)
+    body.update(ticket)
+    return {"segment": segment, "role": role, "rank": rank, "provider_peer": peer, "start": start, "end": end,
+            "ticket": issue_ticket(signer, **body).to_dict()}
+
+
+def record(peer: str, start: int, end: int) -> ServerRecord:
+    return ServerRecord(peer_id=peer, model_id=MODEL, start=start, end=end, state=ServerState.ONLINE,
+                        throughput=100.0, dtype="float32", cache_tokens_left=1000, expires_at=time.time() + 60)
+
+
+# Two segments: 0:2 by peer 0 (backups 2, then 3) and 2:4 by peer 1 (backup 4).
+ENTRIES = [entry(0, "primary", 0, PEERS[0], 0, 2), entry(0, "backup", 2, PEERS[3], 0, 2),
+           entry(0, "backup", 1, PEERS[2], 0, 2), entry(1, "primary", 0, PEERS[1], 2, 4),
+           entry(1, "backup", 1, PEERS[4], 2, 4)]
+# Every peer is alive; peers 2 and 3 serve all four blocks, which DHT routing would prefer.
+RECORDS = {PEERS[0]: record(PEERS[0], 0, 2), PEERS[1]: record(PEERS[1], 2, 4), PEERS[2]: record(PEERS[2], 0, 4),
+           PEERS[3]: record(PEERS[3], 0, 4), PEERS[4]: record(PEERS[4], 2, 4)}
+
+
+def plan() -> JobPlan:
+    return JobPlan.from_tickets(ENTRIES, platform_key=PLATFORM.public_key, job_id=JOB,
+                                client_key=CLIENT.public_key.hex(), model_id=MODEL)
+
+
+def peers(hops) -> list[tuple[str, int, int]]:
+    return [(PEERS.index(h.peer_id), h.start, h.end) for h in hops]
+
+
+def test_the_route_is_the_plan_primaries() -> None:
+    assert plan().num_blocks == 4
+    assert peers(plan().route(RECORDS, 0, 4, frozenset())) == [(0, 0, 2), (1, 2, 4)]
+
+
+def test_failover_takes_the_best_ranked_backup_alive() -> None:
+    assert peers(plan().route(RECORDS, 0, 2, {PEERS[0]})) == [(2, 0, 2)]
+    assert peers(plan().route(RECORDS, 0, 2, {PEERS[0], PEERS[2]})) == [(3, 0, 2)]
+    offline = {k: v for k, v in RECORDS.items() if k != PEERS[2]}
+    assert peers(plan().route(offline, 0, 4, {PEERS[0]})) == [(3, 0, 2), (1, 2, 4)]
+    assert peers(plan().route(RECORDS, 1, 4, frozenset())) == [(0, 1, 2), (1, 2, 4)]  # part of a segment
+
+
+def test_no_planned_provider_left_says_to_replan() -> None:
+    with pytest.raises(JobPlanError, match="new plan"):
+        plan().route(RECORDS, 2, 4, {PEERS[1], PEERS[4]})
+
+
+def test_tickets_and_references() -> None:
+    job_plan = plan()
+    assert job_plan.ticket_for(PEERS[0], 0, 2).ticket_id.startswith("tkt_0_0")
+    assert job_plan.ticket_for(PEERS[0], 2, 4) is None  # peer 2 serves 0:4 but holds a ticket for 0:2 only
+    assert job_plan.ticket_for(PEERS[2], 1, 2) is not None
+    references = job_plan.references(RECORDS, 0, 2, {PEERS[0]})
+    assert [PEERS.index(hop.peer_id) for hop, _ in references] == [2, 3]
+    assert all(ticket.covers(0, 2) for _, ticket in references)
+
+
+@pytest.mark.parametrize(("bad", "error"), [
+    (entry(0, "primary", 0, PEERS[0], 0, 2, signer=Identity.generate()), TicketError),
+    (entry(0, "primary", 0, PEERS[0], 0, 2, job_id=43), ProtocolError),
+    (entry(0, "primary", 0, PEERS[0], 0, 2, client_key=Identity.generate().public_key.hex()), ProtocolError),
+    ({**entry(0, "primary", 0, PEERS[0], 0, 2), "provider_peer": PEERS[1]}, TicketError),
+    ({**entry(0, "primary", 0, PEERS[0], 0, 2), "end": 3}, ProtocolError),
+    (entry(0, "primary", 0, PEERS[0], 0, 2, model_id="other-model"), TicketError),
+])
+def test_tickets_that_do_not_fit_the_job_are_refused(bad: dict, error: type) -> None:
+    with pytest.raises(error):
+        JobPlan.from_tickets([bad, *ENTRIES[1:]], platform_key=PLATFORM.public_key, job_id=JOB,
+                             client_key=CLIENT.public_key.hex(), model_id=MODEL)
+
+
+def test_segments_must_tile_the_blocks() -> None:
+    with pytest.raises(JobPlanError):
+        JobPlan.from_tickets([ENTRIES[3]], platform_key=PLATFORM.public_key, job_id=JOB,
+                             client_key=CLIENT.public_key.hex())
+    with pytest.raises(JobPlanError):
+        JobPlan.from_tickets([], platform_key=PLATFORM.public_key, job_id=JOB, client_key=CLIENT.public_key.hex())
