@@ -131,7 +131,7 @@ async def choose_blocks(config: AgentConfig, model_id: str, num_blocks: int, nod
 def ticket_book(config: AgentConfig, identity: Identity, model_id: str) -> TicketBook | None:
     """The agent's ticket policy: None (free mode) unless it knows or can fetch a platform key."""
     if config.platform_key is None and not config.market_url:
-        logger.info("free mode: no --platform-key and no --market, so no tickets are asked and no receipts signed")
+        logger.warning("free mode: no --platform-key and no --market, so no tickets are asked and no receipts signed")
         return None
     key = bytes.fromhex(config.platform_key) if config.platform_key else None
     return TicketBook(identity=identity, model_id=model_id, platform_key=key, receipt_every=config.receipt_every)

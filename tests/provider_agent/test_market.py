@@ -1,0 +1,129 @@
+"""MarketLink through marketplace outages: the platform key and receipt uploads are retried
+until the marketplace answers, and no receipt is lost or sent twice in the meantime.
+
+The real SDK client talks to a scripted marketplace (httpx.MockTransport); the live
+marketplace is exercised in tests/swarm/test_market_link.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import provider_agent.market as market
+from client_sdk.api import Client
+from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.receipts import WorkReceipt
+from client_sdk.protocol.tickets import issue_ticket
+from provider_agent.config import AgentConfig
+from provider_agent.market import MarketLink, Offer
+from provider_agent.metering import TicketBook
+
+PLATFORM = Identity.from_seed(b"p" * 32)
+PROVIDER = Identity.from_seed(b"v" * 32)
+MODEL = "llama-4x64-000000000001"
+
+
+class ScriptedMarket:
+    """Answers 503 while ``down``; records every receipt it accepts."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.requests: list[str] = []
+        self.accepted: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(f"{request.method} {request.url.path}")
+        if self.down:
+            return httpx.Response(503, json={"code": "unavailable", "message": "down for maintenance"})
+        if request.url.path == "/api/platform/":
+            return httpx.Response(200, json={"public_key": PLATFORM.public_key.hex(), "peer_id": PLATFORM.peer_id,
+                                             "fee_bps": 500})
+        if request.url.path == "/api/receipts/":
+            receipts = json.loads(request.content)["receipts"]
+            self.accepted += receipts
+            return httpx.Response(200, json={"results": [
+                {"status": "accepted", "code": "", "message": "", "ticket_id": r["ticket_id"],
+                 "session_id": r["session_id"], "seq": r["seq"]} for r in receipts]})
+        return httpx.Response(404, json={"code": "not_found", "message": request.url.path})
+
+
+def link_for(scripted: ScriptedMarket, book: TicketBook) -> MarketLink:
+    config = AgentConfig(model_path=Path("."), market_url="http://market.test", api_key="hm_test", upload_period=0.05)
+    client = Client(api_key="hm_test", base_url="http://market.test", max_retries=1,
+                    transport=httpx.MockTransport(scripted))
+    client._core._sleep = lambda seconds: None  # the SDK's own retry pause; the link's backoff is what we test
+    offer = Offer(model_id=MODEL, start=0, end=2, block_digests=("0" * 64,) * 2, price=1000)
+    return MarketLink(config, PROVIDER, book, offer=lambda: offer, status=lambda: ("online", 1.0), client=client)
+
+
+def work(book: TicketBook, sessions: int) -> list[WorkReceipt]:
+    ticket = book.check(issue_ticket(PLATFORM, ticket_id="ticket-0001", job_id=1, client_key="11" * 32,
+                                     provider_peer=PROVIDER.peer_id, model_id=MODEL, model_digest="ab" * 32,
+                                     start=0, end=2, max_units=10**6, price=1000,
+                                     expires_at=2_000_000_000).to_dict(), 0, 2)
+    receipts = []
+    for i in range(sessions):
+        book.charge(ticket, f"session-{i:04d}", tokens=1, blocks=2).commit([torch.zeros(1, 1, 4)])
+        receipts.append(book.receipt(ticket, f"session-{i:04d}"))
+    return receipts
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(market, "_BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(market, "_BACKOFF_MAX_S", 0.05)
+
+
+def test_the_platform_key_is_fetched_once_the_marketplace_is_back():
+    scripted = ScriptedMarket()
+    book = TicketBook(identity=PROVIDER, model_id=MODEL, platform_key=None)
+    link = link_for(scripted, book)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(link._retrying("fetch the platform key", link._learn_platform_key))
+        while scripted.requests.count("GET /api/platform/") < 4:  # several failed attempts, backing off
+            await asyncio.sleep(0.01)
+        assert book.platform_key is None and not task.done()
+        scripted.down = False
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    assert book.platform_key == PLATFORM.public_key
+
+
+def test_receipts_wait_through_an_outage_and_are_uploaded_once_each():
+    scripted = ScriptedMarket()
+    book = TicketBook(identity=PROVIDER, model_id=MODEL, platform_key=PLATFORM.public_key)
+    link = link_for(scripted, book)
+    first = work(book, 3)
+
+    async def scenario() -> None:
+        uploader = asyncio.ensure_future(link._upload_loop())
+        while scripted.requests.count("POST /api/receipts/") < 4:
+            await asyncio.sleep(0.01)
+        assert book.pending_count() == 3 and scripted.accepted == []  # nothing lost while the marketplace is down
+        scripted.down = False
+        while link.uploaded["accepted"] < 3:
+            await asyncio.sleep(0.01)
+        uploader.cancel()
+
+    asyncio.run(scenario())
+    assert sorted((r["session_id"], r["seq"]) for r in scripted.accepted) == [(r.session_id, r.seq) for r in first]
+    assert book.pending_count() == 0
+
+
+def test_shutdown_uploads_what_is_left_in_batches_of_at_most_500():
+    scripted = ScriptedMarket()
+    scripted.down = False
+    book = TicketBook(identity=PROVIDER, model_id=MODEL, platform_key=PLATFORM.public_key)
+    link = link_for(scripted, book)
+    work(book, 501)
+    asyncio.run(link.close())
+    assert scripted.requests.count("POST /api/receipts/") == 2 and len(scripted.accepted) == 501
+    assert book.pending_count() == 0
