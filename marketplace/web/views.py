@@ -18,6 +18,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from rest_framework.throttling import SimpleRateThrottle
 
 from marketplace.accounts.selectors import api_key_get
 from marketplace.accounts.services import api_key_create, api_key_revoke, user_create
@@ -34,6 +35,16 @@ PAGE_SIZE = 50
 JOB_REFRESH_S = 5
 # Fields user_create names in its errors, and the sign-up form's field each belongs to.
 _SIGNUP_FIELDS = {"username": "username", "password": "password1"}
+
+
+class _SignupThrottle(SimpleRateThrottle):
+    """Sign-ups per client address, sharing the API's ``signup`` rate and counter (HIVEMART_SIGNUP_RATE)."""
+
+    scope = "signup"
+
+    def get_cache_key(self, request: HttpRequest, view: object) -> str:
+        # The same key as the API's ScopedRateThrottle, so the web form is no way around its limit.
+        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
 
 
 def _page(request: HttpRequest, items: object) -> object:
@@ -89,6 +100,8 @@ def signup(request: HttpRequest) -> HttpResponse:
         return render(request, "web/signup_closed.html", status=403)
     if request.user.is_authenticated:
         return redirect("web:wallet")
+    if request.method == "POST" and not _SignupThrottle().allow_request(request, None):
+        return render(request, "web/signup.html", {"form": SignupForm(), "throttled": True}, status=429)
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:

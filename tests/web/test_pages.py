@@ -391,3 +391,27 @@ def test_audits_page_is_for_staff_only(platform_key) -> None:  # noqa: ANN001
     assert f"#{audit.pk}" in body and "provider cheated" in body.lower().replace("_", " ")
     assert "outputs differ by 3.2" in body and f'href="/jobs/{audit.job_id}/"' in body
     assert 'href="/staff/audits/"' in body  # staff see the menu entry
+
+
+def test_signup_shares_the_apis_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.cache import cache
+    from rest_framework.throttling import ScopedRateThrottle
+
+    from marketplace.web import views
+
+    cache.clear()
+    monkeypatch.setattr(views._SignupThrottle, "THROTTLE_RATES", {"signup": "2/hour"})
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"signup": "2/hour"})
+    client = Client()
+    bad = {"username": "x", "password1": "a", "password2": "b"}  # invalid attempts count too
+    assert client.post(reverse("web:signup"), bad).status_code == 200
+    # One sign-up through the API from the same address uses up the shared budget.
+    api = client.post("/api/auth/signup/", {"username": "via-api", "password": PASSWORD},
+                      content_type="application/json")
+    assert api.status_code == 201
+    refused = client.post(reverse("web:signup"), {"username": "late", "password1": PASSWORD,
+                                                  "password2": PASSWORD})
+    assert refused.status_code == 429 and b"Too many sign-ups" in refused.content
+    from marketplace.accounts.models import User
+    assert not User.objects.filter(username="late").exists()
+    cache.clear()
