@@ -77,8 +77,12 @@ class Charge:
 
     def commit(self, outputs: Sequence["torch.Tensor"]) -> ReceiptCounter:
         """Count the work and extend the chain with the outputs as they will be sent."""
+        return self.commit_digest(outputs_digest(outputs))
+
+    def commit_digest(self, digest: bytes) -> ReceiptCounter:
+        """:meth:`commit` with :func:`outputs_digest` already computed (off the event loop, for large outputs)."""
         self.done = True
-        return self.book.record(self.ticket, self.session_id, self.units, outputs_digest(outputs))
+        return self.book.record(self.ticket, self.session_id, self.units, digest)
 
     def cancel(self) -> None:
         """Give the reserved units back (the request produced no output)."""

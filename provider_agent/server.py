@@ -36,7 +36,7 @@ from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
 from provider_agent.backend import LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
-from provider_agent.metering import Charge, TicketBook
+from provider_agent.metering import Charge, TicketBook, outputs_digest
 
 logger = get_logger(__name__)
 
@@ -314,7 +314,7 @@ class ProviderServer:
                 charge.cancel()  # no output, no bill: give the reserved units back
             raise
         if charge is not None:
-            extra = {**extra, "receipt": self._commit_span(charge, outputs)}
+            extra = {**extra, "receipt": await self._commit_span(charge, outputs, tokens)}
         await write_message(writer, {"type": reply_type, **extra}, outputs)
 
     def _charge_span(self, request: SpanRequest, hidden: torch.Tensor, *, backward: bool) -> Charge | None:
@@ -327,8 +327,9 @@ class ProviderServer:
                                    tokens=hidden.shape[0] * hidden.shape[1], blocks=request.end - request.start,
                                    backward=backward)
 
-    def _commit_span(self, charge: Charge, outputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-        charge.commit(outputs)
+    async def _commit_span(self, charge: Charge, outputs: tuple[torch.Tensor, ...], tokens: int) -> dict[str, Any]:
+        # Hashing a large output takes a while: off the event loop, like the compute.
+        charge.commit_digest(await self._run_compute(lambda: outputs_digest(outputs), tokens))
         return self.tickets.receipt(charge.ticket, charge.session_id).to_dict()
 
     async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
@@ -583,7 +584,8 @@ class ProviderServer:
                 charge.cancel()
             raise
         if charge is not None:
-            charge.commit((output,))
+            charge.commit_digest(await self._run_compute(lambda: outputs_digest((output,)),
+                                                         hidden.shape[0] * hidden.shape[1]))
         session.recent_steps[step.step_id] = None
         while len(session.recent_steps) > _RECENT_STEPS:
             session.recent_steps.popitem(last=False)
