@@ -194,8 +194,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = HIVEMART_HOME / "static"
-# Serve straight from the apps' static folders, so that `collectstatic` is optional (the demo
-# never runs it); deploy/Dockerfile runs it, and whitenoise then serves the collected copies.
+# Serve straight from the apps' static folders (read once at start), so `collectstatic` is
+# optional: neither the demo nor deploy/ runs it. Files collected into STATIC_ROOT are served too.
 WHITENOISE_USE_FINDERS = True
 # ... which is why a missing STATIC_ROOT is normal here, not worth a warning on every start.
 warnings.filterwarnings("ignore", message=r"No directory at: .*static", category=UserWarning)
