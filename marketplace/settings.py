@@ -256,6 +256,8 @@ HIVEMART_TICKET_TTL = env_int("HIVEMART_TICKET_TTL", 3600, minimum=10)
 HIVEMART_SUSPEND_AFTER = env_int("HIVEMART_SUSPEND_AFTER", 2, minimum=1)
 HIVEMART_REPUTATION_PENALTY = env_int("HIVEMART_REPUTATION_PENALTY", 25, minimum=0, maximum=100)
 HIVEMART_SETTLE_GRACE_S = env_int("HIVEMART_SETTLE_GRACE_S", 30, minimum=0)
+# Audits (POST /api/audits/) carry three tensors of up to 8 MiB each, base64-encoded.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 36 * 1024 * 1024
 HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1)
 
 # --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------

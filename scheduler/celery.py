@@ -56,6 +56,7 @@ def beat_schedule(settings: Any) -> dict[str, dict[str, Any]]:
         "providers-expire": {"task": "scheduler.providers_expire", "schedule": housekeeping},
         "holds-expire": {"task": "scheduler.holds_expire", "schedule": housekeeping},
         "jobs-match-pending": {"task": "scheduler.jobs_match_pending", "schedule": housekeeping},
+        "audits-decide-open": {"task": "scheduler.audits_decide_open", "schedule": housekeeping},
         "receipts-settle": {"task": "scheduler.receipts_settle",
                             "schedule": timedelta(seconds=settings.HIVEMART_SETTLE_INTERVAL_S)},
         "providers-probe": {"task": "scheduler.providers_probe",

@@ -11,7 +11,9 @@ locally from the same checkpoint (``provider_agent.backend.SpanBackend``):
 The *success rate* is the share of those forwards answered correctly: in time, with the
 right shape, and within ``tolerance`` (relative L2 error) of the reference. A provider
 that does not answer, serves another model than it registered, or whose outputs differ
-from the reference scores accordingly; the scheduler marks it degraded.
+from the reference scores accordingly; the scheduler marks it degraded. Answers that
+arrive but differ from the reference (``ProbeResult.mismatches``) are wrong results, not
+slowness: the scheduler records each probe with any as an offence (reputation, suspension).
 
 References are loaded once per model and kept (:class:`References`); for a large model
 the prober needs the memory for all its blocks on CPU, or a validator with a GPU.
@@ -65,6 +67,9 @@ class ProbeResult:
     throughput: float  # work units per second; 0 when nothing was answered
     latency_ms: float  # the 1-token, 1-block round trip; the timeout when unanswered
     errors: tuple[str, ...] = field(default=())  # what went wrong, for the logs
+    # Answers that arrived but differ from the validator's recomputation: wrong results, which
+    # (unlike silence or slowness) are an offence.
+    mismatches: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -72,11 +77,14 @@ class ProbeResult:
 
 
 class References:
-    """Reference blocks per model, loaded from ``<models_dir>/<model_id>/`` on first use."""
+    """Reference blocks per model (the platform validator), loaded on first use from
+    ``<models_dir>/<model_id>/`` or else from the folder under ``models_dir`` whose checkpoint
+    computes to that model id."""
 
     def __init__(self, models_dir: str | Path) -> None:
         self.models_dir = Path(models_dir)
         self._backends: dict[str, Any] = {}
+        self._ids: dict[Path, str] = {}  # folder -> model id, for folders not named after their model
 
     def get(self, model_id: str) -> Any:
         """A ``SpanBackend`` over all blocks of ``model_id``; ReferenceUnavailable when the
@@ -89,7 +97,7 @@ class References:
 
         path = self.models_dir / model_id
         if not (path / "config.json").is_file():
-            raise ReferenceUnavailable(f"no checkpoint for {model_id} at {path}; put it there (HIVEMART_MODELS_DIR)")
+            path = self._find(model_id)
         try:
             info = load_model_info(path)
         except HivemartError as e:
@@ -99,6 +107,26 @@ class References:
         backend = SpanBackend(path, 0, info.num_blocks, dtype=torch.float32)
         self._backends[model_id] = backend
         return backend
+
+    def _find(self, model_id: str) -> Path:
+        """The checkpoint under ``models_dir`` whose computed model id is ``model_id`` (for
+        checkpoints kept under other folder names)."""
+        from client_sdk.models import load_model_info
+
+        if self.models_dir.is_dir():
+            for folder in sorted(self.models_dir.iterdir()):
+                if not (folder / "config.json").is_file():
+                    continue
+                known = self._ids.get(folder)
+                if known is None:
+                    try:
+                        known = self._ids[folder] = load_model_info(folder).model_id
+                    except HivemartError:
+                        continue
+                if known == model_id:
+                    return folder
+        raise ReferenceUnavailable(f"no checkpoint for {model_id} in {self.models_dir}; put it at "
+                                   f"{self.models_dir / model_id} (HIVEMART_MODELS_DIR)")
 
 
 def _relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:
@@ -143,7 +171,7 @@ def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *
     plan = [(target.start, target.start + 1, torch.randn(1, 1, hidden_size, generator=generator))]
     plan += [(target.start, target.end, torch.randn(1, tokens, hidden_size, generator=generator))
              for _ in range(requests)]
-    correct, rates, errors = 0, [], []
+    correct, mismatches, rates, errors = 0, 0, [], []
     latency_ms = timeout * 1000.0
     for k, (start, end, hidden) in enumerate(plan):
         hidden = hidden.to(dtype)
@@ -158,6 +186,7 @@ def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *
         if error <= TOLERANCE[dtype]:
             correct += 1
         else:
+            mismatches += 1
             errors.append(f"forward {start}:{end}: relative error {error:.3g} against the reference")
         if k == 0:
             latency_ms = seconds * 1000.0
@@ -166,4 +195,4 @@ def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *
     throughput = statistics.median(rates) if rates else 0.0
     if errors:
         logger.info(f"probe of {target.peer_id}: {correct}/{total} correct; {'; '.join(errors)}")
-    return ProbeResult(target.peer_id, total, correct, throughput, latency_ms, tuple(errors))
+    return ProbeResult(target.peer_id, total, correct, throughput, latency_ms, tuple(errors), mismatches)

@@ -339,6 +339,72 @@ def receipts_settle_enqueue(job_ids: Sequence[int]) -> None:
     transaction.on_commit(lambda: task.delay(ids))
 
 
+# --- audits ----------------------------------------------------------------------------------
+
+_validators: dict[str, object] = {}
+
+
+def validator_references() -> object:
+    """The platform validator's reference checkpoints (``scheduler.probing.References`` over
+    ``HIVEMART_MODELS_DIR``), kept per process so that a worker loads each model once."""
+    from scheduler.probing import References
+
+    key = str(settings.HIVEMART_MODELS_DIR)
+    if key not in _validators:
+        _validators[key] = References(settings.HIVEMART_MODELS_DIR)
+    return _validators[key]
+
+
+def audit_decide(*, audit_id: int, references: object | None = None) -> dict[str, object]:
+    """Recompute an open audit's span with the platform validator and record the verdict
+    (``scheduler.audit``); a decided audit is left alone. Without a checkpoint for the model
+    the verdict is ``inconclusive`` (the validator cannot tell)."""
+    from marketplace.receipts.models import Audit
+    from marketplace.receipts.services import audit_verdict_record
+    from scheduler.audit import Verdict, audit_span
+    from scheduler.probing import ReferenceUnavailable
+
+    audit = Audit.objects.select_related("job__model").filter(pk=audit_id).first()
+    if audit is None or audit.state != Audit.State.OPEN:
+        return {"audit": audit_id, "verdict": audit.verdict if audit else None, "decided": False}
+    model = audit.job.model
+    try:
+        computer = (references or validator_references()).get(model.model_id)  # type: ignore[attr-defined]
+    except ReferenceUnavailable as e:
+        verdict = Verdict("inconclusive", f"no validator checkpoint: {e}")
+    else:
+        verdict = audit_span(computer, start=audit.block_start, end=audit.block_end, dtype=audit.dtype,
+                             hidden_size=model.hidden_size, inputs=bytes(audit.inputs), claimed=bytes(audit.claimed),
+                             reference=bytes(audit.reference))
+    audit = audit_verdict_record(audit_id=audit_id, verdict=verdict.verdict, detail=verdict.detail)
+    return {"audit": audit_id, "verdict": audit.verdict, "decided": True}
+
+
+def audit_decide_enqueue(audit_id: int) -> None:
+    """Queue ``audit_decide`` once the current transaction commits."""
+    from scheduler.tasks import audit_decide as task
+
+    transaction.on_commit(lambda: task.delay(audit_id))
+
+
+def audits_open(*, older_than_s: float, now: datetime | None = None) -> list[int]:
+    """Open audits filed more than ``older_than_s`` ago (their message may have been lost)."""
+    from marketplace.receipts.models import Audit
+
+    cutoff = (now or timezone.now()) - timedelta(seconds=older_than_s)
+    return list(Audit.objects.filter(state=Audit.State.OPEN, created_at__lt=cutoff).order_by("pk")
+                .values_list("pk", flat=True))
+
+
+def _probe_offence(provider: Provider, result: object) -> None:
+    from marketplace.receipts.models import Offence
+    from marketplace.receipts.services import provider_offence_record
+
+    errors = "; ".join(result.errors)  # type: ignore[attr-defined]
+    provider_offence_record(provider=provider, kind=Offence.Kind.PROBE,
+                            detail=f"{result.mismatches} probe answers differ from the validator's: {errors}")  # type: ignore[attr-defined]
+
+
 # --- placement -------------------------------------------------------------------------------
 
 
@@ -392,6 +458,8 @@ def providers_probe(*, runtime: object | None = None, references: object | None 
                 reference, tokens=settings.HIVEMART_PROBE_TOKENS, requests=settings.HIVEMART_PROBE_REQUESTS,
                 timeout=settings.HIVEMART_PROBE_TIMEOUT_S)
             summary["probed"].append(provider.pk)
+            if result.mismatches:
+                _probe_offence(provider, result)
             if provider_probe_record(provider=provider, throughput=result.throughput, latency_ms=result.latency_ms,
                                      success_rate=result.success_rate, samples=result.requests):
                 summary["degraded"].append(provider.pk)

@@ -71,3 +71,19 @@ def receipts_settle(job_ids: list[int] | None = None) -> dict[str, Any]:
     if job_ids is not None and not (isinstance(job_ids, list) and all(type(j) is int for j in job_ids)):
         raise ValueError("job_ids is a list of integers")
     return services.receipts_settle(job_ids=job_ids)
+
+
+# The validator may load a model and run it on CPU: minutes for a big one.
+@app.task(name="scheduler.audit_decide", autoretry_for=TRANSIENT, **_RETRY)
+def audit_decide(audit_id: int) -> dict[str, Any]:
+    """Recompute an audit's disputed span with the platform validator and record the verdict."""
+    return services.audit_decide(audit_id=audit_id)
+
+
+@app.task(name="scheduler.audits_decide_open", autoretry_for=TRANSIENT, **_RETRY)
+def audits_decide_open() -> list[int]:
+    """Re-queue audit_decide for audits still open after one housekeeping interval (a sweep)."""
+    ids = services.audits_open(older_than_s=settings.HIVEMART_HOUSEKEEPING_INTERVAL_S)
+    for audit_id in ids:
+        audit_decide.delay(audit_id)
+    return ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator, Protocol, Required, Sequence, TypedDict, TypeVar
@@ -13,6 +14,7 @@ from client_sdk.api._client import DEFAULT_BASE_URL, HTTPCore, env_api_key
 from client_sdk.api.types import (
     Account,
     ApiKey,
+    Audit,
     CatalogModel,
     Challenge,
     CreatedApiKey,
@@ -288,6 +290,35 @@ class Jobs(_Resource):
                                                          json={"receipts": batch}, idempotency_key=_new_key()))
 
 
+def _tensor_b64(value: Any) -> str:
+    """An audit tensor as base64: ``encode_message({}, [tensor])`` bytes, or a tensor to encode."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        from client_sdk.protocol.framing import encode_message  # only reached with a torch tensor in hand
+
+        value = b"".join(bytes(frame) for frame in encode_message({}, [value]))
+    return base64.b64encode(bytes(value)).decode("ascii")
+
+
+class Audits(_Resource):
+    def create(self, *, job: int, ticket_id: str, session_id: str, start: int, end: int, dtype: str, inputs: Any,
+               claimed: Any, reference: Any, reference_peer: str) -> Audit:
+        """Report that the provider of ``ticket_id`` returned ``claimed`` for blocks [start, end)
+        where the backup ``reference_peer`` returned ``reference``, both on ``inputs`` (the full
+        prefix of hidden states at block ``start``). Tensors, or their ``encode_message`` bytes,
+        of at most 8 MiB each. The scheduler recomputes the span and decides."""
+        body = {"job": job, "ticket_id": ticket_id, "session_id": session_id, "start": start, "end": end,
+                "dtype": dtype, "inputs": _tensor_b64(inputs), "claimed": _tensor_b64(claimed),
+                "reference": _tensor_b64(reference), "reference_peer": reference_peer}
+        return Audit.from_json(self._core.request("POST", "/api/audits/", json=body))
+
+    def get(self, audit_id: int) -> Audit:
+        return Audit.from_json(self._core.request("GET", f"/api/audits/{int(audit_id)}/"))
+
+    def list(self, *, job: int | None = None, page: int = 1, page_size: int | None = None) -> Page[Audit]:
+        """Audits of your jobs (staff: all), newest first."""
+        return self._page("/api/audits/", Audit.from_json, page, page_size, job=job)
+
+
 class Platform(_Resource):
     def get(self) -> PlatformInfo:
         """The marketplace's platform public key (it signs job tickets) and fee; no API key needed."""
@@ -379,6 +410,7 @@ class Client:
         self.ledger = Ledger(self._core)
         self.platform = Platform(self._core)
         self.receipts = Receipts(self._core)
+        self.audits = Audits(self._core)
 
     @property
     def api_key(self) -> str | None:

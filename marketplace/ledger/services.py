@@ -55,6 +55,7 @@ __all__ = [
     "hold_capture",
     "hold_release",
     "payout",
+    "clawback",
     "fee_for",
 ]
 
@@ -354,3 +355,46 @@ def payout(*, account: Account, amount: int, idempotency_key: str | None = None,
         return previous
     return _record(kind=Transaction.Kind.PAYOUT, entries=[(account, -amount), (external, amount)],
                    idempotency_key=idempotency_key, memo=memo or "payout", created_by=requested_by)
+
+
+@transaction.atomic
+def clawback(*, source: Account, hold: Hold, amount: int, fee_refund: int = 0, idempotency_key: str,
+             memo: str = "") -> tuple[Transaction | None, int]:
+    """Take back credits paid out of ``hold`` (work an audit found to be fake): up to ``amount``
+    from ``source`` (a provider's earnings account), as far as its balance allows, plus the
+    platform fee charged on it (``fee_refund``, scaled down in proportion when the earnings
+    fall short). The credits return to the hold's escrow while it is open, else to the payer's
+    wallet. Returns the transaction (None when there was nothing to take) and the amount taken
+    from ``source``. Idempotent by ``idempotency_key``.
+    """
+    _check_amount(amount)
+    _check_key(idempotency_key)
+    _check_kind(source, Account.Kind.EARNINGS, role="clawback's source")
+    if not isinstance(fee_refund, int) or isinstance(fee_refund, bool) or not 0 <= fee_refund <= MAX_AMOUNT:
+        raise ValidationFailed("fee_refund is a non-negative integer", extra={"field": "fee_refund"})
+    previous = Transaction.objects.filter(idempotency_key=idempotency_key).first()
+    if previous is not None:
+        if previous.kind != Transaction.Kind.CLAWBACK or previous.hold_id != hold.pk:
+            raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
+                                      extra={"idempotency_key": idempotency_key})
+        taken = -(previous.postings.filter(account=source).values_list("amount", flat=True).first() or 0)
+        return previous, taken
+    hold = _lock_hold(hold.pk)
+    fees = platform_account(Account.Kind.FEES)
+    target = hold.escrow if hold.state == Hold.State.OPEN else hold.payer
+    # Lock in the global order (target escrow or wallet, then earnings, then fees), so that
+    # the balances read here hold still and no capture can wait on us in a cycle.
+    balances = {pk: Account.objects.select_for_update().filter(pk=pk).values_list("balance", flat=True).get()
+                for pk in (target.pk, source.pk, fees.pk)}
+    taken = min(amount, balances[source.pk])
+    refund = min(fee_refund * taken // amount, balances[fees.pk])
+    if taken + refund == 0:
+        return None, 0
+    entries: list[tuple[Account, int]] = [(target, taken + refund)]
+    if taken:
+        entries.append((source, -taken))
+    if refund:
+        entries.append((fees, -refund))
+    tx = _record(kind=Transaction.Kind.CLAWBACK, entries=entries, idempotency_key=idempotency_key, hold=hold,
+                 memo=memo or f"clawback to hold #{hold.pk}")
+    return tx, taken

@@ -276,6 +276,17 @@ def provider_suspend(*, provider: Provider, reason: str, now: datetime | None = 
 
 
 @transaction.atomic
+def provider_reputation_lower(*, provider: Provider, by: int) -> Provider:
+    """Lower a provider's reputation by ``by`` points (not below 0), under its row lock."""
+    if not isinstance(by, int) or isinstance(by, bool) or by < 0:
+        raise ValidationFailed("a reputation penalty is a non-negative integer", extra={"field": "by"})
+    provider = Provider.objects.select_for_update().get(pk=provider.pk)
+    provider.reputation = max(0, provider.reputation - by)
+    provider.save(update_fields=["reputation", "updated_at"])
+    return provider
+
+
+@transaction.atomic
 def provider_reinstate(*, provider: Provider, reason: str = "", now: datetime | None = None) -> Provider:
     now = now or timezone.now()
     provider = Provider.objects.select_for_update().get(pk=provider.pk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from django.conf import settings
@@ -14,14 +16,28 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace.common.api import parse
+from marketplace.common.api import StrictIntegerField, parse
 from marketplace.common.errors import ValidationFailed
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
-from marketplace.receipts.models import Receipt, Settlement, Ticket
+from marketplace.receipts.models import Audit, Receipt, Settlement, Ticket
 from marketplace.receipts.platform import platform_identity
-from marketplace.receipts.selectors import job_tickets_current, receipts_visible_to, settlements_visible_to
-from marketplace.receipts.services import MAX_RECEIPTS_PER_UPLOAD, job_finish, receipts_upload, tickets_renew
+from marketplace.receipts.selectors import (
+    audit_get,
+    audits_visible_to,
+    job_tickets_current,
+    receipts_visible_to,
+    settlements_visible_to,
+)
+from marketplace.receipts.services import (
+    AUDIT_DTYPES,
+    MAX_AUDIT_TENSOR_BYTES,
+    MAX_RECEIPTS_PER_UPLOAD,
+    audit_create,
+    job_finish,
+    receipts_upload,
+    tickets_renew,
+)
 
 
 class PlatformOutput(serializers.Serializer):
@@ -99,6 +115,56 @@ class FinishInput(serializers.Serializer):
 class FinishOutput(serializers.Serializer):
     job = JobOutput()
     results = ReceiptOutcomeOutput(many=True)
+
+
+class Base64BytesField(serializers.Field):
+    """Bytes sent as standard base64, at most ``max_bytes`` once decoded."""
+
+    default_error_messages = {"invalid": "Expected base64 of 1 to {max_bytes} bytes."}
+
+    def __init__(self, *, max_bytes: int, **kwargs: Any) -> None:
+        self.max_bytes = max_bytes
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> bytes:
+        # Check the length before decoding, so an oversized field costs no memory.
+        if not isinstance(data, str) or not 0 < len(data) <= 4 * ((self.max_bytes + 2) // 3):
+            self.fail("invalid", max_bytes=self.max_bytes)
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            self.fail("invalid", max_bytes=self.max_bytes)
+        if not 0 < len(decoded) <= self.max_bytes:
+            self.fail("invalid", max_bytes=self.max_bytes)
+        return decoded
+
+
+class AuditInput(serializers.Serializer):
+    job = StrictIntegerField(min_value=1)
+    ticket_id = serializers.CharField(max_length=64, help_text="the audited provider's ticket")
+    session_id = serializers.CharField(max_length=64)
+    start = StrictIntegerField(min_value=0, max_value=4096)
+    end = StrictIntegerField(min_value=1, max_value=4096)
+    dtype = serializers.ChoiceField(choices=AUDIT_DTYPES, help_text="the dtype the providers served in")
+    inputs = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES,
+                              help_text="encode_message({}, [hidden states at block start]) as base64")
+    claimed = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="the audited provider's output")
+    reference = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="the backup's output")
+    reference_peer = serializers.CharField(max_length=128, help_text="the backup's peer id")
+
+
+class AuditOutput(serializers.ModelSerializer):
+    job = serializers.IntegerField(source="job_id")
+    ticket_id = serializers.CharField(source="ticket.ticket_id")
+    provider = serializers.IntegerField(source="provider_id")
+    reference_provider = serializers.IntegerField(source="reference_provider_id", allow_null=True)
+    start = serializers.IntegerField(source="block_start")
+    end = serializers.IntegerField(source="block_end")
+
+    class Meta:
+        model = Audit
+        fields = ["id", "job", "ticket_id", "session_id", "provider", "reference_provider", "start", "end", "dtype",
+                  "state", "verdict", "detail", "created_at", "decided_at"]
 
 
 def _int_param(request: Request, name: str) -> int | None:
@@ -190,3 +256,32 @@ class Settlements(ListAPIView):
     @extend_schema(parameters=[OpenApiParameter("job", int), OpenApiParameter("provider", int)])
     def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
         return super().get(request, *args, **kwargs)
+
+
+class Audits(ListAPIView):
+    """Audits of your jobs (staff: all), newest first; ``?job=`` filters. POST files one: the
+    scheduler recomputes the span with the platform validator and records a verdict."""
+
+    serializer_class = AuditOutput
+
+    def get_queryset(self) -> QuerySet[Audit]:
+        audits = audits_visible_to(user=self.request.user)
+        job = _int_param(self.request, "job")
+        return audits if job is None else audits.filter(job_id=job)
+
+    @extend_schema(parameters=[OpenApiParameter("job", int)])
+    def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(request=AuditInput, responses={201: AuditOutput})
+    def post(self, request: Request) -> Response:
+        data = parse(AuditInput, request.data)
+        job = job_get(user=request.user, job_id=data.pop("job"))
+        audit = audit_create(user=request.user, job=job, **data)
+        return Response(AuditOutput(audit_get(user=request.user, audit_id=audit.pk)).data, status=201)
+
+
+class AuditDetail(APIView):
+    @extend_schema(responses=AuditOutput)
+    def get(self, request: Request, audit_id: int) -> Response:
+        return Response(AuditOutput(audit_get(user=request.user, audit_id=audit_id)).data)

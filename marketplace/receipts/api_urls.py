@@ -9,4 +9,6 @@ urlpatterns = [
     path("jobs/<int:job_id>/finish/", api.JobFinish.as_view(), name="job-finish"),
     path("receipts/", api.Receipts.as_view(), name="receipts"),
     path("settlements/", api.Settlements.as_view(), name="settlements"),
+    path("audits/", api.Audits.as_view(), name="audits"),
+    path("audits/<int:audit_id>/", api.AuditDetail.as_view(), name="audit"),
 ]

@@ -34,20 +34,24 @@ from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from client_sdk.protocol.receipts import ReceiptError, WorkReceipt, verify_receipt
+from client_sdk.protocol.receipts import SESSION_ID_PATTERN, ReceiptError, WorkReceipt, verify_receipt
 from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
-from marketplace.common.errors import PermissionDenied, ValidationFailed
+from marketplace.common.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
 from marketplace.jobs.services import job_charge, job_transition, job_transition_request
-from marketplace.ledger.models import Account, Hold
-from marketplace.receipts.models import Receipt, Settlement, Ticket
+from marketplace.ledger.models import Account, Hold, Posting
+from marketplace.ledger.services import clawback
+from marketplace.providers.models import Provider
+from marketplace.providers.services import provider_reputation_lower, provider_suspend
+from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
 from marketplace.receipts.platform import platform_identity
 
 __all__ = [
     "MAX_RECEIPTS_PER_UPLOAD", "NO_CLIENT_KEY", "ReceiptOutcome", "SettleSummary", "ticket_cost",
     "tickets_issue_for_plan", "tickets_renew", "receipts_upload", "receipts_settle", "jobs_close_settled",
-    "job_finish", "receipts_uploaded_hook_register",
+    "job_finish", "receipts_uploaded_hook_register", "audit_create", "audit_created_hook_register",
+    "audit_verdict_record", "provider_offence_record", "provider_job_void", "MAX_AUDIT_TENSOR_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,8 @@ def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
     """
     job = Job.objects.select_related("model").get(pk=plan.job_id)
     identity = platform_identity()
+    # A provider caught cheating on this job gets no new tickets for it.
+    voided = set(Ticket.objects.filter(job=job, voided_at__isnull=False).values_list("provider_id", flat=True))
     expires_at = int((timezone.now() + timedelta(seconds=settings.HIVEMART_TICKET_TTL)).timestamp())
     rows = []
     segments = plan.segments.select_related("provider").prefetch_related("backups__provider").order_by("index")
@@ -97,6 +103,8 @@ def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
         slots = [(Ticket.Role.PRIMARY, 0, seg.provider, seg.price)]
         slots += [(Ticket.Role.BACKUP, b.rank, b.provider, b.price) for b in seg.backups.all()]
         for role, rank, provider, price in slots:
+            if provider.pk in voided:
+                continue
             signed = issue_ticket(
                 identity, ticket_id=secrets.token_urlsafe(18), job_id=job.pk,
                 client_key=job.client_key or NO_CLIENT_KEY, provider_peer=provider.peer_id,
@@ -394,3 +402,131 @@ def job_finish(*, job: Job, by: User, receipts: Sequence[Any] = ()) -> tuple[Job
         grouped[o.status] += 1
     logger.info("job #%s finished; final receipts %s", job.pk, dict(grouped))
     return job, outcomes
+
+
+# --- audits, offences, voiding -------------------------------------------------------------------
+
+MAX_AUDIT_TENSOR_BYTES = 8 * 1024 * 1024
+AUDIT_DTYPES = ("float32", "float16", "bfloat16")
+# Audits cost the validator real compute; a job may have this many waiting at once.
+MAX_OPEN_AUDITS_PER_JOB = 16
+
+_audit_hooks: list[Callable[[int], None]] = []
+
+
+def audit_created_hook_register(hook: Callable[[int], None]) -> None:
+    """Call ``hook(audit_id)`` inside the transaction that files an audit (the scheduling
+    app queues ``audit_decide`` on commit)."""
+    if hook not in _audit_hooks:
+        _audit_hooks.append(hook)
+
+
+def _check_tensor_blob(name: str, blob: bytes) -> None:
+    if not isinstance(blob, (bytes, bytearray)) or not 0 < len(blob) <= MAX_AUDIT_TENSOR_BYTES:
+        raise ValidationFailed(f"{name} is an encoded tensor message of 1 byte to {MAX_AUDIT_TENSOR_BYTES} bytes",
+                               extra={"field": name})
+
+
+@transaction.atomic
+def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start: int, end: int, dtype: str,
+                 inputs: bytes, claimed: bytes, reference: bytes, reference_peer: str) -> Audit:
+    """File an audit: the output of ticket ``ticket_id``'s provider for blocks [start, end)
+    (``claimed``) differed from the backup ``reference_peer``'s (``reference``) on the same
+    ``inputs``. The job's owner (or staff) files it; the scheduler's ``audit_decide``
+    recomputes the span and decides. Tensors are ``encode_message({}, [tensor])`` bytes."""
+    if not user.is_staff and job.user_id != user.pk:
+        raise PermissionDenied("only the job's owner may file an audit for it")
+    job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
+    ticket = Ticket.objects.select_related("provider").filter(job=job, ticket_id=ticket_id).first()
+    if ticket is None:
+        raise NotFound(f"job #{job.pk} has no ticket {ticket_id}", extra={"field": "ticket_id"})
+    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.match(session_id):
+        raise ValidationFailed("session_id is 8 to 64 characters of [A-Za-z0-9_-]", extra={"field": "session_id"})
+    if not (isinstance(start, int) and isinstance(end, int) and ticket.block_start <= start < end <= ticket.block_end):
+        raise ValidationFailed(f"blocks {start}:{end} are outside the ticket's {ticket.block_start}:{ticket.block_end}",
+                               extra={"field": "start"})
+    if dtype not in AUDIT_DTYPES:
+        raise ValidationFailed(f"dtype is one of {', '.join(AUDIT_DTYPES)}", extra={"field": "dtype"})
+    for name, blob in (("inputs", inputs), ("claimed", claimed), ("reference", reference)):
+        _check_tensor_blob(name, blob)
+    backup = (Provider.objects.filter(peer_id=reference_peer, tickets__job=job, tickets__block_start__lte=start,
+                                      tickets__block_end__gte=end).exclude(pk=ticket.provider_id).first())
+    if backup is None:
+        raise ValidationFailed(f"{reference_peer} holds no ticket of job #{job.pk} for blocks {start}:{end}",
+                               extra={"field": "reference_peer"}, code="bad_reference")
+    if Audit.objects.filter(job=job, state=Audit.State.OPEN).count() >= MAX_OPEN_AUDITS_PER_JOB:
+        raise Conflict(f"job #{job.pk} already has {MAX_OPEN_AUDITS_PER_JOB} audits waiting for a verdict",
+                       code="too_many_audits")
+    audit = Audit.objects.create(job=job, reporter=user, ticket=ticket, provider=ticket.provider,
+                                 reference_provider=backup, session_id=session_id, block_start=start, block_end=end,
+                                 dtype=dtype, inputs=bytes(inputs), claimed=bytes(claimed),
+                                 reference=bytes(reference))
+    for hook in _audit_hooks:
+        hook(audit.pk)
+    return audit
+
+
+def provider_offence_record(*, provider: Provider, kind: str, detail: str, job: Job | None = None,
+                            audit: Audit | None = None) -> Offence:
+    """Record an offence: the provider's reputation falls by ``HIVEMART_REPUTATION_PENALTY``
+    and, at ``HIVEMART_SUSPEND_AFTER`` offences, it is suspended (out of matching and placement)."""
+    with transaction.atomic():
+        offence = Offence.objects.create(provider=provider, kind=kind, job=job, audit=audit, detail=detail[:200])
+        provider_reputation_lower(provider=provider, by=settings.HIVEMART_REPUTATION_PENALTY)
+        count = Offence.objects.filter(provider=provider).count()
+        if count >= settings.HIVEMART_SUSPEND_AFTER:
+            provider_suspend(provider=provider, reason=f"{count} offences; the last: {detail}"[:200])
+    logger.warning("provider %s offence (%s): %s", provider.pk, kind, detail)
+    return offence
+
+
+@transaction.atomic
+def provider_job_void(*, job: Job, provider: Provider) -> int:
+    """Void the provider's tickets for ``job``: their receipts are never settled, and what was
+    already paid for them is clawed back from its earnings (as far as their balance allows,
+    with the platform's fee on it) to the job's hold, or to the client's wallet once the hold
+    is closed. Returns the micro-credits taken from the provider; voiding twice takes nothing."""
+    tickets = Ticket.objects.select_for_update().filter(job=job, provider=provider, voided_at__isnull=True)
+    if not Ticket.objects.filter(job=job, provider=provider).exists():
+        raise NotFound(f"provider {provider.pk} holds no ticket of job #{job.pk}")
+    if Ticket.objects.filter(job=job, provider=provider, voided_at__isnull=False).exists():
+        tickets.update(voided_at=timezone.now())
+        return 0
+    tickets.update(voided_at=timezone.now())
+    paid = Settlement.objects.filter(job=job, provider=provider, transaction__isnull=False).values("transaction_id")
+    legs = Posting.objects.filter(transaction_id__in=paid)
+    net = sum(legs.filter(account_id=provider.earnings_account_id).values_list("amount", flat=True))
+    fee = sum(legs.filter(account__kind=Account.Kind.FEES).values_list("amount", flat=True))
+    if net <= 0:
+        return 0
+    job = Job.objects.select_related("hold").get(pk=job.pk)
+    _, taken = clawback(source=provider.earnings_account, hold=job.hold, amount=net, fee_refund=fee,
+                        idempotency_key=f"clawback:job:{job.pk}:provider:{provider.pk}",
+                        memo=f"job #{job.pk}: work voided by an audit")
+    return taken
+
+
+@transaction.atomic
+def audit_verdict_record(*, audit_id: int, verdict: str, detail: str) -> Audit:
+    """Store the validator's verdict; when the provider cheated, void its work on the job,
+    claw back what it was paid, and record the offence (once per provider and job)."""
+    if verdict not in Audit.Verdict.values:
+        raise ValidationFailed(f"verdict is one of {', '.join(Audit.Verdict.values)}", extra={"field": "verdict"})
+    job_id = Audit.objects.filter(pk=audit_id).values_list("job_id", flat=True).first()
+    if job_id is None:
+        raise NotFound(f"no audit {audit_id}")
+    job = Job.objects.select_for_update(of=("self",)).get(pk=job_id)  # settlement's lock: no payment races this
+    audit = Audit.objects.select_for_update().select_related("provider").get(pk=audit_id)
+    if audit.state == Audit.State.DECIDED:
+        return audit
+    audit.state, audit.verdict, audit.detail, audit.decided_at = (Audit.State.DECIDED, verdict, detail[:500],
+                                                                  timezone.now())
+    audit.save(update_fields=["state", "verdict", "detail", "decided_at"])
+    if verdict == Audit.Verdict.PROVIDER_CHEATED:
+        taken = provider_job_void(job=job, provider=audit.provider)
+        if not Offence.objects.filter(provider=audit.provider, job=job, kind=Offence.Kind.AUDIT).exists():
+            provider_offence_record(provider=audit.provider, kind=Offence.Kind.AUDIT, job=job, audit=audit,
+                                    detail=f"audit #{audit.pk} of job #{job.pk}: {detail}")
+        logger.warning("audit #%s: provider %s cheated on job #%s; %s micro-credits clawed back", audit.pk,
+                       audit.provider_id, job.pk, taken)
+    return audit

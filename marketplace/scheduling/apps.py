@@ -17,6 +17,13 @@ def _settle_on_upload(job_ids: list[int]) -> None:
         receipts_settle_enqueue(job_ids)
 
 
+def _decide_on_audit(audit_id: int) -> None:
+    if settings.HIVEMART_SETTLE_ON_UPLOAD:
+        from scheduler.services import audit_decide_enqueue
+
+        audit_decide_enqueue(audit_id)
+
+
 class SchedulingConfig(AppConfig):
     name = "marketplace.scheduling"
     label = "scheduling"
@@ -25,7 +32,8 @@ class SchedulingConfig(AppConfig):
     def ready(self) -> None:
         from marketplace.jobs.services import job_created_hook_register
 
-        from marketplace.receipts.services import receipts_uploaded_hook_register
+        from marketplace.receipts.services import audit_created_hook_register, receipts_uploaded_hook_register
 
         job_created_hook_register(_match_on_create)
         receipts_uploaded_hook_register(_settle_on_upload)
+        audit_created_hook_register(_decide_on_audit)

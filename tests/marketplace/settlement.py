@@ -16,6 +16,7 @@ from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.receipts import ReceiptCounter, WorkReceipt, countersign
 from client_sdk.protocol.tickets import JobTicket
 from marketplace.accounts.models import User
+from marketplace.catalog.models import CatalogModel
 from marketplace.jobs.models import Job
 from marketplace.jobs.services import SegmentSpec, job_create, job_plan_store, job_transition
 from marketplace.providers.models import Provider
@@ -23,6 +24,8 @@ from marketplace.receipts.models import Ticket
 from tests.marketplace.factories import make_model, make_provider, make_user, make_wallet, register
 
 PLATFORM_SEED = bytes(range(32))
+# Every provider planned_job registered, by id: its identity (to sign receipts again later).
+IDENTITIES: dict[int, Identity] = {}
 _keys = itertools.count(1)
 
 
@@ -71,10 +74,14 @@ class PlannedJob:
 
 
 def planned_job(*, segments: int = 1, num_blocks: int = 4, budget: int = 1_000_000, price: int = 1_000,
-                backups: int = 1, client_key: bool = True, running: bool = True, **job_fields: Any) -> PlannedJob:
-    """A funded client's job over a fresh model, planned with one primary (and ``backups``
-    backups) per segment, each a freshly registered provider with a known identity."""
-    model = make_model(num_blocks=num_blocks)
+                backups: int = 1, client_key: bool = True, running: bool = True, model: CatalogModel | None = None,
+                reuse: list[Provider] | None = None, **job_fields: Any) -> PlannedJob:
+    """A funded client's job over a fresh model (or ``model``), planned with one primary (and
+    ``backups`` backups) per segment, each a freshly registered provider with a known identity;
+    ``reuse`` names providers (with identities in ``IDENTITIES``) to plan first instead."""
+    model = model or make_model(num_blocks=num_blocks)
+    num_blocks = model.num_blocks
+    reuse = list(reuse or [])
     client = make_wallet(user=make_user(), credits=budget * 2).user
     identity = Identity.generate() if client_key else None
     job, _ = job_create(user=client, kind="inference", model_id=model.model_id, budget=budget, max_price=price * 10,
@@ -84,10 +91,14 @@ def planned_job(*, segments: int = 1, num_blocks: int = 4, budget: int = 1_000_0
     identities: dict[int, Identity] = {}
 
     def provider(start: int, end: int) -> Provider:
+        if reuse:
+            p = reuse.pop(0)
+            identities[p.pk] = IDENTITIES[p.pk]
+            return p
         ident = Identity.generate()
         p = register(user=make_user(), identity=ident, model=model, start=start, end=end, price=price)
         p = make_provider_online(p)
-        identities[p.pk] = ident
+        identities[p.pk] = IDENTITIES[p.pk] = ident
         return p
 
     primaries, spares, specs = [], [], []
