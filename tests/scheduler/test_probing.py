@@ -120,6 +120,12 @@ def test_probes_measure_honest_providers_and_degrade_liars_and_the_silent(
     assert measured["liar"].success_rate == pytest.approx(1 / 3)
     assert measured["silent"].success_rate == 0.0 and measured["silent"].throughput == 0.0
     assert services.provider_is_degraded(Provider.objects.get(pk=ids["liar"]))
+    # Wrong answers (not silence) are an offence: the liar's reputation falls, nobody else's.
+    from marketplace.receipts.models import Offence
+
+    assert [(o.provider_id, o.kind) for o in Offence.objects.all()] == [(ids["liar"], "probe")]
+    assert Provider.objects.get(pk=ids["liar"]).reputation < 100
+    assert Provider.objects.get(pk=ids["silent"]).reputation == 100
 
     # Matching now ignores the cheap liars and plans the honest provider.
     job = make_job(model=model, max_price=1_000)
