@@ -206,6 +206,14 @@ class Providers(_Resource):
         return Provider.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/suspend/",
                                                      json={"reason": reason}))
 
+    def payout(self, provider_id: int, *, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
+        """Pay ``amount`` micro-credits of the provider's settled earnings out of the platform
+        (your provider; idempotent by key, generated unless given)."""
+        account = self.get(provider_id).earnings_account
+        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
+        return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body,
+                                                        idempotency_key=body["idempotency_key"]))
+
     def reinstate(self, provider_id: int) -> Provider:
         return Provider.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/reinstate/"))
 

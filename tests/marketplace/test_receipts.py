@@ -271,3 +271,25 @@ def test_sdk_platform_tickets_receipts_and_finish(wsgi: httpx.WSGITransport) -> 
     assert [(r.units, r.seq) for r in stored] == [(120, 2)]
     with pytest.raises(NotFoundError):
         sdk(wsgi, make_user()).jobs.tickets(pj.job.pk)
+
+
+def test_sdk_settlements_and_provider_payouts(wsgi: httpx.WSGITransport, settings: Any) -> None:
+    from client_sdk.errors import InsufficientCreditsError
+    from marketplace.receipts.services import receipts_settle
+
+    settings.HIVEMART_PLATFORM_FEE_BPS = 500
+    pj = planned_job(price=1_000)
+    p = pj.providers[0]
+    operator = sdk(wsgi, p.user)
+    operator.receipts.upload([pj.receipt(p, 4_000_000, countersigned=False)])
+    receipts_settle()
+    paid = operator.receipts.settlements(provider=p.pk).items
+    assert [(s.job, s.units, s.amount, s.shortfall) for s in paid] == [(pj.job.pk, 4_000_000, 4_000, 0)]
+    assert sdk(wsgi, pj.client).receipts.settlements(job=pj.job.pk).items == paid
+    assert sdk(wsgi, make_user()).receipts.settlements().items == []
+    assert operator.providers.get(p.pk).reputation == 100
+    tx = operator.providers.payout(p.pk, amount=3_000)
+    assert tx.kind == "payout"
+    with pytest.raises(InsufficientCreditsError):
+        operator.providers.payout(p.pk, amount=1_000)  # 3,800 earned, 3,000 paid out
+    assert operator.ledger.account(p.earnings_account_id).balance == 800
