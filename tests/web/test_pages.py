@@ -364,17 +364,16 @@ def test_provider_pages_show_reputation() -> None:
 
 
 def make_audit():  # noqa: ANN201
-    """An audit row on a real planned job's ticket. No service opens audits yet (settlement
-    work in progress), so the row is written directly; only the page is under test here."""
-    from marketplace.receipts.models import Audit
+    """An audit filed by a job's owner and decided against the provider, through the real services."""
+    from marketplace.receipts.services import audit_create, audit_verdict_record
     from tests.marketplace.settlement import planned_job
 
     pj = planned_job()
     ticket = pj.ticket(pj.providers[0])
-    return Audit.objects.create(job=pj.job, reporter=pj.client, ticket=ticket, provider=pj.providers[0],
-                                reference_provider=pj.backups[0], session_id="session-0001", block_start=0,
-                                block_end=4, dtype="float32", inputs=b"", claimed=b"", reference=b"",
-                                state="decided", verdict="provider_cheated", detail="outputs differ by 3.2")
+    audit = audit_create(user=pj.client, job=pj.job, ticket_id=ticket.ticket_id, session_id="session-0001",
+                         start=0, end=4, dtype="float32", inputs=b"in", claimed=b"claimed", reference=b"reference",
+                         reference_peer=pj.backups[0].peer_id)
+    return audit_verdict_record(audit_id=audit.pk, verdict="provider_cheated", detail="outputs differ by 3.2")
 
 
 def test_audits_page_is_for_staff_only(platform_key) -> None:  # noqa: ANN001
@@ -391,6 +390,15 @@ def test_audits_page_is_for_staff_only(platform_key) -> None:  # noqa: ANN001
     assert f"#{audit.pk}" in body and "provider cheated" in body.lower().replace("_", " ")
     assert "outputs differ by 3.2" in body and f'href="/jobs/{audit.job_id}/"' in body
     assert 'href="/staff/audits/"' in body  # staff see the menu entry
+
+
+def test_provider_page_shows_lowered_reputation_and_the_offence(platform_key, settings) -> None:  # noqa: ANN001
+    audit = make_audit()
+    page = Client().get(reverse("web:provider", args=[audit.provider_id])).content.decode()
+    reputation = 100 - settings.HIVEMART_REPUTATION_PENALTY
+    assert f'id="reputation">{reputation} / 100<' in page
+    offences = page.split('id="offences"', 1)[1].split("</table>", 1)[0]
+    assert "failed an audit" in offences and f"audit #{audit.pk}" in offences
 
 
 def test_signup_shares_the_apis_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
