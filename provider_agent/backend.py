@@ -10,6 +10,9 @@ backward returns the gradients with respect to both along with the input gradien
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from client_sdk.finetune.lora import TARGET_MODULES, LoraSpec, target_shapes
 from client_sdk.models import ModelInfo, load_blocks, load_config, load_model_info, make_rotary_embedding
 from provider_agent.adapters import ActiveLora, active_lora, install_adapter_slots
 
-__all__ = ["SpanBackend", "SpanKVCache", "LoraWeights", "SpanGrads"]
+__all__ = ["SpanBackend", "SpanKVCache", "LoraWeights", "SpanGrads", "KeptGraph", "KeptGraphs"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class LoraWeights:
     spec: LoraSpec
     weights: torch.Tensor  # [blocks, per_block]
     start: int
+    source: torch.Tensor | None = None  # the adapter's whole weights tensor (replaced, never changed in place)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,86 @@ class SpanGrads:
     inputs: torch.Tensor
     prompts: torch.Tensor | None = None
     adapter: torch.Tensor | None = None  # float32, shaped like LoraWeights.weights
+
+
+@dataclass
+class KeptGraph:
+    """The autograd graph of one forward, kept so that its backward need not recompute it."""
+
+    start: int
+    end: int
+    inputs: torch.Tensor  # leaf
+    prompts: torch.Tensor | None  # leaf
+    weights: torch.Tensor | None  # the adapter rows (a leaf when lora_grads)
+    lora_grads: bool
+    outputs: torch.Tensor
+    nbytes: int  # activation memory the graph holds (estimated from its saved tensors)
+    adapter_tensor: torch.Tensor | None = None  # the adapter's weights object at forward time
+    created: float = 0.0
+
+    def matches(self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None,
+                adapter_tensor: torch.Tensor | None, lora_grads: bool) -> bool:
+        """Whether a backward request is for exactly this forward (else it recomputes)."""
+        def same(kept: torch.Tensor, sent: torch.Tensor) -> bool:
+            return kept.shape == sent.shape and torch.equal(kept.detach(), sent.to(kept.device, kept.dtype))
+
+        return ((self.start, self.end, self.lora_grads) == (start, end, lora_grads)
+                and self.adapter_tensor is adapter_tensor and same(self.inputs, hidden)
+                and (prompts is None) == (self.prompts is None)
+                and (prompts is None or self.prompts is None or same(self.prompts, prompts)))
+
+
+class KeptGraphs:
+    """Graphs kept between a forward and its backward, per owner and graph id, within a byte
+    budget (oldest dropped first) and for at most ``ttl`` seconds. A dropped graph only costs
+    its backward a recomputation."""
+
+    def __init__(self, *, budget_bytes: int, ttl: float) -> None:
+        self.budget_bytes, self.ttl = budget_bytes, ttl
+        self._graphs: "OrderedDict[tuple[str, str], KeptGraph]" = OrderedDict()
+        self.used_bytes = 0
+        # Forwards computed on the compute thread keep their graphs from there.
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def put(self, owner: str, graph_id: str, graph: KeptGraph) -> bool:
+        """Keep ``graph`` (dropping the oldest ones to make room); False if it alone is too large."""
+        if graph.nbytes > self.budget_bytes:
+            return False
+        with self._lock:
+            self._pop((owner, graph_id))
+            while self.used_bytes + graph.nbytes > self.budget_bytes:
+                self._pop(next(iter(self._graphs)))
+            graph.created = time.monotonic()
+            self._graphs[(owner, graph_id)] = graph
+            self.used_bytes += graph.nbytes
+        return True
+
+    def _pop(self, key: tuple[str, str]) -> KeptGraph | None:
+        graph = self._graphs.pop(key, None)
+        if graph is not None:
+            self.used_bytes -= graph.nbytes
+        return graph
+
+    def pop(self, owner: str, graph_id: str) -> KeptGraph | None:
+        """Take the graph out (a graph serves one backward)."""
+        with self._lock:
+            return self._pop((owner, graph_id))
+
+    def expire(self, now: float | None = None) -> int:
+        deadline = (time.monotonic() if now is None else now) - self.ttl
+        with self._lock:
+            stale = [key for key, graph in self._graphs.items() if graph.created < deadline]
+            for key in stale:
+                self._pop(key)
+        return len(stale)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._graphs.clear()
+            self.used_bytes = 0
 
 
 class SpanKVCache:
@@ -90,6 +174,7 @@ class SpanBackend:
         self.dtype: torch.dtype = next(self.layers[0].parameters()).dtype
         self.lora_shapes = target_shapes(load_config(model_path))
         install_adapter_slots(self.layers, start, list(TARGET_MODULES))
+        self._weight_storages = {p.untyped_storage().data_ptr() for layer in self.layers for p in layer.parameters()}
         self.rotary = make_rotary_embedding(self.layers[0].self_attn.config, device=self.device)
         self._rope_table = self._build_rope_table(self.layers[0].self_attn.config)
 
@@ -179,26 +264,44 @@ class SpanBackend:
         with active_lora(self._active(lora)):
             return self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), 0, None, prompts)
 
+    def graph(self, hidden: torch.Tensor, start: int, end: int, *, prompts: torch.Tensor | None = None,
+              lora: LoraWeights | None = None, lora_grads: bool = False) -> KeptGraph:
+        """The forward of blocks ``[start, end)`` with autograd on, ready for :meth:`grads`."""
+        saved = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            if tensor.untyped_storage().data_ptr() not in self._weight_storages:
+                saved += tensor.nbytes
+            return tensor
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            prompt_leaf = weights = None
+            if prompts is not None:
+                prompt_leaf = prompts.to(self.device, self.dtype).detach().requires_grad_(True)
+            if lora is not None:
+                weights = lora.weights.detach().requires_grad_(lora_grads)
+            with active_lora(self._active(lora, weights)):
+                outputs = self._run(self.layers_for(start, end), inputs, 0, None, prompt_leaf)
+        return KeptGraph(start, end, inputs, prompt_leaf, weights, lora is not None and lora_grads, outputs, saved)
+
+    @staticmethod
+    def grads(graph: KeptGraph, grad_output: torch.Tensor) -> SpanGrads:
+        """Backpropagate ``grad_output`` through a graph (which cannot be used again)."""
+        leaves = [graph.inputs] + [t for t in (graph.prompts,) if t is not None]
+        if graph.lora_grads:
+            leaves.append(graph.weights)
+        grads = torch.autograd.grad(graph.outputs, leaves, grad_output.to(graph.outputs.device, graph.outputs.dtype))
+        grad_prompts = grads[1] if graph.prompts is not None else None
+        grad_lora = grads[-1].float() if graph.lora_grads else None
+        return SpanGrads(grads[0], grad_prompts, grad_lora)
+
     def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int, *,
                  prompts: torch.Tensor | None = None, lora: LoraWeights | None = None,
                  lora_grads: bool = False) -> SpanGrads:
         """Gradients of ``sum(outputs * grad_output)`` with respect to the inputs of blocks
         ``[start, end)``, their deep ``prompts`` (if given) and the ``lora`` weights (if
         ``lora_grads``): recomputes the forward with autograd on, then backpropagates."""
-        with torch.enable_grad():
-            inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
-            leaves = [inputs]
-            prompt_leaf = weights = None
-            if prompts is not None:
-                prompt_leaf = prompts.to(self.device, self.dtype).detach().requires_grad_(True)
-                leaves.append(prompt_leaf)
-            if lora is not None:
-                weights = lora.weights.detach().requires_grad_(lora_grads)
-                if lora_grads:
-                    leaves.append(weights)
-            with active_lora(self._active(lora, weights)):
-                outputs = self._run(self.layers_for(start, end), inputs, 0, None, prompt_leaf)
-            grads = torch.autograd.grad(outputs, leaves, grad_output.to(self.device, self.dtype))
-        grad_prompts = grads[1] if prompt_leaf is not None else None
-        grad_lora = grads[-1].float() if lora is not None and lora_grads else None
-        return SpanGrads(grads[0], grad_prompts, grad_lora)
+        return self.grads(self.graph(hidden, start, end, prompts=prompts, lora=lora, lora_grads=lora_grads),
+                          grad_output)

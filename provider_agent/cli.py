@@ -97,6 +97,8 @@ def cli(verbose: int) -> None:
               help="Memory for the LoRA adapters of fine-tuning jobs, all together, MiB.")
 @click.option("--max-adapter-rank", default=64, show_default=True, help="Largest LoRA rank a job may ask for.")
 @click.option("--adapter-ttl", default=600.0, show_default=True, help="Seconds an unused adapter is kept.")
+@click.option("--graph-mb", default=512.0, show_default=True,
+              help="Activations training forwards may keep for their backwards (saves recomputing), MiB.")
 @click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
 @click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -106,7 +108,7 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         heartbeat_period: float, upload_period: float, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, adapter_mb: float, max_adapter_rank: int,
-        adapter_ttl: float, throughput: float | None,
+        adapter_ttl: float, graph_mb: float, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
     from provider_agent.agent import serve_forever
@@ -120,7 +122,8 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024, adapter_bytes=int(adapter_mb * 1024 * 1024),
-        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, throughput=throughput, announce_period=announce_period,
+        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, graph_bytes=int(graph_mb * 1024 * 1024),
+        throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
     )
     try:

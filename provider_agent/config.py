@@ -45,6 +45,10 @@ class AgentConfig:
     max_adapter_rank: int = 64
     # Seconds an adapter may stay unused before it is forgotten (each use refreshes it).
     adapter_ttl: float = 600.0
+    # Bytes of activations that training forwards may keep for their backwards (which then
+    # need not recompute the forward), and for how many seconds at most.
+    graph_bytes: int = 512 * 1024 * 1024
+    graph_ttl: float = 60.0
     # Seconds between DHT announcements; records expire after `announce_ttl`.
     announce_period: float = 10.0
     announce_ttl: float = 30.0

@@ -34,7 +34,7 @@ from client_sdk.protocol.rpc import (
 )
 from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
-from provider_agent.backend import LoraWeights, SpanBackend, SpanKVCache
+from provider_agent.backend import KeptGraphs, LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
 from provider_agent.metering import Charge, TicketBook, outputs_digest
 
@@ -87,6 +87,7 @@ class ProviderServer:
                               max_tensor_bytes=config.max_request_tokens * backend.info.hidden_size * 4)
         self.adapters = AdapterStore(budget_bytes=config.adapter_bytes, max_rank=config.max_adapter_rank,
                                      ttl=config.adapter_ttl)
+        self.graphs = KeptGraphs(budget_bytes=config.graph_bytes, ttl=config.graph_ttl)
         # Adapter weights travel as float32 whatever the compute dtype.
         self._adapter_limits = Limits(max_tensors=1,
                                       max_tensor_bytes=max(4, config.adapter_bytes // backend.dtype.itemsize * 4))
@@ -116,6 +117,7 @@ class ProviderServer:
                 self.tickets.final_receipt(session.ticket, session.spec.session_id)
             session.client.close()
         self.adapters.clear()
+        self.graphs.clear()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -183,6 +185,7 @@ class ProviderServer:
             raise RuntimeError("drain the server before replacing its blocks")
         self.backend, self.block_digests = backend, block_digests
         self.adapters.clear()  # they were for the old span; their clients create them again elsewhere
+        self.graphs.clear()
         self.accepting = True
 
     # --- info -------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ class ProviderServer:
             raise RequestError("bad_span", f"adapter {adapter.adapter_id} covers blocks {adapter.start}:"
                                            f"{adapter.end}, not {request.start}:{request.end}")
         rows = adapter.weights[request.start - adapter.start : request.end - adapter.start]
-        return LoraWeights(adapter.spec, rows, request.start)
+        return LoraWeights(adapter.spec, rows, request.start, source=adapter.weights)
 
     async def _serve_span(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           tensor_names: tuple[str, ...], reply_type: str, cost: int,
@@ -334,24 +337,45 @@ class ProviderServer:
 
     async def _handle_forward(self, stream_info: Any, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
+        owner = str(stream_info.peer_id)
+
         def work(r: SpanRequest, t: list[torch.Tensor], prompts: torch.Tensor | None,
                  lora: LoraWeights | None) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
-            return {}, (self.backend.forward(t[0], r.start, r.end, prompts=prompts, lora=lora),)
+            if r.tuning is None or r.tuning.graph_id is None:
+                return {}, (self.backend.forward(t[0], r.start, r.end, prompts=prompts, lora=lora),)
+            # A training forward: keep the graph so that its backward need not recompute it.
+            graph = self.backend.graph(t[0], r.start, r.end, prompts=prompts, lora=lora,
+                                       lora_grads=r.tuning.lora_grads)
+            graph.adapter_tensor = None if lora is None else lora.source
+            kept = self.graphs.put(owner, r.tuning.graph_id, graph)
+            return {"kept": kept}, (graph.outputs.detach(),)
 
         await self._serve_span(stream_info, reader, writer, ("hidden states",), "output", 1, work)
 
     async def _handle_backward(self, stream_info: Any, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
+        owner = str(stream_info.peer_id)
+
         def work(r: SpanRequest, t: list[torch.Tensor], prompts: torch.Tensor | None,
                  lora: LoraWeights | None) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
             lora_grads = r.tuning is not None and r.tuning.lora_grads
-            grads = self.backend.backward(t[0], t[1], r.start, r.end, prompts=prompts, lora=lora,
-                                          lora_grads=lora_grads)
+            graph = None
+            if r.tuning is not None and r.tuning.graph_id is not None:
+                graph = self.graphs.pop(owner, r.tuning.graph_id)
+                if graph is not None and not graph.matches(t[0], r.start, r.end, prompts,
+                                                           None if lora is None else lora.source, lora_grads):
+                    graph = None  # not the forward this backward is for: recompute
+            if graph is not None:
+                grads = self.backend.grads(graph, t[1])
+            else:
+                grads = self.backend.backward(t[0], t[1], r.start, r.end, prompts=prompts, lora=lora,
+                                              lora_grads=lora_grads)
             # Reply order: grad_input, then grad_prompts and the adapter gradient when asked for.
             outputs = tuple(g for g in (grads.inputs, grads.prompts, grads.adapter) if g is not None)
-            return {"prompts": grads.prompts is not None, "lora_grads": grads.adapter is not None}, outputs
+            return {"prompts": grads.prompts is not None, "lora_grads": grads.adapter is not None,
+                    "recomputed": graph is None}, outputs
 
-        # A backward recomputes the forward first: about three forwards of work.
+        # A backward recomputes the forward first (unless its graph was kept): about three forwards of work.
         await self._serve_span(stream_info, reader, writer, ("hidden states", "output gradients"), "grad", 3, work)
 
     # --- LoRA adapters of fine-tuning jobs ---------------------------------------------------------
@@ -417,9 +441,10 @@ class ProviderServer:
 
     async def _expire_adapters(self) -> None:
         while True:
-            await asyncio.sleep(min(10.0, self.config.adapter_ttl))
+            await asyncio.sleep(min(10.0, self.config.adapter_ttl, self.config.graph_ttl))
             for adapter_id in self.adapters.expire():
                 logger.info(f"forgot adapter {adapter_id} (unused for {self.config.adapter_ttl:.0f} s)")
+            self.graphs.expire()
 
     # --- inference sessions ---------------------------------------------------------------------
 

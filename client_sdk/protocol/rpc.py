@@ -134,11 +134,15 @@ class SpanTuning:
     of each block's input; a backward then also returns their gradient. ``adapter_id``: run
     with that LoRA adapter (see ``AdapterRequest``); ``lora_grads`` asks a backward to return
     the adapter's weight gradient too, as one flat float32 tensor ``[blocks, per_block]``.
+    ``graph_id``: a forward keeps its autograd graph under this id (for a while, within a
+    memory budget) and a backward with the same id and the same inputs uses it instead of
+    recomputing the forward; a backward whose graph is gone recomputes it.
     """
 
     prompts: bool = False
     adapter_id: str | None = None
     lora_grads: bool = False
+    graph_id: str | None = None
 
     def to_header(self) -> dict[str, Any]:
         header: dict[str, Any] = {}
@@ -148,6 +152,8 @@ class SpanTuning:
             header["adapter_id"] = self.adapter_id
         if self.lora_grads:
             header["lora_grads"] = True
+        if self.graph_id is not None:
+            header["graph_id"] = self.graph_id
         return header
 
     @classmethod
@@ -158,9 +164,10 @@ class SpanTuning:
         adapter_id = _optional_str(header, "adapter_id", _SESSION_ID, "8 to 64 characters of [A-Za-z0-9_-]")
         if lora_grads and adapter_id is None:
             raise ProtocolError("'lora_grads' needs an 'adapter_id'")
-        if not prompts and adapter_id is None:
+        graph_id = _optional_str(header, "graph_id", _SESSION_ID, "8 to 64 characters of [A-Za-z0-9_-]")
+        if not prompts and adapter_id is None and graph_id is None:
             return None
-        return cls(prompts=prompts, adapter_id=adapter_id, lora_grads=lora_grads)
+        return cls(prompts=prompts, adapter_id=adapter_id, lora_grads=lora_grads, graph_id=graph_id)
 
 
 _ADAPTER_OPS = ("create", "set", "get", "delete")

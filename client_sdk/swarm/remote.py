@@ -137,7 +137,12 @@ class _Chunk:
     rows: slice
     hidden: torch.Tensor
     prompts: torch.Tensor | None  # [blocks, rows or 1, prefix, hidden]
-    trace: list[tuple[RouteHop, torch.Tensor]] = field(default_factory=list)  # hops used and their inputs
+    keep: bool = False  # a backward will follow: ask providers to keep their graphs
+    trace: list[tuple[RouteHop, torch.Tensor, str | None]] = field(default_factory=list)  # hops, inputs, graph ids
+
+
+def _graph_id() -> str:
+    return secrets.token_urlsafe(9)
 
 
 class _SpanFailed(Exception):
@@ -175,17 +180,18 @@ class RemoteBlocks:
             raise ValueError(f"deep prompts must have shape [{self.num_blocks}, 1 or {hidden.shape[0]}, prefix, "
                              f"{hidden.shape[2]}], got {list(prompts.shape)}")
         weights = lora.weights if lora is not None else None
-        return _RemoteBlocksFunction.apply(hidden, prompts, weights, self, lora)
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, prompts, weights))
+        return _RemoteBlocksFunction.apply(hidden, prompts, weights, self, lora, keep)
 
     # --- chunks ---------------------------------------------------------------------------------
 
-    def _chunks(self, hidden: torch.Tensor, prompts: torch.Tensor | None) -> list[_Chunk]:
+    def _chunks(self, hidden: torch.Tensor, prompts: torch.Tensor | None, keep: bool = False) -> list[_Chunk]:
         rows = max(1, self.max_chunk_tokens // hidden.shape[1])
         chunks = []
         for begin in range(0, hidden.shape[0], rows):
             part = slice(begin, min(begin + rows, hidden.shape[0]))
             chunk_prompts = prompts if prompts is None or prompts.shape[1] == 1 else prompts[:, part]
-            chunks.append(_Chunk(part, hidden[part], chunk_prompts))
+            chunks.append(_Chunk(part, hidden[part], chunk_prompts, keep))
         return chunks
 
     async def forward_chunks(self, chunks: list[_Chunk], lora: RemoteLora | None) -> list[torch.Tensor]:
@@ -203,7 +209,7 @@ class RemoteBlocks:
         return chunk.prompts[hop.start : hop.end].to(dtype).contiguous()
 
     async def _call(self, rpc: str, hop: RouteHop, chunk: _Chunk, tensors: tuple[torch.Tensor, ...],
-                    lora: RemoteLora | None, lora_grads: bool = False) -> Message:
+                    lora: RemoteLora | None, graph_id: str | None = None) -> Message:
         """One forward or backward on ``hop``; adapter placement and an expired adapter are
         handled here, provider failures raise _SpanFailed."""
         billing = self.billing(hop, chunk.rows.start) if self.billing is not None else None
@@ -213,8 +219,10 @@ class RemoteBlocks:
         for _ in range(2):  # a second try after the provider forgot our adapter
             try:
                 adapter_id = None if lora is None else await lora.ensure(connection, hop.start, hop.end, self.timeout)
-                tuning = (SpanTuning(prompts=prompts is not None, adapter_id=adapter_id, lora_grads=lora_grads)
-                          if prompts is not None or adapter_id is not None else None)
+                lora_grads = lora is not None and lora.weights.requires_grad and chunk.keep
+                tuning = (SpanTuning(prompts=prompts is not None, adapter_id=adapter_id, lora_grads=lora_grads,
+                                     graph_id=graph_id)
+                          if prompts is not None or adapter_id is not None or graph_id is not None else None)
                 header = SpanRequest(hop.start, hop.end, tuning=tuning).to_header()
                 sent = tensors + ((prompts,) if prompts is not None else ())
                 return await connection.call(rpc, header, sent, self.timeout)
@@ -229,19 +237,20 @@ class RemoteBlocks:
                 raise _SpanFailed(hop.peer_id, e) from e
         raise _SpanFailed(hop.peer_id, SwarmError(f"provider {hop.peer_id} keeps forgetting our adapter"))
 
-    async def _hop_forward(self, hop: RouteHop, chunk: _Chunk, hidden: torch.Tensor,
-                           lora: RemoteLora | None) -> torch.Tensor:
-        reply = await self._call(RPC_FORWARD, hop, chunk, (hidden,), lora)
+    async def _hop_forward(self, hop: RouteHop, chunk: _Chunk, hidden: torch.Tensor, lora: RemoteLora | None,
+                           graph_id: str | None = None) -> torch.Tensor:
+        reply = await self._call(RPC_FORWARD, hop, chunk, (hidden,), lora, graph_id)
         if len(reply.tensors) != 1 or reply.tensors[0].shape != hidden.shape:
             raise ProtocolError(f"provider {hop.peer_id} answered a forward with tensors "
                                 f"{[list(t.shape) for t in reply.tensors]}, expected one of {list(hidden.shape)}")
         return reply.tensors[0]
 
     async def _hop_backward(self, hop: RouteHop, chunk: _Chunk, hidden: torch.Tensor, grad: torch.Tensor,
-                            lora: RemoteLora | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        lora_grads = lora is not None and lora.weights.requires_grad
+                            lora: RemoteLora | None, graph_id: str | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        lora_grads = lora is not None and lora.weights.requires_grad and chunk.keep
         reply = await self._call(RPC_BACKWARD, hop, chunk, (hidden, grad.to(hidden.dtype).contiguous()), lora,
-                                 lora_grads)
+                                 graph_id)
         expected = [tuple(hidden.shape)]
         if chunk.prompts is not None:
             expected.append((hop.end - hop.start, *chunk.prompts.shape[1:]))
@@ -278,37 +287,39 @@ class RemoteBlocks:
         while index < len(route):
             hop = route[index]
             hop_input = hidden.to(getattr(torch, hop.record.dtype)).contiguous()
+            graph_id = _graph_id() if chunk.keep else None
             try:
-                hidden = await self._hop_forward(hop, chunk, hop_input, lora)
+                hidden = await self._hop_forward(hop, chunk, hop_input, lora, graph_id)
             except _SpanFailed as e:
                 attempts += 1
                 route = route[:index] + await self._replace(e, hop.start, self.num_blocks, attempts)
                 continue
             self.bans.succeeded(hop.peer_id)
-            chunk.trace.append((hop, hop_input))
+            chunk.trace.append((hop, hop_input, graph_id))
             index += 1
         return hidden
 
     async def _backward_chunk(self, chunk: _Chunk, grad: torch.Tensor, lora: RemoteLora | None,
                               grads: _Grads) -> torch.Tensor:
-        for hop, hop_input in reversed(chunk.trace):
-            grad = await self._backward_span(hop, hop_input, grad, chunk, lora, grads)
+        for hop, hop_input, graph_id in reversed(chunk.trace):
+            grad = await self._backward_span(hop, hop_input, graph_id, grad, chunk, lora, grads)
         return grad
 
-    async def _backward_span(self, hop: RouteHop, hop_input: torch.Tensor, grad: torch.Tensor, chunk: _Chunk,
-                             lora: RemoteLora | None, grads: _Grads) -> torch.Tensor:
+    async def _backward_span(self, hop: RouteHop, hop_input: torch.Tensor, graph_id: str | None,
+                             grad: torch.Tensor, chunk: _Chunk, lora: RemoteLora | None,
+                             grads: _Grads) -> torch.Tensor:
         """Backward through blocks [hop.start, hop.end) from the input recorded in forward,
         on ``hop`` or, after failures, on replacements."""
-        hops: list[tuple[RouteHop, torch.Tensor]] | None = [(hop, hop_input)]
+        hops: list[tuple[RouteHop, torch.Tensor, str | None]] | None = [(hop, hop_input, graph_id)]
         route, attempts = [hop], 0
         while True:
             try:
                 if hops is None:
                     hops = await self._replay_forward(route, hop_input, chunk, lora)
                 span_grad, found = grad, []
-                for sub_hop, sub_input in reversed(hops):
+                for sub_hop, sub_input, sub_graph in reversed(hops):
                     span_grad, grad_prompts, grad_lora = await self._hop_backward(sub_hop, chunk, sub_input,
-                                                                                  span_grad, lora)
+                                                                                  span_grad, lora, sub_graph)
                     found.append((sub_hop, grad_prompts, grad_lora))
             except _SpanFailed as e:
                 attempts += 1
@@ -321,15 +332,17 @@ class RemoteBlocks:
             return span_grad
 
     async def _replay_forward(self, route: list[RouteHop], hidden: torch.Tensor, chunk: _Chunk,
-                              lora: RemoteLora | None) -> list[tuple[RouteHop, torch.Tensor]]:
+                              lora: RemoteLora | None) -> list[tuple[RouteHop, torch.Tensor, str | None]]:
         """The inputs of each replacement hop: forwards through all but the last (whose backward
-        recomputes its own forward)."""
-        hops = []
+        recomputes its own forward), keeping their graphs for the backwards that follow."""
+        hops: list[tuple[RouteHop, torch.Tensor, str | None]] = []
         for index, sub_hop in enumerate(route):
             sub_input = hidden.to(getattr(torch, sub_hop.record.dtype)).contiguous()
-            hops.append((sub_hop, sub_input))
-            if index + 1 < len(route):
-                hidden = await self._hop_forward(sub_hop, chunk, sub_input, lora)
+            last = index + 1 == len(route)
+            graph_id = None if last else _graph_id()
+            hops.append((sub_hop, sub_input, graph_id))
+            if not last:
+                hidden = await self._hop_forward(sub_hop, chunk, sub_input, lora, graph_id)
         return hops
 
     @staticmethod
@@ -348,8 +361,8 @@ class RemoteBlocks:
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, lora_weights: torch.Tensor | None,
-                blocks: RemoteBlocks, lora: RemoteLora | None) -> torch.Tensor:
-        chunks = blocks._chunks(hidden.detach(), None if prompts is None else prompts.detach())
+                blocks: RemoteBlocks, lora: RemoteLora | None, keep: bool) -> torch.Tensor:
+        chunks = blocks._chunks(hidden.detach(), None if prompts is None else prompts.detach(), keep)
         outputs = blocks.runtime.run(blocks.forward_chunks(chunks, lora))
         ctx.blocks, ctx.lora, ctx.chunks = blocks, lora, chunks
         ctx.input_dtype = hidden.dtype
@@ -368,5 +381,5 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         parts = blocks.runtime.run(blocks.backward_chunks(ctx.chunks, grad_output.contiguous(), lora, grads))
         grad_prompts = None if grads.prompts is None else grads.prompts.to(ctx.prompts_like[1])
         grad_lora = None if grads.lora is None else grads.lora.to(lora.weights.dtype)
-        return torch.cat(parts).to(ctx.input_dtype), grad_prompts, grad_lora, None, None
+        return torch.cat(parts).to(ctx.input_dtype), grad_prompts, grad_lora, None, None, None
 

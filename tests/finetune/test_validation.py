@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -169,3 +170,41 @@ def test_store_expires_unused_adapters():
         store.get("old-adapter", "peer")
     assert error.value.code == "unknown_adapter"
     assert store.get("new-adapter", "peer").adapter_id == "new-adapter"
+
+
+def test_a_kept_graph_serves_its_backward_and_a_mismatched_backward_recomputes(runtime, connection):
+    inputs, grad = hidden(2, 5), hidden(2, 5)
+    plain = call(runtime, connection, RPC_BACKWARD, SpanRequest(0, 4).to_header(), (inputs, grad))
+    kept_header = SpanRequest(0, 4, tuning=SpanTuning(graph_id="graph-one")).to_header()
+    forward = call(runtime, connection, RPC_FORWARD, kept_header, (inputs,))
+    assert forward.header["kept"] is True
+    expected = call(runtime, connection, RPC_FORWARD, SpanRequest(0, 4).to_header(), (inputs,))
+    torch.testing.assert_close(forward.tensors[0], expected.tensors[0], atol=0, rtol=0)
+
+    backward = call(runtime, connection, RPC_BACKWARD, kept_header, (inputs, grad))
+    assert backward.header["recomputed"] is False
+    torch.testing.assert_close(backward.tensors[0], plain.tensors[0], atol=1e-6, rtol=1e-5)
+    again = call(runtime, connection, RPC_BACKWARD, kept_header, (inputs, grad))  # a graph serves once
+    assert again.header["recomputed"] is True
+
+    call(runtime, connection, RPC_FORWARD, kept_header, (inputs,))
+    other = hidden(2, 5)
+    mismatched = call(runtime, connection, RPC_BACKWARD, kept_header, (other, grad))
+    assert mismatched.header["recomputed"] is True
+    reference = call(runtime, connection, RPC_BACKWARD, SpanRequest(0, 4).to_header(), (other, grad))
+    torch.testing.assert_close(mismatched.tensors[0], reference.tensors[0], atol=0, rtol=0)
+
+
+def test_kept_graphs_stay_within_their_budget_and_expire():
+    from provider_agent.backend import KeptGraph, KeptGraphs
+
+    def graph(nbytes: int) -> KeptGraph:
+        return KeptGraph(0, 1, torch.zeros(1), None, None, False, torch.zeros(1), nbytes)
+
+    graphs = KeptGraphs(budget_bytes=100, ttl=5.0)
+    assert graphs.put("peer", "a", graph(60)) and graphs.put("peer", "b", graph(30))
+    assert graphs.put("peer", "c", graph(50))  # drops the oldest ("a") to make room
+    assert graphs.pop("peer", "a") is None and graphs.used_bytes == 80
+    assert not graphs.put("peer", "huge", graph(101))
+    assert graphs.pop("other-peer", "b") is None  # keyed by owner too
+    assert graphs.expire(now=time.monotonic() + 6) == 2 and len(graphs) == 0 and graphs.used_bytes == 0
