@@ -6,8 +6,10 @@ providers covering every block, differentiably:
 - The batch is cut into chunks of at most ``max_chunk_tokens`` tokens; chunks go through the
   chain concurrently (while one provider computes chunk 2, the next one computes chunk 1).
 - Forward calls each hop's ``rpc_forward`` and keeps the hidden states that entered each
-  hop; backward calls each hop's ``rpc_backward`` in reverse (the provider recomputes its
-  forward from that input; nothing is kept server-side between the two).
+  hop; backward calls each hop's ``rpc_backward`` in reverse with that input. When a
+  backward will follow, the forward asks the provider to keep its autograd graph under a
+  random ``graph_id`` so that the backward need not recompute it; a provider that dropped
+  the graph (memory budget, timeout, restart) recomputes the forward from the input sent.
 - When a provider fails (its stream breaks, it answers a retryable error, it misses the
   deadline), the client bans it and routes its blocks to replacements. In forward the rest
   of the chain is re-routed from the failed hop's input. In backward the recorded input of
