@@ -24,7 +24,7 @@ from marketplace.jobs.selectors import jobs_visible_to
 from marketplace.ledger.models import Hold, Posting, Transaction
 from marketplace.ledger.selectors import hold_captured, hold_left
 from marketplace.providers.models import Provider, ProviderEvent, ProviderMeasurement
-from marketplace.providers.selectors import ProviderOffer, offers_for_model, provider_offer
+from marketplace.providers.selectors import ProviderOffer, offers_for_model, provider_offer, providers_visible_to
 from marketplace.receipts.models import Audit, Offence, Receipt, Settlement
 from marketplace.receipts.selectors import (
     audits_visible_to,
@@ -186,6 +186,11 @@ def wallet_postings(*, user: User) -> QuerySet[Posting]:
     """Postings on the user's own wallet, newest first."""
     return (Posting.objects.select_related("transaction").filter(account__user=user, account__kind="wallet")
             .order_by("-transaction__created_at", "-id"))
+
+
+def own_providers(*, user: User) -> QuerySet[Provider]:
+    """The user's own providers with their earnings accounts (what selling has paid so far)."""
+    return providers_visible_to(user=user).filter(user=user).order_by("id")
 
 
 def open_holds(*, user: User) -> list[tuple[Hold, int]]:

@@ -126,6 +126,7 @@ def wallet(request: HttpRequest) -> HttpResponse:
     return render(request, "web/wallet.html", {
         "balance": wallet_balance(user=user),
         "holds": selectors.open_holds(user=user),
+        "providers": selectors.own_providers(user=user),
         "page": _page(request, selectors.wallet_postings(user=user)),
     })
 

@@ -325,6 +325,12 @@ def test_healthz_is_503_when_the_broker_is_down(monkeypatch: pytest.MonkeyPatch)
 
 # --- settlement: receipts, settlements, reputation, audits -----------------------------------
 
+def settings_fee_bps() -> int:
+    from django.conf import settings
+
+    return settings.HIVEMART_PLATFORM_FEE_BPS
+
+
 @pytest.fixture
 def platform_key(settings, tmp_path):  # noqa: ANN001,ANN201
     from tests.marketplace.settlement import platform_key_file
@@ -350,9 +356,14 @@ def test_job_page_shows_receipts_and_settlements(platform_key) -> None:  # noqa:
     settlements = body.split('id="settlements"', 1)[1].split("</table>", 1)[0]
     assert f'href="/providers/{provider.pk}/"' in settlements and "40000" in settlements
     assert f'data-micro="{summary.captured}"' in body  # the cost matches what settlement captured
-    # The provider's operator does not see the client's job page.
+    # The provider's operator does not see the client's job page, but sees the earnings in their wallet.
     operator = provider.user
-    assert logged_in(operator).get(reverse("web:job", args=[pj.job.pk])).status_code == 404
+    operator_client = logged_in(operator)
+    assert operator_client.get(reverse("web:job", args=[pj.job.pk])).status_code == 404
+    earned = summary.captured - summary.captured * settings_fee_bps() // 10_000
+    earnings = operator_client.get(reverse("web:wallet")).content.decode().split('id="earnings"', 1)[1]
+    assert f'data-micro="{earned}"' in earnings.split("</table>", 1)[0]
+    assert 'id="earnings"' not in logged_in(pj.client).get(reverse("web:wallet")).content.decode()
 
 
 def test_provider_pages_show_reputation() -> None:
