@@ -64,6 +64,23 @@ def ledger(captures: int, workers: int, as_json: bool) -> None:
 
 
 @bench.command()
+@click.option("--receipts", default=20_000, show_default=True, type=click.IntRange(min=1),
+              help="Receipts uploaded and settled, one (ticket, session) each.")
+@click.option("--jobs", default=200, show_default=True, type=click.IntRange(min=1), help="Jobs they spread over.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Processes uploading and settling at once, each with its own database session.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def settle(receipts: int, jobs: int, workers: int, as_json: bool) -> None:
+    """Receipt uploads (signature checks included) and settlement on the configured database
+    (DATABASE_URL; migrated first)."""
+    from marketplace.receipts.bench import run_settle_bench
+
+    result = run_settle_bench(receipts=receipts, jobs=jobs, workers=workers,
+                              progress=lambda msg: click.echo(msg, err=True))
+    emit(result, as_json)
+
+
+@bench.command()
 @click.option("--hidden", default=512, show_default=True, help="Hidden size of the generated llama model.")
 @click.option("--layers", default=8, show_default=True, help="Transformer blocks.")
 @click.option("--new-tokens", default=100, show_default=True, help="Tokens generated.")

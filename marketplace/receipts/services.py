@@ -185,10 +185,11 @@ def _check_receipt(data: Any, ticket: Ticket | None, parsed: dict[int, JobTicket
     return receipt
 
 
-_UPSERT = """
-INSERT INTO receipts_receipt (ticket_id, session_id, seq, units, steps, chain, issued_at, provider_signature,
-                              client_signature, settled_units, uploaded_by_id, updated_at)
-VALUES {values}
+_COLUMNS = ("ticket_id, session_id, seq, units, steps, chain, issued_at, provider_signature, client_signature, "
+            "settled_units, uploaded_by_id, updated_at")
+# The WHERE clause re-applies the newer-and-not-fewer rule inside the database, so that
+# concurrent uploads cannot regress a stored receipt; RETURNING says which rows were written.
+_ON_CONFLICT = """
 ON CONFLICT (ticket_id, session_id) DO UPDATE SET
     seq = excluded.seq, units = excluded.units, steps = excluded.steps, chain = excluded.chain,
     issued_at = excluded.issued_at, provider_signature = excluded.provider_signature,
@@ -200,22 +201,28 @@ WHERE (excluded.seq > receipts_receipt.seq AND excluded.units >= receipts_receip
        AND excluded.client_signature <> '')
 RETURNING ticket_id, session_id
 """
+# PostgreSQL: one array per column, so a batch of 500 is 12 parameters, not 6,000.
+_UNNEST = ("SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[], %s::bigint[], %s::bigint[], "
+           "%s::varchar[], %s::bigint[], %s::varchar[], %s::varchar[], %s::bigint[], %s::bigint[], "
+           "%s::timestamptz[])")
 
 
 def _store(rows: list[tuple[int, WorkReceipt]], user: User) -> set[tuple[int, str]]:
-    """Upsert receipts; the WHERE clause re-applies the newer-and-not-fewer rule in the
-    database, so that concurrent uploads cannot regress a stored receipt. Returns the keys
-    written."""
+    """Upsert receipts (see ``_ON_CONFLICT``); returns the (ticket pk, session) keys written."""
     if not rows:
         return set()
     now = timezone.now()
-    params: list[Any] = []
-    for ticket_pk, r in rows:
-        params += [ticket_pk, r.session_id, r.seq, r.units, r.steps, r.chain, r.issued_at, r.provider_signature,
-                   r.client_signature, 0, user.pk, now]
-    values = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+    records = [(ticket_pk, r.session_id, r.seq, r.units, r.steps, r.chain, r.issued_at, r.provider_signature,
+                r.client_signature, 0, user.pk, now) for ticket_pk, r in rows]
+    if connection.vendor == "postgresql":
+        sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) {_UNNEST} {_ON_CONFLICT}"
+        params: list[Any] = [list(column) for column in zip(*records)]
+    else:
+        sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) VALUES {','.join(['(%s' + ',%s' * 11 + ')'] * len(records))}"
+        sql += _ON_CONFLICT
+        params = [value for record in records for value in record]
     with connection.cursor() as cursor:
-        cursor.execute(_UPSERT.format(values=values), params)
+        cursor.execute(sql, params)
         return {(t, s) for t, s in cursor.fetchall()}
 
 
