@@ -28,7 +28,9 @@ from hivemind.utils.logging import get_logger
 
 from client_sdk.api import Client
 from client_sdk.api.types import ReceiptResult
-from client_sdk.errors import HivemartError, NotFoundError, ValidationError
+from client_sdk.errors import (
+    AuthenticationError, ConflictError, HivemartError, NotFoundError, PermissionDeniedError, ValidationError,
+)
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.receipts import WorkReceipt
 from client_sdk.protocol.tickets import HEX64_PATTERN
@@ -173,9 +175,13 @@ class MarketLink:
     async def _register(self) -> None:
         offer = self.offer()
         await self._call(self._check_catalog, offer)
-        provider = await self._call(
-            self.client.providers.register, identity=self.identity, model=offer.model_id, block_start=offer.start,
-            block_end=offer.end, price=offer.price, gpu=offer.gpu, gpu_memory_mb=offer.gpu_memory_mb)
+        try:
+            provider = await self._call(
+                self.client.providers.register, identity=self.identity, model=offer.model_id, block_start=offer.start,
+                block_end=offer.end, price=offer.price, gpu=offer.gpu, gpu_memory_mb=offer.gpu_memory_mb)
+        except (AuthenticationError, PermissionDeniedError, ConflictError, ValidationError) as e:
+            # A wrong API key, a peer id registered by another user, a refused offer: waiting will not help.
+            raise MarketSetupError(f"the marketplace refuses to register us: {e}") from e
         self.provider_id, self.registered = provider.id, offer
         logger.info(f"registered with the marketplace as provider {provider.id}: blocks {offer.start}:{offer.end} "
                     f"of {offer.model_id} at {offer.price} micro-credits per million units")
@@ -232,6 +238,7 @@ class MarketLink:
             try:
                 await self._upload_all()
                 delay = self.config.upload_period
+                self.book.prune()  # forget expired tickets whose receipts are all uploaded
             except Exception as e:
                 delay = min(max(delay * 2, self.config.upload_period), _BACKOFF_MAX_S)
                 logger.warning(f"receipt upload failed ({e!r}); {self.book.pending_count()} receipts wait, "
