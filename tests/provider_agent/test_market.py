@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 import provider_agent.market as market
 from client_sdk.api import Client
-from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.identity import Identity, verify_signature
 from client_sdk.protocol.receipts import WorkReceipt
 from client_sdk.protocol.tickets import issue_ticket
 from provider_agent.config import AgentConfig
@@ -53,7 +54,7 @@ class ScriptedMarket:
         return httpx.Response(404, json={"code": "not_found", "message": request.url.path})
 
 
-def link_for(scripted: ScriptedMarket, book: TicketBook) -> MarketLink:
+def link_for(scripted: Callable[[httpx.Request], httpx.Response], book: TicketBook) -> MarketLink:
     config = AgentConfig(model_path=Path("."), market_url="http://market.test", api_key="hm_test", upload_period=0.05)
     client = Client(api_key="hm_test", base_url="http://market.test", max_retries=1,
                     transport=httpx.MockTransport(scripted))
@@ -127,3 +128,82 @@ def test_shutdown_uploads_what_is_left_in_batches_of_at_most_500():
     asyncio.run(link.close())
     assert scripted.requests.count("POST /api/receipts/") == 2 and len(scripted.accepted) == 501
     assert book.pending_count() == 0
+
+
+class ScriptedCatalog:
+    """Registration endpoints: a challenge, the catalog entry of MODEL, the provider resource."""
+
+    def __init__(self, block_digests: list[str] | None) -> None:
+        self.block_digests = block_digests  # None: MODEL is not catalogued
+        self.calls: list[tuple[str, str, dict]] = []
+        self.provider = {"id": 1, "peer_id": PROVIDER.peer_id, "public_key": PROVIDER.public_key.hex(),
+                         "model": MODEL, "block_start": 0, "block_end": 2, "price": 1000, "state": "joining",
+                         "earnings_account": 9, "registered_at": "2026-01-01T00:00:00Z"}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        self.calls.append((request.method, request.url.path, body))
+        path = request.url.path
+        if path == "/api/providers/challenge/":
+            return httpx.Response(201, json={"challenge": "00" * 32, "expires_at": "2026-01-01T00:00:00Z",
+                                             "message_prefix": "hivemart-register:"})
+        if path == f"/api/models/{MODEL}/":
+            if self.block_digests is None:
+                return httpx.Response(404, json={"code": "not_found", "message": "no such model"})
+            return httpx.Response(200, json={"model_id": MODEL, "arch": "llama", "num_blocks": 4, "hidden_size": 64,
+                                             "dtype": "float32", "weights_digest": "ab" * 32, "active": True,
+                                             "block_digests": self.block_digests,
+                                             "created_at": "2026-01-01T00:00:00Z"})
+        if path in ("/api/providers/", "/api/providers/1/", "/api/providers/1/heartbeat/"):
+            self.provider.update({k: v for k, v in body.items() if k in ("block_start", "block_end", "price", "state")})
+            return httpx.Response(201 if request.method == "POST" and path == "/api/providers/" else 200,
+                                  json=self.provider)
+        return httpx.Response(404, json={"code": "not_found", "message": path})
+
+
+DIGESTS = [f"{i:064x}" for i in range(4)]
+
+
+def registering_link(scripted: ScriptedCatalog, offers: list[Offer]) -> MarketLink:
+    link = link_for(scripted, TicketBook(identity=PROVIDER, model_id=MODEL, platform_key=PLATFORM.public_key))
+    link.offer = lambda: offers[-1]
+    return link
+
+
+def offer(start: int, end: int, digests: list[str] = DIGESTS) -> Offer:
+    return Offer(model_id=MODEL, start=start, end=end, block_digests=tuple(digests[start:end]), price=1000,
+                 gpu="cpu")
+
+
+def test_registration_signs_the_challenge_and_a_move_updates_the_offer_before_the_heartbeat():
+    scripted, offers = ScriptedCatalog(DIGESTS), [offer(0, 2)]
+    link = registering_link(scripted, offers)
+
+    async def scenario() -> None:
+        await link._register()
+        await link.heartbeat()
+        offers.append(offer(2, 4))  # the rebalancer moved the agent
+        await link.heartbeat()
+
+    asyncio.run(scenario())
+    register = next(body for method, path, body in scripted.calls if (method, path) == ("POST", "/api/providers/"))
+    assert register["peer_id"] == PROVIDER.peer_id and register["price"] == 1000 and register["gpu"] == "cpu"
+    message = b"hivemart-register:" + bytes(32)
+    assert PROVIDER.public_key == bytes.fromhex(register["public_key"])
+    assert verify_signature(PROVIDER.public_key, message, bytes.fromhex(register["signature"]))
+    writes = [(method, path) for method, path, _ in scripted.calls if method in ("PATCH", "POST")]
+    assert writes[-3:] == [("POST", "/api/providers/1/heartbeat/"), ("PATCH", "/api/providers/1/"),
+                           ("POST", "/api/providers/1/heartbeat/")]
+    assert (scripted.provider["block_start"], scripted.provider["block_end"]) == (2, 4)
+
+
+@pytest.mark.parametrize("catalogued, message", [
+    (None, "hivemart models register"),
+    ([f"{i + 100:064x}" for i in range(4)], "differ from those the catalog lists"),
+], ids=["not-catalogued", "other-weights"])
+def test_an_offer_the_catalog_cannot_back_is_a_setup_error_for_the_operator(catalogued, message):
+    scripted = ScriptedCatalog(catalogued)
+    link = registering_link(scripted, [offer(0, 2)])
+    with pytest.raises(market.MarketSetupError, match=message):
+        asyncio.run(link._register())
+    assert ("POST", "/api/providers/") not in [(m, p) for m, p, _ in scripted.calls]
