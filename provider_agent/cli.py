@@ -62,7 +62,8 @@ def cli(verbose: int) -> None:
               help="Without --blocks: seconds between checks whether to move to a weaker part of the swarm "
                    "(0: never move).")
 @click.option("--market", "market_url", envvar="HIVEMART_MARKET",
-              help="Marketplace URL; without --blocks, ask it where this agent is needed.")
+              help="Marketplace URL: sell through it (its platform key checks tickets; with --api-key, register, "
+                   "heartbeat, upload receipts); without --blocks, also ask it where this agent is needed.")
 @click.option("--api-key", envvar="HIVEMART_API_KEY",
               help="Marketplace API key: register this provider, heartbeat, upload receipts.")
 @click.option("--platform-key", callback=_parse_platform_key, envvar="HIVEMART_PLATFORM_KEY",
