@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from django.db.models import QuerySet
+from django.db.models import Case, QuerySet, Value, When
 from django.utils import timezone
 
 from marketplace.accounts.models import ApiKey, User
@@ -134,18 +134,22 @@ def _public_providers() -> QuerySet[Provider]:
     return Provider.objects.select_related("model", "latest_measurement")
 
 
-def provider_cards(*, model_id: str | None = None, online_only: bool = False,
-                   now: datetime | None = None) -> list[ProviderCard]:
-    """Every provider (online first, then cheapest), optionally of one model or online only."""
+def providers_listed(*, model_id: str | None = None, online_only: bool = False) -> QuerySet[Provider]:
+    """Every provider, online ones first (they are the ones a job can be planned on), then by
+    price; optionally of one model, or online and unsuspended only."""
     providers = _public_providers()
     if model_id:
         providers = providers.filter(model__model_id=model_id)
     if online_only:
         providers = providers.filter(state=Provider.State.ONLINE, suspended_at__isnull=True)
+    online_first = Case(When(state=Provider.State.ONLINE, then=Value(0)), default=Value(1))
+    return providers.order_by(online_first, "price", "pk")
+
+
+def provider_cards(providers: Iterable[Provider], *, now: datetime | None = None) -> list[ProviderCard]:
+    """Public cards (offer, figures, uptime) for ``providers``, e.g. one page of :func:`providers_listed`."""
     rows = list(providers)
     uptimes = _uptimes(rows, now=now or timezone.now())
-    # Online providers first: they are the ones a job can be planned on.
-    rows.sort(key=lambda p: (p.state != Provider.State.ONLINE, p.price, p.pk))
     return [ProviderCard(provider=p, offer=provider_offer(provider=p), uptime=uptimes[p.pk]) for p in rows]
 
 

@@ -60,16 +60,18 @@ def _market_url(request: HttpRequest) -> str:
 @require_GET
 def overview(request: HttpRequest) -> HttpResponse:
     coverage = [(c, coverage_chart(c.block_throughputs, c.block_providers)) for c in selectors.catalog_coverage()]
-    online = selectors.provider_cards(online_only=True)
-    return render(request, "web/overview.html", {"coverage": coverage, "online": online[:PAGE_SIZE],
-                                                 "online_count": len(online)})
+    online = selectors.providers_listed(online_only=True)
+    return render(request, "web/overview.html", {"coverage": coverage,
+                                                 "online": selectors.provider_cards(online[:PAGE_SIZE]),
+                                                 "online_count": online.count()})
 
 
 @require_GET
 def providers(request: HttpRequest) -> HttpResponse:
     model_id = request.GET.get("model", "").strip()[:128] or None
-    cards = selectors.provider_cards(model_id=model_id)
-    return render(request, "web/providers.html", {"page": _page(request, cards), "model_id": model_id})
+    page = _page(request, selectors.providers_listed(model_id=model_id))
+    return render(request, "web/providers.html", {"page": page, "cards": selectors.provider_cards(page.object_list),
+                                                  "model_id": model_id})
 
 
 @require_GET

@@ -14,7 +14,7 @@ from marketplace.accounts.services import api_key_authenticate, api_key_create, 
 from marketplace.common.errors import AuthenticationFailed
 from marketplace.jobs.services import SegmentSpec, job_charge, job_create, job_plan_store, job_transition
 from marketplace.ledger.services import credit_grant, wallet_get_or_create
-from marketplace.providers.services import provider_measurement_record, providers_mark_stale
+from marketplace.providers.services import provider_heartbeat, provider_measurement_record, providers_mark_stale
 from tests.marketplace.factories import make_model, make_provider
 
 pytestmark = pytest.mark.django_db
@@ -89,13 +89,16 @@ def test_provider_list_and_page_show_price_throughput_and_uptime() -> None:
     model = make_model(num_blocks=4)
     provider = make_provider(model=model, price=2_500_000, name="rtx-4090", gpu="NVIDIA RTX 4090")
     offline = make_provider(model=model, price=1, name="gone")
-    providers_mark_stale(now=datetime.now(dt_timezone.utc) + timedelta(hours=1))
+    providers_mark_stale(now=datetime.now(dt_timezone.utc) + timedelta(hours=1))  # both go offline
+    provider_heartbeat(provider=provider, state="online")  # one comes back
     offline.refresh_from_db()
+    assert offline.state == "offline"
     provider_measurement_record(provider=provider, throughput=12_345.0, latency_ms=18.0, success_rate=0.98)
 
     listing = Client().get(reverse("web:providers")).content.decode()
     assert "rtx-4090" in listing and "2.50" in listing and "12.3k" in listing
-    assert listing.index("rtx-4090") < listing.index("gone") or "offline" in listing
+    # Online providers come first even when an offline one is cheaper.
+    assert listing.index("rtx-4090") < listing.index("gone")
 
     page = Client().get(reverse("web:provider", args=[provider.pk]))
     assert page.status_code == 200
@@ -105,6 +108,20 @@ def test_provider_list_and_page_show_price_throughput_and_uptime() -> None:
     assert re.search(r"Uptime \(7 days\)</dt><dd>\d+\.\d %", body)
     # The owner's username is not published.
     assert provider.user.username not in body
+
+
+def test_providers_are_paginated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from marketplace.web import views
+
+    monkeypatch.setattr(views, "PAGE_SIZE", 2)
+    model = make_model()
+    for price, name in ((3, "prov-c"), (1, "prov-a"), (2, "prov-b")):
+        make_provider(model=model, price=price, name=name)
+    first = Client().get(reverse("web:providers")).content.decode()
+    assert "prov-a" in first and "prov-b" in first and "prov-c" not in first and "page 1 of 2" in first
+    second = Client().get(reverse("web:providers"), {"page": "2"}).content.decode()
+    assert "prov-c" in second and "prov-b" not in second
+    assert "prov-c" in Client().get(reverse("web:providers"), {"page": "99"}).content.decode()  # the last page
 
 
 def test_provider_page_404s_for_unknown_ids() -> None:
