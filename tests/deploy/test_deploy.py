@@ -1,6 +1,11 @@
 """deploy/: the compose file's structure, the Dockerfiles, the systemd units and the example env
 files; then the web service's own start command (read from compose.yaml) run for real against
-PostgreSQL and Redis. Docker itself is not needed."""
+PostgreSQL and Redis. Docker itself is not needed.
+
+``compose-spec.json`` beside this file is the Compose Specification's JSON schema
+(github.com/compose-spec/compose-spec, ``schema/compose-spec.json``, Apache-2.0), kept here so
+the file is checked against the format Docker Compose reads without Docker or a network.
+"""
 
 from __future__ import annotations
 
@@ -83,6 +88,15 @@ def check_command(argv: list[str]) -> None:
 
 
 # --- compose.yaml ---------------------------------------------------------------------------
+
+def test_compose_file_follows_the_compose_specification(compose: dict) -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "compose-spec.json").read_text())
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(compose)]
+    assert not errors, errors
 
 def test_compose_has_every_service(compose: dict) -> None:
     assert set(compose["services"]) == {"postgres", "redis", *HIVEMART_SERVICES}
