@@ -280,9 +280,13 @@ def encode_tensor(tensor: Any) -> bytes:
 class MarketJob(SwarmJob):
     """A :class:`SwarmJob` created and settled through the marketplace's REST API."""
 
-    def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, **kwargs: Any) -> None:
+    def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, *,
+                 upload_receipts: bool = True, **kwargs: Any) -> None:
+        """``upload_receipts=False`` keeps countersigned receipts local (the providers' own
+        uploads still get them paid, provider-signed only)."""
         self.client, self.job = client, job
-        super().__init__(plan, identity, job_id=job.id, upload=self._upload, file_audit=self._file, **kwargs)
+        super().__init__(plan, identity, job_id=job.id, upload=self._upload if upload_receipts else None,
+                         file_audit=self._file, **kwargs)
 
     @classmethod
     def create(cls, client: "Client", *, model: str, budget: int, max_price: int, kind: str = "inference",
@@ -324,14 +328,13 @@ class MarketJob(SwarmJob):
                 for r in self.client.receipts.upload(receipts)]
 
     def _file(self, mismatch: Mismatch) -> Any:
-        import base64
-
-        body = {"job": self.job_id, "ticket_id": mismatch.ticket.ticket_id if mismatch.ticket else "",
-                "session_id": mismatch.session_id, "start": mismatch.start, "end": mismatch.end,
-                "dtype": mismatch.dtype, "reference_peer": mismatch.reference_peer,
-                **{name: base64.b64encode(encode_tensor(t)).decode() for name, t in
-                   (("inputs", mismatch.inputs), ("claimed", mismatch.claimed), ("reference", mismatch.reference))}}
-        return self.client.audits.create(**body)
+        if mismatch.ticket is None:
+            raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
+        return self.client.audits.create(
+            job=self.job_id, ticket_id=mismatch.ticket.ticket_id, session_id=mismatch.session_id,
+            start=mismatch.start, end=mismatch.end, dtype=mismatch.dtype, reference_peer=mismatch.reference_peer,
+            inputs=encode_tensor(mismatch.inputs), claimed=encode_tensor(mismatch.claimed),
+            reference=encode_tensor(mismatch.reference))
 
     def finish(self) -> dict[str, Any]:
         """Upload the remaining receipts, move the job to settling, and return the summary."""

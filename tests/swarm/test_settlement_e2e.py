@@ -172,3 +172,241 @@ def test_forward_and_backward_are_billed_per_chunk_lane(ticketed_swarm, tiny_mod
     # Two lanes x two providers; each lane: a forward (8 tokens x 2 blocks) and a backward (double).
     units = sorted(r.units for r in job.collector.latest.values())
     assert units == [8 * 2 + 2 * 8 * 2] * 4
+
+
+# --- the whole flow against a live marketplace ---------------------------------------------------------
+
+PRIMARY_PRICE = 1_000_000_000  # micro-credits per million units: 1000 per unit, so tiny jobs cost something
+BACKUP_PRICE = 1_500_000_000
+
+
+def wait_for(what: str, probe, timeout: float = 60.0):
+    """Poll ``probe`` until it returns something truthy (a deadline on an event, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Market:
+    """The marketplace side of the live test: its rows, read through the ORM; plans stored the
+    way the scheduler stores them."""
+
+    def __init__(self, providers: dict, client_user) -> None:
+        self.providers, self.client_user = providers, client_user
+
+    def plan_when_created(self, segments: list[tuple[str, list[str]]]):
+        """Store a plan (names: primary, backups) for the client's next pending job, from another
+        thread, while the SDK waits for it."""
+        import threading
+
+        from django.db import connection
+
+        from marketplace.jobs.models import Job
+        from marketplace.jobs.services import SegmentSpec, job_plan_store
+
+        def plan() -> None:
+            try:
+                job = wait_for("the job", lambda: Job.objects.filter(user=self.client_user,
+                                                                     state=Job.State.PENDING).first())
+                job_plan_store(job=job, segments=[
+                    SegmentSpec(2 * i, 2 * i + 2, self.providers[primary], backups=[self.providers[b] for b in backups])
+                    for i, (primary, backups) in enumerate(segments)])
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=plan, daemon=True)
+        thread.start()
+        return thread
+
+    def earnings(self) -> dict[str, int]:
+        from marketplace.ledger.models import Account
+
+        return {name: Account.objects.get(pk=p.earnings_account_id).balance for name, p in self.providers.items()}
+
+    def wallet(self) -> int:
+        from marketplace.ledger.services import wallet_get_or_create
+
+        return wallet_get_or_create(user=self.client_user).balance
+
+    @staticmethod
+    def stored_units(job_id: int) -> dict[str, int]:
+        """Units of the newest stored receipt per (ticket, session), summed per ticket."""
+        from marketplace.receipts.models import Receipt
+
+        units: dict[str, int] = {}
+        for ticket_id, n in Receipt.objects.filter(ticket__job_id=job_id).values_list("ticket__ticket_id", "units"):
+            units[ticket_id] = units.get(ticket_id, 0) + n
+        return units
+
+
+def units_by_ticket(job) -> dict[str, int]:
+    units: dict[str, int] = {}
+    for receipt in job.collector.latest.values():
+        units[receipt.ticket_id] = units.get(receipt.ticket_id, 0) + receipt.units
+    return units
+
+
+def paid_by_name(job, market: Market, units: dict[str, int]) -> dict[str, int]:
+    """What each provider is owed for ``units`` per ticket: cost(units) of each of its tickets."""
+    from marketplace.receipts.services import ticket_cost
+
+    owed: dict[str, int] = {}
+    for provider in job.plan.providers():
+        if provider.ticket.ticket_id in units:
+            name = next(n for n, p in market.providers.items() if p.peer_id == provider.peer_id)
+            cost = ticket_cost(units[provider.ticket.ticket_id], max_units=provider.ticket.max_units,
+                               price=provider.ticket.price)
+            owed[name] = owed.get(name, 0) + cost
+    return owed
+
+
+def after_fee(amount: int) -> int:
+    from django.conf import settings
+
+    from marketplace.ledger.services import fee_for
+
+    return amount - fee_for(amount, settings.HIVEMART_PLATFORM_FEE_BPS)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_model, tmp_path, live_server,
+                                                                           settings, local_model, prompt):
+    from client_sdk.api import Client
+    from client_sdk.errors import RemoteError
+    from client_sdk.models import compute_digests
+    from client_sdk.swarm.job import JobPlanError, MarketJob, wait_for_plan
+    from marketplace.accounts.services import api_key_create
+    from marketplace.jobs.models import Job
+    from marketplace.ledger.selectors import ledger_verify
+    from marketplace.providers.models import Provider
+    from marketplace.receipts.models import Audit, Receipt, Settlement, Ticket
+    from marketplace.receipts.services import receipts_settle
+    from scheduler.services import audit_decide
+    from tests.marketplace.factories import make_model, make_user, make_wallet
+    from tests.marketplace.settlement import platform_key_file
+
+    settings.HIVEMART_PLATFORM_KEY_FILE = platform_key_file(tmp_path)
+    settings.HIVEMART_SETTLE_GRACE_S = 0
+    info, digests = load_model_info(tiny_model), compute_digests(tiny_model)
+    (tmp_path / "validator").mkdir()
+    (tmp_path / "validator" / info.model_id).symlink_to(tiny_model)
+    settings.HIVEMART_MODELS_DIR = tmp_path / "validator"  # the audit validator's checkpoints
+    make_model(model_id=info.model_id, num_blocks=info.num_blocks, hidden_size=info.hidden_size,
+               weights_digest=digests["model"], block_digests=digests["blocks"])
+    owner = make_user()
+    market_args = ["--market", live_server.url, "--api-key", api_key_create(user=owner).raw, "--heartbeat-period",
+                   "1", "--upload-period", "1", "--receipt-every", "4"]
+    client_user = make_wallet(credits=10**9).user
+    client = Client(api_key=api_key_create(user=client_user).raw, base_url=live_server.url)
+
+    with CheatingSwarm(workdir=tmp_path / "swarm") as swarm:
+        swarm.start_bootstrap()
+        swarm.start_cheater(tiny_model, 0, 2, name="c0", extra_args=[*market_args, "--price", str(PRIMARY_PRICE)])
+        swarm.start_agents(tiny_model, [(0, 2), (2, 4)], names=["p0", "p1"],
+                           extra_args=[*market_args, "--price", str(PRIMARY_PRICE)])
+        swarm.start_agents(tiny_model, [(0, 2), (2, 4)], names=["b0", "b1"],
+                           extra_args=[*market_args, "--price", str(BACKUP_PRICE)])
+        peers = {a.name: a.peer_id for a in swarm.agents}
+        registered = wait_for("five agents online", lambda: (
+            lambda found: found if len(found) == 5 else None)(
+            {p.peer_id: p for p in Provider.objects.filter(user=owner, state="online", reported_throughput__gt=0)}))
+        market = Market({name: registered[peer] for name, peer in peers.items()}, client_user)
+
+        # A job nobody plans: the SDK says so instead of waiting forever.
+        stuck = client.jobs.create(model=info.model_id, kind="inference", budget=1000, max_price=PRIMARY_PRICE)
+        with pytest.raises(JobPlanError, match="no plan"):
+            wait_for_plan(client, stuck.id, timeout=0.5, poll_interval=0.1)
+        client.jobs.cancel(stuck.id)
+
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            expected = local_greedy(local_model, prompt, NEW_TOKENS)
+
+            # (a) An honest job: receipts countersigned and uploaded, settlement pays cost(units) minus the fee.
+            earnings, wallet = market.earnings(), market.wallet()
+            planner = market.plan_when_created([("p0", ["b0"]), ("p1", ["b1"])])
+            job = MarketJob.create(client, model=info.model_id, budget=10_000_000, max_price=2 * BACKUP_PRICE,
+                                   verify_rate=0.5, rng=random.Random(1), plan_timeout=60, poll_interval=0.1)
+            planner.join()
+            job.attach(model)
+            assert [h.peer_id for h in model.route()] == [peers["p0"], peers["p1"]]
+            assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS), expected)
+            summary = job.finish()
+            assert summary["state"] == "settling" and summary["receipts"]["refused"] == {}
+            assert summary["verification"]["checked"] > 0 and summary["verification"]["mismatches"] == 0
+            assert set(summary["receipts"]["upload"]) <= {"accepted", "stale"}
+            counted = units_by_ticket(job)
+            # The providers' own uploads and the client's agree on every (ticket, session).
+            wait_for("the providers' uploads", lambda: market.stored_units(job.job_id) == counted)
+            assert Receipt.objects.filter(ticket__job_id=job.job_id).exclude(client_signature="").exists()
+            receipts_settle()
+            owed = paid_by_name(job, market, counted)
+            assert set(owed) == {"p0", "p1", "b0", "b1"} and all(owed.values())  # backups ran the verification
+            now = market.earnings()
+            assert {n: now[n] - earnings[n] for n in owed} == {n: after_fee(a) for n, a in owed.items()}
+            assert market.wallet() == wallet - sum(owed.values())  # the rest of the hold came back
+            assert Job.objects.get(pk=job.job_id).state == Job.State.DONE
+
+            # (b) A cheater: caught by shadow verification, the audit finds it cheated, it is not paid.
+            earnings, wallet = market.earnings(), market.wallet()
+            planner = market.plan_when_created([("c0", ["b0"]), ("p1", ["b1"])])
+            job = MarketJob.create(client, model=info.model_id, budget=10_000_000, max_price=2 * BACKUP_PRICE,
+                                   verify_rate=0.5, rng=random.Random(7), plan_timeout=60, poll_interval=0.1)
+            planner.join()
+            job.attach(model)
+            model.generate(prompt, max_new_tokens=NEW_TOKENS)
+            assert job.mismatches == 1 and job.excluded == {peers["c0"]} and job.audit_errors == []
+            [audit] = job.audits
+            assert audit_decide(audit_id=audit.id)["verdict"] == "provider_cheated"
+            assert Audit.objects.get(pk=audit.id).provider.peer_id == peers["c0"]
+            summary = job.finish()
+            cheater_ticket = job.plan.ticket_for(peers["c0"], 0, 2).ticket_id
+            # Receipts of the voided ticket are refused from now on (what came before stays, unpaid).
+            assert summary["receipts"]["upload_rejected"] == {"receipt_voided": 1}
+            counted = {t: u for t, u in units_by_ticket(job).items() if t != cheater_ticket}
+            wait_for("the providers' uploads", lambda: {t: u for t, u in market.stored_units(job.job_id).items()
+                                                        if t != cheater_ticket} == counted)
+            receipts_settle()
+            owed = paid_by_name(job, market, counted)
+            now = market.earnings()
+            assert now["c0"] == earnings["c0"]  # its work was counted and voided, never paid
+            assert Ticket.objects.get(ticket_id=cheater_ticket).voided_at is not None
+            assert not Settlement.objects.filter(job_id=job.job_id, provider=market.providers["c0"]).exists()
+            assert {n: now[n] - earnings[n] for n in owed} == {n: after_fee(a) for n, a in owed.items()}
+            assert market.wallet() == wallet - sum(owed.values())
+            assert Provider.objects.get(peer_id=peers["c0"]).reputation < 100
+
+            # (c) A client that never uploads: the providers' own uploads get them paid, up to their tickets.
+            wallet = market.wallet()
+            max_units = 2 * (prompt.shape[1] + 3)  # the prompt and three more tokens through 2 blocks
+            budget = max_units * PRIMARY_PRICE // 1_000_000
+            planner = market.plan_when_created([("p0", ["b0"]), ("p1", ["b1"])])
+            job = MarketJob.create(client, model=info.model_id, budget=budget, max_price=2 * BACKUP_PRICE,
+                                   verify_rate=0.0, upload_receipts=False, plan_timeout=60, poll_interval=0.1)
+            planner.join()
+            job.attach(model)
+            with pytest.raises(RemoteError) as exhausted:
+                model.generate(prompt, max_new_tokens=NEW_TOKENS)
+            assert exhausted.value.code == "ticket_exhausted"
+            tickets = {job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).ticket_id: n for i, n in enumerate(["p0", "p1"])}
+            assert all(job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).max_units == max_units
+                       for i, n in enumerate(["p0", "p1"]))
+            wait_for("the providers' uploads", lambda: market.stored_units(job.job_id) == {t: max_units for t in tickets})
+            assert not Receipt.objects.filter(ticket__job_id=job.job_id).exclude(client_signature="").exists()
+            assert job.collector.countersigned > 0 and job.collector.summary()["upload"] == {}
+            receipts_settle()
+            settlements = list(Settlement.objects.filter(job_id=job.job_id))
+            # Each ticket alone may spend the whole hold: what was captured stops at the hold, the rest is owed.
+            assert sum(s.amount for s in settlements) == budget
+            assert sum(s.amount + s.shortfall for s in settlements) == 2 * budget
+            assert all(t.settled_units <= t.max_units for t in Ticket.objects.filter(job_id=job.job_id))
+            assert market.wallet() == wallet - budget
+            job.detach()
+
+        # (d) The books balance after all of it.
+        report = ledger_verify()
+        assert report.consistent, report
