@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import httpx
 import pytest
 
 T = TypeVar("T")
@@ -116,6 +117,8 @@ def test_sign_up_create_a_key_and_watch_a_job_settle(live_server, settings, tmp_
             shot(page, "02-key-created")
             key = in_thread(lambda: api_key_authenticate(raw=raw))
             assert key.name == "from the browser" and key.user.username == "browser-user"
+            me = httpx.get(f"{base}/api/me/", headers={"Authorization": f"Bearer {raw}"}, timeout=30)
+            assert me.status_code == 200 and me.json()["username"] == "browser-user"
             page.goto(f"{base}/keys/")
             expect(page.locator("#keys")).to_contain_text(raw[3:15])
             assert raw not in page.content()
