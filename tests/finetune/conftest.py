@@ -24,25 +24,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_model(tmp_path_factory.mktemp("models") / "tiny-llama", **TINY)
 
 
-@pytest.fixture(scope="module")
+# One swarm for the whole directory: starting agents is most of these tests' time.
+@pytest.fixture(scope="session")
 def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
     swarm = start_swarm(tiny_model, [(0, 2), (2, 4)], tmp_path_factory.mktemp("swarm"))
     yield swarm
     swarm.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runtime(swarm: LocalSwarm) -> Iterator[SwarmRuntime]:
     with SwarmRuntime(swarm.initial_peers) as runtime:
         yield runtime
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model(tiny_model: Path, runtime: SwarmRuntime) -> DistributedModelForCausalLM:
     return DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_model(tiny_model: Path) -> AutoModelForCausalLM:
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
