@@ -14,7 +14,7 @@ Rules (docs/protocol.md, "Tickets and receipts"):
 - **Settlement.** The provider is owed ``cost(U) - cost(U_settled)`` per ticket, with
   ``cost(u) = min(u, max_units) * price // 1e6`` on the ticket's cumulative units across all
   its sessions, so integer rounding neither loses nor invents credits over many runs. One
-  capture per (job, provider) per run, never beyond what is left of the hold (the rest is
+  capture (``ledger.services.hold_capture``) per (job, provider) per run, never beyond what is left of the hold (the rest is
   recorded as a shortfall). Each (job, provider) is settled in one transaction under the
   job's row lock, so concurrent settlers pay once. Voided tickets are never paid.
 """
@@ -39,9 +39,9 @@ from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
 from marketplace.common.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
-from marketplace.jobs.services import job_charge, job_transition, job_transition_request
+from marketplace.jobs.services import job_transition, job_transition_request
 from marketplace.ledger.models import Account, Hold, Posting
-from marketplace.ledger.services import clawback
+from marketplace.ledger.services import clawback, hold_capture
 from marketplace.providers.models import Provider
 from marketplace.providers.services import provider_reputation_lower, provider_suspend
 from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
@@ -322,21 +322,23 @@ def receipt_group_settle(*, job_id: int, provider_id: int) -> SettleSummary:
     """Pay ``provider_id`` for its unsettled receipts on ``job_id``: one capture, under the
     job's row lock (which every settler of this job takes first, so two settle it once)."""
     summary = SettleSummary()
-    job = Job.objects.select_for_update(of=("self",)).select_related("hold").filter(pk=job_id).first()
+    job = (Job.objects.select_for_update(of=("self",)).select_related("hold__escrow").filter(pk=job_id).first())
     if job is None or job.state not in _PAYABLE_STATES:
         return summary
+    # Tickets change only under this job's lock (settlement, voiding), so reading them with the
+    # receipts is enough; the receipts themselves are locked against concurrent uploads.
     receipts = list(_unsettled().select_for_update(of=("self",))
+                    .select_related("ticket__provider__earnings_account")
                     .filter(ticket__job_id=job_id, ticket__provider_id=provider_id).order_by("pk"))
     if not receipts:
         return summary
     if job.state == Job.State.PLANNED:
-        job = job_transition(job=job, to_state=Job.State.RUNNING, reason="work receipts arrived")
-    tickets = {t.pk: t for t in Ticket.objects.select_for_update().filter(pk__in={r.ticket_id for r in receipts})}
+        job_transition(job=job, to_state=Job.State.RUNNING, reason="work receipts arrived")
+    tickets = {r.ticket_id: r.ticket for r in receipts}
     owed = units = 0
     for r in receipts:
-        ticket = tickets[r.ticket_id]
         units += r.units - r.settled_units
-        ticket.settled_units += r.units - r.settled_units
+        tickets[r.ticket_id].settled_units += r.units - r.settled_units
     for ticket in tickets.values():
         cost = ticket_cost(ticket.settled_units, max_units=ticket.max_units, price=ticket.price)
         owed += cost - ticket.settled_amount
@@ -344,13 +346,14 @@ def receipt_group_settle(*, job_id: int, provider_id: int) -> SettleSummary:
     key = _settle_key(receipts, tickets)
     Receipt.objects.filter(pk__in=[r.pk for r in receipts]).update(settled_units=F("units"))
     Ticket.objects.bulk_update(tickets.values(), ["settled_units", "settled_amount"])
-    left = Account.objects.filter(pk=job.hold.escrow_id).values_list("balance", flat=True).get()
-    amount = min(owed, left) if job.hold.state == Hold.State.OPEN else 0
+    # Only settlement (and clawbacks, which add) touch this hold, under the job lock we hold.
+    amount = min(owed, job.hold.escrow.balance) if job.hold.state == Hold.State.OPEN else 0
     tx = None
     if amount > 0:
-        provider = tickets[receipts[0].ticket_id].provider
-        tx = job_charge(job=job, provider=provider, amount=amount, idempotency_key=f"settle:{provider_id}:{key}",
-                        memo=f"job #{job.pk}: {units} work units")
+        provider = receipts[0].ticket.provider
+        tx = hold_capture(hold=job.hold, amount=amount, payee=provider.earnings_account,
+                          idempotency_key=f"job:{job.pk}:settle:{provider_id}:{key}",
+                          memo=f"job #{job.pk}: {units} work units")
     if owed > 0:
         Settlement.objects.create(job=job, provider_id=provider_id, units=units, amount=amount,
                                   shortfall=owed - amount, transaction=tx)
