@@ -282,19 +282,93 @@ def wait_healthy(url: str, proc: subprocess.Popen) -> httpx.Response:
     pytest.fail(f"{url} not healthy after {START_TIMEOUT_S} s: {last!r}")
 
 
-@pytest.mark.slow
-def test_web_service_start_command_serves_against_postgres_and_redis(
-        compose: dict, fresh_database: str, redis_url: str, tmp_path: Path) -> None:
-    env = {
+def hivemart_env(database_url: str, redis_url: str, home: Path) -> dict[str, str]:
+    """The environment a compose service gets from hivemart.env, pointed at the test's services."""
+    return {
         **os.environ,
-        "DATABASE_URL": fresh_database,
+        "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "SECRET_KEY": "deploy-test-only-not-a-secret",
         "DEBUG": "false",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "HIVEMART_HOME": str(tmp_path / "home"),
+        "HIVEMART_HOME": str(home),
+        # A queue of its own, so that nothing else on this Redis takes the test's tasks.
+        "HIVEMART_CELERY_QUEUE": f"deploy-test-{uuid.uuid4().hex[:8]}",
         "DJANGO_SETTINGS_MODULE": "marketplace.settings",
     }
+
+
+def container_path(argv: list[str], home: Path) -> list[str]:
+    """``argv`` with the image's HIVEMART_HOME (/var/lib/hivemart) mapped to ``home``."""
+    return [a.replace("/var/lib/hivemart", str(home)) for a in argv]
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM (what `docker compose stop` sends), then the exit status; SIGKILL the group if it hangs."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
+
+
+@pytest.mark.slow
+def test_worker_and_beat_commands_run_against_redis(compose: dict, fresh_database: str, redis_url: str,
+                                                    tmp_path: Path) -> None:
+    """The worker answers the compose healthcheck's ping, beat writes its schedule into the home
+    volume, and both stop on SIGTERM without leaving children behind."""
+    home = tmp_path / "home"
+    home.mkdir()  # the image creates /var/lib/hivemart; nothing else exists in a fresh volume
+    env = hivemart_env(fresh_database, redis_url, home)
+    services = compose["services"]
+    migrate = subprocess.run(resolve(services["migrate"]["command"]), env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    procs: dict[str, subprocess.Popen] = {}
+    children: list[psutil.Process] = []
+    try:
+        for name in ("worker", "beat"):
+            log = (tmp_path / f"{name}.log").open("w")
+            procs[name] = subprocess.Popen(resolve(container_path(services[name]["command"], home)), env=env,
+                                           cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        # The worker's healthcheck, exactly as compose runs it (with $$ unescaped and HOSTNAME set).
+        check = services["worker"]["healthcheck"]["test"][1].replace("$$", "$")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            for name, proc in procs.items():
+                assert proc.poll() is None, f"{name} exited: {(tmp_path / f'{name}.log').read_text()[-3000:]}"
+            ping = subprocess.run(["sh", "-c", check], env={**env, "PATH": f"{BIN}:{env.get('PATH', '')}",
+                                                            "HOSTNAME": socket.gethostname()},
+                                  capture_output=True, text=True, timeout=60)
+            if ping.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"the worker never answered its healthcheck: {ping.stdout}"
+            time.sleep(1)
+        assert "pong" in ping.stdout
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not list(home.glob("beat-schedule*")):
+            assert procs["beat"].poll() is None, (tmp_path / "beat.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "beat never wrote its schedule"
+            time.sleep(0.5)
+        children = [c for p in procs.values() for c in psutil.Process(p.pid).children(recursive=True)]
+        for name, proc in procs.items():
+            assert stop(proc) == 0, f"{name}: {(tmp_path / f'{name}.log').read_text()[-3000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"orphaned processes: {[p.pid for p in alive]}"
+
+
+@pytest.mark.slow
+def test_web_service_start_command_serves_against_postgres_and_redis(
+        compose: dict, fresh_database: str, redis_url: str, tmp_path: Path) -> None:
+    env = hivemart_env(fresh_database, redis_url, tmp_path / "home")
     services = compose["services"]
     migrate = subprocess.run(resolve(services["migrate"]["command"]), env=env, cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
@@ -320,8 +394,7 @@ def test_web_service_start_command_serves_against_postgres_and_redis(
         api = httpx.get(f"http://127.0.0.1:{port}/api/models/", timeout=10)
         assert api.status_code in (401, 403) and api.json()["code"] in ("unauthenticated", "permission_denied")
 
-        proc.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
-        assert proc.wait(timeout=60) == 0
+        assert stop(proc) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
