@@ -8,6 +8,7 @@ ones run the whole flow against a live marketplace.
 from __future__ import annotations
 
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -155,6 +156,35 @@ def test_a_cheater_is_caught_reported_and_replaced(ticketed_swarm, tiny_model, r
     with torch.inference_mode():
         logits = local_model(tokens).logits
     assert torch.equal(tokens[0, first:], logits[0, first - 1 : -1].argmax(-1))
+
+
+def test_failover_moves_to_the_planned_backup_with_its_own_ticket(ticketed_swarm, tiny_model, runtime, local_model,
+                                                                  prompt):
+    doomed = ticketed_swarm.start_agent(tiny_model, 2, 4, name="k1", extra_args=[
+        "--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "4"])
+    client = Identity.generate()
+    plan = signed_plan(ticketed_swarm, tiny_model, client, [["p0", "b0"], ["k1", "b1"]], job_id=4)
+    job = SwarmJob(plan, client, job_id=4, verify_rate=0.0)
+    model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+    job.attach(model)
+    produced = []
+
+    def on_token(_: torch.Tensor) -> None:
+        produced.append(1)
+        if len(produced) == 4:
+            ticketed_swarm.stop_agent(doomed, sig=signal.SIGKILL)
+
+    with model.inference_session(prompt.shape[1] + NEW_TOKENS) as session:
+        tokens = model.generate(prompt, max_new_tokens=NEW_TOKENS, session=session, on_token=on_token)
+        route = [hop.peer_id for hop in session.chain.route]
+    assert torch.equal(tokens, local_greedy(local_model, prompt, NEW_TOKENS))
+    backup = agent(ticketed_swarm, "b1")
+    assert route == [agent(ticketed_swarm, "p0"), backup]
+    assert job.collector.problems == []
+    # The backup was paid on its own ticket for the replayed history and every later step.
+    backup_ticket = plan.ticket_for(backup, 2, 4)
+    [receipt] = [r for r in job.collector.latest.values() if r.ticket_id == backup_ticket.ticket_id]
+    assert receipt.units == (prompt.shape[1] + NEW_TOKENS - 1) * 2 and receipt.client_signature
 
 
 def test_forward_and_backward_are_billed_per_chunk_lane(ticketed_swarm, tiny_model, runtime):
