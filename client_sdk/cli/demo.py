@@ -1,89 +1,63 @@
 """``hivemart demo``: the whole system on this machine, with nothing to install.
 
-Today it runs the swarm: it generates a small model, starts a bootstrap DHT node and three
-provider agents on loopback, and streams a generation through them, checking it against
-local ``transformers``. Every process it starts stops with it (Ctrl-C included).
+See :mod:`client_sdk.demo.scenario` for the phases. Progress goes to stderr when ``--json``
+is given, so that stdout carries only the JSON summary as its last line.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
+import sys
 from pathlib import Path
 
 import click
 
 from client_sdk.cli._root import cli
 
-DEMO_PROMPT = "Providers serve the blocks of a model and clients pay for"
-
 
 def _data_dir(path: Path | None) -> Path:
-    return Path(path or os.environ.get("HIVEMART_HOME") or Path.cwd() / ".hivemart" / "demo")
+    return Path(path or os.environ.get("HIVEMART_HOME") or Path.cwd() / ".hivemart" / "demo").resolve()
 
 
 @cli.command()
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the demo keeps its model and logs (default: $HIVEMART_HOME or ./.hivemart/demo).")
-@click.option("--new-tokens", default=48, show_default=True, help="Tokens to generate.")
-@click.option("--keep", is_flag=True, help="Keep the swarm running until Ctrl-C.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
-def demo(data_dir: Path | None, new_tokens: int, keep: bool, as_json: bool) -> None:
-    """Run a local swarm and a generation through it."""
-    import torch
-    from transformers import AutoModelForCausalLM
+              help="Where the demo keeps its database, model, keys and logs (default: $HIVEMART_HOME or "
+                   "./.hivemart/demo).")
+@click.option("--new-tokens", default=48, show_default=True, type=click.IntRange(8, 512),
+              help="Tokens the inference job generates.")
+@click.option("--finetune-steps", default=30, show_default=True, type=click.IntRange(2, 1000),
+              help="LoRA steps of the fine-tuning job.")
+@click.option("--keep", is_flag=True, help="Leave everything running after the summary, until Ctrl-C.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
+def demo(data_dir: Path | None, new_tokens: int, finetune_steps: int, keep: bool, as_json: bool) -> None:
+    """Run the marketplace, scheduler, a swarm of providers, a paid inference job with a failover, a LoRA
+    fine-tuning job and settlement, all on this machine; then print what happened."""
+    from client_sdk.demo.scenario import DemoError, DemoOptions, dumps, run_demo
+    from client_sdk.errors import HivemartError
 
-    from client_sdk.models import create_model, load_tokenizer
-    from client_sdk.swarm.local import LocalSwarm
-    from client_sdk.swarm.model import DistributedModelForCausalLM
-    from client_sdk.swarm.runtime import SwarmRuntime
+    out = sys.stderr if as_json else sys.stdout
 
-    say = lambda msg: click.echo(msg, err=as_json)  # noqa: E731 - keep stdout clean for --json
-    home = _data_dir(data_dir)
-    home.mkdir(parents=True, exist_ok=True)
-    model_path = home / "models" / "demo-llama"
-    if not (model_path / "config.json").exists():
-        say(f"[1/4] generating the demo model in {model_path}")
-        create_model(model_path, arch="llama", hidden=256, layers=6, seed=0)
-    else:
-        say(f"[1/4] using the demo model in {model_path}")
-    tokenizer = load_tokenizer(model_path)
-    prompt = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids
+    def say(text: str) -> None:
+        click.echo(text, file=out)
 
-    spans = [(0, 2), (2, 4), (4, 6)]
-    with LocalSwarm(workdir=home / "swarm") as swarm:
-        say("[2/4] starting a bootstrap DHT node")
-        swarm.start_bootstrap()
-        say(f"[3/4] starting {len(spans)} providers")
-        for agent, (start, end) in zip(swarm.start_agents(model_path, spans), spans):
-            say(f"      provider {agent.peer_id[-8:]} serves blocks {start}:{end}")
-        with SwarmRuntime(swarm.initial_peers) as runtime:
-            model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime)
-            route = model.route()
-            say("[4/4] generating through " + " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}]" for h in route))
-            click.echo(DEMO_PROMPT, nl=False, err=as_json)
-            started = time.perf_counter()
-            tokens = model.generate(prompt, max_new_tokens=new_tokens, on_token=lambda t: click.echo(
-                tokenizer.decode(t[:1]), nl=False, err=as_json))
-            elapsed = time.perf_counter() - started
-            click.echo("", err=as_json)
-        local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        with torch.inference_mode():
-            expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)
-        summary = {"tokens": new_tokens, "tokens_per_s": round(new_tokens / elapsed, 2),
-                   "providers": len(spans), "exact_match": bool(torch.equal(tokens, expected))}
-        say(f"{summary['tokens_per_s']} tokens/s through {len(spans)} providers; "
-            f"identical to local transformers: {summary['exact_match']}")
-        if keep:
-            say(f"the swarm keeps running; join it with --initial-peers {swarm.initial_peers[0]}; Ctrl-C stops it")
-            try:
-                while all(a.process.poll() is None for a in swarm.agents):
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                say("stopping")
-    if as_json:
-        click.echo(json.dumps(summary))
-    if not summary["exact_match"]:
-        raise click.ClickException("the swarm's generation differed from local transformers")
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    def emit_summary(summary: dict) -> None:
+        if as_json:
+            click.echo(dumps(summary))
+            sys.stdout.flush()
+
+    options = DemoOptions(home=_data_dir(data_dir), new_tokens=new_tokens, kill_at=max(2, new_tokens // 3),
+                          finetune_steps=finetune_steps, keep=keep, say=say, write=write, emit_summary=emit_summary)
+    try:
+        summary = run_demo(options)
+    except KeyboardInterrupt:
+        say("\nstopped: every process the demo started has been stopped")
+        sys.exit(130)
+    except (DemoError, HivemartError) as e:
+        raise click.ClickException(f"{e}\n(logs: {options.home / 'logs'} and {options.home / 'swarm'})") from e
+    problems = [name for name in ("failover_ok", "ledger_balanced", "exact_match") if not summary[name]]
+    if problems:
+        raise click.ClickException(f"the demo finished but these checks failed: {', '.join(problems)}")
