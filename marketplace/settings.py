@@ -18,6 +18,7 @@
 | ``HIVEMART_PLATFORM_KEY_FILE`` | ``$HIVEMART_HOME/platform.key`` | the Ed25519 key tickets are signed with (created on first use) |
 | ``HIVEMART_TICKET_TTL`` | ``3600`` | seconds a job ticket stays valid |
 | ``HIVEMART_SUSPEND_AFTER`` | ``2`` | offences (failed audits, wrong probe answers) before a provider is suspended |
+| ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` | ``false`` | refuse audits that do not prove the claimed output (receipt + output digests) |
 | ``HIVEMART_SETTLE_GRACE_S`` | ``30`` | a settling job waits this long for late receipts before it is done |
 | ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
@@ -258,6 +259,9 @@ HIVEMART_REPUTATION_PENALTY = env_int("HIVEMART_REPUTATION_PENALTY", 25, minimum
 HIVEMART_SETTLE_GRACE_S = env_int("HIVEMART_SETTLE_GRACE_S", 30, minimum=0)
 # Audits (POST /api/audits/) carry three tensors of up to 8 MiB each, base64-encoded.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 36 * 1024 * 1024
+# Refuse audits that do not prove the claimed output was signed for by the provider (receipt +
+# output digests, see docs/protocol.md); off by default until every client sends the proof.
+HIVEMART_AUDIT_REQUIRE_EVIDENCE = env_bool("HIVEMART_AUDIT_REQUIRE_EVIDENCE", False)
 HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1)
 
 # --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------

@@ -505,13 +505,15 @@ class Audit:
     detail: str
     created_at: datetime
     decided_at: datetime | None
+    claimed_proven: bool = False  # the claimed output was proven signed for (audit evidence)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Audit":
         return cls(id=d["id"], job=d["job"], ticket_id=d["ticket_id"], session_id=d["session_id"],
                    provider=d["provider"], reference_provider=d.get("reference_provider"), start=d["start"],
                    end=d["end"], dtype=d["dtype"], state=d["state"], verdict=d.get("verdict", ""),
-                   detail=d.get("detail", ""), created_at=_dt(d["created_at"]), decided_at=_dt(d.get("decided_at")))
+                   detail=d.get("detail", ""), created_at=_dt(d["created_at"]), decided_at=_dt(d.get("decided_at")),
+                   claimed_proven=d.get("claimed_proven", False))
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,9 @@ class AuditInput(serializers.Serializer):
     claimed = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="the audited provider's output")
     reference = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="the backup's output")
     reference_peer = serializers.CharField(max_length=128, help_text="the backup's peer id")
+    evidence = serializers.DictField(required=False, allow_null=True, default=None,
+                                     help_text='{"receipt": provider-signed receipt of the session, "digests": '
+                                               '[hex sha256 of every output], "step": index of the claimed output}')
 
 
 class AuditOutput(serializers.ModelSerializer):
@@ -164,7 +167,7 @@ class AuditOutput(serializers.ModelSerializer):
     class Meta:
         model = Audit
         fields = ["id", "job", "ticket_id", "session_id", "provider", "reference_provider", "start", "end", "dtype",
-                  "state", "verdict", "detail", "created_at", "decided_at"]
+                  "claimed_proven", "state", "verdict", "detail", "created_at", "decided_at"]
 
 
 def _int_param(request: Request, name: str) -> int | None:

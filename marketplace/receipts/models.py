@@ -128,6 +128,9 @@ class Audit(models.Model):
     inputs = models.BinaryField()
     claimed = models.BinaryField()
     reference = models.BinaryField()
+    # The client proved that ``claimed`` is an output the provider signed for: a provider-signed
+    # receipt whose hash chain, recomputed from the client's output digests, contains it.
+    claimed_proven = models.BooleanField(default=False)
     state = models.CharField(max_length=8, choices=State.choices, default=State.OPEN)
     verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
     detail = models.CharField(max_length=500, blank=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,8 +34,16 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
+import msgpack
 
-from client_sdk.protocol.receipts import SESSION_ID_PATTERN, ReceiptError, WorkReceipt, verify_receipt
+from client_sdk.protocol.receipts import (
+    SESSION_ID_PATTERN,
+    ReceiptError,
+    WorkReceipt,
+    chain_next,
+    chain_start,
+    verify_receipt,
+)
 from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
 from marketplace.common.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
@@ -437,13 +446,89 @@ def _check_tensor_blob(name: str, blob: bytes) -> None:
                                extra={"field": name})
 
 
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+MAX_EVIDENCE_STEPS = 65_536
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def framed_tensor_digest(blob: bytes) -> bytes:
+    """``tensor_digest`` of the one tensor in an ``encode_message({}, [tensor])`` byte string,
+    computed from the frames without torch (the web process does not load it)."""
+    def frame(offset: int) -> tuple[bytes, int]:
+        if offset + 8 > len(blob):
+            raise ValueError("truncated frame")
+        length = int.from_bytes(blob[offset:offset + 8], "big")
+        if offset + 8 + length > len(blob):
+            raise ValueError("truncated frame")
+        return blob[offset + 8:offset + 8 + length], offset + 8 + length
+
+    head, offset = frame(0)
+    decoded = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    descriptors = decoded.get("t") if isinstance(decoded, dict) else None
+    if not (isinstance(descriptors, list) and len(descriptors) == 1 and isinstance(descriptors[0], list)
+            and len(descriptors[0]) == 2 and descriptors[0][0] in _ITEMSIZE and isinstance(descriptors[0][1], list)
+            and all(type(d) is int and 0 <= d < 2**31 for d in descriptors[0][1])):
+        raise ValueError("expected one floating-point tensor")
+    dtype, shape = descriptors[0]
+    numel = 1
+    for d in shape:
+        numel *= d
+    digest = hashlib.sha256(f"{dtype}:{','.join(map(str, shape))}\n".encode())
+    remaining = numel * _ITEMSIZE[dtype]
+    while remaining > 0:
+        chunk, offset = frame(offset)
+        if not chunk or len(chunk) > remaining:
+            raise ValueError("tensor frames do not match the tensor's size")
+        digest.update(chunk)
+        remaining -= len(chunk)
+    if offset != len(blob):
+        raise ValueError("trailing bytes")
+    return digest.digest()
+
+
+def _check_evidence(evidence: Any, ticket: Ticket, session_id: str, claimed: bytes) -> None:
+    """The claimed output is step ``step`` of a session whose provider-signed receipt commits,
+    through its hash chain, to the client's ``digests`` of every output. Raises ValidationFailed."""
+    def bad(message: str) -> ValidationFailed:
+        return ValidationFailed(f"evidence: {message}", extra={"field": "evidence"}, code="bad_evidence")
+
+    if not isinstance(evidence, dict) or set(evidence) != {"receipt", "digests", "step"}:
+        raise bad("a map of receipt, digests and step")
+    try:
+        receipt = verify_receipt(evidence["receipt"], JobTicket.from_dict(ticket.signed))
+    except (ReceiptError, TicketError) as e:
+        raise bad(f"the receipt does not verify: {e}") from None
+    digests, step = evidence["digests"], evidence["step"]
+    if receipt.session_id != session_id:
+        raise bad("the receipt is for another session")
+    if not (isinstance(digests, list) and len(digests) == receipt.steps <= MAX_EVIDENCE_STEPS
+            and all(isinstance(d, str) and _HEX64.match(d) for d in digests)):
+        raise bad(f"digests must be the receipt's {receipt.steps} output digests (hex sha256)")
+    if type(step) is not int or not 0 <= step < len(digests):
+        raise bad("step must index the digests")
+    chain = chain_start(ticket.ticket_id, session_id)
+    for d in digests:
+        chain = chain_next(chain, bytes.fromhex(d))
+    if chain.hex() != receipt.chain:
+        raise bad("the digests do not reproduce the receipt's hash chain")
+    try:
+        claimed_digest = framed_tensor_digest(claimed)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise bad(f"claimed is not an encoded tensor: {e}") from None
+    if claimed_digest.hex() != digests[step]:
+        raise bad(f"claimed is not the output of step {step}")
+
+
 @transaction.atomic
 def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start: int, end: int, dtype: str,
-                 inputs: bytes, claimed: bytes, reference: bytes, reference_peer: str) -> Audit:
+                 inputs: bytes, claimed: bytes, reference: bytes, reference_peer: str,
+                 evidence: dict[str, Any] | None = None) -> Audit:
     """File an audit: the output of ticket ``ticket_id``'s provider for blocks [start, end)
     (``claimed``) differed from the backup ``reference_peer``'s (``reference``) on the same
     ``inputs``. The job's owner (or staff) files it; the scheduler's ``audit_decide``
-    recomputes the span and decides. Tensors are ``encode_message({}, [tensor])`` bytes."""
+    recomputes the span and decides. Tensors are ``encode_message({}, [tensor])`` bytes.
+    ``evidence`` (``{"receipt", "digests", "step"}``) proves ``claimed`` is an output the
+    provider signed for; ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` makes it mandatory."""
     if not user.is_staff and job.user_id != user.pk:
         raise PermissionDenied("only the job's owner may file an audit for it")
     job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
@@ -464,13 +549,18 @@ def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start
     if backup is None:
         raise ValidationFailed(f"{reference_peer} holds no ticket of job #{job.pk} for blocks {start}:{end}",
                                extra={"field": "reference_peer"}, code="bad_reference")
+    if evidence is not None:
+        _check_evidence(evidence, ticket, session_id, bytes(claimed))
+    elif settings.HIVEMART_AUDIT_REQUIRE_EVIDENCE:
+        raise ValidationFailed("this marketplace requires evidence that the provider signed for the claimed output",
+                               extra={"field": "evidence"}, code="evidence_required")
     if Audit.objects.filter(job=job, state=Audit.State.OPEN).count() >= MAX_OPEN_AUDITS_PER_JOB:
         raise Conflict(f"job #{job.pk} already has {MAX_OPEN_AUDITS_PER_JOB} audits waiting for a verdict",
                        code="too_many_audits")
     audit = Audit.objects.create(job=job, reporter=user, ticket=ticket, provider=ticket.provider,
                                  reference_provider=backup, session_id=session_id, block_start=start, block_end=end,
                                  dtype=dtype, inputs=bytes(inputs), claimed=bytes(claimed),
-                                 reference=bytes(reference))
+                                 reference=bytes(reference), claimed_proven=evidence is not None)
     for hook in _audit_hooks:
         hook(audit.pk)
     return audit

@@ -212,3 +212,38 @@ def test_the_audits_api(model: CatalogModel, backend: SpanBackend) -> None:
     shown = api(provider.user).get(f"/api/providers/{provider.pk}/").json()
     assert shown["reputation"] == 75
     assert Receipt.objects.count() == 0
+
+
+def test_evidence_proves_the_claimed_output_was_signed_for(model: CatalogModel, backend: SpanBackend,
+                                                           settings: Any) -> None:
+    from client_sdk.protocol.receipts import tensor_digest
+
+    pj = planned_job(model=model)
+    provider, backup = pj.providers[0], pj.backups[0]
+    x, honest, perturbed = outputs(backend, seed=5)
+    # the provider's session: three outputs, the second one the perturbed answer
+    counter = pj.counter(provider)
+    sent = [torch.randn(1, 2, 64), perturbed, torch.randn(1, 2, 64)]
+    for out in sent:
+        counter.record(2 * 3, tensor_digest(out))
+    receipt = counter.receipt(pj.identities[provider.pk])
+    digests = [tensor_digest(out).hex() for out in sent]
+
+    def audit(**evidence: Any) -> Audit:
+        proof = {"receipt": receipt.to_dict(), "digests": digests, "step": 1, **evidence}
+        return audit_create(user=pj.client, job=pj.job, ticket_id=pj.ticket(provider).ticket_id,
+                            session_id="session-0001", start=0, end=3, dtype="float32", inputs=blob(x),
+                            claimed=blob(perturbed), reference=blob(honest), reference_peer=backup.peer_id,
+                            evidence=proof)
+
+    assert audit().claimed_proven
+    forged_receipt = {**receipt.to_dict(), "units": receipt.units + 1}
+    for change in ({"step": 0}, {"digests": digests[::-1]}, {"digests": digests[:2]}, {"receipt": forged_receipt},
+                   {"step": 3}):
+        with pytest.raises(ValidationFailed) as e:
+            audit(**change)
+        assert e.value.code == "bad_evidence", change
+    settings.HIVEMART_AUDIT_REQUIRE_EVIDENCE = True
+    with pytest.raises(ValidationFailed) as e:
+        file_audit(pj, provider, backup, x, perturbed, honest)
+    assert e.value.code == "evidence_required"
