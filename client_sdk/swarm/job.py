@@ -46,6 +46,8 @@ __all__ = ["PlannedProvider", "JobPlan", "SwarmJob", "MarketJob", "JobPlanError"
 logger = get_logger(__name__)
 
 DEFAULT_VERIFY_RATE = 0.05
+# Tickets are renewed when the first of them expires within this many seconds.
+RENEW_MARGIN_S = 300
 _PLANNED_STATES = ("planned", "running")
 _DEAD_STATES = ("failed", "cancelled", "done", "settling")
 
@@ -280,11 +282,11 @@ def encode_tensor(tensor: Any) -> bytes:
 class MarketJob(SwarmJob):
     """A :class:`SwarmJob` created and settled through the marketplace's REST API."""
 
-    def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, *,
+    def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, *, platform_key: bytes,
                  upload_receipts: bool = True, **kwargs: Any) -> None:
         """``upload_receipts=False`` keeps countersigned receipts local (the providers' own
         uploads still get them paid, provider-signed only)."""
-        self.client, self.job = client, job
+        self.client, self.job, self.platform_key = client, job, platform_key
         super().__init__(plan, identity, job_id=job.id, upload=self._upload if upload_receipts else None,
                          file_audit=self._file, **kwargs)
 
@@ -306,10 +308,28 @@ class MarketJob(SwarmJob):
         job = wait_for_plan(client, job_id, timeout=plan_timeout, poll_interval=poll_interval)
         if job.client_key and job.client_key != identity.public_key.hex():
             raise JobPlanError(f"job {job_id} was created with another client key; open it with that identity")
-        platform = client.platform.get()
-        plan = JobPlan.from_tickets(client.jobs.tickets(job_id), platform_key=platform.public_key_bytes,
-                                    job_id=job_id, client_key=identity.public_key.hex(), model_id=None)
-        return cls(client, job, plan, identity, **kwargs)
+        platform_key = client.platform.get().public_key_bytes
+        plan = JobPlan.from_tickets(client.jobs.tickets(job_id), platform_key=platform_key, job_id=job_id,
+                                    client_key=identity.public_key.hex())
+        return cls(client, job, plan, identity, platform_key=platform_key, **kwargs)
+
+    async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
+        """The planned route, with tickets renewed first when they are about to expire."""
+        if self.tickets_expiring():
+            await asyncio.to_thread(self.renew_tickets)
+        return await super().find_route(start, end, avoid)
+
+    def tickets_expiring(self, now: float | None = None) -> bool:
+        soonest = min(p.ticket.expires_at for p in self.plan.providers())
+        return soonest - (time.time() if now is None else now) < RENEW_MARGIN_S
+
+    def renew_tickets(self) -> None:
+        """New tickets (new ids, a later expiry) for the job's current plan. Open sessions
+        keep the tickets they were opened with; new sessions and requests use the new ones."""
+        entries = self.client.jobs.renew_tickets(self.job_id)
+        self.plan = JobPlan.from_tickets(entries, platform_key=self.platform_key, job_id=self.job_id,
+                                         client_key=self.identity.public_key.hex())
+        logger.info(f"renewed the {len(entries)} tickets of job {self.job_id}")
 
     def attach(self, model: "DistributedModelForCausalLM") -> None:
         for provider in self.plan.providers():

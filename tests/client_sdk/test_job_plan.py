@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,7 +11,7 @@ from client_sdk.errors import ProtocolError
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.records import ServerRecord, ServerState
 from client_sdk.protocol.tickets import TicketError, issue_ticket
-from client_sdk.swarm.job import JobPlan, JobPlanError
+from client_sdk.swarm.job import JobPlan, JobPlanError, MarketJob, wait_for_plan
 
 PLATFORM = Identity.from_seed(bytes(range(32)))
 CLIENT = Identity.from_seed(bytes([9] * 32))
@@ -100,3 +101,44 @@ def test_segments_must_tile_the_blocks() -> None:
                              client_key=CLIENT.public_key.hex())
     with pytest.raises(JobPlanError):
         JobPlan.from_tickets([], platform_key=PLATFORM.public_key, job_id=JOB, client_key=CLIENT.public_key.hex())
+
+
+class FakeJobs:
+    """The two job endpoints MarketJob's ticket renewal and plan wait use, answered from memory."""
+
+    def __init__(self, states: list[str] | None = None) -> None:
+        self.states, self.renewed = list(states or []), 0
+
+    def renew_tickets(self, job_id: int) -> list[dict]:
+        self.renewed += 1
+        return [entry(e["segment"], e["role"], e["rank"], e["provider_peer"], e["start"], e["end"],
+                      ticket_id=f"tkt_renewed_{self.renewed}_{i}", expires_at=int(time.time()) + 3600)
+                for i, e in enumerate(ENTRIES)]
+
+    def get(self, job_id: int) -> SimpleNamespace:
+        return SimpleNamespace(id=job_id, state=self.states.pop(0) if len(self.states) > 1 else self.states[0])
+
+
+def test_tickets_about_to_expire_are_renewed() -> None:
+    client = SimpleNamespace(jobs=FakeJobs())
+    soon = [entry(e["segment"], e["role"], e["rank"], e["provider_peer"], e["start"], e["end"],
+                  expires_at=int(time.time()) + 60) for e in ENTRIES]
+    job = MarketJob(client, SimpleNamespace(id=JOB, state="running"),
+                    JobPlan.from_tickets(soon, platform_key=PLATFORM.public_key, job_id=JOB,
+                                         client_key=CLIENT.public_key.hex()),
+                    CLIENT, platform_key=PLATFORM.public_key, verify_rate=0.0)
+    assert job.tickets_expiring()
+    old = job.ticket_for(PEERS[0], 0, 2)
+    job.renew_tickets()
+    assert not job.tickets_expiring() and client.jobs.renewed == 1
+    new = job.ticket_for(PEERS[0], 0, 2)
+    assert new.ticket_id != old.ticket_id and new.expires_at > old.expires_at
+
+
+def test_waiting_for_a_plan() -> None:
+    assert wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending", "pending", "planned"])), JOB,
+                         timeout=5, poll_interval=0).state == "planned"
+    with pytest.raises(JobPlanError, match="cancelled"):
+        wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending", "cancelled"])), JOB, timeout=5, poll_interval=0)
+    with pytest.raises(JobPlanError, match="no plan after"):
+        wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending"])), JOB, timeout=0, poll_interval=0)
