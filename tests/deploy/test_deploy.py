@@ -366,6 +366,43 @@ def test_worker_and_beat_commands_run_against_redis(compose: dict, fresh_databas
 
 
 @pytest.mark.slow
+def test_dht_command_becomes_healthy_and_stops(compose: dict, tmp_path: Path) -> None:
+    """The bootstrap node's compose command (on a free port, paths under tmp_path) passes its
+    healthcheck, keeps its identity across restarts, and stops on SIGTERM."""
+    service = compose["services"]["dht"]
+    home = tmp_path / "home"
+    home.mkdir()
+    ready = tmp_path / "dht.ready"
+    argv = [a.replace("/tmp/dht.ready", str(ready)).replace("/tcp/31337", "/tcp/0")
+            for a in container_path(service["command"], home)]
+    check = [a.replace("/tmp/dht.ready", str(ready)) for a in service["healthcheck"]["test"][1:]]
+    peer_ids = []
+    for _ in range(2):
+        ready.unlink(missing_ok=True)
+        log = tmp_path / "dht.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(resolve(argv), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while subprocess.run(check).returncode != 0:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the DHT node never became healthy"
+                time.sleep(0.5)
+            peer_ids.append(re.search(r"/p2p/(\w+)", ready.read_text()).group(1))
+            children = psutil.Process(proc.pid).children(recursive=True)  # the p2p daemon
+            assert stop(proc) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"orphaned processes: {[p.pid for p in alive]}"
+    assert peer_ids[0] == peer_ids[1], "the identity file keeps the peer id (and so every provider's config) stable"
+    assert (home / "dht.key").exists()
+
+
+@pytest.mark.slow
 def test_web_service_start_command_serves_against_postgres_and_redis(
         compose: dict, fresh_database: str, redis_url: str, tmp_path: Path) -> None:
     env = hivemart_env(fresh_database, redis_url, tmp_path / "home")
