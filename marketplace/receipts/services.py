@@ -46,7 +46,7 @@ from client_sdk.protocol.receipts import (
 )
 from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
-from marketplace.common.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from marketplace.common.errors import Conflict, InvalidTransition, NotFound, PermissionDenied, ValidationFailed
 from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
 from marketplace.jobs.services import job_transition, job_transition_request
 from marketplace.ledger.models import Account, Hold, Posting
@@ -135,11 +135,10 @@ def tickets_renew(*, job: Job, by: User) -> list[Ticket]:
     if not by.is_staff and job.user_id != by.pk:
         raise PermissionDenied("this is not your job")
     if job.state not in _PAYABLE_STATES:
-        raise ValidationFailed(f"a {job.state} job gets no new tickets", extra={"state": job.state},
-                               code="invalid_state")
+        raise InvalidTransition(f"a {job.state} job gets no new tickets", extra={"state": job.state})
     plan = job.plans.order_by("-version").first()
     if plan is None:
-        raise ValidationFailed("this job has no plan yet", code="no_plan")
+        raise Conflict("this job has no plan yet", code="no_plan")
     return tickets_issue_for_plan(plan)
 
 

@@ -293,3 +293,16 @@ def test_sdk_settlements_and_provider_payouts(wsgi: httpx.WSGITransport, setting
     with pytest.raises(InsufficientCreditsError):
         operator.providers.payout(p.pk, amount=1_000)  # 3,800 earned, 3,000 paid out
     assert operator.ledger.account(p.earnings_account_id).balance == 800
+
+
+def test_renewing_tickets_needs_the_owner_and_a_live_job() -> None:
+    pj = planned_job()
+    before = pj.ticket(pj.providers[0]).ticket_id
+    assert api(make_user()).post(f"/api/jobs/{pj.job.pk}/tickets/renew/").status_code == 404
+    renewed = api(pj.client).post(f"/api/jobs/{pj.job.pk}/tickets/renew/").json()
+    assert renewed[0]["ticket"]["ticket_id"] != before and len(renewed) == 2
+    from marketplace.jobs.services import job_cancel
+
+    job_cancel(job=pj.job, by=pj.client)
+    response = api(pj.client).post(f"/api/jobs/{pj.job.pk}/tickets/renew/")
+    assert response.status_code == 409 and response.json()["code"] == "invalid_state"
