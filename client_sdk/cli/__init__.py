@@ -8,6 +8,7 @@ from client_sdk.cli._root import cli
 from client_sdk.cli import bench as _bench  # noqa: F401,E402
 from client_sdk.cli import demo as _demo  # noqa: F401,E402
 from client_sdk.cli import finetune as _finetune  # noqa: F401,E402
+from client_sdk.cli import generate as _generate  # noqa: F401,E402
 from client_sdk.cli import market as _market  # noqa: F401,E402
 from client_sdk.cli import model as _model  # noqa: F401,E402
 
