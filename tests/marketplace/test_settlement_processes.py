@@ -61,3 +61,38 @@ def test_worker_processes_settling_the_same_receipts_pay_once(settings: Any, tmp
     assert not Receipt.objects.exclude(settled_units=F("units")).exists()
     assert ledger_verify().consistent
 
+
+
+def test_concurrent_uploads_keep_the_newest_receipt(settings: Any, tmp_path: Path) -> None:
+    """Client and provider upload overlapping receipts of the same sessions at once, from
+    threads with their own database sessions: the stored receipt is always the newest."""
+    import threading
+
+    from django.db import connection
+
+    settings.HIVEMART_PLATFORM_KEY_FILE = platform_key_file(tmp_path)
+    pj = planned_job()
+    p = pj.providers[0]
+    sessions = [pj.counter(p, f"session-{s:04d}") for s in range(4)]
+    receipts = [[pj.receipt(p, 100, counter=c) for _ in range(30)] for c in sessions]
+    ordered = [r.to_dict() for step in zip(*receipts) for r in step]
+    errors: list[BaseException] = []
+
+    def upload(user: Any, batch: list[dict]) -> None:
+        try:
+            for k in range(0, len(batch), 7):
+                receipts_upload(user=user, receipts=batch[k:k + 7])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=upload, args=(pj.client, ordered)),
+               threading.Thread(target=upload, args=(p.user, ordered[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    stored = sorted(Receipt.objects.values_list("session_id", "seq", "units"))
+    assert stored == [(f"session-{s:04d}", 30, 3_000) for s in range(4)]
