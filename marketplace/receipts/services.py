@@ -255,7 +255,7 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
     keys = {(t.pk, r.session_id) for _, t, r in candidates}
     state: dict[tuple[int, str], tuple[int, int, str, str]] = {}
     if keys:
-        stored = Receipt.objects.filter(ticket_id__in={k[0] for k in keys}).values_list(
+        stored = Receipt.objects.filter(ticket_id__in={k[0] for k in keys}, session_id__in={k[1] for k in keys}).values_list(
             "ticket_id", "session_id", "seq", "units", "chain", "client_signature")
         state = {(t, s): (seq, units, chain, csig) for t, s, seq, units, chain, csig in stored if (t, s) in keys}
     winners: dict[tuple[int, str], tuple[int, WorkReceipt]] = {}
