@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from django.db.models import Case, QuerySet, Value, When
+from django.db.models import Case, OuterRef, QuerySet, Subquery, Value, When
 from django.utils import timezone
 
 from marketplace.accounts.models import ApiKey, User
@@ -121,11 +121,12 @@ def _uptimes(providers: Iterable[Provider], *, now: datetime) -> dict[int, float
     per_provider: dict[int, list[tuple[datetime, str]]] = {pk: [] for pk in ids}
     for pk, at, to_state in events:
         per_provider[pk].append((at, to_state))
-    # The state each provider was in when the window opened: its last state change before then.
-    initial: dict[int, str] = {}
-    for pk, to_state in (ProviderEvent.objects.filter(provider_id__in=ids, at__lt=start).exclude(to_state="")
-                         .order_by("provider_id", "-at", "-id").values_list("provider_id", "to_state")):
-        initial.setdefault(pk, to_state)
+    # The state each provider was in when the window opened: its last state change before then
+    # (one correlated subquery, so old history is never loaded).
+    before = (ProviderEvent.objects.filter(provider_id=OuterRef("pk"), at__lt=start).exclude(to_state="")
+              .order_by("-at", "-id").values("to_state")[:1])
+    initial = dict(Provider.objects.filter(pk__in=ids).annotate(state_then=Subquery(before))
+                   .values_list("pk", "state_then"))
     return {pk: online_fraction(per_provider[pk], initial_state=initial.get(pk), start=start, end=now)
             for pk in ids}
 

@@ -451,3 +451,17 @@ def test_signup_shares_the_apis_rate_limit(monkeypatch: pytest.MonkeyPatch) -> N
     from marketplace.accounts.models import User
     assert not User.objects.filter(username="late").exists()
     cache.clear()
+
+
+def test_uptime_counts_the_state_from_before_the_window() -> None:
+    from client_sdk.protocol.identity import Identity
+    from marketplace.web.selectors import UPTIME_WINDOW, provider_card_get
+    from tests.marketplace.factories import make_user, register
+
+    now = datetime.now(dt_timezone.utc)
+    provider = register(user=make_user(), identity=Identity.generate(), model=make_model(),
+                        now=now - timedelta(days=10))
+    provider_heartbeat(provider=provider, state="online", now=now - timedelta(days=9))  # online before the window
+    providers_mark_stale(now=now - UPTIME_WINDOW / 2)  # offline for the second half of it
+    card = provider_card_get(provider_id=provider.pk, now=now)
+    assert card.uptime == pytest.approx(0.5)
