@@ -5,7 +5,8 @@ AdamW on the trainable parts) with local ``transformers`` (+ PEFT for LoRA, hook
 prompts) and through providers on loopback with :class:`client_sdk.finetune.FineTuner`.
 Both start from the same weights; ``grad_match`` says whether the first step's gradients
 agree (max abs difference within ``1e-3`` of the largest local gradient, plus ``1e-6``).
-Medians over ``repeats`` steps after ``warmup`` steps.
+Medians over ``repeats`` steps of each after ``warmup`` steps, local and swarm steps taken in
+turns (so that other load on the machine hits both alike).
 """
 
 from __future__ import annotations
@@ -99,15 +100,19 @@ class _LocalStep:
         return torch.cat(parts)
 
 
-def _median_seconds(step: Callable[[], None], warmup: int, repeats: int) -> float:
+def _interleaved_medians(steps: list[Callable[[], None]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each step, timing them in turns so that a change in the machine's
+    load (other processes) hits all of them alike."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for step, record in zip(steps, times):
+            started = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - started)
+    return [statistics.median(record) for record in times]
 
 
 @_in_workdir
@@ -140,12 +145,12 @@ def run_train_bench(*, mode: str = "lora", hidden: int = 512, layers: int = 8, p
             tuner.loss(ids).backward()
             actual = torch.cat([p.grad.flatten() for p in tuner.parameters()])
             error = float((actual - expected).abs().max())
-            grad_match = error <= 1e-3 * float(expected.abs().max()) + 1e-6
+            scale = float(expected.abs().max())
+            grad_match = scale > 0 and error <= 1e-3 * scale + 1e-6  # all-zero gradients prove nothing
 
-            progress(f"timing {repeats} local steps")
-            local_s = _median_seconds(lambda: local.step(ids), warmup, repeats)
-            progress(f"timing {repeats} swarm steps")
-            swarm_s = _median_seconds(lambda: tuner.train_step(ids), warmup, repeats)
+            progress(f"timing {repeats} local and {repeats} swarm steps, in turns")
+            local_s, swarm_s = _interleaved_medians([lambda: local.step(ids), lambda: tuner.train_step(ids)],
+                                                    warmup, repeats)
             tuner.close()
     return {
         "hidden": hidden, "layers": layers, "providers": providers, "batch_size": batch_size, "seq_len": seq_len,
