@@ -350,11 +350,14 @@ class MarketJob(SwarmJob):
     def _file(self, mismatch: Mismatch) -> Any:
         if mismatch.ticket is None:
             raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
+        evidence = self.collector.evidence(mismatch.ticket, mismatch.session_id, mismatch.claimed)
+        if evidence is None:
+            logger.warning(f"no receipt of {mismatch.peer_id} covers the disputed output; auditing without evidence")
         return self.client.audits.create(
             job=self.job_id, ticket_id=mismatch.ticket.ticket_id, session_id=mismatch.session_id,
             start=mismatch.start, end=mismatch.end, dtype=mismatch.dtype, reference_peer=mismatch.reference_peer,
             inputs=encode_tensor(mismatch.inputs), claimed=encode_tensor(mismatch.claimed),
-            reference=encode_tensor(mismatch.reference))
+            reference=encode_tensor(mismatch.reference), evidence=evidence)
 
     def finish(self) -> dict[str, Any]:
         """Upload the remaining receipts, move the job to settling, and return the summary."""

@@ -71,6 +71,7 @@ class ReceiptCollector:
         self.identity, self.upload, self.batch_size = identity, upload, batch_size
         self._lock = threading.Lock()
         self._mirrors: dict[tuple[str, str], ReceiptCounter] = {}
+        self._digests: dict[tuple[str, str], list[bytes]] = {}  # every output's digest, for audit evidence
         self._last_seq: dict[tuple[str, str], int] = {}
         self._pending: dict[tuple[str, str], WorkReceipt] = {}  # newest countersigned, not yet uploaded
         self.latest: dict[tuple[str, str], WorkReceipt] = {}  # newest countersigned, uploaded or not
@@ -99,6 +100,23 @@ class ReceiptCollector:
         digest = tensor_digest(output)
         with self._lock:
             self._mirror(ticket, session_id).record(units, digest)
+            self._digests.setdefault((ticket.ticket_id, session_id), []).append(digest)
+
+    def evidence(self, ticket: JobTicket, session_id: str, output: "torch.Tensor") -> dict[str, Any] | None:
+        """Proof that the provider signed for ``output`` (for an audit): its newest receipt of
+        the session that covers the output, the digests of the session's outputs it covers (their
+        chain is the receipt's), and the output's index among them. None when no receipt covers it."""
+        digest = tensor_digest(output)
+        key = (ticket.ticket_id, session_id)
+        with self._lock:
+            receipt, digests = self.latest.get(key), list(self._digests.get(key, ()))
+        if receipt is None:
+            return None
+        covered = digests[: receipt.steps]
+        found = [i for i, d in enumerate(covered) if d == digest]
+        if not found:
+            return None
+        return {"receipt": receipt.to_dict(), "digests": [d.hex() for d in covered], "step": found[-1]}
 
     # --- receipts --------------------------------------------------------------------------------
 

@@ -451,8 +451,11 @@ class ChainSession:
             mismatch = await verifier.check(self.p2p, hop.route, hop.ticket, hop.stream.spec.session_id, prefix,
                                             claimed)
             if mismatch is not None:
-                await self._replace_from(index, step_id, reason=f"outputs differ from {mismatch.reference_peer}'s "
-                                                                f"({mismatch.comparison})")
+                try:  # closing the culprit's session first brings its final receipt: evidence for the audit
+                    await self._replace_from(index, step_id, reason=f"outputs differ from "
+                                                                    f"{mismatch.reference_peer}'s ({mismatch.comparison})")
+                finally:
+                    await verifier.report(mismatch)
                 return self._boundary(self.hops[-1].end).get(step_id)
         return output
 

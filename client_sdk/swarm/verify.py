@@ -10,9 +10,10 @@ same positions), so an honest provider matches up to floating-point noise.
 
 A provider that perturbs every output is caught at the first checked step: with rate ``r``
 the chance that ``n`` steps pass unchecked is ``(1 - r) ** n``, so 95% of cheaters are caught
-within ``3 / r`` steps. On a mismatch the verifier hands the evidence (inputs, claimed and
-reference outputs) to ``on_mismatch``, which files an audit; the session then stops using
-the provider. Who is right is decided by the audit, on a third party, not here.
+within ``3 / r`` steps. On a mismatch the session stops using the provider (closing its
+session first, so that its final receipt covers the disputed output) and then :meth:`report`
+hands the evidence (inputs, claimed and reference outputs) to ``on_mismatch``, which files an
+audit. Who is right is decided by the audit, on a third party, not here.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class ShadowVerifier:
     async def check(self, p2p: P2P, hop: RouteHop, ticket: JobTicket | None, session_id: str, prefix: torch.Tensor,
                     claimed: torch.Tensor) -> Mismatch | None:
         """Recompute the hop's last ``claimed.shape[1]`` positions from ``prefix`` on another
-        provider of its blocks; a :class:`Mismatch` (already reported) when they differ."""
+        provider of its blocks; a :class:`Mismatch` when they differ (see :meth:`report`)."""
         if prefix.shape[0] * prefix.shape[1] > self.max_prefix_tokens:
             self.stats.skipped += 1
             logger.debug(f"not verifying blocks {hop.start}:{hop.end}: the prefix is too long")
@@ -114,20 +115,22 @@ class ShadowVerifier:
             self.stats.checked += 1
             if comparison.matches:
                 return None
-            return await self._mismatch(hop, ticket, session_id, prefix, claimed, reference, reference_hop.peer_id,
-                                        comparison)
+            return self._mismatch(hop, ticket, session_id, prefix, claimed, reference, reference_hop.peer_id,
+                                  comparison)
         self.stats.skipped += 1
         return None
 
-    async def _mismatch(self, hop: RouteHop, ticket: JobTicket | None, session_id: str, prefix: torch.Tensor,
-                        claimed: torch.Tensor, reference: torch.Tensor, reference_peer: str,
-                        comparison: OutputComparison) -> Mismatch:
+    def _mismatch(self, hop: RouteHop, ticket: JobTicket | None, session_id: str, prefix: torch.Tensor,
+                  claimed: torch.Tensor, reference: torch.Tensor, reference_peer: str,
+                  comparison: OutputComparison) -> Mismatch:
         self.stats.mismatches += 1
         self.stats.caught.append(hop.peer_id)
         logger.warning(f"provider {hop.peer_id} returned outputs for blocks {hop.start}:{hop.end} that differ from "
                        f"{reference_peer}'s ({comparison}); reporting it and moving its blocks elsewhere")
-        mismatch = Mismatch(hop.peer_id, ticket, session_id, hop.start, hop.end, prefix, claimed, reference,
-                            reference_peer, comparison)
+        return Mismatch(hop.peer_id, ticket, session_id, hop.start, hop.end, prefix, claimed, reference,
+                        reference_peer, comparison)
+
+    async def report(self, mismatch: Mismatch) -> None:
+        """Hand a mismatch to ``on_mismatch`` (the job files an audit)."""
         if self.on_mismatch is not None:
             await self.on_mismatch(mismatch)
-        return mismatch

@@ -178,3 +178,23 @@ def test_a_receipt_with_a_client_signature_by_another_key_is_refused() -> None:
     forged = replace(receipt, client_signature=Identity.generate().sign(receipt.client_signing_bytes()).hex())
     assert collector.receive(forged.to_dict(), ticket=ticket, session_id=SESSION) is None
     assert collector.problems[0].code == "client_signature"
+
+
+def test_evidence_proves_an_output_was_signed_for() -> None:
+    from client_sdk.protocol.receipts import chain_next, chain_start
+
+    ticket = make_ticket()
+    collector, provider = ReceiptCollector(CLIENT), Provider(ticket)
+    outputs = [torch.randn(1, 3, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)]
+    run(collector, provider, ticket, outputs[:2])
+    assert collector.evidence(ticket, SESSION, outputs[1]) is None  # no receipt yet
+    collector.receive(provider.receipt(), ticket=ticket, session_id=SESSION)
+    run(collector, provider, ticket, outputs[2:])
+    evidence = collector.evidence(ticket, SESSION, outputs[1])
+    assert evidence is not None and evidence["step"] == 1 and len(evidence["digests"]) == 2
+    chain = chain_start(ticket.ticket_id, SESSION)
+    for digest in evidence["digests"]:
+        chain = chain_next(chain, bytes.fromhex(digest))
+    assert chain.hex() == evidence["receipt"]["chain"]
+    assert collector.evidence(ticket, SESSION, outputs[2]) is None  # not covered by a receipt yet
+    assert collector.evidence(ticket, SESSION, outputs[0] + 1) is None  # never received

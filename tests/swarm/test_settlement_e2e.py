@@ -392,7 +392,9 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
             assert job.mismatches == 1 and job.excluded == {peers["c0"]} and job.audit_errors == []
             [audit] = job.audits
             assert audit_decide(audit_id=audit.id)["verdict"] == "provider_cheated"
-            assert Audit.objects.get(pk=audit.id).provider.peer_id == peers["c0"]
+            stored_audit = Audit.objects.get(pk=audit.id)
+            # The client proved the claimed output is one the cheater signed for (its receipt's chain).
+            assert stored_audit.provider.peer_id == peers["c0"] and stored_audit.claimed_proven
             summary = job.finish()
             cheater_ticket = job.plan.ticket_for(peers["c0"], 0, 2).ticket_id
             # Receipts of the voided ticket are refused from now on (what came before stays, unpaid).
