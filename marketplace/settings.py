@@ -271,8 +271,8 @@ HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1
 HIVEMART_CELERY_QUEUE = os.environ.get("HIVEMART_CELERY_QUEUE", "").strip() or "hivemart"
 # Enqueue job_match when a job is created (after commit). Tests turn it off where no worker runs.
 HIVEMART_MATCH_ON_CREATE = env_bool("HIVEMART_MATCH_ON_CREATE", True)
-# Enqueue receipts_settle after an upload accepts receipts (after commit); off wherever matching
-# on create is off (tests without a worker), unless set explicitly.
+# Enqueue receipts_settle after an upload accepts receipts, and audit_decide after an audit is
+# filed (after commit); off wherever matching on create is off (tests without a worker), unless set.
 HIVEMART_SETTLE_ON_UPLOAD = env_bool("HIVEMART_SETTLE_ON_UPLOAD", HIVEMART_MATCH_ON_CREATE)
 HIVEMART_PLAN_BACKUPS = env_int("HIVEMART_PLAN_BACKUPS", 2, minimum=0, maximum=16)
 # A provider whose latest measured success rate is below this (percent) is degraded: never planned.

@@ -73,3 +73,47 @@ def test_uploaded_receipts_are_settled_and_the_finished_job_closed_by_a_real_wor
     assert earned() == 3_000 - 3_000 * 500 // 10_000
     assert Job.objects.get(pk=pj.job.pk).hold.state == "closed"
     assert ledger_verify().consistent
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_audit_filed_through_the_api_is_decided_by_a_real_worker(
+        settle_env: Path, monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> None:
+    import base64
+
+    import torch
+
+    from client_sdk.models import compute_digests, create_model, load_model_info
+    from client_sdk.protocol.framing import encode_message
+    from marketplace.catalog.services import catalog_model_create
+    from marketplace.receipts.models import Audit
+    from provider_agent.backend import SpanBackend
+
+    checkpoint = create_model(tmp_path_factory.mktemp("models") / "tiny", hidden=64, layers=2, heads=4, seed=3)
+    monkeypatch.setenv("HIVEMART_MODELS_DIR", str(checkpoint.parent))
+    worker_process = request.getfixturevalue("worker")  # started now, with the models folder in its environment
+    info = load_model_info(checkpoint)
+    digests = compute_digests(checkpoint)
+    model = catalog_model_create(model_id=info.model_id, arch=info.arch, num_blocks=info.num_blocks,
+                                 hidden_size=info.hidden_size, dtype="float32", weights_digest=digests["model"],
+                                 block_digests=digests["blocks"])
+    pj = planned_job(model=model)
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+    honest = SpanBackend(checkpoint, 0, 2, dtype=torch.float32).forward(x, 0, 2)[:, -1:, :]
+
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(b"".join(bytes(f) for f in encode_message({}, [t]))).decode()
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=pj.client).raw}")
+    response = client.post("/api/audits/", {
+        "job": pj.job.pk, "ticket_id": pj.ticket(pj.providers[0]).ticket_id, "session_id": "session-0001",
+        "start": 0, "end": 2, "dtype": "float32", "inputs": b64(x), "claimed": b64(honest * 1.05),
+        "reference": b64(honest), "reference_peer": pj.backups[0].peer_id}, format="json")
+    assert response.status_code == 201, response.json()
+    audit_id = response.json()["id"]
+    wait_for(lambda: Audit.objects.get(pk=audit_id).state == "decided", worker_process, tmp_path, seconds=180)
+    assert Audit.objects.get(pk=audit_id).verdict == "provider_cheated"
+    assert client.get(f"/api/audits/{audit_id}/").json()["verdict"] == "provider_cheated"
