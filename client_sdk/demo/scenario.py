@@ -147,7 +147,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
 def _market_env() -> dict[str, str]:
     """Scheduler knobs for a demo that should settle in seconds rather than minutes."""
-    return {"HIVEMART_SETTLE_INTERVAL_S": "2", "HIVEMART_SETTLE_GRACE_S": "2", "HIVEMART_MATCH_ON_CREATE": "true",
+    # The demo's web site is plain HTTP on loopback: cookies marked Secure would not stick in
+    # every browser there.
+    return {"HIVEMART_SECURE_COOKIES": "false", "HIVEMART_SETTLE_INTERVAL_S": "2", "HIVEMART_SETTLE_GRACE_S": "2", "HIVEMART_MATCH_ON_CREATE": "true",
             "HIVEMART_SETTLE_ON_UPLOAD": "true"}
 
 
