@@ -50,7 +50,7 @@ def finetune(model_path: Path, initial_peers: tuple[str, ...], mode: str, data_p
              max_chunk_tokens: int, quiet: bool, as_json: bool) -> None:
     """Fine-tune a model served by the swarm; the trained parts stay on this machine."""
     from client_sdk.errors import HivemartError
-    from client_sdk.finetune.data import DataError
+    from client_sdk.finetune.data import DataError, load_texts
     from client_sdk.finetune.trainer import TrainConfig, train
     from client_sdk.swarm.model import DistributedModelForCausalLM
 
@@ -63,6 +63,10 @@ def finetune(model_path: Path, initial_peers: tuple[str, ...], mode: str, data_p
                              checkpoint_every=checkpoint_every)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    try:
+        texts = load_texts(data_path)  # before connecting: a bad file fails fast
+    except DataError as e:
+        raise click.ClickException(str(e)) from e
     peers = [p for entry in initial_peers for p in entry.split()]
     try:
         model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=peers)
@@ -70,7 +74,7 @@ def finetune(model_path: Path, initial_peers: tuple[str, ...], mode: str, data_p
         raise click.ClickException(str(e)) from e
     try:
         model.remote.max_chunk_tokens = max_chunk_tokens
-        result = train(model, data_path, config, checkpoint_dir=checkpoint_dir, resume=resume, out_dir=out_dir,
+        result = train(model, texts, config, checkpoint_dir=checkpoint_dir, resume=resume, out_dir=out_dir,
                        progress=not quiet)
     except (HivemartError, DataError) as e:
         raise click.ClickException(str(e)) from e
