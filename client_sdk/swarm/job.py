@@ -6,6 +6,8 @@
 >>> model.generate(input_ids, max_new_tokens=20)
 >>> summary = job.finish()                  # last receipts uploaded, job settling
 
+(or ``with MarketJob.create(...) as job:``, which finishes the job on the way out.)
+
 A :class:`MarketJob` creates the job over REST with a fresh client key (an Ed25519
 :class:`~client_sdk.protocol.identity.Identity` kept in memory: its public key is bound into
 every ticket, and it countersigns receipts), waits for the scheduler's plan, and fetches the
@@ -358,6 +360,15 @@ class MarketJob(SwarmJob):
             start=mismatch.start, end=mismatch.end, dtype=mismatch.dtype, reference_peer=mismatch.reference_peer,
             inputs=encode_tensor(mismatch.inputs), claimed=encode_tensor(mismatch.claimed),
             reference=encode_tensor(mismatch.reference), evidence=evidence)
+
+    def __enter__(self) -> "MarketJob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Finish the job even after an error: the work done so far is paid and the rest of the
+        hold comes back once it is settled."""
+        if self.job.state not in _DEAD_STATES:
+            self.finish()
 
     def finish(self) -> dict[str, Any]:
         """Upload the remaining receipts, move the job to settling, and return the summary."""

@@ -142,3 +142,17 @@ def test_waiting_for_a_plan() -> None:
         wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending", "cancelled"])), JOB, timeout=5, poll_interval=0)
     with pytest.raises(JobPlanError, match="no plan after"):
         wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending"])), JOB, timeout=0, poll_interval=0)
+
+
+def test_a_job_used_as_a_context_manager_is_finished_even_after_an_error() -> None:
+    finished = []
+    jobs = FakeJobs()
+    jobs.finish = lambda job_id: finished.append(job_id) or SimpleNamespace(job=SimpleNamespace(state="settling"))
+    job = MarketJob(SimpleNamespace(jobs=jobs), SimpleNamespace(id=JOB, state="running"), plan(), CLIENT,
+                    platform_key=PLATFORM.public_key, verify_rate=0.0)
+    with pytest.raises(RuntimeError), job:
+        raise RuntimeError("the training loop crashed")
+    assert finished == [JOB] and job.job.state == "settling"
+    with job:  # already settling: nothing to finish
+        pass
+    assert finished == [JOB]
