@@ -205,6 +205,14 @@ class Replan:
     replaced: tuple[int, ...]
 
 
+def _voided_providers(job: Job) -> set[str]:
+    """Providers whose tickets for ``job`` an audit voided (as the matcher names providers)."""
+    from marketplace.receipts.models import Ticket
+
+    return {str(pk) for pk in Ticket.objects.filter(job=job, voided_at__isnull=False)
+            .values_list("provider_id", flat=True)}
+
+
 def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
     """A client reports that ``failed_provider_id`` failed while serving ``job``: store a new
     plan version whose segments replace every segment it was primary of, within the job's
@@ -212,7 +220,8 @@ def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
 
     Idempotent for the client's retries: reporting a provider that an earlier replan already
     replaced returns the current plan with no replacements. A provider once replaced is not
-    chosen again for this job. Conflict ``no_plan`` (with the
+    chosen again for this job, nor is one an audit caught cheating on it (its backup slots
+    are dropped too). Conflict ``no_plan`` (with the
     uncovered blocks in ``extra``) when nobody else can serve its blocks.
     """
     if not by.is_staff and job.user_id != by.pk:
@@ -231,6 +240,9 @@ def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
         in_plan = plan.primaries | {b for s in plan.segments for b in s.backups}
         dropped = {str(pk) for pk in PlanSegment.objects.filter(plan__job=job).values_list("provider_id", flat=True)}
         offers = [o for o in offers if o.provider_id in in_plan or o.provider_id not in dropped]
+        # A provider an audit caught cheating on this job is never planned for it again.
+        voided = _voided_providers(job)
+        offers = [o for o in offers if o.provider_id not in voided]
         if failed not in plan.primaries:
             if PlanSegment.objects.filter(plan__job=job, provider_id=failed_provider_id).exists():
                 return Replan(current, ())
@@ -243,7 +255,7 @@ def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
         except InvalidPlanError as e:
             raise ValidationFailed(str(e), extra={"field": "provider"}) from None
         kept = [Segment(start=s.start, end=s.end, primary=s.primary, price=s.price, latency_ms=s.latency_ms,
-                        throughput=s.throughput, backups=tuple(b for b in s.backups if b != failed))
+                        throughput=s.throughput, backups=tuple(b for b in s.backups if b != failed and b not in voided))
                 for s in plan.segments if s.primary != failed]
         segments = sorted([*kept, *replacements], key=lambda s: s.start)
         row = job_plan_store(job=job, segments=_segment_specs(segments),

@@ -185,7 +185,7 @@ def run_settle_bench(*, receipts: int = 20_000, jobs: int = 200, workers: int = 
         and ledger_verify(accounts=Account.objects.filter(user__in=[client, operator])).consistent
     )
     elapsed = finished - started
-    progress(f"upload {uploaded - started:.2f}s, settlement {finished - uploaded:.2f}s ({workers} workers)")
+    progress(f"upload {uploaded - started:.2f}s, settlement {finished - uploaded:.2f}s ({workers} worker processes)")
     return {
         "database": connection.vendor,
         "receipts": receipts,

@@ -247,3 +247,21 @@ def test_evidence_proves_the_claimed_output_was_signed_for(model: CatalogModel, 
     with pytest.raises(ValidationFailed) as e:
         file_audit(pj, provider, backup, x, perturbed, honest)
     assert e.value.code == "evidence_required"
+
+
+def test_a_replan_never_brings_back_a_provider_caught_cheating(model: CatalogModel, backend: SpanBackend) -> None:
+    from scheduler.services import job_replan
+
+    pj = planned_job(model=model, backups=2)
+    primary, cheater, honest_backup = pj.providers[0], *pj.backups
+    x, honest, perturbed = outputs(backend, seed=6)
+    # the first backup was caught (say while serving after a failover) ...
+    audit = file_audit(pj, cheater, primary, x, perturbed, honest)
+    assert audit_decide(audit_id=audit.pk)["verdict"] == "provider_cheated"
+    # ... then the primary fails: the replacement is the honest backup, and the cheater is
+    # neither chosen nor kept as a backup
+    replan = job_replan(job=pj.job, by=pj.client, failed_provider_id=primary.pk)
+    segments = list(replan.plan.segments.all())
+    chosen = {s.provider_id for s in segments} | {b.provider_id for s in segments for b in s.backups.all()}
+    assert chosen == {honest_backup.pk}
+    assert set(Ticket.objects.filter(plan=replan.plan).values_list("provider_id", flat=True)) == {honest_backup.pk}
