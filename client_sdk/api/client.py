@@ -270,6 +270,14 @@ class Jobs(_Resource):
         """The job's current plan (NotFoundError before the scheduler made one)."""
         return Plan.from_json(self._core.request("GET", f"/api/jobs/{int(job_id)}/plan/"))
 
+    def replan(self, job_id: int, *, provider: int) -> Plan:
+        """Report that ``provider`` (a primary of the plan) failed: the scheduler stores a new plan
+        whose segments replace it (ConflictError ``no_plan`` when nobody else serves its
+        blocks); fetch the new plan's tickets with :meth:`tickets`. Reporting it again is harmless."""
+        body = self._core.request("POST", f"/api/jobs/{int(job_id)}/replan/", json={"provider": int(provider)},
+                                  idempotency_key=_new_key())
+        return Plan.from_json(body["plan"])
+
     def store_plan(self, job_id: int, *, segments: Sequence[SegmentPlan], reason: str = "") -> Plan:
         """Staff (the scheduler): store a plan, segments as ``{"block_start", "block_end",
         "provider", "backups": [provider ids], "price": optional}``."""

@@ -58,6 +58,14 @@ class JobPlanError(SwarmError):
     """The job has no usable plan (yet): no plan in time, a malformed one, or no provider left."""
 
 
+class PlanExhaustedError(JobPlanError):
+    """No planned provider is left for a segment: ``candidates`` are its primary and backups."""
+
+    def __init__(self, message: str, candidates: Sequence["PlannedProvider"]) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates)
+
+
 @dataclass(frozen=True)
 class PlannedProvider:
     """One provider of a plan segment and the ticket that pays it."""
@@ -69,6 +77,7 @@ class PlannedProvider:
     start: int
     end: int
     ticket: JobTicket
+    provider_id: int | None = None  # the marketplace's id of the provider (to report it for a re-plan)
 
 
 def _field(entry: Any, name: str) -> Any:
@@ -109,7 +118,9 @@ class JobPlan:
             role, rank = _field(entry, "role"), _field(entry, "rank")
             if role not in ("primary", "backup") or type(rank) is not int:
                 raise ProtocolError(f"ticket {ticket.ticket_id}: bad role {role!r} or rank {rank!r}")
-            providers.append(PlannedProvider(int(_field(entry, "segment")), role, rank, peer, start, end, ticket))
+            provider_id = entry.get("provider") if isinstance(entry, Mapping) else getattr(entry, "provider", None)
+            providers.append(PlannedProvider(int(_field(entry, "segment")), role, rank, peer, start, end, ticket,
+                                             provider_id if type(provider_id) is int else None))
         return cls(providers)
 
     def providers(self) -> list[PlannedProvider]:
@@ -135,9 +146,9 @@ class JobPlan:
             hop = next((RouteHop(p.peer_id, boundary, stop, records[p.peer_id]) for p in candidates
                         if p.peer_id not in avoid and _serves(records.get(p.peer_id), boundary, stop)), None)
             if hop is None:
-                raise JobPlanError(f"no planned provider is left for blocks {boundary}:{stop} (the primary and "
-                                   f"{len(candidates) - 1} backups failed, were excluded or are offline); ask the "
-                                   f"marketplace for a new plan")
+                raise PlanExhaustedError(f"no planned provider is left for blocks {boundary}:{stop} (the primary and "
+                                         f"{len(candidates) - 1} backups failed, were excluded or are offline); ask "
+                                         f"the marketplace for a new plan", candidates)
             hops.append(hop)
             boundary = stop
         return hops
@@ -285,10 +296,11 @@ class MarketJob(SwarmJob):
     """A :class:`SwarmJob` created and settled through the marketplace's REST API."""
 
     def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, *, platform_key: bytes,
-                 upload_receipts: bool = True, **kwargs: Any) -> None:
+                 upload_receipts: bool = True, auto_replan: bool = True, **kwargs: Any) -> None:
         """``upload_receipts=False`` keeps countersigned receipts local (the providers' own
-        uploads still get them paid, provider-signed only)."""
-        self.client, self.job, self.platform_key = client, job, platform_key
+        uploads still get them paid, provider-signed only). ``auto_replan``: when every planned
+        provider of a segment failed, report its primary and continue on the new plan."""
+        self.client, self.job, self.platform_key, self.auto_replan = client, job, platform_key, auto_replan
         super().__init__(plan, identity, job_id=job.id, upload=self._upload if upload_receipts else None,
                          file_audit=self._file, **kwargs)
 
@@ -319,7 +331,26 @@ class MarketJob(SwarmJob):
         """The planned route, with tickets renewed first when they are about to expire."""
         if self.tickets_expiring():
             await asyncio.to_thread(self.renew_tickets)
+        try:
+            return await super().find_route(start, end, avoid)
+        except PlanExhaustedError as e:
+            primary = e.candidates[0]
+            if not self.auto_replan or primary.provider_id is None:
+                raise
+            await asyncio.to_thread(self.replan, primary.provider_id)
         return await super().find_route(start, end, avoid)
+
+    def replan(self, failed_provider: int) -> None:
+        """Ask the scheduler to replace ``failed_provider`` (a primary) and switch to the new
+        plan's tickets; :class:`JobPlanError` when nobody else serves its blocks."""
+        logger.warning(f"job {self.job_id}: no planned provider left for the blocks of provider {failed_provider}; "
+                       f"asking for a new plan")
+        try:
+            self.client.jobs.replan(self.job_id, provider=failed_provider)
+        except ConflictError as e:
+            raise JobPlanError(f"job {self.job_id} cannot be re-planned: {e}") from e
+        self.plan = JobPlan.from_tickets(self.client.jobs.tickets(self.job_id), platform_key=self.platform_key,
+                                         job_id=self.job_id, client_key=self.identity.public_key.hex())
 
     def tickets_expiring(self, now: float | None = None) -> bool:
         soonest = min(p.ticket.expires_at for p in self.plan.providers())

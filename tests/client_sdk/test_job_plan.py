@@ -26,8 +26,8 @@ def entry(segment: int, role: str, rank: int, peer: str, start: int, end: int, *
                 provider_peer=peer, model_id=MODEL, model_digest="a" * 64, start=start, end=end, max_units=10_000,
                 price=1_000_000, expires_at=int(time.time()) + 600)
     body.update(ticket)
-    return {"segment": segment, "role": role, "rank": rank, "provider_peer": peer, "start": start, "end": end,
-            "ticket": issue_ticket(signer, **body).to_dict()}
+    return {"segment": segment, "role": role, "rank": rank, "provider": 100 + PEERS.index(peer), "provider_peer": peer,
+            "start": start, "end": end, "ticket": issue_ticket(signer, **body).to_dict()}
 
 
 def record(peer: str, start: int, end: int) -> ServerRecord:
@@ -156,3 +156,28 @@ def test_a_job_used_as_a_context_manager_is_finished_even_after_an_error() -> No
     with job:  # already settling: nothing to finish
         pass
     assert finished == [JOB]
+
+
+def test_when_every_planned_provider_of_a_segment_failed_the_job_is_replanned() -> None:
+    import asyncio
+
+    from client_sdk.swarm.job import PlanExhaustedError
+
+    jobs = FakeJobs()
+    replanned = [entry(0, "primary", 0, PEERS[0], 0, 2), entry(1, "primary", 0, PEERS[2], 2, 4, ticket_id="tkt_new_0001")]
+    jobs.replan = lambda job_id, provider: jobs.__dict__.setdefault("reported", []).append(provider)
+    jobs.tickets = lambda job_id: replanned
+    job = MarketJob(SimpleNamespace(jobs=jobs), SimpleNamespace(id=JOB, state="running"), plan(), CLIENT,
+                    platform_key=PLATFORM.public_key, verify_rate=0.0)
+    job._model = SimpleNamespace(info=SimpleNamespace(model_id=MODEL, num_blocks=4))
+
+    async def records(start: int, end: int) -> dict:
+        return RECORDS
+
+    job._records = records
+    route = asyncio.run(job.find_route(0, 4, frozenset({PEERS[1], PEERS[4]})))
+    assert jobs.reported == [101]  # the failed segment's primary
+    assert peers(route) == [(0, 0, 2), (2, 2, 4)] and job.ticket_for(PEERS[2], 2, 4).ticket_id == "tkt_new_0001"
+    job.auto_replan = False
+    with pytest.raises(PlanExhaustedError):
+        asyncio.run(job.find_route(0, 4, frozenset({PEERS[2]})))
