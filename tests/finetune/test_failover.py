@@ -1,4 +1,4 @@
-"""A provider SIGKILLed during a training step: the step completes exactly on a replacement."""
+"""Providers SIGKILLed or hung during training steps: each step completes exactly on replacements."""
 
 from __future__ import annotations
 
@@ -21,14 +21,19 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def kill_before(remote, method: str, swarm, blocks: tuple[int, int], killed: list[str]) -> None:
-    """Make ``remote.<method>`` SIGKILL the provider of ``blocks`` right before its first call."""
+def kill_before(remote, method: str, swarm, blocks: tuple[int, int], killed: list[str],
+                sig: int = signal.SIGKILL) -> None:
+    """Make ``remote.<method>`` send ``sig`` to the provider of ``blocks`` right before its first call
+    (SIGKILL: a crash; SIGSTOP: a provider that hangs without closing its connections)."""
     original = getattr(type(remote), method)
 
     async def killing(hop, *args, **kwargs):
         if not killed and (hop.start, hop.end) == blocks:
             agent = next(a for a in swarm.agents if a.peer_id == hop.peer_id)
-            swarm.stop_agent(agent, sig=signal.SIGKILL)
+            if sig == signal.SIGKILL:
+                swarm.stop_agent(agent, sig=sig)
+            else:
+                agent.process.send_signal(sig)
             killed.append(hop.peer_id)
         return await original(remote, hop, *args, **kwargs)
 
@@ -37,8 +42,9 @@ def kill_before(remote, method: str, swarm, blocks: tuple[int, int], killed: lis
 
 def test_providers_killed_mid_step_do_not_corrupt_the_steps(tiny_model: Path, tmp_path: Path):
     """Step 1 loses the provider of blocks 2:4 in its forward, step 2 loses its replacement in
-    its backward; every step's loss and gradients still equal local PEFT's."""
-    swarm = start_swarm(tiny_model, [(0, 2), (2, 4), (2, 4), (2, 4)], tmp_path)
+    its backward, step 3 finds the next one hung in its backward (past the deadline); every
+    step's loss and gradients still equal local PEFT's."""
+    swarm = start_swarm(tiny_model, [(0, 2), (2, 4), (2, 4), (2, 4), (2, 4)], tmp_path)
     try:
         with SwarmRuntime(swarm.initial_peers) as runtime:
             model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
@@ -46,21 +52,25 @@ def test_providers_killed_mid_step_do_not_corrupt_the_steps(tiny_model: Path, tm
             lora = make_lora(tiny_model, seed=3, random_b=True)
             optimizer = torch.optim.AdamW([lora.weights], lr=1e-2)
             ids = torch.randint(3, 2048, (4, 10), generator=torch.Generator().manual_seed(8))
-            killed: dict[str, list[str]] = {"_hop_forward": [], "_hop_backward": []}
-            for step, phase in enumerate([None, "_hop_forward", "_hop_backward"]):
+            killed: dict[str, list[str]] = {"forward": [], "backward": [], "hang": []}
+            phases = [None, ("forward", "_hop_forward", signal.SIGKILL), ("backward", "_hop_backward", signal.SIGKILL),
+                      ("hang", "_hop_backward", signal.SIGSTOP)]
+            for phase in phases:
                 reference = local_peft(tiny_model, lora)
                 local_loss = lm_loss(reference(input_ids=ids).logits, ids)
                 local_loss.backward()
                 if phase is not None:
-                    kill_before(model.remote, phase, swarm, (2, 4), killed[phase])
+                    name, method, sig = phase
+                    kill_before(model.remote, method, swarm, (2, 4), killed[name], sig)
+                    model.remote.timeout = 5.0 if name == "hang" else 120.0
                 optimizer.zero_grad()
                 loss = lm_loss(model(ids, lora=lora), ids)
                 loss.backward()
                 torch.testing.assert_close(loss, local_loss, atol=1e-5, rtol=0)
                 torch.testing.assert_close(lora.weights.grad, peft_grads(reference, lora), atol=1e-5, rtol=1e-3)
                 optimizer.step()
-            victims = killed["_hop_forward"] + killed["_hop_backward"]
-            assert len(victims) == 2 and len(set(victims)) == 2
+            victims = killed["forward"] + killed["backward"] + killed["hang"]
+            assert len(victims) == 3 and len(set(victims)) == 3
             for victim in victims:
                 failover = next(f for f in model.remote.failovers if f["peer_id"] == victim)
                 assert failover["blocks"][0] == 2 and victim not in failover["replacement"]
@@ -70,4 +80,7 @@ def test_providers_killed_mid_step_do_not_corrupt_the_steps(tiny_model: Path, tm
                 torch.testing.assert_close(model(ids, lora=lora), local_peft(tiny_model, lora)(input_ids=ids).logits,
                                            atol=1e-4, rtol=0)
     finally:
+        for agent in swarm.agents:  # a stopped (hung) process would ignore SIGTERM
+            if agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGCONT)
         swarm.stop()
