@@ -6,6 +6,20 @@
 
 The trainer is imported lazily: providers import :mod:`client_sdk.finetune.lora` without
 pulling in the client's swarm stack.
+
+Example::
+
+    from client_sdk.finetune import TrainConfig, train
+    from client_sdk.swarm.model import DistributedModelForCausalLM
+
+    model = DistributedModelForCausalLM.from_pretrained("path/to/model", initial_peers=[maddr])
+    result = train(model, "data.jsonl", TrainConfig(mode="lora", steps=30, lr=1e-3, rank=8),
+                   checkpoint_dir="ckpt", resume=True, out_dir="adapter")
+    # adapter/ loads with peft.PeftModel.from_pretrained(AutoModelForCausalLM..., "adapter")
+
+Lower level: ``model(input_ids, lora=RemoteLora(...), deep_prompts=...)`` is differentiable
+with respect to the adapter's master weights and the prompts (see
+:class:`client_sdk.swarm.remote.RemoteBlocks`).
 """
 
 from __future__ import annotations
