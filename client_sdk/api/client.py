@@ -24,6 +24,7 @@ from client_sdk.api.types import (
     JobTicketEntry,
     JobTransition,
     Measurement,
+    Offence,
     Offer,
     Page,
     Plan,
@@ -213,6 +214,10 @@ class Providers(_Resource):
         body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
         return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body,
                                                         idempotency_key=body["idempotency_key"]))
+
+    def offences(self, provider_id: int, *, page: int = 1, page_size: int | None = None) -> Page[Offence]:
+        """What the provider was found doing (failed audits, wrong probe answers), newest first."""
+        return self._page("/api/offences/", Offence.from_json, page, page_size, provider=int(provider_id))
 
     def reinstate(self, provider_id: int) -> Provider:
         return Provider.from_json(self._core.request("POST", f"/api/providers/{int(provider_id)}/reinstate/"))

@@ -16,7 +16,7 @@ __all__ = [
     "User", "ApiKey", "CreatedApiKey", "SignupResult", "CatalogModel", "Measurement", "Provider", "Offer",
     "Challenge", "HoldSummary", "Job", "JobTransition", "PlanBackup", "PlanSegment", "Plan", "Account", "Posting",
     "Hold", "TransactionLeg", "Transaction", "Page", "PlatformInfo", "JobTicketEntry", "ReceiptResult",
-    "StoredReceipt", "Settlement", "FinishResult", "Audit",
+    "StoredReceipt", "Settlement", "FinishResult", "Audit", "Offence",
 ]
 
 T = TypeVar("T")
@@ -514,6 +514,25 @@ class Audit:
                    end=d["end"], dtype=d["dtype"], state=d["state"], verdict=d.get("verdict", ""),
                    detail=d.get("detail", ""), created_at=_dt(d["created_at"]), decided_at=_dt(d.get("decided_at")),
                    claimed_proven=d.get("claimed_proven", False))
+
+
+@dataclass(frozen=True)
+class Offence:
+    """Something a provider was found doing: ``audit`` (failed an audit) or ``probe`` (answered
+    a probe wrongly). Each lowers its reputation; enough of them suspend it."""
+
+    id: int
+    provider: int
+    kind: str
+    job: int | None
+    audit: int | None
+    detail: str
+    at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Offence":
+        return cls(id=d["id"], provider=d["provider"], kind=d["kind"], job=d.get("job"), audit=d.get("audit"),
+                   detail=d.get("detail", ""), at=_dt(d["at"]))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ from marketplace.common.api import StrictIntegerField, parse
 from marketplace.common.errors import ValidationFailed
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
-from marketplace.receipts.models import Audit, Receipt, Settlement, Ticket
+from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
 from marketplace.receipts.platform import platform_identity
 from marketplace.receipts.selectors import (
     audit_get,
     audits_visible_to,
     job_tickets_current,
+    offences_visible_to,
     receipts_visible_to,
     settlements_visible_to,
 )
@@ -170,6 +171,16 @@ class AuditOutput(serializers.ModelSerializer):
                   "claimed_proven", "state", "verdict", "detail", "created_at", "decided_at"]
 
 
+class OffenceOutput(serializers.ModelSerializer):
+    provider = serializers.IntegerField(source="provider_id")
+    job = serializers.IntegerField(source="job_id", allow_null=True)
+    audit = serializers.IntegerField(source="audit_id", allow_null=True)
+
+    class Meta:
+        model = Offence
+        fields = ["id", "provider", "kind", "job", "audit", "detail", "at"]
+
+
 def _int_param(request: Request, name: str) -> int | None:
     value = request.query_params.get(name)
     if value is None:
@@ -288,3 +299,19 @@ class AuditDetail(APIView):
     @extend_schema(responses=AuditOutput)
     def get(self, request: Request, audit_id: int) -> Response:
         return Response(AuditOutput(audit_get(user=request.user, audit_id=audit_id)).data)
+
+
+class Offences(ListAPIView):
+    """What your providers were found doing (failed audits, wrong probe answers), newest first;
+    staff see all. ``?provider=`` filters. Each lowered the provider's reputation."""
+
+    serializer_class = OffenceOutput
+
+    def get_queryset(self) -> QuerySet[Offence]:
+        offences = offences_visible_to(user=self.request.user)
+        provider = _int_param(self.request, "provider")
+        return offences if provider is None else offences.filter(provider_id=provider)
+
+    @extend_schema(parameters=[OpenApiParameter("provider", int)])
+    def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
+        return super().get(request, *args, **kwargs)

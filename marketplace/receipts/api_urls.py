@@ -11,4 +11,5 @@ urlpatterns = [
     path("settlements/", api.Settlements.as_view(), name="settlements"),
     path("audits/", api.Audits.as_view(), name="audits"),
     path("audits/<int:audit_id>/", api.AuditDetail.as_view(), name="audit"),
+    path("offences/", api.Offences.as_view(), name="offences"),
 ]

@@ -50,5 +50,12 @@ def audit_get(*, user: User, audit_id: int) -> Audit:
         raise NotFound(f"no audit {audit_id}") from None
 
 
+def offences_visible_to(*, user: User) -> QuerySet[Offence]:
+    """Offences of the user's providers; staff see all of them."""
+    offences = Offence.objects.all()
+    return offences if user.is_staff else offences.filter(provider__user=user)
+
+
 def provider_offences(*, provider_id: int) -> QuerySet[Offence]:
+    """One provider's offences, newest first (callers check that the reader may see it)."""
     return Offence.objects.filter(provider_id=provider_id)

@@ -288,6 +288,7 @@ def test_sdk_settlements_and_provider_payouts(wsgi: httpx.WSGITransport, setting
     assert sdk(wsgi, pj.client).receipts.settlements(job=pj.job.pk).items == paid
     assert sdk(wsgi, make_user()).receipts.settlements().items == []
     assert operator.providers.get(p.pk).reputation == 100
+    assert operator.providers.offences(p.pk).items == []
     tx = operator.providers.payout(p.pk, amount=3_000)
     assert tx.kind == "payout"
     with pytest.raises(InsufficientCreditsError):

@@ -211,6 +211,10 @@ def test_the_audits_api(model: CatalogModel, backend: SpanBackend) -> None:
     assert api(make_user()).get("/api/audits/").json()["count"] == 0
     shown = api(provider.user).get(f"/api/providers/{provider.pk}/").json()
     assert shown["reputation"] == 75
+    offences = api(provider.user).get("/api/offences/", {"provider": provider.pk}).json()["results"]
+    assert [(o["kind"], o["job"], o["audit"]) for o in offences] == [("audit", pj.job.pk, created["id"])]
+    assert api(make_user()).get("/api/offences/").json()["count"] == 0
+    assert api(pj.client).get("/api/offences/").json()["count"] == 0  # the provider's business, not the client's
     assert Receipt.objects.count() == 0
 
 
