@@ -8,7 +8,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
@@ -118,6 +119,7 @@ class FinishOutput(serializers.Serializer):
     results = ReceiptOutcomeOutput(many=True)
 
 
+@extend_schema_field(OpenApiTypes.BYTE)
 class Base64BytesField(serializers.Field):
     """Bytes sent as standard base64, at most ``max_bytes`` once decoded."""
 
