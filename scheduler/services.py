@@ -279,7 +279,8 @@ def holds_expire(*, now: datetime | None = None) -> list[int]:
     Deadlines: a pending or planned job with no transition for ``HIVEMART_JOB_IDLE_TIMEOUT_S``
     (nobody started it), a running job ``HIVEMART_JOB_RUN_TIMEOUT_S`` after it started.
     Each job is failed in its own transaction; a job that moved on meanwhile is skipped.
-    A running job's uploaded receipts are settled before it fails.
+    A running job's uploaded receipts are settled before it fails (the receipts app's
+    closing hook in ``job_transition``).
     """
     now = now or timezone.now()
     idle = now - timedelta(seconds=settings.HIVEMART_JOB_IDLE_TIMEOUT_S)
@@ -293,9 +294,6 @@ def holds_expire(*, now: datetime | None = None) -> list[int]:
     ]
     expired = []
     for pk, state, reason in candidates:
-        if state == Job.State.RUNNING:
-            # Work done before the deadline is still paid: settle what was uploaded first.
-            receipts_settle(job_ids=[pk])
         with transaction.atomic():
             job = Job.objects.select_for_update().filter(pk=pk, state=state).first()
             if job is None:

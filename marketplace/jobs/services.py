@@ -61,6 +61,10 @@ _job_created_hooks: list[Callable[[int], None]] = []
 # registers one that issues the plan's tickets).
 _plan_stored_hooks: list[Callable[[Plan], None]] = []
 _CLIENT_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+# Called with a job about to enter done, failed or cancelled, inside job_transition's
+# transaction and before its hold is released (the receipts app settles the work uploaded so
+# far, so that ending a job never skips paying for work already done).
+_job_closing_hooks: list[Callable[[Job], None]] = []
 
 
 def job_created_hook_register(hook: Callable[[int], None]) -> None:
@@ -75,6 +79,13 @@ def plan_stored_hook_register(hook: Callable[[Plan], None]) -> None:
     segments and backups are written). Registering the same hook twice is a no-op."""
     if hook not in _plan_stored_hooks:
         _plan_stored_hooks.append(hook)
+
+
+def job_closing_hook_register(hook: Callable[[Job], None]) -> None:
+    """Call ``hook(job)`` before a job enters a terminal state (still in its old state, row
+    locked, hold open). Registering the same hook twice is a no-op."""
+    if hook not in _job_closing_hooks:
+        _job_closing_hooks.append(hook)
 
 
 def _check_reason(reason: str) -> str:
@@ -165,6 +176,9 @@ def job_transition(*, job: Job, to_state: str, reason: str = "", actor: User | N
     if to_state not in ALLOWED_TRANSITIONS[job.state]:
         raise InvalidTransition(f"a {job.state} job cannot become {to_state}",
                                 extra={"state": job.state, "to_state": to_state})
+    if to_state in TERMINAL_STATES:
+        for hook in _job_closing_hooks:
+            hook(job)
     from_state, job.state = job.state, to_state
     job.save(update_fields=["state", "updated_at"])
     _record_transition(job, to_state, reason=reason, actor=actor, from_state=from_state)

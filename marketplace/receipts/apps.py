@@ -7,7 +7,8 @@ class ReceiptsConfig(AppConfig):
     verbose_name = "Tickets, receipts and audits"
 
     def ready(self) -> None:
-        from marketplace.jobs.services import plan_stored_hook_register
-        from marketplace.receipts.services import tickets_issue_for_plan
+        from marketplace.jobs.services import job_closing_hook_register, plan_stored_hook_register
+        from marketplace.receipts.services import job_settle_before_closing, tickets_issue_for_plan
 
         plan_stored_hook_register(tickets_issue_for_plan)
+        job_closing_hook_register(job_settle_before_closing)

@@ -59,7 +59,7 @@ from marketplace.receipts.platform import platform_identity
 __all__ = [
     "MAX_RECEIPTS_PER_UPLOAD", "NO_CLIENT_KEY", "ReceiptOutcome", "SettleSummary", "ticket_cost",
     "tickets_issue_for_plan", "tickets_renew", "receipts_upload", "receipts_settle", "jobs_close_settled",
-    "job_finish", "receipts_uploaded_hook_register", "audit_create", "audit_created_hook_register",
+    "job_finish", "receipts_uploaded_hook_register", "job_settle_before_closing", "audit_create", "audit_created_hook_register",
     "audit_verdict_record", "provider_offence_record", "provider_job_void", "MAX_AUDIT_TENSOR_BYTES",
 ]
 
@@ -326,9 +326,10 @@ def _settle_key(receipts: Sequence[Receipt], tickets: dict[int, Ticket]) -> str:
 
 
 @transaction.atomic
-def receipt_group_settle(*, job_id: int, provider_id: int) -> SettleSummary:
+def receipt_group_settle(*, job_id: int, provider_id: int, start_planned: bool = True) -> SettleSummary:
     """Pay ``provider_id`` for its unsettled receipts on ``job_id``: one capture, under the
-    job's row lock (which every settler of this job takes first, so two settle it once)."""
+    job's row lock (which every settler of this job takes first, so two settle it once).
+    Receipts of a planned job move it to running unless ``start_planned`` is False."""
     summary = SettleSummary()
     job = (Job.objects.select_for_update(of=("self",)).select_related("hold__escrow").filter(pk=job_id).first())
     if job is None or job.state not in _PAYABLE_STATES:
@@ -340,7 +341,7 @@ def receipt_group_settle(*, job_id: int, provider_id: int) -> SettleSummary:
                     .filter(ticket__job_id=job_id, ticket__provider_id=provider_id).order_by("pk"))
     if not receipts:
         return summary
-    if job.state == Job.State.PLANNED:
+    if job.state == Job.State.PLANNED and start_planned:
         job_transition(job=job, to_state=Job.State.RUNNING, reason="work receipts arrived")
     tickets = {r.ticket_id: r.ticket for r in receipts}
     owed = units = 0
@@ -369,6 +370,17 @@ def receipt_group_settle(*, job_id: int, provider_id: int) -> SettleSummary:
             logger.warning("job #%s owes provider %s %s micro-credits beyond its hold", job.pk, provider_id,
                            owed - amount)
     return SettleSummary(receipts=len(receipts), captured=amount, shortfall=owed - amount, groups=1)
+
+
+def job_settle_before_closing(job: Job) -> None:
+    """Settle a job's uploaded receipts before it is done, failed or cancelled (the jobs app's
+    closing hook): cancelling or failing a job never skips paying for work already done."""
+    if job.state not in _PAYABLE_STATES:
+        return
+    providers = set(_unsettled().filter(ticket__job_id=job.pk).values_list("ticket__provider_id", flat=True))
+    for provider_id in sorted(providers):
+        # The job is mid-transition (the caller holds its lock): no planned -> running here.
+        receipt_group_settle(job_id=job.pk, provider_id=provider_id, start_planned=False)
 
 
 def jobs_close_settled(*, now: datetime | None = None) -> list[int]:

@@ -161,3 +161,23 @@ def test_backups_are_paid_for_their_own_tickets() -> None:
     upload(pj, pj.receipt(backup, 2_000_000))
     receipts_settle()
     assert earnings(backup) == 2_000 - 100
+
+
+@pytest.mark.parametrize("ending,running", [("cancelled", True), ("failed", True), ("cancelled", False)])
+def test_ending_a_job_early_still_pays_the_work_uploaded(ending: str, running: bool) -> None:
+    from marketplace.jobs.services import job_cancel, job_transition
+
+    pj = planned_job(budget=100_000, price=1_000, running=running)
+    p = pj.providers[0]
+    upload(pj, pj.receipt(p, 7_000_000, countersigned=False), by=p.user)
+    if ending == "cancelled":
+        job_cancel(job=pj.job, by=pj.client)  # a client cannot dodge paying by cancelling
+    else:
+        job_transition(job=pj.job, to_state=Job.State.FAILED, reason="test")
+    pj.job.refresh_from_db()
+    assert pj.job.state == ending and pj.job.hold.state == "closed"
+    assert earnings(p) == 7_000 - 350
+    wallet = Account.objects.get(user=pj.client, kind=Account.Kind.WALLET)
+    assert wallet.balance == 200_000 - 7_000
+    assert [t.to_state for t in pj.job.transitions.all()][-1] == ending
+    assert ledger_verify().consistent
