@@ -90,6 +90,11 @@ def local_greedy(local_model: AutoModelForCausalLM, prompt: torch.Tensor, new_to
     return local_model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
+def caught_at_step(failover: dict, prompt: torch.Tensor) -> int:
+    """Which step (1 = the prompt) a failover happened at, from the session position it records."""
+    return 1 if failover["position"] == 0 else failover["position"] - prompt.shape[1] + 2
+
+
 def test_unticketed_requests_are_refused(tiny_model, runtime, local_model, prompt):
     model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
     with pytest.raises(Exception, match="ticket"):
@@ -149,7 +154,7 @@ def test_a_cheater_is_caught_reported_and_replaced(ticketed_swarm, tiny_model, r
     [failover] = failovers
     assert failover["peer_id"] == cheater and failover["replacement"] == [agent(ticketed_swarm, "b0"),
                                                                           agent(ticketed_swarm, "p1")]
-    caught_at = 1 + (0 if failover["position"] == 0 else failover["position"] - prompt.shape[1] + 1)
+    caught_at = caught_at_step(failover, prompt)
     assert caught_at <= 3 / rate  # 95% of cheaters are caught within 3/r steps (here: seeded)
     # From the step that caught it on, the tokens are what honest blocks compute from the same history.
     first = prompt.shape[1] + caught_at - 1
@@ -388,8 +393,11 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
                                    verify_rate=0.5, rng=random.Random(7), plan_timeout=60, poll_interval=0.1)
             planner.join()
             job.attach(model)
-            model.generate(prompt, max_new_tokens=NEW_TOKENS)
+            with model.inference_session(prompt.shape[1] + NEW_TOKENS) as session:
+                model.generate(prompt, max_new_tokens=NEW_TOKENS, session=session)
+                [failover] = session.chain.failovers
             assert job.mismatches == 1 and job.excluded == {peers["c0"]} and job.audit_errors == []
+            assert failover["peer_id"] == peers["c0"] and caught_at_step(failover, prompt) <= 3 / 0.5
             [audit] = job.audits
             assert audit_decide(audit_id=audit.id)["verdict"] == "provider_cheated"
             stored_audit = Audit.objects.get(pk=audit.id)
