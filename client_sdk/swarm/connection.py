@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -45,12 +45,15 @@ class SpanBilling:
     ``lost`` is called when a request fails after it may have been computed, because the
     provider may then have counted work whose output the client never saw: the caller must
     use a new session id from then on, or every later receipt would fail the chain check.
+    ``verify(header, sent, reply)`` may spot-check a forward's output; it raises
+    :class:`~client_sdk.errors.ProviderUnavailableError` to make the caller fail over.
     """
 
     ticket: JobTicket
     session_id: str
     collector: ReceiptCollector
     lost: Callable[[], None] | None = None
+    verify: Callable[[dict[str, Any], Sequence[torch.Tensor], Message], Awaitable[None]] | None = None
 
     def header(self) -> dict[str, Any]:
         return {"ticket": self.ticket.to_dict(), "session_id": self.session_id}
@@ -102,6 +105,8 @@ class ProviderConnection:
             raise
         if reply.tensors and tensors:
             billing.on_reply(rpc, header, tensors, reply)
+            if rpc == RPC_FORWARD and billing.verify is not None:
+                await billing.verify(header, tensors, reply)
         return reply
 
     async def _call(self, rpc: str, header: dict[str, Any], tensors: Sequence[torch.Tensor],

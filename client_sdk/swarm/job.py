@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import APIError, ConflictError, HivemartError, NoProvidersError, ProtocolError, SwarmError
+from client_sdk.errors import (
+    APIError, ConflictError, HivemartError, NoProvidersError, ProtocolError, ProviderUnavailableError, SwarmError,
+)
 from client_sdk.protocol.framing import encode_message
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.records import ServerRecord
@@ -244,7 +246,27 @@ class SwarmJob:
         def lost() -> None:  # the provider may have counted work we never saw: start a new chain
             self._lanes.pop(key, None)
 
-        return SpanBilling(ticket, session_id, self.collector, lost)
+        async def verify(header: dict[str, Any], sent: Sequence[Any], reply: Any) -> None:
+            await self._verify_forward(hop, ticket, session_id, header, sent[0], reply.tensors[0])
+
+        checked = self.verifier is not None and lane != "verify"  # never verify the verification itself
+        return SpanBilling(ticket, session_id, self.collector, lost, verify if checked else None)
+
+    async def _verify_forward(self, hop: RouteHop, ticket: JobTicket, session_id: str, header: dict[str, Any],
+                              hidden: Any, output: Any) -> None:
+        """Spot-check a forward (scoring, training without deep prompts or adapters, whose
+        outputs another provider can reproduce): on a mismatch the provider is excluded, an
+        audit filed, and the request fails so that the caller re-routes it."""
+        if self.verifier is None or "prompts" in header or "adapter_id" in header or not self.verifier.due():
+            return
+        mismatch = await self.verifier.check(self._records_model().runtime.p2p, hop, ticket, session_id, hidden,
+                                             output)
+        if mismatch is None:
+            return
+        self.exclude(hop.peer_id)
+        await self.verifier.report(mismatch)
+        raise ProviderUnavailableError(hop.peer_id, f"its outputs differ from {mismatch.reference_peer}'s "
+                                                    f"({mismatch.comparison}); reported and replaced")
 
     async def _find_references(self, start: int, end: int,
                                avoid: frozenset[str]) -> list[tuple[RouteHop, SpanBilling | None]]:

@@ -192,6 +192,23 @@ def test_failover_moves_to_the_planned_backup_with_its_own_ticket(ticketed_swarm
     assert receipt.units == (prompt.shape[1] + NEW_TOKENS - 1) * 2 and receipt.client_signature
 
 
+def test_a_forward_from_a_cheater_is_caught_and_rerouted(ticketed_swarm, tiny_model, runtime, local_model):
+    client = Identity.generate()
+    plan = signed_plan(ticketed_swarm, tiny_model, client, [["c0", "b0"], ["p1", "b1"]], job_id=5)
+    reported = []
+    job = SwarmJob(plan, client, job_id=5, verify_rate=1.0, file_audit=reported.append)
+    model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+    job.attach(model)
+    input_ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, expected = model(input_ids), local_model(input_ids).logits
+    assert torch.allclose(logits, expected, atol=1e-4)  # the cheater's output was never used
+    cheater = agent(ticketed_swarm, "c0")
+    assert job.mismatches == 1 and job.excluded == {cheater} and [m.peer_id for m in reported] == [cheater]
+    assert [f["peer_id"] for f in model.remote.failovers] == [cheater]
+    assert job.collector.problems == []
+
+
 def test_forward_and_backward_are_billed_per_chunk_lane(ticketed_swarm, tiny_model, runtime):
     client = Identity.generate()
     plan = signed_plan(ticketed_swarm, tiny_model, client, [["p0", "b0"], ["p1", "b1"]], job_id=3)
