@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import HivemartError
+from client_sdk.errors import HivemartError, ProtocolError
+from client_sdk.protocol.rpc import RPC_FORWARD, SpanRequest
 from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.runtime import SwarmRuntime
 
@@ -42,6 +43,7 @@ logger = get_logger(__name__)
 # Relative L2 error accepted per dtype: float32 differs only by summation order across
 # machines and thread counts; half precision loses ~3 decimal digits per block.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
+_PROBE_SESSION = "scheduler-probe"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,6 +59,9 @@ class ProbeTarget:
     model_id: str
     start: int
     end: int
+    # A platform-signed ticket for the probe's forwards: providers that sell through the
+    # marketplace serve nothing without one (``None`` for free-mode swarms).
+    ticket: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +142,16 @@ def _relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 async def _forward(connection: ProviderConnection, start: int, end: int, hidden: torch.Tensor,
-                   timeout: float) -> tuple[torch.Tensor, float]:
+                   timeout: float, ticket: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
     began = time.perf_counter()
-    output = await asyncio.wait_for(connection.forward(start, end, hidden, timeout=timeout), timeout)
+    if ticket is None:
+        output = await asyncio.wait_for(connection.forward(start, end, hidden, timeout=timeout), timeout)
+    else:
+        header = SpanRequest(start, end, ticket=ticket, session_id=_PROBE_SESSION).to_header()
+        reply = await asyncio.wait_for(connection.call(RPC_FORWARD, header, (hidden,), timeout), timeout)
+        if len(reply.tensors) != 1:
+            raise ProtocolError(f"provider {connection.peer_id} answered a probe with {len(reply.tensors)} tensors")
+        output = reply.tensors[0]
     return output, time.perf_counter() - began
 
 
@@ -176,7 +188,8 @@ def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *
     for k, (start, end, hidden) in enumerate(plan):
         hidden = hidden.to(dtype)
         try:
-            output, seconds = runtime.run(_forward(connection, start, end, hidden, timeout), timeout=timeout + 5)
+            output, seconds = runtime.run(_forward(connection, start, end, hidden, timeout, target.ticket),
+                                          timeout=timeout + 5)
         except (HivemartError, asyncio.TimeoutError, TimeoutError, OSError) as e:
             errors.append(f"forward {start}:{end}: {e}")
             continue

@@ -441,6 +441,7 @@ def providers_probe(*, runtime: object | None = None, references: object | None 
     Returns ``{"probed": [...], "degraded": [...], "skipped": [...]}`` (provider ids); a
     provider is skipped when the prober has no reference checkpoint for its model.
     """
+    from marketplace.receipts.services import ticket_issue_for_probe
     from scheduler.probing import ProbeTarget, References, ReferenceUnavailable, probe_provider
 
     summary: dict[str, list[int]] = {"probed": [], "degraded": [], "skipped": []}
@@ -466,9 +467,12 @@ def providers_probe(*, runtime: object | None = None, references: object | None 
                 logger.warning("cannot check provider %s: %s", provider.pk, e)
                 summary["skipped"].append(provider.pk)
                 continue
+            units = (1 + settings.HIVEMART_PROBE_REQUESTS * settings.HIVEMART_PROBE_TOKENS) * (
+                provider.block_end - provider.block_start)
+            ticket = ticket_issue_for_probe(provider=provider, max_units=units)
             result = probe_provider(
                 runtime, ProbeTarget(provider.peer_id, provider.model.model_id, provider.block_start,  # type: ignore[arg-type]
-                                     provider.block_end),
+                                     provider.block_end, ticket=ticket),
                 reference, tokens=settings.HIVEMART_PROBE_TOKENS, requests=settings.HIVEMART_PROBE_REQUESTS,
                 timeout=settings.HIVEMART_PROBE_TIMEOUT_S)
             summary["probed"].append(provider.pk)

@@ -95,6 +95,28 @@ def _max_units(budget: int, price: int) -> int:
     return max(1, min(budget * 1_000_000 // max(price, 1), _MAX_UNITS))
 
 
+# Probe tickets name this job id, which no real job reaches (ids are sequential from 1). A
+# provider could tell probes from jobs by it; what it cannot do is serve them without
+# computing, since their answers are checked against the platform's own recomputation.
+PROBE_JOB_ID = 2**53
+PROBE_TICKET_TTL_S = 600
+
+
+def ticket_issue_for_probe(*, provider: Provider, max_units: int) -> dict[str, Any]:
+    """A signed, unpaid (price 0), unstored ticket for the scheduler's probe of ``provider``:
+    providers that sell through the marketplace refuse unticketed forwards. Receipts for it
+    are refused at upload, since no job owns it."""
+    if max_units < 1:
+        raise ValidationFailed("a probe ticket needs at least one work unit")
+    expires_at = int((timezone.now() + timedelta(seconds=PROBE_TICKET_TTL_S)).timestamp())
+    signed = issue_ticket(
+        platform_identity(), ticket_id=f"probe_{secrets.token_urlsafe(12)}", job_id=PROBE_JOB_ID,
+        client_key=secrets.token_bytes(32).hex(), provider_peer=provider.peer_id, model_id=provider.model.model_id,
+        model_digest=provider.model.weights_digest, start=provider.block_start, end=provider.block_end,
+        max_units=max_units, price=0, expires_at=expires_at)
+    return signed.to_dict()
+
+
 def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
     """Issue and store a signed ticket for every primary and backup of ``plan``.
 

@@ -56,10 +56,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def swarm(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
     local = LocalSwarm(workdir=tmp_path_factory.mktemp("probe-swarm"))
+    platform = Identity.load_or_create(local.workdir / "platform.key")
     try:
         local.start_bootstrap()
         local.start_agent(models["honest"], 0, 4, name="honest")
         local.start_agent(models["liar"], 0, 4, name="liar")
+        # An honest provider selling through the marketplace: it computes only for ticketed requests.
+        local.start_agent(models["honest"], 0, 4, name="paid", extra_args=["--platform-key", platform.public_key.hex()])
         yield local
     finally:
         local.stop()
@@ -86,12 +89,17 @@ def test_probe_of_an_honest_provider_is_all_correct(models: dict[str, Path], swa
     assert mismatch.correct == 0 and "serves" in mismatch.errors[0]
     with pytest.raises(ReferenceUnavailable):
         references.get("llama-4x64-000000000000")
+    # A provider that sells through the marketplace answers an unticketed probe with an error.
+    paid = next(a for a in swarm.agents if a.name == "paid")
+    refused = probe_provider(runtime, ProbeTarget(paid.peer_id, model_id, 0, 4), references.get(model_id), timeout=30)
+    assert refused.correct == 0 and "ticket" in refused.errors[0]
 
 
 @pytest.mark.django_db
 def test_probes_measure_honest_providers_and_degrade_liars_and_the_silent(
         models: dict[str, Path], swarm: LocalSwarm, runtime: SwarmRuntime, settings) -> None:  # noqa: ANN001
     settings.HIVEMART_MODELS_DIR = models["references"]
+    settings.HIVEMART_PLATFORM_KEY_FILE = swarm.workdir / "platform.key"  # the key the paid agent trusts
     settings.HIVEMART_PROBE_TIMEOUT_S = 5
     settings.HIVEMART_PROBE_TOKENS = 8
     info = load_model_info(models["honest"])
@@ -101,11 +109,11 @@ def test_probes_measure_honest_providers_and_degrade_liars_and_the_silent(
                                  block_digests=digests["blocks"])
     user = make_user()
     providers = {}
-    for name in ("honest", "liar", "silent"):
+    for name in ("honest", "liar", "silent", "paid"):
         identity = (Identity.generate() if name == "silent"
                     else Identity.load(swarm.workdir / f"{name}.key"))
         provider = register(user=user, identity=identity, model=model, start=0, end=4,
-                            price={"honest": 500, "liar": 10, "silent": 1}[name])
+                            price={"honest": 500, "liar": 10, "silent": 1, "paid": 5_000}[name])
         # All claim to be fast; only probes tell them apart.
         providers[name] = provider_heartbeat(provider=provider, state="online", throughput=1e6, latency_ms=1.0)
 
@@ -116,6 +124,8 @@ def test_probes_measure_honest_providers_and_degrade_liars_and_the_silent(
     assert sorted(summary["degraded"]) == sorted([ids["liar"], ids["silent"]])
     measured = {name: Provider.objects.get(pk=pk).latest_measurement for name, pk in ids.items()}
     assert measured["honest"].success_rate == 1.0 and measured["honest"].throughput > 0
+    # Probes carry platform-signed tickets, so a provider that requires them is measured too.
+    assert measured["paid"].success_rate == 1.0 and measured["paid"].throughput > 0
     # Only the 1-block latency probe (block 0, untouched) was right; both span forwards were wrong.
     assert measured["liar"].success_rate == pytest.approx(1 / 3)
     assert measured["silent"].success_rate == 0.0 and measured["silent"].throughput == 0.0
