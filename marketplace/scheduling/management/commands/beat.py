@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
@@ -22,4 +23,17 @@ class Command(BaseCommand):
     def handle(self, *args: Any, celery_args: list[str], **options: Any) -> None:
         from scheduler.celery import app
 
+        # Beat keeps its schedule in a file; make its folder (with Redis as the broker nothing
+        # else creates $HIVEMART_HOME/celery).
+        Path(_schedule_file(celery_args) or app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         app.start(["beat", "--loglevel", "INFO", *celery_args])
+
+
+def _schedule_file(celery_args: list[str]) -> str | None:
+    """The ``-s/--schedule FILE`` (or ``--schedule=FILE``) given to celery beat, if any."""
+    for i, arg in enumerate(celery_args):
+        if arg.startswith("--schedule="):
+            return arg.split("=", 1)[1]
+        if arg in ("-s", "--schedule") and i + 1 < len(celery_args):
+            return celery_args[i + 1]
+    return None
