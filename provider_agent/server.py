@@ -386,7 +386,7 @@ class ProviderServer:
         request = AdapterRequest.from_header(message.header)
         try:
             reply, tensors = self._adapter_op(request, str(stream_info.peer_id), message.tensors)
-        except (RequestError, AdapterError) as e:
+        except (RequestError, AdapterError, TicketError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
         await write_message(writer, {"type": "adapter", "op": request.op, "adapter_id": request.adapter_id, **reply},
@@ -409,6 +409,8 @@ class ProviderServer:
     def _create_adapter(self, request: AdapterRequest, owner: str, tensors: list[torch.Tensor]) -> Adapter:
         self._check_accepting()
         self._check_span(request.start, request.end)
+        if self.tickets is not None:  # memory is held for a job: only a job's ticket may claim it
+            self.tickets.check(request.ticket, request.start, request.end)
         try:
             spec = LoraSpec(request.rank, request.alpha, request.targets)
         except ValueError as e:

@@ -184,7 +184,8 @@ class AdapterRequest:
       ``[blocks, per_block]`` sent along.
     - ``set``: replace its weights with the tensor sent along (the client's optimizer step).
     - ``get``: answer with its weights. ``delete``: forget it.
-    Only the peer that created an adapter may use it.
+    Only the peer that created an adapter may use it. A provider that requires job tickets
+    also requires one covering ``[start, end)`` to ``create`` (an adapter holds its memory).
     """
 
     op: str
@@ -195,12 +196,15 @@ class AdapterRequest:
     alpha: float = 0.0
     targets: tuple[str, ...] = ()
     seed: int | None = None
+    ticket: dict[str, Any] | None = None
 
     def to_header(self) -> dict[str, Any]:
         header: dict[str, Any] = {"type": "adapter", "op": self.op, "adapter_id": self.adapter_id}
         if self.op == "create":
             header.update(start=self.start, end=self.end, rank=self.rank, alpha=self.alpha,
                           targets=list(self.targets), seed=self.seed)
+            if self.ticket is not None:
+                header["ticket"] = self.ticket
         return header
 
     @classmethod
@@ -222,7 +226,7 @@ class AdapterRequest:
             raise ProtocolError(f"'targets' must be a list of 1 to {_MAX_TARGETS} module names")
         seed = None if header.get("seed") is None else _int(header, "seed")
         return cls(op=op, adapter_id=adapter_id, start=start, end=end, rank=_int(header, "rank", low=1, high=4096),
-                   alpha=float(alpha), targets=tuple(targets), seed=seed)
+                   alpha=float(alpha), targets=tuple(targets), seed=seed, ticket=_ticket(header))
 
 
 @dataclass(frozen=True)

@@ -101,8 +101,10 @@ class RemoteLora:
             rows = self.weights.detach()[start:end].contiguous()
             if placed is None:
                 adapter_id = secrets.token_urlsafe(12)
+                ticket = connection.billing.ticket.to_dict() if connection.billing is not None else None
                 request = AdapterRequest("create", adapter_id, start, end, self.spec.rank, self.spec.alpha,
-                                         self.spec.targets, self.seed if version == self._pristine_version else None)
+                                         self.spec.targets, self.seed if version == self._pristine_version else None,
+                                         ticket=ticket)
                 await connection.call(RPC_ADAPTER, request.to_header(), () if request.seed is not None else (rows,),
                                       timeout)
             elif placed[1] != version:

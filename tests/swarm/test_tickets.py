@@ -318,3 +318,20 @@ def test_free_mode_agents_ask_for_no_ticket_and_send_no_receipt(tiny_model: Path
             assert reply.header == {"type": "output"} and reply.tensors[0].shape == (1, 3, HIDDEN)
     finally:
         swarm.stop()
+
+
+def test_adapters_need_a_ticket_for_their_blocks(runtime: SwarmRuntime, first: AgentProcess) -> None:
+    """An adapter holds provider memory for a job: without a ticket of that job, no adapter."""
+    from client_sdk.protocol.rpc import RPC_ADAPTER, AdapterRequest
+
+    def create(ticket: JobTicket | None, start: int = 0, end: int = 2) -> Message:
+        request = AdapterRequest("create", f"adapter-{next(_ids):04d}", start, end, 4, 8.0, ("q_proj", "v_proj"),
+                                 seed=1, ticket=ticket.to_dict() if ticket else None)
+        return runtime.run(call(runtime, first, RPC_ADAPTER, request.to_header(), ()))
+
+    assert create(None).header["code"] == "ticket_required"
+    assert create(make_ticket(first, start=1, end=2)).header["code"] == "ticket_blocks"
+    assert create(make_ticket(first, signer=CLIENT)).header["code"] == "ticket_signature"
+    created = create(make_ticket(first))
+    assert created.header["type"] == "adapter" and created.header["start"] == 0
+    assert_serves_ticketed_work(runtime, first)
