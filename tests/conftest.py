@@ -9,6 +9,9 @@ for the database touch it, so the model and swarm tests need neither PostgreSQL 
 
 from __future__ import annotations
 
+from typing import Iterator
+
+import httpx
 import pytest
 
 
@@ -20,3 +23,22 @@ def _postgres_only(request: pytest.FixtureRequest) -> None:
 
     if connection.vendor != "postgresql":
         pytest.skip(f"needs PostgreSQL (DATABASE_URL=postgres://...); the configured database is {connection.vendor}")
+
+
+@pytest.fixture
+def wsgi(db: None) -> Iterator[httpx.WSGITransport]:
+    """An httpx transport into the Django app in this process, inside the test's transaction
+    (for ``client_sdk.api.Client(transport=wsgi, base_url="http://testserver")``)."""
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
+    # Django closes the database connection around each request; inside a test's transaction
+    # that would end the test's transaction, so (as Django's own test client does) don't.
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield httpx.WSGITransport(app=WSGIHandler())
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)

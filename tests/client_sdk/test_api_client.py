@@ -3,13 +3,9 @@ database transaction), and once over a real socket to a live server."""
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import httpx
 import pytest
-from django.core.handlers.wsgi import WSGIHandler
-from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
 
 from client_sdk.api import Client, Job
 from client_sdk.errors import (
@@ -25,17 +21,6 @@ from marketplace.accounts.services import api_key_create, user_create
 from marketplace.ledger.services import credit_grant, wallet_get_or_create
 
 
-@pytest.fixture
-def wsgi(db: None) -> Iterator[httpx.WSGITransport]:
-    # Django closes the database connection around each request; inside a test's transaction
-    # that would end the test's transaction, so (as Django's own test client does) don't.
-    request_started.disconnect(close_old_connections)
-    request_finished.disconnect(close_old_connections)
-    try:
-        yield httpx.WSGITransport(app=WSGIHandler())
-    finally:
-        request_started.connect(close_old_connections)
-        request_finished.connect(close_old_connections)
 
 
 def client_for(transport: httpx.BaseTransport, username: str, *, staff: bool = False, credits: int = 0,

@@ -5,13 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
-from django.core.handlers.wsgi import WSGIHandler
-from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
 from rest_framework.test import APIClient
 
 from client_sdk.api import Client
@@ -232,15 +229,6 @@ def test_receipts_of_closed_jobs_are_refused() -> None:
 # --- the SDK ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def wsgi(db: None) -> Iterator[httpx.WSGITransport]:
-    request_started.disconnect(close_old_connections)
-    request_finished.disconnect(close_old_connections)
-    try:
-        yield httpx.WSGITransport(app=WSGIHandler())
-    finally:
-        request_started.connect(close_old_connections)
-        request_finished.connect(close_old_connections)
 
 
 def sdk(transport: httpx.BaseTransport, user: User | None) -> Client:
