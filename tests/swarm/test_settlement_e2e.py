@@ -250,29 +250,24 @@ class Market:
     def __init__(self, providers: dict, client_user) -> None:
         self.providers, self.client_user = providers, client_user
 
-    def plan_when_created(self, segments: list[tuple[str, list[str]]]):
-        """Store a plan (names: primary, backups) for the client's next pending job, from another
-        thread, while the SDK waits for it."""
-        import threading
-
-        from django.db import connection
-
+    def plan(self, job_id: int, segments: list[tuple[str, list[str]]]) -> None:
+        """Store a plan (names: primary, backups per two-block segment) as the scheduler would."""
         from marketplace.jobs.models import Job
         from marketplace.jobs.services import SegmentSpec, job_plan_store
 
-        def plan() -> None:
-            try:
-                job = wait_for("the job", lambda: Job.objects.filter(user=self.client_user,
-                                                                     state=Job.State.PENDING).first())
-                job_plan_store(job=job, segments=[
-                    SegmentSpec(2 * i, 2 * i + 2, self.providers[primary], backups=[self.providers[b] for b in backups])
-                    for i, (primary, backups) in enumerate(segments)])
-            finally:
-                connection.close()
+        job_plan_store(job=Job.objects.get(pk=job_id), segments=[
+            SegmentSpec(2 * i, 2 * i + 2, self.providers[primary], backups=[self.providers[b] for b in backups])
+            for i, (primary, backups) in enumerate(segments)])
 
-        thread = threading.Thread(target=plan, daemon=True)
-        thread.start()
-        return thread
+    def start_job(self, client, model_id: str, segments: list[tuple[str, list[str]]], *, budget: int, **kwargs):
+        """A job created over REST with a fresh client key, planned, and opened by the SDK."""
+        from client_sdk.swarm.job import MarketJob
+
+        identity = Identity.generate()
+        row = client.jobs.create(model=model_id, kind="inference", budget=budget, max_price=2 * BACKUP_PRICE,
+                                 client_key=identity.public_key)
+        self.plan(row.id, segments)
+        return MarketJob.open(client, row.id, identity, plan_timeout=10, poll_interval=0.1, **kwargs)
 
     def earnings(self) -> dict[str, int]:
         from marketplace.ledger.models import Account
@@ -330,7 +325,7 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
     from client_sdk.api import Client
     from client_sdk.errors import RemoteError
     from client_sdk.models import compute_digests
-    from client_sdk.swarm.job import JobPlanError, MarketJob, wait_for_plan
+    from client_sdk.swarm.job import JobPlanError, wait_for_plan
     from marketplace.accounts.services import api_key_create
     from marketplace.jobs.models import Job
     from marketplace.ledger.selectors import ledger_verify
@@ -380,10 +375,8 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
 
             # (a) An honest job: receipts countersigned and uploaded, settlement pays cost(units) minus the fee.
             earnings, wallet = market.earnings(), market.wallet()
-            planner = market.plan_when_created([("p0", ["b0"]), ("p1", ["b1"])])
-            job = MarketJob.create(client, model=info.model_id, budget=10_000_000, max_price=2 * BACKUP_PRICE,
-                                   verify_rate=0.5, rng=random.Random(1), plan_timeout=60, poll_interval=0.1)
-            planner.join()
+            job = market.start_job(client, info.model_id, [("p0", ["b0"]), ("p1", ["b1"])], budget=10_000_000,
+                                   verify_rate=0.5, rng=random.Random(1))
             job.attach(model)
             assert [h.peer_id for h in model.route()] == [peers["p0"], peers["p1"]]
             assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS), expected)
@@ -405,10 +398,8 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
 
             # (b) A cheater: caught by shadow verification, the audit finds it cheated, it is not paid.
             earnings, wallet = market.earnings(), market.wallet()
-            planner = market.plan_when_created([("c0", ["b0"]), ("p1", ["b1"])])
-            job = MarketJob.create(client, model=info.model_id, budget=10_000_000, max_price=2 * BACKUP_PRICE,
-                                   verify_rate=0.5, rng=random.Random(7), plan_timeout=60, poll_interval=0.1)
-            planner.join()
+            job = market.start_job(client, info.model_id, [("c0", ["b0"]), ("p1", ["b1"])], budget=10_000_000,
+                                   verify_rate=0.5, rng=random.Random(7))
             job.attach(model)
             with model.inference_session(prompt.shape[1] + NEW_TOKENS) as session:
                 model.generate(prompt, max_new_tokens=NEW_TOKENS, session=session)
@@ -441,10 +432,8 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
             wallet = market.wallet()
             max_units = 2 * (prompt.shape[1] + 3)  # the prompt and three more tokens through 2 blocks
             budget = max_units * PRIMARY_PRICE // 1_000_000
-            planner = market.plan_when_created([("p0", ["b0"]), ("p1", ["b1"])])
-            job = MarketJob.create(client, model=info.model_id, budget=budget, max_price=2 * BACKUP_PRICE,
-                                   verify_rate=0.0, upload_receipts=False, plan_timeout=60, poll_interval=0.1)
-            planner.join()
+            job = market.start_job(client, info.model_id, [("p0", ["b0"]), ("p1", ["b1"])], budget=budget,
+                                   verify_rate=0.0, upload_receipts=False)
             job.attach(model)
             with pytest.raises(RemoteError) as exhausted:
                 model.generate(prompt, max_new_tokens=NEW_TOKENS)
