@@ -116,7 +116,8 @@ class FakeJobs:
                 for i, e in enumerate(ENTRIES)]
 
     def get(self, job_id: int) -> SimpleNamespace:
-        return SimpleNamespace(id=job_id, state=self.states.pop(0) if len(self.states) > 1 else self.states[0])
+        return SimpleNamespace(id=job_id, state=self.states.pop(0) if len(self.states) > 1 else self.states[0],
+                               client_key=CLIENT.public_key.hex())
 
 
 def test_tickets_about_to_expire_are_renewed() -> None:
@@ -181,3 +182,21 @@ def test_when_every_planned_provider_of_a_segment_failed_the_job_is_replanned() 
     job.auto_replan = False
     with pytest.raises(PlanExhaustedError):
         asyncio.run(job.find_route(0, 4, frozenset({PEERS[2]})))
+
+
+def test_create_sends_the_client_key_waits_for_the_plan_and_verifies_its_tickets() -> None:
+    jobs = FakeJobs(["pending", "planned"])
+    created = {}
+    jobs.create = lambda **body: created.update(body) or SimpleNamespace(id=JOB, state="pending")
+    jobs.tickets = lambda job_id: ENTRIES
+    client = SimpleNamespace(jobs=jobs, platform=SimpleNamespace(get=lambda: SimpleNamespace(
+        public_key_bytes=PLATFORM.public_key)))
+    job = MarketJob.create(client, model=MODEL, budget=1000, max_price=10, identity=CLIENT, poll_interval=0,
+                           verify_rate=0.0)
+    assert created["client_key"] == CLIENT.public_key and created["model"] == MODEL
+    assert job.job_id == JOB and [c[0].peer_id for c in job.plan.segments] == [PEERS[0], PEERS[1]]
+    forged = SimpleNamespace(public_key_bytes=Identity.generate().public_key)
+    client.platform = SimpleNamespace(get=lambda: forged)
+    jobs.states = ["planned"]
+    with pytest.raises(TicketError):  # tickets not signed by the platform key the marketplace states
+        MarketJob.create(client, model=MODEL, budget=1000, max_price=10, identity=CLIENT, verify_rate=0.0)
