@@ -112,16 +112,20 @@ class JobPlan:
         this client key, the provider and blocks the entry names) and build the plan."""
         providers = []
         for entry in entries:
-            peer, start, end = _field(entry, "provider_peer"), _field(entry, "start"), _field(entry, "end")
-            ticket = verify_ticket(_field(entry, "ticket"), platform_key=platform_key, provider_peer=peer,
+            try:
+                fields = {name: _field(entry, name) for name in ("segment", "role", "rank", "provider_peer", "start",
+                                                                  "end", "ticket")}
+            except (KeyError, AttributeError, TypeError) as e:
+                raise ProtocolError(f"the marketplace sent a malformed ticket entry (missing {e})") from None
+            ticket = verify_ticket(fields["ticket"], platform_key=platform_key, provider_peer=fields["provider_peer"],
                                    model_id=model_id, now=now)
+            start, end, role, rank, segment = (fields[k] for k in ("start", "end", "role", "rank", "segment"))
             if (ticket.job_id, ticket.client_key, ticket.start, ticket.end) != (job_id, client_key, start, end):
                 raise ProtocolError(f"ticket {ticket.ticket_id} is not for job {job_id}'s key and blocks {start}:{end}")
-            role, rank = _field(entry, "role"), _field(entry, "rank")
-            if role not in ("primary", "backup") or type(rank) is not int:
-                raise ProtocolError(f"ticket {ticket.ticket_id}: bad role {role!r} or rank {rank!r}")
+            if role not in ("primary", "backup") or type(rank) is not int or type(segment) is not int or segment < 0:
+                raise ProtocolError(f"ticket {ticket.ticket_id}: bad segment {segment!r}, role {role!r} or rank {rank!r}")
             provider_id = entry.get("provider") if isinstance(entry, Mapping) else getattr(entry, "provider", None)
-            providers.append(PlannedProvider(int(_field(entry, "segment")), role, rank, peer, start, end, ticket,
+            providers.append(PlannedProvider(segment, role, rank, ticket.provider_peer, start, end, ticket,
                                              provider_id if type(provider_id) is int else None))
         return cls(providers)
 

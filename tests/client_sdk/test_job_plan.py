@@ -87,6 +87,8 @@ def test_tickets_and_references() -> None:
     (entry(0, "primary", 0, PEERS[0], 0, 2, client_key=Identity.generate().public_key.hex()), ProtocolError),
     ({**entry(0, "primary", 0, PEERS[0], 0, 2), "provider_peer": PEERS[1]}, TicketError),
     ({**entry(0, "primary", 0, PEERS[0], 0, 2), "end": 3}, ProtocolError),
+    ({**entry(0, "primary", 0, PEERS[0], 0, 2), "segment": "0"}, ProtocolError),
+    ({k: v for k, v in entry(0, "primary", 0, PEERS[0], 0, 2).items() if k != "role"}, ProtocolError),
     (entry(0, "primary", 0, PEERS[0], 0, 2, model_id="other-model"), TicketError),
 ])
 def test_tickets_that_do_not_fit_the_job_are_refused(bad: dict, error: type) -> None:

@@ -10,7 +10,6 @@ import pytest
 from client_sdk.api import Client
 from client_sdk.swarm.job import JobPlanError, MarketJob
 from marketplace.accounts.services import api_key_create
-from tests.client_sdk.test_api_client import wsgi  # noqa: F401  (fixture)
 from tests.marketplace.settlement import planned_job, platform_key_file
 
 
@@ -24,7 +23,7 @@ def client_of(user, transport: httpx.BaseTransport) -> Client:
                   max_retries=0)
 
 
-def test_a_job_is_opened_from_its_tickets_replanned_and_finished(wsgi, platform_key) -> None:  # noqa: F811
+def test_a_job_is_opened_from_its_tickets_replanned_and_finished(wsgi, platform_key) -> None:
     planned = planned_job(segments=2, backups=1)
     client = client_of(planned.client, wsgi)
     job = MarketJob.open(client, planned.job.pk, planned.client_identity, verify_rate=0.0)
@@ -42,7 +41,7 @@ def test_a_job_is_opened_from_its_tickets_replanned_and_finished(wsgi, platform_
     assert summary["state"] == "settling" and summary["receipts"]["countersigned"] == 0
 
 
-def test_a_job_of_another_client_key_is_refused(wsgi, platform_key) -> None:  # noqa: F811
+def test_a_job_of_another_client_key_is_refused(wsgi, platform_key) -> None:
     from client_sdk.protocol.identity import Identity
 
     planned = planned_job()
@@ -50,7 +49,7 @@ def test_a_job_of_another_client_key_is_refused(wsgi, platform_key) -> None:  # 
         MarketJob.open(client_of(planned.client, wsgi), planned.job.pk, Identity.generate())
 
 
-def test_replanning_with_nobody_left_says_so(wsgi, platform_key) -> None:  # noqa: F811
+def test_replanning_with_nobody_left_says_so(wsgi, platform_key) -> None:
     planned = planned_job(backups=0)
     job = MarketJob.open(client_of(planned.client, wsgi), planned.job.pk, planned.client_identity, verify_rate=0.0)
     with pytest.raises(JobPlanError, match="cannot be re-planned"):
