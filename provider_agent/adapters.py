@@ -15,6 +15,8 @@ adapters may run at the same time and must not see each other's weights.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -84,6 +86,22 @@ class AdaptableLinear(torch.nn.Module):
             return out
         a, b = pair
         return out + F.linear(F.linear(x.to(a.dtype), a), b) * lora.scaling
+
+
+def adaptable_copies(layers: list[torch.nn.Module], first_block: int, targets: list[str]) -> list[torch.nn.Module]:
+    """Copies of ``layers`` that share every parameter and buffer with them (no weight is
+    duplicated) and have their ``targets`` wrapped in :class:`AdaptableLinear`.
+
+    Requests with an adapter run these; all others run the originals, so inference pays
+    nothing for adapters (a wrapped layer costs an extra module call, 56 per token over 8
+    blocks, which is a measurable share of a small span's step on a CPU).
+    """
+    copies = []
+    for layer in layers:
+        shared = {id(t): t for t in itertools.chain(layer.parameters(), layer.buffers())}
+        copies.append(copy.deepcopy(layer, shared))
+    install_adapter_slots(copies, first_block, targets)
+    return copies
 
 
 def install_adapter_slots(layers: list[torch.nn.Module], first_block: int, targets: list[str]) -> None:

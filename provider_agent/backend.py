@@ -20,7 +20,7 @@ import torch
 
 from client_sdk.finetune.lora import TARGET_MODULES, LoraSpec, target_shapes
 from client_sdk.models import ModelInfo, load_blocks, load_config, load_model_info, make_rotary_embedding
-from provider_agent.adapters import ActiveLora, active_lora, install_adapter_slots
+from provider_agent.adapters import ActiveLora, active_lora, adaptable_copies
 
 __all__ = ["SpanBackend", "SpanKVCache", "LoraWeights", "SpanGrads", "KeptGraph", "KeptGraphs"]
 
@@ -173,7 +173,7 @@ class SpanBackend:
         self.layers = load_blocks(model_path, start, end, dtype=dtype, device=self.device)
         self.dtype: torch.dtype = next(self.layers[0].parameters()).dtype
         self.lora_shapes = target_shapes(load_config(model_path))
-        install_adapter_slots(self.layers, start, list(TARGET_MODULES))
+        self.adaptable_layers = adaptable_copies(self.layers, start, list(TARGET_MODULES))
         self._weight_storages = {p.untyped_storage().data_ptr() for layer in self.layers for p in layer.parameters()}
         self.rotary = make_rotary_embedding(self.layers[0].self_attn.config, device=self.device)
         self._rope_table = self._build_rope_table(self.layers[0].self_attn.config)
@@ -202,8 +202,10 @@ class SpanBackend:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def layers_for(self, start: int, end: int) -> list[torch.nn.Module]:
-        return self.layers[start - self.start : end - self.start]
+    def layers_for(self, start: int, end: int, *, adaptable: bool = False) -> list[torch.nn.Module]:
+        """Blocks ``[start, end)``; with ``adaptable``, the copies that apply the active adapter."""
+        layers = self.adaptable_layers if adaptable else self.layers
+        return layers[start - self.start : end - self.start]
 
     def cache_bytes(self, *, num_layers: int, batch_size: int, max_length: int) -> int:
         return SpanKVCache.bytes_needed(num_layers=num_layers, batch_size=batch_size, max_length=max_length,
@@ -262,7 +264,8 @@ class SpanBackend:
         deep ``prompts`` of those blocks and the ``lora`` adapter if given."""
         prompts = None if prompts is None else prompts.to(self.device, self.dtype)
         with active_lora(self._active(lora)):
-            return self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), 0, None, prompts)
+            return self._run(self.layers_for(start, end, adaptable=lora is not None),
+                             hidden.to(self.device, self.dtype), 0, None, prompts)
 
     def graph(self, hidden: torch.Tensor, start: int, end: int, *, prompts: torch.Tensor | None = None,
               lora: LoraWeights | None = None, lora_grads: bool = False) -> KeptGraph:
@@ -283,7 +286,8 @@ class SpanBackend:
             if lora is not None:
                 weights = lora.weights.detach().requires_grad_(lora_grads)
             with active_lora(self._active(lora, weights)):
-                outputs = self._run(self.layers_for(start, end), inputs, 0, None, prompt_leaf)
+                outputs = self._run(self.layers_for(start, end, adaptable=lora is not None), inputs, 0, None,
+                                    prompt_leaf)
         return KeptGraph(start, end, inputs, prompt_leaf, weights, lora is not None and lora_grads, outputs, saved)
 
     @staticmethod
