@@ -1,8 +1,10 @@
 """``hivemart bench inference``: local ``transformers`` generation versus the swarm's.
 
 Creates a model, starts a bootstrap node and providers on loopback, and times greedy
-generation of the same tokens locally (after a warm-up) and through the swarm, in push
-mode (the default) and in round-trip mode. Medians over ``repeats`` runs.
+generation of the same tokens locally and through the swarm, in push mode (the default)
+and in round-trip mode, after a warm-up of each. The three are timed in turn, round after
+round, so that the machine's drifting load hits all of them alike; medians over
+``repeats`` rounds.
 """
 
 from __future__ import annotations
@@ -34,16 +36,13 @@ def split_blocks(layers: int, providers: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _median_ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int, repeats: int,
-                         sync: Callable[[], None]) -> tuple[float, torch.Tensor]:
-    times, tokens = [], None
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        tokens = fn()
-        sync()
-        times.append((time.perf_counter() - started) * 1000 / new_tokens)
-    return statistics.median(times), tokens
+def _ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int,
+                  sync: Callable[[], None]) -> tuple[float, torch.Tensor]:
+    sync()
+    started = time.perf_counter()
+    tokens = fn()
+    sync()
+    return (time.perf_counter() - started) * 1000 / new_tokens, tokens
 
 
 def _in_workdir(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -70,7 +69,6 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
     prompt = load_tokenizer(model_path)(PROMPT, return_tensors="pt").input_ids
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
 
-    progress("timing local transformers generate")
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     local_prompt = prompt.to(device)
 
@@ -79,9 +77,6 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
             return local.generate(local_prompt, max_new_tokens=new_tokens, do_sample=False,
                                   eos_token_id=None, pad_token_id=0).cpu()
 
-    local_generate()  # warm-up
-    local_ms, local_tokens = _median_ms_per_token(local_generate, new_tokens, repeats, sync)
-
     spans = split_blocks(layers, providers)
     progress(f"starting {providers} providers on loopback: {spans}")
     with LocalSwarm(workdir=workdir / "swarm") as swarm:
@@ -89,19 +84,25 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
         swarm.start_agents(model_path, spans, torch_threads=provider_threads,
                            extra_args=["--device", device, "--dtype", dtype])
         with SwarmRuntime(swarm.initial_peers) as runtime:
-            results: dict[str, float] = {}
-            swarm_tokens = {}
+            runs: dict[str, Callable[[], torch.Tensor]] = {"local": local_generate}
             for mode, push in (("push", True), ("round_trip", False)):
-                progress(f"timing swarm generation ({mode})")
                 model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime, push=push,
                                                                     dtype=torch_dtype, device=device)
-
-                def swarm_generate() -> torch.Tensor:
-                    return model.generate(prompt, max_new_tokens=new_tokens)
-
-                swarm_generate()  # warm-up: connections, caches
-                results[mode], swarm_tokens[mode] = _median_ms_per_token(swarm_generate, new_tokens, repeats,
-                                                                         lambda: None)
+                runs[mode] = functools.partial(model.generate, prompt, max_new_tokens=new_tokens)
+            for run in runs.values():
+                run()  # warm-up: caches, connections
+            # Interleaved, so that the machine's drifting load hits local and swarm runs alike.
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            tokens: dict[str, torch.Tensor] = {}
+            for repeat in range(repeats):
+                progress(f"timing round {repeat + 1}/{repeats}: local, swarm (push), swarm (round trip)")
+                for name, run in runs.items():
+                    ms, tokens[name] = _ms_per_token(run, new_tokens, sync if name == "local" else lambda: None)
+                    times[name].append(ms)
+    local_ms = statistics.median(times["local"])
+    local_tokens = tokens["local"]
+    results = {name: statistics.median(values) for name, values in times.items()}
+    swarm_tokens = {name: tokens[name] for name in ("push", "round_trip")}
     swarm_ms = results["push"]
     exact = all(torch.equal(t, local_tokens) for t in swarm_tokens.values())
     return {
