@@ -6,9 +6,12 @@ Implementations live beside the code they measure and are imported only when run
 
 from __future__ import annotations
 
-from client_sdk.cli._root import cli
+import contextlib
+from typing import Iterator
 
 import click
+
+from client_sdk.cli._root import cli
 
 
 @cli.group()
@@ -59,7 +62,8 @@ def ledger(captures: int, workers: int, as_json: bool) -> None:
     """Concurrent hold captures against the configured database (DATABASE_URL; migrated first)."""
     from marketplace.bench import run_ledger_bench
 
-    result = run_ledger_bench(captures=captures, workers=workers, progress=lambda msg: click.echo(msg, err=True))
+    with _database_errors():
+        result = run_ledger_bench(captures=captures, workers=workers, progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
 
 
@@ -75,9 +79,23 @@ def settle(receipts: int, jobs: int, workers: int, as_json: bool) -> None:
     (DATABASE_URL; migrated first)."""
     from marketplace.receipts.bench import run_settle_bench
 
-    result = run_settle_bench(receipts=receipts, jobs=jobs, workers=workers,
-                              progress=lambda msg: click.echo(msg, err=True))
+    with _database_errors():
+        result = run_settle_bench(receipts=receipts, jobs=jobs, workers=workers,
+                                  progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
+
+
+@contextlib.contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database that cannot be reached is the operator's to fix: say so in one line."""
+    from django.db.utils import OperationalError
+
+    try:
+        yield
+    except OperationalError as e:
+        raise click.ClickException(f"cannot use the database at DATABASE_URL: {str(e).strip()}\n"
+                                   f"Create it (for PostgreSQL: createdb NAME) or point DATABASE_URL elsewhere; "
+                                   f"unset, the benchmark uses SQLite under $HIVEMART_HOME.") from e
 
 
 @bench.command()

@@ -40,3 +40,18 @@ def test_settle_bench_on_sqlite(tmp_path: Path) -> None:
 def test_settle_bench_on_postgres(tmp_path: Path) -> None:
     out = run_bench({"DATABASE_URL": child_database_url(), "HIVEMART_HOME": str(tmp_path)})
     assert (out["database"], out["receipts"], out["consistent"]) == ("postgresql", 90, True)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_a_missing_database_is_one_line_that_says_what_to_do() -> None:
+    from django.db import connection
+
+    settings = connection.settings_dict
+    url = f"postgres://{settings['USER']}@{settings['HOST'] or '127.0.0.1'}:{settings['PORT'] or 5432}/no_such_db_x"
+    result = subprocess.run(
+        [sys.executable, "-c", "from client_sdk.cli import main; main()", "bench", "settle", "--receipts", "1",
+         "--jobs", "1"], cwd=REPO, env={**os.environ, "DATABASE_URL": url}, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 1
+    assert "createdb" in result.stderr and "Traceback" not in result.stderr
