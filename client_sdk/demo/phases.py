@@ -154,7 +154,21 @@ class Demo:
               f"{summary['verification']['checked']} steps shadow-verified, "
               f"{summary['verification']['mismatches']} mismatches")
         self.results.update(tokens=o.new_tokens, tokens_per_s=round(o.new_tokens / elapsed, 2),
-                            failover_ok=failover_ok, exact_match=exact, inference_job=summary)
+                            failover_ok=failover_ok, exact_match=exact, inference_job=summary, killed=killed)
+
+    def _wait_offline_after_kill(self) -> None:
+        """The marketplace should know the killed provider is gone before it plans the next
+        job (its heartbeats stopped; the scheduler's sweep marks it offline)."""
+        killed = self.results.get("killed")
+        if not killed:
+            return
+
+        def offline() -> bool:
+            offers = self.operator.models.offers(self.state.model_id)
+            return all(x.peer_id != killed["peer_id"] or x.state != "online" for x in offers)
+
+        _wait(f"the marketplace to mark {killed['name']} offline", offline, timeout=60)
+        self.say(f"      the marketplace marked {killed['name']} offline (no heartbeat); it is out of new plans")
 
     def _kill_first_hop(self, session: Any) -> dict[str, Any]:
         first = session.chain.route[0]
@@ -185,6 +199,7 @@ class Demo:
 
         o = self.options
         o.say(f"[{phase}/9] fine-tuning job: {o.finetune_steps} LoRA steps through the swarm")
+        self._wait_offline_after_kill()
         model = self._open_model()
         job = MarketJob.create(self.client, model=self.state.model_id, kind="finetune", budget=20 * 1_000_000,
                                max_price=2_000_000, verify_rate=0.0)

@@ -21,6 +21,7 @@ on exit, Ctrl-C and SIGTERM included.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -107,6 +108,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from client_sdk.swarm.local import LocalSwarm
 
     _sigterm_as_interrupt()
+    # Show every failover the client makes: resilience is part of what the demo shows.
+    for name in ("client_sdk.swarm.remote", "client_sdk.swarm.job"):
+        logging.getLogger(name).setLevel(logging.INFO)
     options.home.mkdir(parents=True, exist_ok=True)
     state = DemoState()
     started = time.monotonic()
@@ -149,7 +153,10 @@ def _market_env() -> dict[str, str]:
     """Scheduler knobs for a demo that should settle in seconds rather than minutes."""
     # The demo's web site is plain HTTP on loopback: cookies marked Secure would not stick in
     # every browser there.
-    return {"HIVEMART_SECURE_COOKIES": "false", "HIVEMART_SETTLE_INTERVAL_S": "2", "HIVEMART_SETTLE_GRACE_S": "2", "HIVEMART_MATCH_ON_CREATE": "true",
+    # Agents heartbeat every 2 s here, so a provider silent for 6 s is gone: the one the
+    # inference job kills is offline (and out of later plans) within seconds.
+    return {"HIVEMART_SECURE_COOKIES": "false", "HIVEMART_HEARTBEAT_TIMEOUT_S": "6",
+            "HIVEMART_HOUSEKEEPING_INTERVAL_S": "2", "HIVEMART_SETTLE_INTERVAL_S": "2", "HIVEMART_SETTLE_GRACE_S": "2", "HIVEMART_MATCH_ON_CREATE": "true",
             "HIVEMART_SETTLE_ON_UPLOAD": "true"}
 
 
