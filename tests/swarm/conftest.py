@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
@@ -41,3 +42,17 @@ def two_provider_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
 def runtime2(two_provider_swarm: LocalSwarm) -> Iterator[SwarmRuntime]:
     with SwarmRuntime(two_provider_swarm.initial_peers) as runtime:
         yield runtime
+
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
+    """Poll ``probe`` until it returns something truthy (a deadline on an event, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import pytest
 import torch
@@ -24,22 +22,13 @@ from client_sdk.protocol.rpc import RPC_FORWARD, SpanRequest
 from client_sdk.protocol.tickets import JobTicket
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
 from client_sdk.swarm.runtime import SwarmRuntime
+from tests.swarm.conftest import wait_for
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
-T = TypeVar("T")
 HIDDEN = 64
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    """Poll ``probe`` until it returns something truthy (a deadline on an event, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ticketed_forward(runtime: SwarmRuntime, agent: AgentProcess, ticket: JobTicket | None, session_id: str,

@@ -25,6 +25,7 @@ from client_sdk.swarm.job import JobPlan, SwarmJob
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.runtime import SwarmRuntime
 from tests.swarm.cheating_agent import CheatingSwarm
+from tests.swarm.conftest import wait_for
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -239,15 +240,6 @@ PRIMARY_PRICE = 1_000_000_000  # micro-credits per million units: 1000 per unit,
 BACKUP_PRICE = 1_500_000_000
 
 
-def wait_for(what: str, probe, timeout: float = 60.0):
-    """Poll ``probe`` until it returns something truthy (a deadline on an event, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Market:
