@@ -6,6 +6,7 @@ is given, so that stdout carries only the JSON summary as its last line.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _data_dir(path: Path | None) -> Path:
 def demo(data_dir: Path | None, new_tokens: int, finetune_steps: int, keep: bool, as_json: bool) -> None:
     """Run the marketplace, scheduler, a swarm of providers, a paid inference job with a failover, a LoRA
     fine-tuning job and settlement, all on this machine; then print what happened."""
-    from client_sdk.demo.scenario import DemoError, DemoOptions, dumps, run_demo
+    from client_sdk.demo.scenario import DemoError, DemoOptions, run_demo
     from client_sdk.errors import HivemartError
 
     out = sys.stderr if as_json else sys.stdout
@@ -46,7 +47,7 @@ def demo(data_dir: Path | None, new_tokens: int, finetune_steps: int, keep: bool
 
     def emit_summary(summary: dict) -> None:
         if as_json:
-            click.echo(dumps(summary))
+            click.echo(json.dumps(summary))
             sys.stdout.flush()
 
     options = DemoOptions(home=_data_dir(data_dir), new_tokens=new_tokens, kill_at=max(2, new_tokens // 3),

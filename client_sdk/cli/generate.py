@@ -67,6 +67,7 @@ def generate(prompt: str, model_path: Path, initial_peers: tuple[str, ...], max_
     finally:
         if job is not None:
             job.detach()
+            job.client.close()
         model.close()
     new = tokens[0, input_ids.shape[1]:]
     if as_json:

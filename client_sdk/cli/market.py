@@ -23,9 +23,7 @@ from client_sdk.cli._root import cli
 from client_sdk.errors import (
     APIConnectionError, APIError, AuthenticationError, InsufficientCreditsError, NotFoundError, PermissionDeniedError,
 )
-
-CREDITS = 1_000_000  # micro-credits per credit
-
+from client_sdk.money import format_credits
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -37,13 +35,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
-
-
-def credits(micro: int) -> str:
-    """Micro-credits as a decimal number of credits, exactly (no float rounding)."""
-    sign = "-" if micro < 0 else ""
-    whole, frac = divmod(abs(micro), CREDITS)
-    return f"{sign}{whole}.{frac:06d}"
 
 
 def _hint(error: APIError, config: CliConfig) -> str:
@@ -151,7 +142,7 @@ def whoami(client: Client, config: CliConfig) -> Output:
     """Show the account of the current API key."""
     me = client.accounts.me()
     return Output(me, f"{me.username} at {config.base_url}{' (staff)' if me.is_staff else ''}; "
-                      f"balance {credits(me.wallet_balance)} credits")
+                      f"balance {format_credits(me.wallet_balance)} credits")
 
 
 @cli.command()
@@ -162,9 +153,9 @@ def balance(client: Client, config: CliConfig, postings: int) -> Output:
     me = client.accounts.me()
     wallet = next((a for a in client.ledger.accounts(page_size=100).items if a.kind == "wallet"), None)
     entries = client.ledger.postings(account=wallet.id, page_size=postings).items if wallet and postings else []
-    text = f"{credits(me.wallet_balance)} credits ({me.wallet_balance} micro-credits)"
+    text = f"{format_credits(me.wallet_balance)} credits ({me.wallet_balance} micro-credits)"
     if entries:
-        text += "\n\n" + table(((p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.kind, credits(p.amount),
+        text += "\n\n" + table(((p.created_at.strftime("%Y-%m-%d %H:%M:%S"), p.kind, format_credits(p.amount),
                                  p.memo) for p in entries), ("when", "kind", "credits", "memo"))
     return Output({"balance": me.wallet_balance, "postings": entries}, text)
 
@@ -289,8 +280,8 @@ def jobs() -> None:
 
 
 def _job_row(job: Any) -> tuple:
-    held = credits(job.hold.amount) if job.hold else ""
-    return job.id, job.kind, job.model, job.state, credits(job.budget), held, job.created_at.strftime("%Y-%m-%d %H:%M")
+    held = format_credits(job.hold.amount) if job.hold else ""
+    return job.id, job.kind, job.model, job.state, format_credits(job.budget), held, job.created_at.strftime("%Y-%m-%d %H:%M")
 
 
 _JOB_HEADERS = ("id", "kind", "model", "state", "budget", "held", "created")
@@ -333,7 +324,7 @@ def jobs_show(client: Client, config: CliConfig, job_id: int) -> Output:
 def jobs_create(client: Client, config: CliConfig, model_id: str, kind: str, budget: int, max_price: int) -> Output:
     """Create a job and hold its budget."""
     job = client.jobs.create(model=model_id, kind=kind, budget=budget, max_price=max_price)
-    return Output(job, f"job {job.id} created ({job.state}); {credits(budget)} credits held")
+    return Output(job, f"job {job.id} created ({job.state}); {format_credits(budget)} credits held")
 
 
 @jobs.command("cancel")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import signal
 import time
 from typing import TYPE_CHECKING, Any
 
 from client_sdk.api import Client
 from client_sdk.errors import HivemartError
+from client_sdk.money import MICRO_PER_CREDIT, format_credits
 
 if TYPE_CHECKING:
     import torch
@@ -18,14 +20,26 @@ if TYPE_CHECKING:
     from client_sdk.demo.stack import LocalMarket
     from client_sdk.swarm.local import LocalSwarm
 
-from client_sdk.demo.scenario import CLIENT_GRANT, DEMO_PROMPT, FINETUNE_TEXTS, SPANS, DemoError, new_password
+DEMO_PROMPT = "Providers serve the blocks of a model and clients pay for"
+# What the fine-tuning job memorises: short enough to learn in a few dozen steps.
+FINETUNE_TEXTS = [
+    "Hivemart pays providers for verified work, one receipt at a time.",
+    "Clients keep the embeddings and the head; providers serve the blocks.",
+    "A backup takes over when a provider fails, and the tokens stay the same.",
+    "Credits move from the hold to the provider only for receipted work.",
+]
+CLIENT_GRANT = 50 * MICRO_PER_CREDIT
+# Two providers split the model; the third, dearer, holds the first half again and is the plan's
+# backup for it: the one the client fails over to when the first hop is killed.
+SPANS = {"provider-a": ((0, 3), 1_000_000), "provider-b": ((3, 6), 1_000_000), "provider-c": ((0, 3), 1_200_000)}
 
-PLATFORM_FEE_NOTE = "platform fee"
+
+class DemoError(Exception):
+    """A phase of the demo failed; the message says which and where its logs are."""
 
 
-def _credits(micro: int) -> str:
-    whole, frac = divmod(abs(micro), 1_000_000)
-    return f"{'-' if micro < 0 else ''}{whole}.{frac:06d}"
+def new_password() -> str:
+    return secrets.token_urlsafe(12)
 
 
 def _wait(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
@@ -81,7 +95,7 @@ class Demo:
             agent = self.swarm.start_agent(self.state.model_path, start, end, name=name,
                                            extra_args=[*common, "--price", str(price)])
             o.say(f"      {name} ({agent.peer_id[-8:]}) serves blocks {start}:{end} at "
-                  f"{_credits(price)} credits per million work units")
+                  f"{format_credits(price)} credits per million work units")
 
         def online() -> bool:
             offers = self.operator.models.offers(self.state.model_id)
@@ -98,7 +112,7 @@ class Demo:
         anonymous.close()
         self.client = Client(api_key=signup.api_key.key, base_url=self.market.url)
         self.operator.ledger.grant(username=self.username, amount=CLIENT_GRANT, memo="demo credits")
-        self.options.say(f"[{phase}/9] client {self.username} signed up and received {_credits(CLIENT_GRANT)} credits")
+        self.options.say(f"[{phase}/9] client {self.username} signed up and received {format_credits(CLIENT_GRANT)} credits")
         self.results["client_start_balance"] = self.client.accounts.me().wallet_balance
         self.results["books_before"] = self._books()
 
@@ -259,9 +273,9 @@ class Demo:
             f"fine-tuning           loss {s['finetune_loss_drop']:.0%} lower",
             f"receipts settled      {s['receipts']}; {s['steps_verified']} steps shadow-verified; "
             f"{s['audits']} audits {s['audit_verdicts'] or ''}",
-            f"client spent          {_credits(s['client_spent'])} credits",
-            f"providers earned      {_credits(s['providers_earned'])} credits",
-            f"platform fees         {_credits(s['fees'])} credits",
+            f"client spent          {format_credits(s['client_spent'])} credits",
+            f"providers earned      {format_credits(s['providers_earned'])} credits",
+            f"platform fees         {format_credits(s['fees'])} credits",
             f"ledger balanced       {s['ledger_balanced']}",
             f"web                   {s['web']}  (log in as {self.username} / {self.password})",
             f"took                  {s['seconds']} s",

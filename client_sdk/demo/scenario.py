@@ -20,38 +20,19 @@ on exit, Ctrl-C and SIGTERM included.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import secrets
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from client_sdk.demo.phases import Demo, DemoError
 from client_sdk.demo.stack import LocalMarket
 
 __all__ = ["DemoOptions", "DemoError", "run_demo"]
-
-DEMO_PROMPT = "Providers serve the blocks of a model and clients pay for"
-# What the fine-tuning job memorises: short enough to learn in a dozen steps.
-FINETUNE_TEXTS = [
-    "Hivemart pays providers for verified work, one receipt at a time.",
-    "Clients keep the embeddings and the head; providers serve the blocks.",
-    "A backup takes over when a provider fails, and the tokens stay the same.",
-    "Credits move from the hold to the provider only for receipted work.",
-]
-CREDIT = 1_000_000
-CLIENT_GRANT = 50 * CREDIT
-# Two providers split the model; the third, dearer, holds the first half again and is the plan's
-# backup for it: the one the client fails over to when the first hop is killed.
-SPANS = {"provider-a": ((0, 3), 1_000_000), "provider-b": ((3, 6), 1_000_000), "provider-c": ((0, 3), 1_200_000)}
-
-
-class DemoError(Exception):
-    """A phase of the demo failed; the message says which and where its logs are."""
 
 
 @dataclass
@@ -72,7 +53,6 @@ class DemoOptions:
 class DemoState:
     model_path: Path | None = None
     model_id: str = ""
-    results: dict[str, Any] = field(default_factory=dict)
 
 
 def _phase(options: DemoOptions, number: int, text: str) -> None:
@@ -131,8 +111,6 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         swarm.start_bootstrap()
         market.start_scheduler()
 
-        from client_sdk.demo.phases import Demo
-
         demo = Demo(options, state, market, swarm, operator_key=operator_key, provider_key=provider_key)
         stack.callback(demo.close)
         demo.start_providers(phase=4)
@@ -160,9 +138,3 @@ def _market_env() -> dict[str, str]:
             "HIVEMART_SETTLE_ON_UPLOAD": "true"}
 
 
-def new_password() -> str:
-    return secrets.token_urlsafe(12)
-
-
-def dumps(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=False)

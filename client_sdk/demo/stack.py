@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Sequence
 import httpx
 
 from client_sdk.errors import HivemartError
+from client_sdk.processes import stop_processes
 from client_sdk.swarm.p2p import die_with_parent
 
 __all__ = ["LocalMarket", "MarketProcess", "StackError", "free_port"]
@@ -161,16 +161,7 @@ class LocalMarket:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every process, newest first; SIGKILL what is still running after ``grace``."""
-        running = [p for p in reversed(self.processes) if p.process.poll() is None]
-        for entry in running:
-            entry.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for entry in running:
-            try:
-                entry.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                entry.process.kill()
-                entry.process.wait()
+        stop_processes([entry.process for entry in reversed(self.processes)], grace=grace)
 
     def __enter__(self) -> "LocalMarket":
         return self

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from client_sdk.errors import SwarmError
+from client_sdk.processes import stop_processes
 from client_sdk.swarm.p2p import die_with_parent
 
 __all__ = ["LocalSwarm", "AgentProcess"]
@@ -149,18 +150,10 @@ class LocalSwarm:
 
     def stop(self) -> None:
         """Stop every process this swarm started (agents first, then the bootstrap node)."""
-        processes = [a for a in self.agents if a.process.poll() is None]
-        if self.bootstrap is not None and self.bootstrap.process.poll() is None:
-            processes.append(self.bootstrap)
-        for agent in processes:
-            agent.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for agent in processes:
-            try:
-                agent.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                agent.process.kill()
-                agent.process.wait()
+        processes = [a.process for a in self.agents]
+        if self.bootstrap is not None:
+            processes.append(self.bootstrap.process)
+        stop_processes(processes)
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from client_sdk.cli import cli
-from client_sdk.cli.market import credits
+from client_sdk.money import format_credits
 from marketplace.accounts.services import api_key_create, user_create
 from marketplace.ledger.services import credit_grant, wallet_get_or_create
 
@@ -30,9 +30,9 @@ def run(runner: CliRunner, *args: str, ok: bool = True) -> str:
 
 
 def test_credits_are_formatted_exactly() -> None:
-    assert credits(1_500_000) == "1.500000"
-    assert credits(7) == "0.000007"
-    assert credits(-2_000_001) == "-2.000001"
+    assert format_credits(1_500_000) == "1.500000"
+    assert format_credits(7) == "0.000007"
+    assert format_credits(-2_000_001) == "-2.000001"
 
 
 def test_login_keys_jobs_and_balance(runner: CliRunner, live_server, tmp_path: Path) -> None:
