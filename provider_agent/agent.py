@@ -26,6 +26,7 @@ from provider_agent.config import AgentConfig
 from provider_agent.market import MarketLink, Offer, hardware
 from provider_agent.metering import TicketBook
 from provider_agent.server import ProviderServer
+from provider_agent.threads import auto_threads
 from scheduler.placement import Span, choose_span, should_move
 
 logger = get_logger(__name__)
@@ -157,6 +158,8 @@ def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, l
     """Load blocks [start, end) and the digests of exactly the weights loaded."""
     backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
                           device=config.device)
+    if not config.torch_threads and backend.device.type == "cpu":
+        torch.set_num_threads(auto_threads(backend.block_bytes))
     # Digests of the weights as stored on disk, so clients can check what we serve.
     return backend, [block_digest(config.model_path, i) for i in range(start, end)]
 
@@ -243,7 +246,8 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
             tasks.append(asyncio.create_task(Rebalancer(config, node, server, announcer, identity).run()))
         _report_ready(config, {"peer_id": identity.peer_id, "maddrs": maddrs, "model_id": info.model_id,
                                "start": start, "end": end, "throughput": throughput,
-                               "dtype": str(backend.dtype).removeprefix("torch.")})
+                               "dtype": str(backend.dtype).removeprefix("torch."),
+                               "torch_threads": torch.get_num_threads()})
         logger.info(f"serving blocks {start}:{end} of {info.model_id} as {identity.peer_id}")
         await stop.wait()
         logger.info("shutting down: withdrawing our record")

@@ -200,6 +200,11 @@ class SpanBackend:
             return self.rotary(hidden, position_ids)
         return table[0][position_ids].to(hidden.dtype), table[1][position_ids].to(hidden.dtype)
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of weights in one block (the first; a model's blocks are alike)."""
+        return sum(p.nbytes for p in self.layers[0].parameters())
+
     # --- helpers -------------------------------------------------------------------------
 
     def layers_for(self, start: int, end: int, *, adaptable: bool = False) -> list[torch.nn.Module]:

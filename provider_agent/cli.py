@@ -16,6 +16,7 @@ import click
 
 from client_sdk.protocol.tickets import HEX64_PATTERN as HEX64
 from provider_agent.config import AgentConfig
+from provider_agent.threads import limit_openmp_spinning
 
 __all__ = ["main"]
 
@@ -90,7 +91,8 @@ def cli(verbose: int) -> None:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Compute dtype (auto: the checkpoint's on CPU, float16 on CUDA).")
-@click.option("--torch-threads", default=0, show_default=True, help="Threads for torch (0: torch's default).")
+@click.option("--torch-threads", default=0, show_default=True,
+              help="Threads for torch on CPU (0: automatic, one per 4 MiB of a block's weights, at most one per core).")
 @click.option("--max-session-length", default=2048, show_default=True, help="Longest inference session, tokens.")
 @click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")
 @click.option("--cache-mb", default=512, show_default=True, help="KV cache memory for all sessions, MiB.")
@@ -159,6 +161,7 @@ def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers:
 
 def main() -> None:
     """Console-script entry point for ``hivemart-provider``."""
+    limit_openmp_spinning()  # before anything loads torch (and with it libgomp)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     cli(prog_name="hivemart-provider")

@@ -25,7 +25,8 @@ class AgentConfig:
     # torch device and dtype the blocks run in ("auto" = the checkpoint's dtype on CPU, fp16 on CUDA).
     device: str = "cpu"
     dtype: str = "auto"
-    # Threads torch may use for computation; 0 leaves torch's default.
+    # Threads torch may use for computation; 0 picks them from the block size on CPU
+    # (provider_agent.threads.auto_threads) and leaves torch's default on CUDA.
     torch_threads: int = 0
     # Longest sequence one inference session may hold, in tokens.
     max_session_length: int = 2048

@@ -40,7 +40,8 @@ def emit(result: dict, as_json: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (providers and local model).")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--provider-threads", default=1, show_default=True, help="torch threads per provider.")
+@click.option("--provider-threads", default=0, show_default=True,
+              help="torch threads per provider (0: the agent's automatic choice from the block size).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def inference(hidden: int, layers: int, providers: int, new_tokens: int, repeats: int, device: str, dtype: str,
               provider_threads: int, as_json: bool) -> None:

@@ -58,7 +58,7 @@ def _in_workdir(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, An
 
 @_in_workdir
 def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 2, new_tokens: int = 64,
-                        repeats: int = 5, device: str = "cpu", dtype: str = "float32", provider_threads: int = 1,
+                        repeats: int = 5, device: str = "cpu", dtype: str = "float32", provider_threads: int = 0,
                         workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -81,8 +81,9 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
     progress(f"starting {providers} providers on loopback: {spans}")
     with LocalSwarm(workdir=workdir / "swarm") as swarm:
         swarm.start_bootstrap()
-        swarm.start_agents(model_path, spans, torch_threads=provider_threads,
-                           extra_args=["--device", device, "--dtype", dtype])
+        agents = swarm.start_agents(model_path, spans, torch_threads=provider_threads,
+                                    extra_args=["--device", device, "--dtype", dtype])
+        threads = sorted({agent.ready.get("torch_threads") for agent in agents})
         with SwarmRuntime(swarm.initial_peers) as runtime:
             runs: dict[str, Callable[[], torch.Tensor]] = {"local": local_generate}
             for mode, push in (("push", True), ("round_trip", False)):
@@ -113,6 +114,7 @@ def run_inference_bench(*, hidden: int = 512, layers: int = 8, providers: int = 
         "exact_match": exact,
         "round_trip_ms_per_token": round(results["round_trip"], 3),
         "new_tokens": new_tokens, "repeats": repeats, "device": device, "dtype": dtype,
+        "provider_threads": threads[0] if len(threads) == 1 else threads,
     }
 
 
