@@ -29,6 +29,7 @@ def test_bench_inference_reports_an_exact_match(tmp_path, monkeypatch):
                            "overhead_ms_per_hop", "exact_match"}
     assert (report["hidden"], report["layers"], report["providers"]) == (64, 2, 2)
     assert report["exact_match"] is True
+    assert report["provider_threads"] == 1  # chosen by the agents: hidden-64 blocks are too small to split
     assert report["ratio"] == pytest.approx(report["swarm_ms_per_token"] / report["local_ms_per_token"], rel=0.01)
 
 
