@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.identity import Identity, public_key_from_peer_id, verify_signature
-from client_sdk.protocol.tickets import HEX64_PATTERN, PEER_ID_PATTERN, TICKET_ID_PATTERN, JobTicket, canonical_json
+from client_sdk.protocol.tickets import (HEX64_PATTERN, PEER_ID_PATTERN, TICKET_ID_PATTERN, JobTicket, canonical_json,
+                                         field_int, field_str)
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,6 @@ CLIENT_DOMAIN = b"hivemart-receipt-client/1\n"
 CHAIN_DOMAIN = b"hivemart-chain/1\n"
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
-_MAX_INT = 2**62
 
 
 class ReceiptError(ProtocolError):
@@ -82,17 +82,11 @@ def chain_next(chain: bytes, output_digest: bytes) -> bytes:
 
 
 def _int(data: dict[str, Any], key: str, *, low: int = 0) -> int:
-    value = data.get(key)
-    if type(value) is not int or not low <= value <= _MAX_INT:
-        raise ReceiptError(f"'{key}' must be an integer >= {low}", code="bad_receipt")
-    return value
+    return field_int(data, key, low=low, error=ReceiptError, code="bad_receipt")
 
 
 def _str(data: dict[str, Any], key: str, pattern: re.Pattern[str], what: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not pattern.match(value):
-        raise ReceiptError(f"'{key}' must be {what}", code="bad_receipt")
-    return value
+    return field_str(data, key, pattern, what, error=ReceiptError, code="bad_receipt")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from client_sdk.protocol.identity import Identity, verify_signature
 
 __all__ = [
     "TICKET_DOMAIN", "JobTicket", "TicketError", "issue_ticket", "verify_ticket", "canonical_json",
-    "TICKET_ID_PATTERN", "PEER_ID_PATTERN", "HEX64_PATTERN",
+    "TICKET_ID_PATTERN", "PEER_ID_PATTERN", "HEX64_PATTERN", "field_int", "field_str",
 ]
 
 TICKET_DOMAIN = b"hivemart-ticket/1\n"
@@ -55,7 +55,7 @@ def canonical_json(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _field_int(data: dict[str, Any], key: str, *, low: int = 0, high: int = _MAX_INT, error: type = TicketError,
+def field_int(data: dict[str, Any], key: str, *, low: int = 0, high: int = _MAX_INT, error: type = TicketError,
                code: str = "bad_ticket") -> int:
     value = data.get(key)
     if type(value) is not int or not low <= value <= high:
@@ -63,7 +63,7 @@ def _field_int(data: dict[str, Any], key: str, *, low: int = 0, high: int = _MAX
     return value
 
 
-def _field_str(data: dict[str, Any], key: str, pattern: re.Pattern[str], what: str, *, error: type = TicketError,
+def field_str(data: dict[str, Any], key: str, pattern: re.Pattern[str], what: str, *, error: type = TicketError,
                code: str = "bad_ticket") -> str:
     value = data.get(key)
     if not isinstance(value, str) or not pattern.match(value):
@@ -118,20 +118,20 @@ class JobTicket:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise TicketError(f"unknown ticket fields: {sorted(unknown)}", code="bad_ticket")
-        start = _field_int(data, "start")
-        end = _field_int(data, "end", low=start + 1)
+        start = field_int(data, "start")
+        end = field_int(data, "end", low=start + 1)
         return cls(
-            ticket_id=_field_str(data, "ticket_id", TICKET_ID_PATTERN, "8 to 64 characters of [A-Za-z0-9_-]"),
-            job_id=_field_int(data, "job_id", low=1),
-            client_key=_field_str(data, "client_key", HEX64_PATTERN, "a hex Ed25519 public key"),
-            provider_peer=_field_str(data, "provider_peer", PEER_ID_PATTERN, "a base58 peer id"),
-            model_id=_field_str(data, "model_id", _MODEL_ID, "a model id"),
-            model_digest=_field_str(data, "model_digest", HEX64_PATTERN, "a hex sha256 digest"),
+            ticket_id=field_str(data, "ticket_id", TICKET_ID_PATTERN, "8 to 64 characters of [A-Za-z0-9_-]"),
+            job_id=field_int(data, "job_id", low=1),
+            client_key=field_str(data, "client_key", HEX64_PATTERN, "a hex Ed25519 public key"),
+            provider_peer=field_str(data, "provider_peer", PEER_ID_PATTERN, "a base58 peer id"),
+            model_id=field_str(data, "model_id", _MODEL_ID, "a model id"),
+            model_digest=field_str(data, "model_digest", HEX64_PATTERN, "a hex sha256 digest"),
             start=start, end=end,
-            max_units=_field_int(data, "max_units", low=1),
-            price=_field_int(data, "price"),
-            expires_at=_field_int(data, "expires_at"),
-            signature=_field_str(data, "signature", _HEX128, "a hex Ed25519 signature"),
+            max_units=field_int(data, "max_units", low=1),
+            price=field_int(data, "price"),
+            expires_at=field_int(data, "expires_at"),
+            signature=field_str(data, "signature", _HEX128, "a hex Ed25519 signature"),
         )
 
 
