@@ -9,10 +9,21 @@ for the database touch it, so the model and swarm tests need neither PostgreSQL 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+
+# The model the swarm and fine-tuning tests serve: small enough that agents start in seconds.
+TINY = dict(arch="llama", hidden=64, layers=4, seed=0, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from client_sdk.models import create_model
+
+    return create_model(tmp_path_factory.mktemp("models") / "tiny-llama", **TINY)
 
 
 @pytest.fixture(autouse=True)

@@ -11,17 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from client_sdk.finetune.lora import LoraSpec, module_path, target_shapes
 from client_sdk.finetune.peft_export import peft_state_dict
-from client_sdk.models import create_model, load_config
+from client_sdk.models import load_config
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.remote import RemoteLora
 from client_sdk.swarm.runtime import SwarmRuntime
-from tests.swarm.conftest import TINY, start_swarm
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return create_model(tmp_path_factory.mktemp("models") / "tiny-llama", **TINY)
+from tests.swarm.conftest import start_swarm
 
 
 # One swarm for the whole directory: starting agents is most of these tests' time.

@@ -14,6 +14,7 @@ from client_sdk.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, Adap
 from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.runtime import SwarmRuntime
+from tests.swarm.conftest import start_swarm
 from provider_agent.adapters import AdapterError, AdapterStore
 from client_sdk.finetune.lora import LoraSpec
 
@@ -26,15 +27,11 @@ PER_BLOCK = 896
 
 @pytest.fixture(scope="module")
 def agent_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("validation"))
-    try:
-        swarm.start_bootstrap()
-        # 20 KB of adapters: one 4-block rank-4 q/v adapter (14 KB) fits, a second does not.
-        swarm.start_agents(tiny_model, [(0, 4)], extra_args=["--adapter-mb", str(20_000 / 2**20),
-                                                              "--max-adapter-rank", "16"])
-        yield swarm
-    finally:
-        swarm.stop()
+    # 20 KB of adapters: one 4-block rank-4 q/v adapter (14 KB) fits, a second does not.
+    swarm = start_swarm(tiny_model, [(0, 4)], tmp_path_factory.mktemp("validation"),
+                        extra_args=["--adapter-mb", str(20_000 / 2**20), "--max-adapter-rank", "16"])
+    yield swarm
+    swarm.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import pytest
 
-from client_sdk.models import create_model
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.runtime import SwarmRuntime
 
-TINY = dict(arch="llama", hidden=64, layers=4, seed=0, heads=4, kv_heads=2)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return create_model(tmp_path_factory.mktemp("models") / "tiny-llama", **TINY)
-
-
-def start_swarm(model: Path, spans: list[tuple[int, int]], workdir: Path) -> LocalSwarm:
+def start_swarm(model: Path, spans: list[tuple[int, int]], workdir: Path, *,
+                extra_args: Sequence[str] = ()) -> LocalSwarm:
+    """A bootstrap node and one agent per span (with ``extra_args``); all stopped if one fails."""
     swarm = LocalSwarm(workdir=workdir)
     try:
         swarm.start_bootstrap()
-        swarm.start_agents(model, spans)
+        swarm.start_agents(model, spans, extra_args=extra_args)
     except BaseException:
         swarm.stop()
         raise

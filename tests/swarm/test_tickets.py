@@ -37,14 +37,8 @@ _ids = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def paid_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("paid"))
-    try:
-        swarm.start_bootstrap()
-        swarm.start_agents(tiny_model, [(0, 2), (2, 4)],
-                           extra_args=["--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "2"])
-    except BaseException:
-        swarm.stop()
-        raise
+    swarm = start_swarm(tiny_model, [(0, 2), (2, 4)], tmp_path_factory.mktemp("paid"),
+                        extra_args=["--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "2"])
     yield swarm
     swarm.stop()
 
