@@ -1,13 +1,22 @@
-"""Stopping the subprocesses a demo, benchmark or test started, so that none is left behind."""
+"""The subprocesses a demo, benchmark or test starts: their logs, and stopping them so that none is left behind."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["stop_processes"]
+__all__ = ["log_tail", "stop_processes"]
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a process's log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def stop_processes(processes: Sequence[subprocess.Popen], *, grace: float = 15.0) -> None:

@@ -23,7 +23,7 @@ from typing import Sequence
 import httpx
 
 from client_sdk.errors import HivemartError
-from client_sdk.processes import stop_processes
+from client_sdk.processes import log_tail, stop_processes
 from client_sdk.swarm.p2p import die_with_parent
 
 __all__ = ["LocalMarket", "MarketProcess", "StackError", "free_port"]
@@ -46,10 +46,7 @@ class MarketProcess:
     log_path: Path
 
     def log_tail(self, lines: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
 
 @dataclass

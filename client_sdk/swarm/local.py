@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from client_sdk.errors import SwarmError
-from client_sdk.processes import stop_processes
+from client_sdk.processes import log_tail, stop_processes
 from client_sdk.swarm.p2p import die_with_parent
 
 __all__ = ["LocalSwarm", "AgentProcess"]
@@ -42,10 +42,7 @@ class AgentProcess:
         return self.ready["maddrs"]
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
 
 @dataclass
