@@ -158,7 +158,9 @@ def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, l
     """Load blocks [start, end) and the digests of exactly the weights loaded."""
     backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
                           device=config.device)
-    if not config.torch_threads and backend.device.type == "cpu":
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    elif backend.device.type == "cpu":
         torch.set_num_threads(auto_threads(backend.block_bytes))
     # Digests of the weights as stored on disk, so clients can check what we serve.
     return backend, [block_digest(config.model_path, i) for i in range(start, end)]
@@ -214,8 +216,6 @@ class Rebalancer:
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then withdraw from the DHT and shut everything down."""
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
     if config.blocks is None and not config.num_blocks:
         raise ValueError("say which blocks to serve (--blocks START:END) or how many (--num-blocks N)")
     info = load_model_info(config.model_path)
