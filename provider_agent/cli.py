@@ -91,7 +91,7 @@ def cli(verbose: int) -> None:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Compute dtype (auto: the checkpoint's on CPU, float16 on CUDA).")
-@click.option("--torch-threads", default=0, show_default=True,
+@click.option("--torch-threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="Threads for torch on CPU (0: automatic, one per 4 MiB of a block's weights, at most one per core).")
 @click.option("--max-session-length", default=2048, show_default=True, help="Longest inference session, tokens.")
 @click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")

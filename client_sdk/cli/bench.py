@@ -40,7 +40,7 @@ def emit(result: dict, as_json: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (providers and local model).")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--provider-threads", default=0, show_default=True,
+@click.option("--provider-threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="torch threads per provider (0: the agent's automatic choice from the block size).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def inference(hidden: int, layers: int, providers: int, new_tokens: int, repeats: int, device: str, dtype: str,
@@ -146,7 +146,8 @@ def matching(providers: int, blocks: int, repeats: int, seed: int, kind: str, as
 @click.option("--repeats", default=5, show_default=True, help="Timed steps; the median is reported.")
 @click.option("--chunk-tokens", default=512, show_default=True,
               help="Most tokens per request: the batch is split into chunks pipelined through the chain.")
-@click.option("--provider-threads", default=1, show_default=True, help="torch threads per provider.")
+@click.option("--provider-threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="torch threads per provider (0: the agent's automatic choice from the block size).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def train(mode: str, hidden: int, layers: int, providers: int, batch_size: int, seq_len: int, repeats: int,
           chunk_tokens: int, provider_threads: int, as_json: bool) -> None:

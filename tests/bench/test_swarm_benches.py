@@ -47,3 +47,9 @@ def test_bench_failover_survives_the_kill_exactly(tmp_path, monkeypatch):
 def test_bench_failover_rejects_a_kill_outside_the_run():
     result = CliRunner().invoke(cli, ["bench", "failover", "--new-tokens", "10", "--kill-at", "10"])
     assert result.exit_code == 2 and "--kill-at" in result.output
+
+
+@pytest.mark.parametrize("bench", ["inference", "train"])
+def test_benches_reject_a_negative_provider_thread_count(bench):
+    result = CliRunner().invoke(cli, ["bench", bench, "--provider-threads", "-2"])
+    assert result.exit_code == 2 and "--provider-threads" in result.output

@@ -19,6 +19,11 @@ def test_run_rejects_malformed_and_empty_block_ranges(tiny_model):
         assert result.exit_code == 2 and "--blocks" in result.output, (blocks, result.output)
 
 
+def test_run_rejects_a_negative_thread_count(tiny_model):
+    result = CliRunner().invoke(cli, ["run", "--model", str(tiny_model), "--blocks", "0:1", "--torch-threads", "-1"])
+    assert result.exit_code == 2 and "--torch-threads" in result.output and ">=0" in result.output
+
+
 def test_run_rejects_a_missing_model_directory(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--model", str(tmp_path / "nope"), "--blocks", "0:1"])
     assert result.exit_code == 2 and "does not exist" in result.output
