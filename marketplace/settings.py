@@ -17,6 +17,7 @@
 | ``HIVEMART_MODELS_DIR`` | ``$HIVEMART_HOME/models`` | reference checkpoints for probes, ``<dir>/<model_id>/`` |
 | ``HIVEMART_PLATFORM_KEY_FILE`` | ``$HIVEMART_HOME/platform.key`` | the Ed25519 key tickets are signed with (created on first use) |
 | ``HIVEMART_TICKET_TTL`` | ``3600`` | seconds a job ticket stays valid |
+| ``HIVEMART_CREDIT_WINDOW_TOKENS`` | ``4096`` | a ticket's credit window: tokens through its blocks a provider may serve (and be paid for) beyond the client's last countersignature |
 | ``HIVEMART_SUSPEND_AFTER`` | ``2`` | offences (failed audits, wrong probe answers) before a provider is suspended |
 | ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` | ``false`` | refuse audits that do not prove the claimed output (receipt + output digests) |
 | ``HIVEMART_SETTLE_GRACE_S`` | ``30`` | a settling job waits this long for late receipts before it is done |
@@ -254,6 +255,9 @@ HIVEMART_OPEN_SIGNUP = env_bool("HIVEMART_OPEN_SIGNUP", True)
 HIVEMART_PLATFORM_KEY_FILE = Path(os.environ.get("HIVEMART_PLATFORM_KEY_FILE")
                                   or HIVEMART_HOME / "platform.key").resolve()
 HIVEMART_TICKET_TTL = env_int("HIVEMART_TICKET_TTL", 3600, minimum=10)
+# The payment channel's credit window (docs/protocol.md): a ticket for b blocks states
+# HIVEMART_CREDIT_WINDOW_TOKENS * b work units (at most its max_units).
+HIVEMART_CREDIT_WINDOW_TOKENS = env_int("HIVEMART_CREDIT_WINDOW_TOKENS", 4096, minimum=1, maximum=2**40)
 HIVEMART_SUSPEND_AFTER = env_int("HIVEMART_SUSPEND_AFTER", 2, minimum=1)
 HIVEMART_REPUTATION_PENALTY = env_int("HIVEMART_REPUTATION_PENALTY", 25, minimum=0, maximum=100)
 HIVEMART_SETTLE_GRACE_S = env_int("HIVEMART_SETTLE_GRACE_S", 30, minimum=0)

@@ -76,7 +76,10 @@ class JobTicket:
     """Provider ``provider_peer`` may bill job ``job_id`` for blocks [start, end) of model
     ``model_id`` at ``price`` micro-credits per million work units, up to ``max_units``
     units, until ``expires_at`` (unix seconds). ``client_key`` is the hex Ed25519 public key
-    the client countersigns receipts with."""
+    the client countersigns receipts with. ``credit_units`` is the payment channel's credit
+    window: the work units the provider may serve beyond the client's last countersigned
+    receipt, and the most the marketplace pays for work the client has not countersigned
+    (docs/protocol.md, "Payment channel")."""
 
     ticket_id: str
     job_id: int
@@ -89,6 +92,7 @@ class JobTicket:
     max_units: int
     price: int
     expires_at: int
+    credit_units: int = 0
     signature: str = ""
 
     def body(self) -> dict[str, Any]:
@@ -120,6 +124,7 @@ class JobTicket:
             raise TicketError(f"unknown ticket fields: {sorted(unknown)}", code="bad_ticket")
         start = field_int(data, "start")
         end = field_int(data, "end", low=start + 1)
+        max_units = field_int(data, "max_units", low=1)
         return cls(
             ticket_id=field_str(data, "ticket_id", TICKET_ID_PATTERN, "8 to 64 characters of [A-Za-z0-9_-]"),
             job_id=field_int(data, "job_id", low=1),
@@ -128,8 +133,9 @@ class JobTicket:
             model_id=field_str(data, "model_id", _MODEL_ID, "a model id"),
             model_digest=field_str(data, "model_digest", HEX64_PATTERN, "a hex sha256 digest"),
             start=start, end=end,
-            max_units=field_int(data, "max_units", low=1),
+            max_units=max_units,
             price=field_int(data, "price"),
+            credit_units=field_int(data, "credit_units", low=1, high=max_units),
             expires_at=field_int(data, "expires_at"),
             signature=field_str(data, "signature", _HEX128, "a hex Ed25519 signature"),
         )

@@ -227,14 +227,15 @@ def _lock_hold(hold_id: int) -> Hold:
 
 
 def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: str,
-                 fee_bps: int | None = None, memo: str = "") -> Transaction:
+                 fee_bps: int | None = None, fee: int | None = None, memo: str = "") -> Transaction:
     """Pay ``amount`` out of an open hold: ``amount - fee`` to ``payee`` (a provider's earnings
     account), the fee to the platform. Partial captures are normal; a capture larger than what
     is left of the hold raises InsufficientCredits, one from a closed hold Conflict
     (``hold_closed``). Idempotent by ``idempotency_key`` (required: a capture is what a
-    retried settlement must not repeat).
+    retried settlement must not repeat). The fee is ``fee_for(amount, fee_bps)`` unless
+    ``fee`` gives it (settlement does: its fees are computed on cumulative amounts).
 
-    On PostgreSQL this runs as one call of the ``ledger_capture()`` function (migration 0003),
+    On PostgreSQL this runs as one call of the ``ledger_capture()`` function (migrations 0003, 0005),
     elsewhere through the ORM; both do the same thing under the same locks.
     """
     _check_amount(amount)
@@ -245,15 +246,18 @@ def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: st
     fee_bps = settings.HIVEMART_PLATFORM_FEE_BPS if fee_bps is None else fee_bps
     if not isinstance(fee_bps, int) or isinstance(fee_bps, bool) or not 0 <= fee_bps <= 10_000:
         raise ValidationFailed("fee_bps is an integer between 0 and 10000", extra={"field": "fee_bps"})
+    if fee is None:
+        fee = fee_for(amount, fee_bps)
+    elif not isinstance(fee, int) or isinstance(fee, bool) or not 0 <= fee <= amount:
+        raise ValidationFailed("fee is an integer between 0 and the amount", extra={"field": "fee"})
     memo = (memo or f"capture from hold #{hold.pk}")[:200]
     capture = _hold_capture_postgres if connection.vendor == "postgresql" else _hold_capture_orm
-    return capture(hold_id=hold.pk, amount=amount, payee=payee, fee_bps=fee_bps, key=idempotency_key, memo=memo)
+    return capture(hold_id=hold.pk, amount=amount, payee=payee, fee=fee, key=idempotency_key, memo=memo)
 
 
 @transaction.atomic
-def _hold_capture_orm(*, hold_id: int, amount: int, payee: Account, fee_bps: int, key: str, memo: str) -> Transaction:
+def _hold_capture_orm(*, hold_id: int, amount: int, payee: Account, fee: int, key: str, memo: str) -> Transaction:
     hold = _lock_hold(hold_id)
-    fee = fee_for(amount, fee_bps)
     entries: list[tuple[Account, int]] = [(hold.escrow, -amount), (payee, amount - fee)]
     if fee:
         entries.append((platform_account(Account.Kind.FEES), fee))
@@ -273,12 +277,12 @@ def _hold_capture_orm(*, hold_id: int, amount: int, payee: Account, fee_bps: int
 _CAPTURE_COLUMNS = ["id", "kind", "idempotency_key", "hold_id", "memo", "created_by_id", "created_at"]
 
 
-def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee_bps: int, key: str,
+def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee: int, key: str,
                            memo: str) -> Transaction:
     def call() -> tuple:
         with connection.cursor() as cursor:
             cursor.execute("SELECT transaction_id, created_at, replayed FROM ledger_capture(%s, %s, %s, %s, %s, %s)",
-                           [hold_id, amount, payee.pk, fee_bps, key, memo])
+                           [hold_id, amount, payee.pk, fee, key, memo])
             return cursor.fetchone()
 
     try:

@@ -8,7 +8,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
+from marketplace.receipts.models import Audit, Dispute, Offence, Receipt, Settlement, Ticket
 
 
 class ReadOnly(admin.ModelAdmin):
@@ -24,15 +24,16 @@ class ReadOnly(admin.ModelAdmin):
 
 @admin.register(Ticket)
 class TicketAdmin(ReadOnly):
-    list_display = ["ticket_id", "job", "segment", "role", "rank", "provider", "price", "max_units", "settled_units",
-                    "settled_amount", "expires_at", "voided_at"]
+    list_display = ["ticket_id", "job", "segment", "role", "rank", "provider", "price", "max_units", "credit_units",
+                    "spend_cap", "settled_units", "acked_units", "settled_amount", "expires_at", "disputed_at",
+                    "voided_at"]
     list_filter = ["role"]
     search_fields = ["ticket_id", "provider__peer_id"]
 
 
 @admin.register(Receipt)
 class ReceiptAdmin(ReadOnly):
-    list_display = ["ticket", "session_id", "seq", "units", "settled_units", "updated_at"]
+    list_display = ["ticket", "session_id", "seq", "units", "acked_units", "settled_units", "updated_at"]
     search_fields = ["ticket__ticket_id", "session_id"]
 
 
@@ -53,3 +54,12 @@ class AuditAdmin(ReadOnly):
 class OffenceAdmin(ReadOnly):
     list_display = ["id", "provider", "kind", "job", "audit", "at"]
     list_filter = ["kind"]
+
+
+@admin.register(Dispute)
+class DisputeAdmin(ReadOnly):
+    """Decided through ``POST /api/disputes/<id>/verdict/`` (staff), which keeps the ledger consistent."""
+
+    list_display = ["id", "job", "provider", "ticket", "session_id", "seq", "units", "code", "state", "verdict",
+                    "created_at", "decided_at"]
+    list_filter = ["state", "verdict", "code"]

@@ -1,4 +1,4 @@
-"""API: the platform key, job tickets, receipt uploads, settlements, finishing a job."""
+"""API: the platform key, job tickets, receipt uploads, settlements, finishing a job, disputes."""
 
 from __future__ import annotations
 
@@ -17,15 +17,17 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace.common.api import StrictIntegerField, parse
+from marketplace.common.api import IsStaff, StrictIntegerField, parse
 from marketplace.common.errors import ValidationFailed
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
-from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
+from marketplace.receipts.models import Audit, Dispute, Offence, Receipt, Settlement, Ticket
 from marketplace.receipts.platform import platform_identity
 from marketplace.receipts.selectors import (
     audit_get,
     audits_visible_to,
+    dispute_get,
+    disputes_visible_to,
     job_tickets_current,
     offences_visible_to,
     receipts_visible_to,
@@ -35,8 +37,11 @@ from marketplace.receipts.services import (
     AUDIT_DTYPES,
     MAX_AUDIT_TENSOR_BYTES,
     MAX_RECEIPTS_PER_UPLOAD,
+    DISPUTE_CODES,
     audit_create,
+    dispute_verdict_record,
     job_finish,
+    receipt_dispute,
     receipts_upload,
     tickets_renew,
 )
@@ -192,6 +197,28 @@ def _int_param(request: Request, name: str) -> int | None:
     return int(value)
 
 
+class DisputeInput(serializers.Serializer):
+    receipt = serializers.DictField(help_text="the provider-signed receipt the client refused to countersign")
+    code = serializers.ChoiceField(choices=DISPUTE_CODES, help_text="the check it failed (a ReceiptError code)")
+    message = serializers.CharField(max_length=300, required=False, default="", allow_blank=True)
+
+
+class DisputeVerdictInput(serializers.Serializer):
+    verdict = serializers.ChoiceField(choices=Audit.Verdict.values)
+    detail = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
+
+
+class DisputeOutput(serializers.ModelSerializer):
+    job = serializers.IntegerField(source="job_id")
+    ticket_id = serializers.CharField(source="ticket.ticket_id")
+    provider = serializers.IntegerField(source="provider_id")
+
+    class Meta:
+        model = Dispute
+        fields = ["id", "job", "ticket_id", "provider", "session_id", "seq", "units", "code", "message", "state",
+                  "verdict", "detail", "created_at", "decided_at"]
+
+
 class Platform(APIView):
     """The platform's public key (which signs job tickets) and fee. No authentication."""
 
@@ -317,3 +344,47 @@ class Offences(ListAPIView):
     @extend_schema(parameters=[OpenApiParameter("provider", int)])
     def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
         return super().get(request, *args, **kwargs)
+
+
+class JobDisputes(APIView):
+    @extend_schema(responses=DisputeOutput(many=True), description="Disputes of this job (its owner; staff).")
+    def get(self, request: Request, job_id: int) -> Response:
+        job = job_get(user=request.user, job_id=job_id)
+        return Response(DisputeOutput(disputes_visible_to(user=request.user).filter(job=job), many=True).data)
+
+    @extend_schema(request=DisputeInput, responses={201: DisputeOutput, 200: DisputeOutput},
+                   description="Report a receipt the client refused to countersign. Until staff decide, the "
+                               "ticket's provider is paid only for countersigned work (no credit window). "
+                               "Reporting the same receipt again answers 200 with the first dispute.")
+    def post(self, request: Request, job_id: int) -> Response:
+        data = parse(DisputeInput, request.data)
+        dispute, created = receipt_dispute(user=request.user, job=job_get(user=request.user, job_id=job_id), **data)
+        return Response(DisputeOutput(dispute_get(user=request.user, dispute_id=dispute.pk)).data,
+                        status=201 if created else 200)
+
+
+class Disputes(ListAPIView):
+    """Disputes of your jobs and against your providers (staff: all), newest first; ``?job=`` filters."""
+
+    serializer_class = DisputeOutput
+
+    def get_queryset(self) -> QuerySet[Dispute]:
+        disputes = disputes_visible_to(user=self.request.user)
+        job = _int_param(self.request, "job")
+        return disputes if job is None else disputes.filter(job_id=job)
+
+    @extend_schema(parameters=[OpenApiParameter("job", int)])
+    def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
+        return super().get(request, *args, **kwargs)
+
+
+class DisputeVerdict(APIView):
+    permission_classes = [IsStaff]
+
+    @extend_schema(request=DisputeVerdictInput, responses=DisputeOutput,
+                   description="Staff decide a dispute: provider_cheated voids and claws back the provider's work "
+                               "on the job; any other verdict restores the ticket's credit window.")
+    def post(self, request: Request, dispute_id: int) -> Response:
+        data = parse(DisputeVerdictInput, request.data)
+        dispute_verdict_record(dispute_id=dispute_get(user=request.user, dispute_id=dispute_id).pk, **data)
+        return Response(DisputeOutput(dispute_get(user=request.user, dispute_id=dispute_id)).data)

@@ -12,4 +12,7 @@ urlpatterns = [
     path("audits/", api.Audits.as_view(), name="audits"),
     path("audits/<int:audit_id>/", api.AuditDetail.as_view(), name="audit"),
     path("offences/", api.Offences.as_view(), name="offences"),
+    path("jobs/<int:job_id>/disputes/", api.JobDisputes.as_view(), name="job-disputes"),
+    path("disputes/", api.Disputes.as_view(), name="disputes"),
+    path("disputes/<int:dispute_id>/verdict/", api.DisputeVerdict.as_view(), name="dispute-verdict"),
 ]

@@ -6,7 +6,9 @@
 - :class:`Receipt`: the newest receipt (highest ``seq``) per (ticket, session). Receipts are
   cumulative, so the newest one supersedes the rest; ``settled_units`` is how much of it
   settlement has accounted for.
+  ``acked_units`` is the part of it the client countersigned.
 - :class:`Settlement`: one capture (or shortfall) per (job, provider) per settlement run.
+- :class:`Dispute`: a receipt the client refused to countersign, reported with the receipt.
 - :class:`Audit`: a client's report that a provider's output differed from a backup's, and
   the validator's verdict.
 - :class:`Offence`: what a provider was found doing (failed audit, wrong probe answer).
@@ -38,7 +40,15 @@ class Ticket(models.Model):
     expires_at = models.DateTimeField()
     signed = models.JSONField(help_text="the signed ticket as sent to clients and providers")
     settled_units = models.BigIntegerField(default=0, help_text="work units settlement has accounted for")
-    settled_amount = models.BigIntegerField(default=0, help_text="micro-credits owed for settled_units (cost)")
+    settled_amount = models.BigIntegerField(default=0, help_text="micro-credits paid for this ticket so far")
+    credit_units = models.BigIntegerField(default=0, help_text="the credit window: units payable beyond the "
+                                                               "client's countersignatures")
+    acked_units = models.BigIntegerField(default=0, help_text="countersigned units settlement has accounted for")
+    spend_cap = models.BigIntegerField(null=True, blank=True,
+                                       help_text="micro-credits the tickets of this plan segment may be paid in all "
+                                                 "(its share of the hold); null: only the hold bounds it")
+    disputed_at = models.DateTimeField(null=True, blank=True,
+                                       help_text="set while the client disputes a receipt: no credit window is paid")
     voided_at = models.DateTimeField(null=True, blank=True, help_text="set when an audit found the provider cheating")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -49,11 +59,19 @@ class Ticket(models.Model):
             models.CheckConstraint(condition=Q(max_units__gt=0) & Q(price__gte=0), name="receipts_ticket_bounds"),
             models.CheckConstraint(condition=Q(settled_units__gte=0) & Q(settled_amount__gte=0),
                                    name="receipts_ticket_settled_non_negative"),
+            models.CheckConstraint(condition=Q(credit_units__gte=0) & Q(acked_units__gte=0)
+                                   & (Q(spend_cap__isnull=True) | Q(spend_cap__gte=models.F("settled_amount"))),
+                                   name="receipts_ticket_credit_within_cap"),
         ]
-        indexes = [models.Index(fields=["job", "provider"], name="receipts_ticket_job_provider")]
+        indexes = [models.Index(fields=["job", "provider"], name="receipts_ticket_job_provider"),
+                   models.Index(fields=["plan", "segment"], name="receipts_ticket_plan_segment")]
 
     def __str__(self) -> str:
         return f"ticket {self.ticket_id} (job #{self.job_id}, {self.role} of segment {self.segment})"
+
+
+# A receipt with work or acknowledgements that settlement has not accounted for yet.
+UNSETTLED = Q(units__gt=models.F("settled_units")) | Q(acked_units__gt=models.F("settled_acked"))
 
 
 class Receipt(models.Model):
@@ -67,6 +85,8 @@ class Receipt(models.Model):
     provider_signature = models.CharField(max_length=128)
     client_signature = models.CharField(max_length=128, blank=True)
     settled_units = models.BigIntegerField(default=0)
+    acked_units = models.BigIntegerField(default=0, help_text="the most units the client countersigned")
+    settled_acked = models.BigIntegerField(default=0, help_text="acked_units settlement has accounted for")
     uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                     related_name="+")
     updated_at = models.DateTimeField()
@@ -78,8 +98,7 @@ class Receipt(models.Model):
             models.CheckConstraint(condition=Q(settled_units__gte=0) & Q(settled_units__lte=models.F("units")),
                                    name="receipts_settled_within_units"),
         ]
-        indexes = [models.Index(fields=["ticket"], condition=Q(units__gt=models.F("settled_units")),
-                                name="receipts_unsettled")]
+        indexes = [models.Index(fields=["ticket"], condition=UNSETTLED, name="receipts_unsettled_or_unacked")]
 
     def __str__(self) -> str:
         return f"receipt {self.ticket_id}/{self.session_id}#{self.seq} ({self.units} units)"
@@ -157,3 +176,36 @@ class Offence(models.Model):
 
     class Meta:
         ordering = ["-at", "-id"]
+
+
+class Dispute(models.Model):
+    """The client refused to countersign ``receipt`` (``code``: the check it failed, e.g.
+    ``receipt_units``). While a ticket has an open dispute its credit window is not paid;
+    staff decide it (``dispute_verdict_record``), as an audit's verdict is recorded."""
+
+    class State(models.TextChoices):
+        OPEN = "open"
+        DECIDED = "decided"
+
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="disputes")
+    ticket = models.ForeignKey(Ticket, on_delete=models.PROTECT, related_name="disputes")
+    provider = models.ForeignKey("providers.Provider", on_delete=models.PROTECT, related_name="disputes")
+    reporter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    session_id = models.CharField(max_length=64)
+    seq = models.BigIntegerField()
+    units = models.BigIntegerField(help_text="units the refused receipt claims")
+    code = models.CharField(max_length=32, help_text="why the client refused it")
+    message = models.CharField(max_length=300, blank=True)
+    receipt = models.JSONField(help_text="the provider-signed receipt the client refused")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.OPEN)
+    verdict = models.CharField(max_length=20, choices=Audit.Verdict.choices, blank=True)
+    detail = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(state__in=["open", "decided"]), name="receipts_dispute_state_valid"),
+            models.UniqueConstraint(fields=["ticket", "session_id", "seq"], name="receipts_one_dispute_per_receipt"),
+        ]

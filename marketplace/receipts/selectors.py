@@ -7,7 +7,7 @@ from django.db.models import Q, QuerySet
 from marketplace.accounts.models import User
 from marketplace.common.errors import NotFound
 from marketplace.jobs.models import Job
-from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
+from marketplace.receipts.models import Audit, Dispute, Offence, Receipt, Settlement, Ticket
 
 
 def job_tickets_current(*, job: Job) -> list[Ticket]:
@@ -59,3 +59,17 @@ def offences_visible_to(*, user: User) -> QuerySet[Offence]:
 def provider_offences(*, provider_id: int) -> QuerySet[Offence]:
     """One provider's offences, newest first (callers check that the reader may see it)."""
     return Offence.objects.filter(provider_id=provider_id)
+
+
+def disputes_visible_to(*, user: User) -> QuerySet[Dispute]:
+    """Disputes of the user's jobs and against the user's providers (staff: all)."""
+    disputes = Dispute.objects.select_related("ticket")
+    return disputes if user.is_staff else disputes.filter(Q(job__user=user) | Q(provider__user=user))
+
+
+def dispute_get(*, user: User, dispute_id: int) -> Dispute:
+    """One dispute the user may see; NotFound otherwise (existence is not revealed)."""
+    dispute = disputes_visible_to(user=user).filter(pk=dispute_id).first()
+    if dispute is None:
+        raise NotFound(f"no dispute {dispute_id}")
+    return dispute

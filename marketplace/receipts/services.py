@@ -1,22 +1,30 @@
 """Writes for settlement: tickets, receipt uploads, settling receipts into the ledger, closing jobs.
 
-Rules (docs/protocol.md, "Tickets and receipts"):
+Rules (docs/protocol.md, "Payment channel" and "Tickets and receipts"):
 
 - **Tickets.** Storing a plan issues one ticket per (segment, provider), primaries and
-  backups, signed with the platform key. ``max_units`` is what the job's budget buys at the
-  ticket's price, so a provider never works for more than the hold can pay.
+  backups, signed with the platform key. What is left of the job's hold is split over the
+  plan's segments (price x blocks); each segment's share (``spend_cap``) bounds what all its
+  tickets, primary and backups, are paid together, so a job's tickets never promise more
+  than its hold. A ticket states its credit window (``credit_units``).
 - **Uploads.** A receipt is checked against its stored ticket (``verify_receipt``): provider
   signature, the ticket's job and provider, units within ``max_units``, and the client's
   countersignature when present. The newest receipt (highest ``seq``) per (ticket, session)
-  is kept; a receipt not newer than the stored one is ``stale`` (a replay; harmless); a newer
+  is kept; a receipt not newer than the stored one is ``stale`` (a replay; harmless) unless
+  it is countersigned, when its units still count as acknowledged (``acked_units``); a newer
   one with fewer units is refused (cumulative counts never go down). Who may upload: the
   job's owner (the client), the user who registered the provider the receipt names, staff.
-- **Settlement.** The provider is owed ``cost(U) - cost(U_settled)`` per ticket, with
-  ``cost(u) = min(u, max_units) * price // 1e6`` on the ticket's cumulative units across all
-  its sessions, so integer rounding neither loses nor invents credits over many runs. One
-  capture (``ledger.services.hold_capture``) per (job, provider) per run, never beyond what is left of the hold (the rest is
-  recorded as a shortfall). Each (job, provider) is settled in one transaction under the
-  job's row lock, so concurrent settlers pay once. Voided tickets are never paid.
+- **Settlement.** Per ticket, across its sessions, the payable units are what the client
+  countersigned plus at most the credit window of work only the provider signed for (no
+  window while the client disputes a receipt of the ticket); ``cost(u) = ceil(u * price /
+  1e6)`` on cumulative units, the fee ``floor(cost * fee_bps / 1e4)`` on the cumulative paid
+  amount, so however settlement is split the provider amount and the fee are the same. One
+  capture (``ledger.services.hold_capture``) per (job, provider) per run, never beyond the
+  segment's share or what is left of the hold (the rest is recorded as a shortfall). Each
+  (job, provider) is settled in one transaction under the job's row lock, so concurrent
+  settlers pay once. Voided tickets are never paid.
+- **Disputes.** A client that refuses a receipt reports it (``receipt_dispute``); staff
+  decide (``dispute_verdict_record``), voiding and clawing back a cheating provider's work.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, F, OuterRef, Sum
 from django.utils import timezone
 import msgpack
 
@@ -44,16 +52,18 @@ from client_sdk.protocol.receipts import (
     chain_start,
     verify_receipt,
 )
+from client_sdk.errors import ProtocolError
+from client_sdk.protocol.identity import public_key_from_peer_id, verify_signature
 from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
 from marketplace.common.errors import Conflict, InvalidTransition, NotFound, PermissionDenied, ValidationFailed
 from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
 from marketplace.jobs.services import job_transition, job_transition_request
 from marketplace.ledger.models import Account, Hold, Posting
-from marketplace.ledger.services import clawback, hold_capture
+from marketplace.ledger.services import clawback, fee_for, hold_capture
 from marketplace.providers.models import Provider
 from marketplace.providers.services import provider_reputation_lower, provider_suspend
-from marketplace.receipts.models import Audit, Offence, Receipt, Settlement, Ticket
+from marketplace.receipts.models import UNSETTLED, Audit, Dispute, Offence, Receipt, Settlement, Ticket
 from marketplace.receipts.platform import platform_identity
 
 __all__ = [
@@ -61,6 +71,7 @@ __all__ = [
     "tickets_issue_for_plan", "tickets_renew", "receipts_upload", "receipts_settle", "jobs_close_settled",
     "job_finish", "receipts_uploaded_hook_register", "job_settle_before_closing", "audit_create", "audit_created_hook_register",
     "audit_verdict_record", "provider_offence_record", "provider_job_void", "MAX_AUDIT_TENSOR_BYTES",
+    "ticket_fee", "payable_units", "receipt_dispute", "dispute_verdict_record", "DISPUTE_CODES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,15 +95,76 @@ def receipts_uploaded_hook_register(hook: Callable[[list[int]], None]) -> None:
 
 
 def ticket_cost(units: int, *, max_units: int, price: int) -> int:
-    """Micro-credits owed for ``units`` cumulative work units on a ticket (rounded down)."""
-    return min(units, max_units) * price // 1_000_000
+    """Micro-credits owed for ``units`` cumulative work units on a ticket, rounded up: any
+    work the client pays for pays its provider at least one micro-credit. Computed on
+    cumulative units, so however a stream of receipts is split into settlements, the total
+    is the same (docs/protocol.md, "Rounding")."""
+    return -(-min(units, max_units) * price // 1_000_000)
+
+
+def ticket_fee(amount: int) -> int:
+    """The platform's fee on a ticket's cumulative paid ``amount`` (rounded down, in the
+    provider's favour). A capture's fee is the increase of this over the capture, so the
+    fee does not depend on how settlement was split."""
+    return fee_for(amount, settings.HIVEMART_PLATFORM_FEE_BPS)
+
+
+def payable_units(*, units: int, acked_units: int, credit_units: int, max_units: int) -> int:
+    """Work units a ticket is paid for: everything the client countersigned, and beyond it at
+    most ``credit_units`` of work only the provider signed for (0 while it is disputed)."""
+    return min(max_units, max(acked_units, min(units, acked_units + credit_units)))
 
 
 # --- tickets ---------------------------------------------------------------------------------
 
 
-def _max_units(budget: int, price: int) -> int:
-    return max(1, min(budget * 1_000_000 // max(price, 1), _MAX_UNITS))
+def _units_for(amount: int, price: int) -> int:
+    """The most work units ``amount`` micro-credits buy at ``price`` (``ticket_cost`` rounds up)."""
+    if price <= 0:
+        return _MAX_UNITS
+    return min(amount * 1_000_000 // price, _MAX_UNITS)
+
+
+def _segment_shares(budget: int, weights: list[int]) -> list[int]:
+    """Split ``budget`` over segments in proportion to ``weights`` (price x blocks: what a token
+    through the whole chain costs in each), rounding down, so the shares never exceed it."""
+    total = sum(weights)
+    if total <= 0:
+        return [budget // max(len(weights), 1)] * len(weights)
+    return [budget * w // total for w in weights]
+
+
+def _plan_budget(job: Job, plan: Plan) -> int:
+    """What the job's hold can still promise to ``plan``'s tickets: what is left of the hold,
+    less what the tickets of earlier plans may still be paid. Those are capped first at what
+    they have been paid plus what their uploaded receipts and credit windows can still claim,
+    so a new plan (a replan, a failover) is funded from the rest."""
+    left = Account.objects.filter(pk=job.hold.escrow_id).values_list("balance", flat=True).get()
+    earlier = list(Ticket.objects.filter(job=job, voided_at__isnull=True).exclude(plan=plan)
+                   .select_for_update(of=("self",)))
+    if not earlier:
+        return left
+    sums = {row["ticket_id"]: row for row in Receipt.objects.filter(ticket__in=earlier).values("ticket_id")
+            .annotate(units=Sum("units"), acked=Sum("acked_units"))}
+    pools: dict[tuple[int, int], list[Ticket]] = defaultdict(list)
+    for t in earlier:
+        pools[(t.plan_id, t.segment)].append(t)
+    outstanding = 0
+    for tickets in pools.values():
+        claim = paid = 0
+        for t in tickets:
+            row = sums.get(t.pk, {"units": 0, "acked": 0})
+            units = payable_units(units=row["units"] or 0, acked_units=row["acked"] or 0,
+                                  credit_units=t.credit_units, max_units=t.max_units)
+            claim += max(ticket_cost(units, max_units=t.max_units, price=t.price),
+                         t.settled_amount + ticket_cost(t.credit_units, max_units=t.max_units, price=t.price))
+            paid += t.settled_amount
+        cap = tickets[0].spend_cap
+        frozen = max(paid, claim if cap is None else min(cap, claim))
+        if cap is None or frozen < cap:
+            Ticket.objects.filter(pk__in=[t.pk for t in tickets]).update(spend_cap=frozen)
+        outstanding += frozen - paid
+    return max(0, left - outstanding)
 
 
 # Probe tickets name this job id, which no real job reaches (ids are sequential from 1). A
@@ -113,7 +185,7 @@ def ticket_issue_for_probe(*, provider: Provider, max_units: int) -> dict[str, A
         platform_identity(), ticket_id=f"probe_{secrets.token_urlsafe(12)}", job_id=PROBE_JOB_ID,
         client_key=secrets.token_bytes(32).hex(), provider_peer=provider.peer_id, model_id=provider.model.model_id,
         model_digest=provider.model.weights_digest, start=provider.block_start, end=provider.block_end,
-        max_units=max_units, price=0, expires_at=expires_at)
+        max_units=max_units, price=0, expires_at=expires_at, credit_units=max_units)
     return signed.to_dict()
 
 
@@ -123,29 +195,40 @@ def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
     Runs inside ``job_plan_store``'s transaction (registered as its plan hook), so a plan
     never exists without its tickets. Also used to renew a plan's tickets before they expire.
     """
-    job = Job.objects.select_related("model").get(pk=plan.job_id)
+    job = Job.objects.select_related("model", "hold").get(pk=plan.job_id)
     identity = platform_identity()
     # A provider caught cheating on this job gets no new tickets for it.
     voided = set(Ticket.objects.filter(job=job, voided_at__isnull=False).values_list("provider_id", flat=True))
     expires_at = int((timezone.now() + timedelta(seconds=settings.HIVEMART_TICKET_TTL)).timestamp())
+    segments = list(plan.segments.select_related("provider").prefetch_related("backups__provider").order_by("index"))
+    # Renewing keeps the plan's segment shares (its pools); a new plan splits what is left.
+    caps = dict(Ticket.objects.filter(plan=plan).values_list("segment", "spend_cap").distinct())
+    if len(caps) < len(segments):
+        shares = _segment_shares(_plan_budget(job, plan),
+                                 [seg.price * (seg.block_end - seg.block_start) for seg in segments])
+        caps = {seg.index: share for seg, share in zip(segments, shares)}
     rows = []
-    segments = plan.segments.select_related("provider").prefetch_related("backups__provider").order_by("index")
     for seg in segments:
         slots = [(Ticket.Role.PRIMARY, 0, seg.provider, seg.price)]
         slots += [(Ticket.Role.BACKUP, b.rank, b.provider, b.price) for b in seg.backups.all()]
+        cap = caps[seg.index]
         for role, rank, provider, price in slots:
             if provider.pk in voided:
                 continue
+            # Primary and backups of a segment are alternatives for the same work: each may be
+            # paid up to the segment's share, all of them together too (spend_cap).
+            max_units = max(1, _units_for(cap if cap is not None else job.budget, price))
+            credit = min(max_units, settings.HIVEMART_CREDIT_WINDOW_TOKENS * (seg.block_end - seg.block_start))
             signed = issue_ticket(
                 identity, ticket_id=secrets.token_urlsafe(18), job_id=job.pk,
                 client_key=job.client_key or NO_CLIENT_KEY, provider_peer=provider.peer_id,
                 model_id=job.model.model_id, model_digest=job.model.weights_digest, start=seg.block_start,
-                end=seg.block_end, max_units=_max_units(job.budget, price), price=price, expires_at=expires_at)
+                end=seg.block_end, max_units=max_units, price=price, expires_at=expires_at, credit_units=credit)
             rows.append(Ticket(
                 ticket_id=signed.ticket_id, job=job, plan=plan, segment=seg.index, role=role, rank=rank,
                 provider=provider, block_start=seg.block_start, block_end=seg.block_end, price=price,
-                max_units=signed.max_units, expires_at=datetime.fromtimestamp(expires_at, tz=dt_timezone.utc),
-                signed=signed.to_dict()))
+                max_units=signed.max_units, credit_units=credit, spend_cap=cap,
+                expires_at=datetime.fromtimestamp(expires_at, tz=dt_timezone.utc), signed=signed.to_dict()))
     return Ticket.objects.bulk_create(rows)
 
 
@@ -216,7 +299,7 @@ def _check_receipt(data: Any, ticket: Ticket | None, parsed: dict[int, JobTicket
 
 
 _COLUMNS = ("ticket_id, session_id, seq, units, steps, chain, issued_at, provider_signature, client_signature, "
-            "settled_units, uploaded_by_id, updated_at")
+            "settled_units, uploaded_by_id, updated_at, acked_units, settled_acked")
 # The WHERE clause re-applies the newer-and-not-fewer rule inside the database, so that
 # concurrent uploads cannot regress a stored receipt; RETURNING says which rows were written.
 _ON_CONFLICT = """
@@ -224,7 +307,7 @@ ON CONFLICT (ticket_id, session_id) DO UPDATE SET
     seq = excluded.seq, units = excluded.units, steps = excluded.steps, chain = excluded.chain,
     issued_at = excluded.issued_at, provider_signature = excluded.provider_signature,
     client_signature = excluded.client_signature, uploaded_by_id = excluded.uploaded_by_id,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at, acked_units = {greatest}(receipts_receipt.acked_units, excluded.acked_units)
 WHERE (excluded.seq > receipts_receipt.seq AND excluded.units >= receipts_receipt.units)
    OR (excluded.seq = receipts_receipt.seq AND excluded.units = receipts_receipt.units
        AND excluded.chain = receipts_receipt.chain AND receipts_receipt.client_signature = ''
@@ -234,7 +317,14 @@ RETURNING ticket_id, session_id
 # PostgreSQL: one array per column, so a batch of 500 is 12 parameters, not 6,000.
 _UNNEST = ("SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[], %s::bigint[], %s::bigint[], "
            "%s::varchar[], %s::bigint[], %s::varchar[], %s::varchar[], %s::bigint[], %s::bigint[], "
-           "%s::timestamptz[])")
+           "%s::timestamptz[], %s::bigint[], %s::bigint[])")
+# A countersigned receipt older than the stored one still acknowledges its units (a provider
+# cannot hide the client's countersignatures by uploading newer receipts of its own first).
+_RAISE_ACKS_POSTGRES = ("UPDATE receipts_receipt r SET acked_units = a.units, updated_at = %s "
+                        "FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[]) AS a (ticket_id, session_id, units) "
+                        "WHERE r.ticket_id = a.ticket_id AND r.session_id = a.session_id AND r.acked_units < a.units")
+_RAISE_ACKS = ("UPDATE receipts_receipt SET acked_units = %s, updated_at = %s "
+               "WHERE ticket_id = %s AND session_id = %s AND acked_units < %s")
 
 
 def _store(rows: list[tuple[int, WorkReceipt]], user: User) -> set[tuple[int, str]]:
@@ -243,17 +333,32 @@ def _store(rows: list[tuple[int, WorkReceipt]], user: User) -> set[tuple[int, st
         return set()
     now = timezone.now()
     records = [(ticket_pk, r.session_id, r.seq, r.units, r.steps, r.chain, r.issued_at, r.provider_signature,
-                r.client_signature, 0, user.pk, now) for ticket_pk, r in rows]
+                r.client_signature, 0, user.pk, now, r.units if r.client_signature else 0, 0)
+               for ticket_pk, r in rows]
     if connection.vendor == "postgresql":
-        sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) {_UNNEST} {_ON_CONFLICT}"
+        sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) {_UNNEST} {_ON_CONFLICT.format(greatest='GREATEST')}"
         params: list[Any] = [list(column) for column in zip(*records)]
     else:
-        sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) VALUES {','.join(['(%s' + ',%s' * 11 + ')'] * len(records))}"
-        sql += _ON_CONFLICT
+        sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) VALUES {','.join(['(%s' + ',%s' * 13 + ')'] * len(records))}"
+        sql += _ON_CONFLICT.format(greatest="MAX")
         params = [value for record in records for value in record]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return {(t, s) for t, s in cursor.fetchall()}
+
+
+def _raise_acks(acks: dict[tuple[int, str], int]) -> None:
+    """Record countersigned units of receipts older than the stored ones (see ``_RAISE_ACKS``)."""
+    if not acks:
+        return
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            keys = sorted(acks)
+            cursor.execute(_RAISE_ACKS_POSTGRES, [now, [k[0] for k in keys], [k[1] for k in keys],
+                                                  [acks[k] for k in keys]])
+        else:
+            cursor.executemany(_RAISE_ACKS, [(units, now, t, sid, units) for (t, sid), units in sorted(acks.items())])
 
 
 @transaction.atomic
@@ -276,11 +381,14 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
 
     keys = {(t.pk, r.session_id) for _, t, r in candidates}
     state: dict[tuple[int, str], tuple[int, int, str, str]] = {}
+    acked: dict[tuple[int, str], int] = {}
     if keys:
         stored = Receipt.objects.filter(ticket_id__in={k[0] for k in keys}, session_id__in={k[1] for k in keys}).values_list(
-            "ticket_id", "session_id", "seq", "units", "chain", "client_signature")
-        state = {(t, s): (seq, units, chain, csig) for t, s, seq, units, chain, csig in stored if (t, s) in keys}
+            "ticket_id", "session_id", "seq", "units", "chain", "client_signature", "acked_units")
+        state = {(t, s): (seq, units, chain, csig) for t, s, seq, units, chain, csig, _ in stored if (t, s) in keys}
+        acked = {(t, s): a for t, s, _, _, _, _, a in stored if (t, s) in keys}
     winners: dict[tuple[int, str], tuple[int, WorkReceipt]] = {}
+    acks: dict[tuple[int, str], int] = {}
     for i, ticket, r in sorted(candidates, key=lambda c: (c[1].pk, c[2].session_id, c[2].seq)):
         key = (ticket.pk, r.session_id)
         ident = dict(ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
@@ -290,6 +398,11 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
             countersigns = (r.seq == seq and r.units == units and r.chain == chain and not csig
                             and r.client_signature)
             if r.seq <= seq and not countersigns:
+                if r.client_signature and r.units > max(acked.get(key, 0), acks.get(key, 0)):
+                    acks[key] = r.units
+                    outcomes[i] = ReceiptOutcome("accepted", "", f"older than the stored #{seq}; its "
+                                                 f"countersigned units are recorded", **ident)
+                    continue
                 outcomes[i] = ReceiptOutcome("stale", "receipt_replay", f"not newer than the stored #{seq}", **ident)
                 continue
             if r.units < units:
@@ -297,15 +410,19 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
                                              f"{r.units} units is fewer than the {units} of receipt #{seq}", **ident)
                 continue
         state[key] = (r.seq, r.units, r.chain, r.client_signature)
+        previous = winners.get(key)
+        if previous is not None and previous[1].client_signature:  # superseded in this batch: keep its ack
+            acks[key] = max(acks.get(key, 0), previous[1].units)
         winners[key] = (i, r)
         outcomes[i] = ReceiptOutcome("accepted", **ident)
     written = _store([(key[0], r) for key, (_, r) in winners.items()], user)
+    _raise_acks(acks)
     for key, (i, r) in winners.items():
         if key not in written:  # a concurrent upload stored a newer receipt first
             outcomes[i] = ReceiptOutcome("stale", "receipt_replay", "a newer receipt was stored meanwhile",
                                          ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
-    if written:
-        job_ids = sorted({tickets[r.ticket_id].job_id for _, r in winners.values()})
+    if written or acks:
+        job_ids = sorted({t.job_id for t in tickets.values() if any(k[0] == t.pk for k in (*written, *acks))})
         for hook in _uploaded_hooks:
             hook(job_ids)
     return [o for o in outcomes if o is not None]
@@ -337,14 +454,29 @@ class SettleSummary:
 
 
 def _unsettled() -> Any:
-    return Receipt.objects.filter(units__gt=F("settled_units"), ticket__voided_at__isnull=True)
+    return Receipt.objects.filter(UNSETTLED, ticket__voided_at__isnull=True)
 
 
 def _settle_key(receipts: Sequence[Receipt], tickets: dict[int, Ticket]) -> str:
     digest = hashlib.sha256()
     for r in sorted(receipts, key=lambda r: (tickets[r.ticket_id].ticket_id, r.session_id)):
-        digest.update(f"{tickets[r.ticket_id].ticket_id}/{r.session_id}/{r.units}\n".encode())
+        digest.update(f"{tickets[r.ticket_id].ticket_id}/{r.session_id}/{r.units}/{r.acked_units}\n".encode())
     return digest.hexdigest()[:40]
+
+
+def _pool_paid(tickets: dict[int, Ticket]) -> dict[tuple[int, int], int]:
+    """Micro-credits paid so far to each plan segment (pool) the ``tickets`` belong to, by all
+    of its tickets: ``spend_cap`` bounds the pool's total, whichever provider did the work."""
+    capped = {(t.plan_id, t.segment) for t in tickets.values() if t.spend_cap is not None}
+    if not capped:
+        return {}
+    paid: dict[tuple[int, int], int] = defaultdict(int)
+    rows = (Ticket.objects.filter(plan_id__in={k[0] for k in capped}, segment__in={k[1] for k in capped})
+            .values_list("plan_id", "segment", "settled_amount"))
+    for plan_id, segment, amount in rows:
+        if (plan_id, segment) in capped:
+            paid[(plan_id, segment)] += amount
+    return paid
 
 
 @transaction.atomic
@@ -366,23 +498,36 @@ def receipt_group_settle(*, job_id: int, provider_id: int, start_planned: bool =
     if job.state == Job.State.PLANNED and start_planned:
         job_transition(job=job, to_state=Job.State.RUNNING, reason="work receipts arrived")
     tickets = {r.ticket_id: r.ticket for r in receipts}
-    owed = units = 0
+    units = 0
     for r in receipts:
         units += r.units - r.settled_units
         tickets[r.ticket_id].settled_units += r.units - r.settled_units
-    for ticket in tickets.values():
-        cost = ticket_cost(ticket.settled_units, max_units=ticket.max_units, price=ticket.price)
-        owed += cost - ticket.settled_amount
-        ticket.settled_amount = cost
-    key = _settle_key(receipts, tickets)
-    Receipt.objects.filter(pk__in=[r.pk for r in receipts]).update(settled_units=F("units"))
-    Ticket.objects.bulk_update(tickets.values(), ["settled_units", "settled_amount"])
+        tickets[r.ticket_id].acked_units += r.acked_units - r.settled_acked
+    Receipt.objects.filter(pk__in=[r.pk for r in receipts]).update(settled_units=F("units"),
+                                                                   settled_acked=F("acked_units"))
+    return _pay(job, provider_id, tickets, units=units, key=_settle_key(receipts, tickets), nreceipts=len(receipts))
+
+
+def _pay(job: Job, provider_id: int, tickets: dict[int, Ticket], *, units: int, key: str,
+         nreceipts: int) -> SettleSummary:
+    """Pay what ``tickets`` (of one provider, accumulators up to date) are now owed: one
+    capture with the fee on cumulative amounts; caller holds the job's lock."""
+    pools = _pool_paid(tickets)
     # Only settlement (and clawbacks, which add) touch this hold, under the job lock we hold.
-    amount = min(owed, job.hold.escrow.balance) if job.hold.state == Hold.State.OPEN else 0
+    left = job.hold.escrow.balance if job.hold.state == Hold.State.OPEN else 0
+    owed = amount = fee = 0
+    for ticket in tickets.values():
+        pay, short = _ticket_due(ticket, pools, left - amount)
+        if pay:
+            fee += ticket_fee(ticket.settled_amount + pay) - ticket_fee(ticket.settled_amount)
+            ticket.settled_amount += pay
+            amount += pay
+        owed += pay + short
+    Ticket.objects.bulk_update(tickets.values(), ["settled_units", "acked_units", "settled_amount"])
     tx = None
     if amount > 0:
-        provider = receipts[0].ticket.provider
-        tx = hold_capture(hold=job.hold, amount=amount, payee=provider.earnings_account,
+        provider = next(iter(tickets.values())).provider
+        tx = hold_capture(hold=job.hold, amount=amount, fee=fee, payee=provider.earnings_account,
                           idempotency_key=f"job:{job.pk}:settle:{provider_id}:{key}",
                           memo=f"job #{job.pk}: {units} work units")
     if owed > 0:
@@ -391,7 +536,24 @@ def receipt_group_settle(*, job_id: int, provider_id: int, start_planned: bool =
         if owed > amount:
             logger.warning("job #%s owes provider %s %s micro-credits beyond its hold", job.pk, provider_id,
                            owed - amount)
-    return SettleSummary(receipts=len(receipts), captured=amount, shortfall=owed - amount, groups=1)
+    return SettleSummary(receipts=nreceipts, captured=amount, shortfall=owed - amount, groups=1)
+
+
+def _ticket_due(ticket: Ticket, pools: dict[tuple[int, int], int], hold_left: int) -> tuple[int, int]:
+    """(pay now, owed but beyond the segment's share or the hold) for one ticket whose
+    accumulated ``settled_units``/``acked_units`` were just updated; updates ``pools``."""
+    credit = 0 if ticket.disputed_at is not None else ticket.credit_units
+    units = payable_units(units=ticket.settled_units, acked_units=ticket.acked_units, credit_units=credit,
+                          max_units=ticket.max_units)
+    due = ticket_cost(units, max_units=ticket.max_units, price=ticket.price) - ticket.settled_amount
+    if due <= 0:
+        return 0, 0
+    pay = min(due, max(0, hold_left))
+    if ticket.spend_cap is not None:
+        pool = (ticket.plan_id, ticket.segment)
+        pay = min(pay, max(0, ticket.spend_cap - pools[pool]))
+        pools[pool] += pay
+    return pay, due - pay
 
 
 def job_settle_before_closing(job: Job) -> None:
@@ -454,6 +616,92 @@ def job_finish(*, job: Job, by: User, receipts: Sequence[Any] = ()) -> tuple[Job
         grouped[o.status] += 1
     logger.info("job #%s finished; final receipts %s", job.pk, dict(grouped))
     return job, outcomes
+
+
+# --- disputes --------------------------------------------------------------------------------
+
+DISPUTE_CODES = ("receipt_units", "receipt_chain", "receipt_replay", "receipt_ticket", "receipt_missing")
+# A job's open disputes at once: each stores one receipt, so this bounds what a client can store.
+MAX_OPEN_DISPUTES_PER_JOB = 64
+
+
+@transaction.atomic
+def receipt_dispute(*, user: User, job: Job, receipt: Any, code: str, message: str = "") -> tuple[Dispute, bool]:
+    """The job's client refused to countersign ``receipt`` (a provider-signed receipt of one of
+    the job's tickets) because it failed check ``code``. Until staff decide the dispute
+    (:func:`dispute_verdict_record`), the ticket's credit window is not paid: its provider is
+    paid only for what the client countersigned. Returns (dispute, created); reporting the
+    same receipt again returns the first dispute."""
+    if not user.is_staff and job.user_id != user.pk:
+        raise PermissionDenied("only the job's client may dispute its receipts")
+    if code not in DISPUTE_CODES:
+        raise ValidationFailed(f"code is one of {', '.join(DISPUTE_CODES)}", extra={"field": "code"})
+    if not isinstance(message, str) or len(message) > 300:
+        raise ValidationFailed("message is at most 300 characters", extra={"field": "message"})
+    try:
+        parsed = WorkReceipt.from_dict(receipt)
+    except ReceiptError as e:
+        raise ValidationFailed(f"receipt: {e}", extra={"field": "receipt"}, code="bad_receipt") from None
+    job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)  # settlement's lock: no payment races this
+    ticket = Ticket.objects.select_related("provider").filter(job=job, ticket_id=parsed.ticket_id).first()
+    if ticket is None or parsed.job_id != job.pk or parsed.provider_peer != ticket.provider.peer_id:
+        raise NotFound(f"job #{job.pk} has no ticket {parsed.ticket_id} of {parsed.provider_peer}",
+                       extra={"field": "receipt"})
+    try:
+        key = public_key_from_peer_id(parsed.provider_peer)
+    except ProtocolError:
+        key = None
+    if key is None or not verify_signature(key, parsed.signing_bytes(), bytes.fromhex(parsed.provider_signature)):
+        raise ValidationFailed("the receipt is not signed by the provider it names", extra={"field": "receipt"},
+                               code="receipt_signature")
+    if parsed.client_signature:
+        raise ValidationFailed("this receipt carries a countersignature: send the receipt the provider signed, "
+                               "as you refused it", extra={"field": "receipt"}, code="client_signature")
+    existing = Dispute.objects.filter(ticket=ticket, session_id=parsed.session_id, seq=parsed.seq).first()
+    if existing is not None:
+        return existing, False
+    if job.state in TERMINAL_STATES:
+        raise InvalidTransition(f"job #{job.pk} is {job.state}; it was settled", extra={"state": job.state})
+    if Dispute.objects.filter(job=job, state=Dispute.State.OPEN).count() >= MAX_OPEN_DISPUTES_PER_JOB:
+        raise Conflict(f"job #{job.pk} already has {MAX_OPEN_DISPUTES_PER_JOB} open disputes", code="too_many_disputes")
+    dispute = Dispute.objects.create(job=job, ticket=ticket, provider=ticket.provider, reporter=user,
+                                     session_id=parsed.session_id, seq=parsed.seq, units=parsed.units, code=code,
+                                     message=message, receipt=parsed.to_dict())
+    Ticket.objects.filter(pk=ticket.pk, disputed_at__isnull=True).update(disputed_at=timezone.now())
+    logger.warning("job #%s: the client disputes receipt %s/%s#%s of provider %s (%s)", job.pk, ticket.ticket_id,
+                   parsed.session_id, parsed.seq, ticket.provider_id, code)
+    return dispute, True
+
+
+@transaction.atomic
+def dispute_verdict_record(*, dispute_id: int, verdict: str, detail: str) -> Dispute:
+    """Decide a dispute (staff, like an audit's verdict). ``provider_cheated``: the provider's
+    work on the job is voided and clawed back and the offence recorded (as a failed audit);
+    otherwise, once the ticket has no open dispute left, its credit window is paid again."""
+    if verdict not in Audit.Verdict.values:
+        raise ValidationFailed(f"verdict is one of {', '.join(Audit.Verdict.values)}", extra={"field": "verdict"})
+    job_id = Dispute.objects.filter(pk=dispute_id).values_list("job_id", flat=True).first()
+    if job_id is None:
+        raise NotFound(f"no dispute {dispute_id}")
+    job = Job.objects.select_for_update(of=("self",)).select_related("hold__escrow").get(pk=job_id)
+    dispute = Dispute.objects.select_for_update().select_related("provider", "ticket").get(pk=dispute_id)
+    if dispute.state == Dispute.State.DECIDED:
+        return dispute
+    dispute.state, dispute.verdict, dispute.detail, dispute.decided_at = (Dispute.State.DECIDED, verdict,
+                                                                          detail[:500], timezone.now())
+    dispute.save(update_fields=["state", "verdict", "detail", "decided_at"])
+    if verdict == Audit.Verdict.PROVIDER_CHEATED:
+        provider_job_void(job=job, provider=dispute.provider)
+        if not Offence.objects.filter(provider=dispute.provider, job=job, kind=Offence.Kind.AUDIT).exists():
+            provider_offence_record(provider=dispute.provider, kind=Offence.Kind.AUDIT, job=job,
+                                    detail=f"dispute #{dispute.pk} of job #{job.pk}: {detail}")
+        return dispute
+    if not Dispute.objects.filter(ticket=dispute.ticket, state=Dispute.State.OPEN).exists():
+        Ticket.objects.filter(pk=dispute.ticket_id).update(disputed_at=None)
+        if job.state in _PAYABLE_STATES and dispute.ticket.voided_at is None:
+            ticket = Ticket.objects.select_related("provider__earnings_account").get(pk=dispute.ticket_id)
+            _pay(job, ticket.provider_id, {ticket.pk: ticket}, units=0, key=f"dispute-{dispute.pk}", nreceipts=0)
+    return dispute
 
 
 # --- audits, offences, voiding -------------------------------------------------------------------

@@ -26,6 +26,7 @@ def entry(segment: int, role: str, rank: int, peer: str, start: int, end: int, *
                 provider_peer=peer, model_id=MODEL, model_digest="a" * 64, start=start, end=end, max_units=10_000,
                 price=1_000_000, expires_at=int(time.time()) + 600)
     body.update(ticket)
+    body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return {"segment": segment, "role": role, "rank": rank, "provider": 100 + PEERS.index(peer), "provider_peer": peer,
             "start": start, "end": end, "ticket": issue_ticket(signer, **body).to_dict()}
 

@@ -25,6 +25,7 @@ def make_ticket(**overrides: object) -> JobTicket:
                 provider_peer=PROVIDER.peer_id, model_id="llama-8x512-0123456789ab", model_digest="a" * 64,
                 start=0, end=4, max_units=10_000, price=2_000_000, expires_at=int(time.time()) + 600)
     body.update(overrides)
+    body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(PLATFORM, **body)
 
 

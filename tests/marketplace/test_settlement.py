@@ -40,9 +40,12 @@ def fees() -> int:
     return Account.objects.filter(kind=Account.Kind.FEES).values_list("balance", flat=True).first() or 0
 
 
-def test_ticket_cost_rounds_down_on_cumulative_units_and_stops_at_max_units() -> None:
-    assert ticket_cost(999_999, max_units=10**9, price=1) == 0
+def test_ticket_cost_rounds_up_on_cumulative_units_and_stops_at_max_units() -> None:
+    assert ticket_cost(0, max_units=10**9, price=1_000) == 0
+    assert ticket_cost(1, max_units=10**9, price=1) == 1  # any paid work pays at least one micro-credit
+    assert ticket_cost(999_999, max_units=10**9, price=1) == 1
     assert ticket_cost(1_000_000, max_units=10**9, price=1) == 1
+    assert ticket_cost(1_000_001, max_units=10**9, price=1) == 2
     assert ticket_cost(5_000_000, max_units=2_000_000, price=1_000) == 2_000
 
 
@@ -79,8 +82,8 @@ def test_sessions_share_the_ticket_bound() -> None:
     p = pj.providers[0]
     max_units = pj.ticket(p).max_units
     assert max_units == 10_000_000
-    # three sessions each claiming 60% of the ticket: 180% claimed, 100% payable
-    results = upload(pj, *(pj.receipt(p, max_units * 6 // 10, session=f"session-{i:04d}", countersigned=False)
+    # three countersigned sessions each claiming 60% of the ticket: 180% claimed, 100% payable
+    results = upload(pj, *(pj.receipt(p, max_units * 6 // 10, session=f"session-{i:04d}")
                            for i in range(3)), by=p.user)
     assert results == ["accepted"] * 3
     summary = receipts_settle()
@@ -89,10 +92,11 @@ def test_sessions_share_the_ticket_bound() -> None:
 
 
 def test_a_client_that_never_uploads_still_pays_through_the_providers_receipts() -> None:
+    # the provider uploads the receipts the client countersigned (it got them back as acknowledgements)
     pj = planned_job(budget=50_000, price=2_000)
     p = pj.providers[0]
     counter = pj.counter(p)
-    upload(pj, pj.receipt(p, 5_000_000, counter=counter, countersigned=False), by=p.user)
+    upload(pj, pj.receipt(p, 5_000_000, counter=counter), by=p.user)
     receipts_settle()
     assert earnings(p) == 10_000 - 500
     # the provider claims more than the ticket allows: refused, and nothing more is paid
@@ -103,18 +107,17 @@ def test_a_client_that_never_uploads_still_pays_through_the_providers_receipts()
     assert earnings(p) == 10_000 - 500
 
 
-def test_hold_exhaustion_pays_what_is_left_and_records_the_shortfall() -> None:
-    # two segments: each ticket alone could spend the whole budget
+def test_each_segment_is_paid_from_its_own_share_of_the_hold() -> None:
+    # two equal segments: each segment's tickets get half the budget, so the first provider
+    # to settle cannot spend the second one's pay
     pj = planned_job(segments=2, budget=10_000, price=1_000)
     a, b = pj.providers
-    upload(pj, pj.receipt(a, 8_000_000), pj.receipt(b, 8_000_000))
+    assert pj.ticket(a).max_units == pj.ticket(b).max_units == 5_000_000
+    upload(pj, pj.receipt(a, 5_000_000), pj.receipt(b, 5_000_000))
     summary = receipts_settle()
-    assert summary.captured == 10_000 and summary.shortfall == 6_000
+    assert summary.captured == 10_000 and summary.shortfall == 0
     assert hold_left(hold=pj.job.hold) == 0
-    paid = {s.provider_id: (s.amount, s.shortfall) for s in Settlement.objects.all()}
-    assert sorted(paid.values()) == [(2_000, 6_000), (8_000, 0)]
-    # more work later is still recorded as owed, never captured
-    assert receipts_settle().captured == 0
+    assert earnings(a) == earnings(b) == 5_000 - 250
     assert ledger_verify().consistent
 
 
@@ -169,7 +172,7 @@ def test_ending_a_job_early_still_pays_the_work_uploaded(ending: str, running: b
 
     pj = planned_job(budget=100_000, price=1_000, running=running)
     p = pj.providers[0]
-    upload(pj, pj.receipt(p, 7_000_000, countersigned=False), by=p.user)
+    upload(pj, pj.receipt(p, 7_000_000), by=p.user)
     if ending == "cancelled":
         job_cancel(job=pj.job, by=pj.client)  # a client cannot dodge paying by cancelling
     else:

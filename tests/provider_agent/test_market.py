@@ -66,7 +66,7 @@ def link_for(scripted: Callable[[httpx.Request], httpx.Response], book: TicketBo
 def work(book: TicketBook, sessions: int) -> list[WorkReceipt]:
     ticket = book.check(issue_ticket(PLATFORM, ticket_id="ticket-0001", job_id=1, client_key="11" * 32,
                                      provider_peer=PROVIDER.peer_id, model_id=MODEL, model_digest="ab" * 32,
-                                     start=0, end=2, max_units=10**6, price=1000,
+                                     start=0, end=2, max_units=10**6, price=1000, credit_units=10**6,
                                      expires_at=2_000_000_000).to_dict(), 0, 2)
     receipts = []
     for i in range(sessions):

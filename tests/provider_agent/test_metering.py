@@ -22,6 +22,7 @@ def ticket(**overrides) -> JobTicket:
                 model_id=MODEL, model_digest="ab" * 32, start=0, end=2, max_units=100, price=1000,
                 expires_at=NOW + 3600)
     body.update(overrides)
+    body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(PLATFORM, **body)
 
 

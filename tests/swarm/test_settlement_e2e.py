@@ -80,7 +80,7 @@ def signed_plan(swarm: CheatingSwarm, model_path: Path, client: Identity, segmen
             ticket = issue_ticket(PLATFORM, ticket_id=f"tkt_{job_id}_{index}_{name}", job_id=job_id,
                                   client_key=client.public_key.hex(), provider_peer=peer, model_id=info.model_id,
                                   model_digest="0" * 64, start=start, end=end, max_units=1_000_000, price=1000,
-                                  expires_at=int(time.time()) + 600)
+                                  credit_units=1_000_000, expires_at=int(time.time()) + 600)
             entries.append({"segment": index, "role": "backup" if rank else "primary", "rank": rank,
                             "provider_peer": peer, "start": start, "end": end, "ticket": ticket.to_dict()})
     return JobPlan.from_tickets(entries, platform_key=PLATFORM.public_key, job_id=job_id,

@@ -65,6 +65,7 @@ def make_ticket(agent: AgentProcess, *, signer: Identity = PLATFORM, **overrides
                 model_digest="ab" * 32, start=agent.ready["start"], end=agent.ready["end"], max_units=10**6,
                 price=1000, expires_at=int(time.time()) + 3600)
     body.update(overrides)
+    body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(signer, **body)
 
 
