@@ -303,14 +303,14 @@ def test_postgres_capture_function_matches_the_orm_implementation() -> None:
         outcomes: list[object] = []
         for step in script:
             try:
-                tx = impl(hold_id=hold.pk, amount=step["amount"], payee=payee, fee_bps=step["fee_bps"],
-                          key=f"{tag}-{step['key']}", memo="m")
+                tx = impl(hold_id=hold.pk, amount=step["amount"], payee=payee,
+                          fee=services.fee_for(step["amount"], step["fee_bps"]), key=f"{tag}-{step['key']}", memo="m")
                 outcomes.append(sorted(tx.postings.values_list("amount", flat=True)))
             except Exception as e:  # noqa: BLE001 - the type and code are what is compared
                 outcomes.append((type(e).__name__, getattr(e, "code", None), getattr(e, "extra", {}).get("left")))
         hold_release(hold=hold)
         with pytest.raises(Conflict):
-            impl(hold_id=hold.pk, amount=1, payee=payee, fee_bps=0, key=f"{tag}-closed", memo="m")
+            impl(hold_id=hold.pk, amount=1, payee=payee, fee=0, key=f"{tag}-closed", memo="m")
         return outcomes, [balance(hold.escrow), balance(payee), balance(fees) - fees_before, balance(hold.payer)]
 
     with_function = run(services._hold_capture_postgres, "pg")
@@ -319,4 +319,4 @@ def test_postgres_capture_function_matches_the_orm_implementation() -> None:
     assert with_function[1] == [0, 300 - 15 + 1 + 599 - 14, 15 + 100 + 14, 0]
     assert ledger_verify().consistent
     with pytest.raises(NotFound):
-        services._hold_capture_postgres(hold_id=10**12, amount=1, payee=make_earnings(), fee_bps=0, key="x", memo="")
+        services._hold_capture_postgres(hold_id=10**12, amount=1, payee=make_earnings(), fee=0, key="x", memo="")

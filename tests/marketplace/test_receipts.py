@@ -59,7 +59,10 @@ def test_storing_a_plan_issues_a_verifiable_ticket_per_primary_and_backup() -> N
                                                                           4_000)
         assert ticket.client_key == pj.job.client_key == pj.client_identity.public_key.hex()
         assert ticket.model_digest == pj.job.model.weights_digest
-        assert ticket.max_units == 2_000_000 * 1_000_000 // 4_000  # what the budget buys at that price
+        # two equal segments: each gets half the budget, primary and backup alike (they share it)
+        assert ticket.max_units == 1_000_000 * 1_000_000 // 4_000
+        assert t.spend_cap == 1_000_000
+        assert ticket.credit_units == t.credit_units == 4_096 * 2  # the window: HIVEMART_CREDIT_WINDOW_TOKENS x blocks
         assert ticket.expires_at > time.time() + 3000
     # another key does not verify them
     with pytest.raises(TicketError) as e:
@@ -269,7 +272,7 @@ def test_sdk_settlements_and_provider_payouts(wsgi: httpx.WSGITransport, setting
     pj = planned_job(price=1_000)
     p = pj.providers[0]
     operator = sdk(wsgi, p.user)
-    operator.receipts.upload([pj.receipt(p, 4_000_000, countersigned=False)])
+    operator.receipts.upload([pj.receipt(p, 4_000_000)])  # countersigned: the client acknowledged it
     receipts_settle()
     paid = operator.receipts.settlements(provider=p.pk).items
     assert [(s.job, s.units, s.amount, s.shortfall) for s in paid] == [(pj.job.pk, 4_000_000, 4_000, 0)]
