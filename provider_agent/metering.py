@@ -12,6 +12,12 @@ network so it can be tested alone:
 - A :class:`~client_sdk.protocol.receipts.ReceiptCounter` per (ticket, session) extends the
   hash chain with the digest of every output as sent; receipts are signed with the agent's
   identity and the latest one per (ticket, session) is kept until it has been uploaded.
+- Payment channel (docs/protocol.md): the client sends back its countersignature of each
+  receipt (an *ack*); :meth:`TicketBook.acknowledge` checks it and keeps the countersigned
+  receipt for upload (it is what the marketplace pays in full). Work the client has not
+  acknowledged may reach the ticket's ``credit_units`` and no further: ``charge`` refuses
+  more with ``ack_overdue`` (a request larger than the window is served only when nothing is
+  outstanding), because beyond the window the marketplace would not pay for it.
 
 Everything runs on the agent's event loop thread (no locks), except that the uploader may
 read pending receipts from another thread through :meth:`TicketBook.take_pending` and
@@ -26,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, work_units
+from client_sdk.errors import ProtocolError
+from client_sdk.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, verify_receipt, work_units
 from client_sdk.protocol.tickets import CLOCK_SKEW_S, JobTicket, TicketError, verify_ticket
 
 if TYPE_CHECKING:
@@ -57,6 +64,14 @@ class _TicketState:
     ticket: JobTicket
     raw: dict[str, Any]  # the map as received, to recognise the same ticket without re-verifying
     used: int = 0  # units counted or reserved by requests in flight
+    done: int = 0  # units of finished requests (the client has their outputs)
+    acked: dict[str, int] = field(default_factory=dict)  # units the client countersigned, per session
+    acked_total: int = 0  # their sum
+
+    @property
+    def unacknowledged(self) -> int:
+        """Finished work the client has not countersigned yet (what the credit window bounds)."""
+        return max(0, self.done - self.acked_total)
 
 
 @dataclass
@@ -171,8 +186,40 @@ class TicketBook:
         state = self._tickets[ticket.ticket_id]
         if state.used + units > ticket.max_units:
             raise self._exhausted(state, units)
+        lag = state.unacknowledged
+        if lag > 0 and lag + units > ticket.credit_units:
+            raise TicketError(f"the client has not countersigned {lag} work units on ticket {ticket.ticket_id}; its "
+                              f"credit window is {ticket.credit_units} units: send the countersigned receipts "
+                              f"(acks) before more work", code="ack_overdue")
         state.used += units
         return Charge(self, ticket, session_id, units)
+
+    def acknowledge(self, ticket: JobTicket, data: Any) -> WorkReceipt:
+        """The client's countersignature of one of this provider's receipts on ``ticket``:
+        checked (both signatures, this ticket), counted as acknowledged work of its session,
+        and kept for upload when it is the latest receipt of that session. Raises
+        :class:`TicketError` (``bad_ack``) for anything else."""
+        try:
+            receipt = verify_receipt(data, ticket, require_client_signature=True)
+        except ProtocolError as e:
+            raise TicketError(f"the acknowledgement is not a countersigned receipt of ticket {ticket.ticket_id}: {e}",
+                              code="bad_ack") from None
+        state = self._tickets[ticket.ticket_id]
+        previous = state.acked.get(receipt.session_id, 0)
+        if receipt.units > previous:
+            state.acked[receipt.session_id] = receipt.units
+            state.acked_total += receipt.units - previous
+        key = (ticket.ticket_id, receipt.session_id)
+        with self._lock:
+            latest = self._latest.get(key)
+            if latest is not None and latest.receipt.seq == receipt.seq and not latest.receipt.client_signature:
+                self._latest[key] = _Latest(receipt)  # upload the countersigned copy: it pays in full
+        return receipt
+
+    def unacknowledged(self, ticket_id: str) -> int:
+        """Finished work on a ticket that the client has not countersigned yet."""
+        state = self._tickets.get(ticket_id)
+        return 0 if state is None else state.unacknowledged
 
     def release(self, ticket: JobTicket, units: int) -> None:
         state = self._tickets.get(ticket.ticket_id)
@@ -192,6 +239,9 @@ class TicketBook:
         """Count ``units`` of finished work (already reserved with :meth:`charge`) and chain its output."""
         counter = self.counter(ticket, session_id)
         counter.record(units, output_digest)
+        state = self._tickets.get(ticket.ticket_id)
+        if state is not None:
+            state.done += units
         return counter
 
     # --- receipts -----------------------------------------------------------------------------
@@ -205,9 +255,17 @@ class TicketBook:
         return receipt
 
     def receipt_due(self, ticket: JobTicket, session_id: str) -> bool:
-        """Whether an inference stream should get a receipt now: every ``receipt_every`` steps."""
+        """Whether an inference stream should get a receipt now: every ``receipt_every`` steps,
+        and as soon as half the credit window is unacknowledged (so that the client's ack
+        arrives before the window is used up)."""
         counter = self._counters.get((ticket.ticket_id, session_id))
-        return counter is not None and counter.steps > 0 and counter.steps % self.receipt_every == 0
+        if counter is None or counter.steps == 0:
+            return False
+        if counter.steps % self.receipt_every == 0:
+            return True
+        latest = self._latest.get((ticket.ticket_id, session_id))
+        unreceipted = counter.units - (latest.receipt.units if latest is not None else 0)
+        return unreceipted > 0 and 2 * self.unacknowledged(ticket.ticket_id) >= ticket.credit_units
 
     def final_receipt(self, ticket: JobTicket, session_id: str) -> WorkReceipt | None:
         """A receipt for a closing session, unless the last one sent already covers every step."""

@@ -30,7 +30,7 @@ from client_sdk.protocol.framing import Limits, Message, read_message, write_mes
 from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.rpc import (
     RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, AdapterRequest, OpenSession, Relink,
-    SpanRequest, Step, error_header,
+    SpanRequest, Step, error_header, receipt_ack,
 )
 from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
@@ -326,6 +326,8 @@ class ProviderServer:
         if self.tickets is None:
             return None
         ticket = self.tickets.check(request.ticket, request.start, request.end)
+        if request.ack is not None:  # the payment channel: the client's countersignature of an earlier reply
+            self.tickets.acknowledge(ticket, request.ack)
         return self.tickets.charge(ticket, request.session_id or ticket.ticket_id,
                                    tokens=hidden.shape[0] * hidden.shape[1], blocks=request.end - request.start,
                                    backward=backward)
@@ -510,6 +512,9 @@ class ProviderServer:
                 if message.header.get("type") == "relink":
                     await self._relink(session, message.header, writer)
                     continue
+                if message.header.get("type") == "ack":
+                    await self._acknowledge(session, message.header)
+                    continue
                 try:
                     step = Step.from_header(message.header)
                 except ProtocolError as e:  # a bad header spoils one step, not the session
@@ -534,6 +539,17 @@ class ProviderServer:
                    else self.tickets.receipt(ticket, session_id))
         if receipt is not None:
             await self._try_send(session.client, {"type": "receipt", "receipt": receipt.to_dict()})
+
+    async def _acknowledge(self, session: Session, header: dict[str, Any]) -> None:
+        """The client countersigned a receipt of this session (the payment channel)."""
+        try:
+            ack = receipt_ack(header)
+            if session.ticket is None or ack is None:
+                raise RequestError("bad_ack", "this session is not billed" if session.ticket is None
+                                   else "an ack message carries 'ack': the countersigned receipt")
+            self.tickets.acknowledge(session.ticket, ack)
+        except (ProtocolError, RequestError) as e:
+            await self._try_send(session.client, error_header(getattr(e, "code", "bad_ack"), str(e)))
 
     async def _relink(self, session: Session, header: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         try:

@@ -30,7 +30,7 @@ from client_sdk.errors import ProtocolError
 
 __all__ = [
     "RPC_INFO", "RPC_FORWARD", "RPC_BACKWARD", "RPC_INFERENCE", "RPC_PUSH", "RPC_ADAPTER",
-    "OpenSession", "Step", "Relink", "SpanRequest", "SpanTuning", "AdapterRequest", "error_header",
+    "OpenSession", "Step", "Relink", "SpanRequest", "SpanTuning", "AdapterRequest", "error_header", "receipt_ack",
 ]
 
 RPC_INFO = "hivemart.info"
@@ -89,6 +89,17 @@ def _ticket(header: dict[str, Any]) -> dict[str, Any] | None:
     return value
 
 
+def receipt_ack(header: dict[str, Any]) -> dict[str, Any] | None:
+    """The client's acknowledgement a request or an ``ack`` message carries: its countersigned
+    copy of the provider's latest receipt, as a map (checked by the provider's ``TicketBook``)."""
+    value = header.get("ack")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > _MAX_TICKET_FIELDS:
+        raise ProtocolError("'ack' must be a map of receipt fields")
+    return value
+
+
 def error_header(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
@@ -98,7 +109,8 @@ class SpanRequest:
     """A forward or backward over blocks [start, end) of the provider's span.
 
     A billable request carries its job ``ticket``; ``session_id`` names the client's run
-    (a training loop, say) whose work one cumulative receipt counts.
+    (a training loop, say) whose work one cumulative receipt counts; ``ack`` is the client's
+    countersignature of the latest receipt it got for that run (the payment channel).
     """
 
     start: int
@@ -107,11 +119,14 @@ class SpanRequest:
     session_id: str | None = None
     # Fine-tuning (see SpanTuning): deep prompts travel as an extra tensor, the adapter by id.
     tuning: "SpanTuning | None" = None
+    ack: dict[str, Any] | None = None
 
     def to_header(self) -> dict[str, Any]:
         header = {"type": "span", "start": self.start, "end": self.end}
         if self.ticket is not None:
             header["ticket"] = self.ticket
+        if self.ack is not None:
+            header["ack"] = self.ack
         if self.session_id is not None:
             header["session_id"] = self.session_id
         if self.tuning is not None:
@@ -122,7 +137,8 @@ class SpanRequest:
     def from_header(cls, header: dict[str, Any]) -> "SpanRequest":
         start, end = _span(header)
         session_id = None if header.get("session_id") is None else _session_id(header)
-        return cls(start, end, ticket=_ticket(header), session_id=session_id, tuning=SpanTuning.from_header(header))
+        return cls(start, end, ticket=_ticket(header), session_id=session_id, tuning=SpanTuning.from_header(header),
+                   ack=receipt_ack(header))
 
 
 @dataclass(frozen=True)

@@ -166,3 +166,80 @@ def test_expired_tickets_are_forgotten_once_their_receipts_are_uploaded():
     assert tickets.prune() == 0  # its receipt has not been uploaded yet
     tickets.take_pending()
     assert tickets.prune() == 1 and tickets.units_used(t.ticket_id) == 0
+
+
+# --- the payment channel: acknowledgements and the credit window ---------------------------------
+
+
+def serve(tickets: TicketBook, t: JobTicket, session: str, tokens: int, seed: int = 0):
+    """One finished request of ``tokens`` tokens through the ticket's 2 blocks, and its receipt."""
+    tickets.charge(t, session, tokens=tokens, blocks=2).commit([output(seed)])
+    return tickets.receipt(t, session)
+
+
+def test_work_beyond_the_credit_window_waits_for_the_clients_acknowledgement():
+    from client_sdk.protocol.receipts import countersign
+
+    tickets = book()
+    t = tickets.check(ticket(max_units=1_000, credit_units=10).to_dict(), 0, 2)
+    first = serve(tickets, t, "session-0001", 3)  # 6 units, unacknowledged
+    assert tickets.unacknowledged(t.ticket_id) == 6
+    with pytest.raises(TicketError) as error:
+        tickets.charge(t, "session-0001", tokens=3, blocks=2)  # 12 > 10 in the window
+    assert error.value.code == "ack_overdue"
+    with pytest.raises(TicketError):  # another session of the same ticket shares the window
+        tickets.charge(t, "session-0002", tokens=3, blocks=2)
+    tickets.charge(t, "session-0001", tokens=2, blocks=2).cancel()  # 6 + 4 fits
+    tickets.acknowledge(t, countersign(first, CLIENT).to_dict())
+    assert tickets.unacknowledged(t.ticket_id) == 0
+    serve(tickets, t, "session-0001", 3, seed=1)  # served again
+    # nothing outstanding: a request larger than the whole window is still served (once)
+    tickets.acknowledge(t, countersign(tickets.latest(t.ticket_id, "session-0001"), CLIENT).to_dict())
+    serve(tickets, t, "session-0001", 50, seed=2)
+    with pytest.raises(TicketError):
+        tickets.charge(t, "session-0001", tokens=1, blocks=2)
+
+
+def test_an_acknowledgement_must_be_the_clients_countersignature_of_this_providers_receipt():
+    from client_sdk.protocol.receipts import countersign
+
+    tickets = book()
+    t = tickets.check(ticket(max_units=1_000, credit_units=10).to_dict(), 0, 2)
+    receipt = serve(tickets, t, "session-0001", 3)
+    forged = countersign(receipt, Identity.generate())  # not the ticket's client key
+    unsigned = receipt
+    inflated = countersign(replace_units(receipt, 1), CLIENT)  # the provider's signature no longer covers it
+    for bad in (forged, unsigned, inflated):
+        with pytest.raises(TicketError) as error:
+            tickets.acknowledge(t, bad.to_dict())
+        assert error.value.code == "bad_ack"
+    assert tickets.unacknowledged(t.ticket_id) == 6
+
+
+def test_an_acknowledged_receipt_is_uploaded_in_its_countersigned_form():
+    from client_sdk.protocol.receipts import countersign
+
+    tickets = book()
+    t = tickets.check(ticket(max_units=1_000, credit_units=10).to_dict(), 0, 2)
+    receipt = serve(tickets, t, "session-0001", 3)
+    assert [r.client_signature for r in tickets.take_pending()] == [""]
+    tickets.acknowledge(t, countersign(receipt, CLIENT).to_dict())
+    (pending,) = tickets.take_pending()
+    assert pending.seq == receipt.seq and verify_receipt(pending.to_dict(), t, require_client_signature=True)
+
+
+def test_a_receipt_is_due_once_half_the_window_is_unacknowledged():
+    tickets = book(receipt_every=1_000)
+    t = tickets.check(ticket(max_units=1_000, credit_units=20).to_dict(), 0, 2)
+    tickets.charge(t, "session-0001", tokens=2, blocks=2).commit([output(0)])  # 4 of 20
+    assert not tickets.receipt_due(t, "session-0001")
+    tickets.charge(t, "session-0001", tokens=3, blocks=2).commit([output(1)])  # 10 of 20
+    assert tickets.receipt_due(t, "session-0001")
+    tickets.receipt(t, "session-0001")
+    assert not tickets.receipt_due(t, "session-0001")  # already sent; waiting for the ack
+
+
+def replace_units(receipt, extra: int):
+    from dataclasses import replace
+
+    return replace(receipt, units=receipt.units + extra)
