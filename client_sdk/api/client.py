@@ -18,6 +18,7 @@ from client_sdk.api.types import (
     CatalogModel,
     Challenge,
     CreatedApiKey,
+    Dispute,
     FinishResult,
     Hold,
     Job,
@@ -377,6 +378,19 @@ class Receipts(_Resource):
                     page_size: int | None = None) -> Page[Settlement]:
         """What settlement paid, per job and provider, newest first."""
         return self._page("/api/settlements/", Settlement.from_json, page, page_size, job=job, provider=provider)
+
+    def dispute(self, job_id: int, receipt: Any, *, code: str, message: str = "") -> Dispute:
+        """Report a receipt you refused to countersign (``code``: the check it failed, e.g.
+        ``receipt_units``), with the receipt as the provider signed it. Until staff decide, its
+        ticket pays only for work you countersigned. Reporting it again returns the same dispute."""
+        body = self._core.request("POST", f"/api/jobs/{int(job_id)}/disputes/",
+                                  json={"receipt": _receipt_dict(receipt), "code": code, "message": message[:300]},
+                                  idempotency_key=_new_key())
+        return Dispute.from_json(body)
+
+    def disputes(self, *, job: int | None = None, page: int = 1, page_size: int | None = None) -> Page[Dispute]:
+        """Disputes of your jobs and against your providers, newest first."""
+        return self._page("/api/disputes/", Dispute.from_json, page, page_size, job=job)
 
 
 class Ledger(_Resource):

@@ -16,7 +16,7 @@ __all__ = [
     "User", "ApiKey", "CreatedApiKey", "SignupResult", "CatalogModel", "Measurement", "Provider", "Offer",
     "Challenge", "HoldSummary", "Job", "JobTransition", "PlanBackup", "PlanSegment", "Plan", "Account", "Posting",
     "Hold", "TransactionLeg", "Transaction", "Page", "PlatformInfo", "JobTicketEntry", "ReceiptResult",
-    "StoredReceipt", "Settlement", "FinishResult", "Audit", "Offence",
+    "StoredReceipt", "Settlement", "FinishResult", "Audit", "Offence", "Dispute",
 ]
 
 T = TypeVar("T")
@@ -514,6 +514,30 @@ class Audit:
                    end=d["end"], dtype=d["dtype"], state=d["state"], verdict=d.get("verdict", ""),
                    detail=d.get("detail", ""), created_at=_dt(d["created_at"]), decided_at=_dt(d.get("decided_at")),
                    claimed_proven=d.get("claimed_proven", False))
+
+
+@dataclass(frozen=True)
+class Dispute:
+    """A receipt the client refused to countersign, reported to the marketplace (``code``: the
+    check it failed). While open, the ticket's provider is paid only for countersigned work."""
+
+    id: int
+    job: int
+    ticket_id: str
+    provider: int
+    session_id: str
+    seq: int
+    units: int
+    code: str
+    state: str
+    verdict: str
+    created_at: datetime
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Dispute":
+        return cls(id=d["id"], job=d["job"], ticket_id=d["ticket_id"], provider=d["provider"],
+                   session_id=d["session_id"], seq=d["seq"], units=d["units"], code=d["code"], state=d["state"],
+                   verdict=d.get("verdict", ""), created_at=_dt(d["created_at"]))
 
 
 @dataclass(frozen=True)

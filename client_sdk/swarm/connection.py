@@ -14,9 +14,10 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
-from client_sdk.protocol.framing import Limits, Message, read_message, write_message
+from client_sdk.protocol.framing import Limits, Message, encode_message, read_message, write_message
 from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import (
     RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, OpenSession, Relink, SpanRequest, Step,
@@ -25,6 +26,8 @@ from client_sdk.protocol.tickets import JobTicket
 from client_sdk.swarm.receipts import ReceiptCollector
 
 __all__ = ["ProviderConnection", "InferenceStream", "SpanBilling"]
+
+logger = get_logger(__name__)
 
 _CLIENT_LIMITS = Limits(max_tensors=4, max_tensor_bytes=2**32)
 
@@ -56,7 +59,11 @@ class SpanBilling:
     verify: Callable[[dict[str, Any], Sequence[torch.Tensor], Message], Awaitable[None]] | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"ticket": self.ticket.to_dict(), "session_id": self.session_id}
+        header = {"ticket": self.ticket.to_dict(), "session_id": self.session_id}
+        ack = self.collector.ack(self.ticket, self.session_id)
+        if ack is not None:  # the payment channel: countersigned, so the provider goes on serving
+            header["ack"] = ack
+        return header
 
     def on_reply(self, rpc: str, header: dict[str, Any], sent: Sequence[torch.Tensor], reply: Message) -> None:
         """Mirror the provider's count (tokens x blocks, backward double; chain over the
@@ -201,6 +208,15 @@ class InferenceStream:
 
     async def send_step(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
         await self._send(Step(self.spec.session_id, step_id, position).to_header(), (hidden,))
+
+    def send_ack_nowait(self, receipt: dict[str, Any]) -> None:
+        """Send the countersigned copy of a receipt back to the provider (the payment channel's
+        acknowledgement). Written at once, without waiting for the transport: it is small, and
+        a broken stream shows up on the next step anyway."""
+        try:
+            self.writer.writelines(encode_message({"type": "ack", "ack": receipt}))
+        except (ConnectionError, RuntimeError) as e:
+            logger.debug(f"could not acknowledge a receipt to {self.peer_id}: {e!r}")
 
     async def send_relink(self, relink: Relink) -> None:
         await self._send(relink.to_header())

@@ -37,7 +37,7 @@ from client_sdk.protocol.records import ServerRecord
 from client_sdk.protocol.tickets import JobTicket, verify_ticket
 from client_sdk.swarm.connection import SpanBilling
 from client_sdk.swarm.dht import fetch_span_records
-from client_sdk.swarm.receipts import ReceiptCollector, UploadReceipts
+from client_sdk.swarm.receipts import DisputeReceipt, ReceiptCollector, UploadReceipts
 from client_sdk.swarm.routing import RouteHop
 from client_sdk.swarm.verify import Mismatch, ShadowVerifier
 
@@ -184,9 +184,10 @@ class SwarmJob:
 
     def __init__(self, plan: JobPlan, identity: Identity, *, job_id: int, verify_rate: float = DEFAULT_VERIFY_RATE,
                  upload: UploadReceipts | None = None, file_audit: Callable[[Mismatch], Any] | None = None,
-                 receipt_batch: int = 64, rng: random.Random | None = None) -> None:
+                 receipt_batch: int = 64, rng: random.Random | None = None,
+                 dispute: DisputeReceipt | None = None) -> None:
         self.plan, self.identity, self.job_id = plan, identity, job_id
-        self.collector = ReceiptCollector(identity, upload=upload, batch_size=receipt_batch)
+        self.collector = ReceiptCollector(identity, upload=upload, batch_size=receipt_batch, dispute=dispute)
         self.excluded: set[str] = set()  # caught returning wrong outputs: never used again by this job
         self.audits: list[Any] = []  # what file_audit returned for each mismatch
         self.audit_errors: list[str] = []
@@ -328,7 +329,7 @@ class MarketJob(SwarmJob):
         provider of a segment failed, report its primary and continue on the new plan."""
         self.client, self.job, self.platform_key, self.auto_replan = client, job, platform_key, auto_replan
         super().__init__(plan, identity, job_id=job.id, upload=self._upload if upload_receipts else None,
-                         file_audit=self._file, **kwargs)
+                         file_audit=self._file, dispute=self._dispute, **kwargs)
 
     @classmethod
     def create(cls, client: "Client", *, model: str, budget: int, max_price: int, kind: str = "inference",
@@ -405,6 +406,9 @@ class MarketJob(SwarmJob):
     def _upload(self, receipts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"status": r.status, "code": r.code, "message": r.message}
                 for r in self.client.receipts.upload(receipts)]
+
+    def _dispute(self, receipt: dict[str, Any], code: str, message: str) -> Any:
+        return self.client.receipts.dispute(self.job_id, receipt, code=code, message=message)
 
     def _file(self, mismatch: Mismatch) -> Any:
         if mismatch.ticket is None:

@@ -6,8 +6,13 @@ the outputs it actually received from that provider (units = tokens x blocks of 
 chain over ``tensor_digest`` of each output), so a receipt is countersigned only when its
 units and chain equal the client's own: a provider cannot bill work whose outputs the client
 never got, nor claim outputs other than those it sent. A receipt that fails a check is not
-countersigned; the problem is logged and kept for the job's summary (the provider may still
-upload its own provider-signed receipt; the marketplace bounds it by the ticket and the hold).
+countersigned; the problem is logged and kept for the job's summary, and a receipt that is
+the provider's but claims other units or outputs is reported to the marketplace as a dispute
+(``dispute``): a provider-signed receipt alone is paid at most the ticket's credit window, and
+nothing of that while it is disputed.
+
+Countersigned receipts go back to the provider as acknowledgements (:meth:`ReceiptCollector.ack`):
+a provider serves at most a credit window of work beyond the client's last acknowledgement.
 
 Countersigned receipts are uploaded in batches (only the newest per (ticket, session): each
 restates all earlier ones) from a background thread, so the swarm loop never waits on HTTP.
@@ -31,12 +36,17 @@ from client_sdk.protocol.tickets import JobTicket
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ReceiptCollector", "ReceiptProblem", "UploadReceipts"]
+__all__ = ["ReceiptCollector", "ReceiptProblem", "UploadReceipts", "DisputeReceipt"]
 
 logger = get_logger(__name__)
 
 # upload(receipt dicts) -> one status map per receipt: {"status": "accepted"|"stale"|"rejected", "code": ...}
 UploadReceipts = Callable[[list[dict[str, Any]]], Sequence[Mapping[str, Any]]]
+# dispute(receipt dict as the provider signed it, code, message): report a refused receipt
+DisputeReceipt = Callable[[dict[str, Any], str, str], Any]
+# Refusals worth a dispute: the provider signed for work or outputs the client did not get.
+# (Replays and receipts of another session are harmless duplicates.)
+_DISPUTED = ("receipt_units", "receipt_chain")
 
 _MAX_UPLOAD_BATCH = 500  # the marketplace's limit per request
 
@@ -65,10 +75,13 @@ class ReceiptCollector:
     Thread-safe: outputs and receipts arrive on the swarm loop, :meth:`flush` runs anywhere.
     """
 
-    def __init__(self, identity: Identity, *, upload: UploadReceipts | None = None, batch_size: int = 64) -> None:
+    def __init__(self, identity: Identity, *, upload: UploadReceipts | None = None, batch_size: int = 64,
+                 dispute: DisputeReceipt | None = None) -> None:
         if not 1 <= batch_size <= _MAX_UPLOAD_BATCH:
             raise ValueError(f"batch_size must be in [1, {_MAX_UPLOAD_BATCH}]")
         self.identity, self.upload, self.batch_size = identity, upload, batch_size
+        self.dispute = dispute
+        self.disputed = 0
         self._lock = threading.Lock()
         self._mirrors: dict[tuple[str, str], ReceiptCounter] = {}
         self._digests: dict[tuple[str, str], list[bytes]] = {}  # every output's digest, for audit evidence
@@ -141,10 +154,18 @@ class ReceiptCollector:
                 due = len(self._pending) >= self.batch_size
         if reason is not None:
             self._problem(ticket.ticket_id, ticket.provider_peer, session_id, *reason)
+            if reason[0] in _DISPUTED:
+                self._dispute_in_background(receipt, *reason)
             return None
         if due:
             self._upload_in_background()
         return signed
+
+    def ack(self, ticket: JobTicket, session_id: str) -> dict[str, Any] | None:
+        """The newest countersigned receipt of (ticket, session), to send back to its provider."""
+        with self._lock:
+            latest = self.latest.get((ticket.ticket_id, session_id))
+        return None if latest is None else latest.to_dict()
 
     def missing_receipt(self, ticket: JobTicket, session_id: str) -> None:
         """A billed reply came without the receipt the protocol requires."""
@@ -188,6 +209,24 @@ class ReceiptCollector:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-receipts")
             self._inflight = [f for f in self._inflight if not f.done()]
             self._inflight.append(self._executor.submit(self._upload_pending))
+
+    def _dispute_in_background(self, receipt: WorkReceipt, code: str, message: str) -> None:
+        if self.dispute is None:
+            return
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-receipts")
+            self._inflight = [f for f in self._inflight if not f.done()]
+            self._inflight.append(self._executor.submit(self._send_dispute, receipt, code, message))
+
+    def _send_dispute(self, receipt: WorkReceipt, code: str, message: str) -> None:
+        try:
+            self.dispute(receipt.to_dict(), code, message)  # type: ignore[misc]
+        except HivemartError as e:
+            logger.warning(f"could not report the refused receipt {receipt.ticket_id}#{receipt.seq} ({e})")
+            return
+        with self._lock:
+            self.disputed += 1
 
     def _upload_pending(self) -> None:
         batch = self._take_pending()
@@ -237,7 +276,8 @@ class ReceiptCollector:
         with self._lock:
             refused = Counter(p.code for p in self.problems if p.where == "client")
             rejected = Counter(p.code for p in self.problems if p.where == "upload")
-            return {"countersigned": self.countersigned, "refused": dict(refused), "upload": dict(self.upload_statuses),
+            return {"countersigned": self.countersigned, "refused": dict(refused), "disputed": self.disputed,
+                    "upload": dict(self.upload_statuses),
                     "upload_rejected": dict(rejected), "sessions": len(self._mirrors),
                     "units_received": sum(m.units for m in self._mirrors.values())}
 

@@ -378,7 +378,10 @@ class ChainSession:
         if hop.ticket is None or self.job is None:
             logger.debug(f"ignoring a receipt from {hop.peer_id}: this session is not billed")
             return
-        self.job.collector.receive(header.get("receipt"), ticket=hop.ticket, session_id=hop.stream.spec.session_id)
+        signed = self.job.collector.receive(header.get("receipt"), ticket=hop.ticket,
+                                            session_id=hop.stream.spec.session_id)
+        if signed is not None:  # acknowledge it: the provider serves only a credit window beyond its last ack
+            hop.stream.send_ack_nowait(signed.to_dict())
 
     @staticmethod
     def _is_retryable(error: BaseException) -> bool:
