@@ -51,17 +51,29 @@ class NoProvidersError(SwarmError):
         super().__init__(message)
 
 
+# What to do about a provider's refusal, where the provider's own message cannot say it.
+_REMOTE_HINTS = {
+    "ticket_exhausted": "the job's budget for these blocks is used up: create the job with a larger budget "
+                        "(`--budget`, or `budget=` in the SDK); a higher `max_price` does not help, it only "
+                        "admits pricier providers, whose tickets buy fewer work units",
+    "ack_overdue": "the provider waits for this client's countersigned receipts; a client on this SDK sends them "
+                   "by itself, so the session probably lost them: open a new session",
+}
+
+
 class RemoteError(SwarmError):
     """A provider answered a request with an error.
 
     ``code`` is the provider's machine-readable reason (``bad_request``, ``unknown_session``,
-    ``cache_full``, ...); ``peer_id`` says which provider answered.
+    ``cache_full``, ``ticket_exhausted``, ``ack_overdue``, ...); ``peer_id`` says which
+    provider answered. The message ends with what to do, where that is known.
     """
 
     def __init__(self, code: str, message: str, *, peer_id: str | None = None, extra: dict[str, Any] | None = None) -> None:
         self.code, self.peer_id, self.extra = code, peer_id, extra or {}
         where = f" (provider {peer_id})" if peer_id else ""
-        super().__init__(f"{code}: {message}{where}")
+        hint = f"; {_REMOTE_HINTS[code]}" if code in _REMOTE_HINTS else ""
+        super().__init__(f"{code}: {message}{where}{hint}")
 
 
 class ProviderUnavailableError(SwarmError):

@@ -169,7 +169,8 @@ class TicketBook:
     def _exhausted(state: _TicketState, units: int) -> TicketError:
         left = state.ticket.max_units - state.used
         return TicketError(f"ticket {state.ticket.ticket_id} has {left} of its {state.ticket.max_units} work units "
-                           f"left; this request needs {units}", code="ticket_exhausted")
+                           f"left; this request needs {units}. The job's budget for these blocks is spent: the client "
+                           f"needs a job with a larger --budget", code="ticket_exhausted")
 
     def units_used(self, ticket_id: str) -> int:
         """Units counted (or reserved in flight) on a ticket, over all its sessions."""

@@ -243,3 +243,15 @@ def replace_units(receipt, extra: int):
     from dataclasses import replace
 
     return replace(receipt, units=receipt.units + extra)
+
+
+def test_an_exhausted_ticket_says_to_raise_the_budget_on_the_provider_and_in_the_sdk():
+    from client_sdk.errors import RemoteError
+
+    tickets = book()
+    t = tickets.check(ticket(max_units=10).to_dict(), 0, 2)
+    with pytest.raises(TicketError) as error:
+        tickets.charge(t, "session-0001", tokens=6, blocks=2)
+    assert error.value.code == "ticket_exhausted" and "--budget" in str(error.value)
+    remote = RemoteError(error.value.code, str(error.value), peer_id=PROVIDER.peer_id)
+    assert "`--budget`" in str(remote) and "max_price" in str(remote)
