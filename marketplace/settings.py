@@ -240,6 +240,8 @@ SPECTACULAR_SETTINGS = {
         "TransactionKind": "marketplace.ledger.models.Transaction.Kind",
         "HoldState": "marketplace.ledger.models.Hold.State",
         "ModelDType": "marketplace.catalog.models.CatalogModel.DType",
+        "AuditState": "marketplace.receipts.models.Audit.State",
+        "AuditVerdict": "marketplace.receipts.models.Audit.Verdict",
     },
 }
 
