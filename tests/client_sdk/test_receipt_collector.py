@@ -199,3 +199,25 @@ def test_evidence_proves_an_output_was_signed_for() -> None:
     assert chain.hex() == evidence["receipt"]["chain"]
     assert collector.evidence(ticket, SESSION, outputs[2]) is None  # not covered by a receipt yet
     assert collector.evidence(ticket, SESSION, outputs[0] + 1) is None  # never received
+
+
+def test_a_receipt_claiming_more_units_is_refused_and_reported_as_a_dispute() -> None:
+    ticket = make_ticket()
+    disputes: list[tuple[dict, str, str]] = []
+    collector = ReceiptCollector(CLIENT, dispute=lambda receipt, code, message: disputes.append((receipt, code, message)))
+    provider = Provider(ticket)
+    outputs = [torch.randn(1, 2, 8) for _ in range(2)]
+    run(collector, provider, ticket, outputs)
+    honest = collector.receive(provider.receipt(), ticket=ticket, session_id=SESSION)
+    assert honest is not None and collector.ack(ticket, SESSION) == honest.to_dict()
+    provider.counter.units *= 10  # the provider inflates its count
+    inflated = provider.receipt()
+    assert collector.receive(inflated, ticket=ticket, session_id=SESSION) is None
+    collector.flush()
+    assert [(r, code) for r, code, _ in disputes] == [(inflated, "receipt_units")]
+    assert collector.summary()["disputed"] == 1
+    assert collector.ack(ticket, SESSION) == honest.to_dict()  # the ack stays at what the client agreed to
+    # a replay is a harmless duplicate: refused, not disputed
+    assert collector.receive(honest.to_dict() | {"client_signature": ""}, ticket=ticket, session_id=SESSION) is None
+    collector.close()
+    assert len(disputes) == 1
