@@ -47,6 +47,10 @@ _INLINE_TOKENS = 64
 _RECENT_STEPS = 32
 
 
+# How long a cleanly closed session waits for the client's ack of its final receipt.
+_CLOSE_ACK_TIMEOUT_S = 2.0
+
+
 class RequestError(Exception):
     """A request that is well-formed on the wire but cannot be served; carries a code."""
 
@@ -508,7 +512,10 @@ class ProviderServer:
                 except asyncio.IncompleteReadError:
                     return  # the client closed the session
                 if message.header.get("type") == "close":
-                    return  # a clean close: the final receipt goes out below, then the stream ends
+                    if session.ticket is not None:  # a clean close: the final receipt, and the client's ack of it
+                        await self._send_receipt(session, final=True)
+                        await self._await_ack(session, reader)
+                    return
                 if message.header.get("type") == "relink":
                     await self._relink(session, message.header, writer)
                     continue
@@ -539,6 +546,19 @@ class ProviderServer:
                    else self.tickets.receipt(ticket, session_id))
         if receipt is not None:
             await self._try_send(session.client, {"type": "receipt", "receipt": receipt.to_dict()})
+
+    async def _await_ack(self, session: Session, reader: asyncio.StreamReader) -> None:
+        """After a closing session's final receipt, read the client's acks for a moment (else
+        the session's last steps would count against the ticket's credit window for good)."""
+        try:
+            async with asyncio.timeout(_CLOSE_ACK_TIMEOUT_S):
+                while True:
+                    message = await read_message(reader, self._limits)
+                    if message.header.get("type") == "ack":
+                        await self._acknowledge(session, message.header)
+                        return
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            return
 
     async def _acknowledge(self, session: Session, header: dict[str, Any]) -> None:
         """The client countersigned a receipt of this session (the payment channel)."""
