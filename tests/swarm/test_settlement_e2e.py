@@ -427,29 +427,30 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
             assert market.wallet() == wallet - sum(owed.values())
             assert Provider.objects.get(peer_id=peers["c0"]).reputation < 100
 
-            # (c) A client that never uploads: the providers' own uploads get them paid, up to their tickets.
+            # (c) A client that never uploads: its providers upload the receipts it countersigned (their
+            # acks) and are paid in full, each ticket from its own segment's share of the hold.
             wallet = market.wallet()
             max_units = 2 * (prompt.shape[1] + 3)  # the prompt and three more tokens through 2 blocks
-            budget = max_units * PRIMARY_PRICE // 1_000_000
-            job = market.start_job(client, info.model_id, [("p0", ["b0"]), ("p1", ["b1"])], budget=budget,
+            share = max_units * PRIMARY_PRICE // 1_000_000
+            job = market.start_job(client, info.model_id, [("p0", ["b0"]), ("p1", ["b1"])], budget=2 * share,
                                    verify_rate=0.0, upload_receipts=False)
             job.attach(model)
             with pytest.raises(RemoteError) as exhausted:
                 model.generate(prompt, max_new_tokens=NEW_TOKENS)
-            assert exhausted.value.code == "ticket_exhausted"
+            assert exhausted.value.code == "ticket_exhausted" and "--budget" in str(exhausted.value)
             tickets = {job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).ticket_id: n for i, n in enumerate(["p0", "p1"])}
             assert all(job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).max_units == max_units
                        for i, n in enumerate(["p0", "p1"]))
             wait_for("the providers' uploads", lambda: market.stored_units(job.job_id) == {t: max_units for t in tickets})
-            assert not Receipt.objects.filter(ticket__job_id=job.job_id).exclude(client_signature="").exists()
+            assert Receipt.objects.filter(ticket__job_id=job.job_id).exclude(client_signature="").exists()
             assert job.collector.countersigned > 0 and job.collector.summary()["upload"] == {}
             receipts_settle()
             settlements = list(Settlement.objects.filter(job_id=job.job_id))
-            # Each ticket alone may spend the whole hold: what was captured stops at the hold, the rest is owed.
-            assert sum(s.amount for s in settlements) == budget
-            assert sum(s.amount + s.shortfall for s in settlements) == 2 * budget
+            # Two segments, one share each: both providers are paid in full and nothing falls short.
+            assert sorted(s.amount for s in settlements) == [share, share]
+            assert sum(s.shortfall for s in settlements) == 0
             assert all(t.settled_units <= t.max_units for t in Ticket.objects.filter(job_id=job.job_id))
-            assert market.wallet() == wallet - budget
+            assert market.wallet() == wallet - 2 * share
             job.detach()
 
         # (d) The books balance after all of it.

@@ -84,11 +84,12 @@ async def call(runtime: SwarmRuntime, agent: AgentProcess, rpc: str, header: dic
 
 
 def forward(runtime: SwarmRuntime, agent: AgentProcess, ticket: JobTicket | dict | None, *, start: int | None = None,
-            end: int | None = None, tokens: int = 3, session_id: str | None = None, seed: int = 0) -> Message:
+            end: int | None = None, tokens: int = 3, session_id: str | None = None, seed: int = 0,
+            ack: dict | None = None) -> Message:
     start = agent.ready["start"] if start is None else start
     end = agent.ready["end"] if end is None else end
     data = ticket.to_dict() if isinstance(ticket, JobTicket) else ticket
-    header = SpanRequest(start, end, ticket=data, session_id=session_id).to_header()
+    header = SpanRequest(start, end, ticket=data, session_id=session_id, ack=ack).to_header()
     return runtime.run(call(runtime, agent, RPC_FORWARD, header, (hidden(tokens, seed),)))
 
 
@@ -166,6 +167,22 @@ def test_units_are_counted_per_ticket_across_sessions(runtime, first):
         assert forward(runtime, first, ticket, session_id=session).header["type"] == "output"
     reply = forward(runtime, first, ticket, session_id="session-c-01")
     assert reply.header["code"] == "ticket_exhausted"
+
+
+def test_work_beyond_the_credit_window_waits_for_the_clients_ack(runtime, first):
+    from client_sdk.protocol.receipts import countersign
+
+    ticket = make_ticket(first, credit_units=10)  # a forward of 3 tokens through 2 blocks is 6 units
+    session = f"acks-{next(_ids):08d}"
+    reply = forward(runtime, first, ticket, session_id=session)
+    assert reply.header["type"] == "output"
+    refused = forward(runtime, first, ticket, session_id=session, seed=1)  # 6 unacknowledged + 6 > 10
+    assert refused.header["code"] == "ack_overdue" and "countersign" in refused.header["message"]
+    forged = countersign(WorkReceipt.from_dict(reply.header["receipt"]), Identity.generate())
+    assert forward(runtime, first, ticket, session_id=session, ack=forged.to_dict()).header["code"] == "bad_ack"
+    acked = countersign(WorkReceipt.from_dict(reply.header["receipt"]), CLIENT)
+    again = forward(runtime, first, ticket, session_id=session, seed=1, ack=acked.to_dict())
+    assert again.header["type"] == "output" and verify_receipt(again.header["receipt"], ticket).units == 12
 
 
 class Stream:
