@@ -56,8 +56,11 @@ logger = get_logger(__name__)
 FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
 
 # Error codes after which another provider may well succeed; anything else is the caller's
-# mistake (bad shapes, too long, ...) and is raised as it is.
-_RETRYABLE = {"internal", "busy", "not_accepting", "next_hop_failed", "unknown_session", "cache_full", "timeout"}
+# mistake (bad shapes, too long, ...) and is raised as it is. ``ack_overdue``: the provider
+# waits for acknowledgements this client withholds (it refused the provider's receipts), so
+# the session moves to another planned provider.
+_RETRYABLE = {"internal", "busy", "not_accepting", "next_hop_failed", "unknown_session", "cache_full", "timeout",
+              "ack_overdue"}
 _MAX_FAILOVERS_PER_STEP = 5
 
 

@@ -364,7 +364,9 @@ def _raise_acks(acks: dict[tuple[int, str], int]) -> None:
 @transaction.atomic
 def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutcome]:
     """Check and store a batch of receipts (at most ``MAX_RECEIPTS_PER_UPLOAD``); one outcome
-    per receipt, in order. Nothing here moves credits: :func:`receipts_settle` does."""
+    per receipt, in order. A countersigned receipt also raises its session's acknowledged
+    units, even when a newer receipt is stored. Nothing here moves credits:
+    :func:`receipts_settle` does."""
     if not isinstance(receipts, (list, tuple)) or not 0 < len(receipts) <= MAX_RECEIPTS_PER_UPLOAD:
         raise ValidationFailed(f"send 1 to {MAX_RECEIPTS_PER_UPLOAD} receipts", extra={"field": "receipts"})
     ticket_ids = {d["ticket_id"] for d in receipts if isinstance(d, dict) and isinstance(d.get("ticket_id"), str)}
@@ -416,13 +418,16 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
         winners[key] = (i, r)
         outcomes[i] = ReceiptOutcome("accepted", **ident)
     written = _store([(key[0], r) for key, (_, r) in winners.items()], user)
-    _raise_acks(acks)
     for key, (i, r) in winners.items():
         if key not in written:  # a concurrent upload stored a newer receipt first
             outcomes[i] = ReceiptOutcome("stale", "receipt_replay", "a newer receipt was stored meanwhile",
                                          ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
+            if r.client_signature:  # still an acknowledgement
+                acks[key] = max(acks.get(key, 0), r.units)
+    _raise_acks(acks)
     if written or acks:
-        job_ids = sorted({t.job_id for t in tickets.values() if any(k[0] == t.pk for k in (*written, *acks))})
+        changed = {key[0] for key in written} | {key[0] for key in acks}
+        job_ids = sorted({t.job_id for t in tickets.values() if t.pk in changed})
         for hook in _uploaded_hooks:
             hook(job_ids)
     return [o for o in outcomes if o is not None]

@@ -162,6 +162,19 @@ def test_a_provider_cannot_hide_the_clients_countersignatures_by_uploading_newer
     assert ledger_verify().consistent
 
 
+def test_an_acknowledgement_superseded_in_the_same_upload_still_counts() -> None:
+    pj = planned_job(budget=1_000_000, price=1_000)
+    p = pj.providers[0]
+    counter = pj.counter(p)
+    acked = pj.receipt(p, 300_000, counter=counter)
+    newer = pj.receipt(p, 400_000, counter=counter, countersigned=False)
+    assert upload(p.user, newer, acked) == [("accepted", ""), ("accepted", "")]
+    receipts_settle()
+    window = pj.ticket(p).credit_units
+    assert earnings(p) + fees() == ticket_cost(300_000 + window, max_units=10**12, price=1_000)
+    assert ledger_verify().consistent
+
+
 def test_disputes_are_checked_and_only_the_jobs_client_may_file_them() -> None:
     pj = planned_job(budget=1_000_000, price=1_000)
     p = pj.providers[0]

@@ -53,8 +53,8 @@ def test_uploaded_receipts_are_settled_and_the_finished_job_closed_by_a_real_wor
     provider_api = APIClient()
     provider_api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=p.user).raw}")
     counter = pj.counter(p)
-    response = provider_api.post("/api/receipts/", {"receipts": [pj.receipt(p, 2_000_000, counter=counter,
-                                                                            countersigned=False).to_dict()]},
+    # the provider uploads the receipt the client acknowledged (countersigned)
+    response = provider_api.post("/api/receipts/", {"receipts": [pj.receipt(p, 2_000_000, counter=counter).to_dict()]},
                                  format="json")
     assert response.json()["results"][0]["status"] == "accepted"
 

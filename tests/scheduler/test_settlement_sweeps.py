@@ -25,7 +25,8 @@ def test_a_running_job_failed_at_its_deadline_pays_its_uploaded_work_first(setti
     settings.HIVEMART_PLATFORM_FEE_BPS = 0
     pj = planned_job(budget=100_000, price=1_000)
     p = pj.providers[0]
-    receipts_upload(user=p.user, receipts=[pj.receipt(p, 5_000_000, countersigned=False).to_dict()])
+    # the provider uploads the receipt the client acknowledged (countersigned)
+    receipts_upload(user=p.user, receipts=[pj.receipt(p, 5_000_000).to_dict()])
     expired = services.holds_expire(now=timezone.now() + timedelta(seconds=settings.HIVEMART_JOB_RUN_TIMEOUT_S + 60))
     assert expired == [pj.job.pk]
     pj.job.refresh_from_db()
