@@ -11,7 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.accounts.models import User
-from marketplace.common.api import IsStaff, StrictIntegerField, parse
+from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.common.errors import PermissionDenied, ValidationFailed
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
 from marketplace.ledger.selectors import account_get, accounts_visible_to, hold_get, holds_visible_to, postings_visible_to
@@ -95,12 +95,8 @@ class PostingList(ListAPIView):
 
     def get_queryset(self) -> QuerySet[Posting]:
         postings = postings_visible_to(user=self.request.user)
-        account = self.request.query_params.get("account")
-        if account is not None:
-            if not account.isdigit():
-                raise ValidationFailed("account is an account id", extra={"field": "account"})
-            postings = postings.filter(account_id=int(account))
-        return postings
+        account = query_id(self.request, "account")
+        return postings if account is None else postings.filter(account_id=account)
 
     @extend_schema(parameters=[OpenApiParameter("account", int)])
     def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
