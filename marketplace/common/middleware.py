@@ -63,10 +63,17 @@ def body_limit(path: str) -> int:
     return BODY_LIMITS.get(name, DEFAULT_BODY_LIMIT)
 
 
+def _has_nul(request: HttpRequest) -> bool:
+    return "\x00" in request.path or any("\x00" in key or any("\x00" in v for v in values)
+                                          for key, values in request.GET.lists())
+
+
 class RequestLimitsMiddleware:
     """Refuses, before any of it is read: a body over its endpoint's limit (413), a
-    malformed Content-Length (400), an API URL over ``MAX_API_URL_LENGTH`` (414). Under
-    ``/api/`` the answer is the one JSON error shape."""
+    malformed Content-Length (400), an API URL over ``MAX_API_URL_LENGTH`` (414) or with a
+    NUL character in its path or query (400: PostgreSQL text cannot hold one, so it would
+    fail as a 500 wherever it reached a query). Under ``/api/`` the answer is the one JSON
+    error shape."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -75,6 +82,8 @@ class RequestLimitsMiddleware:
         if request.path.startswith("/api/") and len(request.get_full_path()) > MAX_API_URL_LENGTH:
             return _api_error(request, 414, "uri_too_long",
                               f"the URL is longer than {MAX_API_URL_LENGTH} characters", limit=MAX_API_URL_LENGTH)
+        if request.path.startswith("/api/") and _has_nul(request):
+            return _api_error(request, 400, "invalid", "the URL contains a NUL character")
         raw = request.META.get("CONTENT_LENGTH") or "0"
         if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
             return _api_error(request, 400, "parse_error", "the Content-Length header is not a byte count")

@@ -138,6 +138,13 @@ def test_body_ids_beyond_64_bits_are_400s() -> None:
     assert_books_consistent()
 
 
+def test_a_nul_character_in_an_api_url_is_a_400_on_every_database() -> None:
+    user = make_user()
+    for path in ("/api/models/a%00b/", "/api/models/a%00/offers/", "/api/jobs/?state=%00",
+                 "/api/receipts/?job=1%00", "/api/me/?x%00=1"):
+        assert_error_shape(api(user).get(path), 400, "invalid")
+
+
 # --- Host and URL ---------------------------------------------------------------------------------
 
 
