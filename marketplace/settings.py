@@ -111,6 +111,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "marketplace.common.middleware.RequestIdMiddleware",
+    # Body size per endpoint (413) and API URL length (414), before anything reads the request.
+    "marketplace.common.middleware.RequestLimitsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from gunicorn itself (the web pages' one stylesheet); no separate file server.
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -218,7 +220,7 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "marketplace.common.exceptions.api_exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"]
     + (["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["marketplace.common.parsers.JSONParser"],  # DRF's, with a nesting limit
     "DEFAULT_THROTTLE_RATES": {
         "signup": os.environ.get("HIVEMART_SIGNUP_RATE", "20/hour"),
         "challenge": os.environ.get("HIVEMART_CHALLENGE_RATE", "120/minute"),
@@ -232,6 +234,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # <id:...> path segments (marketplace.common.converters) are integers.
+    "PATH_CONVERTER_OVERRIDES": {"id": {"type": "integer"}},
     "ENUM_NAME_OVERRIDES": {
         "JobKind": "marketplace.jobs.models.Job.Kind",
         "JobState": "marketplace.jobs.models.Job.State",

@@ -15,5 +15,6 @@ urlpatterns = [
     path("", include("marketplace.web.urls")),
 ]
 
+handler400 = "marketplace.common.exceptions.bad_request"
 handler404 = "marketplace.common.exceptions.not_found"
 handler500 = "marketplace.common.exceptions.server_error"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from client_sdk.protocol.identity import is_valid_public_key
 from client_sdk.protocol.tickets import HEX64_PATTERN as HEX64
 from provider_agent.config import AgentConfig
 from provider_agent.threads import limit_openmp_spinning
@@ -38,8 +39,9 @@ def _parse_platform_key(ctx: click.Context, param: click.Parameter, value: str |
     if value is None:
         return None
     value = value.strip().lower()
-    if not HEX64.match(value):
-        raise click.BadParameter("the platform key is 64 hex characters (GET /api/platform/ shows it)")
+    if not HEX64.match(value) or not is_valid_public_key(bytes.fromhex(value)):
+        raise click.BadParameter("the platform key is 64 hex characters of a usable Ed25519 public key "
+                                 "(GET /api/platform/ shows it)")
     return value
 
 

@@ -31,7 +31,7 @@ from client_sdk.api.types import ReceiptResult
 from client_sdk.errors import (
     AuthenticationError, ConflictError, HivemartError, NotFoundError, PermissionDeniedError, ValidationError,
 )
-from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.identity import Identity, is_valid_public_key
 from client_sdk.protocol.receipts import WorkReceipt
 from client_sdk.protocol.tickets import HEX64_PATTERN
 from provider_agent.config import AgentConfig
@@ -82,7 +82,7 @@ def hardware(device: str) -> tuple[str, int]:
 def fetch_platform_key(client: Client) -> bytes:
     """The marketplace's platform public key (``GET /api/platform/``, no authentication)."""
     key = client.platform.get().public_key
-    if not isinstance(key, str) or not HEX64_PATTERN.match(key):
+    if not isinstance(key, str) or not HEX64_PATTERN.match(key) or not is_valid_public_key(bytes.fromhex(key)):
         raise HivemartError(f"the marketplace answered a malformed platform key: {key!r}")
     return bytes.fromhex(key)
 

@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 # Latency assumed for a provider that has reported none and was never probed: pessimistic,
 # so measured providers win ties.
 UNKNOWN_LATENCY_MS = 1000.0
+# Throughput (tokens/s per block) stood in for a planned provider with no current figures
+# (a matcher Segment must have a positive one).
+UNKNOWN_THROUGHPUT = 1e-9
 _REASON_LIMIT = 200
 
 
@@ -183,14 +186,18 @@ def jobs_match_pending(*, older_than_s: float, now: datetime | None = None,
 
 
 def _stored_plan(row: PlanRow, job: Job, figures: dict[str, Offer]) -> Plan:
-    """A stored plan in the matcher's terms; latencies come from the providers' current figures."""
+    """A stored plan in the matcher's terms; latencies come from the providers' current figures.
+
+    A primary with no current figures (offline: the very case a replan exists for) gets the
+    pessimistic ``UNKNOWN_LATENCY_MS`` and ``UNKNOWN_THROUGHPUT``; a replan weighs the kept
+    segments by latency and price only, so the placeholder never decides anything."""
     segments = []
     for seg in row.segments.all():
         primary = str(seg.provider_id)
         offer = figures.get(primary)
         blocks = seg.block_end - seg.block_start
         latency = offer.segment_latency_ms(blocks) if offer else UNKNOWN_LATENCY_MS
-        throughput = offer.throughput / blocks if offer else 0.0
+        throughput = offer.throughput / blocks if offer else UNKNOWN_THROUGHPUT
         segments.append(Segment(start=seg.block_start, end=seg.block_end, primary=primary,
                                 backups=tuple(str(b.provider_id) for b in seg.backups.all()), price=seg.price,
                                 latency_ms=latency, throughput=throughput))

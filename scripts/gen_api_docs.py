@@ -31,6 +31,17 @@ has the shape `{"code": "...", "message": "...", "extra": {...}}` and every resp
 `X-Request-Id` header; lists are paginated with `?page=` and `?page_size=`. Money is integer
 micro-credits; prices are micro-credits per million work units. The Python client is
 `client_sdk.api.Client`; the machine-readable schema is served at `/api/schema/`.
+
+Input limits, each answered in that error shape: ids in paths and query strings are ASCII
+digits up to 2^63 - 1 (anything else is a 404 in a path, a 400 `invalid` in a query), and
+every integer in a body fits 64 bits; JSON nests at most 32 levels (400 `parse_error`);
+bodies have a limit per endpoint, checked before they are read (413 `too_large`: 16 KiB for
+sign-up, 2 MiB for receipt uploads, 36 MiB for audits, 1 MiB elsewhere); URLs longer than
+4000 characters are a 414 `uri_too_long`, and a NUL character in a URL is a 400. Idempotency keys (the `Idempotency-Key` header,
+or `idempotency_key` in a body; at most 175 characters for ledger movements) are yours
+alone: another user's key never collides with yours, nor with the keys the marketplace
+derives for its own movements (settlement, holds), and a conflict (409
+`idempotency_conflict`) only ever names your own earlier request.
 """
 
 

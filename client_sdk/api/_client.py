@@ -37,6 +37,8 @@ _ERRORS_BY_STATUS: dict[int, type[APIError]] = {
     403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
+    413: ValidationError,  # too_large: the body is over the endpoint's limit
+    414: ValidationError,  # uri_too_long
     422: ValidationError,
     429: RateLimitError,
 }

@@ -11,6 +11,13 @@ libp2p encodings used here (see the libp2p peer-id spec):
   (bytes) key data: 64 bytes (seed + public key) for a private key, 32 for a public key.
 - Peer id: the identity multihash (code 0x00) of the 36-byte ``PublicKey`` protobuf,
   written in base58btc (such ids start with ``12D3KooW``).
+
+Every public key that arrives from elsewhere (a registration, a job's client key, a DHT
+record's peer id, a ticket, a receipt) passes :func:`check_public_key`: a key of small order
+(one of the 8 points of the curve's torsion subgroup) verifies forged signatures (public key
+``01`` + 31 zero bytes with signature ``01`` + 63 zero bytes verifies for any message), and a
+non-canonical encoding (y >= p) names a point that some implementations read differently.
+:func:`verify_signature` applies the same check to the key and to the signature's R.
 """
 
 from __future__ import annotations
@@ -25,11 +32,59 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from client_sdk.errors import ProtocolError
 
-__all__ = ["Identity", "peer_id_from_public_key", "verify_signature", "public_key_from_peer_id"]
+__all__ = ["Identity", "check_public_key", "is_valid_public_key", "peer_id_from_public_key", "verify_signature",
+           "public_key_from_peer_id"]
 
 _ED25519 = 1
 _PUBLIC_KEY_LEN = 32
 _SIGNATURE_LEN = 64
+
+# Curve25519 in Edwards form: -x^2 + y^2 = 1 + d x^2 y^2 over GF(p).
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_Y_MASK = (1 << 255) - 1
+# The y coordinates of the curve's 8 points of small order: the identity (1), the point of
+# order 2 (-1), the two of order 4 (0) and the four of order 8 (two values of y, each with
+# both signs of x). A canonical key with any of these y is of small order, and no other is.
+_ORDER_8_Y = int.from_bytes(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+                            "little")
+_SMALL_ORDER_Y = frozenset({1, _P - 1, 0, _ORDER_8_Y, _P - _ORDER_8_Y})
+
+
+def _decoded_y(encoded: bytes) -> int | None:
+    """The y coordinate of a point's 32-byte encoding; None when it is not canonical (y >= p)."""
+    y = int.from_bytes(encoded, "little") & _Y_MASK
+    return y if y < _P else None
+
+
+def _key_problem(public_key: bytes) -> str | None:
+    if len(public_key) != _PUBLIC_KEY_LEN:
+        return f"an Ed25519 public key has {_PUBLIC_KEY_LEN} bytes"
+    y = _decoded_y(public_key)
+    if y is None:
+        return "the Ed25519 public key is not canonically encoded (y >= p)"
+    if y in _SMALL_ORDER_Y:
+        return "the Ed25519 public key is a point of small order (it would verify forged signatures)"
+    # A y with no curve point is left to the signature check, which no signature passes.
+    return None
+
+
+def check_public_key(public_key: bytes) -> bytes:
+    """``public_key`` (as bytes) when it is a usable Ed25519 public key: 32 bytes, canonically
+    encoded (y < p), not of small order. ProtocolError otherwise; every key that arrives from
+    elsewhere goes through here."""
+    if not isinstance(public_key, (bytes, bytearray)):
+        raise ProtocolError(f"an Ed25519 public key is {_PUBLIC_KEY_LEN} bytes")
+    problem = _key_problem(bytes(public_key))
+    if problem is not None:
+        raise ProtocolError(problem)
+    return bytes(public_key)
+
+
+def is_valid_public_key(public_key: bytes) -> bool:
+    """Whether :func:`check_public_key` accepts ``public_key``."""
+    return isinstance(public_key, (bytes, bytearray)) and _key_problem(bytes(public_key)) is None
 
 
 def _protobuf_key(key_type: int, data: bytes) -> bytes:
@@ -52,7 +107,8 @@ def peer_id_from_public_key(public_key: bytes) -> str:
 
 
 def public_key_from_peer_id(peer_id: str) -> bytes:
-    """The raw Ed25519 public key embedded in an Ed25519 peer id (ProtocolError for others)."""
+    """The raw Ed25519 public key embedded in an Ed25519 peer id (ProtocolError for others).
+    It is not checked here: :func:`verify_signature` refuses every signature by a weak key."""
     try:
         multihash = base58.b58decode(peer_id)
     except ValueError as e:
@@ -66,8 +122,14 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """True when ``signature`` is a valid Ed25519 signature of ``message`` by ``public_key``."""
-    if len(public_key) != _PUBLIC_KEY_LEN or len(signature) != _SIGNATURE_LEN:
+    """True when ``signature`` is a valid Ed25519 signature of ``message`` by ``public_key``.
+
+    False for a key :func:`check_public_key` refuses, and for a signature whose R is not
+    canonical or of small order (no honest signer makes one; OpenSSL checks S < L itself)."""
+    if not is_valid_public_key(public_key) or len(signature) != _SIGNATURE_LEN:
+        return False
+    r = _decoded_y(bytes(signature[:32]))
+    if r is None or r in _SMALL_ORDER_Y:
         return False
     try:
         Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), bytes(message))

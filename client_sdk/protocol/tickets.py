@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from client_sdk.errors import ProtocolError
-from client_sdk.protocol.identity import Identity, verify_signature
+from client_sdk.protocol.identity import Identity, is_valid_public_key, verify_signature
 
 __all__ = [
     "TICKET_DOMAIN", "JobTicket", "TicketError", "issue_ticket", "verify_ticket", "canonical_json",
-    "TICKET_ID_PATTERN", "PEER_ID_PATTERN", "HEX64_PATTERN", "field_int", "field_str",
+    "TICKET_ID_PATTERN", "PEER_ID_PATTERN", "HEX64_PATTERN", "NO_CLIENT_KEY", "field_int", "field_str",
 ]
 
 TICKET_DOMAIN = b"hivemart-ticket/1\n"
@@ -34,6 +34,9 @@ HEX64_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _MAX_INT = 2**62
+# The client_key of a ticket whose job has no client key: a point of small order, so that no
+# countersignature ever verifies against it (verify_signature refuses such keys).
+NO_CLIENT_KEY = "00" * 32
 # A provider's clock may run a little behind or ahead of the marketplace's.
 CLOCK_SKEW_S = 30
 
@@ -128,7 +131,7 @@ class JobTicket:
         return cls(
             ticket_id=field_str(data, "ticket_id", TICKET_ID_PATTERN, "8 to 64 characters of [A-Za-z0-9_-]"),
             job_id=field_int(data, "job_id", low=1),
-            client_key=field_str(data, "client_key", HEX64_PATTERN, "a hex Ed25519 public key"),
+            client_key=_client_key(data),
             provider_peer=field_str(data, "provider_peer", PEER_ID_PATTERN, "a base58 peer id"),
             model_id=field_str(data, "model_id", _MODEL_ID, "a model id"),
             model_digest=field_str(data, "model_digest", HEX64_PATTERN, "a hex sha256 digest"),
@@ -139,6 +142,13 @@ class JobTicket:
             expires_at=field_int(data, "expires_at"),
             signature=field_str(data, "signature", _HEX128, "a hex Ed25519 signature"),
         )
+
+
+def _client_key(data: dict[str, Any]) -> str:
+    key = field_str(data, "client_key", HEX64_PATTERN, "a hex Ed25519 public key")
+    if key != NO_CLIENT_KEY and not is_valid_public_key(bytes.fromhex(key)):
+        raise TicketError("the ticket's client_key is of small order or not canonical", code="bad_ticket")
+    return key
 
 
 def issue_ticket(platform: Identity, **body: Any) -> JobTicket:

@@ -9,3 +9,6 @@ class CommonConfig(AppConfig):
     def ready(self) -> None:
         # Registers the OpenAPI description of the API-key authentication.
         from marketplace.common import schema  # noqa: F401
+        from marketplace.common import converters
+
+        converters.register()  # <id:...> in every app's URLconf

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 from django.db import IntegrityError, transaction
 
+from client_sdk.protocol.identity import is_valid_public_key
+
 from marketplace.accounts.models import User
 from marketplace.catalog.selectors import catalog_model_for_use
 from marketplace.common.errors import (
@@ -125,6 +127,10 @@ def job_create(*, user: User, kind: str, model_id: str, budget: int, max_price: 
     if not isinstance(client_key, str) or not (client_key == "" or _CLIENT_KEY_RE.match(client_key.lower())):
         raise ValidationFailed("client_key is a hex Ed25519 public key (64 hex characters)",
                                extra={"field": "client_key"})
+    if client_key and not is_valid_public_key(bytes.fromhex(client_key)):
+        # A small-order key would verify countersignatures anyone can forge.
+        raise ValidationFailed("client_key is not a usable Ed25519 public key (small order or not canonical); "
+                               "send the public key of a freshly generated identity", extra={"field": "client_key"})
     model = catalog_model_for_use(model_id=model_id)
     wanted = dict(kind=kind, model_id=model.pk, budget=budget, max_price=max_price,
                   min_throughput=None if min_throughput is None else float(min_throughput),

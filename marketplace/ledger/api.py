@@ -11,11 +11,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.accounts.models import User
-from marketplace.common.api import IsStaff, StrictIntegerField, parse
+from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.common.errors import PermissionDenied, ValidationFailed
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
 from marketplace.ledger.selectors import account_get, accounts_visible_to, hold_get, holds_visible_to, postings_visible_to
-from marketplace.ledger.services import MAX_AMOUNT, credit_grant, payout, wallet_get_or_create
+from marketplace.ledger.services import IDEMPOTENCY_KEY_MAX, MAX_AMOUNT, credit_grant, payout, wallet_get_or_create
 
 
 class AccountOutput(serializers.ModelSerializer):
@@ -45,6 +45,8 @@ class HoldOutput(serializers.ModelSerializer):
 
 
 class TransactionOutput(serializers.ModelSerializer):
+    idempotency_key = serializers.CharField(source="request_key", allow_null=True,
+                                            help_text="the key as you sent it")
     postings = serializers.SerializerMethodField()
 
     class Meta:
@@ -59,14 +61,16 @@ class GrantInput(serializers.Serializer):
     username = serializers.CharField(max_length=150)
     amount = StrictIntegerField(min_value=1, max_value=MAX_AMOUNT, help_text="micro-credits")
     memo = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
-    idempotency_key = serializers.CharField(max_length=200, required=False, allow_null=True, default=None)
+    idempotency_key = serializers.CharField(max_length=IDEMPOTENCY_KEY_MAX, required=False, allow_null=True,
+                                            default=None, help_text="yours alone: no other user's key collides")
 
 
 class PayoutInput(serializers.Serializer):
     account = StrictIntegerField(min_value=1, help_text="a provider earnings account")
     amount = StrictIntegerField(min_value=1, max_value=MAX_AMOUNT)
     memo = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
-    idempotency_key = serializers.CharField(max_length=200, required=False, allow_null=True, default=None)
+    idempotency_key = serializers.CharField(max_length=IDEMPOTENCY_KEY_MAX, required=False, allow_null=True,
+                                            default=None, help_text="yours alone: no other user's key collides")
 
 
 class AccountList(ListAPIView):
@@ -91,12 +95,8 @@ class PostingList(ListAPIView):
 
     def get_queryset(self) -> QuerySet[Posting]:
         postings = postings_visible_to(user=self.request.user)
-        account = self.request.query_params.get("account")
-        if account is not None:
-            if not account.isdigit():
-                raise ValidationFailed("account is an account id", extra={"field": "account"})
-            postings = postings.filter(account_id=int(account))
-        return postings
+        account = query_id(self.request, "account")
+        return postings if account is None else postings.filter(account_id=account)
 
     @extend_schema(parameters=[OpenApiParameter("account", int)])
     def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003

@@ -14,7 +14,8 @@ What the database itself guarantees (see migration 0002 for the triggers):
   refuses it unless they sum to zero, postings cannot be added to a recorded transaction nor
   changed, and on PostgreSQL a deferred constraint trigger re-checks every touched
   transaction at commit;
-- idempotency keys are unique.
+- idempotency keys are unique. They are stored with their namespace (``user:<id>:`` for a
+  key a user sent, ``system:`` for one the system derived; see ``ledger.services``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class Transaction(models.Model):
     # row comes last), hence a UUID rather than a database sequence.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     kind = models.CharField(max_length=16, choices=Kind.choices)
+    # Namespaced: "user:<id>:<key as sent>" or "system:<key>" (see ledger.services).
     idempotency_key = models.CharField(max_length=200, unique=True, null=True, blank=True)
     hold = models.ForeignKey(Hold, null=True, blank=True, on_delete=models.PROTECT, related_name="transactions")
     memo = models.CharField(max_length=200, blank=True)
@@ -120,6 +122,20 @@ class Transaction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.pk}"
+
+    @staticmethod
+    def key_as_sent(stored: str | None) -> str | None:
+        """A stored idempotency key without its namespace: what its owner sent (or the system derived)."""
+        if stored is None:
+            return None
+        if stored.startswith("user:"):
+            return stored.split(":", 2)[2]
+        return stored.removeprefix("system:")
+
+    @property
+    def request_key(self) -> str | None:
+        """This transaction's idempotency key as it was sent."""
+        return self.key_as_sent(self.idempotency_key)
 
 
 class Posting(models.Model):

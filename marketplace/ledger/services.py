@@ -20,7 +20,12 @@ implementation below serves SQLite, and a test keeps the two in step.
 
 Idempotency: a service given a key that was already used returns the earlier result when
 the request is the same (same kind, same postings) and raises ``IdempotencyConflict``
-otherwise.
+otherwise. Keys live in namespaces, so that nobody can spend a key that another owner, or
+the system itself, will use: a key given with the user who sent it (``granted_by``,
+``requested_by``) is stored as ``user:<id>:<key>``, every other key (those the system
+derives: settlement, clawbacks, holds, charges, operator commands) as ``system:<key>``. Only
+this module writes the stored form, and no request names a namespace, so a conflict can
+only ever involve the same owner's own transactions.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from marketplace.ledger.models import Account, Hold, Posting, Transaction
 
 __all__ = [
     "MAX_AMOUNT",
+    "IDEMPOTENCY_KEY_MAX",
     "wallet_get_or_create",
     "earnings_account_create",
     "platform_account",
@@ -62,7 +68,10 @@ __all__ = [
 # No single movement may exceed 10^15 micro-credits (a billion credits); bounding amounts
 # keeps every sum far inside a signed 64-bit column.
 MAX_AMOUNT = 10**15
-IDEMPOTENCY_KEY_MAX = 200
+# The stored key, namespace included, fits the 200-character column: "user:" + a 64-bit id
+# + ":" is at most 25 characters.
+IDEMPOTENCY_KEY_MAX = 175
+_SYSTEM_SCOPE = "system:"
 
 _LOCK_RANK = {
     Account.Kind.ESCROW: 0,
@@ -88,6 +97,14 @@ def _check_key(key: str | None) -> None:
                                extra={"field": "idempotency_key"})
 
 
+def _scoped_key(key: str | None, owner: User | None) -> str | None:
+    """The stored form of ``key``: in ``owner``'s namespace when a user sent it, else the system's."""
+    _check_key(key)
+    if key is None:
+        return None
+    return f"user:{owner.pk}:{key}" if owner is not None else f"{_SYSTEM_SCOPE}{key}"
+
+
 def _check_kind(account: Account, *kinds: Account.Kind, role: str) -> None:
     if account.kind not in kinds:
         raise ValidationFailed(f"the {role} must be a {' or '.join(kinds)} account, not {account.kind}",
@@ -100,7 +117,8 @@ def fee_for(amount: int, fee_bps: int) -> int:
 
 
 def _existing(key: str | None, kind: str, entries: dict[int, int]) -> Transaction | None:
-    """The transaction recorded earlier under ``key``, if it asked for the same movement."""
+    """The transaction recorded earlier under the stored ``key``, if it asked for the same
+    movement. A conflict names the earlier transaction: the namespace makes it the caller's own."""
     if key is None:
         return None
     previous = Transaction.objects.filter(idempotency_key=key).first()
@@ -108,9 +126,15 @@ def _existing(key: str | None, kind: str, entries: dict[int, int]) -> Transactio
         return None
     recorded = dict(previous.postings.values_list("account_id", "amount"))
     if previous.kind != kind or recorded != entries:
-        raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
-                                  extra={"idempotency_key": key, "transaction": str(previous.pk)})
+        raise _conflict(key, previous.pk)
     return previous
+
+
+def _conflict(key: str, transaction_id: object | None = None) -> IdempotencyConflict:
+    extra: dict[str, object] = {"idempotency_key": Transaction.key_as_sent(key)}
+    if transaction_id is not None:
+        extra["transaction"] = str(transaction_id)
+    return IdempotencyConflict("this idempotency key was used for a different ledger movement", extra=extra)
 
 
 def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_key: str | None = None,
@@ -139,7 +163,7 @@ def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_ke
         # (the unique index made us wait for it), so the caller can ask again and get it.
         if idempotency_key is not None and Transaction.objects.filter(idempotency_key=idempotency_key).exists():
             raise Conflict("a concurrent request with this idempotency key won; retry to get its result",
-                           extra={"idempotency_key": idempotency_key}) from None
+                           extra={"idempotency_key": Transaction.key_as_sent(idempotency_key)}) from None
         raise
 
     for pk in sorted(deltas, key=lambda pk: (_LOCK_RANK[accounts[pk].kind], pk)):
@@ -183,9 +207,10 @@ def platform_account(kind: Account.Kind) -> Account:
 @transaction.atomic
 def credit_grant(*, account: Account, amount: int, granted_by: User | None = None, memo: str = "",
                  idempotency_key: str | None = None) -> Transaction:
-    """Staff top-up: credits from the external account into a wallet."""
+    """Staff top-up: credits from the external account into a wallet. ``idempotency_key`` is
+    ``granted_by``'s own (the system's when nobody is named: operator commands)."""
     _check_amount(amount)
-    _check_key(idempotency_key)
+    idempotency_key = _scoped_key(idempotency_key, granted_by)
     _check_kind(account, Account.Kind.WALLET, role="grant's recipient")
     external = platform_account(Account.Kind.EXTERNAL)
     entries = {external.pk: -amount, account.pk: amount}
@@ -197,17 +222,17 @@ def credit_grant(*, account: Account, amount: int, granted_by: User | None = Non
 
 @transaction.atomic
 def hold_place(*, account: Account, amount: int, memo: str = "", idempotency_key: str | None = None) -> Hold:
-    """Set ``amount`` aside from a wallet into a new hold (InsufficientCredits if the wallet lacks it)."""
+    """Set ``amount`` aside from a wallet into a new hold (InsufficientCredits if the wallet lacks it).
+    ``idempotency_key`` is a system key (holds are placed by services, never keyed by a request)."""
     _check_amount(amount)
-    _check_key(idempotency_key)
+    idempotency_key = _scoped_key(idempotency_key, None)
     _check_kind(account, Account.Kind.WALLET, role="hold's payer")
     if idempotency_key is not None:
         previous = Transaction.objects.filter(idempotency_key=idempotency_key).select_related("hold").first()
         if previous is not None:
             if previous.kind != Transaction.Kind.HOLD or previous.hold.payer_id != account.pk \
                     or previous.hold.amount != amount:
-                raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
-                                          extra={"idempotency_key": idempotency_key})
+                raise _conflict(idempotency_key)
             return previous.hold
     escrow = Account.objects.create(kind=Account.Kind.ESCROW, user_id=account.user_id, label=memo[:200])
     hold = Hold.objects.create(payer=account, escrow=escrow, amount=amount, memo=memo[:200])
@@ -232,8 +257,9 @@ def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: st
     account), the fee to the platform. Partial captures are normal; a capture larger than what
     is left of the hold raises InsufficientCredits, one from a closed hold Conflict
     (``hold_closed``). Idempotent by ``idempotency_key`` (required: a capture is what a
-    retried settlement must not repeat). The fee is ``fee_for(amount, fee_bps)`` unless
-    ``fee`` gives it (settlement does: its fees are computed on cumulative amounts).
+    retried settlement must not repeat), a system key: no request can spend it first. The fee
+    is ``fee_for(amount, fee_bps)`` unless ``fee`` gives it (settlement does: its fees are
+    computed on cumulative amounts).
 
     On PostgreSQL this runs as one call of the ``ledger_capture()`` function (migrations 0003, 0005),
     elsewhere through the ORM; both do the same thing under the same locks.
@@ -241,7 +267,7 @@ def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: st
     _check_amount(amount)
     if idempotency_key is None:
         raise ValidationFailed("a capture needs an idempotency key", extra={"field": "idempotency_key"})
-    _check_key(idempotency_key)
+    idempotency_key = _scoped_key(idempotency_key, None)
     _check_kind(payee, Account.Kind.EARNINGS, role="capture's payee")
     fee_bps = settings.HIVEMART_PLATFORM_FEE_BPS if fee_bps is None else fee_bps
     if not isinstance(fee_bps, int) or isinstance(fee_bps, bool) or not 0 <= fee_bps <= 10_000:
@@ -303,13 +329,12 @@ def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee: in
         if state == "HM002":
             raise _hold_closed(hold_id) from None
         if state == "HM003":
-            raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
-                                      extra={"idempotency_key": key, "transaction": detail}) from None
+            raise _conflict(key, detail) from None
         if state == "HM004":
             raise NotFound(f"no hold {hold_id}") from None
         if state == "23505":  # unique_violation: the same key, concurrently, on another hold
             raise Conflict("a concurrent request with this idempotency key won; retry to get its result",
-                           extra={"idempotency_key": key}) from None
+                           extra={"idempotency_key": Transaction.key_as_sent(key)}) from None
         raise
     if replayed:
         return Transaction.objects.get(pk=tx_id)
@@ -349,9 +374,11 @@ def hold_release(*, hold: Hold, memo: str = "") -> Transaction | None:
 @transaction.atomic
 def payout(*, account: Account, amount: int, idempotency_key: str | None = None, requested_by: User | None = None,
            memo: str = "") -> Transaction:
-    """Pay credits out of the platform: from a provider's earnings account to the external account."""
+    """Pay credits out of the platform: from a provider's earnings account to the external account.
+    ``idempotency_key`` is ``requested_by``'s own: no user's key can block another user's
+    payout, nor any movement the system makes."""
     _check_amount(amount)
-    _check_key(idempotency_key)
+    idempotency_key = _scoped_key(idempotency_key, requested_by)
     _check_kind(account, Account.Kind.EARNINGS, role="payout's source")
     external = platform_account(Account.Kind.EXTERNAL)
     if (previous := _existing(idempotency_key, Transaction.Kind.PAYOUT,
@@ -369,18 +396,17 @@ def clawback(*, source: Account, hold: Hold, amount: int, fee_refund: int = 0, i
     platform fee charged on it (``fee_refund``, scaled down in proportion when the earnings
     fall short). The credits return to the hold's escrow while it is open, else to the payer's
     wallet. Returns the transaction (None when there was nothing to take) and the amount taken
-    from ``source``. Idempotent by ``idempotency_key``.
+    from ``source``. Idempotent by ``idempotency_key`` (a system key).
     """
     _check_amount(amount)
-    _check_key(idempotency_key)
+    idempotency_key = _scoped_key(idempotency_key, None)
     _check_kind(source, Account.Kind.EARNINGS, role="clawback's source")
     if not isinstance(fee_refund, int) or isinstance(fee_refund, bool) or not 0 <= fee_refund <= MAX_AMOUNT:
         raise ValidationFailed("fee_refund is a non-negative integer", extra={"field": "fee_refund"})
     previous = Transaction.objects.filter(idempotency_key=idempotency_key).first()
     if previous is not None:
         if previous.kind != Transaction.Kind.CLAWBACK or previous.hold_id != hold.pk:
-            raise IdempotencyConflict("this idempotency key was used for a different ledger movement",
-                                      extra={"idempotency_key": idempotency_key})
+            raise _conflict(idempotency_key)
         taken = -(previous.postings.filter(account=source).values_list("amount", flat=True).first() or 0)
         return previous, taken
     hold = _lock_hold(hold.pk)

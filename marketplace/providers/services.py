@@ -25,7 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from client_sdk.errors import ProtocolError
-from client_sdk.protocol.identity import peer_id_from_public_key, verify_signature
+from client_sdk.protocol.identity import check_public_key, peer_id_from_public_key, verify_signature
 from marketplace.accounts.models import User
 from marketplace.catalog.models import CatalogModel
 from marketplace.common.errors import Conflict, PermissionDenied, ValidationFailed
@@ -128,8 +128,11 @@ def provider_register(*, user: User, peer_id: str, public_key: bytes, challenge:
     now = now or timezone.now()
     if not isinstance(peer_id, str) or not _PEER_ID_RE.match(peer_id):
         raise ValidationFailed("a peer id is base58btc text of up to 128 characters", extra={"field": "peer_id"})
-    if not isinstance(public_key, bytes) or len(public_key) != 32:
-        raise ValidationFailed("an Ed25519 public key has 32 bytes", extra={"field": "public_key"})
+    try:
+        check_public_key(public_key)
+    except ProtocolError as e:
+        raise ValidationFailed(f"{e}; generate a fresh identity (delete the agent's key file)",
+                               extra={"field": "public_key"}) from None
     if not isinstance(signature, bytes) or len(signature) != 64:
         raise ValidationFailed("an Ed25519 signature has 64 bytes", extra={"field": "signature"})
     _check_offer(offer)

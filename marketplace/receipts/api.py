@@ -17,8 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace.common.api import IsStaff, StrictIntegerField, parse
-from marketplace.common.errors import ValidationFailed
+from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
 from marketplace.receipts.models import Audit, Dispute, Offence, Receipt, Settlement, Ticket
@@ -66,8 +65,20 @@ class TicketOutput(serializers.ModelSerializer):
         fields = ["segment", "role", "rank", "provider", "provider_peer", "start", "end", "ticket"]
 
 
+class ReceiptField(serializers.DictField):
+    """A receipt object. An id that is an object or a list is refused here (400); every other
+    field, and an id of the wrong scalar type, is checked per receipt (a ``rejected`` result)."""
+
+    def to_internal_value(self, data: Any) -> dict:
+        value = super().to_internal_value(data)
+        for name in ("ticket_id", "session_id"):
+            if isinstance(value.get(name), (dict, list)):
+                raise serializers.ValidationError(f"{name} is a string, not an object or a list")
+        return value
+
+
 class ReceiptsInput(serializers.Serializer):
-    receipts = serializers.ListField(child=serializers.DictField(), min_length=1, max_length=MAX_RECEIPTS_PER_UPLOAD,
+    receipts = serializers.ListField(child=ReceiptField(), min_length=1, max_length=MAX_RECEIPTS_PER_UPLOAD,
                                      help_text="signed work receipts (client_sdk.protocol.receipts.WorkReceipt)")
 
 
@@ -115,7 +126,7 @@ class SettlementOutput(serializers.ModelSerializer):
 
 
 class FinishInput(serializers.Serializer):
-    receipts = serializers.ListField(child=serializers.DictField(), required=False, default=list,
+    receipts = serializers.ListField(child=ReceiptField(), required=False, default=list,
                                      max_length=MAX_RECEIPTS_PER_UPLOAD)
 
 
@@ -186,15 +197,6 @@ class OffenceOutput(serializers.ModelSerializer):
     class Meta:
         model = Offence
         fields = ["id", "provider", "kind", "job", "audit", "detail", "at"]
-
-
-def _int_param(request: Request, name: str) -> int | None:
-    value = request.query_params.get(name)
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise ValidationFailed(f"{name} is a positive integer", extra={"field": name})
-    return int(value)
 
 
 class DisputeInput(serializers.Serializer):
@@ -269,7 +271,7 @@ class Receipts(ListAPIView):
 
     def get_queryset(self) -> QuerySet[Receipt]:
         receipts = receipts_visible_to(user=self.request.user).order_by("-id")
-        job = _int_param(self.request, "job")
+        job = query_id(self.request, "job")
         return receipts if job is None else receipts.filter(ticket__job_id=job)
 
     @extend_schema(parameters=[OpenApiParameter("job", int)])
@@ -291,7 +293,7 @@ class Settlements(ListAPIView):
     def get_queryset(self) -> QuerySet[Settlement]:
         settlements = settlements_visible_to(user=self.request.user)
         for name, column in (("job", "job_id"), ("provider", "provider_id")):
-            value = _int_param(self.request, name)
+            value = query_id(self.request, name)
             if value is not None:
                 settlements = settlements.filter(**{column: value})
         return settlements
@@ -309,7 +311,7 @@ class Audits(ListAPIView):
 
     def get_queryset(self) -> QuerySet[Audit]:
         audits = audits_visible_to(user=self.request.user)
-        job = _int_param(self.request, "job")
+        job = query_id(self.request, "job")
         return audits if job is None else audits.filter(job_id=job)
 
     @extend_schema(parameters=[OpenApiParameter("job", int)])
@@ -338,7 +340,7 @@ class Offences(ListAPIView):
 
     def get_queryset(self) -> QuerySet[Offence]:
         offences = offences_visible_to(user=self.request.user)
-        provider = _int_param(self.request, "provider")
+        provider = query_id(self.request, "provider")
         return offences if provider is None else offences.filter(provider_id=provider)
 
     @extend_schema(parameters=[OpenApiParameter("provider", int)])
@@ -370,7 +372,7 @@ class Disputes(ListAPIView):
 
     def get_queryset(self) -> QuerySet[Dispute]:
         disputes = disputes_visible_to(user=self.request.user)
-        job = _int_param(self.request, "job")
+        job = query_id(self.request, "job")
         return disputes if job is None else disputes.filter(job_id=job)
 
     @extend_schema(parameters=[OpenApiParameter("job", int)])

@@ -375,7 +375,8 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
     outcomes: list[ReceiptOutcome | None] = [None] * len(receipts)
     candidates: list[tuple[int, Ticket, WorkReceipt]] = []
     for i, data in enumerate(receipts):
-        ticket = tickets.get(data.get("ticket_id")) if isinstance(data, dict) else None
+        tid = data.get("ticket_id") if isinstance(data, dict) else None
+        ticket = tickets.get(tid) if isinstance(tid, str) else None  # an object or a list is no ticket id
         try:
             candidates.append((i, ticket, _check_receipt(data, ticket, parsed, user)))
         except ReceiptError as e:

@@ -3,6 +3,6 @@ from django.urls import path
 from marketplace.scheduling import api
 
 urlpatterns = [
-    path("jobs/<int:job_id>/replan/", api.JobReplan.as_view(), name="job-replan"),
+    path("jobs/<id:job_id>/replan/", api.JobReplan.as_view(), name="job-replan"),
     path("placement/", api.Placement.as_view(), name="placement"),
 ]

@@ -266,7 +266,7 @@ def test_database_refuses_a_reused_idempotency_key() -> None:
     with pytest.raises(IntegrityError), transaction.atomic():
         Posting.objects.bulk_create([Posting(transaction_id=tx_id, account=external, amount=-1),
                                      Posting(transaction_id=tx_id, account=wallet, amount=1)])
-        Transaction.objects.create(id=tx_id, kind=Transaction.Kind.GRANT, idempotency_key="k")
+        Transaction.objects.create(id=tx_id, kind=Transaction.Kind.GRANT, idempotency_key="system:k")
 
 
 @pytest.mark.postgres
