@@ -26,6 +26,8 @@
 | ``HIVEMART_TICKET_TTL`` | ``3600`` | seconds a job ticket stays valid |
 | ``HIVEMART_SUSPEND_AFTER`` | ``2`` | offences (failed audits, wrong probe answers) before a provider is suspended |
 | ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` | ``false`` | refuse audits that do not prove the claimed output (receipt + output digests) |
+| ``HIVEMART_AUDIT_DEPOSIT`` | ``100000`` | micro-credits an audit without evidence puts down; forfeited when it proves nothing |
+| ``HIVEMART_AUDIT_QUOTA_BYTES`` | 64 MiB | audit tensors one user may have stored at once |
 | ``HIVEMART_SETTLE_GRACE_S`` | ``30`` | a settling job waits this long for late receipts before it is done |
 | ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
@@ -337,8 +339,15 @@ HIVEMART_SETTLE_GRACE_S = env_int("HIVEMART_SETTLE_GRACE_S", 30, minimum=0)
 # Audits (POST /api/audits/) carry three tensors of up to 8 MiB each, base64-encoded.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 36 * 1024 * 1024
 # Refuse audits that do not prove the claimed output was signed for by the provider (receipt +
-# output digests, see docs/protocol.md); off by default until every client sends the proof.
+# output digests, see docs/protocol.md), even with a deposit.
 HIVEMART_AUDIT_REQUIRE_EVIDENCE = env_bool("HIVEMART_AUDIT_REQUIRE_EVIDENCE", False)
+# An audit without that evidence needs a deposit of at least this many micro-credits from the
+# reporter's wallet: returned if the provider is found cheating, forfeited to the platform (it
+# paid for the recomputation) when the audit proves nothing.
+HIVEMART_AUDIT_DEPOSIT = env_int("HIVEMART_AUDIT_DEPOSIT", 100_000, minimum=1)
+# Bytes of audit tensors one user may have stored at once (over all their jobs); an audit's
+# tensors are dropped once it is decided.
+HIVEMART_AUDIT_QUOTA_BYTES = env_int("HIVEMART_AUDIT_QUOTA_BYTES", 64 * 1024 * 1024, minimum=0)
 HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1)
 
 # --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------
