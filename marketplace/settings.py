@@ -5,10 +5,17 @@
 | ``DATABASE_URL`` | empty: SQLite file ``$HIVEMART_HOME/marketplace.sqlite3`` | e.g. ``postgres://user@host:5432/db`` |
 | ``HIVEMART_HOME`` | ``./var`` | where embedded state (the SQLite file) lives |
 | ``REDIS_URL`` | empty (the scheduler then uses its embedded broker) | Celery broker for production |
-| ``HIVEMART_CACHE_URL`` | empty: per-process memory cache | e.g. ``redis://127.0.0.1:6379/1``; shared API throttling |
+| ``HIVEMART_CACHE_URL`` | empty: Redis at ``REDIS_URL`` if set, else the database | the shared cache (throttles, login lockout) |
 | ``DEBUG`` | ``false`` | ``true`` only on a developer machine |
-| ``SECRET_KEY`` | required unless ``DEBUG`` (then a random per-process key) | Django's signing key |
+| ``SECRET_KEY`` | required unless ``DEBUG`` (then a random per-process key) | Django's signing key; the example env's placeholder is refused |
 | ``ALLOWED_HOSTS`` | ``localhost,127.0.0.1,[::1]`` (``*`` when ``DEBUG``) | comma-separated |
+| ``HIVEMART_HTTPS`` | ``true`` unless ``DEBUG`` (``HIVEMART_SECURE_COOKIES`` is an older name) | served over HTTPS: secure cookies, redirect to https, HSTS |
+| ``HIVEMART_HSTS_SECONDS`` | ``31536000`` when ``HIVEMART_HTTPS`` | Strict-Transport-Security max-age |
+| ``HIVEMART_HSTS_INCLUDE_SUBDOMAINS``, ``HIVEMART_HSTS_PRELOAD`` | ``true`` | the HSTS header's includeSubDomains and preload |
+| ``HIVEMART_PROXY_HOPS`` | ``0`` | reverse proxies in front of the web process: trust X-Forwarded-Proto and the last hops of X-Forwarded-For |
+| ``CSRF_TRUSTED_ORIGINS`` | empty | extra origins (``https://market.example.org``) allowed to POST forms |
+| ``HIVEMART_LOGIN_FAILURES`` | ``5`` | failed web logins per (username, address) before a lockout |
+| ``HIVEMART_LOGIN_LOCKOUT_S`` | ``900`` | how long failures count and a lockout lasts |
 | ``HIVEMART_PLATFORM_FEE_BPS`` | ``500`` (5 %) | platform fee on captured credits, basis points |
 | ``HIVEMART_HEARTBEAT_TIMEOUT_S`` | ``60`` | a provider silent this long is marked offline |
 | ``HIVEMART_CHALLENGE_TTL_S`` | ``300`` | how long a registration challenge stays valid |
@@ -20,6 +27,8 @@
 | ``HIVEMART_CREDIT_WINDOW_TOKENS`` | ``4096`` | a ticket's credit window: tokens through its blocks a provider may serve (and be paid for) beyond the client's last countersignature |
 | ``HIVEMART_SUSPEND_AFTER`` | ``2`` | offences (failed audits, wrong probe answers) before a provider is suspended |
 | ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` | ``false`` | refuse audits that do not prove the claimed output (receipt + output digests) |
+| ``HIVEMART_AUDIT_DEPOSIT`` | ``100000`` | micro-credits an audit without evidence puts down; forfeited when it proves nothing |
+| ``HIVEMART_AUDIT_QUOTA_BYTES`` | 64 MiB | audit tensors one user may have stored at once |
 | ``HIVEMART_SETTLE_GRACE_S`` | ``30`` | a settling job waits this long for late receipts before it is done |
 | ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
@@ -77,6 +86,10 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("set SECRET_KEY (or DEBUG=true for a throwaway development key)")
     # Sessions and signed values do not survive a restart with this key: fine for development only.
     SECRET_KEY = secrets.token_urlsafe(50)
+elif "change-me" in SECRET_KEY.lower() and not DEBUG:
+    # deploy/hivemart.env.example's placeholder: a key everyone who read the example knows.
+    raise ImproperlyConfigured("SECRET_KEY is still the example's placeholder; set a long random one, e.g. "
+                               "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["*"] if DEBUG else ["localhost", "127.0.0.1", "[::1]"])
 
@@ -106,6 +119,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc, served from this site (no CDN)
     *HIVEMART_APPS,
 ]
 
@@ -114,6 +128,7 @@ MIDDLEWARE = [
     # Body size per endpoint (413) and API URL length (414), before anything reads the request.
     "marketplace.common.middleware.RequestLimitsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "marketplace.web.middleware.ContentSecurityPolicyMiddleware",
     # Serves /static/ from gunicorn itself (the web pages' one stylesheet); no separate file server.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -145,15 +160,31 @@ TEMPLATES = [
 
 # --- database -----------------------------------------------------------------------------
 
+
+
+def private_sqlite_file(path: Path) -> Path:
+    """Create the SQLite file readable by its owner only (it holds password and API key hashes),
+    or take group and other access away from an existing one we own. SQLite gives its -wal and
+    -shm files the main file's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        info = path.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass  # not ours to change (a read-only mount, another user's file): SQLite reports what matters
+    return path
+
+
 _database_url = os.environ.get("DATABASE_URL", "").strip()
 if _database_url:
     DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
 else:
-    HIVEMART_HOME.mkdir(parents=True, exist_ok=True)
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": HIVEMART_HOME / "marketplace.sqlite3",
+            "NAME": private_sqlite_file(HIVEMART_HOME / "marketplace.sqlite3"),
             "OPTIONS": {
                 # The web server and the scheduler's workers write to the same file. IMMEDIATE
                 # transactions take the write lock up front, so two writers queue (for up to
@@ -169,12 +200,19 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "").strip()
 
-_cache_url = os.environ.get("HIVEMART_CACHE_URL", "").strip()
+# The cache holds what every web worker must agree on: throttle counters and login lockouts.
+# A per-process cache would count each gunicorn worker apart (N workers, N times the limit),
+# so it is always shared: Redis in production, else a table in the database (the embedded
+# default; the web app creates it on migrate).
+_cache_url = os.environ.get("HIVEMART_CACHE_URL", "").strip() or REDIS_URL
 CACHES = {
     "default": (
-        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url}
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url,
+         "KEY_PREFIX": "hivemart-cache"}
         if _cache_url
-        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+        else {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "hivemart_cache",
+              # Culling drops entries at random once full: a flood of keys must not wash out lockouts.
+              "OPTIONS": {"MAX_ENTRIES": 1_000_000}}
     )
 }
 
@@ -186,10 +224,46 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-SESSION_COOKIE_SECURE = not DEBUG and env_bool("HIVEMART_SECURE_COOKIES", True)
-CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Served over HTTPS (directly or behind a TLS proxy): secure cookies, a redirect from http and
+# HSTS. Only a site on plain HTTP (the demo on loopback) turns it off.
+HIVEMART_HTTPS = not DEBUG and env_bool("HIVEMART_HTTPS", env_bool("HIVEMART_SECURE_COOKIES", True))
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HIVEMART_HTTPS
+SECURE_SSL_REDIRECT = HIVEMART_HTTPS
+# Health checks come from inside (compose, the load balancer) over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SECURE_HSTS_SECONDS = env_int("HIVEMART_HSTS_SECONDS", 31_536_000, minimum=0) if HIVEMART_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HIVEMART_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = env_bool("HIVEMART_HSTS_PRELOAD", True)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+
+# Behind reverse proxies (nginx, a load balancer), the web process sees the proxy's address and
+# plain HTTP. With HIVEMART_PROXY_HOPS=N (the number of proxies that append to X-Forwarded-For),
+# X-Forwarded-Proto says whether the client used https and the N-th address from the end of
+# X-Forwarded-For is the client's (what throttles and lockouts count). Trust them only when every
+# request passes through the proxies: a client reaching gunicorn directly could set both. gunicorn
+# itself needs --forwarded-allow-ips (FORWARDED_ALLOW_IPS) naming the proxies (docs/operators.md).
+HIVEMART_PROXY_HOPS = env_int("HIVEMART_PROXY_HOPS", 0, minimum=0, maximum=10)
+if HIVEMART_PROXY_HOPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Origins besides the site's own (scheme://host[:port]) allowed to POST forms, comma-separated.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# The pages load nothing from elsewhere and run no inline script (marketplace.web.middleware).
+# The API docs (Swagger UI, ReDoc) render styles from script, hence their own policy.
+HIVEMART_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+                "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
+HIVEMART_CSP_DOCS = HIVEMART_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'") + \
+    "; worker-src 'self' blob:"
+HIVEMART_CSP_DOCS_PATHS = ("/api/docs/", "/api/redoc/")
+
+# Web login (marketplace.accounts.lockout): after HIVEMART_LOGIN_FAILURES wrong passwords for one
+# username from one address, that pair is locked out for HIVEMART_LOGIN_LOCKOUT_S; an address is
+# locked after 4x as many failures over any usernames, a username after 20x from any addresses.
+HIVEMART_LOGIN_FAILURES = env_int("HIVEMART_LOGIN_FAILURES", 5, minimum=1)
+HIVEMART_LOGIN_LOCKOUT_S = env_int("HIVEMART_LOGIN_LOCKOUT_S", 900, minimum=1)
+AUTHENTICATION_BACKENDS = ["marketplace.accounts.lockout.LockoutModelBackend"]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -226,6 +300,8 @@ REST_FRAMEWORK = {
         "challenge": os.environ.get("HIVEMART_CHALLENGE_RATE", "120/minute"),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Which X-Forwarded-For entry is the client (0: the connection's own address).
+    "NUM_PROXIES": HIVEMART_PROXY_HOPS,
 }
 
 SPECTACULAR_SETTINGS = {
@@ -233,6 +309,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Accounts, API keys, model catalog, providers, jobs and the credit ledger.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     # <id:...> path segments (marketplace.common.converters) are integers.
     "PATH_CONVERTER_OVERRIDES": {"id": {"type": "integer"}},
@@ -270,8 +349,15 @@ HIVEMART_SETTLE_GRACE_S = env_int("HIVEMART_SETTLE_GRACE_S", 30, minimum=0)
 # Audits (POST /api/audits/) carry three tensors of up to 8 MiB each, base64-encoded.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 36 * 1024 * 1024
 # Refuse audits that do not prove the claimed output was signed for by the provider (receipt +
-# output digests, see docs/protocol.md); off by default until every client sends the proof.
+# output digests, see docs/protocol.md), even with a deposit.
 HIVEMART_AUDIT_REQUIRE_EVIDENCE = env_bool("HIVEMART_AUDIT_REQUIRE_EVIDENCE", False)
+# An audit without that evidence needs a deposit of at least this many micro-credits from the
+# reporter's wallet: returned if the provider is found cheating, forfeited to the platform (it
+# paid for the recomputation) when the audit proves nothing.
+HIVEMART_AUDIT_DEPOSIT = env_int("HIVEMART_AUDIT_DEPOSIT", 100_000, minimum=1)
+# Bytes of audit tensors one user may have stored at once (over all their jobs); an audit's
+# tensors are dropped once it is decided.
+HIVEMART_AUDIT_QUOTA_BYTES = env_int("HIVEMART_AUDIT_QUOTA_BYTES", 64 * 1024 * 1024, minimum=0)
 HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1)
 
 # --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------

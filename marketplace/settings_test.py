@@ -18,6 +18,16 @@ os.environ.setdefault("HIVEMART_CHALLENGE_RATE", "100000/minute")
 # where a real worker runs.
 os.environ.setdefault("HIVEMART_MATCH_ON_CREATE", "false")
 
+# The test client speaks plain HTTP; tests of the HTTPS settings start processes of their own.
+os.environ.setdefault("HIVEMART_HTTPS", "false")
+
 from marketplace.settings import *  # noqa: E402,F401,F403
+
+# The embedded default's shared cache (a database table) even where REDIS_URL is set for the
+# Celery tests: its rows live in the test database and roll back with each test, and clearing it
+# cannot flush the broker's Redis database. tests/web/test_login_lockout.py covers Redis.
+if not os.environ.get("HIVEMART_CACHE_URL"):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "hivemart_cache",
+                          "OPTIONS": {"MAX_ENTRIES": 1_000_000}}}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -2,14 +2,19 @@
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 API_APPS = ["accounts", "catalog", "providers", "jobs", "ledger", "scheduling", "receipts"]
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # Swagger UI and ReDoc from drf-spectacular-sidecar's files (whitenoise serves them); the split
+    # view loads its start-up script from a URL, so the page needs no inline script (CSP).
+    path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="api-schema", template_name="web/swagger_ui.html"),
+         name="api-docs"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema", template_name="web/redoc.html"),
+         name="api-redoc"),
     *[path("api/", include(f"marketplace.{app}.api_urls")) for app in API_APPS],
     # The web pages take the rest of the site (overview at /, /providers/, /wallet/, /healthz, ...).
     path("", include("marketplace.web.urls")),

@@ -389,15 +389,18 @@ def audit_decide(*, audit_id: int, references: object | None = None) -> dict[str
     if audit is None or audit.state != Audit.State.OPEN:
         return {"audit": audit_id, "verdict": audit.verdict if audit else None, "decided": False}
     model = audit.job.model
+    validator_failed = False
     try:
         computer = (references or validator_references()).get(model.model_id)  # type: ignore[attr-defined]
     except ReferenceUnavailable as e:
-        verdict = Verdict("inconclusive", f"no validator checkpoint: {e}")
+        # Not the reporter's fault: its deposit comes back.
+        verdict, validator_failed = Verdict("inconclusive", f"no validator checkpoint: {e}"), True
     else:
         verdict = audit_span(computer, start=audit.block_start, end=audit.block_end, dtype=audit.dtype,
                              hidden_size=model.hidden_size, inputs=bytes(audit.inputs), claimed=bytes(audit.claimed),
                              reference=bytes(audit.reference))
-    audit = audit_verdict_record(audit_id=audit_id, verdict=verdict.verdict, detail=verdict.detail)
+    audit = audit_verdict_record(audit_id=audit_id, verdict=verdict.verdict, detail=verdict.detail,
+                                 validator_failed=validator_failed)
     return {"audit": audit_id, "verdict": audit.verdict, "decided": True}
 
 

@@ -323,7 +323,8 @@ def _tensor_b64(value: Any) -> str:
 
 class Audits(_Resource):
     def create(self, *, job: int, ticket_id: str, session_id: str, start: int, end: int, dtype: str, inputs: Any,
-               claimed: Any, reference: Any, reference_peer: str, evidence: dict[str, Any] | None = None) -> Audit:
+               claimed: Any, reference: Any, reference_peer: str, evidence: dict[str, Any] | None = None,
+               deposit: int = 0) -> Audit:
         """Report that the provider of ``ticket_id`` returned ``claimed`` for blocks [start, end)
         where the backup ``reference_peer`` returned ``reference``, both on ``inputs`` (the full
         prefix of hidden states at block ``start``). Tensors, or their ``encode_message`` bytes,
@@ -332,12 +333,17 @@ class Audits(_Resource):
         ``evidence`` proves ``claimed`` came from the provider: ``{"receipt": the provider's
         signed receipt for the session (a WorkReceipt or its dict), "digests": [hex
         tensor_digest of every output of the session, in order], "step": the claimed output's
-        index}`` (required where the marketplace sets HIVEMART_AUDIT_REQUIRE_EVIDENCE)."""
+        index}`` (required where the marketplace sets HIVEMART_AUDIT_REQUIRE_EVIDENCE). Without
+        evidence, ``deposit`` micro-credits (at least ``client.platform.get().audit_deposit``) are
+        held from your wallet until the verdict: returned if the provider cheated, forfeited if
+        the audit proves nothing."""
         body = {"job": job, "ticket_id": ticket_id, "session_id": session_id, "start": start, "end": end,
                 "dtype": dtype, "inputs": _tensor_b64(inputs), "claimed": _tensor_b64(claimed),
                 "reference": _tensor_b64(reference), "reference_peer": reference_peer}
         if evidence is not None:
             body["evidence"] = {**evidence, "receipt": _receipt_dict(evidence["receipt"])}
+        if deposit:
+            body["deposit"] = int(deposit)
         return Audit.from_json(self._core.request("POST", "/api/audits/", json=body))
 
     def get(self, audit_id: int) -> Audit:

@@ -380,6 +380,7 @@ class PlatformInfo:
     public_key: str  # hex Ed25519
     peer_id: str
     fee_bps: int
+    audit_deposit: int = 0  # micro-credits an audit without evidence must put down
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -387,7 +388,8 @@ class PlatformInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "PlatformInfo":
-        return cls(public_key=d["public_key"], peer_id=d["peer_id"], fee_bps=d["fee_bps"])
+        return cls(public_key=d["public_key"], peer_id=d["peer_id"], fee_bps=d["fee_bps"],
+                   audit_deposit=d.get("audit_deposit", 0))
 
 
 @dataclass(frozen=True)
@@ -506,6 +508,8 @@ class Audit:
     created_at: datetime
     decided_at: datetime | None
     claimed_proven: bool = False  # the claimed output was proven signed for (audit evidence)
+    deposit: int = 0  # micro-credits put down without evidence
+    deposit_state: str = "none"  # none, held (until the verdict), returned, forfeited
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Audit":
@@ -513,7 +517,8 @@ class Audit:
                    provider=d["provider"], reference_provider=d.get("reference_provider"), start=d["start"],
                    end=d["end"], dtype=d["dtype"], state=d["state"], verdict=d.get("verdict", ""),
                    detail=d.get("detail", ""), created_at=_dt(d["created_at"]), decided_at=_dt(d.get("decided_at")),
-                   claimed_proven=d.get("claimed_proven", False))
+                   claimed_proven=d.get("claimed_proven", False), deposit=d.get("deposit", 0),
+                   deposit_state=d.get("deposit_state", "none"))
 
 
 @dataclass(frozen=True)

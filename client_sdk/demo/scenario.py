@@ -129,11 +129,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
 def _market_env() -> dict[str, str]:
     """Scheduler knobs for a demo that should settle in seconds rather than minutes."""
-    # The demo's web site is plain HTTP on loopback: cookies marked Secure would not stick in
-    # every browser there.
+    # The demo's web site is plain HTTP on loopback (LocalMarket sets HIVEMART_HTTPS=false).
     # Agents heartbeat every 2 s here, so a provider silent for 6 s is gone: the one the
     # inference job kills is offline (and out of later plans) within seconds.
-    return {"HIVEMART_SECURE_COOKIES": "false", "HIVEMART_HEARTBEAT_TIMEOUT_S": "6",
+    return {"HIVEMART_HEARTBEAT_TIMEOUT_S": "6",
             "HIVEMART_HOUSEKEEPING_INTERVAL_S": "2", "HIVEMART_SETTLE_INTERVAL_S": "2", "HIVEMART_SETTLE_GRACE_S": "2", "HIVEMART_MATCH_ON_CREATE": "true",
             "HIVEMART_SETTLE_ON_UPLOAD": "true"}
 

@@ -75,7 +75,9 @@ class LocalMarket:
         """The environment every marketplace process runs with."""
         env = {**os.environ, "HIVEMART_HOME": str(self.home), "DJANGO_SETTINGS_MODULE": "marketplace.settings",
                "SECRET_KEY": self._secret_key(), "ALLOWED_HOSTS": "127.0.0.1,localhost",
-               "HIVEMART_MODELS_DIR": str(self.home / "models"), "PYTHONUNBUFFERED": "1"}
+               "HIVEMART_MODELS_DIR": str(self.home / "models"), "PYTHONUNBUFFERED": "1",
+               # Plain HTTP on loopback: no redirect to https, no Secure-only cookies.
+               "HIVEMART_HTTPS": "false"}
         env.update(self.extra_env)
         return env
 

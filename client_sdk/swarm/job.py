@@ -414,13 +414,17 @@ class MarketJob(SwarmJob):
         if mismatch.ticket is None:
             raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
         evidence = self.collector.evidence(mismatch.ticket, mismatch.session_id, mismatch.claimed)
+        deposit = 0
         if evidence is None:
-            logger.warning(f"no receipt of {mismatch.peer_id} covers the disputed output; auditing without evidence")
+            # Without proof the provider signed for the output, the audit puts credits at stake.
+            deposit = self.client.platform.get().audit_deposit
+            logger.warning(f"no receipt of {mismatch.peer_id} covers the disputed output; auditing without evidence "
+                           f"on a deposit of {deposit} micro-credits")
         return self.client.audits.create(
             job=self.job_id, ticket_id=mismatch.ticket.ticket_id, session_id=mismatch.session_id,
             start=mismatch.start, end=mismatch.end, dtype=mismatch.dtype, reference_peer=mismatch.reference_peer,
             inputs=encode_tensor(mismatch.inputs), claimed=encode_tensor(mismatch.claimed),
-            reference=encode_tensor(mismatch.reference), evidence=evidence)
+            reference=encode_tensor(mismatch.reference), evidence=evidence, deposit=deposit)
 
     def __enter__(self) -> "MarketJob":
         return self

@@ -104,6 +104,7 @@ class Transaction(models.Model):
         RELEASE = "release"
         PAYOUT = "payout"
         CLAWBACK = "clawback"
+        FORFEIT = "forfeit"
 
     # Chosen by the service before the postings are written (they reference it; the header
     # row comes last), hence a UUID rather than a database sequence.

@@ -62,6 +62,7 @@ __all__ = [
     "hold_release",
     "payout",
     "clawback",
+    "hold_forfeit",
     "fee_for",
 ]
 
@@ -428,3 +429,22 @@ def clawback(*, source: Account, hold: Hold, amount: int, fee_refund: int = 0, i
     tx = _record(kind=Transaction.Kind.CLAWBACK, entries=entries, idempotency_key=idempotency_key, hold=hold,
                  memo=memo or f"clawback to hold #{hold.pk}")
     return tx, taken
+
+
+@transaction.atomic
+def hold_forfeit(*, hold: Hold, memo: str = "") -> Transaction | None:
+    """Close a hold, moving what is left of it to the platform's fees account instead of back to
+    the payer: a deposit (an audit's) that its owner lost. Returns the transaction, or None when
+    nothing was left or the hold was already closed (forfeiting twice takes nothing)."""
+    hold = _lock_hold(hold.pk)
+    if hold.state == Hold.State.CLOSED:
+        return None
+    left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()
+    tx = None
+    if left > 0:
+        tx = _record(kind=Transaction.Kind.FORFEIT,
+                     entries=[(hold.escrow, -left), (platform_account(Account.Kind.FEES), left)],
+                     hold=hold, memo=memo or f"hold #{hold.pk} forfeited")
+    hold.state, hold.closed_at = Hold.State.CLOSED, timezone.now()
+    hold.save(update_fields=["state", "closed_at"])
+    return tx

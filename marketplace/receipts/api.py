@@ -20,6 +20,7 @@ from rest_framework.views import APIView
 from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
+from marketplace.ledger.services import MAX_AMOUNT
 from marketplace.receipts.models import Audit, Dispute, Offence, Receipt, Settlement, Ticket
 from marketplace.receipts.platform import platform_identity
 from marketplace.receipts.selectors import (
@@ -50,6 +51,7 @@ class PlatformOutput(serializers.Serializer):
     public_key = serializers.CharField(help_text="the platform's Ed25519 public key (hex); it signs job tickets")
     peer_id = serializers.CharField()
     fee_bps = serializers.IntegerField(help_text="platform fee on settled work, basis points")
+    audit_deposit = serializers.IntegerField(help_text="micro-credits an audit without evidence must put down")
 
 
 class TicketOutput(serializers.ModelSerializer):
@@ -173,6 +175,10 @@ class AuditInput(serializers.Serializer):
     evidence = serializers.DictField(required=False, allow_null=True, default=None,
                                      help_text='{"receipt": provider-signed receipt of the session, "digests": '
                                                '[hex sha256 of every output], "step": index of the claimed output}')
+    deposit = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, required=False, default=0,
+                                 help_text="micro-credits held from your wallet until the verdict (at least the "
+                                           "platform's audit_deposit when there is no evidence): returned if the "
+                                           "provider cheated, forfeited if the audit proves nothing")
 
 
 class AuditOutput(serializers.ModelSerializer):
@@ -186,7 +192,8 @@ class AuditOutput(serializers.ModelSerializer):
     class Meta:
         model = Audit
         fields = ["id", "job", "ticket_id", "session_id", "provider", "reference_provider", "start", "end", "dtype",
-                  "claimed_proven", "state", "verdict", "detail", "created_at", "decided_at"]
+                  "claimed_proven", "deposit", "deposit_state", "state", "verdict", "detail", "created_at",
+                  "decided_at"]
 
 
 class OffenceOutput(serializers.ModelSerializer):
@@ -231,7 +238,8 @@ class Platform(APIView):
     def get(self, request: Request) -> Response:
         identity = platform_identity()
         return Response({"public_key": identity.public_key.hex(), "peer_id": identity.peer_id,
-                         "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS})
+                         "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS,
+                         "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT})
 
 
 class JobTickets(APIView):

@@ -128,6 +128,12 @@ class Audit(models.Model):
         OPEN = "open"
         DECIDED = "decided"
 
+    class DepositState(models.TextChoices):
+        NONE = "none"
+        HELD = "held"
+        RETURNED = "returned"
+        FORFEITED = "forfeited"
+
     class Verdict(models.TextChoices):
         PROVIDER_CHEATED = "provider_cheated"
         REPORTER_WRONG = "reporter_wrong"
@@ -150,6 +156,15 @@ class Audit(models.Model):
     # The client proved that ``claimed`` is an output the provider signed for: a provider-signed
     # receipt whose hash chain, recomputed from the client's output digests, contains it.
     claimed_proven = models.BooleanField(default=False)
+    # Credits the reporter put down (a hold on its wallet) to file without evidence: returned
+    # when the provider is found cheating, forfeited to the platform when the audit proves nothing.
+    deposit = models.BigIntegerField(default=0)
+    deposit_hold = models.OneToOneField("ledger.Hold", null=True, blank=True, on_delete=models.PROTECT,
+                                        related_name="+")
+    deposit_state = models.CharField(max_length=10, choices=DepositState.choices, default=DepositState.NONE)
+    # Bytes of the three tensors while they are kept (until the verdict): what the reporter's
+    # storage quota (HIVEMART_AUDIT_QUOTA_BYTES) counts.
+    stored_bytes = models.BigIntegerField(default=0)
     state = models.CharField(max_length=8, choices=State.choices, default=State.OPEN)
     verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
     detail = models.CharField(max_length=500, blank=True)
@@ -158,8 +173,12 @@ class Audit(models.Model):
 
     class Meta:
         ordering = ["-id"]
-        constraints = [models.CheckConstraint(condition=Q(state__in=["open", "decided"]),
-                                              name="receipts_audit_state_valid")]
+        constraints = [
+            models.CheckConstraint(condition=Q(state__in=["open", "decided"]), name="receipts_audit_state_valid"),
+            models.CheckConstraint(condition=Q(deposit__gte=0) & Q(stored_bytes__gte=0),
+                                   name="receipts_audit_deposit_bytes_non_negative"),
+        ]
+        indexes = [models.Index(fields=["reporter"], condition=Q(stored_bytes__gt=0), name="receipts_audit_stored")]
 
 
 class Offence(models.Model):

@@ -60,7 +60,16 @@ from marketplace.common.errors import Conflict, InvalidTransition, NotFound, Per
 from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
 from marketplace.jobs.services import job_transition, job_transition_request
 from marketplace.ledger.models import Account, Hold, Posting
-from marketplace.ledger.services import clawback, fee_for, hold_capture
+from marketplace.ledger.services import (
+    MAX_AMOUNT,
+    clawback,
+    fee_for,
+    hold_capture,
+    hold_forfeit,
+    hold_place,
+    hold_release,
+    wallet_get_or_create,
+)
 from marketplace.providers.models import Provider
 from marketplace.providers.services import provider_reputation_lower, provider_suspend
 from marketplace.receipts.models import UNSETTLED, Audit, Dispute, Offence, Receipt, Settlement, Ticket
@@ -806,16 +815,53 @@ def _check_evidence(evidence: Any, ticket: Ticket, session_id: str, claimed: byt
         raise bad(f"claimed is not the output of step {step}")
 
 
+def _check_deposit(deposit: Any, *, proven: bool) -> None:
+    """An audit proves what it claims (evidence) or puts credits at stake (a deposit)."""
+    if type(deposit) is not int or not 0 <= deposit <= MAX_AMOUNT:
+        raise ValidationFailed(f"deposit is an integer number of micro-credits, 0 to {MAX_AMOUNT}",
+                               extra={"field": "deposit"})
+    if proven:
+        return
+    if settings.HIVEMART_AUDIT_REQUIRE_EVIDENCE:
+        raise ValidationFailed("this marketplace requires evidence that the provider signed for the claimed output",
+                               extra={"field": "evidence"}, code="evidence_required")
+    minimum = settings.HIVEMART_AUDIT_DEPOSIT
+    if deposit < minimum:
+        raise ValidationFailed(
+            f"an audit without evidence needs a deposit of at least {minimum} micro-credits (returned if the "
+            f"provider is found cheating, forfeited if the audit proves nothing); send evidence (the provider's "
+            f"receipt and your output digests) or a deposit", extra={"field": "deposit", "minimum": minimum},
+            code="evidence_or_deposit_required")
+
+
+def _check_audit_quota(user: User, size: int) -> None:
+    """The reporter's stored audit tensors, over all its jobs, stay within HIVEMART_AUDIT_QUOTA_BYTES.
+    Locks the user's row so that two audits filed at once cannot both fit in the last space."""
+    User.objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).get()
+    used = sum(Audit.objects.filter(reporter=user, stored_bytes__gt=0).values_list("stored_bytes", flat=True))
+    quota = settings.HIVEMART_AUDIT_QUOTA_BYTES
+    if used + size > quota:
+        raise Conflict(f"your open audits already store {used} bytes of tensors and this one needs {size}; the limit "
+                       f"is {quota} bytes per user. Wait for their verdicts (tensors are dropped once an audit is "
+                       f"decided) or send smaller tensors", extra={"used": used, "needed": size, "quota": quota},
+                       code="audit_quota_exceeded")
+
+
 @transaction.atomic
 def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start: int, end: int, dtype: str,
                  inputs: bytes, claimed: bytes, reference: bytes, reference_peer: str,
-                 evidence: dict[str, Any] | None = None) -> Audit:
+                 evidence: dict[str, Any] | None = None, deposit: int = 0) -> Audit:
     """File an audit: the output of ticket ``ticket_id``'s provider for blocks [start, end)
     (``claimed``) differed from the backup ``reference_peer``'s (``reference``) on the same
     ``inputs``. The job's owner (or staff) files it; the scheduler's ``audit_decide``
     recomputes the span and decides. Tensors are ``encode_message({}, [tensor])`` bytes.
-    ``evidence`` (``{"receipt", "digests", "step"}``) proves ``claimed`` is an output the
-    provider signed for; ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` makes it mandatory."""
+
+    An audit costs the platform a recomputation and stores up to three tensors, so it needs
+    ``evidence`` (``{"receipt", "digests", "step"}``: proof that ``claimed`` is an output the
+    provider signed for) or a ``deposit`` of at least ``HIVEMART_AUDIT_DEPOSIT`` micro-credits,
+    held from the reporter's wallet until the verdict: returned if the provider cheated,
+    forfeited to the platform otherwise. ``HIVEMART_AUDIT_REQUIRE_EVIDENCE`` refuses audits
+    without evidence. The reporter's stored tensors count against ``HIVEMART_AUDIT_QUOTA_BYTES``."""
     if not user.is_staff and job.user_id != user.pk:
         raise PermissionDenied("only the job's owner may file an audit for it")
     job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
@@ -838,16 +884,23 @@ def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start
                                extra={"field": "reference_peer"}, code="bad_reference")
     if evidence is not None:
         _check_evidence(evidence, ticket, session_id, bytes(claimed))
-    elif settings.HIVEMART_AUDIT_REQUIRE_EVIDENCE:
-        raise ValidationFailed("this marketplace requires evidence that the provider signed for the claimed output",
-                               extra={"field": "evidence"}, code="evidence_required")
+    _check_deposit(deposit, proven=evidence is not None)
     if Audit.objects.filter(job=job, state=Audit.State.OPEN).count() >= MAX_OPEN_AUDITS_PER_JOB:
         raise Conflict(f"job #{job.pk} already has {MAX_OPEN_AUDITS_PER_JOB} audits waiting for a verdict",
                        code="too_many_audits")
+    size = len(inputs) + len(claimed) + len(reference)
+    _check_audit_quota(user, size)
+    hold = None
+    if deposit:
+        # InsufficientCredits (402) when the wallet cannot cover it; nothing is stored then.
+        hold = hold_place(account=wallet_get_or_create(user=user), amount=deposit,
+                          memo=f"deposit of an audit of job #{job.pk}")
     audit = Audit.objects.create(job=job, reporter=user, ticket=ticket, provider=ticket.provider,
                                  reference_provider=backup, session_id=session_id, block_start=start, block_end=end,
                                  dtype=dtype, inputs=bytes(inputs), claimed=bytes(claimed),
-                                 reference=bytes(reference), claimed_proven=evidence is not None)
+                                 reference=bytes(reference), claimed_proven=evidence is not None,
+                                 deposit=deposit, deposit_hold=hold, stored_bytes=size,
+                                 deposit_state=Audit.DepositState.HELD if hold else Audit.DepositState.NONE)
     for hook in _audit_hooks:
         hook(audit.pk)
     return audit
@@ -893,22 +946,41 @@ def provider_job_void(*, job: Job, provider: Provider) -> int:
     return taken
 
 
+def _audit_deposit_settle(audit: Audit, *, proved: bool) -> None:
+    """Return the audit's deposit to the reporter when it proved something, else forfeit it to
+    the platform; and drop its tensors (the verdict is recorded, the quota space is freed).
+    Both ledger movements close the hold, so a second call moves nothing."""
+    if audit.deposit_hold_id is not None:
+        if proved:
+            hold_release(hold=audit.deposit_hold, memo=f"deposit of audit #{audit.pk} returned")
+            audit.deposit_state = Audit.DepositState.RETURNED
+        else:
+            hold_forfeit(hold=audit.deposit_hold, memo=f"deposit of audit #{audit.pk} forfeited: {audit.verdict}")
+            audit.deposit_state = Audit.DepositState.FORFEITED
+    audit.inputs = audit.claimed = audit.reference = b""
+    audit.stored_bytes = 0
+    audit.save(update_fields=["deposit_state", "inputs", "claimed", "reference", "stored_bytes"])
+
+
 @transaction.atomic
-def audit_verdict_record(*, audit_id: int, verdict: str, detail: str) -> Audit:
+def audit_verdict_record(*, audit_id: int, verdict: str, detail: str, validator_failed: bool = False) -> Audit:
     """Store the validator's verdict; when the provider cheated, void its work on the job,
-    claw back what it was paid, and record the offence (once per provider and job)."""
+    claw back what it was paid, and record the offence (once per provider and job). The
+    deposit comes back when the provider cheated or the validator could not judge
+    (``validator_failed``: no checkpoint, the platform's shortcoming), and is forfeited otherwise."""
     if verdict not in Audit.Verdict.values:
         raise ValidationFailed(f"verdict is one of {', '.join(Audit.Verdict.values)}", extra={"field": "verdict"})
     job_id = Audit.objects.filter(pk=audit_id).values_list("job_id", flat=True).first()
     if job_id is None:
         raise NotFound(f"no audit {audit_id}")
     job = Job.objects.select_for_update(of=("self",)).get(pk=job_id)  # settlement's lock: no payment races this
-    audit = Audit.objects.select_for_update().select_related("provider").get(pk=audit_id)
+    audit = Audit.objects.select_for_update(of=("self",)).select_related("provider", "deposit_hold").get(pk=audit_id)
     if audit.state == Audit.State.DECIDED:
         return audit
     audit.state, audit.verdict, audit.detail, audit.decided_at = (Audit.State.DECIDED, verdict, detail[:500],
                                                                   timezone.now())
     audit.save(update_fields=["state", "verdict", "detail", "decided_at"])
+    _audit_deposit_settle(audit, proved=verdict == Audit.Verdict.PROVIDER_CHEATED or validator_failed)
     if verdict == Audit.Verdict.PROVIDER_CHEATED:
         taken = provider_job_void(job=job, provider=audit.provider)
         if not Offence.objects.filter(provider=audit.provider, job=job, kind=Offence.Kind.AUDIT).exists():

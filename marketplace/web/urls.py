@@ -19,8 +19,7 @@ urlpatterns = [
     path("keys/<id:key_id>/revoke/", views.key_revoke, name="key-revoke"),
     path("staff/audits/", views.audits, name="audits"),
     path("signup/", views.signup, name="signup"),
-    path("login/", auth_views.LoginView.as_view(template_name="web/login.html", redirect_authenticated_user=True),
-         name="login"),
+    path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", views.healthz, name="healthz"),
 ]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -45,6 +47,20 @@ class _SignupThrottle(SimpleRateThrottle):
     def get_cache_key(self, request: HttpRequest, view: object) -> str:
         # The same key as the API's ScopedRateThrottle, so the web form is no way around its limit.
         return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login page behind the shared lockout (``marketplace.accounts.lockout``): a locked
+    (username, address) gets 429 and is told how long to wait, whatever password it sends."""
+
+    template_name = "web/login.html"
+    redirect_authenticated_user = True
+
+    def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
+        if not getattr(self.request, "login_locked", False):
+            return super().form_invalid(form)
+        minutes = -(-settings.HIVEMART_LOGIN_LOCKOUT_S // 60)
+        return self.render_to_response(self.get_context_data(form=form, locked_minutes=minutes), status=429)
 
 
 def _page(request: HttpRequest, items: object) -> object:
@@ -115,7 +131,7 @@ def signup(request: HttpRequest) -> HttpResponse:
             for reason in e.extra.get("reasons", [e.message]):
                 form.add_error(field, reason)
         else:
-            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            login(request, user, backend="marketplace.accounts.lockout.LockoutModelBackend")
             messages.success(request, f"Welcome, {user.username}. Create an API key to use the SDK or sell compute.")
             return redirect("web:keys")
     return render(request, "web/signup.html", {"form": form})

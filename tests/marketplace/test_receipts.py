@@ -104,7 +104,7 @@ def test_jobs_without_a_client_key_get_tickets_that_refuse_countersignatures() -
 def test_the_platform_endpoint_needs_no_key_and_publishes_the_ticket_key(settings: Any) -> None:
     body = api().get("/api/platform/").json()
     assert body == {"public_key": platform().public_key.hex(), "peer_id": platform().peer_id,
-                    "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS}
+                    "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS, "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT}
 
 
 def test_job_creation_validates_the_client_key() -> None:

@@ -72,11 +72,15 @@ def outputs(backend: SpanBackend, *, positions: int = 6, last: int = 2, seed: in
     return x, honest, honest + noise
 
 
+DEPOSIT = 100_000  # HIVEMART_AUDIT_DEPOSIT's default: audits here carry no evidence
+
+
 def file_audit(pj: PlannedJob, provider: Provider, backup: Provider, inputs: torch.Tensor, claimed: torch.Tensor,
                reference: torch.Tensor) -> Audit:
     return audit_create(user=pj.client, job=pj.job, ticket_id=pj.ticket(provider).ticket_id,
                         session_id="session-0001", start=0, end=3, dtype="float32", inputs=blob(inputs),
-                        claimed=blob(claimed), reference=blob(reference), reference_peer=backup.peer_id)
+                        claimed=blob(claimed), reference=blob(reference), reference_peer=backup.peer_id,
+                        deposit=DEPOSIT)
 
 
 def earnings(provider: Provider) -> int:
@@ -167,7 +171,8 @@ def test_malformed_tensors_and_a_missing_checkpoint_are_inconclusive(
     assert audit_decide(audit_id=wrong_width.pk)["verdict"] == "inconclusive"
     garbage = audit_create(user=pj.client, job=pj.job, ticket_id=pj.ticket(provider).ticket_id,
                            session_id="session-0001", start=0, end=3, dtype="float32", inputs=b"\x00" * 40,
-                           claimed=blob(perturbed), reference=blob(honest), reference_peer=backup.peer_id)
+                           claimed=blob(perturbed), reference=blob(honest), reference_peer=backup.peer_id,
+                           deposit=DEPOSIT)
     assert audit_decide(audit_id=garbage.pk)["verdict"] == "inconclusive"
     assert "malformed" in Audit.objects.get(pk=garbage.pk).detail
     settings.HIVEMART_MODELS_DIR = tmp_path / "empty"
@@ -183,7 +188,8 @@ def test_the_audits_api(model: CatalogModel, backend: SpanBackend) -> None:
     body = {"job": pj.job.pk, "ticket_id": pj.ticket(provider).ticket_id, "session_id": "session-0001", "start": 0,
             "end": 3, "dtype": "float32", "inputs": base64.b64encode(blob(x)).decode(),
             "claimed": base64.b64encode(blob(perturbed)).decode(),
-            "reference": base64.b64encode(blob(honest)).decode(), "reference_peer": backup.peer_id}
+            "reference": base64.b64encode(blob(honest)).decode(), "reference_peer": backup.peer_id,
+            "deposit": DEPOSIT}
 
     def api(user: Any) -> APIClient:
         client = APIClient()

@@ -111,7 +111,7 @@ def test_an_audit_filed_through_the_api_is_decided_by_a_real_worker(
     response = client.post("/api/audits/", {
         "job": pj.job.pk, "ticket_id": pj.ticket(pj.providers[0]).ticket_id, "session_id": "session-0001",
         "start": 0, "end": 2, "dtype": "float32", "inputs": b64(x), "claimed": b64(honest * 1.05),
-        "reference": b64(honest), "reference_peer": pj.backups[0].peer_id}, format="json")
+        "reference": b64(honest), "reference_peer": pj.backups[0].peer_id, "deposit": 100_000}, format="json")
     assert response.status_code == 201, response.json()
     audit_id = response.json()["id"]
     wait_for(lambda: Audit.objects.get(pk=audit_id).state == "decided", worker_process, tmp_path, seconds=180)

@@ -142,7 +142,7 @@ def test_staff_grants_are_keyed_per_staff_member() -> None:
 
 
 def test_the_migration_moves_existing_keys_into_their_namespaces() -> None:
-    migration = importlib.import_module("marketplace.ledger.migrations.0005_idempotency_scope")
+    migration = importlib.import_module("marketplace.ledger.migrations.0006_idempotency_scope")
     assert migration._scoped("job:1:settle:2:ab", "capture", None) == "system:job:1:settle:2:ab"
     assert migration._scoped("job:1:settle:2:ab", "payout", 9) == "user:9:job:1:settle:2:ab"
     assert migration._scoped("k", "grant", None) == "system:k"  # operator command

@@ -400,7 +400,7 @@ def make_audit():  # noqa: ANN201
     ticket = pj.ticket(pj.providers[0])
     audit = audit_create(user=pj.client, job=pj.job, ticket_id=ticket.ticket_id, session_id="session-0001",
                          start=0, end=4, dtype="float32", inputs=b"in", claimed=b"claimed", reference=b"reference",
-                         reference_peer=pj.backups[0].peer_id)
+                         reference_peer=pj.backups[0].peer_id, deposit=100_000)
     return audit_verdict_record(audit_id=audit.pk, verdict="provider_cheated", detail="outputs differ by 3.2")
 
 
