@@ -102,6 +102,8 @@ def cli(verbose: int) -> None:
 @click.option("--adapter-ttl", default=600.0, show_default=True, help="Seconds an unused adapter is kept.")
 @click.option("--graph-mb", default=512.0, show_default=True,
               help="Activations training forwards may keep for their backwards (saves recomputing), MiB.")
+@click.option("--graph-ttl", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a training forward's activations are kept waiting for its backward.")
 @click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
 @click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -111,7 +113,7 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         heartbeat_period: float, upload_period: float, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, adapter_mb: float, max_adapter_rank: int,
-        adapter_ttl: float, graph_mb: float, throughput: float | None,
+        adapter_ttl: float, graph_mb: float, graph_ttl: float, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
     from provider_agent.agent import serve_forever
@@ -125,7 +127,7 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024, adapter_bytes=int(adapter_mb * 1024 * 1024),
-        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, graph_bytes=int(graph_mb * 1024 * 1024),
+        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, graph_bytes=int(graph_mb * 1024 * 1024), graph_ttl=graph_ttl,
         throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
     )

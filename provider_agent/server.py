@@ -203,6 +203,8 @@ class ProviderServer:
             "max_request_tokens": self.config.max_request_tokens,
             "adapter_bytes_left": max(0, self.config.adapter_bytes - self.adapters.used_bytes),
             "max_adapter_rank": self.config.max_adapter_rank,
+            "graphs_kept": len(self.graphs), "graph_bytes_used": self.graphs.used_bytes,
+            "graph_bytes": self.config.graph_bytes,
         }
 
     @property
