@@ -250,15 +250,16 @@ def test_an_inference_stream_gets_cumulative_receipts_every_n_steps_and_at_close
 
 
 def test_an_exhausted_ticket_refuses_the_next_step_but_keeps_the_session(runtime, first):
+    # A session of 5 tokens over 2 blocks may need 10 units: the ticket covers it, barely.
     ticket, session_id = make_ticket(first, max_units=10), f"gen-{next(_ids):08d}"
-    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16,
+    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=5,
                                                 ticket=ticket.to_dict()))
 
     async def run() -> tuple[dict, dict, dict]:
         await stream.open()
         await stream.send(Step(session_id, 0, 0).to_header(), (hidden(4),))  # 8 units
         ok = (await stream.read_until("output")).header
-        await stream.send(Step(session_id, 1, 4).to_header(), (hidden(2),))  # 4 more: refused
+        await stream.send(Step(session_id, 1, 3).to_header(), (hidden(2),))  # a rollback, 4 more: refused
         refused = (await stream.read_until("output")).header
         await stream.send(Step(session_id, 2, 4).to_header(), (hidden(1),))  # 2 more: exactly the rest
         last = (await stream.read_until("output")).header
