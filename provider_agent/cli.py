@@ -106,6 +106,8 @@ def cli(verbose: int) -> None:
               help="Request tensors one peer may have in flight (received, not yet answered), MiB.")
 @click.option("--buffer-mb", default=2048.0, show_default=True, type=click.FloatRange(min=0),
               help="Request tensors all peers together may have in flight, MiB.")
+@click.option("--session-idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds an inference session may go without a step before it is closed and its cache freed.")
 @click.option("--stream-idle-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a new stream may wait before its first message, and a message may pause, "
                    "before the stream is closed.")
@@ -127,7 +129,7 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, max_sessions_per_peer: int,
         peer_cache_mb: float | None, max_streams_per_peer: int, peer_buffer_mb: float, buffer_mb: float,
-        stream_idle_timeout: float, adapter_mb: float, max_adapter_rank: int,
+        session_idle_timeout: float, stream_idle_timeout: float, adapter_mb: float, max_adapter_rank: int,
         adapter_ttl: float, graph_mb: float, graph_ttl: float, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
@@ -145,7 +147,8 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         max_sessions_per_peer=max_sessions_per_peer,
         peer_cache_bytes=None if peer_cache_mb is None else int(peer_cache_mb * 1024 * 1024),
         max_streams_per_peer=max_streams_per_peer, peer_buffer_bytes=int(peer_buffer_mb * 1024 * 1024),
-        buffer_bytes=int(buffer_mb * 1024 * 1024), stream_idle_timeout=stream_idle_timeout, adapter_bytes=int(adapter_mb * 1024 * 1024),
+        buffer_bytes=int(buffer_mb * 1024 * 1024), stream_idle_timeout=stream_idle_timeout,
+        session_idle_timeout=session_idle_timeout, adapter_bytes=int(adapter_mb * 1024 * 1024),
         max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, graph_bytes=int(graph_mb * 1024 * 1024), graph_ttl=graph_ttl,
         throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
