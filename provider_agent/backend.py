@@ -160,6 +160,17 @@ class SpanKVCache:
         return self.length
 
 
+def _count_storage(storages: dict[int, int], tensor: torch.Tensor, excluded: set[int]) -> None:
+    """Record the storage behind ``tensor`` (once per storage) unless it is in ``excluded``."""
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() not in excluded:
+        storages[storage.data_ptr()] = storage.nbytes()
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class SpanBackend:
     """Blocks ``[start, end)`` of one model on one device, ready to run."""
 
@@ -274,16 +285,22 @@ class SpanBackend:
 
     def graph(self, hidden: torch.Tensor, start: int, end: int, *, prompts: torch.Tensor | None = None,
               lora: LoraWeights | None = None, lora_grads: bool = False) -> KeptGraph:
-        """The forward of blocks ``[start, end)`` with autograd on, ready for :meth:`grads`."""
-        saved = 0
+        """The forward of blocks ``[start, end)`` with autograd on, ready for :meth:`grads`.
+
+        Its ``nbytes`` is the memory the graph keeps alive: every distinct storage its saved
+        tensors, inputs and outputs hold (a view keeps its whole storage), weights excluded.
+        """
+        storages: dict[int, int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            if tensor.untyped_storage().data_ptr() not in self._weight_storages:
-                saved += tensor.nbytes
-            return tensor
+            _count_storage(storages, tensor, self._weight_storages)
+            # Never return the tensor itself: when it is an output of the node saving it, it
+            # holds that node (grad_fn), which holds it back, a cycle in C++ that Python's
+            # collector cannot see, so a graph whose backward never ran leaked all its
+            # activations. A detached alias shares the storage without the grad_fn.
+            return tensor.detach()
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
             prompt_leaf = weights = None
             if prompts is not None:
@@ -293,7 +310,11 @@ class SpanBackend:
             with active_lora(self._active(lora, weights)):
                 outputs = self._run(self.layers_for(start, end, adaptable=lora is not None), inputs, 0, None,
                                     prompt_leaf)
-        return KeptGraph(start, end, inputs, prompt_leaf, weights, lora is not None and lora_grads, outputs, saved)
+        for tensor in (inputs, prompt_leaf, outputs):
+            if tensor is not None:
+                _count_storage(storages, tensor, self._weight_storages)
+        return KeptGraph(start, end, inputs, prompt_leaf, weights, lora is not None and lora_grads, outputs,
+                         sum(storages.values()))
 
     @staticmethod
     def grads(graph: KeptGraph, grad_output: torch.Tensor) -> SpanGrads:

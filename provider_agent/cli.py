@@ -98,12 +98,29 @@ def cli(verbose: int) -> None:
 @click.option("--max-session-length", default=2048, show_default=True, help="Longest inference session, tokens.")
 @click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")
 @click.option("--cache-mb", default=512, show_default=True, help="KV cache memory for all sessions, MiB.")
+@click.option("--max-sessions-per-peer", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Inference sessions one peer may hold at once.")
+@click.option("--peer-cache-mb", type=click.FloatRange(min=0), help="KV cache one peer's sessions may reserve, MiB "
+              "(default: a quarter of --cache-mb).")
+@click.option("--max-streams-per-peer", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Streams one peer may keep open at once; more are refused.")
+@click.option("--peer-buffer-mb", default=512.0, show_default=True, type=click.FloatRange(min=0),
+              help="Request tensors one peer may have in flight (received, not yet answered), MiB.")
+@click.option("--buffer-mb", default=2048.0, show_default=True, type=click.FloatRange(min=0),
+              help="Request tensors all peers together may have in flight, MiB.")
+@click.option("--session-idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds an inference session may go without a step before it is closed and its cache freed.")
+@click.option("--stream-idle-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a new stream may wait before its first message, and a message may pause, "
+                   "before the stream is closed.")
 @click.option("--adapter-mb", default=256.0, show_default=True,
               help="Memory for the LoRA adapters of fine-tuning jobs, all together, MiB.")
 @click.option("--max-adapter-rank", default=64, show_default=True, help="Largest LoRA rank a job may ask for.")
 @click.option("--adapter-ttl", default=600.0, show_default=True, help="Seconds an unused adapter is kept.")
 @click.option("--graph-mb", default=512.0, show_default=True,
               help="Activations training forwards may keep for their backwards (saves recomputing), MiB.")
+@click.option("--graph-ttl", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a training forward's activations are kept waiting for its backward.")
 @click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
 @click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -112,8 +129,10 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         market_url: str | None, api_key: str | None, platform_key: str | None, price: int, receipt_every: int,
         heartbeat_period: float, upload_period: float, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
-        max_session_length: int, max_sessions: int, cache_mb: int, adapter_mb: float, max_adapter_rank: int,
-        adapter_ttl: float, graph_mb: float, throughput: float | None,
+        max_session_length: int, max_sessions: int, cache_mb: int, max_sessions_per_peer: int,
+        peer_cache_mb: float | None, max_streams_per_peer: int, peer_buffer_mb: float, buffer_mb: float,
+        session_idle_timeout: float, stream_idle_timeout: float, adapter_mb: float, max_adapter_rank: int,
+        adapter_ttl: float, graph_mb: float, graph_ttl: float, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
     from provider_agent.agent import serve_forever
@@ -126,8 +145,13 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         initial_peers=peers, identity_path=identity_path,
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
-        cache_bytes=cache_mb * 1024 * 1024, adapter_bytes=int(adapter_mb * 1024 * 1024),
-        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, graph_bytes=int(graph_mb * 1024 * 1024),
+        cache_bytes=cache_mb * 1024 * 1024,
+        max_sessions_per_peer=max_sessions_per_peer,
+        peer_cache_bytes=None if peer_cache_mb is None else int(peer_cache_mb * 1024 * 1024),
+        max_streams_per_peer=max_streams_per_peer, peer_buffer_bytes=int(peer_buffer_mb * 1024 * 1024),
+        buffer_bytes=int(buffer_mb * 1024 * 1024), stream_idle_timeout=stream_idle_timeout,
+        session_idle_timeout=session_idle_timeout, adapter_bytes=int(adapter_mb * 1024 * 1024),
+        max_adapter_rank=max_adapter_rank, adapter_ttl=adapter_ttl, graph_bytes=int(graph_mb * 1024 * 1024), graph_ttl=graph_ttl,
         throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
     )

@@ -40,6 +40,18 @@ class AgentConfig:
     cache_bytes: int = 512 * 1024 * 1024
     # Seconds an inference session may stay idle before it is closed and its cache freed.
     session_idle_timeout: float = 300.0
+    # Per-peer quotas (provider_agent.limits): what one peer may hold at once. Sessions and
+    # their KV cache (None: a quarter of `cache_bytes`).
+    max_sessions_per_peer: int = 16
+    peer_cache_bytes: int | None = None
+    # Streams one peer may keep open at once (each costs a file descriptor here and in p2pd).
+    max_streams_per_peer: int = 128
+    # Bytes of request tensors buffered while they arrive: per peer, and all peers together.
+    peer_buffer_bytes: int = 512 * 1024 * 1024
+    buffer_bytes: int = 2048 * 1024 * 1024
+    # Seconds a new stream may take to send its first message, and a message that has begun
+    # may go without new bytes, before the stream is closed.
+    stream_idle_timeout: float = 30.0
     # Bytes of LoRA adapters that fine-tuning jobs may keep here, all jobs together.
     adapter_bytes: int = 256 * 1024 * 1024
     # Largest LoRA rank a job may ask for.

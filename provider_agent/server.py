@@ -26,7 +26,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError
-from client_sdk.protocol.framing import Limits, Message, read_message, write_message
+from client_sdk.protocol.receipts import work_units
+from client_sdk.protocol.framing import Head, Limits, Message, read_head, read_message, read_tensors, write_message
 from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.rpc import (
     RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, AdapterRequest, OpenSession, Relink,
@@ -36,9 +37,14 @@ from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
 from provider_agent.backend import KeptGraphs, LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
+from provider_agent.limits import BufferLease, PeerQuotas, Quotas, RequestError
 from provider_agent.metering import Charge, TicketBook, outputs_digest
 
 logger = get_logger(__name__)
+
+
+def _wire_torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)  # a name the framing checked against its list of wire dtypes
 
 # Steps with at most this many tokens run on the event loop thread: handing a few
 # milliseconds of work to a thread costs more latency than it saves. Larger work runs in
@@ -49,14 +55,6 @@ _RECENT_STEPS = 32
 
 # How long a cleanly closed session waits for the client's ack of its final receipt.
 _CLOSE_ACK_TIMEOUT_S = 2.0
-
-
-class RequestError(Exception):
-    """A request that is well-formed on the wire but cannot be served; carries a code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -70,6 +68,7 @@ class Session:
     last_output: tuple[int, int, torch.Tensor] | None = None  # (step_id, position, output)
     last_used: float = field(default_factory=time.monotonic)
     ticket: JobTicket | None = None  # what pays for the session (None in free mode)
+    peer: str = ""  # the client that opened it (its quotas count the session)
 
 
 class ProviderServer:
@@ -87,14 +86,20 @@ class ProviderServer:
         self._push_links: dict[str, asyncio.StreamWriter] = {}
         self._push_link_lock = asyncio.Lock()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-compute")
-        self._limits = Limits(max_tensors=4,
-                              max_tensor_bytes=config.max_request_tokens * backend.info.hidden_size * 4)
+        self._limits = Limits(max_tensors=4, max_tensor_bytes=config.max_request_tokens * backend.info.hidden_size * 4,
+                              read_timeout=config.stream_idle_timeout)
+        self._no_tensors = Limits(max_tensors=0, read_timeout=config.stream_idle_timeout)
+        self.quotas = PeerQuotas(Quotas(
+            streams_per_peer=config.max_streams_per_peer, buffer_bytes=config.buffer_bytes,
+            peer_buffer_bytes=config.peer_buffer_bytes, sessions_per_peer=config.max_sessions_per_peer,
+            peer_cache_bytes=config.cache_bytes // 4 if config.peer_cache_bytes is None else config.peer_cache_bytes))
         self.adapters = AdapterStore(budget_bytes=config.adapter_bytes, max_rank=config.max_adapter_rank,
                                      ttl=config.adapter_ttl)
         self.graphs = KeptGraphs(budget_bytes=config.graph_bytes, ttl=config.graph_ttl)
         # Adapter weights travel as float32 whatever the compute dtype.
         self._adapter_limits = Limits(max_tensors=1,
-                                      max_tensor_bytes=max(4, config.adapter_bytes // backend.dtype.itemsize * 4))
+                                      max_tensor_bytes=max(4, config.adapter_bytes // backend.dtype.itemsize * 4),
+                                      read_timeout=config.stream_idle_timeout)
         self._tasks: set[asyncio.Task] = set()
         self.accepting = True
 
@@ -131,10 +136,18 @@ class ProviderServer:
 
     def _guard(self, name: str, handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
         async def guarded(stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = str(stream_info.peer_id)
+            if not self.quotas.open_stream(peer):
+                await self._try_send(writer, error_header("busy", "this peer has as many streams open here as one "
+                                                                  "peer may; finish some before opening more"))
+                writer.close()
+                return
             try:
                 await handler(stream_info, reader, writer)
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 pass  # the peer went away; nothing to answer
+            except asyncio.TimeoutError:
+                logger.info(f"{name} from {peer}: no request within {self.config.stream_idle_timeout:g} s; closed")
             except ProtocolError as e:
                 logger.info(f"{name} from {stream_info.peer_id}: malformed message: {e}")
                 await self._try_send(writer, error_header(e.code, str(e)))
@@ -143,9 +156,15 @@ class ProviderServer:
                 logger.exception(f"{name} from {stream_info.peer_id} failed: {e}")
                 await self._try_send(writer, error_header("internal", f"{type(e).__name__}: {e}"))
             finally:
+                self.quotas.close_stream(peer)
                 writer.close()
 
         return guarded
+
+    async def _first_head(self, reader: asyncio.StreamReader, limits: Limits) -> Head:
+        """The head of a stream's first message, which must come within the idle timeout (a
+        stream that sends nothing holds a descriptor for nothing)."""
+        return await asyncio.wait_for(read_head(reader, limits), self.config.stream_idle_timeout)
 
     @staticmethod
     async def _discard_rest(reader: asyncio.StreamReader, max_bytes: int = 64 * 1024 * 1024,
@@ -207,6 +226,8 @@ class ProviderServer:
             "max_request_tokens": self.config.max_request_tokens,
             "adapter_bytes_left": max(0, self.config.adapter_bytes - self.adapters.used_bytes),
             "max_adapter_rank": self.config.max_adapter_rank,
+            "graphs_kept": len(self.graphs), "graph_bytes_used": self.graphs.used_bytes,
+            "graph_bytes": self.config.graph_bytes,
         }
 
     @property
@@ -220,7 +241,7 @@ class ProviderServer:
         return self.cache_bytes_left // per_token
 
     async def _handle_info(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_message(reader, Limits(max_tensors=0))
+        await self._first_head(reader, self._no_tensors)
         await write_message(writer, self.info())
 
     # --- validation ---------------------------------------------------------------------------
@@ -247,6 +268,11 @@ class ProviderServer:
         if tensor.shape[0] * tensor.shape[1] > self.config.max_request_tokens:
             raise RequestError("too_large", f"{tensor.shape[0] * tensor.shape[1]} tokens exceed this provider's "
                                             f"limit of {self.config.max_request_tokens} per request")
+        if tensor.device.type != "meta":
+            self._check_finite(tensor, what)
+
+    @staticmethod
+    def _check_finite(tensor: torch.Tensor, what: str) -> None:
         if not torch.isfinite(tensor).all():
             raise RequestError("bad_value", f"{what} contains NaN or infinite values")
 
@@ -257,27 +283,27 @@ class ProviderServer:
 
     # --- forward and backward -------------------------------------------------------------------
 
-    def _parse_span_request(self, message: Message, tensor_names: tuple[str, ...]
-                            ) -> tuple[SpanRequest, list[torch.Tensor], torch.Tensor | None]:
-        """Validate a forward or backward request: span, tensor count, shapes and dtypes.
-        Returns the request, its hidden-state tensors, and its deep prompts (or None)."""
+    def _parse_span_request(self, head: Head, tensor_names: tuple[str, ...]) -> SpanRequest:
+        """Validate a forward or backward request from its head alone, before any tensor is
+        read: span, tensor count, declared shapes and dtypes."""
         self._check_accepting()
-        request = SpanRequest.from_header(message.header)
+        request = SpanRequest.from_header(head.header)
         self._check_span(request.start, request.end)
         with_prompts = request.tuning is not None and request.tuning.prompts
         names = tensor_names + (("deep prompts",) if with_prompts else ())
-        if len(message.tensors) != len(names):
+        if len(head.descriptors) != len(names):
             raise RequestError("bad_request", f"expected {len(names)} tensors: {', '.join(names)}")
-        tensors = message.tensors[: len(tensor_names)]
+        # Shape-only stand-ins: the checks below read shapes and dtypes, never data.
+        declared = [torch.empty(shape, dtype=_wire_torch_dtype(dtype), device="meta") for dtype, shape in head.shapes()]
+        tensors = declared[: len(tensor_names)]
         for tensor, name in zip(tensors, tensor_names):
             self._check_hidden(tensor, name)
         if any(t.shape != tensors[0].shape for t in tensors):
             raise RequestError("bad_shape", f"{' and '.join(tensor_names)} must have the same shape; got "
                                             f"{[list(t.shape) for t in tensors]}")
-        prompts = message.tensors[-1] if with_prompts else None
-        if prompts is not None:
-            self._check_prompts(prompts, request, tensors[0])
-        return request, tensors, prompts
+        if with_prompts:
+            self._check_prompts(declared[-1], request, tensors[0])
+        return request
 
     def _check_prompts(self, prompts: torch.Tensor, request: SpanRequest, hidden: torch.Tensor) -> None:
         blocks, (batch, tokens, hidden_size) = request.end - request.start, hidden.shape
@@ -287,8 +313,8 @@ class ProviderServer:
                                             f"{hidden_size}] with 1 <= prefix <= {tokens}; got {list(prompts.shape)}")
         if prompts.dtype != self.backend.dtype:
             raise RequestError("bad_dtype", f"deep prompts must be {self.backend.dtype}; got {prompts.dtype}")
-        if not torch.isfinite(prompts).all():
-            raise RequestError("bad_value", "deep prompts contain NaN or infinite values")
+        if prompts.device.type != "meta":
+            self._check_finite(prompts, "deep prompts")
 
     def _lora_for(self, request: SpanRequest, owner: str) -> LoraWeights | None:
         """The weights of the request's adapter for its blocks (None without an adapter)."""
@@ -305,12 +331,38 @@ class ProviderServer:
                           tensor_names: tuple[str, ...], reply_type: str, cost: int,
                           work: Callable[[SpanRequest, list[torch.Tensor], torch.Tensor | None, LoraWeights | None],
                                          tuple[dict[str, Any], tuple[torch.Tensor, ...]]]) -> None:
-        message = await read_message(reader, self._limits)
+        head = await self._first_head(reader, self._limits)
         try:
-            request, tensors, prompts = self._parse_span_request(message, tensor_names)
+            # Everything the head alone decides (the ticket above all) is checked before a
+            # single tensor byte is read: a refused peer makes the agent hold nothing.
+            request = self._parse_span_request(head, tensor_names)
+            ticket = None if self.tickets is None else self.tickets.check(request.ticket, request.start, request.end)
             lora = self._lora_for(request, str(stream_info.peer_id))
-            charge = self._charge_span(request, tensors[0], backward=reply_type == "grad")
         except (RequestError, AdapterError, TicketError) as e:
+            await write_message(writer, error_header(e.code, str(e)))
+            await self._discard_rest(reader)
+            return
+        lease = self.quotas.lease(str(stream_info.peer_id))
+        try:
+            await self._serve_span_tensors(reader, writer, head, request, ticket, lora, tensor_names, reply_type,
+                                           cost, work, lease)
+        finally:
+            lease.release()
+
+    async def _serve_span_tensors(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: Head,
+                                  request: SpanRequest, ticket: JobTicket | None, lora: LoraWeights | None,
+                                  tensor_names: tuple[str, ...], reply_type: str, cost: int,
+                                  work: Callable[..., tuple[dict[str, Any], tuple[torch.Tensor, ...]]],
+                                  lease: BufferLease) -> None:
+        """Read a checked request's tensors (within the peer's buffer budget), compute, reply."""
+        received = await read_tensors(reader, head, self._limits, lease)
+        tensors = received[: len(tensor_names)]
+        prompts = received[-1] if len(received) > len(tensor_names) else None
+        try:
+            for tensor, name in zip(received, tensor_names + ("deep prompts",)):
+                self._check_finite(tensor, name)
+            charge = self._charge_span(request, ticket, tensors[0], backward=reply_type == "grad")
+        except (RequestError, TicketError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
         tokens = tensors[0].shape[0] * tensors[0].shape[1]
@@ -324,12 +376,12 @@ class ProviderServer:
             extra = {**extra, "receipt": await self._commit_span(charge, outputs, tokens)}
         await write_message(writer, {"type": reply_type, **extra}, outputs)
 
-    def _charge_span(self, request: SpanRequest, hidden: torch.Tensor, *, backward: bool) -> Charge | None:
-        """Check the request's ticket and reserve its units (None in free mode). A request
-        without a session id counts on the session named like its ticket."""
-        if self.tickets is None:
+    def _charge_span(self, request: SpanRequest, ticket: JobTicket | None, hidden: torch.Tensor, *,
+                     backward: bool) -> Charge | None:
+        """Reserve the units of a request on its (checked) ticket; None in free mode. A
+        request without a session id counts on the session named like its ticket."""
+        if ticket is None:
             return None
-        ticket = self.tickets.check(request.ticket, request.start, request.end)
         if request.ack is not None:  # the payment channel: the client's countersignature of an earlier reply
             self.tickets.acknowledge(ticket, request.ack)
         return self.tickets.charge(ticket, request.session_id or ticket.ticket_id,
@@ -388,15 +440,51 @@ class ProviderServer:
 
     async def _handle_adapter(self, stream_info: Any, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
-        message = await read_message(reader, self._adapter_limits)
-        request = AdapterRequest.from_header(message.header)
+        owner = str(stream_info.peer_id)
+        head = await self._first_head(reader, self._adapter_limits)
+        request = AdapterRequest.from_header(head.header)
         try:
-            reply, tensors = self._adapter_op(request, str(stream_info.peer_id), message.tensors)
+            self._check_adapter_head(request, owner, head)  # the ticket and the budget before any weight
         except (RequestError, AdapterError, TicketError) as e:
             await write_message(writer, error_header(e.code, str(e)))
+            await self._discard_rest(reader)
             return
+        lease = self.quotas.lease(owner)
+        try:
+            received = await read_tensors(reader, head, self._adapter_limits, lease)
+            try:
+                reply, tensors = self._adapter_op(request, owner, received)
+            except (RequestError, AdapterError, TicketError) as e:
+                await write_message(writer, error_header(e.code, str(e)))
+                return
+        finally:
+            lease.release()
         await write_message(writer, {"type": "adapter", "op": request.op, "adapter_id": request.adapter_id, **reply},
                             tensors)
+
+    def _check_adapter_head(self, request: AdapterRequest, owner: str, head: Head) -> None:
+        """Refuse, from its head alone, an adapter request that would be refused once read."""
+        if request.op == "create":
+            self._check_accepting()
+            self._check_span(request.start, request.end)
+            if self.tickets is not None:
+                self.tickets.check(request.ticket, request.start, request.end)
+            try:
+                spec = LoraSpec(request.rank, request.alpha, request.targets)
+            except ValueError as e:
+                raise RequestError("bad_request", str(e)) from None
+            shape = (request.end - request.start, block_numel(spec, self.backend.lora_shapes))
+            self.adapters.check_new(request.adapter_id, spec, shape[0] * shape[1] * self.backend.dtype.itemsize)
+            expected = [] if request.seed is not None else [shape]
+        elif request.op == "set":
+            expected = [tuple(self.adapters.get(request.adapter_id, owner).weights.shape)]
+        else:
+            expected = []
+        declared = [shape for _, shape in head.shapes()]
+        if declared != expected:
+            code = "bad_shape" if len(declared) == len(expected) else "bad_request"
+            raise RequestError(code, f"an adapter {request.op} carries tensors of shapes "
+                                     f"{[list(e) for e in expected]}; got {[list(d) for d in declared]}")
 
     def _adapter_op(self, request: AdapterRequest, owner: str,
                     tensors: list[torch.Tensor]) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
@@ -460,10 +548,12 @@ class ProviderServer:
         if not self.accepting:
             raise RequestError("not_accepting", "this provider is shutting down or moving; use another")
 
-    def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter) -> Session:
+    def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter, peer: str) -> Session:
         self._check_accepting()
         self._check_span(spec.start, spec.end)
         ticket = None if self.tickets is None else self.tickets.check(spec.ticket, spec.start, spec.end)
+        if ticket is not None:
+            self._check_ticket_covers_session(ticket, spec)
         if spec.session_id in self.sessions:
             raise RequestError("session_exists", f"session {spec.session_id} is already open here")
         if spec.max_length > self.config.max_session_length:
@@ -479,27 +569,42 @@ class ProviderServer:
         if needed > self.cache_bytes_left:
             raise RequestError("cache_full", f"the session needs {needed} bytes of cache, {self.cache_bytes_left} "
                                              f"are free; ask for a shorter max_length or another provider")
+        self.quotas.check_session(peer, needed)
         cache = self.backend.new_cache(start=spec.start, end=spec.end, batch_size=spec.batch_size,
                                        max_length=spec.max_length)
-        session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client, ticket=ticket)
+        session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client, ticket=ticket, peer=peer)
         self._reserved_bytes += needed
+        self.quotas.add_session(peer, needed)
         self.sessions[spec.session_id] = session
         if spec.next_session is not None:
             self._by_next_session[spec.next_session] = session
         return session
 
+    def _check_ticket_covers_session(self, ticket: JobTicket, spec: OpenSession) -> None:
+        """Opening charges nothing but reserves cache for ``max_length`` x ``batch_size``
+        tokens: the ticket's unused units must cover filling it, so that a ticket worth a
+        few units cannot hold a large reservation."""
+        units = work_units(tokens=spec.max_length * spec.batch_size, blocks=spec.end - spec.start)
+        left = ticket.max_units - self.tickets.units_used(ticket.ticket_id)
+        if units > left:
+            raise TicketError(f"a session of max_length {spec.max_length} x batch {spec.batch_size} over "
+                              f"{spec.end - spec.start} blocks may compute {units} work units; ticket "
+                              f"{ticket.ticket_id} has {left} left: open a shorter session or get a larger "
+                              f"ticket", code="ticket_exhausted")
+
     def _close_session(self, session: Session) -> None:
         if self.sessions.pop(session.spec.session_id, None) is session:
             self._reserved_bytes -= session.reserved_bytes
+            self.quotas.remove_session(session.peer, session.reserved_bytes)
             if session.spec.next_session is not None:
                 self._by_next_session.pop(session.spec.next_session, None)
 
     async def _handle_inference(self, stream_info: Any, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
-        message = await read_message(reader, self._limits)
-        spec = OpenSession.from_header(message.header)
+        head = await self._first_head(reader, self._no_tensors)
+        spec = OpenSession.from_header(head.header)
         try:
-            session = self._open_session(spec, writer)
+            session = self._open_session(spec, writer, str(stream_info.peer_id))
         except (RequestError, TicketError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
@@ -507,37 +612,48 @@ class ProviderServer:
             await write_message(writer, {"type": "opened", "session_id": spec.session_id,
                                          "cache_tokens_left": self.cache_tokens_left})
             while True:
+                lease = self.quotas.lease(session.peer)
                 try:
-                    message = await read_message(reader, self._limits)
+                    message = await read_message(reader, self._limits, lease)
                 except asyncio.IncompleteReadError:
+                    lease.release()
                     return  # the client closed the session
-                if message.header.get("type") == "close":
-                    if session.ticket is not None:  # a clean close: the final receipt, and the client's ack of it
-                        await self._send_receipt(session, final=True)
-                        await self._await_ack(session, reader)
-                    return
-                if message.header.get("type") == "relink":
-                    await self._relink(session, message.header, writer)
-                    continue
-                if message.header.get("type") == "ack":
-                    await self._acknowledge(session, message.header)
-                    continue
                 try:
-                    step = Step.from_header(message.header)
-                except ProtocolError as e:  # a bad header spoils one step, not the session
-                    await write_message(writer, error_header(e.code, str(e),
-                                                             step_id=message.header.get("step_id")))
-                    continue
-                if step.session_id != spec.session_id:
-                    await write_message(writer, error_header(
-                        "unknown_session", f"this stream serves session {spec.session_id}, not {step.session_id}",
-                        step_id=step.step_id))
-                    continue
-                await self._apply_step(session, step, message.tensors)
+                    if message.header.get("type") == "close":
+                        if session.ticket is not None:  # a clean close: the final receipt, and the client's ack of it
+                            await self._send_receipt(session, final=True)
+                            await self._await_ack(session, reader)
+                        return
+                    if await self._session_message(session, message, writer):
+                        return
+                finally:
+                    lease.release()
         finally:
             self._close_session(session)
             if session.ticket is not None:
                 await self._send_receipt(session, final=True)
+
+    async def _session_message(self, session: Session, message: Message, writer: asyncio.StreamWriter) -> bool:
+        """Handle one message on an open session's stream; True when it ends the session."""
+        kind = message.header.get("type")
+        if kind == "relink":
+            await self._relink(session, message.header, writer)
+            return False
+        if kind == "ack":
+            await self._acknowledge(session, message.header)
+            return False
+        try:
+            step = Step.from_header(message.header)
+        except ProtocolError as e:  # a bad header spoils one step, not the session
+            await write_message(writer, error_header(e.code, str(e), step_id=message.header.get("step_id")))
+            return False
+        if step.session_id != session.spec.session_id:
+            await write_message(writer, error_header(
+                "unknown_session", f"this stream serves session {session.spec.session_id}, not {step.session_id}",
+                step_id=step.step_id))
+            return False
+        await self._apply_step(session, step, message.tensors)
+        return False
 
     async def _send_receipt(self, session: Session, *, final: bool = False) -> None:
         """Sign the session's totals and send them on its stream (kept for upload either way)."""
@@ -553,7 +669,7 @@ class ProviderServer:
         try:
             async with asyncio.timeout(_CLOSE_ACK_TIMEOUT_S):
                 while True:
-                    message = await read_message(reader, self._limits)
+                    message = await read_message(reader, self._no_tensors)
                     if message.header.get("type") == "ack":
                         await self._acknowledge(session, message.header)
                         return
@@ -703,20 +819,31 @@ class ProviderServer:
     async def _handle_push(self, stream_info: Any, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
         sender = str(stream_info.peer_id)
+        first = True
         while True:
+            lease = self.quotas.lease(sender)
             try:
-                message = await read_message(reader, self._limits)
+                # A push link is opened when there is a step to push: its first one comes at once.
+                head = await (self._first_head(reader, self._limits) if first else read_head(reader, self._limits))
+                first = False
+                message = Message(head.header, await read_tensors(reader, head, self._limits, lease))
+                await self._push_step(sender, message, writer)
             except asyncio.IncompleteReadError:
                 return
-            step = Step.from_header(message.header)
-            session = self.sessions.get(step.session_id)
-            if session is None or session.spec.prev_peer != sender:
-                # Same answer for both cases: do not reveal which sessions exist to other peers.
-                await write_message(writer, error_header(
-                    "unknown_session", f"no session {step.session_id} expects steps from {sender}",
-                    session_id=step.session_id, step_id=step.step_id))
-                continue
-            await self._apply_step(session, step, message.tensors)
+            finally:
+                lease.release()
+
+    async def _push_step(self, sender: str, message: Message, writer: asyncio.StreamWriter) -> None:
+        """Apply one step a previous provider pushed (or tell it the session is unknown)."""
+        step = Step.from_header(message.header)
+        session = self.sessions.get(step.session_id)
+        if session is None or session.spec.prev_peer != sender:
+            # Same answer for both cases: do not reveal which sessions exist to other peers.
+            await write_message(writer, error_header(
+                "unknown_session", f"no session {step.session_id} expects steps from {sender}",
+                session_id=step.session_id, step_id=step.step_id))
+            return
+        await self._apply_step(session, step, message.tensors)
 
     async def _expire_idle_sessions(self) -> None:
         while True:

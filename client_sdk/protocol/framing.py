@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import msgpack
 
@@ -27,7 +27,8 @@ from client_sdk.errors import ProtocolError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Limits", "Message", "read_message", "write_message", "encode_message", "CHUNK_BYTES"]
+__all__ = ["Limits", "Message", "Head", "BufferBudget", "read_message", "read_head", "read_tensors", "write_message",
+           "encode_message", "CHUNK_BYTES"]
 
 HEADER_LEN = 8
 CHUNK_BYTES = 1 << 20
@@ -44,6 +45,8 @@ class Limits:
     max_tensors: int = 8
     max_tensor_bytes: int = 512 * 1024 * 1024
     max_rank: int = 4
+    # Seconds a message that has begun may go without new bytes (None: no deadline).
+    read_timeout: float | None = None
 
 
 DEFAULT_LIMITS = Limits()
@@ -77,6 +80,8 @@ def _tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
+    if tensor.numel() == 0:  # memoryview cannot cast a view with a zero in its shape
+        return memoryview(b"")
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move its bits as int16
         tensor = tensor.view(torch.int16)
     return memoryview(tensor.numpy()).cast("B")
@@ -104,11 +109,48 @@ async def write_message(
     await writer.drain()
 
 
-async def _read_frame(reader: asyncio.StreamReader, max_bytes: int, what: str) -> bytes:
-    length = int.from_bytes(await reader.readexactly(HEADER_LEN), "big")
+class BufferBudget(Protocol):
+    """Bytes a reader may still buffer: ``take`` claims ``nbytes`` more or raises
+    :class:`ProtocolError` (code ``busy``) when that would exceed the budget."""
+
+    def take(self, nbytes: int) -> None: ...
+
+
+@dataclass
+class Head:
+    """The first frame of a message: its header and what its tensors will be (not read yet)."""
+
+    header: dict[str, Any]
+    descriptors: list[tuple[str, tuple[int, ...], int]]  # (wire dtype, shape, bytes) per tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes for _, _, nbytes in self.descriptors)
+
+    def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(dtype name, shape) of each tensor the message declares."""
+        return [(dtype, shape) for dtype, shape, _ in self.descriptors]
+
+
+async def _read_exactly(reader: asyncio.StreamReader, nbytes: int, timeout: float | None) -> bytes:
+    if timeout is None:
+        return await reader.readexactly(nbytes)
+    try:
+        async with asyncio.timeout(timeout):
+            return await reader.readexactly(nbytes)
+    except TimeoutError:
+        raise ProtocolError(f"no data for {timeout:g} s in the middle of a message; send each message "
+                            f"without pausing", code="timeout") from None
+
+
+async def _read_frame(reader: asyncio.StreamReader, max_bytes: int, what: str, timeout: float | None,
+                      *, first: bool = False) -> bytes:
+    # Waiting for a message to begin is the caller's business (an inference stream idles
+    # between steps); once it has begun, every read has a deadline.
+    length = int.from_bytes(await _read_exactly(reader, HEADER_LEN, None if first else timeout), "big")
     if length > max_bytes:
         raise ProtocolError(f"{what} frame of {length} bytes exceeds the limit of {max_bytes}", code="too_large")
-    return await reader.readexactly(length)
+    return await _read_exactly(reader, length, timeout)
 
 
 def _parse_descriptors(raw: Any, limits: Limits) -> list[tuple[str, tuple[int, ...], int]]:
@@ -119,8 +161,10 @@ def _parse_descriptors(raw: Any, limits: Limits) -> list[tuple[str, tuple[int, .
         if not (isinstance(item, list) and len(item) == 2 and item[0] in _WIRE_DTYPES and isinstance(item[1], list)):
             raise ProtocolError(f"bad tensor descriptor {item!r}: expected [dtype, shape] with dtype in {_WIRE_DTYPES}")
         dtype, shape = item
-        if len(shape) > limits.max_rank or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
-            raise ProtocolError(f"bad tensor shape {shape!r}: at most {limits.max_rank} non-negative dimensions")
+        # type() and not isinstance(): a boolean is an int subclass and no dimension.
+        if len(shape) > limits.max_rank or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+            raise ProtocolError(f"bad tensor shape {shape!r}: at most {limits.max_rank} non-negative integer "
+                                f"dimensions")
         numel = 1
         for d in shape:
             numel *= d
@@ -132,34 +176,48 @@ def _parse_descriptors(raw: Any, limits: Limits) -> list[tuple[str, tuple[int, .
     return parsed
 
 
-async def read_message(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Read and validate one message. Raises ProtocolError on malformed input and
-    ``asyncio.IncompleteReadError`` when the stream ends (cleanly between messages or not)."""
-    import torch
-
-    head = await _read_frame(reader, limits.max_header_bytes, "header")
+async def read_head(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIMITS) -> Head:
+    """Read and validate the first frame of a message (its tensors follow: :func:`read_tensors`).
+    Raises ProtocolError on malformed input and ``asyncio.IncompleteReadError`` when the
+    stream ends."""
+    head = await _read_frame(reader, limits.max_header_bytes, "header", limits.read_timeout, first=True)
     try:
         decoded = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"message header is not valid msgpack: {e}") from e
     if not isinstance(decoded, dict) or not isinstance(decoded.get("h"), dict):
         raise ProtocolError("message header must be a map with a map under 'h'")
-    descriptors = _parse_descriptors(decoded.get("t", []), limits)
+    return Head(decoded["h"], _parse_descriptors(decoded.get("t", []), limits))
+
+
+async def read_tensors(reader: asyncio.StreamReader, head: Head, limits: Limits = DEFAULT_LIMITS,
+                       budget: BufferBudget | None = None) -> list["torch.Tensor"]:
+    """Read the tensors ``head`` declares. Memory grows as data arrives (a peer that declares
+    a large tensor and sends nothing holds nothing), and every chunk is first claimed from
+    ``budget`` when given."""
+    import torch
 
     tensors = []
-    for dtype, shape, nbytes in descriptors:
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nbytes:
-            chunk = await _read_frame(reader, min(CHUNK_BYTES, nbytes - received), "tensor")
+    for dtype, shape, nbytes in head.descriptors:
+        buffer = bytearray()
+        while len(buffer) < nbytes:
+            chunk = await _read_frame(reader, min(CHUNK_BYTES, nbytes - len(buffer)), "tensor", limits.read_timeout)
             if not chunk:
                 raise ProtocolError("empty tensor frame")
-            view[received : received + len(chunk)] = chunk
-            received += len(chunk)
+            if budget is not None:
+                budget.take(len(chunk))
+            buffer += chunk
         wire = torch.int16 if dtype == "bfloat16" else _torch_dtype(dtype)
         tensor = torch.frombuffer(buffer, dtype=wire) if nbytes else torch.empty(0, dtype=wire)
         if dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
         tensors.append(tensor.reshape(shape))
-    return Message(decoded["h"], tensors)
+    return tensors
+
+
+async def read_message(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIMITS,
+                       budget: BufferBudget | None = None) -> Message:
+    """Read and validate one message. Raises ProtocolError on malformed input and
+    ``asyncio.IncompleteReadError`` when the stream ends (cleanly between messages or not)."""
+    head = await read_head(reader, limits)
+    return Message(head.header, await read_tensors(reader, head, limits, budget))

@@ -197,6 +197,8 @@ def test_systemd_units_run_real_commands(name: str) -> None:
     assert service["User"] == "hivemart" and service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM"
     assert unit(name)["Install"]["WantedBy"] == "multi-user.target"
+    # Peers cost file descriptors: far above systemd's default of 1,024 (issue 14, slowloris).
+    assert int(service["LimitNOFILE"]) >= 65536
 
 
 def test_provider_unit_variables_come_from_the_example_env() -> None:

@@ -268,15 +268,16 @@ def test_an_inference_stream_gets_cumulative_receipts_every_n_steps_and_at_close
 
 
 def test_an_exhausted_ticket_refuses_the_next_step_but_keeps_the_session(runtime, first):
+    # A session of 5 tokens over 2 blocks may need 10 units: the ticket covers it, barely.
     ticket, session_id = make_ticket(first, max_units=10), f"gen-{next(_ids):08d}"
-    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16,
+    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=5,
                                                 ticket=ticket.to_dict()))
 
     async def run() -> tuple[dict, dict, dict]:
         await stream.open()
         await stream.send(Step(session_id, 0, 0).to_header(), (hidden(4),))  # 8 units
         ok = (await stream.read_until("output")).header
-        await stream.send(Step(session_id, 1, 4).to_header(), (hidden(2),))  # 4 more: refused
+        await stream.send(Step(session_id, 1, 3).to_header(), (hidden(2),))  # a rollback, 4 more: refused
         refused = (await stream.read_until("output")).header
         await stream.send(Step(session_id, 2, 4).to_header(), (hidden(1),))  # 2 more: exactly the rest
         last = (await stream.read_until("output")).header
@@ -351,3 +352,54 @@ def test_adapters_need_a_ticket_for_their_blocks(runtime: SwarmRuntime, first: A
     created = create(make_ticket(first))
     assert created.header["type"] == "adapter" and created.header["start"] == 0
     assert_serves_ticketed_work(runtime, first)
+
+
+def _head_only(header: dict, shapes: list[list[int]]) -> bytes:
+    """The first frame of a message that declares float32 tensors of ``shapes`` and sends none."""
+    import msgpack
+
+    head = msgpack.packb({"h": header, "t": [["float32", shape] for shape in shapes]}, use_bin_type=True)
+    return len(head).to_bytes(8, "big") + head
+
+
+def test_requests_without_a_ticket_are_refused_before_their_tensors_are_read(runtime, first):
+    """A peer without a ticket gets its refusal from the head alone: it cannot make the agent
+    wait for (and hold) tensors it declares."""
+    from client_sdk.protocol.rpc import RPC_ADAPTER, AdapterRequest
+
+    adapter = AdapterRequest("create", f"adapter-{next(_ids):04d}", 0, 2, 64, 8.0, ("q_proj", "v_proj")).to_header()
+    heads = {RPC_FORWARD: _head_only(SpanRequest(0, 2).to_header(), [[1, 1024, HIDDEN]]),
+             RPC_ADAPTER: _head_only(adapter, [[2, 4096 * 64]])}
+
+    async def send(rpc: str, frame: bytes) -> dict:
+        _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(first.peer_id), rpc)
+        try:
+            writer.write(frame)  # and nothing more
+            await writer.drain()
+            return (await asyncio.wait_for(read_message(reader), 30)).header
+        finally:
+            writer.close()
+
+    for rpc, frame in heads.items():
+        reply = runtime.run(send(rpc, frame))
+        assert (reply["type"], reply["code"]) == ("error", "ticket_required"), (rpc, reply)
+    assert_serves_ticketed_work(runtime, first)
+
+
+def test_a_session_reserves_no_more_cache_than_its_ticket_pays_for(runtime, first):
+    from client_sdk.swarm.connection import ProviderConnection
+
+    cache_left = runtime.run(ProviderConnection(runtime.p2p, first.peer_id).info())["cache_bytes_left"]
+    tiny = make_ticket(first, max_units=1)
+    stream = Stream(runtime, first, OpenSession(session_id=f"greedy-{next(_ids):06d}", start=0, end=2,
+                                                max_length=2048, batch_size=64, ticket=tiny.to_dict()))
+    reply = runtime.run(stream.open())
+    runtime.run(stream.abort())
+    assert (reply["type"], reply["code"]) == ("error", "ticket_exhausted"), reply
+    assert runtime.run(ProviderConnection(runtime.p2p, first.peer_id).info())["cache_bytes_left"] == cache_left
+    # A ticket that covers the whole session may open it.
+    covered = make_ticket(first, max_units=work_units(tokens=16, blocks=2))
+    stream = Stream(runtime, first, OpenSession(session_id=f"paid-{next(_ids):06d}", start=0, end=2, max_length=16,
+                                                ticket=covered.to_dict()))
+    assert runtime.run(stream.open())["type"] == "opened"
+    runtime.run(stream.close())
