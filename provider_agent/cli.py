@@ -103,7 +103,9 @@ def cli(verbose: int) -> None:
 @click.option("--graph-mb", default=512.0, show_default=True,
               help="Activations training forwards may keep for their backwards (saves recomputing), MiB.")
 @click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
-@click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
+@click.option("--announce-period", default=10.0, show_default=True, type=click.FloatRange(min=0.1, max=60.0),
+              help="Seconds between DHT announcements (records live three periods; clients refuse longer than "
+                   "300 s).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
 def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
