@@ -23,6 +23,7 @@ from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_spa
 from client_sdk.swarm.p2p import start_p2p
 from provider_agent.backend import SpanBackend
 from provider_agent.config import AgentConfig
+from provider_agent.identity_lock import hold_identity
 from provider_agent.market import MarketLink, Offer, hardware
 from provider_agent.metering import TicketBook
 from provider_agent.server import ProviderServer
@@ -237,13 +238,20 @@ class Rebalancer:
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then withdraw from the DHT and shut everything down."""
+    """Serve until ``stop`` is set, then withdraw from the DHT and shut everything down.
+
+    The identity is locked while the agent runs: a second agent on it refuses to start
+    (:class:`~provider_agent.identity_lock.IdentityInUseError`)."""
     if config.blocks is None and not config.num_blocks:
         raise ValueError("say which blocks to serve (--blocks START:END) or how many (--num-blocks N)")
-    info = load_model_info(config.model_path)
     identity_path = config.identity_path or Path(os.environ.get("HIVEMART_HOME", ".hivemart")) / "provider.key"
-    identity = Identity.load_or_create(identity_path)
+    with hold_identity(identity_path):
+        await _run_agent(config, identity_path, stop)
 
+
+async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Event) -> None:
+    info = load_model_info(config.model_path)
+    identity = Identity.load_or_create(identity_path)
     p2p = await start_p2p(initial_peers=config.initial_peers, identity_path=identity_path,
                           host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
     node = server = market = None

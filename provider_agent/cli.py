@@ -131,9 +131,11 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
     )
+    from provider_agent.identity_lock import IdentityInUseError
+
     try:
         serve_forever(config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, IdentityInUseError) as e:
         raise click.ClickException(str(e)) from e
 
 
@@ -158,7 +160,12 @@ def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers:
         await run_bootstrap(host_maddrs=list(host_maddrs), identity_path=identity_path,
                             initial_peers=list(initial_peers), ready_file=ready_file, stop=stop)
 
-    asyncio.run(main())
+    from provider_agent.identity_lock import IdentityInUseError
+
+    try:
+        asyncio.run(main())
+    except IdentityInUseError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def main() -> None:
