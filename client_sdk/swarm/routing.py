@@ -27,6 +27,9 @@ __all__ = ["RouteHop", "find_route", "trusted_throughputs", "DEFAULT_HOP_COST_S"
 # messaging beside the compute. Real networks cost more; callers may pass their estimate.
 DEFAULT_HOP_COST_S = 0.002
 
+_PAID_ONLY_HINT = ("their providers serve paid jobs only (they require a job ticket); run this as a marketplace "
+                   "job (`hivemart generate --paid ...`, or attach a MarketJob to the model)")
+
 
 @dataclass(frozen=True)
 class RouteHop:
@@ -55,8 +58,8 @@ def find_route(records: Iterable[ServerRecord], model_id: str, start: int, end: 
     ``verified``: peers whose throughput claims count in full (they served this client).
     ``free``: the client has no job tickets, so providers that require one are skipped.
     """
-    servers = [r for r in records if r.peer_id not in avoid and r.end > start and r.start < end
-               and not (free and r.requires_ticket)]
+    candidates = [r for r in records if r.peer_id not in avoid and r.end > start and r.start < end]
+    servers = [r for r in candidates if not (free and r.requires_ticket)]
     throughputs = trusted_throughputs(servers, verified)
     best: dict[int, float] = {start: 0.0}
     came_from: dict[int, tuple[int, ServerRecord]] = {}
@@ -81,7 +84,8 @@ def find_route(records: Iterable[ServerRecord], model_id: str, start: int, end: 
     if end not in best:
         reached = max(best)
         uncovered_to = min((r.start for r in servers if r.start > reached), default=end)
-        raise NoProvidersError(model_id, reached, uncovered_to)
+        paid_only = any(r.start <= reached < r.end for r in candidates if r.requires_ticket)
+        raise NoProvidersError(model_id, reached, uncovered_to, hint=_PAID_ONLY_HINT if free and paid_only else None)
     hops: list[RouteHop] = []
     boundary = end
     while boundary != start:

@@ -59,7 +59,7 @@ def test_free_clients_skip_providers_that_require_tickets() -> None:
     paid = record(3, 0, 4, 1e12, requires_ticket=True)
     assert route([*HONEST, paid], free=True) == [(0, 0, 4)]
     assert route([paid], free=False) == [(3, 0, 4)]
-    with pytest.raises(NoProvidersError):
+    with pytest.raises(NoProvidersError, match="paid jobs only.*job ticket"):
         route([paid], free=True)
 
 
