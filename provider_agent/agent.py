@@ -18,11 +18,12 @@ from hivemind.utils.logging import get_logger
 from client_sdk.errors import HivemartError
 from client_sdk.models import block_digest, load_model_info
 from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import ServerRecord, ServerState
+from client_sdk.protocol.records import MAX_RECORD_TTL_S, ServerRecord, ServerState
 from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
 from client_sdk.swarm.p2p import start_p2p
 from provider_agent.backend import SpanBackend
 from provider_agent.config import AgentConfig
+from provider_agent.identity_lock import hold_identity
 from provider_agent.market import MarketLink, Offer, hardware
 from provider_agent.metering import TicketBook
 from provider_agent.server import ProviderServer
@@ -65,21 +66,36 @@ def measure_throughput(backend: SpanBackend, *, seconds: float = 0.3) -> float:
 
 
 class Announcer:
-    """Keeps the agent's signed record fresh in the DHT and withdraws it on shutdown."""
+    """Keeps the agent's signed record fresh in the DHT and withdraws it on shutdown.
+
+    A DHT node keeps, per block and peer, only the record that expires last and refuses any
+    that expires earlier; so every record this agent stores expires later than the one
+    before it, or it would not replace it (a withdrawal would be refused and clients would
+    see us online until the old record expired).
+    """
 
     def __init__(self, node: DHTNode, identity: Identity, server: ProviderServer, config: AgentConfig,
                  throughput: float, maddrs: list[str]) -> None:
         self.node, self.identity, self.server, self.config = node, identity, server, config
         self.throughput, self.maddrs = throughput, maddrs
         self.state = ServerState.ONLINE
+        self._expires_at = 0.0  # of the latest record we made
+
+    def _next_expiry(self, ttl: float) -> float:
+        now = time.time()
+        expires_at = min(max(now + ttl, self._expires_at + 1.0), now + MAX_RECORD_TTL_S)
+        self._expires_at = expires_at
+        return expires_at
 
     def record(self, state: str, ttl: float) -> ServerRecord:
+        """Our record in ``state``, valid for ``ttl`` seconds or, if longer, until just after
+        the previous one expires."""
         backend = self.server.backend
         return ServerRecord(
             peer_id=self.identity.peer_id, model_id=self.server.model_id, start=backend.start, end=backend.end,
             state=state, throughput=self.throughput, dtype=str(backend.dtype).removeprefix("torch."),
-            cache_tokens_left=self.server.cache_tokens_left, expires_at=time.time() + ttl,
-            maddrs=tuple(self.maddrs),
+            cache_tokens_left=self.server.cache_tokens_left, expires_at=self._next_expiry(ttl),
+            maddrs=tuple(self.maddrs), requires_ticket=self.server.tickets is not None,
         )
 
     async def announce(self) -> None:
@@ -95,9 +111,16 @@ class Announcer:
                 logger.warning(f"announcement failed: {e!r}")
             await asyncio.sleep(self.config.announce_period)
 
-    async def withdraw(self) -> None:
-        # A DHT cannot delete; overwrite with a short-lived offline record so clients drop us now.
-        await announce_span(self.node, self.identity, self.record(ServerState.OFFLINE, 5.0))
+    async def withdraw(self) -> bool:
+        """Replace our records with offline ones so that clients drop us now; False (and a
+        warning) when some DHT node did not take them."""
+        # A DHT cannot delete: overwrite with an offline record, which expires after the online one.
+        record = self.record(ServerState.OFFLINE, self.config.announce_ttl)
+        ok = await announce_span(self.node, self.identity, record)
+        if not ok:
+            logger.warning(f"some DHT nodes refused our offline record; clients may still see blocks "
+                           f"{record.start}:{record.end} online here for up to {self.config.announce_ttl:.0f} s")
+        return ok
 
 
 async def swarm_spans(node: DHTNode, model_id: str, num_blocks: int, *, exclude: str) -> list[Span]:
@@ -215,13 +238,20 @@ class Rebalancer:
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then withdraw from the DHT and shut everything down."""
+    """Serve until ``stop`` is set, then withdraw from the DHT and shut everything down.
+
+    The identity is locked while the agent runs: a second agent on it refuses to start
+    (:class:`~provider_agent.identity_lock.IdentityInUseError`)."""
     if config.blocks is None and not config.num_blocks:
         raise ValueError("say which blocks to serve (--blocks START:END) or how many (--num-blocks N)")
-    info = load_model_info(config.model_path)
     identity_path = config.identity_path or Path(os.environ.get("HIVEMART_HOME", ".hivemart")) / "provider.key"
-    identity = Identity.load_or_create(identity_path)
+    with hold_identity(identity_path):
+        await _run_agent(config, identity_path, stop)
 
+
+async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Event) -> None:
+    info = load_model_info(config.model_path)
+    identity = Identity.load_or_create(identity_path)
     p2p = await start_p2p(initial_peers=config.initial_peers, identity_path=identity_path,
                           host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
     node = server = market = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -13,14 +14,24 @@ from hivemind.utils.logging import get_logger
 from client_sdk.protocol.identity import Identity
 from client_sdk.swarm.dht import SignedRecordValidator
 from client_sdk.swarm.p2p import start_p2p
+from provider_agent.identity_lock import hold_identity
 
 logger = get_logger(__name__)
 
 
 async def run_bootstrap(*, host_maddrs: list[str], identity_path: Path | None, initial_peers: list[str],
                         ready_file: Path | None, stop: asyncio.Event) -> None:
-    if identity_path is not None:
-        Identity.load_or_create(identity_path)
+    """Serve the DHT until ``stop`` is set; its identity (when given) is locked meanwhile."""
+    with contextlib.ExitStack() as held:
+        if identity_path is not None:
+            held.enter_context(hold_identity(identity_path))
+            Identity.load_or_create(identity_path)
+        await _serve(host_maddrs=host_maddrs, identity_path=identity_path, initial_peers=initial_peers,
+                     ready_file=ready_file, stop=stop)
+
+
+async def _serve(*, host_maddrs: list[str], identity_path: Path | None, initial_peers: list[str],
+                 ready_file: Path | None, stop: asyncio.Event) -> None:
     p2p = await start_p2p(initial_peers=initial_peers, identity_path=identity_path, host_maddrs=host_maddrs)
     node = None
     try:

@@ -122,7 +122,9 @@ def cli(verbose: int) -> None:
 @click.option("--graph-ttl", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a training forward's activations are kept waiting for its backward.")
 @click.option("--throughput", type=float, help="Announce this throughput instead of measuring it (tokens/s/block).")
-@click.option("--announce-period", default=10.0, show_default=True, help="Seconds between DHT announcements.")
+@click.option("--announce-period", default=10.0, show_default=True, type=click.FloatRange(min=0.1, max=60.0),
+              help="Seconds between DHT announcements (records live three periods; clients refuse longer than "
+                   "300 s).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
 def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
@@ -155,9 +157,11 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         throughput=throughput, announce_period=announce_period,
         announce_ttl=max(3 * announce_period, 5.0), ready_file=ready_file,
     )
+    from provider_agent.identity_lock import IdentityInUseError
+
     try:
         serve_forever(config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, IdentityInUseError) as e:
         raise click.ClickException(str(e)) from e
 
 
@@ -182,7 +186,12 @@ def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers:
         await run_bootstrap(host_maddrs=list(host_maddrs), identity_path=identity_path,
                             initial_peers=list(initial_peers), ready_file=ready_file, stop=stop)
 
-    asyncio.run(main())
+    from provider_agent.identity_lock import IdentityInUseError
+
+    try:
+        asyncio.run(main())
+    except IdentityInUseError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def main() -> None:

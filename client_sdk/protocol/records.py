@@ -21,11 +21,17 @@ from client_sdk.errors import ProtocolError
 from client_sdk.protocol.identity import Identity, public_key_from_peer_id, verify_signature
 
 __all__ = ["ServerRecord", "ServerState", "block_key", "sign_record", "verify_record", "verify_signed_record",
-           "MODEL_ID_PATTERN"]
+           "MODEL_ID_PATTERN", "MAX_RECORD_TTL_S", "CLOCK_SLACK_S"]
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _SIGNATURE_LEN = 64
 _MAX_RECORD_BYTES = 4096
+# The longest a record may say it stays valid. A provider re-announces every few seconds, so
+# a long lifetime buys it nothing but lets a record outlive the provider (or its withdrawal)
+# for that long; records that ask for more are refused by DHT nodes and dropped by clients.
+MAX_RECORD_TTL_S = 300.0
+# Peers' clocks differ slightly: expiry checks allow this much.
+CLOCK_SLACK_S = 30.0
 
 
 class ServerState:
@@ -43,7 +49,9 @@ def block_key(model_id: str, index: int) -> str:
 @dataclass(frozen=True)
 class ServerRecord:
     """What a provider says about itself. ``throughput`` is tokens per second through one
-    block; ``expires_at`` is wall-clock seconds, also enforced by the DHT."""
+    block; ``expires_at`` is wall-clock seconds, also enforced by the DHT, at most
+    :data:`MAX_RECORD_TTL_S` ahead. ``requires_ticket``: the provider serves only paid jobs
+    (a job ticket on every session), so free clients route around it."""
 
     peer_id: str
     model_id: str
@@ -55,9 +63,15 @@ class ServerRecord:
     cache_tokens_left: int
     expires_at: float
     maddrs: tuple[str, ...] = ()
+    requires_ticket: bool = False
 
     def is_live(self, now: float | None = None) -> bool:
         return self.state == ServerState.ONLINE and self.expires_at > (time.time() if now is None else now)
+
+    def lifetime_ok(self, now: float | None = None) -> bool:
+        """False when the record asks to stay valid longer than :data:`MAX_RECORD_TTL_S`
+        (with clock slack): its signer wants it to outlive any withdrawal."""
+        return self.expires_at <= (time.time() if now is None else now) + MAX_RECORD_TTL_S + CLOCK_SLACK_S
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ServerRecord":
@@ -69,6 +83,7 @@ class ServerRecord:
                 state=raw["state"], throughput=raw["throughput"], dtype=str(raw["dtype"]),
                 cache_tokens_left=raw["cache_tokens_left"], expires_at=raw["expires_at"],
                 maddrs=tuple(str(m) for m in raw.get("maddrs", ())[:8]),
+                requires_ticket=raw.get("requires_ticket", False),  # absent in records of older agents
             )
         except (KeyError, TypeError) as e:
             raise ProtocolError(f"a server record is missing or mistypes a field: {e}") from e
@@ -80,6 +95,8 @@ class ServerRecord:
             raise ProtocolError("a server record's throughput must be a finite non-negative number")
         if not isinstance(record.expires_at, (int, float)) or not math.isfinite(record.expires_at):
             raise ProtocolError("a server record's expires_at must be a number")
+        if type(record.requires_ticket) is not bool:
+            raise ProtocolError("a server record's requires_ticket must be a boolean")
         if type(record.cache_tokens_left) is not int or record.cache_tokens_left < 0:
             raise ProtocolError("a server record's cache_tokens_left must be a non-negative integer")
         if not MODEL_ID_PATTERN.match(record.model_id):

@@ -156,19 +156,31 @@ class ProviderConnection:
 
     async def open_inference(self, spec: OpenSession, inbox: asyncio.Queue,
                              timeout: float | None = 10.0) -> "InferenceStream":
-        """Open an inference session; its replies are put on ``inbox`` as ``(stream, message)``."""
-        reader, writer = await self._open(RPC_INFERENCE)
-        try:
+        """Open an inference session; its replies are put on ``inbox`` as ``(stream, message)``.
+
+        A provider that does not answer within ``timeout`` (reaching it included) is
+        :class:`ProviderUnavailableError`, like one that cannot be reached at all.
+        """
+        writer: asyncio.StreamWriter | None = None
+
+        async def handshake() -> asyncio.StreamReader:
+            nonlocal writer
+            reader, writer = await self._open(RPC_INFERENCE)
             await write_message(writer, spec.to_header())
-            reply = await asyncio.wait_for(read_message(reader, _CLIENT_LIMITS), timeout)
-            _raise_if_error(reply, self.peer_id)
+            _raise_if_error(await read_message(reader, _CLIENT_LIMITS), self.peer_id)
+            return reader
+
+        try:
+            reader = await asyncio.wait_for(handshake(), timeout)
         except BaseException as e:
-            writer.close()
+            if writer is not None:
+                writer.close()
             if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
                 raise ProviderUnavailableError(self.peer_id, f"inference stream broke while opening: {e!r}") from e
+            if isinstance(e, asyncio.TimeoutError):
+                raise ProviderUnavailableError(self.peer_id, f"no answer to an open within {timeout} s") from e
             raise
         return InferenceStream(self.peer_id, spec, reader, writer, inbox)
-
 
 
 @dataclass(eq=False)

@@ -74,13 +74,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
     # --- routing -------------------------------------------------------------------------------
 
     async def _find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
-        """The fastest chain over blocks [start, end) among live, correctly signed records,
-        avoiding peers that failed recently; with a job attached, the job's planned route."""
+        """The fastest chain over blocks [start, end) among live, correctly signed records of
+        free providers, avoiding peers that failed recently; with a job attached, the job's
+        planned route."""
         if self.job is not None:
             return await self.job.find_route(start, end, avoid | self.bans.banned())
         records = await fetch_span_records(self.runtime.dht, self.info.model_id, range(start, end))
         return find_route(records.values(), self.info.model_id, start, end, hop_cost_s=self.hop_cost_s,
-                          avoid=avoid | self.bans.banned())
+                          avoid=avoid | self.bans.banned(), verified=self.bans.served(), free=True)
 
     async def _route(self) -> list[RouteHop]:
         return await self._find_route(0, self.info.num_blocks)

@@ -4,22 +4,31 @@ Inference wants the minimum expected per-token latency: each hop costs a fixed o
 (network and (de)serialisation) plus ``blocks / throughput`` of compute. The best chain is
 a shortest path over block boundaries, where an edge ``b -> e`` through server ``s`` exists
 when ``s`` serves every block in ``[b, e)`` (a server may be asked for part of its span).
+
+Throughputs are what providers say about themselves, so a claim alone must not capture
+routing: a peer that has not yet served this client counts with at most the median claim
+among the candidates (one loud record cannot raise it), and only peers that served it (and
+did not fail since; see :class:`~client_sdk.swarm.bans.PeerBans`) count with their own
+figure. A peer that lies and then fails is banned by the session that tried it.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Iterable
+from typing import AbstractSet, Iterable, Sequence
 
 from client_sdk.errors import NoProvidersError
 from client_sdk.protocol.records import ServerRecord
 
-__all__ = ["RouteHop", "find_route", "DEFAULT_HOP_COST_S"]
+__all__ = ["RouteHop", "find_route", "trusted_throughputs", "DEFAULT_HOP_COST_S"]
 
 # Measured on loopback: one hop of a pushed inference step costs about a millisecond of
 # messaging beside the compute. Real networks cost more; callers may pass their estimate.
 DEFAULT_HOP_COST_S = 0.002
+
+_PAID_ONLY_HINT = ("their providers serve paid jobs only (they require a job ticket); run this as a marketplace "
+                   "job (`hivemart generate --paid ...`, or attach a MarketJob to the model)")
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,26 @@ class RouteHop:
     record: ServerRecord
 
 
+def trusted_throughputs(servers: Sequence[ServerRecord], verified: AbstractSet[str]) -> dict[str, float]:
+    """Throughput to route by, per peer: its claim if it is in ``verified``, else its claim
+    capped at the (lower) median claim of ``servers``."""
+    claims = sorted(r.throughput for r in servers)
+    cap = claims[(len(claims) - 1) // 2] if claims else 0.0
+    return {r.peer_id: r.throughput if r.peer_id in verified else min(r.throughput, cap) for r in servers}
+
+
 def find_route(records: Iterable[ServerRecord], model_id: str, start: int, end: int, *,
-               hop_cost_s: float = DEFAULT_HOP_COST_S, avoid: frozenset[str] | set[str] = frozenset()) -> list[RouteHop]:
+               hop_cost_s: float = DEFAULT_HOP_COST_S, avoid: AbstractSet[str] = frozenset(),
+               verified: AbstractSet[str] = frozenset(), free: bool = False) -> list[RouteHop]:
     """The minimum-latency chain over blocks ``[start, end)``; NoProvidersError names the
-    first blocks that no usable server covers."""
-    servers = [r for r in records if r.peer_id not in avoid and r.end > start and r.start < end]
+    first blocks that no usable server covers.
+
+    ``verified``: peers whose throughput claims count in full (they served this client).
+    ``free``: the client has no job tickets, so providers that require one are skipped.
+    """
+    candidates = [r for r in records if r.peer_id not in avoid and r.end > start and r.start < end]
+    servers = [r for r in candidates if not (free and r.requires_ticket)]
+    throughputs = trusted_throughputs(servers, verified)
     best: dict[int, float] = {start: 0.0}
     came_from: dict[int, tuple[int, ServerRecord]] = {}
     frontier = [(0.0, start)]
@@ -49,7 +73,8 @@ def find_route(records: Iterable[ServerRecord], model_id: str, start: int, end: 
         for server in servers:
             if not server.start <= boundary < server.end:
                 continue
-            per_block = 1.0 / server.throughput if server.throughput > 0 else 1.0
+            throughput = throughputs[server.peer_id]
+            per_block = 1.0 / throughput if throughput > 0 else 1.0
             for stop in range(boundary + 1, min(server.end, end) + 1):
                 candidate = cost + hop_cost_s + (stop - boundary) * per_block
                 if candidate < best.get(stop, float("inf")):
@@ -59,7 +84,8 @@ def find_route(records: Iterable[ServerRecord], model_id: str, start: int, end: 
     if end not in best:
         reached = max(best)
         uncovered_to = min((r.start for r in servers if r.start > reached), default=end)
-        raise NoProvidersError(model_id, reached, uncovered_to)
+        paid_only = any(r.start <= reached < r.end for r in candidates if r.requires_ticket)
+        raise NoProvidersError(model_id, reached, uncovered_to, hint=_PAID_ONLY_HINT if free and paid_only else None)
     hops: list[RouteHop] = []
     boundary = end
     while boundary != start:

@@ -29,13 +29,13 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Awaitable, Callable, Protocol, Sequence
 
 import torch
 from hivemind.p2p import P2P
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
+from client_sdk.errors import NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
 from client_sdk.protocol.framing import Message
 from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import OpenSession, Relink
@@ -62,6 +62,12 @@ FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
 _RETRYABLE = {"internal", "busy", "not_accepting", "next_hop_failed", "unknown_session", "cache_full", "timeout",
               "ack_overdue"}
 _MAX_FAILOVERS_PER_STEP = 5
+# Refusals of a session over the provider's own limits: another provider may accept it.
+_PROVIDER_LIMITS = {"too_long", "too_large"}
+
+
+def _is_ticket_error(code: str) -> bool:
+    return code.startswith("ticket_") or code == "bad_ticket"
 
 
 def new_session_id() -> str:
@@ -162,14 +168,14 @@ class ChainSession:
     def __init__(self, p2p: P2P, route: Sequence[RouteHop], *, max_length: int, batch_size: int = 1,
                  push: bool = True, find_route: FindRoute | None = None, bans: PeerBans | None = None,
                  step_timeout: float | None = None, min_timeout: float = 1.0, job: SessionJob | None = None,
-                 close_timeout: float = 2.0) -> None:
+                 close_timeout: float = 2.0, open_timeout: float = 5.0) -> None:
         if not route:
             raise SwarmError("an inference session needs at least one provider")
         self.p2p = p2p
         self.max_length, self.batch_size, self.push = max_length, batch_size, push
         self.find_route, self.bans = find_route, bans or PeerBans()
         self.step_timeout, self.min_timeout = step_timeout, min_timeout
-        self.job, self.close_timeout = job, close_timeout
+        self.job, self.close_timeout, self.open_timeout = job, close_timeout, open_timeout
         self.position = 0  # tokens processed so far
         self.failovers: list[dict] = []  # what happened, for callers that report it
         self._initial_route = list(route)
@@ -185,7 +191,16 @@ class ChainSession:
     # --- opening and wiring -------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Open a session on every hop of the route, then wire the chain.
+
+        A provider that cannot open one is routed around: any error, silence (past
+        ``open_timeout``), a malformed answer or a broken stream bans it (it may announce
+        itself as the best route only to capture sessions it never serves), except a limit
+        of its own (``too_long``, ``too_large``), which only skips it for this session. In
+        a paid session a ticket error is the job's problem, not the provider's: it is raised.
+        """
         route = self._initial_route
+        skipped: set[str] = set()
         for _ in range(_MAX_FAILOVERS_PER_STEP):
             results = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
             hops = [r for r in results if isinstance(r, _Hop)]
@@ -201,20 +216,35 @@ class ChainSession:
             for hop in hops:
                 hop.stream.close()
             for hop, error in failed:
-                if not self._is_retryable(error):
-                    raise error
-                logger.info(f"provider {hop.peer_id} could not open a session ({error}); routing around it")
-                self.bans.failed(hop.peer_id)
-            route = await self._reroute(route, [hop for hop, _ in failed])
+                self._open_failed(hop, error, skipped)
+            try:
+                route = await self._reroute(route, [hop for hop, _ in failed], skipped)
+            except NoProvidersError as e:
+                raise failed[-1][1] from e  # what the last provider said beats "nobody serves these blocks"
         raise SwarmError("could not open an inference session: providers kept failing; try again later")
 
-    async def _reroute(self, route: list[RouteHop], failed: list[RouteHop]) -> list[RouteHop]:
+    def _open_failed(self, hop: RouteHop, error: BaseException, skipped: set[str]) -> None:
+        """Ban (or, over one of its limits, skip) a provider that could not open a session;
+        raise ``error`` when no other provider would do better."""
+        if not isinstance(error, (RemoteError, ProviderUnavailableError, ProtocolError)):
+            raise error  # not something the provider did (a bug here, a cancellation)
+        if isinstance(error, RemoteError) and self.job is not None and _is_ticket_error(error.code):
+            raise error
+        if isinstance(error, RemoteError) and error.code in _PROVIDER_LIMITS:
+            logger.info(f"provider {hop.peer_id} cannot hold this session ({error}); trying others")
+            skipped.add(hop.peer_id)
+            return
+        ban = self.bans.failed(hop.peer_id)
+        logger.warning(f"provider {hop.peer_id} could not open a session ({error}); avoiding it for {ban:.0f} s")
+
+    async def _reroute(self, route: list[RouteHop], failed: list[RouteHop],
+                       skipped: AbstractSet[str] = frozenset()) -> list[RouteHop]:
         if self.find_route is None:
             raise ProviderUnavailableError(failed[0].peer_id, "no way to find a replacement (no route finder)")
         new_route: list[RouteHop] = []
         for hop in route:
             if hop in failed:
-                new_route.extend(await self.find_route(hop.start, hop.end, self.bans.banned()))
+                new_route.extend(await self.find_route(hop.start, hop.end, self.bans.banned() | skipped))
             else:
                 new_route.append(hop)
         return new_route
@@ -225,7 +255,8 @@ class ChainSession:
         spec = OpenSession(session_id=new_session_id(), start=route_hop.start, end=route_hop.end,
                            max_length=self.max_length, batch_size=self.batch_size, return_outputs=True,
                            ticket=None if ticket is None else ticket.to_dict())
-        stream = await ProviderConnection(self.p2p, route_hop.peer_id).open_inference(spec, self._inbox)
+        connection = ProviderConnection(self.p2p, route_hop.peer_id)
+        stream = await connection.open_inference(spec, self._inbox, timeout=self.open_timeout)
         return _Hop(route_hop, stream, ticket=ticket)
 
     async def _link(self, indices: Sequence[int]) -> None:
@@ -272,6 +303,8 @@ class ChainSession:
                 if self.job is not None and self.job.verifier is not None:
                     output = await self._verify_step(step_id, output)
                 self.position = position + hidden.shape[1]
+                for hop in self.hops:  # they served: routing may now believe their throughput claims
+                    self.bans.succeeded(hop.peer_id)
                 return output
             except _HopFailed as failed:
                 failure = failed
@@ -385,11 +418,6 @@ class ChainSession:
                                             session_id=hop.stream.spec.session_id)
         if signed is not None:  # acknowledge it: the provider serves only a credit window beyond its last ack
             hop.stream.send_ack_nowait(signed.to_dict())
-
-    @staticmethod
-    def _is_retryable(error: BaseException) -> bool:
-        return isinstance(error, ProviderUnavailableError) or (
-            isinstance(error, RemoteError) and error.code in _RETRYABLE)
 
     # --- failover ------------------------------------------------------------------------------------
 
