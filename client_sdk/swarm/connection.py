@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
+from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError, StreamBrokenError
 from client_sdk.protocol.framing import Limits, Message, read_message, write_message
 from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import (
@@ -121,7 +121,7 @@ class ProviderConnection:
                 timeout = 5.0
             reply = await asyncio.wait_for(read_message(reader, _CLIENT_LIMITS), timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise ProviderUnavailableError(self.peer_id, f"{rpc} stream broke: {e!r}") from e
+            raise StreamBrokenError(self.peer_id, f"{rpc} stream broke: {e!r}") from e
         except asyncio.TimeoutError as e:
             raise ProviderUnavailableError(self.peer_id, f"no answer to {rpc} within {timeout} s") from e
         finally:
