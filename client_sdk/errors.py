@@ -84,6 +84,11 @@ class ProviderUnavailableError(SwarmError):
         super().__init__(f"provider {peer_id} is unavailable: {reason}")
 
 
+class StreamBrokenError(ProviderUnavailableError):
+    """A request's stream broke mid-way although the provider was reachable: worth retrying on
+    the same provider before giving up on it (the daemons between us drop a stream now and then)."""
+
+
 # --- marketplace REST API -----------------------------------------------------------------
 # (API errors: APIError and its subclasses, defined below by the REST client.)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import uvloop
@@ -20,13 +20,14 @@ from client_sdk.models import block_digest, load_model_info
 from client_sdk.protocol.identity import Identity
 from client_sdk.protocol.records import MAX_RECORD_TTL_S, ServerRecord, ServerState
 from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
-from client_sdk.swarm.p2p import start_p2p
+from client_sdk.swarm.p2p import daemon_alive, start_p2p, stop_p2p
 from provider_agent.backend import SpanBackend
 from provider_agent.config import AgentConfig
 from provider_agent.identity_lock import hold_identity
 from provider_agent.market import MarketLink, Offer, hardware
 from provider_agent.metering import TicketBook
 from provider_agent.server import ProviderServer
+from provider_agent.signals import install_stop_signals
 from provider_agent.threads import auto_threads
 from scheduler.placement import Span, choose_span, should_move
 
@@ -284,20 +285,29 @@ async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Eve
         for task in tasks:
             task.cancel()
         server.accepting = False
-        try:
-            await asyncio.wait_for(announcer.withdraw(), timeout=5)
-        except Exception as e:
-            logger.warning(f"could not withdraw our DHT record ({e!r}); it expires on its own")
+        await _withdraw(announcer, p2p)
     finally:
+        # Every step is bounded in time: a process asked to stop must stop (see stop_p2p).
         for task in tasks:
             task.cancel()
         if server is not None:
             await server.stop()
         if market is not None:
             await market.close()  # after the server: its last receipts go out too
-        if node is not None:
-            await node.shutdown()
-        await p2p.shutdown()
+        await stop_p2p(p2p, *([node.shutdown] if node is not None else []), timeout=_SHUTDOWN_STEP_S)
+
+
+_SHUTDOWN_STEP_S = 5.0
+
+
+async def _withdraw(announcer: Announcer, p2p: Any) -> None:
+    if not daemon_alive(p2p):  # killed with us (a signal to the whole group): nothing to talk through
+        logger.warning("the p2p daemon is gone; our DHT record expires on its own")
+        return
+    try:
+        await asyncio.wait_for(announcer.withdraw(), timeout=_SHUTDOWN_STEP_S)
+    except Exception as e:
+        logger.warning(f"could not withdraw our DHT record ({e!r}); it expires on its own")
 
 
 def _report_ready(config: AgentConfig, ready: dict) -> None:
@@ -316,9 +326,7 @@ def serve_forever(config: AgentConfig) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        install_stop_signals(asyncio.get_running_loop(), stop)
         await run_agent(config, stop)
 
     # uvloop's event loop cuts the per-message overhead of every hop noticeably.

@@ -13,7 +13,7 @@ from hivemind.utils.logging import get_logger
 
 from client_sdk.protocol.identity import Identity
 from client_sdk.swarm.dht import SignedRecordValidator
-from client_sdk.swarm.p2p import start_p2p
+from client_sdk.swarm.p2p import start_p2p, stop_p2p
 from provider_agent.identity_lock import hold_identity
 
 logger = get_logger(__name__)
@@ -50,6 +50,6 @@ async def _serve(*, host_maddrs: list[str], identity_path: Path | None, initial_
         logger.info(f"bootstrap DHT node ready at {' '.join(maddrs)}")
         await stop.wait()
     finally:
-        if node is not None:
-            await node.shutdown()
-        await p2p.shutdown()
+        # Bounded: after a signal to our process group the daemon may be gone already, and
+        # hivemind's shutdown would then wait on it forever.
+        await stop_p2p(p2p, *([node.shutdown] if node is not None else []))

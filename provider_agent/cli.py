@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -177,12 +176,11 @@ def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers:
         ready_file: Path | None) -> None:
     """Run a bootstrap DHT node: the swarm's well-known entry point."""
     from provider_agent.bootstrap import run_bootstrap
+    from provider_agent.signals import install_stop_signals
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        install_stop_signals(asyncio.get_running_loop(), stop)
         await run_bootstrap(host_maddrs=list(host_maddrs), identity_path=identity_path,
                             initial_peers=list(initial_peers), ready_file=ready_file, stop=stop)
 

@@ -51,6 +51,9 @@ def _wire_torch_dtype(name: str) -> torch.dtype:
 # the compute thread so that the loop keeps answering other peers.
 _INLINE_TOKENS = 64
 _RECENT_STEPS = 32
+# One request, one reply: the handler waits this long for the caller to close first (see _guard).
+_REQUEST_REPLY = frozenset({RPC_INFO, RPC_FORWARD, RPC_BACKWARD, RPC_ADAPTER})
+_CLOSE_WAIT_S = 30.0
 
 
 # How long a cleanly closed session waits for the client's ack of its final receipt.
@@ -144,6 +147,12 @@ class ProviderServer:
                 return
             try:
                 await handler(stream_info, reader, writer)
+                if name in _REQUEST_REPLY:
+                    # p2pd resets a stream whose handler end closes while the caller's end is
+                    # open, and the reset drops reply bytes the caller's daemon still buffers:
+                    # replies arrived cut short under load (issue 14). The caller closes once it
+                    # read the reply, so waiting for that (bounded) keeps replies whole.
+                    await self._discard_rest(reader, max_bytes=64 * 1024, seconds=_CLOSE_WAIT_S)
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 pass  # the peer went away; nothing to answer
             except asyncio.TimeoutError:

@@ -3,13 +3,14 @@
 Configured from Django settings (``marketplace.settings``):
 
 - ``REDIS_URL`` set (production, CI): Redis is broker and result store.
-- unset (``hivemart demo``, a laptop): kombu's *filesystem* transport, with messages as
+- unset (``hivemart demo``, a laptop): kombu's *filesystem* transport made safe for
+  concurrent processes (:mod:`scheduler.broker`, ``hivemartfs://``), with messages as
   files in ``$HIVEMART_HOME/celery/queue`` and results in ``$HIVEMART_HOME/celery/results``.
   It needs no service and no extra package, and separate processes (web, worker, beat) on
-  one machine share it because a message is a file that one consumer claims with an
-  exclusive lock before deleting it. The SQLAlchemy transport would also work across
-  processes but adds a dependency and contends with the marketplace for SQLite's single
-  writer lock. The price: the filesystem transport removes a message when it is fetched, so
+  one machine share it because a message is a file that appears complete (renamed into
+  place) and that one consumer claims with an atomic rename before deleting it. The
+  SQLAlchemy transport would also work across processes but adds a dependency and contends
+  with the marketplace for SQLite's single writer lock. The price: the filesystem transport removes a message when it is fetched, so
   ``acks_late`` does not survive a worker crash there; the beat sweeps (``jobs_match_pending``,
   ``holds_expire``) pick such work up again. Production uses Redis.
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+
+from scheduler import broker
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
 
@@ -40,10 +43,12 @@ def broker_config(*, redis_url: str, home: Path, queue: str) -> dict[str, Any]:
     results_dir = home / "celery" / "results"
     for folder in (queue_dir, results_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    control_dir = home / "celery" / "control"
+    control_dir.mkdir(parents=True, exist_ok=True)
     config.update(
-        broker_url="filesystem://",
+        broker_url=f"{broker.SCHEME}://",
         broker_transport_options={"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
-                                  "polling_interval": 0.5},
+                                  "control_folder": str(control_dir), "polling_interval": 0.5},
         result_backend=f"file://{results_dir}",
     )
     return config

@@ -16,7 +16,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
+from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError, StreamBrokenError
 from client_sdk.protocol.framing import Limits, Message, encode_message, read_message, write_message
 from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import (
@@ -128,7 +128,7 @@ class ProviderConnection:
                 timeout = 5.0
             reply = await asyncio.wait_for(read_message(reader, _CLIENT_LIMITS), timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise ProviderUnavailableError(self.peer_id, f"{rpc} stream broke: {e!r}") from e
+            raise StreamBrokenError(self.peer_id, f"{rpc} stream broke: {e!r}") from e
         except asyncio.TimeoutError as e:
             raise ProviderUnavailableError(self.peer_id, f"no answer to {rpc} within {timeout} s") from e
         finally:

@@ -9,11 +9,14 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 from hivemind.p2p import P2P
+from hivemind.utils.logging import get_logger
 
-__all__ = ["start_p2p", "die_with_parent"]
+__all__ = ["start_p2p", "die_with_parent", "daemon_alive", "stop_p2p"]
+
+logger = get_logger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,6 +43,10 @@ def _children_die_with_parent() -> Iterator[None]:
 
     async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
         kwargs.setdefault("preexec_fn", die_with_parent)
+        # Its own session: a signal to our process group (Ctrl-C, `timeout`, `kill -- -PGID`)
+        # reaches us but not the daemon, which we still need to withdraw from the DHT; it
+        # dies with us all the same (parent-death signal).
+        kwargs.setdefault("start_new_session", True)
         return await original(*args, **kwargs)
 
     asyncio.subprocess.create_subprocess_exec = spawn
@@ -74,3 +81,46 @@ async def start_p2p(
             # The agent decides itself when it is idle; the daemon must not exit on its own.
             idle_timeout=3600 * 24 * 365,
         )
+
+
+def daemon_alive(p2p: P2P) -> bool:
+    """Whether ``p2p``'s daemon process still runs (a daemon we did not start counts as alive).
+
+    Every hivemind call through a dead daemon waits forever on its control socket, so shutdown
+    paths check this first.
+    """
+    child = getattr(p2p, "_child", None)  # hivemind keeps the daemon's process here, privately
+    return child is None or child.returncode is None
+
+
+async def stop_p2p(p2p: P2P, *closers: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> None:
+    """Run ``closers`` (a DHT node's ``shutdown``, say) and then stop the daemon, each bounded
+    by ``timeout`` seconds, so that a process asked to exit always does.
+
+    Closers talk to the daemon: each is abandoned as soon as the daemon is found dead (a
+    signal to the whole process group or cgroup reaches it too), since hivemind would then
+    wait on its control socket forever.
+    """
+    for close in closers:
+        if not daemon_alive(p2p):
+            logger.info("the p2p daemon is gone; skipping the rest of the orderly shutdown")
+            break
+        await _unless_daemon_dies(p2p, close(), timeout, getattr(close, "__qualname__", repr(close)))
+    try:
+        await asyncio.wait_for(p2p.shutdown(), timeout)
+    except Exception as e:
+        logger.warning(f"the p2p daemon did not stop in {timeout} s: {e!r}")
+
+
+async def _unless_daemon_dies(p2p: P2P, work: Awaitable[Any], timeout: float, what: str) -> None:
+    task = asyncio.ensure_future(work)
+    child = getattr(p2p, "_child", None)
+    waiters = {task} if child is None else {task, asyncio.ensure_future(child.wait())}
+    done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if task not in done:
+        logger.warning(f"{what} did not finish: " + ("the p2p daemon died" if done else f"{timeout} s passed"))
+    elif task.exception() is not None:  # shutting down: report, never stop halfway
+        logger.warning(f"{what} failed: {task.exception()!r}")

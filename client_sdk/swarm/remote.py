@@ -36,7 +36,9 @@ from typing import Any, Awaitable, Callable, Mapping
 import torch
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
+from client_sdk.errors import (
+    ProtocolError, ProviderUnavailableError, RemoteError, StreamBrokenError, SwarmError,
+)
 from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.framing import Message
 from client_sdk.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
@@ -166,6 +168,11 @@ class RemoteBlocks:
     max_chunk_tokens: int = 4096
     timeout: float | None = 120.0
     max_failovers: int = 5
+    # A stream that broke mid-request is retried this many times on the same provider (after
+    # retry_delay_s, doubling) before the provider counts as failed: daemons drop streams now
+    # and then, and a live provider must not be banned (and its job failed) for that.
+    stream_retries: int = 2
+    retry_delay_s: float = 0.2
     failovers: list[dict] = field(default_factory=list)  # what happened, for callers that report it
     # billing(hop, lane) -> the ticket and receipt session of a paid job's request (None: free);
     # lane tells concurrent chunks apart (see client_sdk.swarm.job.SwarmJob.span_billing).
@@ -214,6 +221,22 @@ class RemoteBlocks:
 
     async def _call(self, rpc: str, hop: RouteHop, chunk: _Chunk, tensors: tuple[torch.Tensor, ...],
                     lora: RemoteLora | None, graph_id: str | None = None) -> Message:
+        """One forward or backward on ``hop``, retried there when its stream broke; provider
+        failures raise _SpanFailed."""
+        delay = self.retry_delay_s
+        for retry in range(self.stream_retries + 1):
+            try:
+                return await self._call_once(rpc, hop, chunk, tensors, lora, graph_id)
+            except _SpanFailed as e:
+                if not isinstance(e.error, StreamBrokenError) or retry == self.stream_retries:
+                    raise
+                logger.info(f"{rpc} to {hop.peer_id} broke ({e.error}); retrying there in {delay:.1f} s")
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, rpc: str, hop: RouteHop, chunk: _Chunk, tensors: tuple[torch.Tensor, ...],
+                         lora: RemoteLora | None, graph_id: str | None = None) -> Message:
         """One forward or backward on ``hop``; adapter placement and an expired adapter are
         handled here, provider failures raise _SpanFailed."""
         billing = self.billing(hop, chunk.rows.start) if self.billing is not None else None
@@ -277,11 +300,27 @@ class RemoteBlocks:
                     f"banned for {duration:.0f} s, re-routing")
         try:
             route = await self.find_route(start, end, frozenset({failure.peer_id}))
-        except NoProvidersError as e:
-            raise SwarmError(f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}) and no "
-                             f"other provider can take them: {e}") from failure.error
+        except SwarmError as e:  # no provider (NoProvidersError) or no plan (a job's JobPlanError) without it
+            route = await self._same_provider_again(failure, start, end, attempts, e)
         self.failovers.append({"peer_id": failure.peer_id, "blocks": [start, end], "reason": str(failure.error),
                                "replacement": [h.peer_id for h in route]})
+        return route
+
+    async def _same_provider_again(self, failure: _SpanFailed, start: int, end: int, attempts: int,
+                                   error: SwarmError) -> list[RouteHop]:
+        """The last resort when nobody else serves the blocks: the provider that failed, if it
+        is still announced and its failure was one it may recover from, after a pause. A job
+        must not fail while a live provider serves its blocks; ``max_failovers`` bounds this."""
+        if not isinstance(failure.error, (ProviderUnavailableError, RemoteError)):
+            raise error
+        await asyncio.sleep(min(self.retry_delay_s * 2 ** attempts, 5.0))
+        self.bans.succeeded(failure.peer_id)  # lift our own ban: it is the only way on
+        try:
+            route = await self.find_route(start, end, frozenset())
+        except SwarmError:
+            raise SwarmError(f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}) and no "
+                             f"other provider can take them: {error}") from failure.error
+        logger.info(f"no other provider serves blocks {start}:{end}; trying {failure.peer_id} again")
         return route
 
     async def _forward_chunk(self, chunk: _Chunk, lora: RemoteLora | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ def test_local_market_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
         market.start_scheduler()
         health = httpx.get(f"{market.url}/healthz").json()
         assert health["checks"]["database"]["detail"] == "sqlite"
-        assert health["checks"]["broker"]["detail"] == "filesystem"
+        assert health["checks"]["broker"]["detail"] == "hivemartfs"
         with Client(api_key=key, base_url=market.url) as client:
             assert client.accounts.me().is_staff
         pids = [p.process.pid for p in market.processes]
