@@ -234,7 +234,8 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
         backend, digests = load_span(config, start, end)
         throughput = config.throughput or measure_throughput(backend)
         book = ticket_book(config, identity, info.model_id)
-        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests, tickets=book)
+        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests, identity=identity,
+                                tickets=book)
         await server.start()
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         announcer = Announcer(node, identity, server, config, throughput, maddrs)
