@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,8 @@ class Session:
     last_step_id: int = -1  # the highest step id computed: an older one is never computed (signed) again
     last_used: float = field(default_factory=time.monotonic)
     ticket: JobTicket | None = None  # what pays for the session (None in free mode)
+    # Signed into every step record: records of a session reopened under the same id differ.
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 class ProviderServer:
@@ -649,8 +652,10 @@ class ProviderServer:
         while len(session.recent_steps) > _RECENT_STEPS:
             session.recent_steps.popitem(last=False)
         session.last_step_id = step.step_id
-        record = sign_step(self.identity, session_id=spec.session_id, step_id=step.step_id, position=step.position,
-                           input_digest=digests[0], output_digest=digests[1].hex())
+        record = sign_step(self.identity, session_id=spec.session_id, instance=session.instance,
+                           step_id=step.step_id, position=step.position,
+                           input_digest=digests[0], output_digest=digests[1].hex(),
+                           ticket_id="" if session.ticket is None else session.ticket.ticket_id)
         session.last_output = _Delivered(step.step_id, step.position, output, record, input_record)
         return session.last_output
 

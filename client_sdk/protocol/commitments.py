@@ -7,7 +7,9 @@ noise, and shadow verification (which recomputes from what the client received) 
 honest downstream hop. Step records close that hole.
 
 For every step it computes, a provider signs one :class:`StepRecord`: its peer id, its
-session, the step id and position, and the digests (``tensor_digest``, hex) of the hidden
+session (the client's id and a random ``instance`` the provider drew when the session opened,
+so that a client reopening a session under an old id gets records that cannot be confused
+with the old ones), the ticket that pays for it (empty in free mode), the step id and position, and the digests (``tensor_digest``, hex) of the hidden
 states it computed on, as received, and of its output, as sent. It attaches the same
 record to the output it returns to the client and to the output it pushes to the next
 provider. The next provider checks the record before computing (the signer is the peer that
@@ -44,6 +46,8 @@ __all__ = ["STEP_DOMAIN", "StepRecord", "StepRecordError", "sign_step", "equivoc
 
 STEP_DOMAIN = b"hivemart-step/1\n"
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
+_INSTANCE = re.compile(r"^[0-9a-f]{16}$")
+_TICKET_ID_OR_EMPTY = re.compile(r"^(?:[A-Za-z0-9_-]{8,64})?$")  # TICKET_ID_PATTERN, or "" in free mode
 _MAX_STEP_ID = 2**62
 
 
@@ -64,11 +68,13 @@ def digest_hex(tensor: "torch.Tensor") -> str:
 @dataclass(frozen=True)
 class StepRecord:
     """Provider ``peer`` computed step ``step_id`` (positions from ``position``) of its session
-    ``session_id`` on hidden states with digest ``input_digest`` and sent an output with digest
-    ``output_digest``."""
+    ``session_id`` (opened as ``instance``), paid by ticket ``ticket_id`` ("" in free mode), on
+    hidden states with digest ``input_digest`` and sent an output with digest ``output_digest``."""
 
     peer: str
     session_id: str
+    instance: str
+    ticket_id: str
     step_id: int
     position: int
     input_digest: str
@@ -98,6 +104,8 @@ class StepRecord:
 
         return cls(peer=text("peer", PEER_ID_PATTERN, "a base58 peer id"),
                    session_id=text("session_id", SESSION_ID_PATTERN, "8 to 64 characters of [A-Za-z0-9_-]"),
+                   instance=text("instance", _INSTANCE, "16 hex digits"),
+                   ticket_id=text("ticket_id", _TICKET_ID_OR_EMPTY, "a ticket id, or empty in free mode"),
                    step_id=field_int(data, "step_id", high=_MAX_STEP_ID, error=StepRecordError,
                                      code="bad_step_record"),
                    position=field_int(data, "position", error=StepRecordError, code="bad_step_record"),
@@ -117,11 +125,11 @@ class StepRecord:
         return self
 
     def check_about(self, *, peer: str, step_id: int, position: int, output_digest: str | None = None,
-                    session_id: str | None = None) -> "StepRecord":
+                    session_id: str | None = None, ticket_id: str | None = None) -> "StepRecord":
         """Raise ``step_record_mismatch`` unless the record is ``peer``'s about this step (and
-        this output and session, when given); returns it. Does not check the signature."""
+        this output, session and ticket, when given); returns it. Does not check the signature."""
         expected = {"peer": peer, "step_id": step_id, "position": position, "output_digest": output_digest,
-                    "session_id": session_id}
+                    "session_id": session_id, "ticket_id": ticket_id}
         wrong = [k for k, v in expected.items() if v is not None and getattr(self, k) != v]
         if wrong:
             raise StepRecordError(f"the step record does not match the step it came with: {', '.join(wrong)} "
@@ -133,11 +141,11 @@ _ALL_FIELDS = tuple(f.name for f in fields(StepRecord))
 _BODY_FIELDS = tuple(n for n in _ALL_FIELDS if n != "signature")
 
 
-def sign_step(identity: Identity, *, session_id: str, step_id: int, position: int, input_digest: str,
-              output_digest: str) -> StepRecord:
+def sign_step(identity: Identity, *, session_id: str, instance: str, step_id: int, position: int, input_digest: str,
+              output_digest: str, ticket_id: str = "") -> StepRecord:
     """The record ``identity`` signs for one step it computed."""
-    unsigned = StepRecord(peer=identity.peer_id, session_id=session_id, step_id=step_id, position=position,
-                          input_digest=input_digest, output_digest=output_digest)
+    unsigned = StepRecord(peer=identity.peer_id, session_id=session_id, instance=instance, ticket_id=ticket_id,
+                          step_id=step_id, position=position, input_digest=input_digest, output_digest=output_digest)
     return replace(unsigned, signature=identity.sign(unsigned.signing_bytes()).hex())
 
 
@@ -145,7 +153,8 @@ def equivocation(first: Any, second: Any) -> bool:
     """True when two records (dicts or :class:`StepRecord`) prove that their signer sent two
     different outputs for one step: both parse and are signed by the same peer, for the same
     session and step id, and differ in position or digests. Anything else (a malformed or
-    forged record, another session or step) proves nothing and returns False."""
+    forged record, another session, session instance, ticket or step) proves nothing and
+    returns False."""
     try:
         a = first if isinstance(first, StepRecord) else StepRecord.from_dict(first)
         b = second if isinstance(second, StepRecord) else StepRecord.from_dict(second)
@@ -153,6 +162,7 @@ def equivocation(first: Any, second: Any) -> bool:
         b.verify()
     except StepRecordError:
         return False
-    same_step = (a.peer, a.session_id, a.step_id) == (b.peer, b.session_id, b.step_id)
+    same_step = ((a.peer, a.session_id, a.instance, a.ticket_id, a.step_id)
+                 == (b.peer, b.session_id, b.instance, b.ticket_id, b.step_id))
     return same_step and (a.position, a.input_digest, a.output_digest) != (b.position, b.input_digest,
                                                                            b.output_digest)

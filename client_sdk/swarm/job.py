@@ -417,8 +417,11 @@ class MarketJob(SwarmJob):
 
     def _file(self, mismatch: Mismatch | Equivocation) -> Any:
         if isinstance(mismatch, Equivocation):
-            raise JobPlanError(f"{mismatch.peer_id} pushed another output than it returned; this marketplace "
-                               f"takes no audits with step-record evidence yet, so it is only excluded")
+            if mismatch.ticket is None:
+                raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
+            return self.client.audits.create_equivocation(job=self.job_id, ticket_id=mismatch.ticket.ticket_id,
+                                                          records=[r.to_dict() for r in (mismatch.returned,
+                                                                                         mismatch.pushed)])
         if mismatch.ticket is None:
             raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
         evidence = self.collector.evidence(mismatch.ticket, mismatch.session_id, mismatch.claimed)

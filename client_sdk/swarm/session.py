@@ -397,8 +397,8 @@ class ChainSession:
         session_id = hop.stream.spec.session_id
         try:
             record = StepRecord.from_dict(header.get("record")).check_about(
-                peer=hop.peer_id, session_id=session_id, step_id=step_id, position=int(header.get("position", -1)),
-                output_digest=digest_hex(output)).verify()
+                peer=hop.peer_id, session_id=session_id, step_id=step_id, position=header.get("position"),
+                output_digest=digest_hex(output), ticket_id="" if hop.ticket is None else hop.ticket.ticket_id).verify()
         except StepRecordError as e:
             raise _HopFailed(hop, f"its step record is not valid: {e}") from None
         self._records.setdefault((session_id, step_id), record)

@@ -36,6 +36,7 @@ from marketplace.receipts.services import (
     MAX_AUDIT_TENSOR_BYTES,
     MAX_RECEIPTS_PER_UPLOAD,
     audit_create,
+    audit_equivocation_create,
     job_finish,
     receipts_upload,
     tickets_renew,
@@ -157,6 +158,15 @@ class AuditInput(serializers.Serializer):
     evidence = serializers.DictField(required=False, allow_null=True, default=None,
                                      help_text='{"receipt": provider-signed receipt of the session, "digests": '
                                                '[hex sha256 of every output], "step": index of the claimed output}')
+
+
+class EquivocationInput(serializers.Serializer):
+    job = StrictIntegerField(min_value=1)
+    ticket_id = serializers.CharField(max_length=64, help_text="the audited provider's ticket")
+    records = serializers.ListField(child=serializers.DictField(), min_length=2, max_length=2,
+                                    help_text="two step records the provider signed for one step of a session on "
+                                              "the ticket that differ (the one that came with its output, the one "
+                                              "the next provider received with its push)")
 
 
 class AuditOutput(serializers.ModelSerializer):
@@ -294,6 +304,19 @@ class Audits(ListAPIView):
         data = parse(AuditInput, request.data)
         job = job_get(user=request.user, job_id=data.pop("job"))
         audit = audit_create(user=request.user, job=job, **data)
+        return Response(AuditOutput(audit_get(user=request.user, audit_id=audit.pk)).data, status=201)
+
+
+class AuditEquivocation(APIView):
+    """File an audit whose evidence is two differing step records the provider signed for one
+    step (it pushed the next provider another output than it returned): decided at once from
+    the signatures, ``provider_cheated`` when they prove it."""
+
+    @extend_schema(request=EquivocationInput, responses={201: AuditOutput})
+    def post(self, request: Request) -> Response:
+        data = parse(EquivocationInput, request.data)
+        job = job_get(user=request.user, job_id=data.pop("job"))
+        audit = audit_equivocation_create(user=request.user, job=job, **data)
         return Response(AuditOutput(audit_get(user=request.user, audit_id=audit.pk)).data, status=201)
 
 

@@ -49,9 +49,10 @@ def install_framer(noise: float, *, signed: bool, seed: int = 0) -> None:
         noisy = perturb(delivered.output, noise, generator)
         record = delivered.record
         if signed:
-            record = sign_step(self.identity, session_id=record.session_id, step_id=record.step_id,
+            record = sign_step(self.identity, session_id=record.session_id, instance=record.instance,
+                               step_id=record.step_id,
                                position=record.position, input_digest=record.input_digest,
-                               output_digest=digest_hex(noisy))
+                               output_digest=digest_hex(noisy), ticket_id=record.ticket_id)
         await honest_push(self, session, step, dataclasses.replace(delivered, output=noisy, record=record))
 
     ProviderServer._push = push
@@ -71,9 +72,10 @@ def install_liar(mode_file: Path) -> None:
             return delivered
         mode = mode_file.read_text().strip() if mode_file.exists() else "keep"
         claimed = hashlib.sha256(b"not what I got" + bytes.fromhex(delivered.record.input_digest)).hexdigest()
-        record = sign_step(self.identity, session_id=delivered.record.session_id, step_id=step.step_id,
+        record = sign_step(self.identity, session_id=delivered.record.session_id,
+                           instance=delivered.record.instance, step_id=step.step_id,
                            position=step.position, input_digest=claimed,
-                           output_digest=delivered.record.output_digest)
+                           output_digest=delivered.record.output_digest, ticket_id=delivered.record.ticket_id)
         shown = {"keep": input_record, "drop": None,
                  "forge": StepRecord(**{**input_record.to_dict(), "output_digest": claimed})}[mode]
         delivered = dataclasses.replace(delivered, record=record, input_record=shown)
