@@ -265,7 +265,8 @@ async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Eve
         backend, digests = load_span(config, start, end)
         throughput = config.throughput or measure_throughput(backend)
         book = ticket_book(config, identity, info.model_id)
-        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests, tickets=book)
+        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests, identity=identity,
+                                tickets=book)
         await server.start()
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         announcer = Announcer(node, identity, server, config, throughput, maddrs)

@@ -6,6 +6,10 @@ provider's session (``hivemart.push``) and the last one answers the client. A ge
 token therefore costs one network message per hop instead of a client round trip per hop.
 Middle providers also return their outputs to the client when asked (``return_outputs``),
 after the push, so the client keeps the history it needs to replay a span on a backup.
+Every step's output travels with a signed step record (``client_sdk.protocol.commitments``):
+a push whose record is not the pusher's, about that very tensor, is refused, and the record
+of an accepted push goes back to the client with the output computed from it, so that a
+provider pushing one thing and returning another is the one blamed.
 
 Every request is validated before it touches a tensor; a bad request gets an error reply
 and the server keeps serving everyone else. A framing error closes only that stream.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +31,10 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError
-from client_sdk.protocol.receipts import work_units
+from client_sdk.protocol.commitments import StepRecord, StepRecordError, digest_hex, sign_step
 from client_sdk.protocol.framing import Head, Limits, Message, read_head, read_message, read_tensors, write_message
+from client_sdk.protocol.identity import Identity
+from client_sdk.protocol.receipts import work_units
 from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.rpc import (
     RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, AdapterRequest, OpenSession, Relink,
@@ -60,6 +67,24 @@ _CLOSE_WAIT_S = 30.0
 _CLOSE_ACK_TIMEOUT_S = 2.0
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    """A step's output as delivered, kept to answer a duplicate of the step the same way."""
+
+    step_id: int
+    position: int
+    output: torch.Tensor
+    record: StepRecord  # what we signed about the step
+    input_record: StepRecord | None  # the pusher's record of our input (None: the client sent it)
+
+    def header(self) -> dict[str, Any]:
+        header = {"type": "output", "step_id": self.step_id, "position": self.position,
+                  "record": self.record.to_dict()}
+        if self.input_record is not None:
+            header["input_record"] = self.input_record.to_dict()
+        return header
+
+
 @dataclass
 class Session:
     spec: OpenSession
@@ -68,18 +93,22 @@ class Session:
     client: asyncio.StreamWriter
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     recent_steps: "OrderedDict[int, None]" = field(default_factory=OrderedDict)
-    last_output: tuple[int, int, torch.Tensor] | None = None  # (step_id, position, output)
+    last_output: _Delivered | None = None
+    last_step_id: int = -1  # the highest step id computed: an older one is never computed (signed) again
     last_used: float = field(default_factory=time.monotonic)
     ticket: JobTicket | None = None  # what pays for the session (None in free mode)
     peer: str = ""  # the client that opened it (its quotas count the session)
+    # Signed into every step record: records of a session reopened under the same id differ.
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 class ProviderServer:
     """Serves one span of blocks over a hivemind P2P instance."""
 
     def __init__(self, backend: SpanBackend, config: AgentConfig, p2p: P2P, model_id: str, *,
-                 block_digests: list[str], tickets: TicketBook | None = None) -> None:
+                 block_digests: list[str], identity: Identity, tickets: TicketBook | None = None) -> None:
         self.backend, self.config, self.p2p, self.model_id = backend, config, p2p, model_id
+        self.identity = identity  # signs step records (the same key as the p2p peer id)
         # None: free mode, no tickets asked and no receipts (local swarms, benchmarks).
         self.tickets = tickets
         self.block_digests = block_digests
@@ -722,35 +751,40 @@ class ProviderServer:
                 self._by_next_session[session.spec.next_session] = session
         await write_message(writer, {"type": "relinked", "session_id": spec.session_id})
 
-    async def _apply_step(self, session: Session, step: Step, tensors: list[torch.Tensor]) -> None:
-        """Run one step of a session and deliver its output; errors go to the session's client."""
+    async def _apply_step(self, session: Session, step: Step, tensors: list[torch.Tensor], *,
+                          input_record: StepRecord | None = None, input_digest: str | None = None) -> None:
+        """Run one step of a session and deliver its output; errors go to the session's client.
+        ``input_record``: the pusher's record of the input (checked), ``input_digest`` its digest."""
         async with session.lock:
             try:
-                output = await self._compute_step(session, step, tensors)
+                delivered = await self._compute_step(session, step, tensors, input_record, input_digest)
             except (RequestError, TicketError) as e:
                 await self._try_send(session.client, error_header(e.code, str(e), step_id=step.step_id))
                 return
-            if output is None:
+            if delivered is None:
                 return
             spec = session.spec
             if spec.next_peer is not None:
-                await self._push(session, step, output)
+                await self._push(session, step, delivered)
             if spec.return_outputs or spec.next_peer is None:
-                await self._try_send(session.client, {"type": "output", "step_id": step.step_id,
-                                                      "position": step.position}, (output,))
+                await self._try_send(session.client, delivered.header(), (delivered.output,))
             if session.ticket is not None and self.tickets.receipt_due(session.ticket, spec.session_id):
                 await self._send_receipt(session)
 
-    async def _compute_step(self, session: Session, step: Step, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    async def _compute_step(self, session: Session, step: Step, tensors: list[torch.Tensor],
+                            input_record: StepRecord | None, input_digest: str | None) -> _Delivered | None:
         spec = session.spec
         session.last_used = time.monotonic()
         if step.step_id in session.recent_steps:
             # Delivered twice (pushed and re-sent): apply once; answer again if it was the last.
             last = session.last_output
-            if last is not None and last[0] == step.step_id and spec.return_outputs:
-                await self._try_send(session.client, {"type": "output", "step_id": step.step_id,
-                                                      "position": last[1]}, (last[2],))
+            if last is not None and last.step_id == step.step_id and spec.return_outputs:
+                await self._try_send(session.client, last.header(), (last.output,))
             return None
+        if step.step_id <= session.last_step_id:
+            # Computing it again could sign a second, different record for the same step id.
+            raise RequestError("stale_step", f"step {step.step_id} is older than step {session.last_step_id}, "
+                                              f"the last this session computed; give each step a new, higher id")
         if len(tensors) != 1:
             raise RequestError("bad_request", "a step carries exactly one tensor: hidden states")
         (hidden,) = tensors
@@ -771,23 +805,30 @@ class ProviderServer:
             if charge is not None:
                 charge.cancel()
             raise
+        digests = await self._run_compute(
+            lambda: (input_digest or digest_hex(hidden), outputs_digest((output,))), hidden.shape[0] * hidden.shape[1])
         if charge is not None:
-            charge.commit_digest(await self._run_compute(lambda: outputs_digest((output,)),
-                                                         hidden.shape[0] * hidden.shape[1]))
+            charge.commit_digest(digests[1])
         session.recent_steps[step.step_id] = None
         while len(session.recent_steps) > _RECENT_STEPS:
             session.recent_steps.popitem(last=False)
-        session.last_output = (step.step_id, step.position, output)
-        return output
+        session.last_step_id = step.step_id
+        record = sign_step(self.identity, session_id=spec.session_id, instance=session.instance,
+                           step_id=step.step_id, position=step.position,
+                           input_digest=digests[0], output_digest=digests[1].hex(),
+                           ticket_id="" if session.ticket is None else session.ticket.ticket_id)
+        session.last_output = _Delivered(step.step_id, step.position, output, record, input_record)
+        return session.last_output
 
     # --- pushes between providers -----------------------------------------------------------------
 
-    async def _push(self, session: Session, step: Step, output: torch.Tensor) -> None:
+    async def _push(self, session: Session, step: Step, delivered: _Delivered) -> None:
         spec = session.spec
         header = Step(session_id=spec.next_session, step_id=step.step_id, position=step.position).to_header()
+        header["record"] = delivered.record.to_dict()  # the same record the client gets with the output
         try:
             writer = await self._push_link(spec.next_peer)
-            await write_message(writer, header, (output,))
+            await write_message(writer, header, (delivered.output,))
         except Exception as e:
             self._push_links.pop(spec.next_peer, None)
             logger.info(f"push to {spec.next_peer} failed: {e!r}")
@@ -843,7 +884,8 @@ class ProviderServer:
                 lease.release()
 
     async def _push_step(self, sender: str, message: Message, writer: asyncio.StreamWriter) -> None:
-        """Apply one step a previous provider pushed (or tell it the session is unknown)."""
+        """Apply one step a previous provider pushed, after checking the pusher's signed record
+        of it (or tell the pusher the session is unknown)."""
         step = Step.from_header(message.header)
         session = self.sessions.get(step.session_id)
         if session is None or session.spec.prev_peer != sender:
@@ -852,7 +894,30 @@ class ProviderServer:
                 "unknown_session", f"no session {step.session_id} expects steps from {sender}",
                 session_id=step.session_id, step_id=step.step_id))
             return
-        await self._apply_step(session, step, message.tensors)
+        try:
+            record, digest = await self._check_push_record(sender, step, message)
+        except StepRecordError as e:
+            # Told to the client, not answered to the pusher: the pusher would relay it as
+            # our failure, and an honest pusher never sends a bad record.
+            logger.info(f"refused a push from {sender}: {e}")
+            await self._try_send(session.client, error_header(
+                "bad_push", f"the previous provider {sender} pushed step {step.step_id} without a valid step "
+                            f"record: {e}", step_id=step.step_id, peer_id=sender))
+            return
+        await self._apply_step(session, step, message.tensors, input_record=record, input_digest=digest)
+
+    async def _check_push_record(self, sender: str, step: Step, message: Message
+                                 ) -> tuple[StepRecord | None, str | None]:
+        """The pusher's signed record of the pushed tensor, and the tensor's digest; raises
+        StepRecordError unless ``sender`` signed it for this step and this very tensor. A
+        message without exactly one tensor is left to the step's own checks (None, None)."""
+        if len(message.tensors) != 1:
+            return None, None
+        (tensor,) = message.tensors
+        record = StepRecord.from_dict(message.header.get("record"))
+        digest = await self._run_compute(lambda: digest_hex(tensor), tensor.numel() // max(tensor.shape[-1], 1))
+        record.check_about(peer=sender, step_id=step.step_id, position=step.position, output_digest=digest)
+        return record.verify(), digest
 
     async def _expire_idle_sessions(self) -> None:
         while True:

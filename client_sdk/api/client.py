@@ -346,6 +346,13 @@ class Audits(_Resource):
             body["deposit"] = int(deposit)
         return Audit.from_json(self._core.request("POST", "/api/audits/", json=body))
 
+    def create_equivocation(self, *, job: int, ticket_id: str, records: Sequence[dict[str, Any]]) -> Audit:
+        """Report that the provider of ``ticket_id`` signed two different step records for one
+        step (``client_sdk.protocol.commitments``): it pushed the next provider another output
+        than it returned. Decided at once from the signatures."""
+        body = {"job": job, "ticket_id": ticket_id, "records": [dict(r) for r in records]}
+        return Audit.from_json(self._core.request("POST", "/api/audits/equivocation/", json=body))
+
     def get(self, audit_id: int) -> Audit:
         return Audit.from_json(self._core.request("GET", f"/api/audits/{int(audit_id)}/"))
 

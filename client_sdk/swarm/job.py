@@ -39,7 +39,7 @@ from client_sdk.swarm.connection import SpanBilling
 from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.receipts import DisputeReceipt, ReceiptCollector, UploadReceipts
 from client_sdk.swarm.routing import RouteHop
-from client_sdk.swarm.verify import Mismatch, ShadowVerifier
+from client_sdk.swarm.verify import Equivocation, Mismatch, ShadowVerifier
 
 if TYPE_CHECKING:
     from client_sdk.api import Client, Job
@@ -183,12 +183,14 @@ class SwarmJob:
     """
 
     def __init__(self, plan: JobPlan, identity: Identity, *, job_id: int, verify_rate: float = DEFAULT_VERIFY_RATE,
-                 upload: UploadReceipts | None = None, file_audit: Callable[[Mismatch], Any] | None = None,
+                 upload: UploadReceipts | None = None,
+                 file_audit: Callable[[Mismatch | Equivocation], Any] | None = None,
                  receipt_batch: int = 64, rng: random.Random | None = None,
                  dispute: DisputeReceipt | None = None) -> None:
         self.plan, self.identity, self.job_id = plan, identity, job_id
         self.collector = ReceiptCollector(identity, upload=upload, batch_size=receipt_batch, dispute=dispute)
         self.excluded: set[str] = set()  # caught returning wrong outputs: never used again by this job
+        self.equivocations: list[Equivocation] = []  # providers caught pushing one output and returning another
         self.audits: list[Any] = []  # what file_audit returned for each mismatch
         self.audit_errors: list[str] = []
         self._file_audit = file_audit
@@ -284,7 +286,7 @@ class SwarmJob:
 
     # --- mismatches ---------------------------------------------------------------------------------
 
-    async def _report(self, mismatch: Mismatch) -> None:
+    async def _report(self, mismatch: Mismatch | Equivocation) -> None:
         self.exclude(mismatch.peer_id)
         if self._file_audit is None:
             return
@@ -295,6 +297,12 @@ class SwarmJob:
             logger.warning(f"could not file an audit against {mismatch.peer_id}: {e}")
             self.audit_errors.append(str(e))
 
+    async def report_equivocation(self, equivocation: Equivocation) -> None:
+        """A session caught a provider pushing one output and returning another: exclude it
+        and file an audit whose evidence is its two differing step records."""
+        self.equivocations.append(equivocation)
+        await self._report(equivocation)
+
     # --- the end ---------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
@@ -303,6 +311,7 @@ class SwarmJob:
             "checked": 0, "mismatches": 0, "skipped": 0, "caught": []}
         return {"job": self.job_id, "receipts": self.collector.summary(), "verification": verification,
                 "excluded": sorted(self.excluded), "audits": [getattr(a, "id", a) for a in self.audits],
+                "equivocations": [e.peer_id for e in self.equivocations],
                 "audit_errors": list(self.audit_errors)}
 
     @property
@@ -410,7 +419,13 @@ class MarketJob(SwarmJob):
     def _dispute(self, receipt: dict[str, Any], code: str, message: str) -> Any:
         return self.client.receipts.dispute(self.job_id, receipt, code=code, message=message)
 
-    def _file(self, mismatch: Mismatch) -> Any:
+    def _file(self, mismatch: Mismatch | Equivocation) -> Any:
+        if isinstance(mismatch, Equivocation):
+            if mismatch.ticket is None:
+                raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
+            return self.client.audits.create_equivocation(job=self.job_id, ticket_id=mismatch.ticket.ticket_id,
+                                                          records=[r.to_dict() for r in (mismatch.returned,
+                                                                                         mismatch.pushed)])
         if mismatch.ticket is None:
             raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
         evidence = self.collector.evidence(mismatch.ticket, mismatch.session_id, mismatch.claimed)

@@ -21,6 +21,15 @@ provider for its final receipt. With shadow verification, a step is re-run on a 
 after it completes; a provider caught returning different outputs is reported and replaced,
 and every hop after it is rebuilt from the corrected hidden states, so the step still
 returns what honest providers compute.
+
+Every output comes with the provider's signed step record (digests of its input and
+output), and a pushed hop's output also with the record its upstream pushed with the input.
+After each step the client compares every hop's recorded input with the boundary it holds:
+a difference is explained either by the upstream provider, whose pushed record differs from
+the one it returned (it is excluded and reported with both records as evidence), or by the
+hop itself, which cannot back its claim with a record the upstream signed (it is excluded).
+Either way the hops from there on are rebuilt, and an honest hop is never verified against
+inputs it did not receive.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from hivemind.p2p import P2P
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
+from client_sdk.protocol.commitments import StepRecord, StepRecordError, digest_hex, equivocation
 from client_sdk.protocol.framing import Message
 from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.rpc import OpenSession, Relink
@@ -46,7 +56,7 @@ from client_sdk.swarm.routing import RouteHop
 
 if TYPE_CHECKING:
     from client_sdk.swarm.receipts import ReceiptCollector
-    from client_sdk.swarm.verify import ShadowVerifier
+    from client_sdk.swarm.verify import Equivocation, ShadowVerifier
 
 __all__ = ["ChainSession", "FindRoute", "SessionJob"]
 
@@ -60,10 +70,14 @@ FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
 # waits for acknowledgements this client withholds (it refused the provider's receipts), so
 # the session moves to another planned provider.
 _RETRYABLE = {"internal", "busy", "not_accepting", "next_hop_failed", "unknown_session", "cache_full", "timeout",
-              "ack_overdue"}
+              "ack_overdue", "bad_push"}
+# Errors a provider reports about another one (named by the error's peer_id).
+_NEIGHBOUR_ERRORS = {"next_hop_failed", "bad_push"}
 _MAX_FAILOVERS_PER_STEP = 5
 # Refusals of a session over the provider's own limits: another provider may accept it.
 _PROVIDER_LIMITS = {"too_long", "too_large"}
+# Step records kept per session, counted in steps back from the newest (a check looks at the current step).
+_RECORDS_KEPT_STEPS = 8
 
 
 def _is_ticket_error(code: str) -> bool:
@@ -85,6 +99,9 @@ class SessionJob(Protocol):
 
     def exclude(self, peer_id: str) -> None:
         """Never route this job to ``peer_id`` again (it was caught returning wrong outputs)."""
+
+    async def report_equivocation(self, equivocation: "Equivocation") -> None:
+        """A provider pushed one output and returned another (it is excluded already)."""
 
     async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
         """The job's planned route over blocks [start, end) without ``avoid``."""
@@ -183,6 +200,10 @@ class ChainSession:
         self._next_step_id = 0
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._boundaries: dict[int, _Boundary] = {}
+        # (session id, step id) -> the provider's own signed record / the raw record of its pushed input
+        self._records: dict[tuple[str, int], StepRecord] = {}
+        self._input_records: dict[tuple[str, int], object] = {}
+        self._opened: dict[str, RouteHop] = {}  # every session id this client opened -> its provider and span
 
     @property
     def route(self) -> list[RouteHop]:
@@ -257,6 +278,7 @@ class ChainSession:
                            ticket=None if ticket is None else ticket.to_dict())
         connection = ProviderConnection(self.p2p, route_hop.peer_id)
         stream = await connection.open_inference(spec, self._inbox, timeout=self.open_timeout)
+        self._opened[spec.session_id] = route_hop
         return _Hop(route_hop, stream, ticket=ticket)
 
     async def _link(self, indices: Sequence[int]) -> None:
@@ -300,6 +322,7 @@ class ChainSession:
                 if failure is not None:
                     resume, failure = await self._fail_over(failure, step_id), None
                 output = await self._run_step(step_id, position, hidden.shape[1], resume)
+                output = await self._check_inputs(step_id, output)
                 if self.job is not None and self.job.verifier is not None:
                     output = await self._verify_step(step_id, output)
                 self.position = position + hidden.shape[1]
@@ -384,6 +407,7 @@ class ChainSession:
                 raise ProtocolError(f"provider {hop.peer_id} sent a malformed step output")
             hop.outputs += 1
             step_id = int(header.get("step_id", -1))
+            self._keep_records(hop, header, step_id, message.tensors[0])
             self._bill_output(hop, step_id, message.tensors[0])
             self._boundary(hop.end).record(step_id, int(header.get("position", 0)), message.tensors[0])
         elif kind == "relinked":
@@ -396,9 +420,104 @@ class ChainSession:
             if code not in _RETRYABLE:
                 raise error
             culprit = hop
-            if code == "next_hop_failed":
+            if code in _NEIGHBOUR_ERRORS:
                 culprit = next((h for h in self.hops if h.peer_id == header.get("peer_id")), hop)
             raise _HopFailed(culprit, str(error))
+
+    # --- step records ----------------------------------------------------------------------------
+
+    def _keep_records(self, hop: _Hop, header: dict, step_id: int, output: torch.Tensor) -> None:
+        """Check and keep the provider's record of an output (a bad one fails the hop) and the
+        record of its pushed input as it came (checked only if the input is disputed)."""
+        session_id = hop.stream.spec.session_id
+        try:
+            record = StepRecord.from_dict(header.get("record")).check_about(
+                peer=hop.peer_id, session_id=session_id, step_id=step_id, position=header.get("position"),
+                output_digest=digest_hex(output), ticket_id="" if hop.ticket is None else hop.ticket.ticket_id).verify()
+        except StepRecordError as e:
+            raise _HopFailed(hop, f"its step record is not valid: {e}") from None
+        self._records.setdefault((session_id, step_id), record)
+        if header.get("input_record") is not None:
+            self._input_records.setdefault((session_id, step_id), header["input_record"])
+
+    def _forget_records(self, before_step: int) -> None:
+        for records in (self._records, self._input_records):
+            for key in [k for k in records if k[1] < before_step]:
+                del records[key]
+
+    async def _check_inputs(self, step_id: int, output: torch.Tensor) -> torch.Tensor:
+        """Check that every hop computed this step on the hidden states the client holds for
+        its first block; after a difference, blame whoever caused it and rebuild the chain from
+        there. Returns the step's output (recomputed when the chain was rebuilt)."""
+        self._forget_records(step_id - _RECORDS_KEPT_STEPS)
+        for index, hop in enumerate(self.hops):
+            record = self._records.get((hop.stream.spec.session_id, step_id))
+            held = self._boundary(hop.start).get(step_id)
+            if record is None or held is None:
+                continue  # this hop did not answer the step itself (a failover replaced it mid-step)
+            if record.input_digest == digest_hex(held.to(getattr(torch, hop.route.record.dtype))):
+                continue
+            await self._settle_divergence(index, hop, record, step_id)
+            return self._boundary(self.hops[-1].end).get(step_id)
+        return output
+
+    async def _settle_divergence(self, index: int, hop: _Hop, record: StepRecord, step_id: int) -> None:
+        """Hop ``index`` computed the step on other inputs than the client holds: find who is to
+        blame, exclude it, and rebuild the chain from the first hop whose cache is spoiled."""
+        blamed, proof = self._divergence_culprit(hop, record, step_id)
+        if blamed is None:
+            logger.info(f"provider {hop.peer_id} computed step {step_id} on the push of a provider that was "
+                        f"replaced since; rebuilding from it")
+            await self._replace_from(index, step_id, reason="computed on a replaced provider's push", exclude=None)
+            return
+        if proof is None:
+            reason = f"its step record claims inputs it cannot show were sent to it (step {step_id})"
+            logger.warning(f"provider {blamed} {reason}; excluding it")
+            await self._replace_from(index, step_id, reason=reason, exclude=blamed)
+            return
+        returned, pushed = proof
+        span = self._opened[returned.session_id]
+        # Rebuild from the culprit when it is still in the chain, else (replaced since) from the hop it spoiled.
+        rebuild = next((i for i, h in enumerate(self.hops) if h.stream.spec.session_id == returned.session_id), index)
+        logger.warning(f"provider {blamed} pushed {hop.peer_id} another output than it returned for step {step_id}; "
+                       f"excluding and reporting it")
+        try:
+            await self._replace_from(rebuild, step_id, exclude=blamed,
+                                     reason=f"pushed {hop.peer_id} another output than it returned")
+        finally:
+            if self.job is not None:
+                from client_sdk.swarm.verify import Equivocation
+
+                await self.job.report_equivocation(Equivocation(
+                    peer_id=blamed, ticket=self.job.ticket_for(blamed, span.start, span.end),
+                    session_id=returned.session_id, start=span.start, end=span.end, step_id=step_id,
+                    returned=returned, pushed=pushed, relayed_by=hop.peer_id))
+
+    def _divergence_culprit(self, hop: _Hop, record: StepRecord, step_id: int
+                            ) -> tuple[str | None, tuple[StepRecord, StepRecord] | None]:
+        """Who made ``hop`` compute on inputs the client does not hold: (the upstream peer, its
+        two differing records) when its pushed record proves it; (``hop``, None) when ``hop``
+        cannot back its claimed input with a record the upstream signed; (None, None) when the
+        push came from a provider of ours that never returned this step (nobody is to blame)."""
+        raw = self._input_records.get((hop.stream.spec.session_id, step_id))
+        if raw is None:
+            return hop.peer_id, None  # it says it was pushed nothing, so the client sent it what it holds
+        try:
+            pushed = StepRecord.from_dict(raw).verify()
+            pushed.check_about(peer=pushed.peer, step_id=step_id, position=record.position,
+                               output_digest=record.input_digest)
+        except StepRecordError:
+            return hop.peer_id, None
+        opened = self._opened.get(pushed.session_id)
+        if opened is None or opened.peer_id != pushed.peer:
+            return hop.peer_id, None  # not a record of any session this client opened
+        returned = self._records.get((pushed.session_id, step_id))
+        if returned is None:
+            return None, None
+        if equivocation(returned, pushed):
+            return pushed.peer, (returned, pushed)
+        # The upstream's records agree, so they are not what the client holds: not this hop's upstream.
+        return hop.peer_id, None
 
     # --- receipts --------------------------------------------------------------------------------
 
@@ -486,19 +605,28 @@ class ChainSession:
                                             claimed)
             if mismatch is not None:
                 try:  # closing the culprit's session first brings its final receipt: evidence for the audit
-                    await self._replace_from(index, step_id, reason=f"outputs differ from "
-                                                                    f"{mismatch.reference_peer}'s ({mismatch.comparison})")
+                    await self._replace_from(index, step_id, exclude=hop.peer_id,
+                                             reason=f"outputs differ from {mismatch.reference_peer}'s "
+                                                    f"({mismatch.comparison})")
                 finally:
                     await verifier.report(mismatch)
                 return self._boundary(self.hops[-1].end).get(step_id)
         return output
 
-    async def _replace_from(self, index: int, step_id: int, *, reason: str) -> None:
-        """Replace hop ``index`` (excluded from the job for good) and rebuild every hop after it:
-        their caches and the boundaries after the replaced hop were computed from its outputs."""
+    async def _replace_from(self, index: int, step_id: int, *, reason: str, exclude: str | None) -> None:
+        """Rebuild hop ``index`` and every hop after it on new sessions (their caches and the
+        boundaries after hop ``index`` start came from its outputs), without ``exclude``: a
+        provider caught cheating, excluded from the job for good (banned, without a job).
+        ``exclude=None`` only rebuilds, and may reopen the same providers."""
         started = time.monotonic()
         culprit = self.hops[index]
-        self.job.exclude(culprit.peer_id)
+        avoid = self.bans.banned()
+        if exclude is not None:
+            if self.job is not None:
+                self.job.exclude(exclude)
+            else:
+                self.bans.failed(exclude)
+            avoid |= {exclude}
         if self.find_route is None:
             raise ProviderUnavailableError(culprit.peer_id, f"{reason}; no way to find a replacement")
         end = self.hops[-1].end
@@ -506,7 +634,7 @@ class ChainSession:
         await self._close_hops(old)
         for _ in range(_MAX_FAILOVERS_PER_STEP):
             self._boundaries = {block: b for block, b in self._boundaries.items() if block <= culprit.start}
-            route = await self.find_route(culprit.start, end, self.bans.banned() | {culprit.peer_id})
+            route = await self.find_route(culprit.start, end, avoid | self.bans.banned())
             new_hops: list[_Hop] = []
             try:
                 for route_hop in route:  # in order: each replays the boundary its predecessor just rebuilt

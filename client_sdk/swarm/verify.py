@@ -14,6 +14,13 @@ within ``3 / r`` steps. On a mismatch the session stops using the provider (clos
 session first, so that its final receipt covers the disputed output) and then :meth:`report`
 hands the evidence (inputs, claimed and reference outputs) to ``on_mismatch``, which files an
 audit. Who is right is decided by the audit, on a third party, not here.
+
+A pushed chain is checked on every step, not by sampling: each provider signs a step record
+of its input and output (``client_sdk.protocol.commitments``), the next provider hands the
+record of the push it received back to the client, and a provider whose pushed record
+differs from the one it returned is caught with two of its own signatures as the evidence
+(:class:`Equivocation`). The session checks that before it verifies anything, so a hop is
+only ever verified on the inputs it actually received.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ from hivemind.p2p import P2P
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
+from client_sdk.protocol.commitments import StepRecord
 from client_sdk.protocol.tickets import JobTicket
 from client_sdk.protocol.verification import OutputComparison, compare_outputs
 from client_sdk.swarm.connection import ProviderConnection, SpanBilling
 from client_sdk.swarm.routing import RouteHop
 
-__all__ = ["ShadowVerifier", "Mismatch", "VerificationStats", "FindReferences"]
+__all__ = ["ShadowVerifier", "Mismatch", "Equivocation", "VerificationStats", "FindReferences"]
 
 logger = get_logger(__name__)
 
@@ -59,6 +67,27 @@ class Mismatch:
     @property
     def dtype(self) -> str:
         return self.comparison.dtype
+
+
+@dataclass(frozen=True)
+class Equivocation:
+    """Proof that provider ``peer_id`` pushed the next provider (``relayed_by``) an output other
+    than the one it returned to the client for step ``step_id`` of its session: two records it
+    signed for that step (``returned`` came with its output, ``pushed`` with the push) that
+    differ. :func:`client_sdk.protocol.commitments.equivocation` checks it with the peer id alone."""
+
+    peer_id: str
+    ticket: JobTicket | None
+    session_id: str
+    start: int
+    end: int
+    step_id: int
+    returned: StepRecord
+    pushed: StepRecord
+    relayed_by: str
+
+    def evidence(self) -> dict[str, object]:
+        return {"kind": "equivocation", "records": [self.returned.to_dict(), self.pushed.to_dict()]}
 
 
 @dataclass

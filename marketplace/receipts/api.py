@@ -39,6 +39,7 @@ from marketplace.receipts.services import (
     MAX_RECEIPTS_PER_UPLOAD,
     DISPUTE_CODES,
     audit_create,
+    audit_equivocation_create,
     dispute_verdict_record,
     job_finish,
     receipt_dispute,
@@ -179,6 +180,15 @@ class AuditInput(serializers.Serializer):
                                  help_text="micro-credits held from your wallet until the verdict (at least the "
                                            "platform's audit_deposit when there is no evidence): returned if the "
                                            "provider cheated, forfeited if the audit proves nothing")
+
+
+class EquivocationInput(serializers.Serializer):
+    job = StrictIntegerField(min_value=1)
+    ticket_id = serializers.CharField(max_length=64, help_text="the audited provider's ticket")
+    records = serializers.ListField(child=serializers.DictField(), min_length=2, max_length=2,
+                                    help_text="two step records the provider signed for one step of a session on "
+                                              "the ticket that differ (the one that came with its output, the one "
+                                              "the next provider received with its push)")
 
 
 class AuditOutput(serializers.ModelSerializer):
@@ -331,6 +341,19 @@ class Audits(ListAPIView):
         data = parse(AuditInput, request.data)
         job = job_get(user=request.user, job_id=data.pop("job"))
         audit = audit_create(user=request.user, job=job, **data)
+        return Response(AuditOutput(audit_get(user=request.user, audit_id=audit.pk)).data, status=201)
+
+
+class AuditEquivocation(APIView):
+    """File an audit whose evidence is two differing step records the provider signed for one
+    step (it pushed the next provider another output than it returned): decided at once from
+    the signatures, ``provider_cheated`` when they prove it."""
+
+    @extend_schema(request=EquivocationInput, responses={201: AuditOutput})
+    def post(self, request: Request) -> Response:
+        data = parse(EquivocationInput, request.data)
+        job = job_get(user=request.user, job_id=data.pop("job"))
+        audit = audit_equivocation_create(user=request.user, job=job, **data)
         return Response(AuditOutput(audit_get(user=request.user, audit_id=audit.pk)).data, status=201)
 
 

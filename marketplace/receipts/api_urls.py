@@ -10,6 +10,7 @@ urlpatterns = [
     path("receipts/", api.Receipts.as_view(), name="receipts"),
     path("settlements/", api.Settlements.as_view(), name="settlements"),
     path("audits/", api.Audits.as_view(), name="audits"),
+    path("audits/equivocation/", api.AuditEquivocation.as_view(), name="audit-equivocation"),
     path("audits/<id:audit_id>/", api.AuditDetail.as_view(), name="audit"),
     path("offences/", api.Offences.as_view(), name="offences"),
     path("jobs/<int:job_id>/disputes/", api.JobDisputes.as_view(), name="job-disputes"),

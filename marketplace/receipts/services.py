@@ -53,6 +53,7 @@ from client_sdk.protocol.receipts import (
     verify_receipt,
 )
 from client_sdk.errors import ProtocolError
+from client_sdk.protocol.commitments import StepRecord, StepRecordError, equivocation
 from client_sdk.protocol.identity import public_key_from_peer_id, verify_signature
 from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
@@ -904,6 +905,41 @@ def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start
     for hook in _audit_hooks:
         hook(audit.pk)
     return audit
+
+
+@transaction.atomic
+def audit_equivocation_create(*, user: User, job: Job, ticket_id: str, records: Any) -> Audit:
+    """File and decide at once an audit whose evidence is two step records
+    (``client_sdk.protocol.commitments``) that the provider of ``ticket_id`` signed for one step
+    of a session on that ticket and that differ: it pushed the next provider another output than
+    it returned to the client. Signatures decide it, no recomputation: the verdict is
+    ``provider_cheated``, with what that entails (its work on the job voided, an offence)."""
+    if not user.is_staff and job.user_id != user.pk:
+        raise PermissionDenied("only the job's owner may file an audit for it")
+    job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
+    ticket = Ticket.objects.select_related("provider").filter(job=job, ticket_id=ticket_id).first()
+    if ticket is None:
+        raise NotFound(f"job #{job.pk} has no ticket {ticket_id}", extra={"field": "ticket_id"})
+    if not isinstance(records, list) or len(records) != 2:
+        raise ValidationFailed("records are the provider's two step records of one step", extra={"field": "records"})
+    try:
+        returned, pushed = (StepRecord.from_dict(r) for r in records)
+    except StepRecordError as e:
+        raise ValidationFailed(f"records: {e}", extra={"field": "records"}, code="bad_evidence") from None
+    if returned.peer != ticket.provider.peer_id or returned.ticket_id != ticket.ticket_id:
+        raise ValidationFailed(f"the records must be signed by {ticket.provider.peer_id} for ticket {ticket_id}",
+                               extra={"field": "records"}, code="bad_evidence")
+    if not equivocation(returned, pushed):
+        raise ValidationFailed("the records do not prove anything: they must both verify and differ for one "
+                               "(session, ticket, step)", extra={"field": "records"}, code="bad_evidence")
+    audit = Audit.objects.create(job=job, reporter=user, ticket=ticket, provider=ticket.provider,
+                                 session_id=returned.session_id, block_start=ticket.block_start,
+                                 block_end=ticket.block_end, dtype="", inputs=b"", claimed=b"", reference=b"",
+                                 claimed_proven=True)
+    return audit_verdict_record(
+        audit_id=audit.pk, verdict=Audit.Verdict.PROVIDER_CHEATED,
+        detail=f"equivocation: step {returned.step_id} of session {returned.session_id} signed with output "
+               f"{returned.output_digest} and with output {pushed.output_digest}")
 
 
 def provider_offence_record(*, provider: Provider, kind: str, detail: str, job: Job | None = None,

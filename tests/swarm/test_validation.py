@@ -9,11 +9,13 @@ import torch
 from hivemind.p2p import PeerID
 
 from client_sdk.errors import RemoteError
+from client_sdk.protocol.commitments import StepRecord, digest_hex, equivocation
 from client_sdk.protocol.framing import read_message, write_message
 from client_sdk.protocol.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Step
 from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.runtime import SwarmRuntime
+from tests.swarm.conftest import wait_for
 
 pytestmark = pytest.mark.swarm
 
@@ -114,16 +116,20 @@ def _frames(header: dict, tensors: tuple = ()) -> bytes:
     return b"".join(bytes(f) for f in encode_message(header, tensors))
 
 
-async def _session_steps(runtime: SwarmRuntime, peer_id: str, steps: list[tuple[dict, torch.Tensor]]) -> list[dict]:
-    """Open a session, send each (step header, tensor), return each reply header."""
+async def _session_steps(runtime: SwarmRuntime, peer_id: str, steps: list[tuple[dict, torch.Tensor]], *,
+                         session_id: str = "steps-session-1", with_tensors: bool = False) -> list:
+    """Open a session, send each (step header, tensor), return each reply header (or message)."""
     _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), RPC_INFERENCE)
     try:
-        await write_message(writer, OpenSession(session_id="steps-session-1", start=0, end=2, max_length=8).to_header())
-        assert (await read_message(reader)).header["type"] == "opened"
+        await write_message(writer, OpenSession(session_id=session_id, start=0, end=2, max_length=8).to_header())
+        opened = (await read_message(reader)).header
+        if opened["type"] != "opened":
+            raise RemoteError(opened.get("code", "?"), opened.get("message", ""), peer_id=peer_id)
         replies = []
         for header, tensor in steps:
             await write_message(writer, header, (tensor,))
-            replies.append((await asyncio.wait_for(read_message(reader), 10)).header)
+            reply = await asyncio.wait_for(read_message(reader), 10)
+            replies.append(reply if with_tensors else reply.header)
         return replies
     finally:
         writer.close()
@@ -150,6 +156,49 @@ def test_bad_steps_are_refused_and_the_session_goes_on(runtime2, first_agent):
                      "unknown_session", "output", "output", "output"]
     assert replies[7]["step_id"] == replies[8]["step_id"] == 7
     assert_still_serves(runtime2, first_agent.peer_id)
+
+
+def test_every_output_carries_a_signed_record_and_a_step_is_never_computed_twice(runtime2, first_agent):
+    session = "records-session-1"
+
+    def step(step_id: int, position: int) -> dict:
+        return {"type": "step", "session_id": session, "step_id": step_id, "position": position}
+
+    sent = [hidden(3), hidden(1), hidden(1), hidden(1)]
+    replies = runtime2.run(_session_steps(runtime2, first_agent.peer_id, [
+        (step(10, 0), sent[0]),
+        (step(11, 3), sent[1]),
+        (step(11, 3), sent[2]),  # re-sent (with other contents): answered as first computed
+        (step(9, 1), sent[3]),   # an older id, never computed: refused, it would sign a second record
+    ], session_id=session, with_tensors=True))
+    assert [r.header.get("code", r.header["type"]) for r in replies] == ["output", "output", "output", "stale_step"]
+    for reply, tensor in zip(replies[:2], sent):
+        record = StepRecord.from_dict(reply.header["record"]).verify()
+        record.check_about(peer=first_agent.peer_id, session_id=session, step_id=reply.header["step_id"],
+                           position=reply.header["position"], output_digest=digest_hex(reply.tensors[0]))
+        assert record.input_digest == digest_hex(tensor) and "input_record" not in reply.header
+    assert replies[2].header["record"] == replies[1].header["record"]
+    assert_still_serves(runtime2, first_agent.peer_id)
+
+
+def test_a_session_reopened_under_its_old_id_signs_records_that_prove_nothing(runtime2, first_agent):
+    # A client replaying step ids in a reopened session must not get two records of "one step".
+    step = {"type": "step", "session_id": "reopened-session", "step_id": 1, "position": 0}
+
+    def run_once(offset: float) -> dict | None:
+        try:
+            return runtime2.run(_session_steps(runtime2, first_agent.peer_id, [(step, hidden(3) + offset)],
+                                               session_id="reopened-session"))[0]
+        except RemoteError as e:  # the agent has not yet seen the first stream close
+            if e.code != "session_exists":
+                raise
+            return None
+
+    first = run_once(0.0)
+    second = wait_for("the session id to be free again", lambda: run_once(1.0))
+    a, b = StepRecord.from_dict(first["record"]).verify(), StepRecord.from_dict(second["record"]).verify()
+    assert (a.session_id, a.step_id) == (b.session_id, b.step_id) and a.output_digest != b.output_digest
+    assert a.instance != b.instance and not equivocation(a, b)
 
 
 def test_push_for_an_unknown_session_is_refused(runtime2, first_agent):
