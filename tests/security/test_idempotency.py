@@ -18,7 +18,7 @@ from marketplace.jobs.models import Job
 from marketplace.ledger.models import Account, Transaction
 from marketplace.ledger.services import credit_grant
 from marketplace.providers.models import Provider
-from marketplace.receipts.models import Settlement
+from marketplace.receipts.models import Receipt, Settlement
 from marketplace.receipts.services import receipts_settle
 from tests.marketplace.factories import make_user, make_wallet
 from tests.marketplace.settlement import planned_job
@@ -32,9 +32,10 @@ def _balance(account_id: int) -> int:
 
 
 def _settlement_key_as_attacker_computes_it(job_id: int, provider_id: int, ticket_id: str, session_id: str,
-                                            units: int) -> str:
-    """What settlement derives for one receipt: everything in it is known to the provider."""
-    digest = hashlib.sha256(f"{ticket_id}/{session_id}/{units}\n".encode()).hexdigest()[:40]
+                                            units: int, acked_units: int) -> str:
+    """What settlement derives for one receipt: everything in it (units, and those the client
+    countersigned) is known to the provider."""
+    digest = hashlib.sha256(f"{ticket_id}/{session_id}/{units}/{acked_units}\n".encode()).hexdigest()[:40]
     return f"job:{job_id}:settle:{provider_id}:{digest}"
 
 
@@ -61,8 +62,10 @@ def test_a_provider_cannot_block_settlement_by_spending_its_key_first(ending: st
     receipt = pj.receipt(provider, 3_000_000)  # countersigned by the client: real, acknowledged work
     assert api(attacker).post("/api/receipts/", {"receipts": [receipt.to_dict()]},
                               format="json").json()["results"][0]["status"] == "accepted"
+    acked = Receipt.objects.get(ticket__ticket_id=receipt.ticket_id, session_id=receipt.session_id).acked_units
+    assert acked == receipt.units  # the client countersigned all of it
     key = _settlement_key_as_attacker_computes_it(pj.job.pk, provider.pk, receipt.ticket_id, receipt.session_id,
-                                                  receipt.units)
+                                                  receipt.units, acked)
     for spent in (key, f"system:{key}"):  # the bare key, and the key dressed as the system's
         response = api(attacker).post("/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 1,
                                                                "idempotency_key": spent}, format="json")

@@ -188,7 +188,7 @@ def test_a_dht_record_under_a_small_order_peer_id_is_refused() -> None:
 def _ticket_body(**overrides: object) -> dict:
     body = dict(ticket_id="ticket-0001", job_id=1, client_key=Identity.generate().public_key.hex(),
                 provider_peer=Identity.generate().peer_id, model_id="m", model_digest="ab" * 32, start=0, end=4,
-                max_units=1_000, price=1_000, expires_at=2**40)
+                max_units=1_000, credit_units=100, price=1_000, expires_at=2**40)
     body.update(overrides)
     return body
 
