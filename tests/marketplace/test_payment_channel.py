@@ -142,7 +142,8 @@ def test_inflated_units_on_a_real_run_pay_only_what_the_client_countersigned_plu
     honest, inflated = pj2.receipt(q, 100_000, counter=counter), pj2.receipt(q, 900_000, counter=counter,
                                                                              countersigned=False)
     assert dispute(pj2, inflated).status_code == 201
-    upload(pj2.client, honest), upload(q.user, inflated)
+    assert upload(pj2.client, honest) == [("accepted", "")]
+    assert upload(q.user, inflated) == [("accepted", "")]
     receipts_settle()
     assert earnings(q) == 100 - fee_for(100, FEE_BPS)
     assert ledger_verify().consistent
@@ -201,7 +202,8 @@ def test_a_dispute_is_decided_by_staff_provider_cheated_claws_back_reporter_wron
     honest = pj.receipt(p, 100_000, counter=counter)
     claim = pj.receipt(p, 10_000, counter=counter, countersigned=False)  # 110,000 in all
     disputed = dispute(pj, claim).json()["id"]
-    upload(pj.client, honest), upload(p.user, claim)
+    assert upload(pj.client, honest) == [("accepted", "")]
+    assert upload(p.user, claim) == [("accepted", "")]
     receipts_settle()
     assert earnings(p) + fees() == 100
     assert api(pj.client).post(f"/api/disputes/{disputed}/verdict/", {"verdict": "reporter_wrong"},
@@ -216,7 +218,8 @@ def test_a_dispute_is_decided_by_staff_provider_cheated_claws_back_reporter_wron
     counter = pj2.counter(q)
     honest = pj2.receipt(q, 100_000, counter=counter)
     claim = pj2.receipt(q, 10_000, counter=counter, countersigned=False)
-    upload(pj2.client, honest), upload(q.user, claim)
+    assert upload(pj2.client, honest) == [("accepted", "")]
+    assert upload(q.user, claim) == [("accepted", "")]
     receipts_settle()
     before = hold_left(hold=pj2.job.hold)
     disputed = dispute(pj2, claim).json()["id"]
