@@ -39,10 +39,8 @@ _ED25519 = 1
 _PUBLIC_KEY_LEN = 32
 _SIGNATURE_LEN = 64
 
-# Curve25519 in Edwards form: -x^2 + y^2 = 1 + d x^2 y^2 over GF(p).
+# The field of edwards25519; a point is encoded as y (255 bits, little-endian) and x's sign.
 _P = 2**255 - 19
-_D = -121665 * pow(121666, -1, _P) % _P
-_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
 _Y_MASK = (1 << 255) - 1
 # The y coordinates of the curve's 8 points of small order: the identity (1), the point of
 # order 2 (-1), the two of order 4 (0) and the four of order 8 (two values of y, each with

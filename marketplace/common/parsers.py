@@ -18,18 +18,21 @@ MAX_JSON_DEPTH = 32
 # A JSON string (escapes included) as one token, or one bracket: brackets inside strings are
 # consumed with their string and never counted.
 _TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]', re.DOTALL)
+_OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
 
 
 def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether the JSON text ``raw`` nests arrays and objects more than ``limit`` deep."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # too few brackets to nest that deep: the usual case, and a fast one for big bodies
     depth = 0
     for match in _TOKENS.finditer(raw):
-        token = match.group()
-        if token in (b"[", b"{"):
+        first = raw[match.start()]  # one byte (not the token: a string may be megabytes long)
+        if first in _OPEN:
             depth += 1
             if depth > limit:
                 return True
-        elif token in (b"]", b"}"):
+        elif first in _CLOSE:
             depth -= 1
     return False
 

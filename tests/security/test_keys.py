@@ -9,7 +9,7 @@ in ``client_sdk.protocol.identity`` is checked, not trusted.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import msgpack
 import pytest
@@ -23,7 +23,7 @@ from client_sdk.protocol.identity import (
     peer_id_from_public_key,
     verify_signature,
 )
-from client_sdk.protocol.records import ServerRecord, verify_signed_record
+from client_sdk.protocol.records import ServerRecord, sign_record, verify_signed_record
 from client_sdk.protocol.receipts import ReceiptError, verify_receipt
 from client_sdk.protocol.tickets import NO_CLIENT_KEY, JobTicket, TicketError, issue_ticket, verify_ticket
 from marketplace.jobs.models import Job
@@ -183,6 +183,10 @@ def test_a_dht_record_under_a_small_order_peer_id_is_refused() -> None:
     body = msgpack.packb({**asdict(record), "maddrs": list(record.maddrs)}, use_bin_type=True)
     with pytest.raises(ProtocolError, match="not signed"):
         verify_signed_record(body + FORGED_SIGNATURE, subkey=peer_id)
+    # An honest peer's record still verifies.
+    honest = Identity.generate()
+    record = replace(record, peer_id=honest.peer_id)
+    assert verify_signed_record(sign_record(record, honest), subkey=honest.peer_id) == record
 
 
 def _ticket_body(**overrides: object) -> dict:
