@@ -23,11 +23,10 @@ os.environ.setdefault("HIVEMART_HTTPS", "false")
 
 from marketplace.settings import *  # noqa: E402,F401,F403
 
-# The embedded default's shared cache (a database table) even where REDIS_URL is set for the
-# Celery tests: its rows live in the test database and roll back with each test, and clearing it
-# cannot flush the broker's Redis database. tests/web/test_login_lockout.py covers Redis.
+# In-process tests share one process, so a per-process cache is shared enough, and it keeps
+# cache writes out of the test database (live_server tests on in-memory SQLite share one
+# connection between threads) and off the Redis that REDIS_URL names for the Celery tests (where
+# cache.clear() would flush the broker). The shared caches (the database's, Redis) are tested with
+# processes of their own running the production settings: tests/web/test_login_lockout.py.
 if not os.environ.get("HIVEMART_CACHE_URL"):
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "hivemart_cache",
-                          "OPTIONS": {"MAX_ENTRIES": 1_000_000}}}
-
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

@@ -28,6 +28,16 @@ PASSWORD = "correct horse battery staple"
 START_TIMEOUT_S = 120  # a loaded machine may be slow to start gunicorn; not a timing assertion
 
 
+@pytest.fixture(autouse=True)
+def fresh_counts() -> Iterator[None]:
+    """Failure counts from other tests (the suite's cache outlives a test) must not lock these out."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
 def post_login(client: Client, username: str, password: str, address: str = "203.0.113.7") -> int:
     return client.post(reverse("web:login"), {"username": username, "password": password},
                        REMOTE_ADDR=address).status_code
