@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import protocols
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError
@@ -37,7 +38,7 @@ from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
 from provider_agent.backend import KeptGraphs, LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
-from provider_agent.limits import BufferLease, PeerQuotas, Quotas, RequestError
+from provider_agent.limits import BufferLease, PeerQuotas, Quotas, RequestError, widen_accept_backlog
 from provider_agent.metering import Charge, TicketBook, outputs_digest
 
 logger = get_logger(__name__)
@@ -108,6 +109,10 @@ class ProviderServer:
         }
         for name, handler in handlers.items():
             await self.p2p.add_binary_stream_handler(name, self._guard(name, handler))
+        listen_path = self.p2p._client_listen_maddr.value_for_protocol(protocols.P_UNIX)  # noqa: SLF001
+        if not widen_accept_backlog(listen_path):
+            logger.warning("could not widen the accept queue of the p2p handler socket: bursts of more than 100 "
+                           "streams may be reset")
         self._spawn(self._expire_idle_sessions())
         self._spawn(self._expire_adapters())
 
