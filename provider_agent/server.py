@@ -23,12 +23,12 @@ from typing import Any, Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils.multiaddr import protocols
 from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import protocols
 
 from client_sdk.errors import ProtocolError
-from client_sdk.protocol.receipts import work_units
 from client_sdk.protocol.framing import Head, Limits, Message, read_head, read_message, read_tensors, write_message
+from client_sdk.protocol.receipts import work_units
 from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.rpc import (
     RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, AdapterRequest, OpenSession, Relink,
