@@ -103,9 +103,9 @@ def cli(verbose: int) -> None:
               "(default: a quarter of --cache-mb).")
 @click.option("--max-streams-per-peer", default=128, show_default=True, type=click.IntRange(min=1),
               help="Streams one peer may keep open at once; more are refused.")
-@click.option("--peer-buffer-mb", default=512.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--peer-buffer-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
               help="Request tensors one peer may have in flight (received, not yet answered), MiB.")
-@click.option("--buffer-mb", default=2048.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--buffer-mb", default=4096.0, show_default=True, type=click.FloatRange(min=0),
               help="Request tensors all peers together may have in flight, MiB.")
 @click.option("--session-idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds an inference session may go without a step before it is closed and its cache freed.")

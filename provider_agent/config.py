@@ -47,8 +47,8 @@ class AgentConfig:
     # Streams one peer may keep open at once (each costs a file descriptor here and in p2pd).
     max_streams_per_peer: int = 128
     # Bytes of request tensors buffered while they arrive: per peer, and all peers together.
-    peer_buffer_bytes: int = 512 * 1024 * 1024
-    buffer_bytes: int = 2048 * 1024 * 1024
+    peer_buffer_bytes: int = 1024 * 1024 * 1024
+    buffer_bytes: int = 4096 * 1024 * 1024
     # Seconds a new stream may take to send its first message, and a message that has begun
     # may go without new bytes, before the stream is closed.
     stream_idle_timeout: float = 30.0

@@ -12,7 +12,10 @@ Everything here runs on the agent's event loop thread; nothing needs a lock.
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import ProtocolError
 
-__all__ = ["RequestError", "PeerQuotas", "Quotas", "BufferLease"]
+__all__ = ["RequestError", "PeerQuotas", "Quotas", "BufferLease", "widen_accept_backlog"]
 
 logger = get_logger(__name__)
 
@@ -161,3 +164,38 @@ class PeerQuotas:
         self.cache[peer] -= cache_bytes
         if self.sessions[peer] <= 0:
             del self.sessions[peer], self.cache[peer]
+
+
+def widen_accept_backlog(path: str, backlog: int = 4096) -> int:
+    """Let the listening unix socket at ``path`` queue ``backlog`` connections; returns how
+    many sockets were changed (0 where /proc is missing).
+
+    The p2p daemon connects to that socket once per incoming stream. hivemind listens with
+    asyncio's default backlog of 100, so a burst of more streams than that, arriving while
+    the event loop is busy, overflowed the queue: the daemon's connect failed and it reset
+    the stream, and the client got a closed stream instead of its reply (about one request
+    in ten thousand under load, none logged here). ``listen`` on a listening socket only
+    changes its backlog (the kernel caps it at net.core.somaxconn).
+    """
+    try:
+        fds = [int(entry) for entry in os.listdir("/proc/self/fd")]
+    except OSError:
+        return 0
+    changed = 0
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # closed meanwhile, or not ours to use
+        try:
+            if (sock.family == socket.AF_UNIX and sock.getsockname() == path
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                sock.listen(backlog)
+                changed += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()  # the duplicate only: the listening socket stays open
+    return changed

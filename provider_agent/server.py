@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import protocols
 
 from client_sdk.errors import ProtocolError
 from client_sdk.protocol.commitments import StepRecord, StepRecordError, digest_hex, sign_step
@@ -44,7 +45,7 @@ from client_sdk.protocol.tickets import JobTicket, TicketError
 from provider_agent.adapters import Adapter, AdapterError, AdapterStore
 from provider_agent.backend import KeptGraphs, LoraWeights, SpanBackend, SpanKVCache
 from provider_agent.config import AgentConfig
-from provider_agent.limits import BufferLease, PeerQuotas, Quotas, RequestError
+from provider_agent.limits import BufferLease, PeerQuotas, Quotas, RequestError, widen_accept_backlog
 from provider_agent.metering import Charge, TicketBook, outputs_digest
 
 logger = get_logger(__name__)
@@ -144,6 +145,10 @@ class ProviderServer:
         }
         for name, handler in handlers.items():
             await self.p2p.add_binary_stream_handler(name, self._guard(name, handler))
+        listen_path = self.p2p._client_listen_maddr.value_for_protocol(protocols.P_UNIX)  # noqa: SLF001
+        if not widen_accept_backlog(listen_path):
+            logger.warning("could not widen the accept queue of the p2p handler socket: bursts of more than 100 "
+                           "streams may be reset")
         self._spawn(self._expire_idle_sessions())
         self._spawn(self._expire_adapters())
 
@@ -590,8 +595,6 @@ class ProviderServer:
         self._check_accepting()
         self._check_span(spec.start, spec.end)
         ticket = None if self.tickets is None else self.tickets.check(spec.ticket, spec.start, spec.end)
-        if ticket is not None:
-            self._check_ticket_covers_session(ticket, spec)
         if spec.session_id in self.sessions:
             raise RequestError("session_exists", f"session {spec.session_id} is already open here")
         if spec.max_length > self.config.max_session_length:
@@ -602,14 +605,15 @@ class ProviderServer:
                                             f"{self.config.max_batch_size}")
         if len(self.sessions) >= self.config.max_sessions:
             raise RequestError("busy", f"this provider already serves {len(self.sessions)} sessions; try another")
+        length = spec.max_length if ticket is None else self._paid_length(ticket, spec)
         needed = self.backend.cache_bytes(num_layers=spec.end - spec.start, batch_size=spec.batch_size,
-                                          max_length=spec.max_length)
+                                          max_length=length)
         if needed > self.cache_bytes_left:
             raise RequestError("cache_full", f"the session needs {needed} bytes of cache, {self.cache_bytes_left} "
                                              f"are free; ask for a shorter max_length or another provider")
         self.quotas.check_session(peer, needed)
         cache = self.backend.new_cache(start=spec.start, end=spec.end, batch_size=spec.batch_size,
-                                       max_length=spec.max_length)
+                                       max_length=length)
         session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client, ticket=ticket, peer=peer)
         self._reserved_bytes += needed
         self.quotas.add_session(peer, needed)
@@ -618,17 +622,17 @@ class ProviderServer:
             self._by_next_session[spec.next_session] = session
         return session
 
-    def _check_ticket_covers_session(self, ticket: JobTicket, spec: OpenSession) -> None:
-        """Opening charges nothing but reserves cache for ``max_length`` x ``batch_size``
-        tokens: the ticket's unused units must cover filling it, so that a ticket worth a
-        few units cannot hold a large reservation."""
-        units = work_units(tokens=spec.max_length * spec.batch_size, blocks=spec.end - spec.start)
-        left = ticket.max_units - self.tickets.units_used(ticket.ticket_id)
-        if units > left:
-            raise TicketError(f"a session of max_length {spec.max_length} x batch {spec.batch_size} over "
-                              f"{spec.end - spec.start} blocks may compute {units} work units; ticket "
-                              f"{ticket.ticket_id} has {left} left: open a shorter session or get a larger "
-                              f"ticket", code="ticket_exhausted")
+    def _paid_length(self, ticket: JobTicket, spec: OpenSession) -> int:
+        """Tokens of cache a session may reserve on ``ticket``: opening charges nothing, so the
+        reservation is bounded by what the ticket's unused units can pay to fill (a ticket
+        worth a few units cannot hold a large cache); at most ``max_length``."""
+        per_token = work_units(tokens=spec.batch_size, blocks=spec.end - spec.start)
+        affordable = (ticket.max_units - self.tickets.units_used(ticket.ticket_id)) // per_token
+        if affordable < 1:
+            raise TicketError(f"ticket {ticket.ticket_id} has too few work units left to pay for one token of a "
+                              f"session of batch {spec.batch_size} over {spec.end - spec.start} blocks",
+                              code="ticket_exhausted")
+        return min(spec.max_length, affordable)
 
     def _close_session(self, session: Session) -> None:
         if self.sessions.pop(session.spec.session_id, None) is session:
@@ -795,6 +799,10 @@ class ProviderServer:
         if step.position + hidden.shape[1] > spec.max_length:
             raise RequestError("too_long", f"positions {step.position}..{step.position + hidden.shape[1]} exceed "
                                            f"the session's max_length of {spec.max_length}")
+        if step.position + hidden.shape[1] > session.cache.max_length:  # the ticket paid for a shorter cache
+            raise TicketError(f"ticket {session.ticket.ticket_id} pays for {session.cache.max_length} tokens of this "
+                              f"session; positions {step.position}..{step.position + hidden.shape[1]} exceed them",
+                              code="ticket_exhausted")
         charge = None if session.ticket is None else self.tickets.charge(
             session.ticket, spec.session_id, tokens=hidden.shape[0] * hidden.shape[1], blocks=spec.end - spec.start)
         try:

@@ -9,7 +9,10 @@ wire it is a sequence of frames, each an 8-byte big-endian length and that many 
 
 Every length, dtype, shape and count is checked against :class:`Limits` before anything
 is allocated, so a malicious or buggy peer gets a :class:`ProtocolError`, never an
-out-of-memory or a hang. Tensors travel uncompressed: on the links Hivemart targets the
+out-of-memory or a hang. A reader can act on a message's head (:func:`read_head`: check a
+ticket, say) before reading its tensors (:func:`read_tensors`), whose memory then grows
+only as their bytes arrive, optionally claimed from a :class:`BufferBudget`; with
+``Limits.read_timeout`` a message that has begun must keep arriving. Tensors travel uncompressed: on the links Hivemart targets the
 (de)serialisation cost of compression exceeds what it saves for the small activations of
 inference steps.
 """

@@ -268,16 +268,15 @@ def test_an_inference_stream_gets_cumulative_receipts_every_n_steps_and_at_close
 
 
 def test_an_exhausted_ticket_refuses_the_next_step_but_keeps_the_session(runtime, first):
-    # A session of 5 tokens over 2 blocks may need 10 units: the ticket covers it, barely.
     ticket, session_id = make_ticket(first, max_units=10), f"gen-{next(_ids):08d}"
-    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=5,
+    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16,
                                                 ticket=ticket.to_dict()))
 
     async def run() -> tuple[dict, dict, dict]:
         await stream.open()
         await stream.send(Step(session_id, 0, 0).to_header(), (hidden(4),))  # 8 units
         ok = (await stream.read_until("output")).header
-        await stream.send(Step(session_id, 1, 3).to_header(), (hidden(2),))  # a rollback, 4 more: refused
+        await stream.send(Step(session_id, 1, 4).to_header(), (hidden(2),))  # 4 more: refused
         refused = (await stream.read_until("output")).header
         await stream.send(Step(session_id, 2, 4).to_header(), (hidden(1),))  # 2 more: exactly the rest
         last = (await stream.read_until("output")).header
@@ -387,19 +386,37 @@ def test_requests_without_a_ticket_are_refused_before_their_tensors_are_read(run
 
 
 def test_a_session_reserves_no_more_cache_than_its_ticket_pays_for(runtime, first):
+    """Opening charges nothing, so the cache it reserves is bounded by what the ticket can pay."""
     from client_sdk.swarm.connection import ProviderConnection
 
-    cache_left = runtime.run(ProviderConnection(runtime.p2p, first.peer_id).info())["cache_bytes_left"]
-    tiny = make_ticket(first, max_units=1)
-    stream = Stream(runtime, first, OpenSession(session_id=f"greedy-{next(_ids):06d}", start=0, end=2,
-                                                max_length=2048, batch_size=64, ticket=tiny.to_dict()))
-    reply = runtime.run(stream.open())
-    runtime.run(stream.abort())
+    def tokens_left() -> int:
+        return runtime.run(ProviderConnection(runtime.p2p, first.peer_id).info())["cache_tokens_left"]
+
+    before = tokens_left()
+    greedy = Stream(runtime, first, OpenSession(session_id=f"greedy-{next(_ids):06d}", start=0, end=2,
+                                                max_length=2048, batch_size=64,
+                                                ticket=make_ticket(first, max_units=1).to_dict()))
+    reply = runtime.run(greedy.open())
+    runtime.run(greedy.abort())
     assert (reply["type"], reply["code"]) == ("error", "ticket_exhausted"), reply
-    assert runtime.run(ProviderConnection(runtime.p2p, first.peer_id).info())["cache_bytes_left"] == cache_left
-    # A ticket that covers the whole session may open it.
-    covered = make_ticket(first, max_units=work_units(tokens=16, blocks=2))
-    stream = Stream(runtime, first, OpenSession(session_id=f"paid-{next(_ids):06d}", start=0, end=2, max_length=16,
-                                                ticket=covered.to_dict()))
-    assert runtime.run(stream.open())["type"] == "opened"
-    runtime.run(stream.close())
+    assert tokens_left() == before
+
+    # 64 units pay for 32 tokens through 2 blocks: a session asking for 2048 reserves 32.
+    ticket, session_id = make_ticket(first, max_units=64), f"capped-{next(_ids):06d}"
+    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=2048,
+                                                ticket=ticket.to_dict()))
+
+    async def run() -> tuple[int, dict, dict]:
+        assert (await stream.open())["type"] == "opened"
+        tokens_left_async = before - (await ProviderConnection(runtime.p2p, first.peer_id).info())[
+            "cache_tokens_left"]
+        await stream.send(Step(session_id, 0, 0).to_header(), (hidden(32),))
+        ok = (await stream.read_until("output")).header
+        await stream.send(Step(session_id, 1, 32).to_header(), (hidden(1),))
+        refused = (await stream.read_until("output")).header
+        await stream.close()
+        return tokens_left_async, ok, refused
+
+    reserved, ok, refused = runtime.run(run())
+    assert reserved == 32
+    assert ok["type"] == "output" and (refused["type"], refused["code"]) == ("error", "ticket_exhausted")

@@ -211,3 +211,23 @@ def test_push_for_an_unknown_session_is_refused(runtime2, first_agent):
 def test_info_rejects_tensors(runtime2, first_agent):
     (reply,) = runtime2.run(raw_exchange(runtime2, first_agent.peer_id, RPC_INFO, [_frames({}, (hidden(),))]))
     assert reply["code"] == "bad_request"
+
+
+def test_a_burst_of_concurrent_requests_is_answered_in_full(runtime2, first_agent):
+    """More streams at once than an accept queue of 100 holds: each gets its reply. (The
+    handler socket listened with asyncio's default backlog of 100; the p2p daemon reset the
+    streams it could not hand over, and their clients saw closed streams.)"""
+    connection = ProviderConnection(runtime2.p2p, first_agent.peer_id)
+
+    async def burst() -> list[str]:
+        async def one() -> str:
+            try:
+                output = await connection.forward(0, 2, hidden(2), timeout=120)
+                return "ok" if output.shape == (1, 2, HIDDEN) else "wrong shape"
+            except Exception as e:  # noqa: BLE001 - counted, reported below
+                return f"{type(e).__name__}: {e}"
+
+        return await asyncio.gather(*[one() for _ in range(120)])
+
+    failures = [r for _ in range(5) for r in runtime2.run(burst()) if r != "ok"]
+    assert failures == [], f"{len(failures)} of 600 failed, e.g. {failures[:2]}"
