@@ -4,7 +4,6 @@ ticket a free client cannot have), is banned and routed around; free generation 
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from client_sdk.models import load_model_info, load_tokenizer
 from client_sdk.protocol.identity import Identity
+from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.routing import RouteHop
@@ -59,6 +59,7 @@ def generate_twice(tiny_model: Path, swarm: HostileSwarm, prompt: torch.Tensor, 
     """Two free generations by one client, both exact, the second never touching ``hostile``."""
     with SwarmRuntime(swarm.initial_peers) as runtime:
         model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+        model.bans = PeerBans(base_s=3600.0)  # generation sessions use it; a slow machine must not outlast the ban
         info = load_model_info(tiny_model)
         records = runtime.run(fetch_span_records(runtime.dht, info.model_id, range(info.num_blocks)))
         assert records[hostile].throughput == 1e12 and (records[hostile].start, records[hostile].end) == (0, 4)
@@ -87,6 +88,7 @@ def test_a_ticket_requiring_peer_is_not_routed_to_by_free_clients(swarm, tiny_mo
     try:
         with SwarmRuntime(swarm.initial_peers) as runtime:
             model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            model.bans = PeerBans(base_s=3600.0)  # as above
             info = load_model_info(tiny_model)
             records = runtime.run(fetch_span_records(runtime.dht, info.model_id, range(info.num_blocks)))
             assert records[paid.peer_id].requires_ticket
