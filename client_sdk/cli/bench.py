@@ -189,6 +189,7 @@ def chaos(minutes: float, providers: int, hidden: int, layers: int, new_tokens: 
     Reports jobs, jobs_exact (outputs equal to a fault-free run), jobs_settled, faults, ledger_consistent,
     credits_lost and orphans; exits with status 1 when a job is neither exact nor failed with a reason,
     or when credits were lost, jobs left unsettled or processes left behind."""
+    import sys
     import tempfile
 
     from client_sdk.demo.chaos import ChaosError, ChaosOptions, run_chaos
@@ -199,6 +200,9 @@ def chaos(minutes: float, providers: int, hidden: int, layers: int, new_tokens: 
                            service_faults=service_faults, seed=seed, progress=lambda msg: click.echo(msg, err=True))
     try:
         result = run_chaos(options)
+    except KeyboardInterrupt:
+        click.echo("\nstopped: every process the chaos run started has been stopped", err=True)
+        sys.exit(130)
     except ChaosError as e:
         raise click.ClickException(f"{e}\n(logs: {home / 'logs'} and {home / 'swarm'})") from e
     emit(result, as_json)

@@ -760,6 +760,7 @@ def run_chaos(options: ChaosOptions, *, max_jobs: int = 1000) -> dict[str, Any]:
     if options.providers < 4:
         raise ChaosError("a chaos run needs at least 4 providers (two per half of the model, so that one may fail)")
     run_id = secrets.token_hex(8)
+    _sigterm_as_interrupt()  # so that `timeout` or a service manager stopping the run still cleans up
     previous = os.environ.get(RUN_ENV)
     os.environ[RUN_ENV] = run_id  # inherited by every process started from here on
     options.home = Path(options.home).resolve()
@@ -777,6 +778,14 @@ def run_chaos(options: ChaosOptions, *, max_jobs: int = 1000) -> dict[str, Any]:
     if orphans:
         report["orphan_pids"] = orphans
     return report
+
+
+def _sigterm_as_interrupt() -> None:
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _run(options: ChaosOptions, max_jobs: int) -> dict[str, Any]:
