@@ -193,6 +193,7 @@ def chaos(minutes: float, providers: int, hidden: int, layers: int, new_tokens: 
     import tempfile
 
     from client_sdk.demo.chaos import ChaosError, ChaosOptions, run_chaos
+    from client_sdk.errors import HivemartError
 
     home = data_dir or Path(tempfile.mkdtemp(prefix="hivemart-chaos-"))
     options = ChaosOptions(home=home, minutes=minutes, providers=providers, hidden=hidden, layers=layers,
@@ -203,7 +204,7 @@ def chaos(minutes: float, providers: int, hidden: int, layers: int, new_tokens: 
     except KeyboardInterrupt:
         click.echo("\nstopped: every process the chaos run started has been stopped", err=True)
         sys.exit(130)
-    except ChaosError as e:
+    except (ChaosError, HivemartError) as e:  # set-up failed: a process did not start, the API refused
         raise click.ClickException(f"{e}\n(logs: {home / 'logs'} and {home / 'swarm'})") from e
     emit(result, as_json)
     problems = [name for name, bad in (

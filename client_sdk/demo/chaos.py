@@ -391,6 +391,7 @@ class ChaosRun:
     # --- set-up ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        from client_sdk.errors import ConflictError
         from client_sdk.models import compute_digests, create_model, load_model_info
 
         o = self.options
@@ -415,7 +416,6 @@ class ChaosRun:
         self.market.start_scheduler()
         self.operator = Client(api_key=operator_key, base_url=self.market.url)
         digests = compute_digests(path)
-        from client_sdk.errors import ConflictError
         try:
             self.operator.models.create(model_id=info.model_id, arch=info.arch, num_blocks=info.num_blocks,
                                         hidden_size=info.hidden_size, dtype=info.torch_dtype,
@@ -729,7 +729,8 @@ def _losses_match(losses: list[float], reference: list[float]) -> bool:
         math.isclose(a, b, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL) for a, b in zip(losses, reference))
 
 
-def _jobs(run: ChaosRun, injector: FaultInjector, kinds: list[str], deadline: float, max_jobs: int) -> Iterator[JobOutcome]:
+def _jobs(run: ChaosRun, injector: FaultInjector, kinds: list[str], deadline: float,
+          max_jobs: int) -> Iterator[JobOutcome]:
     """Inference and LoRA jobs in turn until the deadline has passed and every fault kind ran
     once (or ``max_jobs`` ran)."""
     index = 0
@@ -750,8 +751,8 @@ def _jobs(run: ChaosRun, injector: FaultInjector, kinds: list[str], deadline: fl
             continue
         finally:
             index += 1
-        run.say(f"job {outcome.job_id} ({outcome.kind}): " + ("exact" if outcome.exact else
-                                                                     outcome.reason or "INEXACT"))
+        verdict = "exact" if outcome.exact else outcome.reason or "INEXACT: " + outcome.detail.get("mismatch", "")
+        run.say(f"job {outcome.job_id} ({outcome.kind}): {verdict}")
         yield outcome
 
 
