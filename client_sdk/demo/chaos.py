@@ -26,6 +26,11 @@ finish. What is checked, and reported as one JSON object:
   the platform's fees (``credits_lost`` is the difference);
 - no process the run started outlives it: each carries :data:`RUN_ENV` in its environment
   (children inherit it), and ``/proc`` is scanned for it at the end (``orphans``).
+
+A process that exits when no fault asked it to (a crashed worker, say) is a finding too: it
+is listed under ``unplanned_exits`` with the end of its log, and started again so that the
+run goes on. Faults come one at a time, so on a busy machine their rate is bounded by how
+long a provider takes to start again.
 """
 
 from __future__ import annotations
@@ -611,7 +616,9 @@ class ChaosRun:
             job = self._open(outcome)
             model = self._model()
             job.attach(model)
-            tokens = model.generate(ids, max_new_tokens=self.options.new_tokens)
+            with model.inference_session(max_length=ids.shape[1] + self.options.new_tokens) as session:
+                tokens = model.generate(ids, max_new_tokens=self.options.new_tokens, session=session)
+                outcome.detail["failovers"] = len(session.chain.failovers)
             outcome.exact = bool(tokens.shape == expected.shape and (tokens == expected).all())
             if not outcome.exact:
                 outcome.detail["mismatch"] = "tokens differ from local transformers' greedy generation"
@@ -852,6 +859,8 @@ def _report(run: ChaosRun, injector: FaultInjector, kinds: list[str], skipped: d
         "jobs_inexact": sum(1 for j in run.jobs if not j.exact and not j.reason),
         "jobs_settled": sum(is_settled(j.job_id) for j in run.jobs),
         "jobs_by_kind": {kind: sum(j.kind == kind for j in run.jobs) for kind in ("inference", "finetune")},
+        # Hops an inference job replaced on the way (LoRA jobs re-route per request, uncounted).
+        "failovers": sum(j.detail.get("failovers", 0) for j in run.jobs),
         "faults": sum(by_kind.values()),
         "faults_by_kind": by_kind,
         "fault_kinds": kinds,
