@@ -7,6 +7,7 @@ Implementations live beside the code they measure and are imported only when run
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import click
@@ -158,3 +159,57 @@ def train(mode: str, hidden: int, layers: int, providers: int, batch_size: int, 
                              seq_len=seq_len, repeats=repeats, chunk_tokens=chunk_tokens,
                              provider_threads=provider_threads, progress=lambda msg: click.echo(msg, err=True))
     emit(result, as_json)
+
+
+@bench.command()
+@click.option("--minutes", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="How long jobs keep starting under faults (the run goes on until every fault kind ran once).")
+@click.option("--providers", default=5, show_default=True, type=click.IntRange(min=4),
+              help="Provider agents; they split the model in two halves, each served by at least two.")
+@click.option("--hidden", default=64, show_default=True, type=click.IntRange(min=16),
+              help="Hidden size of the generated llama model.")
+@click.option("--layers", default=4, show_default=True, type=click.IntRange(min=2), help="Transformer blocks.")
+@click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(1, 512),
+              help="Tokens each inference job generates.")
+@click.option("--lora-steps", default=6, show_default=True, type=click.IntRange(1, 1000),
+              help="Optimizer steps of each LoRA job.")
+@click.option("--fault-interval", default=6.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between one fault's end and the next one's start.")
+@click.option("--service-faults/--no-service-faults", default=True, show_default=True,
+              help="Restart Redis and PostgreSQL too, when REDIS_URL / DATABASE_URL name servers on this machine.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the choice of victims.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run keeps its database, model and logs (default: a new temporary directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def chaos(minutes: float, providers: int, hidden: int, layers: int, new_tokens: int, lora_steps: int,
+          fault_interval: float, service_faults: bool, seed: int, data_dir: Path | None, as_json: bool) -> None:
+    """Paid inference and LoRA jobs through a swarm while providers are SIGKILLed, SIGSTOPped and restarted,
+    the scheduler's worker is restarted, and (when they are local services) Redis and PostgreSQL too.
+
+    Reports jobs, jobs_exact (outputs equal to a fault-free run), jobs_settled, faults, ledger_consistent,
+    credits_lost and orphans; exits with status 1 when a job is neither exact nor failed with a reason,
+    or when credits were lost, jobs left unsettled or processes left behind."""
+    import sys
+    import tempfile
+
+    from client_sdk.demo.chaos import ChaosError, ChaosOptions, run_chaos
+    from client_sdk.errors import HivemartError
+
+    home = data_dir or Path(tempfile.mkdtemp(prefix="hivemart-chaos-"))
+    options = ChaosOptions(home=home, minutes=minutes, providers=providers, hidden=hidden, layers=layers,
+                           new_tokens=new_tokens, lora_steps=lora_steps, fault_interval=fault_interval,
+                           service_faults=service_faults, seed=seed, progress=lambda msg: click.echo(msg, err=True))
+    try:
+        result = run_chaos(options)
+    except KeyboardInterrupt:
+        click.echo("\nstopped: every process the chaos run started has been stopped", err=True)
+        sys.exit(130)
+    except (ChaosError, HivemartError) as e:  # set-up failed: a process did not start, the API refused
+        raise click.ClickException(f"{e}\n(logs: {home / 'logs'} and {home / 'swarm'})") from e
+    emit(result, as_json)
+    problems = [name for name, bad in (
+        ("jobs neither exact nor failed with a reason", result["jobs_inexact"]),
+        ("jobs not settled", result["jobs"] - result["jobs_settled"]), ("credits lost", result["credits_lost"]),
+        ("ledger inconsistent", not result["ledger_consistent"]), ("orphans", result["orphans"])) if bad]
+    if problems:
+        raise click.ClickException(f"the chaos run found: {', '.join(problems)} (logs: {home})")
