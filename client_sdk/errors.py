@@ -47,7 +47,9 @@ class NoProvidersError(SwarmError):
     def __init__(self, model_id: str, start: int, end: int, hint: str | None = None) -> None:
         self.model_id, self.start, self.end = model_id, start, end
         message = f"no provider serves blocks {start}..{end} of {model_id}"
-        message += f"; {hint}" if hint else f"; start one with `hivemart-provider run --model {model_id} --blocks {start}:{end}`"
+        message += (f"; {hint}" if hint else
+                    f"; start one with `hivemart-provider run --model DIR --blocks {start}:{end}` (DIR: a checkpoint "
+                    f"directory of {model_id}, e.g. the one this client loaded)")
         super().__init__(message)
 
 

@@ -9,9 +9,20 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; runs a Django management command."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+    from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(argv if argv is not None else sys.argv)
+    argv = argv if argv is not None else sys.argv
+    if len(argv) > 1 and argv[1] not in ("help", "-h", "--help", "--version", "version"):
+        from django.conf import settings
+
+        try:
+            settings.INSTALLED_APPS  # reads the settings: a missing SECRET_KEY, a bad DATABASE_URL, ...
+        except ImproperlyConfigured as e:
+            sys.stderr.write(f"Error: {e}; hivemart-market takes its settings from environment variables "
+                             f"(docs/operators.md)\n")
+            sys.exit(2)
+    execute_from_command_line(argv)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,35 @@ def _parse_platform_key(ctx: click.Context, param: click.Parameter, value: str |
     return value
 
 
+def _parse_peers(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    from client_sdk.swarm.p2p import check_initial_peers
+
+    try:
+        return check_initial_peers(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _parse_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "it is a CPU-only build" if torch.version.cuda is None else "it sees no GPU"
+            raise click.BadParameter(f"this torch cannot use {value} ({why}): use --device cpu, or install a CUDA "
+                                     f"build of torch on a machine with an NVIDIA GPU") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                     f"numbered from 0") from None
+    elif device.type != "cpu":
+        raise click.BadParameter(f"{value}: the agent serves on cpu or cuda[:N]") from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "HIVEMART"})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
@@ -81,14 +110,15 @@ def cli(verbose: int) -> None:
               help="Seconds between uploads of receipts to the marketplace.")
 @click.option("--drain-timeout", default=60.0, show_default=True,
               help="Seconds open sessions may finish before a move; their clients fail over after that.")
-@click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS",
-              help="Multiaddr of a peer in the swarm (repeatable).")
+@click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS", callback=_parse_peers,
+              help="Multiaddr of a peer in the swarm, ending with its /p2p/ id (repeatable).")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Key file of this provider (created when missing).")
 @click.option("--host-maddrs", multiple=True, default=("/ip4/127.0.0.1/tcp/0",), show_default=True,
               help="Multiaddrs to listen on.")
 @click.option("--announce-maddrs", multiple=True, help="Multiaddrs to announce instead of the listening ones.")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")
+@click.option("--device", default="cpu", show_default=True, callback=_parse_device,
+              help="torch device: cpu, cuda, cuda:1, ...")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Compute dtype (auto: the checkpoint's on CPU, float16 on CUDA).")
@@ -128,7 +158,8 @@ def cli(verbose: int) -> None:
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
 def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None, rebalance_period: float,
         market_url: str | None, api_key: str | None, platform_key: str | None, price: int, receipt_every: int,
-        heartbeat_period: float, upload_period: float, drain_timeout: float, initial_peers: tuple[str, ...], identity_path: Path | None,
+        heartbeat_period: float, upload_period: float, drain_timeout: float, initial_peers: list[str],
+        identity_path: Path | None,
         host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], device: str, dtype: str, torch_threads: int,
         max_session_length: int, max_sessions: int, cache_mb: int, max_sessions_per_peer: int,
         peer_cache_mb: float | None, max_streams_per_peer: int, peer_buffer_mb: float, buffer_mb: float,
@@ -136,14 +167,14 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
         adapter_ttl: float, graph_mb: float, graph_ttl: float, throughput: float | None,
         announce_period: float, ready_file: Path | None) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
+    from client_sdk.errors import HivemartError
     from provider_agent.agent import serve_forever
 
-    peers = [p for entry in initial_peers for p in entry.split()]
     config = AgentConfig(
         model_path=model_path, blocks=blocks, num_blocks=num_blocks, rebalance_period=rebalance_period,
         drain_timeout=drain_timeout, market_url=market_url, api_key=api_key, platform_key=platform_key, price=price,
         receipt_every=receipt_every, heartbeat_period=heartbeat_period, upload_period=upload_period,
-        initial_peers=peers, identity_path=identity_path,
+        initial_peers=initial_peers, identity_path=identity_path,
         host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs), device=device, dtype=dtype,
         torch_threads=torch_threads, max_session_length=max_session_length, max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024,
@@ -160,7 +191,7 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
 
     try:
         serve_forever(config)
-    except (ValueError, FileNotFoundError, IdentityInUseError) as e:
+    except (HivemartError, ValueError, FileNotFoundError, IdentityInUseError) as e:  # a bad model, unreachable peers, ...
         raise click.ClickException(str(e)) from e
 
 
@@ -169,10 +200,11 @@ def run(model_path: Path, blocks: tuple[int, int] | None, num_blocks: int | None
               help="Multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337.")
 @click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Key file, so the node keeps its peer id across restarts.")
-@click.option("--initial-peers", multiple=True, help="Other bootstrap nodes to join.")
+@click.option("--initial-peers", multiple=True, callback=_parse_peers,
+              help="Other bootstrap nodes to join (multiaddrs ending with /p2p/ ids).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ready line (peer id, addresses) to this file instead of stdout.")
-def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers: tuple[str, ...],
+def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers: list[str],
         ready_file: Path | None) -> None:
     """Run a bootstrap DHT node: the swarm's well-known entry point."""
     from provider_agent.bootstrap import run_bootstrap
@@ -184,11 +216,12 @@ def dht(host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers:
         await run_bootstrap(host_maddrs=list(host_maddrs), identity_path=identity_path,
                             initial_peers=list(initial_peers), ready_file=ready_file, stop=stop)
 
+    from client_sdk.errors import HivemartError
     from provider_agent.identity_lock import IdentityInUseError
 
     try:
         asyncio.run(main())
-    except IdentityInUseError as e:
+    except (HivemartError, IdentityInUseError) as e:  # unreachable initial peers, a port in use, a key in use
         raise click.ClickException(str(e)) from e
 
 

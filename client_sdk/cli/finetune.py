@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from client_sdk.cli._root import cli
+from client_sdk.cli._root import cli, initial_peers_callback
 
 _MODES = ("ptune", "deep_ptune", "lora")
 
@@ -17,7 +17,7 @@ _MODES = ("ptune", "deep_ptune", "lora")
               envvar="HIVEMART_MODEL", help="Checkpoint directory of the model (the client loads only its "
                                             "embeddings, final norm and head).")
 @click.option("--initial-peers", multiple=True, required=True, envvar="HIVEMART_INITIAL_PEERS",
-              help="Multiaddr of a peer in the swarm (repeatable).")
+              callback=initial_peers_callback, help="Multiaddr of a peer in the swarm (repeatable).")
 @click.option("--mode", type=click.Choice(_MODES), default="lora", show_default=True, help="What to train.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='Training data: JSONL with a "text" field per line, or plain text, one example per line.')
@@ -44,7 +44,7 @@ _MODES = ("ptune", "deep_ptune", "lora")
               help="Most tokens per request; larger batches are split into chunks run concurrently.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
-def finetune(model_path: Path, initial_peers: tuple[str, ...], mode: str, data_path: Path, steps: int, lr: float,
+def finetune(model_path: Path, initial_peers: list[str], mode: str, data_path: Path, steps: int, lr: float,
              batch_size: int, seq_len: int, prefix_len: int, rank: int, alpha: float, targets: str, seed: int,
              checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, out_dir: Path | None,
              max_chunk_tokens: int, quiet: bool, as_json: bool) -> None:
@@ -67,9 +67,8 @@ def finetune(model_path: Path, initial_peers: tuple[str, ...], mode: str, data_p
         texts = load_texts(data_path)  # before connecting: a bad file fails fast
     except DataError as e:
         raise click.ClickException(str(e)) from e
-    peers = [p for entry in initial_peers for p in entry.split()]
     try:
-        model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=peers)
+        model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers)
     except HivemartError as e:
         raise click.ClickException(str(e)) from e
     try:

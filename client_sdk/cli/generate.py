@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from client_sdk.cli._config import load_config
-from client_sdk.cli._root import cli
+from client_sdk.cli._root import cli, initial_peers_callback
 
 
 @cli.command()
@@ -18,7 +18,7 @@ from client_sdk.cli._root import cli
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The model's checkpoint directory (the client runs embeddings and head locally).")
 @click.option("--initial-peers", multiple=True, envvar="HIVEMART_INITIAL_PEERS", required=True,
-              help="A bootstrap multiaddr of the swarm (repeatable).")
+              callback=initial_peers_callback, help="A bootstrap multiaddr of the swarm (repeatable).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=1e-4))
@@ -33,7 +33,7 @@ from client_sdk.cli._root import cli
               help="With --paid: highest price, micro-credits per million work units.")
 @click.option("--url", "base_url", help="With --paid: the marketplace (default: saved, or HIVEMART_URL).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt: str, model_path: Path, initial_peers: tuple[str, ...], max_new_tokens: int, sample: bool,
+def generate(prompt: str, model_path: Path, initial_peers: list[str], max_new_tokens: int, sample: bool,
              temperature: float, top_k: int | None, top_p: float | None, seed: int | None, paid: bool, budget: int,
              max_price: int, base_url: str | None, as_json: bool) -> None:
     """Generate a completion of PROMPT through the swarm's providers."""
@@ -43,14 +43,14 @@ def generate(prompt: str, model_path: Path, initial_peers: tuple[str, ...], max_
     from client_sdk.models import load_tokenizer
     from client_sdk.swarm.model import DistributedModelForCausalLM
 
-    tokenizer = load_tokenizer(model_path)
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     job = None
     try:
-        model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=list(initial_peers))
+        tokenizer = load_tokenizer(model_path)
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers)
     except HivemartError as e:
-        raise click.ClickException(f"{e}\nIs a bootstrap node running at {', '.join(initial_peers)}?") from e
+        raise click.ClickException(str(e)) from e
     try:
         if paid:
             job = _open_job(model, base_url=base_url, budget=budget, max_price=max_price)

@@ -44,7 +44,8 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise ModelError(f"{path} has no tokenizer (tokenizer.json)")
+        raise ModelError(f"{path} has no tokenizer (tokenizer.json): copy the tokenizer files of the model into "
+                         f"it (`hivemart model create` writes them with the checkpoint)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as e:

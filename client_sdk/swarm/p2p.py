@@ -11,10 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Sequence
 
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PDaemonError
 from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import Multiaddr
 
-__all__ = ["start_p2p", "die_with_parent", "daemon_alive", "stop_p2p"]
+from client_sdk.errors import SwarmError
+
+__all__ = ["start_p2p", "die_with_parent", "daemon_alive", "stop_p2p", "check_initial_peers"]
+
+_PEER_EXAMPLE = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."
 
 logger = get_logger(__name__)
 
@@ -69,6 +74,36 @@ async def start_p2p(
     Must be called from a thread that lives as long as the daemon should (the kernel's
     parent-death signal follows the thread that forked the child).
     """
+    initial_peers = check_initial_peers(initial_peers)
+    try:
+        return await _create(initial_peers=initial_peers, identity_path=identity_path, host_maddrs=host_maddrs,
+                             announce_maddrs=announce_maddrs, client_mode=client_mode)
+    except P2PDaemonError as e:
+        reason = str(e).rsplit(": ", 1)[-1].strip()  # p2pd's own words, after its time stamp
+        if initial_peers and "bootstrap" in reason:
+            raise SwarmError(f"none of the initial peers answered ({' '.join(initial_peers)}): is the bootstrap "
+                             f"node running, and are its address and port reachable from here?") from e
+        raise SwarmError(f"the p2p daemon did not start: {reason}") from e
+
+
+def check_initial_peers(peers: Sequence[str]) -> list[str]:
+    """``peers`` (entries may hold several, space-separated) as a list, each checked to be a
+    multiaddr that ends with the peer's id; ValueError says which one is wrong and why."""
+    checked = []
+    for peer in (p for entry in peers for p in str(entry).split()):
+        try:
+            protocols = [p.name for p in Multiaddr(peer).protocols()]
+        except ValueError as e:
+            raise ValueError(f"{peer!r} is not a multiaddr like {_PEER_EXAMPLE} ({e})") from None
+        if not protocols or protocols[-1] != "p2p":
+            raise ValueError(f"{peer!r} does not end with the peer's id: use the full address the bootstrap node "
+                             f"printed, like {_PEER_EXAMPLE}")
+        checked.append(peer)
+    return checked
+
+
+async def _create(*, initial_peers: Sequence[str], identity_path: str | Path | None, host_maddrs: Sequence[str],
+                  announce_maddrs: Sequence[str], client_mode: bool) -> P2P:
     with _children_die_with_parent():
         return await P2P.create(
             initial_peers=list(initial_peers) or None,

@@ -37,7 +37,7 @@ import torch
 from hivemind.utils.logging import get_logger
 
 from client_sdk.errors import (
-    ProtocolError, ProviderUnavailableError, RemoteError, StreamBrokenError, SwarmError,
+    NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, StreamBrokenError, SwarmError,
 )
 from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
 from client_sdk.protocol.framing import Message
@@ -311,17 +311,20 @@ class RemoteBlocks:
         """The last resort when nobody else serves the blocks: the provider that failed, if it
         is still announced and its failure was one it may recover from, after a pause. A job
         must not fail while a live provider serves its blocks; ``max_failovers`` bounds this."""
-        if not isinstance(failure.error, (ProviderUnavailableError, RemoteError)):
-            raise error
-        await asyncio.sleep(min(self.retry_delay_s * 2 ** attempts, 5.0))
-        self.bans.succeeded(failure.peer_id)  # lift our own ban: it is the only way on
-        try:
-            route = await self.find_route(start, end, frozenset())
-        except SwarmError:
+        if isinstance(failure.error, (ProviderUnavailableError, RemoteError)):
+            await asyncio.sleep(min(self.retry_delay_s * 2 ** attempts, 5.0))
+            self.bans.succeeded(failure.peer_id)  # lift our own ban: it is the only way on
+            try:
+                route = await self.find_route(start, end, frozenset())
+            except SwarmError:
+                pass  # gone from the swarm (or the plan) too: report the first error
+            else:
+                logger.info(f"no other provider serves blocks {start}:{end}; trying {failure.peer_id} again")
+                return route
+        if isinstance(error, NoProvidersError):
             raise SwarmError(f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}) and no "
                              f"other provider can take them: {error}") from failure.error
-        logger.info(f"no other provider serves blocks {start}:{end}; trying {failure.peer_id} again")
-        return route
+        raise error  # a job's JobPlanError and the like, as they are
 
     async def _forward_chunk(self, chunk: _Chunk, lora: RemoteLora | None) -> torch.Tensor:
         route = await self.find_route(0, self.num_blocks, frozenset())
