@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 from client_sdk.api import Client
 from client_sdk.demo.phases import FINETUNE_TEXTS, new_password
-from client_sdk.demo.scenario import _market_env
+from client_sdk.demo.scenario import market_env
 from client_sdk.demo.stack import LocalMarket, MarketProcess
 from client_sdk.money import MICRO_PER_CREDIT
 from client_sdk.processes import log_tail
@@ -489,34 +489,8 @@ class ChaosRun:
         old = self._worker()
         old.process.send_signal(signal.SIGKILL)
         old.process.wait()
-        self._relaunch(old)
+        self.market.relaunch(old)
         return {"target": "worker"}
-
-    def _relaunch(self, old: MarketProcess) -> MarketProcess:
-        offset = old.log_path.stat().st_size if old.log_path.exists() else 0
-        # LocalMarket has no restart of its own: start the same command line the same way.
-        new = self.market._launch(old.name, old.process.args)
-
-        if old.name == "web":
-            self.market._wait_http(new, f"{self.market.url}/healthz")
-            return new
-        if old.name != "worker":
-            return new
-
-        def ready() -> bool:
-            if new.process.poll() is not None:
-                raise ChaosError(f"the restarted {old.name} exited ({new.process.returncode}); see {new.log_path}:\n"
-                                 f"{new.log_tail()}")
-            with open(new.log_path, "rb") as f:
-                f.seek(offset)
-                return b"ready" in f.read()
-
-        deadline = time.monotonic() + self.market.startup_timeout
-        while not ready():
-            if time.monotonic() > deadline:
-                raise ChaosError(f"the restarted {old.name} was not ready in time; see {new.log_path}")
-            time.sleep(0.2)
-        return new
 
     def restore(self) -> None:
         """After the faults: every provider and the worker running (the services are restarted
@@ -528,7 +502,7 @@ class ChaosRun:
                 self.restart_provider(provider)
             provider.up = True
         if self._worker().process.poll() is not None:
-            self._relaunch(self._worker())
+            self.market.relaunch(self._worker())
 
     def revive(self) -> list[tuple[str, int, str]]:
         """Start again every provider that should run and every marketplace process that
@@ -542,7 +516,7 @@ class ChaosRun:
             entry = self._latest(name)
             if entry.process.poll() is not None:
                 revived.append((name, entry.process.returncode, _last_lines(entry.log_path)))
-                self._relaunch(entry)
+                self.market.relaunch(entry)
         return revived
 
     # --- the client -----------------------------------------------------------------------------
@@ -797,7 +771,7 @@ def _sigterm_as_interrupt() -> None:
 
 
 def _run(options: ChaosOptions, max_jobs: int) -> dict[str, Any]:
-    market = LocalMarket(options.home, extra_env=_market_env())
+    market = LocalMarket(options.home, extra_env=market_env())
     # Restarts happen while jobs run on a busy machine: give agents time to come up.
     swarm = LocalSwarm(workdir=options.home / "swarm", startup_timeout=300.0)
     run = ChaosRun(options, market, swarm)

@@ -97,7 +97,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     _generate_model(options, state)
     with ExitStack() as stack:
         swarm = stack.enter_context(LocalSwarm(workdir=options.home / "swarm"))
-        market = stack.enter_context(LocalMarket(options.home, extra_env=_market_env()))
+        market = stack.enter_context(LocalMarket(options.home, extra_env=market_env()))
         _phase(options, 2, f"starting the marketplace at {market.url} "
                            f"({'PostgreSQL' if os.environ.get('DATABASE_URL') else 'SQLite'}, "
                            f"{'Redis' if os.environ.get('REDIS_URL') else 'embedded broker'})")
@@ -127,7 +127,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     return summary
 
 
-def _market_env() -> dict[str, str]:
+def market_env() -> dict[str, str]:
     """Scheduler knobs for a demo that should settle in seconds rather than minutes."""
     # The demo's web site is plain HTTP on loopback (LocalMarket sets HIVEMART_HTTPS=false).
     # Agents heartbeat every 2 s here, so a provider silent for 6 s is gone: the one the

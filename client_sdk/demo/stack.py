@@ -144,9 +144,21 @@ class LocalMarket:
                                  f"see {entry.log_path}")
             time.sleep(0.2)
 
-    def _wait_log(self, entry: MarketProcess, marker: str) -> None:
+    def relaunch(self, old: MarketProcess) -> MarketProcess:
+        """Start ``old``'s command line again (after it exited or was killed) under the same
+        name and log, and wait until it is ready as :meth:`start_web`/:meth:`start_scheduler` do."""
+        offset = old.log_path.stat().st_size if old.log_path.exists() else 0
+        entry = self._launch(old.name, old.process.args)
+        if old.name == "web":
+            self._wait_http(entry, f"{self.url}/healthz")
+        elif old.name == "worker":
+            self._wait_log(entry, "ready", offset=offset)
+        return entry
+
+    def _wait_log(self, entry: MarketProcess, marker: str, *, offset: int = 0) -> None:
+        """Wait for ``marker`` in the log written after byte ``offset`` (a relaunch appends)."""
         deadline = time.monotonic() + self.startup_timeout
-        while marker not in entry.log_tail(200):
+        while marker.encode() not in _read_from(entry.log_path, offset):
             if entry.process.poll() is not None:
                 raise StackError(f"{entry.name} exited ({entry.process.returncode}); see {entry.log_path}:\n"
                                  f"{entry.log_tail()}")
@@ -167,3 +179,12 @@ class LocalMarket:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return b""

@@ -73,14 +73,10 @@ def test_chaos_every_job_is_exact_or_failed_with_a_reason(report: dict) -> None:
 # process should exit unless a fault asked it to. Both held not on main when this was written:
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 item 9: a transient stream error bans a live provider and the "
-                                        "job fails (no_plan: blocks served only by excluded providers)")
 def test_chaos_no_job_fails_while_its_blocks_have_a_live_provider(report: dict) -> None:
     assert report["jobs_failed"] == 0 and report["jobs_not_created"] == [], report["failures"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 item 10: the embedded broker's worker dies with "
-                                        "JSONDecodeError reading an empty message file")
 def test_chaos_no_process_exits_unasked(report: dict) -> None:
     assert report["unplanned_exits"] == [], report["unplanned_exits"]
 
