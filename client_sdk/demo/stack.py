@@ -115,7 +115,10 @@ class LocalMarket:
         """gunicorn serving the marketplace (API, web pages, admin); waits for ``/healthz``."""
         web = self._launch("web", [sys.executable, "-m", "gunicorn", "marketplace.wsgi:application",
                                    "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
-                                   "--timeout", "120", "--graceful-timeout", "5", "--access-logfile", "-"])
+                                   "--timeout", "120", "--graceful-timeout", "5",
+                                   # gunicorn's own limit answers in HTML: let URLs up to its maximum
+                                   # reach the app, whose 414 is the API's JSON error
+                                   "--limit-request-line", "8190", "--access-logfile", "-"])
         self._wait_http(web, f"{self.url}/healthz")
         return web
 

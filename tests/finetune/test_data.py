@@ -14,6 +14,9 @@ from client_sdk.finetune.data import DataError, PackedDataset, load_texts
 from client_sdk.finetune.trainer import TrainConfig
 from client_sdk.models import build_tokenizer
 
+# A well-formed bootstrap address that nothing listens on: the CLI must refuse the data first.
+BOOTSTRAP = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLUvwcb6NK7NpEvuXiMTjyBZwFsoB6wMAqkGX64yxjwYS"
+
 
 def test_jsonl_and_plain_text(tmp_path: Path):
     jsonl = tmp_path / "a.jsonl"
@@ -65,6 +68,6 @@ def test_cli_refuses_a_bad_data_file_before_connecting(tmp_path: Path):
     data.write_text('{"no_text": 1}\n')
     model = tmp_path / "model"
     model.mkdir()
-    result = CliRunner().invoke(cli, ["finetune", "--model", str(model), "--initial-peers", "/ip4/127.0.0.1/tcp/1",
+    result = CliRunner().invoke(cli, ["finetune", "--model", str(model), "--initial-peers", BOOTSTRAP,
                                       "--data", str(data), "--quiet"])
     assert result.exit_code != 0 and ":1: expected an object" in result.output

@@ -29,8 +29,10 @@ async def with_announcer(model: Path, check) -> None:
     try:
         config = AgentConfig(model_path=model, blocks=(0, 2))
         info = load_model_info(model)
-        server = ProviderServer(SpanBackend(model, 0, 2), config, node.p2p, info.model_id, block_digests=[])
-        await check(node, Announcer(node, Identity.generate(), server, config, 100.0, []), info.model_id)
+        identity = Identity.generate()
+        server = ProviderServer(SpanBackend(model, 0, 2), config, node.p2p, info.model_id, block_digests=[],
+                                identity=identity)
+        await check(node, Announcer(node, identity, server, config, 100.0, []), info.model_id)
     finally:
         await node.shutdown()
 
