@@ -17,10 +17,11 @@ def main(argv: list[str] | None = None) -> None:
         from django.conf import settings
 
         try:
-            settings.INSTALLED_APPS  # reads the settings: a missing SECRET_KEY, a bad DATABASE_URL, ...
+            settings.INSTALLED_APPS  # noqa: B018 - reads the settings: a missing SECRET_KEY, a bad DATABASE_URL, ...
         except ImproperlyConfigured as e:
-            sys.stderr.write(f"Error: {e}; hivemart-market takes its settings from environment variables "
-                             f"(docs/operators.md)\n")
+            sys.stderr.write(
+                f"Error: {e}; hivemart-market takes its settings from environment variables (docs/operators.md)\n"
+            )
             sys.exit(2)
     execute_from_command_line(argv)
 

@@ -88,8 +88,10 @@ if not SECRET_KEY:
     SECRET_KEY = secrets.token_urlsafe(50)
 elif "change-me" in SECRET_KEY.lower() and not DEBUG:
     # deploy/hivemart.env.example's placeholder: a key everyone who read the example knows.
-    raise ImproperlyConfigured("SECRET_KEY is still the example's placeholder; set a long random one, e.g. "
-                               "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'")
+    raise ImproperlyConfigured(
+        "SECRET_KEY is still the example's placeholder; set a long random one, e.g. "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
+    )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["*"] if DEBUG else ["localhost", "127.0.0.1", "[::1]"])
 
@@ -105,7 +107,7 @@ HIVEMART_APPS = [
     "marketplace.ledger",
     "marketplace.providers",
     "marketplace.jobs",
-    "marketplace.scheduling",
+    "scheduler.app",
     "marketplace.web",
     "marketplace.receipts",
 ]
@@ -161,7 +163,6 @@ TEMPLATES = [
 # --- database -----------------------------------------------------------------------------
 
 
-
 def private_sqlite_file(path: Path) -> Path:
     """Create the SQLite file readable by its owner only (it holds password and API key hashes),
     or take group and other access away from an existing one we own. SQLite gives its -wal and
@@ -207,12 +208,18 @@ REDIS_URL = os.environ.get("REDIS_URL", "").strip()
 _cache_url = os.environ.get("HIVEMART_CACHE_URL", "").strip() or REDIS_URL
 CACHES = {
     "default": (
-        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url,
-         "KEY_PREFIX": "hivemart-cache"}
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": _cache_url,
+            "KEY_PREFIX": "hivemart-cache",
+        }
         if _cache_url
-        else {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "hivemart_cache",
-              # Culling drops entries at random once full: a flood of keys must not wash out lockouts.
-              "OPTIONS": {"MAX_ENTRIES": 1_000_000}}
+        else {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "hivemart_cache",
+            # Culling drops entries at random once full: a flood of keys must not wash out lockouts.
+            "OPTIONS": {"MAX_ENTRIES": 1_000_000},
+        }
     )
 }
 
@@ -252,10 +259,13 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 # The pages load nothing from elsewhere and run no inline script (marketplace.web.middleware).
 # The API docs (Swagger UI, ReDoc) render styles from script, hence their own policy.
-HIVEMART_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
-                "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
-HIVEMART_CSP_DOCS = HIVEMART_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'") + \
-    "; worker-src 'self' blob:"
+HIVEMART_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+HIVEMART_CSP_DOCS = (
+    HIVEMART_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'") + "; worker-src 'self' blob:"
+)
 HIVEMART_CSP_DOCS_PATHS = ("/api/docs/", "/api/redoc/")
 
 # Web login (marketplace.accounts.lockout): after HIVEMART_LOGIN_FAILURES wrong passwords for one
@@ -337,8 +347,9 @@ HIVEMART_OPEN_SIGNUP = env_bool("HIVEMART_OPEN_SIGNUP", True)
 # Settlement (marketplace.receipts): the platform key signs job tickets; tickets expire after
 # HIVEMART_TICKET_TTL seconds; a provider with HIVEMART_SUSPEND_AFTER offences is suspended;
 # a settling job is done once nothing is left to settle and HIVEMART_SETTLE_GRACE_S has passed.
-HIVEMART_PLATFORM_KEY_FILE = Path(os.environ.get("HIVEMART_PLATFORM_KEY_FILE")
-                                  or HIVEMART_HOME / "platform.key").resolve()
+HIVEMART_PLATFORM_KEY_FILE = Path(
+    os.environ.get("HIVEMART_PLATFORM_KEY_FILE") or HIVEMART_HOME / "platform.key"
+).resolve()
 HIVEMART_TICKET_TTL = env_int("HIVEMART_TICKET_TTL", 3600, minimum=10)
 # The payment channel's credit window (docs/protocol.md): a ticket for b blocks states
 # HIVEMART_CREDIT_WINDOW_TOKENS * b work units (at most its max_units).

@@ -15,13 +15,14 @@ import uvloop
 from hivemind.dht.node import DHTNode
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import HivemartError
-from client_sdk.models import block_digest, load_model_info
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import MAX_RECORD_TTL_S, ServerRecord, ServerState
-from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
-from client_sdk.swarm.p2p import daemon_alive, start_p2p, stop_p2p
-from provider_agent.backend import SpanBackend
+from hivemart_core.errors import HivemartError
+from hivemart_core.models import block_digest, load_model_info
+from hivemart_core.models.backend import SpanBackend
+from hivemart_core.placement import Span, choose_span, should_move
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.records import MAX_RECORD_TTL_S, ServerRecord, ServerState
+from hivemart_core.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
+from hivemart_core.swarm.p2p import daemon_alive, start_p2p, stop_p2p
 from provider_agent.config import AgentConfig
 from provider_agent.identity_lock import hold_identity
 from provider_agent.market import MarketLink, Offer, hardware
@@ -29,7 +30,6 @@ from provider_agent.metering import TicketBook
 from provider_agent.server import ProviderServer
 from provider_agent.signals import install_stop_signals
 from provider_agent.threads import auto_threads
-from scheduler.placement import Span, choose_span, should_move
 
 logger = get_logger(__name__)
 
@@ -75,8 +75,15 @@ class Announcer:
     see us online until the old record expired).
     """
 
-    def __init__(self, node: DHTNode, identity: Identity, server: ProviderServer, config: AgentConfig,
-                 throughput: float, maddrs: list[str]) -> None:
+    def __init__(
+        self,
+        node: DHTNode,
+        identity: Identity,
+        server: ProviderServer,
+        config: AgentConfig,
+        throughput: float,
+        maddrs: list[str],
+    ) -> None:
         self.node, self.identity, self.server, self.config = node, identity, server, config
         self.throughput, self.maddrs = throughput, maddrs
         self.state = ServerState.ONLINE
@@ -93,10 +100,17 @@ class Announcer:
         the previous one expires."""
         backend = self.server.backend
         return ServerRecord(
-            peer_id=self.identity.peer_id, model_id=self.server.model_id, start=backend.start, end=backend.end,
-            state=state, throughput=self.throughput, dtype=str(backend.dtype).removeprefix("torch."),
-            cache_tokens_left=self.server.cache_tokens_left, expires_at=self._next_expiry(ttl),
-            maddrs=tuple(self.maddrs), requires_ticket=self.server.tickets is not None,
+            peer_id=self.identity.peer_id,
+            model_id=self.server.model_id,
+            start=backend.start,
+            end=backend.end,
+            state=state,
+            throughput=self.throughput,
+            dtype=str(backend.dtype).removeprefix("torch."),
+            cache_tokens_left=self.server.cache_tokens_left,
+            expires_at=self._next_expiry(ttl),
+            maddrs=tuple(self.maddrs),
+            requires_ticket=self.server.tickets is not None,
         )
 
     async def announce(self) -> None:
@@ -119,8 +133,10 @@ class Announcer:
         record = self.record(ServerState.OFFLINE, self.config.announce_ttl)
         ok = await announce_span(self.node, self.identity, record)
         if not ok:
-            logger.warning(f"some DHT nodes refused our offline record; clients may still see blocks "
-                           f"{record.start}:{record.end} online here for up to {self.config.announce_ttl:.0f} s")
+            logger.warning(
+                f"some DHT nodes refused our offline record; clients may still see blocks "
+                f"{record.start}:{record.end} online here for up to {self.config.announce_ttl:.0f} s"
+            )
         return ok
 
 
@@ -130,12 +146,13 @@ async def swarm_spans(node: DHTNode, model_id: str, num_blocks: int, *, exclude:
     return [(r.start, r.end, r.throughput) for r in records.values() if r.peer_id != exclude]
 
 
-async def choose_blocks(config: AgentConfig, model_id: str, num_blocks: int, node: DHTNode,
-                        identity: Identity) -> tuple[int, int]:
+async def choose_blocks(
+    config: AgentConfig, model_id: str, num_blocks: int, node: DHTNode, identity: Identity
+) -> tuple[int, int]:
     """Where a joining agent is needed most: the marketplace's answer (from measured
     throughputs) when one is configured and answers, else Petals' rule over DHT records."""
     if config.market_url:
-        from client_sdk.api import Client
+        from hivemart_core.api import Client
 
         def ask() -> tuple[int, int]:
             with Client(api_key=config.api_key, base_url=config.market_url, timeout=10.0) as client:
@@ -162,16 +179,23 @@ def ticket_book(config: AgentConfig, identity: Identity, model_id: str) -> Ticke
     return TicketBook(identity=identity, model_id=model_id, platform_key=key, receipt_every=config.receipt_every)
 
 
-def start_market_link(config: AgentConfig, identity: Identity, book: TicketBook, server: ProviderServer,
-                      announcer: "Announcer") -> MarketLink:
+def start_market_link(
+    config: AgentConfig, identity: Identity, book: TicketBook, server: ProviderServer, announcer: Announcer
+) -> MarketLink:
     """Start talking to the marketplace: platform key, registration, heartbeats, receipt uploads."""
     gpu, gpu_memory_mb = hardware(config.device)
 
     def offer() -> Offer:
         backend = server.backend
-        return Offer(model_id=server.model_id, start=backend.start, end=backend.end,
-                     block_digests=tuple(server.block_digests), price=config.price, gpu=gpu,
-                     gpu_memory_mb=gpu_memory_mb)
+        return Offer(
+            model_id=server.model_id,
+            start=backend.start,
+            end=backend.end,
+            block_digests=tuple(server.block_digests),
+            price=config.price,
+            gpu=gpu,
+            gpu_memory_mb=gpu_memory_mb,
+        )
 
     link = MarketLink(config, identity, book, offer=offer, status=lambda: (announcer.state, announcer.throughput))
     link.start()
@@ -179,15 +203,22 @@ def start_market_link(config: AgentConfig, identity: Identity, book: TicketBook,
 
 
 def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, list[str]]:
-    """Load blocks [start, end) and the digests of exactly the weights loaded."""
-    backend = SpanBackend(config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device),
-                          device=config.device)
+    """Load blocks [start, end) and the digests of exactly the weights loaded. Slow (disk and
+    hashing): coroutines call it through ``asyncio.to_thread``, so the DHT keeps answering."""
+    backend = SpanBackend(
+        config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device), device=config.device
+    )
+    # Digests of the weights as stored on disk, so clients can check what we serve.
+    return backend, [block_digest(config.model_path, i) for i in range(start, end)]
+
+
+def configure_torch_threads(config: AgentConfig, backend: SpanBackend) -> None:
+    """Size torch's thread pool for the span; called on the event loop's thread, which computes
+    small requests itself."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     elif backend.device.type == "cpu":
         torch.set_num_threads(auto_threads(backend.block_bytes))
-    # Digests of the weights as stored on disk, so clients can check what we serve.
-    return backend, [block_digest(config.model_path, i) for i in range(start, end)]
 
 
 class Rebalancer:
@@ -199,8 +230,9 @@ class Rebalancer:
     records, loads the new blocks and announces them.
     """
 
-    def __init__(self, config: AgentConfig, node: DHTNode, server: ProviderServer, announcer: Announcer,
-                 identity: Identity) -> None:
+    def __init__(
+        self, config: AgentConfig, node: DHTNode, server: ProviderServer, announcer: Announcer, identity: Identity
+    ) -> None:
         self.config, self.node, self.server, self.announcer, self.identity = config, node, server, announcer, identity
 
     async def run(self) -> None:
@@ -213,10 +245,16 @@ class Rebalancer:
 
     async def check(self) -> bool:
         backend = self.server.backend
-        others = await swarm_spans(self.node, self.server.model_id, backend.info.num_blocks,
-                                   exclude=self.identity.peer_id)
-        move, span = should_move(backend.info.num_blocks, (backend.start, backend.end), self.announcer.throughput,
-                                 others, self.config.rebalance_factor)
+        others = await swarm_spans(
+            self.node, self.server.model_id, backend.info.num_blocks, exclude=self.identity.peer_id
+        )
+        move, span = should_move(
+            backend.info.num_blocks,
+            (backend.start, backend.end),
+            self.announcer.throughput,
+            others,
+            self.config.rebalance_factor,
+        )
         if move:
             await self.move_to(*span)
         return move
@@ -228,10 +266,12 @@ class Rebalancer:
         await self.announcer.announce()
         closed = await self.server.drain(self.config.drain_timeout)
         if closed:
-            logger.info(f"closed {closed} sessions still open after {self.config.drain_timeout} s; "
-                        f"their clients fail over")
+            logger.info(
+                f"closed {closed} sessions still open after {self.config.drain_timeout} s; their clients fail over"
+            )
         await self.announcer.withdraw()
-        backend, digests = await asyncio.get_running_loop().run_in_executor(None, load_span, self.config, start, end)
+        backend, digests = await asyncio.to_thread(load_span, self.config, start, end)
+        configure_torch_threads(self.config, backend)
         self.server.replace_backend(backend, digests)
         self.announcer.state = ServerState.ONLINE
         await self.announcer.announce()
@@ -253,20 +293,30 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
 async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Event) -> None:
     info = load_model_info(config.model_path)
     identity = Identity.load_or_create(identity_path)
-    p2p = await start_p2p(initial_peers=config.initial_peers, identity_path=identity_path,
-                          host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
+    p2p = await start_p2p(
+        initial_peers=config.initial_peers,
+        identity_path=identity_path,
+        host_maddrs=config.host_maddrs,
+        announce_maddrs=config.announce_maddrs,
+    )
     node = server = market = None
     tasks: list[asyncio.Task] = []
     try:
-        node = await DHTNode.create(p2p=p2p, initial_peers=config.initial_peers or None,
-                                    client_mode=False, ensure_bootstrap_success=bool(config.initial_peers),
-                                    record_validator=SignedRecordValidator())
+        node = await DHTNode.create(
+            p2p=p2p,
+            initial_peers=config.initial_peers or None,
+            client_mode=False,
+            ensure_bootstrap_success=bool(config.initial_peers),
+            record_validator=SignedRecordValidator(),
+        )
         start, end = config.blocks or await choose_blocks(config, info.model_id, info.num_blocks, node, identity)
-        backend, digests = load_span(config, start, end)
+        backend, digests = await asyncio.to_thread(load_span, config, start, end)
+        configure_torch_threads(config, backend)
         throughput = config.throughput or measure_throughput(backend)
         book = ticket_book(config, identity, info.model_id)
-        server = ProviderServer(backend, config, p2p, info.model_id, block_digests=digests, identity=identity,
-                                tickets=book)
+        server = ProviderServer(
+            backend, config, p2p, info.model_id, block_digests=digests, identity=identity, tickets=book
+        )
         await server.start()
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         announcer = Announcer(node, identity, server, config, throughput, maddrs)
@@ -276,10 +326,19 @@ async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Eve
         tasks.append(asyncio.create_task(announcer.run()))
         if config.blocks is None and config.rebalance_period > 0:
             tasks.append(asyncio.create_task(Rebalancer(config, node, server, announcer, identity).run()))
-        _report_ready(config, {"peer_id": identity.peer_id, "maddrs": maddrs, "model_id": info.model_id,
-                               "start": start, "end": end, "throughput": throughput,
-                               "dtype": str(backend.dtype).removeprefix("torch."),
-                               "torch_threads": torch.get_num_threads()})
+        _report_ready(
+            config,
+            {
+                "peer_id": identity.peer_id,
+                "maddrs": maddrs,
+                "model_id": info.model_id,
+                "start": start,
+                "end": end,
+                "throughput": throughput,
+                "dtype": str(backend.dtype).removeprefix("torch."),
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
         logger.info(f"serving blocks {start}:{end} of {info.model_id} as {identity.peer_id}")
         await stop.wait()
         logger.info("shutting down: withdrawing our record")

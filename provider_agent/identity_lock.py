@@ -36,7 +36,8 @@ def hold_identity(key_path: Path) -> IO[str]:
         by = f" (pid {holder})" if holder.isdigit() else ""
         raise IdentityInUseError(
             f"identity {key_path} is in use by another running agent{by}; to run another agent on this machine, "
-            f"give it its own key file with --identity PATH") from None
+            f"give it its own key file with --identity PATH"
+        ) from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import ProtocolError
+from hivemart_core.errors import ProtocolError
 
 __all__ = ["RequestError", "PeerQuotas", "Quotas", "BufferLease", "widen_accept_backlog"]
 
@@ -54,7 +54,7 @@ class BufferLease:
     """Bytes of request tensors one stream has buffered, claimed from its peer's and the
     agent's budgets as they arrive (``take``) and given back together (``release``)."""
 
-    def __init__(self, quotas: "PeerQuotas", peer: str) -> None:
+    def __init__(self, quotas: PeerQuotas, peer: str) -> None:
         self._quotas, self._peer, self.nbytes = quotas, peer, 0
 
     def take(self, nbytes: int) -> None:
@@ -98,14 +98,22 @@ class PeerQuotas:
     def open_stream(self, peer: str) -> bool:
         """Count a new stream of ``peer``; False (and nothing counted) when it has too many."""
         if self.streams[peer] >= self.quotas.streams_per_peer:
-            self._pressure("streams", peer, f"peer {peer} holds {self.streams[peer]} open streams, the most one "
-                                            f"peer may (--max-streams-per-peer); refusing more")
+            self._pressure(
+                "streams",
+                peer,
+                f"peer {peer} holds {self.streams[peer]} open streams, the most one "
+                f"peer may (--max-streams-per-peer); refusing more",
+            )
             return False
         self.streams[peer] += 1
         total = self.streams_total
         if self._streams_warning is not None and total >= self._streams_warning:
-            self._pressure("descriptors", "", f"{total} streams open, half of this process's limit of open "
-                                              f"files; raise LimitNOFILE (ulimit -n) or lower --max-streams-per-peer")
+            self._pressure(
+                "descriptors",
+                "",
+                f"{total} streams open, half of this process's limit of open "
+                f"files; raise LimitNOFILE (ulimit -n) or lower --max-streams-per-peer",
+            )
         return True
 
     def close_stream(self, peer: str) -> None:
@@ -120,16 +128,29 @@ class PeerQuotas:
 
     def _take_buffer(self, peer: str, nbytes: int) -> None:
         if self.buffered[peer] + nbytes > self.quotas.peer_buffer_bytes:
-            self._pressure("buffer", peer, f"peer {peer} has {self.buffered[peer]} bytes of requests in flight, "
-                                           f"the most one peer may (--peer-buffer-mb); refusing more")
-            raise ProtocolError(f"this peer already has {self.buffered[peer]} bytes of requests in flight here, "
-                                f"the limit is {self.quotas.peer_buffer_bytes}; wait for replies before sending "
-                                f"more", code="busy")
+            self._pressure(
+                "buffer",
+                peer,
+                f"peer {peer} has {self.buffered[peer]} bytes of requests in flight, "
+                f"the most one peer may (--peer-buffer-mb); refusing more",
+            )
+            raise ProtocolError(
+                f"this peer already has {self.buffered[peer]} bytes of requests in flight here, "
+                f"the limit is {self.quotas.peer_buffer_bytes}; wait for replies before sending "
+                f"more",
+                code="busy",
+            )
         if self.buffered_total + nbytes > self.quotas.buffer_bytes:
-            self._pressure("buffer", "", f"{self.buffered_total} bytes of requests in flight from all peers, the "
-                                         f"limit (--buffer-mb); refusing more")
-            raise ProtocolError("this provider is receiving as much as it may buffer; retry shortly or use "
-                                "another provider", code="busy")
+            self._pressure(
+                "buffer",
+                "",
+                f"{self.buffered_total} bytes of requests in flight from all peers, the "
+                f"limit (--buffer-mb); refusing more",
+            )
+            raise ProtocolError(
+                "this provider is receiving as much as it may buffer; retry shortly or use another provider",
+                code="busy",
+            )
         self.buffered[peer] += nbytes
         self.buffered_total += nbytes
 
@@ -144,16 +165,26 @@ class PeerQuotas:
     def check_session(self, peer: str, cache_bytes: int) -> None:
         """Raise unless ``peer`` may open one more session reserving ``cache_bytes``."""
         if self.sessions[peer] >= self.quotas.sessions_per_peer:
-            self._pressure("sessions", peer, f"peer {peer} holds {self.sessions[peer]} sessions, the most one "
-                                             f"peer may (--max-sessions-per-peer)")
-            raise RequestError("busy", f"this peer already has {self.sessions[peer]} sessions open here, the most "
-                                       f"one peer may; close one or use another provider")
+            self._pressure(
+                "sessions",
+                peer,
+                f"peer {peer} holds {self.sessions[peer]} sessions, the most one peer may (--max-sessions-per-peer)",
+            )
+            raise RequestError(
+                "busy",
+                f"this peer already has {self.sessions[peer]} sessions open here, the most "
+                f"one peer may; close one or use another provider",
+            )
         if self.cache[peer] + cache_bytes > self.quotas.peer_cache_bytes:
-            self._pressure("cache", peer, f"peer {peer} asked for more than its share of the KV cache "
-                                          f"(--peer-cache-mb)")
-            raise RequestError("cache_full", f"the session needs {cache_bytes} bytes of cache; this peer already "
-                                             f"holds {self.cache[peer]} of the {self.quotas.peer_cache_bytes} one "
-                                             f"peer may; ask for a shorter max_length or a smaller batch")
+            self._pressure(
+                "cache", peer, f"peer {peer} asked for more than its share of the KV cache (--peer-cache-mb)"
+            )
+            raise RequestError(
+                "cache_full",
+                f"the session needs {cache_bytes} bytes of cache; this peer already "
+                f"holds {self.cache[peer]} of the {self.quotas.peer_cache_bytes} one "
+                f"peer may; ask for a shorter max_length or a smaller batch",
+            )
 
     def add_session(self, peer: str, cache_bytes: int) -> None:
         self.sessions[peer] += 1
@@ -190,8 +221,11 @@ def widen_accept_backlog(path: str, backlog: int = 4096) -> int:
         except OSError:
             continue  # closed meanwhile, or not ours to use
         try:
-            if (sock.family == socket.AF_UNIX and sock.getsockname() == path
-                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            if (
+                sock.family == socket.AF_UNIX
+                and sock.getsockname() == path
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            ):
                 sock.listen(backlog)
                 changed += 1
         except OSError:

@@ -20,20 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from hivemind.utils.logging import get_logger
 
-from client_sdk.api import Client
-from client_sdk.api.types import ReceiptResult
-from client_sdk.errors import (
-    AuthenticationError, ConflictError, HivemartError, NotFoundError, PermissionDeniedError, ValidationError,
+from hivemart_core.api import Client
+from hivemart_core.api.types import ReceiptResult
+from hivemart_core.errors import (
+    AuthenticationError,
+    ConflictError,
+    HivemartError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValidationError,
 )
-from client_sdk.protocol.identity import Identity, is_valid_public_key
-from client_sdk.protocol.receipts import WorkReceipt
-from client_sdk.protocol.tickets import HEX64_PATTERN
+from hivemart_core.protocol.identity import Identity, is_valid_public_key
+from hivemart_core.protocol.receipts import WorkReceipt
+from hivemart_core.protocol.tickets import HEX64_PATTERN
 from provider_agent.config import AgentConfig
 from provider_agent.metering import TicketBook
 
@@ -94,15 +100,21 @@ class MarketLink:
     the agent moves to other blocks) and ``(state, throughput)`` for heartbeats.
     """
 
-    def __init__(self, config: AgentConfig, identity: Identity, book: TicketBook, *,
-                 offer: Callable[[], Offer], status: Callable[[], tuple[str, float]],
-                 client: Client | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: Identity,
+        book: TicketBook,
+        *,
+        offer: Callable[[], Offer],
+        status: Callable[[], tuple[str, float]],
+        client: Client | None = None,
+    ) -> None:
         if not config.market_url:
             raise ValueError("a market link needs a marketplace URL")
         self.config, self.identity, self.book = config, identity, book
         self.offer, self.status = offer, status
-        self.client = client or Client(api_key=config.api_key, base_url=config.market_url, timeout=15.0,
-                                       max_retries=1)
+        self.client = client or Client(api_key=config.api_key, base_url=config.market_url, timeout=15.0, max_retries=1)
         self.provider_id: int | None = None
         self.registered: Offer | None = None
         self.uploaded: dict[str, int] = {"accepted": 0, "stale": 0, "rejected": 0}
@@ -122,8 +134,10 @@ class MarketLink:
         if self.book.platform_key is None:
             await self._retrying("fetch the platform key", self._learn_platform_key)
         if not self.config.api_key:
-            logger.warning("no --api-key: this agent checks tickets but cannot register with the marketplace or "
-                           "upload its receipts, so nobody pays it")
+            logger.warning(
+                "no --api-key: this agent checks tickets but cannot register with the marketplace or "
+                "upload its receipts, so nobody pays it"
+            )
             return
         self._tasks.append(asyncio.ensure_future(self._upload_loop()))
         await self._heartbeat_loop()
@@ -138,12 +152,15 @@ class MarketLink:
                 await asyncio.wait_for(self._upload_all(), _SHUTDOWN_UPLOAD_S)
             except Exception as e:
                 left = self.book.pending_count()
-                logger.warning(f"could not upload {left} receipts before shutdown ({e!r}); they are lost to this "
-                               f"agent, but clients upload their countersigned copies")
+                logger.warning(
+                    f"could not upload {left} receipts before shutdown ({e!r}); they are lost to this "
+                    f"agent, but clients upload their countersigned copies"
+                )
             if self.provider_id is not None:
                 try:
-                    await asyncio.wait_for(self._call(self.client.providers.heartbeat, self.provider_id,
-                                                      state="offline"), 5.0)
+                    await asyncio.wait_for(
+                        self._call(self.client.providers.heartbeat, self.provider_id, state="offline"), 5.0
+                    )
                 except Exception as e:
                     logger.info(f"could not tell the marketplace we are going offline: {e!r}")
         self._http.shutdown(wait=False, cancel_futures=True)
@@ -177,14 +194,23 @@ class MarketLink:
         await self._call(self._check_catalog, offer)
         try:
             provider = await self._call(
-                self.client.providers.register, identity=self.identity, model=offer.model_id, block_start=offer.start,
-                block_end=offer.end, price=offer.price, gpu=offer.gpu, gpu_memory_mb=offer.gpu_memory_mb)
+                self.client.providers.register,
+                identity=self.identity,
+                model=offer.model_id,
+                block_start=offer.start,
+                block_end=offer.end,
+                price=offer.price,
+                gpu=offer.gpu,
+                gpu_memory_mb=offer.gpu_memory_mb,
+            )
         except (AuthenticationError, PermissionDeniedError, ConflictError, ValidationError) as e:
             # A wrong API key, a peer id registered by another user, a refused offer: waiting will not help.
             raise MarketSetupError(f"the marketplace refuses to register us: {e}") from e
         self.provider_id, self.registered = provider.id, offer
-        logger.info(f"registered with the marketplace as provider {provider.id}: blocks {offer.start}:{offer.end} "
-                    f"of {offer.model_id} at {offer.price} micro-credits per million units")
+        logger.info(
+            f"registered with the marketplace as provider {provider.id}: blocks {offer.start}:{offer.end} "
+            f"of {offer.model_id} at {offer.price} micro-credits per million units"
+        )
 
     def _check_catalog(self, offer: Offer) -> None:
         """The marketplace must list the model, with the very weights this agent serves."""
@@ -193,17 +219,24 @@ class MarketLink:
         except NotFoundError:
             raise MarketSetupError(
                 f"model {offer.model_id} is not in the catalog of {self.config.market_url}; marketplace staff add it "
-                f"with `hivemart models register PATH` on a copy of this checkpoint") from None
-        expected = tuple(model.block_digests[offer.start:offer.end])
+                f"with `hivemart models register PATH` on a copy of this checkpoint"
+            ) from None
+        expected = tuple(model.block_digests[offer.start : offer.end])
         if expected != offer.block_digests:
             raise MarketSetupError(
                 f"the weights of blocks {offer.start}:{offer.end} differ from those the catalog lists for "
-                f"{offer.model_id}; serve the catalogued checkpoint")
+                f"{offer.model_id}; serve the catalogued checkpoint"
+            )
 
     async def _update_offer(self, offer: Offer) -> None:
         await self._call(self._check_catalog, offer)
-        await self._call(self.client.providers.update_offer, self.provider_id, block_start=offer.start,
-                         block_end=offer.end, price=offer.price)
+        await self._call(
+            self.client.providers.update_offer,
+            self.provider_id,
+            block_start=offer.start,
+            block_end=offer.end,
+            price=offer.price,
+        )
         self.registered = offer
         logger.info(f"told the marketplace we now serve blocks {offer.start}:{offer.end}")
 
@@ -217,8 +250,9 @@ class MarketLink:
             except MarketSetupError as e:
                 logger.error(f"the marketplace refuses our new offer: {e}")
             except Exception as e:
-                logger.warning(f"heartbeat failed ({e!r}); still serving, next try in "
-                               f"{self.config.heartbeat_period:.0f} s")
+                logger.warning(
+                    f"heartbeat failed ({e!r}); still serving, next try in {self.config.heartbeat_period:.0f} s"
+                )
             await asyncio.sleep(self.config.heartbeat_period)
 
     async def heartbeat(self) -> None:
@@ -241,8 +275,10 @@ class MarketLink:
                 self.book.prune()  # forget expired tickets whose receipts are all uploaded
             except Exception as e:
                 delay = min(max(delay * 2, self.config.upload_period), _BACKOFF_MAX_S)
-                logger.warning(f"receipt upload failed ({e!r}); {self.book.pending_count()} receipts wait, "
-                               f"next try in {delay:.0f} s")
+                logger.warning(
+                    f"receipt upload failed ({e!r}); {self.book.pending_count()} receipts wait, "
+                    f"next try in {delay:.0f} s"
+                )
 
     async def _upload_all(self) -> None:
         """Upload every pending receipt, in batches; a failed batch goes back to the queue."""
@@ -261,8 +297,10 @@ class MarketLink:
     def _count(self, batch: list[WorkReceipt], results: list[ReceiptResult]) -> None:
         if len(results) != len(batch):
             logger.warning(f"the marketplace answered {len(results)} results for {len(batch)} receipts")
-        for receipt, result in zip(batch, results):
+        for receipt, result in zip(batch, results, strict=False):
             self.uploaded[result.status] = self.uploaded.get(result.status, 0) + 1
             if result.status == "rejected":
-                logger.warning(f"the marketplace rejected our receipt {receipt.ticket_id}/{receipt.session_id}#"
-                               f"{receipt.seq}: {result.code}: {result.message}")
+                logger.warning(
+                    f"the marketplace rejected our receipt {receipt.ticket_id}/{receipt.session_id}#"
+                    f"{receipt.seq}: {result.code}: {result.message}"
+                )

@@ -9,7 +9,7 @@ network so it can be tested alone:
 - Work units are counted per ticket across all its sessions. ``charge`` reserves a request's
   units before compute and refuses one that would exceed ``max_units`` (``ticket_exhausted``),
   so concurrent requests on one ticket cannot overshoot it together.
-- A :class:`~client_sdk.protocol.receipts.ReceiptCounter` per (ticket, session) extends the
+- A :class:`~hivemart_core.protocol.receipts.ReceiptCounter` per (ticket, session) extends the
   hash chain with the digest of every output as sent; receipts are signed with the agent's
   identity and the latest one per (ticket, session) is kept until it has been uploaded.
 - Payment channel (docs/protocol.md): the client sends back its countersignature of each
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from client_sdk.protocol.identity import Identity
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, verify_receipt, work_units
-from client_sdk.protocol.tickets import CLOCK_SKEW_S, JobTicket, TicketError, verify_ticket
+from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, verify_receipt, work_units
+from hivemart_core.protocol.tickets import CLOCK_SKEW_S, JobTicket, TicketError, verify_ticket
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,7 @@ _MAX_TICKETS = 100_000
 _MAX_COUNTERS = 200_000
 
 
-def outputs_digest(outputs: Sequence["torch.Tensor"]) -> bytes:
+def outputs_digest(outputs: Sequence[torch.Tensor]) -> bytes:
     """The digest one reply adds to the receipt chain: ``tensor_digest`` of its first tensor,
     the one every reply has (hidden states, or the input gradient of a backward). Prompt and
     adapter gradients that a fine-tuning backward adds after it are not chained: clients
@@ -84,13 +85,13 @@ class _Latest:
 class Charge:
     """Units reserved on a ticket for one request; ``commit`` after compute, ``cancel`` if it failed."""
 
-    book: "TicketBook"
+    book: TicketBook
     ticket: JobTicket
     session_id: str
     units: int
     done: bool = field(default=False)
 
-    def commit(self, outputs: Sequence["torch.Tensor"]) -> ReceiptCounter:
+    def commit(self, outputs: Sequence[torch.Tensor]) -> ReceiptCounter:
         """Count the work and extend the chain with the outputs as they will be sent."""
         return self.commit_digest(outputs_digest(outputs))
 
@@ -114,9 +115,17 @@ class TicketBook:
     served for free.
     """
 
-    def __init__(self, *, identity: Identity, model_id: str, platform_key: bytes | None,
-                 receipt_every: int = DEFAULT_RECEIPT_EVERY, clock: Callable[[], float] = time.time,
-                 max_tickets: int = _MAX_TICKETS, max_counters: int = _MAX_COUNTERS) -> None:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        model_id: str,
+        platform_key: bytes | None,
+        receipt_every: int = DEFAULT_RECEIPT_EVERY,
+        clock: Callable[[], float] = time.time,
+        max_tickets: int = _MAX_TICKETS,
+        max_counters: int = _MAX_COUNTERS,
+    ) -> None:
         if receipt_every < 1:
             raise ValueError("receipt_every must be >= 1")
         self.identity, self.model_id, self.platform_key = identity, model_id, platform_key
@@ -133,20 +142,33 @@ class TicketBook:
         """The verified ticket ``data`` if it allows work on blocks [start, end) now; else
         :class:`TicketError` with the reason's code."""
         if self.platform_key is None:
-            raise TicketError("this provider has not yet learnt the marketplace's platform key, so it cannot "
-                              "check tickets; try another provider or retry shortly", code="not_accepting")
+            raise TicketError(
+                "this provider has not yet learnt the marketplace's platform key, so it cannot "
+                "check tickets; try another provider or retry shortly",
+                code="not_accepting",
+            )
         if data is None:
-            raise TicketError("this provider sells its work through a marketplace: billable requests need the "
-                              "job ticket the marketplace issued for this provider", code="ticket_required")
+            raise TicketError(
+                "this provider sells its work through a marketplace: billable requests need the "
+                "job ticket the marketplace issued for this provider",
+                code="ticket_required",
+            )
         ticket_id = data.get("ticket_id") if isinstance(data, dict) else None
         state = self._tickets.get(ticket_id) if isinstance(ticket_id, str) else None
         now = self.clock()
         if state is None or state.raw != data:
-            ticket = verify_ticket(data, platform_key=self.platform_key, provider_peer=self.identity.peer_id,
-                                   model_id=self.model_id, now=now)
+            ticket = verify_ticket(
+                data,
+                platform_key=self.platform_key,
+                provider_peer=self.identity.peer_id,
+                model_id=self.model_id,
+                now=now,
+            )
             if state is not None:
-                raise TicketError(f"ticket {ticket.ticket_id} differs from the ticket of that id this provider "
-                                  f"already holds", code="bad_ticket")
+                raise TicketError(
+                    f"ticket {ticket.ticket_id} differs from the ticket of that id this provider already holds",
+                    code="bad_ticket",
+                )
             state = self._add_ticket(ticket, data, now)
         elif state.ticket.expires_at + CLOCK_SKEW_S < now:
             raise TicketError(f"ticket {ticket_id} expired; ask the marketplace for a new plan", code="ticket_expired")
@@ -159,8 +181,9 @@ class TicketBook:
         if len(self._tickets) >= self.max_tickets:
             self.prune(now)
             if len(self._tickets) >= self.max_tickets:
-                raise TicketError("this provider holds too many live tickets; try another provider",
-                                  code="not_accepting")
+                raise TicketError(
+                    "this provider holds too many live tickets; try another provider", code="not_accepting"
+                )
         state = _TicketState(ticket, dict(data))
         self._tickets[ticket.ticket_id] = state
         return state
@@ -168,9 +191,12 @@ class TicketBook:
     @staticmethod
     def _exhausted(state: _TicketState, units: int) -> TicketError:
         left = state.ticket.max_units - state.used
-        return TicketError(f"ticket {state.ticket.ticket_id} has {left} of its {state.ticket.max_units} work units "
-                           f"left; this request needs {units}. The job's budget for these blocks is spent: the client "
-                           f"needs a job with a larger --budget", code="ticket_exhausted")
+        return TicketError(
+            f"ticket {state.ticket.ticket_id} has {left} of its {state.ticket.max_units} work units "
+            f"left; this request needs {units}. The job's budget for these blocks is spent: the client "
+            f"needs a job with a larger --budget",
+            code="ticket_exhausted",
+        )
 
     def units_used(self, ticket_id: str) -> int:
         """Units counted (or reserved in flight) on a ticket, over all its sessions."""
@@ -179,8 +205,7 @@ class TicketBook:
 
     # --- counting -----------------------------------------------------------------------------
 
-    def charge(self, ticket: JobTicket, session_id: str, *, tokens: int, blocks: int,
-               backward: bool = False) -> Charge:
+    def charge(self, ticket: JobTicket, session_id: str, *, tokens: int, blocks: int, backward: bool = False) -> Charge:
         """Reserve the units of a request on ``ticket`` before computing it; raises
         ``ticket_exhausted`` when they do not fit in what is left."""
         units = work_units(tokens=tokens, blocks=blocks, backward=backward)
@@ -189,9 +214,12 @@ class TicketBook:
             raise self._exhausted(state, units)
         lag = state.unacknowledged
         if lag > 0 and lag + units > ticket.credit_units:
-            raise TicketError(f"the client has not countersigned {lag} work units on ticket {ticket.ticket_id}; its "
-                              f"credit window is {ticket.credit_units} units: send the countersigned receipts "
-                              f"(acks) before more work", code="ack_overdue")
+            raise TicketError(
+                f"the client has not countersigned {lag} work units on ticket {ticket.ticket_id}; its "
+                f"credit window is {ticket.credit_units} units: send the countersigned receipts "
+                f"(acks) before more work",
+                code="ack_overdue",
+            )
         state.used += units
         return Charge(self, ticket, session_id, units)
 
@@ -203,8 +231,9 @@ class TicketBook:
         try:
             receipt = verify_receipt(data, ticket, require_client_signature=True)
         except ProtocolError as e:
-            raise TicketError(f"the acknowledgement is not a countersigned receipt of ticket {ticket.ticket_id}: {e}",
-                              code="bad_ack") from None
+            raise TicketError(
+                f"the acknowledgement is not a countersigned receipt of ticket {ticket.ticket_id}: {e}", code="bad_ack"
+            ) from None
         state = self._tickets[ticket.ticket_id]
         previous = state.acked.get(receipt.session_id, 0)
         if receipt.units > previous:

@@ -15,6 +15,7 @@ logger = get_logger(__name__)
 def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """SIGINT or SIGTERM sets ``stop`` (an orderly, bounded shutdown); a second one of either
     gets the default action, so an impatient operator never needs SIGKILL."""
+
     def first(sig: int) -> None:
         logger.info(f"{signal.Signals(sig).name}: stopping (signal again to exit at once)")
         stop.set()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 __all__ = ["AGENT_SPIN_COUNT", "PARALLEL_MIN_BLOCK_BYTES", "auto_threads", "limit_openmp_spinning", "usable_cores"]
 

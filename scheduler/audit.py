@@ -4,7 +4,7 @@ No Django here. A client that caught a provider's output (``claimed``) disagreei
 backup's (``reference``) on the same input files both, with the full prefix of hidden states
 at the span's first block (``inputs``). The platform validator recomputes the span on CPU
 in float32 from the reference checkpoint, takes the last positions (as many as ``claimed``
-has), and compares each side with :func:`client_sdk.protocol.verification.compare_outputs`
+has), and compares each side with :func:`hivemart_core.protocol.verification.compare_outputs`
 under the tolerance of the dtype the providers served:
 
 | claimed | reference | verdict |
@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 import torch
 
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.framing import Limits, read_message
-from client_sdk.protocol.verification import compare_outputs
+from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.framing import Limits, read_message
+from hivemart_core.protocol.verification import compare_outputs
 
 __all__ = ["Verdict", "SpanComputer", "decode_tensor", "judge", "audit_span", "MAX_TENSOR_BYTES"]
 
@@ -38,7 +38,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SpanComputer(Protocol):
-    """What the validator needs: ``provider_agent.backend.SpanBackend`` is one."""
+    """What the validator needs: ``hivemart_core.models.backend.SpanBackend`` is one."""
 
     def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor: ...
 
@@ -80,23 +80,41 @@ def judge(claimed_ok: bool, reference_ok: bool) -> str:
     return "provider_cheated" if reference_ok else "inconclusive"
 
 
-def audit_span(computer: SpanComputer, *, start: int, end: int, dtype: str, hidden_size: int, inputs: bytes,
-               claimed: bytes, reference: bytes) -> Verdict:
+def audit_span(
+    computer: SpanComputer,
+    *,
+    start: int,
+    end: int,
+    dtype: str,
+    hidden_size: int,
+    inputs: bytes,
+    claimed: bytes,
+    reference: bytes,
+) -> Verdict:
     """Recompute blocks [start, end) on ``inputs`` and judge ``claimed`` against ``reference``."""
     try:
         x, a, b = decode_tensor(inputs), decode_tensor(claimed), decode_tensor(reference)
     except ProtocolError as e:
         return Verdict("inconclusive", f"malformed tensors: {e}")
     if x.dim() != 3 or x.shape[-1] != hidden_size or x.shape[1] == 0:
-        return Verdict("inconclusive", f"inputs of shape {tuple(x.shape)} are not hidden states "
-                                       f"(batch, positions, {hidden_size})")
-    if a.shape != b.shape or a.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != hidden_size \
-            or not 0 < a.shape[1] <= x.shape[1]:
-        return Verdict("inconclusive", f"claimed {tuple(a.shape)} and reference {tuple(b.shape)} do not fit "
-                                       f"inputs {tuple(x.shape)}")
+        return Verdict(
+            "inconclusive", f"inputs of shape {tuple(x.shape)} are not hidden states (batch, positions, {hidden_size})"
+        )
+    if (
+        a.shape != b.shape
+        or a.dim() != 3
+        or a.shape[0] != x.shape[0]
+        or a.shape[2] != hidden_size
+        or not 0 < a.shape[1] <= x.shape[1]
+    ):
+        return Verdict(
+            "inconclusive",
+            f"claimed {tuple(a.shape)} and reference {tuple(b.shape)} do not fit inputs {tuple(x.shape)}",
+        )
     with torch.inference_mode():
-        recomputed = computer.forward(x.float(), start, end)[:, -a.shape[1]:, :]
+        recomputed = computer.forward(x.float(), start, end)[:, -a.shape[1] :, :]
     claimed_cmp = compare_outputs(a, recomputed, dtype=dtype)
     reference_cmp = compare_outputs(b, recomputed, dtype=dtype)
-    return Verdict(judge(bool(claimed_cmp), bool(reference_cmp)),
-                   f"claimed {claimed_cmp!r}; reference {reference_cmp!r}")
+    return Verdict(
+        judge(bool(claimed_cmp), bool(reference_cmp)), f"claimed {claimed_cmp!r}; reference {reference_cmp!r}"
+    )

@@ -35,9 +35,12 @@ def broker_config(*, redis_url: str, home: Path, queue: str) -> dict[str, Any]:
     """Broker, result store and queue for ``redis_url`` (empty: the embedded filesystem broker)."""
     config: dict[str, Any] = {"task_default_queue": queue}
     if redis_url:
-        config.update(broker_url=redis_url, result_backend=redis_url,
-                      # acks_late tasks are redelivered only after this; longer than any task runs.
-                      broker_transport_options={"visibility_timeout": 3600})
+        config.update(
+            broker_url=redis_url,
+            result_backend=redis_url,
+            # acks_late tasks are redelivered only after this; longer than any task runs.
+            broker_transport_options={"visibility_timeout": 3600},
+        )
         return config
     queue_dir = home / "celery" / "queue"
     results_dir = home / "celery" / "results"
@@ -47,8 +50,12 @@ def broker_config(*, redis_url: str, home: Path, queue: str) -> dict[str, Any]:
     control_dir.mkdir(parents=True, exist_ok=True)
     config.update(
         broker_url=f"{broker.SCHEME}://",
-        broker_transport_options={"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
-                                  "control_folder": str(control_dir), "polling_interval": 0.5},
+        broker_transport_options={
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "control_folder": str(control_dir),
+            "polling_interval": 0.5,
+        },
         result_backend=f"file://{results_dir}",
     )
     return config
@@ -62,10 +69,14 @@ def beat_schedule(settings: Any) -> dict[str, dict[str, Any]]:
         "holds-expire": {"task": "scheduler.holds_expire", "schedule": housekeeping},
         "jobs-match-pending": {"task": "scheduler.jobs_match_pending", "schedule": housekeeping},
         "audits-decide-open": {"task": "scheduler.audits_decide_open", "schedule": housekeeping},
-        "receipts-settle": {"task": "scheduler.receipts_settle",
-                            "schedule": timedelta(seconds=settings.HIVEMART_SETTLE_INTERVAL_S)},
-        "providers-probe": {"task": "scheduler.providers_probe",
-                            "schedule": timedelta(seconds=settings.HIVEMART_PROBE_INTERVAL_S)},
+        "receipts-settle": {
+            "task": "scheduler.receipts_settle",
+            "schedule": timedelta(seconds=settings.HIVEMART_SETTLE_INTERVAL_S),
+        },
+        "providers-probe": {
+            "task": "scheduler.providers_probe",
+            "schedule": timedelta(seconds=settings.HIVEMART_PROBE_INTERVAL_S),
+        },
     }
 
 
@@ -74,8 +85,9 @@ def configure(celery_app: Celery) -> None:
     from django.conf import settings
 
     celery_app.conf.update(
-        **broker_config(redis_url=settings.REDIS_URL, home=settings.HIVEMART_HOME,
-                        queue=settings.HIVEMART_CELERY_QUEUE),
+        **broker_config(
+            redis_url=settings.REDIS_URL, home=settings.HIVEMART_HOME, queue=settings.HIVEMART_CELERY_QUEUE
+        ),
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",

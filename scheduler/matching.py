@@ -83,9 +83,10 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Collection, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -170,18 +171,30 @@ class Gap:
         if self.reason == "excluded":
             return f"{blocks} are served only by excluded providers"
         if self.reason == "price":
-            return f"{blocks} are served only at >= {self.needed_price} micro-credits per million units; raise max_price"
+            return (
+                f"{blocks} are served only at >= {self.needed_price} micro-credits per million units; raise max_price"
+            )
         if self.reason == "reliability":
-            return (f"{blocks} are served only by providers below the reliability floor (best {self.best_reliability:g}); "
-                    "lower reliability_floor")
+            return (
+                f"{blocks} are served only by providers below the reliability floor (best {self.best_reliability:g}); "
+                "lower reliability_floor"
+            )
         if self.reason == "throughput":
-            return (f"{blocks} are served only by providers slower than min_throughput "
-                    f"(best {self.best_throughput:g} tokens/s per block); lower min_throughput")
+            return (
+                f"{blocks} are served only by providers slower than min_throughput "
+                f"(best {self.best_throughput:g} tokens/s per block); lower min_throughput"
+            )
         return f"{blocks} are served only by offers that fail several limits at once (price, reliability, throughput)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "reason": self.reason, "needed_price": self.needed_price,
-                "best_reliability": self.best_reliability, "best_throughput": self.best_throughput}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "reason": self.reason,
+            "needed_price": self.needed_price,
+            "best_reliability": self.best_reliability,
+            "best_throughput": self.best_throughput,
+        }
 
 
 class NoPlanError(MatchingError):
@@ -233,12 +246,16 @@ class JobRequest:
         if self.kind not in KINDS:
             raise InvalidJobError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not _is_int(self.max_price) or not 0 <= self.max_price <= MAX_PRICE:
-            raise InvalidJobError(f"max_price must be an integer in 0..{MAX_PRICE} micro-credits per million units, "
-                                  f"got {self.max_price!r}")
+            raise InvalidJobError(
+                f"max_price must be an integer in 0..{MAX_PRICE} micro-credits per million units, "
+                f"got {self.max_price!r}"
+            )
         if not _is_int(self.budget) or self.budget < 0:
             raise InvalidJobError(f"budget must be a non-negative integer of micro-credits, got {self.budget!r}")
         if self.min_throughput is not None and not (_is_number(self.min_throughput) and self.min_throughput > 0):
-            raise InvalidJobError(f"min_throughput must be a positive number of tokens/s or None, got {self.min_throughput!r}")
+            raise InvalidJobError(
+                f"min_throughput must be a positive number of tokens/s or None, got {self.min_throughput!r}"
+            )
         if not _is_int(self.backups) or not 0 <= self.backups <= _MAX_BACKUPS:
             raise InvalidJobError(f"backups must be an integer in 0..{_MAX_BACKUPS}, got {self.backups!r}")
         if not _is_number(self.reliability_floor) or not 0.0 <= self.reliability_floor <= 1.0:
@@ -306,32 +323,56 @@ class Segment:
 
     def __post_init__(self) -> None:
         if not _is_int(self.start) or not _is_int(self.end) or not 0 <= self.start < self.end:
-            raise InvalidPlanError(f"segment span must be non-empty non-negative integers, got [{self.start!r}, {self.end!r})")
+            raise InvalidPlanError(
+                f"segment span must be non-empty non-negative integers, got [{self.start!r}, {self.end!r})"
+            )
         if not isinstance(self.primary, str) or not self.primary:
             raise InvalidPlanError(f"segment {self.start}..{self.end}: primary must be a provider id")
         if not all(isinstance(b, str) and b for b in self.backups) or len(set(self.backups)) != len(self.backups):
             raise InvalidPlanError(f"segment {self.start}..{self.end}: backups must be distinct provider ids")
         if self.primary in self.backups:
-            raise InvalidPlanError(f"segment {self.start}..{self.end}: provider {self.primary} is both primary and backup")
+            raise InvalidPlanError(
+                f"segment {self.start}..{self.end}: provider {self.primary} is both primary and backup"
+            )
         if not _is_int(self.price) or self.price < 0:
             raise InvalidPlanError(f"segment {self.start}..{self.end}: price must be a non-negative integer")
-        if not _is_number(self.latency_ms) or self.latency_ms < 0 or not _is_number(self.throughput) or self.throughput <= 0:
-            raise InvalidPlanError(f"segment {self.start}..{self.end}: latency_ms and throughput must be finite, "
-                                   "non-negative and positive")
+        if (
+            not _is_number(self.latency_ms)
+            or self.latency_ms < 0
+            or not _is_number(self.throughput)
+            or self.throughput <= 0
+        ):
+            raise InvalidPlanError(
+                f"segment {self.start}..{self.end}: latency_ms and throughput must be finite, non-negative and positive"
+            )
 
     @property
     def blocks(self) -> int:
         return self.end - self.start
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "primary": self.primary, "backups": list(self.backups),
-                "price": self.price, "latency_ms": self.latency_ms, "throughput": self.throughput}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "primary": self.primary,
+            "backups": list(self.backups),
+            "price": self.price,
+            "latency_ms": self.latency_ms,
+            "throughput": self.throughput,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Segment":
+    def from_dict(cls, data: dict[str, Any]) -> Segment:
         try:
-            return cls(start=data["start"], end=data["end"], primary=data["primary"], backups=tuple(data["backups"]),
-                       price=data["price"], latency_ms=data["latency_ms"], throughput=data["throughput"])
+            return cls(
+                start=data["start"],
+                end=data["end"],
+                primary=data["primary"],
+                backups=tuple(data["backups"]),
+                price=data["price"],
+                latency_ms=data["latency_ms"],
+                throughput=data["throughput"],
+            )
         except (KeyError, TypeError) as exc:
             raise InvalidPlanError(f"malformed segment {data!r}: {exc}") from exc
 
@@ -352,8 +393,10 @@ class Plan:
         boundary = 0
         for segment in self.segments:
             if segment.start != boundary:
-                raise InvalidPlanError(f"segments must cover blocks 0..{self.num_blocks} in order; "
-                                       f"segment {segment.start}..{segment.end} follows boundary {boundary}")
+                raise InvalidPlanError(
+                    f"segments must cover blocks 0..{self.num_blocks} in order; "
+                    f"segment {segment.start}..{segment.end} follows boundary {boundary}"
+                )
             boundary = segment.end
         if boundary != self.num_blocks:
             raise InvalidPlanError(f"segments end at block {boundary}, not at {self.num_blocks}")
@@ -396,13 +439,18 @@ class Plan:
         return None if cost == 0 else budget * 1_000_000 // cost
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_blocks": self.num_blocks,
-                "segments": [segment.to_dict() for segment in self.segments],
-                "latency_ms": self.latency_ms, "cost_per_million_tokens": self.cost_per_million_tokens,
-                "price": self.price, "throughput": self.throughput}
+        return {
+            "kind": self.kind,
+            "num_blocks": self.num_blocks,
+            "segments": [segment.to_dict() for segment in self.segments],
+            "latency_ms": self.latency_ms,
+            "cost_per_million_tokens": self.cost_per_million_tokens,
+            "price": self.price,
+            "throughput": self.throughput,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
         """Rebuild a plan stored with :meth:`to_dict` (derived figures are recomputed)."""
         try:
             segments = tuple(Segment.from_dict(item) for item in data["segments"])
@@ -442,8 +490,10 @@ class _Columns:
         self.reliability = _column(offers, "reliability", np.float64)
         if len(offers) and int(self.end.max()) > num_blocks:
             bad = offers[int(np.argmax(self.end))]
-            raise InvalidOfferError(f"offer of provider {bad.provider_id!r} spans blocks {bad.start}..{bad.end}, "
-                                    f"beyond the model's {num_blocks} blocks")
+            raise InvalidOfferError(
+                f"offer of provider {bad.provider_id!r} spans blocks {bad.start}..{bad.end}, "
+                f"beyond the model's {num_blocks} blocks"
+            )
 
     def allowed(self, excluded: frozenset[str]) -> np.ndarray:
         if not excluded:
@@ -558,12 +608,13 @@ def _edge_table(swarm: _Swarm, weights: _Weights) -> np.ndarray:
             # ufunc.at has no fast path for complex numbers: reduce each span's offers first.
             groups = swarm.groups_at_least[blocks]
             grid[swarm.group_start[:groups], swarm.group_end[:groups] - blocks] = np.minimum.reduceat(
-                value, swarm.group_first[:groups])
+                value, swarm.group_first[:groups]
+            )
         else:
             np.minimum.at(scratch.reshape(-1), swarm.cell[:stop], value)
         np.minimum.accumulate(grid, axis=0, out=grid)
         np.minimum.accumulate(grid[:, ::-1], axis=1, out=grid[:, ::-1])
-        table.reshape(-1)[blocks:blocks + width * (size + 1):size + 1] = np.diagonal(grid)
+        table.reshape(-1)[blocks : blocks + width * (size + 1) : size + 1] = np.diagonal(grid)
     return table
 
 
@@ -571,7 +622,7 @@ def _shortest_chain(table: np.ndarray, start: int, end: int) -> list[tuple[int, 
     """The best chain of edges from boundary ``start`` to ``end``, or None if there is none."""
     span = end - start
     # into[e - start, s - start]: the edge s -> e, so that each step reads a contiguous row.
-    into = table[start:end + 1, start:end + 1].T.copy()
+    into = table[start : end + 1, start : end + 1].T.copy()
     dist = np.full(span + 1, np.inf, dtype=table.dtype)
     dist[0] = 0
     came_from = [0] * (span + 1)
@@ -647,8 +698,9 @@ def _require(found: _Chain | None) -> _Chain:
     return found
 
 
-def _min_product(swarm: _Swarm, start: int, end: int, fastest: _Chain, cheapest: _Chain,
-                 rest: tuple[float, int]) -> _Chain:
+def _min_product(
+    swarm: _Swarm, start: int, end: int, fastest: _Chain, cheapest: _Chain, rest: tuple[float, int]
+) -> _Chain:
     """The chain minimising ``(latency + rest latency) * (cost + rest cost)``.
 
     Branch and bound over the lower-left hull of the chains' (latency, cost) points. Each
@@ -700,8 +752,9 @@ def _min_product(swarm: _Swarm, start: int, end: int, fastest: _Chain, cheapest:
     return best
 
 
-def _crossing(first_normal: tuple[float, float], first: _Chain, second_normal: tuple[float, float],
-              second: _Chain) -> tuple[float, float] | None:
+def _crossing(
+    first_normal: tuple[float, float], first: _Chain, second_normal: tuple[float, float], second: _Chain
+) -> tuple[float, float] | None:
     """Where the line through ``first`` with ``first_normal`` meets the one through
     ``second`` with ``second_normal``; None when they are parallel."""
     a1, b1 = first_normal
@@ -717,8 +770,9 @@ def _crossing(first_normal: tuple[float, float], first: _Chain, second_normal: t
 # --- segments and backups --------------------------------------------------------------------
 
 
-def _segments(swarm: _Swarm, job: JobRequest, chain: _Chain, totals: tuple[float, int],
-              avoid_as_backup: frozenset[str]) -> list[Segment]:
+def _segments(
+    swarm: _Swarm, job: JobRequest, chain: _Chain, totals: tuple[float, int], avoid_as_backup: frozenset[str]
+) -> list[Segment]:
     """Segments for ``chain``, with up to ``job.backups`` backups each. ``totals`` is the
     whole plan's latency and cost; providers in ``avoid_as_backup`` rank after the rest."""
     total_latency, total_cost = totals
@@ -727,15 +781,40 @@ def _segments(swarm: _Swarm, job: JobRequest, chain: _Chain, totals: tuple[float
         primary = swarm.offer(index)
         blocks = end - start
         latency = primary.segment_latency_ms(blocks)
-        backups = _backups(swarm, job, start, end, index, total_latency - latency,
-                           total_cost - primary.price * blocks * swarm.passes, avoid_as_backup)
-        segments.append(Segment(start=start, end=end, primary=primary.provider_id, backups=backups,
-                                price=primary.price, latency_ms=latency, throughput=primary.throughput / blocks))
+        backups = _backups(
+            swarm,
+            job,
+            start,
+            end,
+            index,
+            total_latency - latency,
+            total_cost - primary.price * blocks * swarm.passes,
+            avoid_as_backup,
+        )
+        segments.append(
+            Segment(
+                start=start,
+                end=end,
+                primary=primary.provider_id,
+                backups=backups,
+                price=primary.price,
+                latency_ms=latency,
+                throughput=primary.throughput / blocks,
+            )
+        )
     return segments
 
 
-def _backups(swarm: _Swarm, job: JobRequest, start: int, end: int, primary: int, rest_latency: float,
-             rest_cost: int, avoid: frozenset[str]) -> tuple[str, ...]:
+def _backups(
+    swarm: _Swarm,
+    job: JobRequest,
+    start: int,
+    end: int,
+    primary: int,
+    rest_latency: float,
+    rest_cost: int,
+    avoid: frozenset[str],
+) -> tuple[str, ...]:
     candidates = _covering(swarm, start, end)
     candidates = candidates[candidates != primary]
     wanted = min(job.backups, len(candidates))
@@ -744,8 +823,9 @@ def _backups(swarm: _Swarm, job: JobRequest, start: int, end: int, primary: int,
     blocks = end - start
     latency = swarm.hop[candidates] + blocks * swarm.ms_per_block[candidates]
     cost = swarm.unit_cost[candidates] * blocks
-    in_use = np.fromiter((swarm.provider(i) in avoid for i in candidates.tolist()), dtype=np.float64,
-                         count=len(candidates))
+    in_use = np.fromiter(
+        (swarm.provider(i) in avoid for i in candidates.tolist()), dtype=np.float64, count=len(candidates)
+    )
     if job.kind == "inference":
         keys = np.stack([in_use, latency, cost])
     else:
@@ -782,19 +862,31 @@ def _gaps(job: JobRequest, columns: _Columns, excluded: frozenset[str], start: i
         elif (usable & reliable & fast).any():
             gap = Gap(block, block + 1, "price", needed_price=int(columns.price[usable & reliable & fast].min()))
         elif (usable & price_ok & fast).any():
-            gap = Gap(block, block + 1, "reliability",
-                      best_reliability=float(columns.reliability[usable & price_ok & fast].max()))
+            gap = Gap(
+                block,
+                block + 1,
+                "reliability",
+                best_reliability=float(columns.reliability[usable & price_ok & fast].max()),
+            )
         elif (usable & price_ok & reliable).any():
-            gap = Gap(block, block + 1, "throughput",
-                      best_throughput=float(columns.throughput[usable & price_ok & reliable].max()))
+            gap = Gap(
+                block,
+                block + 1,
+                "throughput",
+                best_throughput=float(columns.throughput[usable & price_ok & reliable].max()),
+            )
         else:
             gap = Gap(block, block + 1, "limits")
         previous = gaps[-1] if gaps else None
         if previous is not None and previous.end == block and previous.reason == gap.reason:
-            gaps[-1] = Gap(previous.start, block + 1, gap.reason,
-                           needed_price=_merge(max, previous.needed_price, gap.needed_price),
-                           best_reliability=_merge(min, previous.best_reliability, gap.best_reliability),
-                           best_throughput=_merge(min, previous.best_throughput, gap.best_throughput))
+            gaps[-1] = Gap(
+                previous.start,
+                block + 1,
+                gap.reason,
+                needed_price=_merge(max, previous.needed_price, gap.needed_price),
+                best_reliability=_merge(min, previous.best_reliability, gap.best_reliability),
+                best_throughput=_merge(min, previous.best_throughput, gap.best_throughput),
+            )
         else:
             gaps.append(gap)
     return gaps
@@ -830,7 +922,9 @@ def match_job(job: JobRequest, offers: Sequence[Offer], *, exclude: Collection[s
     return Plan(kind=job.kind, num_blocks=job.num_blocks, segments=tuple(segments))
 
 
-def replan_segment(plan: Plan, failed_provider_id: str, offers: Sequence[Offer], job: JobRequest) -> tuple[Segment, ...]:
+def replan_segment(
+    plan: Plan, failed_provider_id: str, offers: Sequence[Offer], job: JobRequest
+) -> tuple[Segment, ...]:
     """Replacement segments for every block ``failed_provider_id`` served as a primary in
     ``plan``, in block order, chosen from ``offers`` without it and within the job's price
     cap, reliability floor and throughput floor.
@@ -845,8 +939,10 @@ def replan_segment(plan: Plan, failed_provider_id: str, offers: Sequence[Offer],
     if not isinstance(job, JobRequest) or not isinstance(plan, Plan):
         raise InvalidInputError("replan_segment takes a Plan and a JobRequest")
     if plan.num_blocks != job.num_blocks or plan.kind != job.kind:
-        raise InvalidPlanError(f"the plan ({plan.kind}, {plan.num_blocks} blocks) is not for this job "
-                               f"({job.kind}, {job.num_blocks} blocks)")
+        raise InvalidPlanError(
+            f"the plan ({plan.kind}, {plan.num_blocks} blocks) is not for this job "
+            f"({job.kind}, {job.num_blocks} blocks)"
+        )
     failed = [segment for segment in plan.segments if segment.primary == failed_provider_id]
     if not failed:
         raise InvalidPlanError(f"provider {failed_provider_id!r} is not a primary of this plan")
@@ -874,7 +970,9 @@ def replan_segment(plan: Plan, failed_provider_id: str, offers: Sequence[Offer],
     if gaps:
         raise NoPlanError(gaps=gaps)
     _check_budget(job, cost)
-    primaries = frozenset(segment.primary for segment in kept) | {swarm.provider(i) for c in chains for _, _, i in c.parts}
+    primaries = frozenset(segment.primary for segment in kept) | {
+        swarm.provider(i) for c in chains for _, _, i in c.parts
+    }
     replacements: list[Segment] = []
     for chain in chains:
         replacements += _segments(swarm, job, chain, (latency, cost), primaries)

@@ -2,7 +2,7 @@
 
 No Django here. A probe asks the provider for its ``info``, then sends forwards of random
 hidden states through its span and compares every answer with a reference computed
-locally from the same checkpoint (``provider_agent.backend.SpanBackend``):
+locally from the same checkpoint (``hivemart_core.models.backend.SpanBackend``):
 
 - one forward of 1 token through its first block: the *latency* (a hop plus one block);
 - ``requests`` forwards of ``tokens`` tokens through its whole span: the *throughput*, in
@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import HivemartError, ProtocolError
-from client_sdk.protocol.rpc import RPC_FORWARD, SpanRequest
-from client_sdk.swarm.connection import ProviderConnection
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.errors import HivemartError, ProtocolError
+from hivemart_core.protocol.rpc import RPC_FORWARD, SpanRequest
+from hivemart_core.swarm.connection import ProviderConnection
+from hivemart_core.swarm.runtime import SwarmRuntime
 
 __all__ = ["ProbeTarget", "ProbeResult", "References", "ReferenceUnavailable", "probe_provider", "TOLERANCE"]
 
@@ -97,8 +97,8 @@ class References:
         backend = self._backends.get(model_id)
         if backend is not None:
             return backend
-        from client_sdk.models import load_model_info
-        from provider_agent.backend import SpanBackend
+        from hivemart_core.models import load_model_info
+        from hivemart_core.models.backend import SpanBackend
 
         path = self.models_dir / model_id
         if not (path / "config.json").is_file():
@@ -116,7 +116,7 @@ class References:
     def _find(self, model_id: str) -> Path:
         """The checkpoint under ``models_dir`` whose computed model id is ``model_id`` (for
         checkpoints kept under other folder names)."""
-        from client_sdk.models import load_model_info
+        from hivemart_core.models import load_model_info
 
         if self.models_dir.is_dir():
             for folder in sorted(self.models_dir.iterdir()):
@@ -130,8 +130,10 @@ class References:
                         continue
                 if known == model_id:
                     return folder
-        raise ReferenceUnavailable(f"no checkpoint for {model_id} in {self.models_dir}; put it at "
-                                   f"{self.models_dir / model_id} (HIVEMART_MODELS_DIR)")
+        raise ReferenceUnavailable(
+            f"no checkpoint for {model_id} in {self.models_dir}; put it at "
+            f"{self.models_dir / model_id} (HIVEMART_MODELS_DIR)"
+        )
 
 
 def _relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:
@@ -141,8 +143,14 @@ def _relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(output - expected) / (torch.linalg.vector_norm(expected) + 1e-12))
 
 
-async def _forward(connection: ProviderConnection, start: int, end: int, hidden: torch.Tensor,
-                   timeout: float, ticket: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+async def _forward(
+    connection: ProviderConnection,
+    start: int,
+    end: int,
+    hidden: torch.Tensor,
+    timeout: float,
+    ticket: dict[str, Any] | None,
+) -> tuple[torch.Tensor, float]:
     began = time.perf_counter()
     if ticket is None:
         output = await asyncio.wait_for(connection.forward(start, end, hidden, timeout=timeout), timeout)
@@ -155,8 +163,16 @@ async def _forward(connection: ProviderConnection, start: int, end: int, hidden:
     return output, time.perf_counter() - began
 
 
-def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *, tokens: int = 16,
-                   requests: int = 2, timeout: float = 30.0, seed: int | None = None) -> ProbeResult:
+def probe_provider(
+    runtime: SwarmRuntime,
+    target: ProbeTarget,
+    reference: Any,
+    *,
+    tokens: int = 16,
+    requests: int = 2,
+    timeout: float = 30.0,
+    seed: int | None = None,
+) -> ProbeResult:
     """Probe ``target`` over ``runtime``'s swarm against ``reference`` (a ``SpanBackend``
     over at least the target's span). Never raises for the provider's failures: they are
     what the result records."""
@@ -165,14 +181,23 @@ def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *
     connection = ProviderConnection(runtime.p2p, target.peer_id)
     try:
         info = runtime.run(connection.info(timeout=timeout), timeout=timeout + 5)
-    except (HivemartError, asyncio.TimeoutError, TimeoutError, OSError) as e:
+    except (HivemartError, TimeoutError, OSError) as e:
         return ProbeResult(**{**unanswered.__dict__, "errors": (f"info: {e}",)})
     if info.get("model_id") != target.model_id or not (
-            isinstance(info.get("start"), int) and isinstance(info.get("end"), int)
-            and info["start"] <= target.start and target.end <= info["end"]):
-        return ProbeResult(**{**unanswered.__dict__, "errors": (
-            f"serves {info.get('model_id')!r} blocks {info.get('start')}:{info.get('end')}, registered "
-            f"{target.model_id} blocks {target.start}:{target.end}",)})
+        isinstance(info.get("start"), int)
+        and isinstance(info.get("end"), int)
+        and info["start"] <= target.start
+        and target.end <= info["end"]
+    ):
+        return ProbeResult(
+            **{
+                **unanswered.__dict__,
+                "errors": (
+                    f"serves {info.get('model_id')!r} blocks {info.get('start')}:{info.get('end')}, registered "
+                    f"{target.model_id} blocks {target.start}:{target.end}",
+                ),
+            }
+        )
     dtype = _DTYPES.get(str(info.get("dtype")))
     if dtype is None:
         return ProbeResult(**{**unanswered.__dict__, "errors": (f"unsupported dtype {info.get('dtype')!r}",)})
@@ -181,16 +206,18 @@ def probe_provider(runtime: SwarmRuntime, target: ProbeTarget, reference: Any, *
     hidden_size = reference.info.hidden_size
     # (start, end, hidden): the latency probe first, then the throughput probes.
     plan = [(target.start, target.start + 1, torch.randn(1, 1, hidden_size, generator=generator))]
-    plan += [(target.start, target.end, torch.randn(1, tokens, hidden_size, generator=generator))
-             for _ in range(requests)]
+    plan += [
+        (target.start, target.end, torch.randn(1, tokens, hidden_size, generator=generator)) for _ in range(requests)
+    ]
     correct, mismatches, rates, errors = 0, 0, [], []
     latency_ms = timeout * 1000.0
     for k, (start, end, hidden) in enumerate(plan):
         hidden = hidden.to(dtype)
         try:
-            output, seconds = runtime.run(_forward(connection, start, end, hidden, timeout, target.ticket),
-                                          timeout=timeout + 5)
-        except (HivemartError, asyncio.TimeoutError, TimeoutError, OSError) as e:
+            output, seconds = runtime.run(
+                _forward(connection, start, end, hidden, timeout, target.ticket), timeout=timeout + 5
+            )
+        except (HivemartError, TimeoutError, OSError) as e:
             errors.append(f"forward {start}:{end}: {e}")
             continue
         # The reference runs here, not on the swarm loop, so it never stalls other traffic.

@@ -22,19 +22,20 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
-from typing import Callable, Sequence
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from hivemart_core.placement import choose_span
 from marketplace.accounts.models import User
 from marketplace.catalog.models import CatalogModel
 from marketplace.common.errors import ApplicationError, Conflict, InvalidTransition, PermissionDenied, ValidationFailed
-from marketplace.jobs.models import Job, Plan as PlanRow, PlanSegment
+from marketplace.jobs.models import Job, PlanSegment
+from marketplace.jobs.models import Plan as PlanRow
 from marketplace.jobs.selectors import job_plan_current, jobs_in_state
 from marketplace.jobs.services import SegmentSpec, job_plan_store, job_transition
 from marketplace.providers.models import Provider
@@ -50,7 +51,6 @@ from scheduler.matching import (
     match_job,
     replan_segment,
 )
-from scheduler.placement import choose_span
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,15 @@ def matching_offer(offer: ProviderOffer) -> Offer | None:
         return None
     latency = UNKNOWN_LATENCY_MS if offer.latency_ms is None else offer.latency_ms
     reliability = reliability_floor() if offer.success_rate is None else offer.success_rate
-    return Offer(provider_id=str(offer.provider_id), start=offer.block_start, end=offer.block_end, price=offer.price,
-                 throughput=offer.throughput, latency_ms=latency, reliability=reliability)
+    return Offer(
+        provider_id=str(offer.provider_id),
+        start=offer.block_start,
+        end=offer.block_end,
+        price=offer.price,
+        throughput=offer.throughput,
+        latency_ms=latency,
+        reliability=reliability,
+    )
 
 
 def offers_for_matching(*, model: CatalogModel) -> list[Offer]:
@@ -98,14 +105,28 @@ def job_request(job: Job) -> JobRequest:
     """What ``job`` asks of the swarm, in the matcher's terms."""
     num_blocks = job.model.num_blocks
     min_throughput = job.min_throughput / num_blocks if job.min_throughput else None
-    return JobRequest(num_blocks=num_blocks, kind=job.kind, max_price=job.max_price, budget=job.budget,
-                      min_throughput=min_throughput, backups=settings.HIVEMART_PLAN_BACKUPS,
-                      reliability_floor=reliability_floor())
+    return JobRequest(
+        num_blocks=num_blocks,
+        kind=job.kind,
+        max_price=job.max_price,
+        budget=job.budget,
+        min_throughput=min_throughput,
+        backups=settings.HIVEMART_PLAN_BACKUPS,
+        reliability_floor=reliability_floor(),
+    )
 
 
 def _segment_specs(segments: Sequence[Segment]) -> list[SegmentSpec]:
-    return [SegmentSpec(block_start=s.start, block_end=s.end, provider=int(s.primary),
-                        backups=[int(b) for b in s.backups], price=s.price) for s in segments]
+    return [
+        SegmentSpec(
+            block_start=s.start,
+            block_end=s.end,
+            provider=int(s.primary),
+            backups=[int(b) for b in s.backups],
+            price=s.price,
+        )
+        for s in segments
+    ]
 
 
 # --- matching --------------------------------------------------------------------------------
@@ -145,38 +166,30 @@ def job_match(*, job_id: int) -> MatchOutcome:
             return MatchOutcome(job_id, "failed", str(e))
         try:
             with transaction.atomic():
-                row = job_plan_store(job=job, segments=_segment_specs(plan.segments),
-                                     reason=_clip(f"matched: {len(plan.segments)} segments, "
-                                                  f"{plan.latency_ms:.1f} ms/token, price {plan.price}"))
+                row = job_plan_store(
+                    job=job,
+                    segments=_segment_specs(plan.segments),
+                    reason=_clip(
+                        f"matched: {len(plan.segments)} segments, {plan.latency_ms:.1f} ms/token, price {plan.price}"
+                    ),
+                )
         except ValidationFailed as e:
             raise MatchRaced(f"job #{job_id}: the plan no longer fits the providers: {e.message}") from e
     logger.info("job #%s planned (plan v%s)", job_id, row.version)
     return MatchOutcome(job_id, "planned")
 
 
-def job_match_enqueue(job_id: int) -> None:
-    """Queue ``job_match`` for ``job_id`` once the current transaction commits.
-
-    Registered with the jobs app (``marketplace.scheduling``) so every created job is
-    matched. ``robust``: a broker outage must not fail the request that created the job;
-    the ``jobs_match_pending`` sweep picks such jobs up.
-    """
-    from scheduler.tasks import job_match as job_match_task
-
-    transaction.on_commit(partial(job_match_task.delay, job_id), robust=True)
-
-
-def jobs_match_pending(*, older_than_s: float, now: datetime | None = None,
-                       enqueue: Callable[[int], None] | None = None) -> list[int]:
+def jobs_match_pending(
+    *, older_than_s: float, enqueue: Callable[[int], None], now: datetime | None = None
+) -> list[int]:
     """Queue ``job_match`` for pending jobs created more than ``older_than_s`` ago (their
     first message was lost, or the broker was down). Returns their ids."""
     now = now or timezone.now()
-    ids = list(jobs_in_state(state=Job.State.PENDING).filter(created_at__lt=now - timedelta(seconds=older_than_s))
-               .values_list("pk", flat=True)[:1000])
-    if enqueue is None:
-        from scheduler.tasks import job_match as job_match_task
-
-        enqueue = job_match_task.delay
+    ids = list(
+        jobs_in_state(state=Job.State.PENDING)
+        .filter(created_at__lt=now - timedelta(seconds=older_than_s))
+        .values_list("pk", flat=True)[:1000]
+    )
     for job_id in ids:
         enqueue(job_id)
     return ids
@@ -198,9 +211,17 @@ def _stored_plan(row: PlanRow, job: Job, figures: dict[str, Offer]) -> Plan:
         blocks = seg.block_end - seg.block_start
         latency = offer.segment_latency_ms(blocks) if offer else UNKNOWN_LATENCY_MS
         throughput = offer.throughput / blocks if offer else UNKNOWN_THROUGHPUT
-        segments.append(Segment(start=seg.block_start, end=seg.block_end, primary=primary,
-                                backups=tuple(str(b.provider_id) for b in seg.backups.all()), price=seg.price,
-                                latency_ms=latency, throughput=throughput))
+        segments.append(
+            Segment(
+                start=seg.block_start,
+                end=seg.block_end,
+                primary=primary,
+                backups=tuple(str(b.provider_id) for b in seg.backups.all()),
+                price=seg.price,
+                latency_ms=latency,
+                throughput=throughput,
+            )
+        )
     return Plan(kind=job.kind, num_blocks=job.model.num_blocks, segments=tuple(segments))
 
 
@@ -216,8 +237,9 @@ def _voided_providers(job: Job) -> set[str]:
     """Providers whose tickets for ``job`` an audit voided (as the matcher names providers)."""
     from marketplace.receipts.models import Ticket
 
-    return {str(pk) for pk in Ticket.objects.filter(job=job, voided_at__isnull=False)
-            .values_list("provider_id", flat=True)}
+    return {
+        str(pk) for pk in Ticket.objects.filter(job=job, voided_at__isnull=False).values_list("provider_id", flat=True)
+    }
 
 
 def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
@@ -253,21 +275,35 @@ def job_replan(*, job: Job, by: User, failed_provider_id: int) -> Replan:
         if failed not in plan.primaries:
             if PlanSegment.objects.filter(plan__job=job, provider_id=failed_provider_id).exists():
                 return Replan(current, ())
-            raise ValidationFailed(f"provider {failed_provider_id} serves no segment of job #{job.pk}",
-                                   extra={"field": "provider", "provider": failed_provider_id})
+            raise ValidationFailed(
+                f"provider {failed_provider_id} serves no segment of job #{job.pk}",
+                extra={"field": "provider", "provider": failed_provider_id},
+            )
         try:
             replacements = replan_segment(plan, failed, offers, job_request(job))
         except NoPlanError as e:
             raise Conflict(str(e), extra=e.extra, code="no_plan") from None
         except InvalidPlanError as e:
             raise ValidationFailed(str(e), extra={"field": "provider"}) from None
-        kept = [Segment(start=s.start, end=s.end, primary=s.primary, price=s.price, latency_ms=s.latency_ms,
-                        throughput=s.throughput, backups=tuple(b for b in s.backups if b != failed and b not in voided))
-                for s in plan.segments if s.primary != failed]
+        kept = [
+            Segment(
+                start=s.start,
+                end=s.end,
+                primary=s.primary,
+                price=s.price,
+                latency_ms=s.latency_ms,
+                throughput=s.throughput,
+                backups=tuple(b for b in s.backups if b != failed and b not in voided),
+            )
+            for s in plan.segments
+            if s.primary != failed
+        ]
         segments = sorted([*kept, *replacements], key=lambda s: s.start)
-        row = job_plan_store(job=job, segments=_segment_specs(segments),
-                             reason=_clip(f"provider {failed_provider_id} failed: replaced "
-                                          f"{len(replacements)} segment(s)"))
+        row = job_plan_store(
+            job=job,
+            segments=_segment_specs(segments),
+            reason=_clip(f"provider {failed_provider_id} failed: replaced {len(replacements)} segment(s)"),
+        )
     replaced = tuple(i for i, s in enumerate(segments) if s in replacements)
     return Replan(job_plan_current(job=job) or row, replaced)
 
@@ -293,11 +329,16 @@ def holds_expire(*, now: datetime | None = None) -> list[int]:
     idle = now - timedelta(seconds=settings.HIVEMART_JOB_IDLE_TIMEOUT_S)
     run = now - timedelta(seconds=settings.HIVEMART_JOB_RUN_TIMEOUT_S)
     candidates = [
-        *((pk, state, "idle past its deadline") for pk, state in
-          Job.objects.filter(state__in=[Job.State.PENDING, Job.State.PLANNED], updated_at__lt=idle)
-          .values_list("pk", "state")),
-        *((pk, state, "ran past its deadline") for pk, state in
-          Job.objects.filter(state=Job.State.RUNNING, updated_at__lt=run).values_list("pk", "state")),
+        *(
+            (pk, state, "idle past its deadline")
+            for pk, state in Job.objects.filter(
+                state__in=[Job.State.PENDING, Job.State.PLANNED], updated_at__lt=idle
+            ).values_list("pk", "state")
+        ),
+        *(
+            (pk, state, "ran past its deadline")
+            for pk, state in Job.objects.filter(state=Job.State.RUNNING, updated_at__lt=run).values_list("pk", "state")
+        ),
     ]
     expired = []
     for pk, state, reason in candidates:
@@ -319,16 +360,32 @@ def holds_expire(*, now: datetime | None = None) -> list[int]:
 
 def providers_to_probe() -> list[Provider]:
     """Online, unsuspended providers, with their models."""
-    return list(Provider.objects.select_related("model")
-                .filter(state=Provider.State.ONLINE, suspended_at__isnull=True).order_by("pk"))
+    return list(
+        Provider.objects.select_related("model")
+        .filter(state=Provider.State.ONLINE, suspended_at__isnull=True)
+        .order_by("pk")
+    )
 
 
-def provider_probe_record(*, provider: Provider, throughput: float, latency_ms: float, success_rate: float,
-                          samples: int, measured_at: datetime | None = None) -> bool:
+def provider_probe_record(
+    *,
+    provider: Provider,
+    throughput: float,
+    latency_ms: float,
+    success_rate: float,
+    samples: int,
+    measured_at: datetime | None = None,
+) -> bool:
     """Store a probe's figures; returns whether the provider is now degraded (its success
     rate is below the reliability floor, so matching leaves it out)."""
-    provider_measurement_record(provider=provider, throughput=throughput, latency_ms=latency_ms,
-                                success_rate=success_rate, samples=samples, measured_at=measured_at)
+    provider_measurement_record(
+        provider=provider,
+        throughput=throughput,
+        latency_ms=latency_ms,
+        success_rate=success_rate,
+        samples=samples,
+        measured_at=measured_at,
+    )
     degraded = success_rate < reliability_floor()
     if degraded:
         logger.warning("provider %s (%s) is degraded: success rate %.2f", provider.pk, provider.peer_id, success_rate)
@@ -350,14 +407,6 @@ def receipts_settle(*, job_ids: Sequence[int] | None = None, now: datetime | Non
     from marketplace.receipts.services import receipts_settle as settle
 
     return settle(job_ids=job_ids, now=now).to_dict()
-
-
-def receipts_settle_enqueue(job_ids: Sequence[int]) -> None:
-    """Queue settlement of ``job_ids`` once the current transaction commits."""
-    from scheduler.tasks import receipts_settle as task
-
-    ids = sorted(set(job_ids))
-    transaction.on_commit(lambda: task.delay(ids))
 
 
 # --- audits ----------------------------------------------------------------------------------
@@ -396,19 +445,20 @@ def audit_decide(*, audit_id: int, references: object | None = None) -> dict[str
         # Not the reporter's fault: its deposit comes back.
         verdict, validator_failed = Verdict("inconclusive", f"no validator checkpoint: {e}"), True
     else:
-        verdict = audit_span(computer, start=audit.block_start, end=audit.block_end, dtype=audit.dtype,
-                             hidden_size=model.hidden_size, inputs=bytes(audit.inputs), claimed=bytes(audit.claimed),
-                             reference=bytes(audit.reference))
-    audit = audit_verdict_record(audit_id=audit_id, verdict=verdict.verdict, detail=verdict.detail,
-                                 validator_failed=validator_failed)
+        verdict = audit_span(
+            computer,
+            start=audit.block_start,
+            end=audit.block_end,
+            dtype=audit.dtype,
+            hidden_size=model.hidden_size,
+            inputs=bytes(audit.inputs),
+            claimed=bytes(audit.claimed),
+            reference=bytes(audit.reference),
+        )
+    audit = audit_verdict_record(
+        audit_id=audit_id, verdict=verdict.verdict, detail=verdict.detail, validator_failed=validator_failed
+    )
     return {"audit": audit_id, "verdict": audit.verdict, "decided": True}
-
-
-def audit_decide_enqueue(audit_id: int) -> None:
-    """Queue ``audit_decide`` once the current transaction commits."""
-    from scheduler.tasks import audit_decide as task
-
-    transaction.on_commit(lambda: task.delay(audit_id))
 
 
 def audits_open(*, older_than_s: float, now: datetime | None = None) -> list[int]:
@@ -416,8 +466,9 @@ def audits_open(*, older_than_s: float, now: datetime | None = None) -> list[int
     from marketplace.receipts.models import Audit
 
     cutoff = (now or timezone.now()) - timedelta(seconds=older_than_s)
-    return list(Audit.objects.filter(state=Audit.State.OPEN, created_at__lt=cutoff).order_by("pk")
-                .values_list("pk", flat=True))
+    return list(
+        Audit.objects.filter(state=Audit.State.OPEN, created_at__lt=cutoff).order_by("pk").values_list("pk", flat=True)
+    )
 
 
 def _probe_offence(provider: Provider, result: object) -> None:
@@ -425,8 +476,11 @@ def _probe_offence(provider: Provider, result: object) -> None:
     from marketplace.receipts.services import provider_offence_record
 
     errors = "; ".join(result.errors)  # type: ignore[attr-defined]
-    provider_offence_record(provider=provider, kind=Offence.Kind.PROBE,
-                            detail=f"{result.mismatches} probe answers differ from the validator's: {errors}")  # type: ignore[attr-defined]
+    provider_offence_record(
+        provider=provider,
+        kind=Offence.Kind.PROBE,
+        detail=f"{result.mismatches} probe answers differ from the validator's: {errors}",
+    )  # type: ignore[attr-defined]
 
 
 # --- placement -------------------------------------------------------------------------------
@@ -435,11 +489,12 @@ def _probe_offence(provider: Provider, result: object) -> None:
 def placement_suggest(*, model: CatalogModel, num_blocks: int) -> tuple[int, int]:
     """The span ``[start, end)`` of ``model`` a joining provider with room for ``num_blocks``
     blocks should serve: the one raising the weakest block's throughput (Petals' rule,
-    :func:`scheduler.placement.choose_span`), from the usable providers' figures."""
+    :func:`hivemart_core.placement.choose_span`), from the usable providers' figures."""
     if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
         raise ValidationFailed("num_blocks is a positive integer", extra={"field": "num_blocks"})
-    spans = [(o.start, o.end, o.throughput) for o in offers_for_matching(model=model)
-             if o.reliability >= reliability_floor()]
+    spans = [
+        (o.start, o.end, o.throughput) for o in offers_for_matching(model=model) if o.reliability >= reliability_floor()
+    ]
     return choose_span(model.num_blocks, num_blocks, spans)
 
 
@@ -461,11 +516,12 @@ def providers_probe(*, runtime: object | None = None, references: object | None 
     own_runtime = runtime is None
     if own_runtime:
         if not settings.HIVEMART_SWARM_PEERS:
-            logger.warning("not probing %d providers: set HIVEMART_SWARM_PEERS to the swarm's bootstrap multiaddrs",
-                           len(providers))
+            logger.warning(
+                "not probing %d providers: set HIVEMART_SWARM_PEERS to the swarm's bootstrap multiaddrs", len(providers)
+            )
             summary["skipped"] = [p.pk for p in providers]
             return summary
-        from client_sdk.swarm.runtime import SwarmRuntime
+        from hivemart_core.swarm.runtime import SwarmRuntime
 
         runtime = SwarmRuntime(settings.HIVEMART_SWARM_PEERS)
     references = references or References(settings.HIVEMART_MODELS_DIR)
@@ -478,18 +534,33 @@ def providers_probe(*, runtime: object | None = None, references: object | None 
                 summary["skipped"].append(provider.pk)
                 continue
             units = (1 + settings.HIVEMART_PROBE_REQUESTS * settings.HIVEMART_PROBE_TOKENS) * (
-                provider.block_end - provider.block_start)
+                provider.block_end - provider.block_start
+            )
             ticket = ticket_issue_for_probe(provider=provider, max_units=units)
             result = probe_provider(
-                runtime, ProbeTarget(provider.peer_id, provider.model.model_id, provider.block_start,  # type: ignore[arg-type]
-                                     provider.block_end, ticket=ticket),
-                reference, tokens=settings.HIVEMART_PROBE_TOKENS, requests=settings.HIVEMART_PROBE_REQUESTS,
-                timeout=settings.HIVEMART_PROBE_TIMEOUT_S)
+                runtime,
+                ProbeTarget(
+                    provider.peer_id,
+                    provider.model.model_id,
+                    provider.block_start,  # type: ignore[arg-type]
+                    provider.block_end,
+                    ticket=ticket,
+                ),
+                reference,
+                tokens=settings.HIVEMART_PROBE_TOKENS,
+                requests=settings.HIVEMART_PROBE_REQUESTS,
+                timeout=settings.HIVEMART_PROBE_TIMEOUT_S,
+            )
             summary["probed"].append(provider.pk)
             if result.mismatches:
                 _probe_offence(provider, result)
-            if provider_probe_record(provider=provider, throughput=result.throughput, latency_ms=result.latency_ms,
-                                     success_rate=result.success_rate, samples=result.requests):
+            if provider_probe_record(
+                provider=provider,
+                throughput=result.throughput,
+                latency_ms=result.latency_ms,
+                success_rate=result.success_rate,
+                samples=result.requests,
+            ):
                 summary["degraded"].append(provider.pk)
     finally:
         if own_runtime:

@@ -10,10 +10,12 @@ and only for errors known to be transient: the database going away or a lock tim
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError, transaction
 
 from scheduler import services
 from scheduler.celery import app
@@ -33,7 +35,7 @@ def job_match(job_id: int) -> dict[str, Any]:
 @app.task(name="scheduler.jobs_match_pending", autoretry_for=TRANSIENT, **_RETRY)
 def jobs_match_pending() -> list[int]:
     """Re-queue job_match for pending jobs whose first message never ran (a sweep)."""
-    return services.jobs_match_pending(older_than_s=settings.HIVEMART_HOUSEKEEPING_INTERVAL_S)
+    return services.jobs_match_pending(older_than_s=settings.HIVEMART_HOUSEKEEPING_INTERVAL_S, enqueue=job_match.delay)
 
 
 @app.task(name="scheduler.providers_expire", autoretry_for=TRANSIENT, **_RETRY)
@@ -87,3 +89,27 @@ def audits_decide_open() -> list[int]:
     for audit_id in ids:
         audit_decide.delay(audit_id)
     return ids
+
+
+# --- queueing from the marketplace's hooks (scheduler.app registers these) ------------------
+
+
+def job_match_enqueue(job_id: int) -> None:
+    """Queue ``job_match`` for ``job_id`` once the current transaction commits.
+
+    Registered with the jobs app's hook (by ``scheduler.app``) so every created job is
+    matched. ``robust``: a broker outage must not fail the request that created the job;
+    the ``jobs_match_pending`` sweep picks such jobs up.
+    """
+    transaction.on_commit(partial(job_match.delay, job_id), robust=True)
+
+
+def receipts_settle_enqueue(job_ids: Sequence[int]) -> None:
+    """Queue settlement of ``job_ids`` once the current transaction commits."""
+    ids = sorted(set(job_ids))
+    transaction.on_commit(lambda: receipts_settle.delay(ids))
+
+
+def audit_decide_enqueue(audit_id: int) -> None:
+    """Queue ``audit_decide`` once the current transaction commits."""
+    transaction.on_commit(lambda: audit_decide.delay(audit_id))

@@ -30,7 +30,7 @@ or with the web session (plus the CSRF token) from a browser. Bodies are JSON. E
 has the shape `{"code": "...", "message": "...", "extra": {...}}` and every response an
 `X-Request-Id` header; lists are paginated with `?page=` and `?page_size=`. Money is integer
 micro-credits; prices are micro-credits per million work units. The Python client is
-`client_sdk.api.Client`; the machine-readable schema is served at `/api/schema/`.
+`hivemart_core.api.Client`; the machine-readable schema is served at `/api/schema/`.
 
 Input limits, each answered in that error shape: ids in paths and query strings are ASCII
 digits up to 2^63 - 1 (anything else is a 404 in a path, a 400 `invalid` in a query), and
@@ -106,8 +106,10 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
     if params:
         lines += ["| parameter | in | type | required | description |", "|---|---|---|---|---|"]
         for p in params:
-            lines.append(f"| `{p['name']}` | {p['in']} | {_cell(_type(p.get('schema', {})))} | "
-                         f"{'yes' if p.get('required') else 'no'} | {_cell(p.get('description', ''))} |")
+            lines.append(
+                f"| `{p['name']}` | {p['in']} | {_cell(_type(p.get('schema', {})))} | "
+                f"{'yes' if p.get('required') else 'no'} | {_cell(p.get('description', ''))} |"
+            )
         lines.append("")
     body = op.get("requestBody")
     if body:
@@ -120,8 +122,9 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
         for status in sorted(responses):
             response = responses[status]
             spec = _body_schema(response.get("content", {}))
-            lines.append(f"| {status} | {_cell(_type(spec)) if spec else '–'} | "
-                         f"{_cell(response.get('description', ''))} |")
+            lines.append(
+                f"| {status} | {_cell(_type(spec)) if spec else '–'} | {_cell(response.get('description', ''))} |"
+            )
         lines.append("")
     return lines
 
@@ -136,8 +139,10 @@ def _component(name: str, spec: dict[str, Any]) -> list[str]:
         lines += ["| field | type | required | description |", "|---|---|---|---|"]
         for field, prop in properties.items():
             flags = " (read-only)" if prop.get("readOnly") else ""
-            lines.append(f"| `{field}` | {_cell(_type(prop))}{flags} | {'yes' if field in required else 'no'} | "
-                         f"{_cell(prop.get('description', ''))} |")
+            lines.append(
+                f"| `{field}` | {_cell(_type(prop))}{flags} | {'yes' if field in required else 'no'} | "
+                f"{_cell(prop.get('description', ''))} |"
+            )
         lines.append("")
     elif "enum" in spec:
         lines += [f"One of: {_type(spec)}.", ""]
@@ -156,8 +161,10 @@ def render(api: dict[str, Any]) -> str:
                 tag = (item[method].get("tags") or ["other"])[0]
                 by_tag.setdefault(tag, []).append((path, method, item[method]))
     lines += ["## Endpoints", ""]
-    lines += [f"- [{tag}](#{tag.lower()}): " + ", ".join(f"`{m.upper()} {p}`" for p, m, _ in ops)
-              for tag, ops in sorted(by_tag.items())]
+    lines += [
+        f"- [{tag}](#{tag.lower()}): " + ", ".join(f"`{m.upper()} {p}`" for p, m, _ in ops)
+        for tag, ops in sorted(by_tag.items())
+    ]
     lines.append("")
     for tag, ops in sorted(by_tag.items()):
         lines += [f"## {tag}", ""]

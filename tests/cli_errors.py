@@ -13,8 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
     """``python -m MODULE ARGS`` with this checkout importable; its exit code and stderr."""
     environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=environ,
-                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
     return done.returncode, done.stderr
 
 

@@ -9,8 +9,8 @@ for the database touch it, so the model and swarm tests need neither PostgreSQL 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -21,7 +21,7 @@ TINY = dict(arch="llama", hidden=64, layers=4, seed=0, heads=4, kv_heads=2)
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from client_sdk.models import create_model
+    from hivemart_core.models import create_model
 
     return create_model(tmp_path_factory.mktemp("models") / "tiny-llama", **TINY)
 
@@ -39,7 +39,7 @@ def _postgres_only(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 def wsgi(db: None) -> Iterator[httpx.WSGITransport]:
     """An httpx transport into the Django app in this process, inside the test's transaction
-    (for ``client_sdk.api.Client(transport=wsgi, base_url="http://testserver")``)."""
+    (for ``hivemart_core.api.Client(transport=wsgi, base_url="http://testserver")``)."""
     from django.core.handlers.wsgi import WSGIHandler
     from django.core.signals import request_finished, request_started
     from django.db import close_old_connections

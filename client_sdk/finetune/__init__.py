@@ -1,10 +1,10 @@
 """Fine-tuning through the swarm: prompt tuning, deep prompt tuning and LoRA.
 
-- :mod:`client_sdk.finetune.lora`: the LoRA layout clients and providers share.
+- :mod:`hivemart_core.models.lora`: the LoRA layout clients and providers share.
 - :mod:`client_sdk.finetune.peft_export`: save a trained adapter in PEFT's format.
 - :class:`FineTuner` / :func:`train` (in :mod:`client_sdk.finetune.trainer`): the training loop.
 
-The trainer is imported lazily: providers import :mod:`client_sdk.finetune.lora` without
+The trainer is imported lazily: providers import :mod:`hivemart_core.models.lora` without
 pulling in the client's swarm stack.
 
 Example::

@@ -45,7 +45,7 @@ def load_texts(path: str | Path) -> list[str]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{number}: expected an object with a string \"text\" field")
+            raise DataError(f'{path}:{number}: expected an object with a string "text" field')
         texts.append(record["text"])
     return texts
 
@@ -59,7 +59,7 @@ class PackedDataset:
     _orders: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_texts(cls, texts: list[str], tokenizer: Any, seq_len: int, *, seed: int = 0) -> "PackedDataset":
+    def from_texts(cls, texts: list[str], tokenizer: Any, seq_len: int, *, seed: int = 0) -> PackedDataset:
         if seq_len < 2:
             raise DataError("seq_len must be at least 2")
         eos = tokenizer.eos_token_id

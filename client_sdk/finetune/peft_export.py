@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from client_sdk.finetune.lora import LoraSpec, module_path, split_block
+from hivemart_core.models.lora import LoraSpec, module_path, split_block
 
 __all__ = ["peft_state_dict", "save_peft_adapter", "load_peft_weights"]
 
@@ -23,7 +23,9 @@ def _key(block: int, target: str, matrix: str) -> str:
     return f"{_PREFIX}.{block}.{module_path(target)}.lora_{matrix}.weight"
 
 
-def peft_state_dict(spec: LoraSpec, shapes: dict[str, tuple[int, int]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def peft_state_dict(
+    spec: LoraSpec, shapes: dict[str, tuple[int, int]], weights: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """PEFT's state dict (without the adapter name) of master weights ``[num_blocks, per_block]``."""
     state = {}
     for block, row in enumerate(weights.detach().float().cpu()):
@@ -33,25 +35,37 @@ def peft_state_dict(spec: LoraSpec, shapes: dict[str, tuple[int, int]], weights:
     return state
 
 
-def save_peft_adapter(spec: LoraSpec, shapes: dict[str, tuple[int, int]], weights: torch.Tensor,
-                      out_dir: str | Path, *, base_model: str | Path | None = None) -> Path:
+def save_peft_adapter(
+    spec: LoraSpec,
+    shapes: dict[str, tuple[int, int]],
+    weights: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    base_model: str | Path | None = None,
+) -> Path:
     """Write the adapter to ``out_dir`` in PEFT's format; returns ``out_dir``."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=None if base_model is None else str(base_model))
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=None if base_model is None else str(base_model),
+    )
     config.save_pretrained(str(out))
-    save_file(peft_state_dict(spec, shapes, weights), str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(peft_state_dict(spec, shapes, weights), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
 
 
-def load_peft_weights(spec: LoraSpec, shapes: dict[str, tuple[int, int]], num_blocks: int,
-                      path: str | Path) -> torch.Tensor:
+def load_peft_weights(
+    spec: LoraSpec, shapes: dict[str, tuple[int, int]], num_blocks: int, path: str | Path
+) -> torch.Tensor:
     """Master weights ``[num_blocks, per_block]`` from a PEFT adapter directory written by
     :func:`save_peft_adapter` (or by PEFT for the same rank and targets)."""
     from safetensors.torch import load_file

@@ -20,21 +20,22 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import HivemartError
 from client_sdk.finetune.data import PackedDataset, load_texts
-from client_sdk.finetune.lora import LoraSpec, target_shapes
 from client_sdk.finetune.peft_export import save_peft_adapter
-from client_sdk.models import load_config, load_tokenizer
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.remote import RemoteLora
+from hivemart_core.errors import HivemartError
+from hivemart_core.models import load_config, load_tokenizer
+from hivemart_core.models.lora import LoraSpec, target_shapes
 
 __all__ = ["MODES", "TrainConfig", "TrainResult", "FineTuner", "train"]
 
@@ -101,16 +102,20 @@ class FineTuner:
             self.deep_prompts = torch.nn.Parameter(torch.zeros(model.info.num_blocks, 1, config.prefix_len, hidden))
         if config.mode == "lora":
             spec = LoraSpec(config.rank, config.alpha, config.targets)
-            self.lora = RemoteLora(spec, target_shapes(load_config(model.info.path)), model.info.num_blocks,
-                                   seed=config.seed)
+            self.lora = RemoteLora(
+                spec, target_shapes(load_config(model.info.path)), model.info.num_blocks, seed=config.seed
+            )
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in (self.prompts, self.deep_prompts, self.lora and self.lora.weights) if p is not None]
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        named = {"prompts": self.prompts, "deep_prompts": self.deep_prompts,
-                 "lora": None if self.lora is None else self.lora.weights}
+        named = {
+            "prompts": self.prompts,
+            "deep_prompts": self.deep_prompts,
+            "lora": None if self.lora is None else self.lora.weights,
+        }
         return {k: v for k, v in named.items() if v is not None}
 
     # --- computing ------------------------------------------------------------------------------
@@ -142,15 +147,17 @@ class FineTuner:
         self.losses.append(value)
         return value
 
-    def fit(self, dataset: PackedDataset, *, checkpoint_dir: str | Path | None = None,
-            progress: bool = True) -> TrainResult:
+    def fit(
+        self, dataset: PackedDataset, *, checkpoint_dir: str | Path | None = None, progress: bool = True
+    ) -> TrainResult:
         """Train until ``config.steps`` steps are done, checkpointing on the way."""
         from tqdm.auto import tqdm
 
         config = self.config
         durations = []
-        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, desc=f"finetune {config.mode}",
-                   unit="step")
+        bar = tqdm(
+            total=config.steps, initial=self.step, disable=not progress, desc=f"finetune {config.mode}", unit="step"
+        )
         try:
             while self.step < config.steps:
                 batch = dataset.batch(self.step, config.batch_size)
@@ -159,8 +166,9 @@ class FineTuner:
                 durations.append(time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if checkpoint_dir is not None and (self.step % config.checkpoint_every == 0
-                                                   or self.step == config.steps):
+                if checkpoint_dir is not None and (
+                    self.step % config.checkpoint_every == 0 or self.step == config.steps
+                ):
                     self.save_checkpoint(checkpoint_dir)
         finally:
             bar.close()
@@ -174,8 +182,11 @@ class FineTuner:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": "hivemart-finetune-v1", "model_id": self.model.info.model_id, "config": asdict(self.config),
-            "step": self.step, "losses": self.losses,
+            "format": "hivemart-finetune-v1",
+            "model_id": self.model.info.model_id,
+            "config": asdict(self.config),
+            "step": self.step,
+            "losses": self.losses,
             "params": {k: v.detach().clone() for k, v in self.named_parameters().items()},
             "optimizer": self.optimizer.state_dict(),
         }
@@ -205,8 +216,9 @@ class FineTuner:
         with torch.no_grad():
             for name, tensor in state["params"].items():
                 if tensor.shape != params[name].shape:
-                    raise HivemartError(f"{path}: {name} has shape {list(tensor.shape)}, "
-                                        f"expected {list(params[name].shape)}")
+                    raise HivemartError(
+                        f"{path}: {name} has shape {list(tensor.shape)}, expected {list(params[name].shape)}"
+                    )
                 params[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
@@ -215,16 +227,26 @@ class FineTuner:
         """Save the trained parts: a PEFT adapter (lora) or ``prompts.safetensors`` (ptune modes)."""
         out = Path(out_dir)
         if self.lora is not None:
-            return save_peft_adapter(self.lora.spec, self.lora.shapes, self.lora.weights, out,
-                                     base_model=self.model.info.path)
+            return save_peft_adapter(
+                self.lora.spec, self.lora.shapes, self.lora.weights, out, base_model=self.model.info.path
+            )
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().contiguous() for k, v in self.named_parameters().items()},
-                  str(out / "prompts.safetensors"))
-        (out / "prompt_config.json").write_text(json.dumps({
-            "mode": self.config.mode, "prefix_len": self.config.prefix_len, "model_id": self.model.info.model_id,
-        }, indent=2))
+        save_file(
+            {k: v.detach().float().contiguous() for k, v in self.named_parameters().items()},
+            str(out / "prompts.safetensors"),
+        )
+        (out / "prompt_config.json").write_text(
+            json.dumps(
+                {
+                    "mode": self.config.mode,
+                    "prefix_len": self.config.prefix_len,
+                    "model_id": self.model.info.model_id,
+                },
+                indent=2,
+            )
+        )
         return out
 
     def close(self) -> None:
@@ -237,9 +259,16 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def train(model: DistributedModelForCausalLM, data: str | Path | Sequence[str], config: TrainConfig, *,
-          checkpoint_dir: str | Path | None = None, resume: bool = False, out_dir: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    model: DistributedModelForCausalLM,
+    data: str | Path | Sequence[str],
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune ``model`` on ``data`` (a JSONL / text file, or a list of texts).
 
     With ``resume``, continue from ``checkpoint_dir`` when it holds a checkpoint. The trained

@@ -9,7 +9,7 @@
 (or ``with MarketJob.create(...) as job:``, which finishes the job on the way out.)
 
 A :class:`MarketJob` creates the job over REST with a fresh client key (an Ed25519
-:class:`~client_sdk.protocol.identity.Identity` kept in memory: its public key is bound into
+:class:`~hivemart_core.protocol.identity.Identity` kept in memory: its public key is bound into
 every ticket, and it countersigns receipts), waits for the scheduler's plan, and fetches the
 plan's tickets. :class:`JobPlan` turns them into routes: for each segment the primary, else
 the best-ranked backup that is alive and not avoided, so a planned route always takes
@@ -23,27 +23,34 @@ import asyncio
 import random
 import secrets
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import (
-    APIError, ConflictError, HivemartError, NoProvidersError, ProtocolError, ProviderUnavailableError, SwarmError,
-)
-from client_sdk.protocol.framing import encode_message
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import ServerRecord
-from client_sdk.protocol.tickets import JobTicket, verify_ticket
-from client_sdk.swarm.connection import SpanBilling
-from client_sdk.swarm.dht import fetch_span_records
-from client_sdk.swarm.receipts import DisputeReceipt, ReceiptCollector, UploadReceipts
 from client_sdk.swarm.routing import RouteHop
 from client_sdk.swarm.verify import Equivocation, Mismatch, ShadowVerifier
+from hivemart_core.errors import (
+    APIError,
+    ConflictError,
+    HivemartError,
+    NoProvidersError,
+    ProtocolError,
+    ProviderUnavailableError,
+    SwarmError,
+)
+from hivemart_core.protocol.framing import encode_message
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.records import ServerRecord
+from hivemart_core.protocol.tickets import JobTicket, verify_ticket
+from hivemart_core.swarm.connection import SpanBilling
+from hivemart_core.swarm.dht import fetch_span_records
+from hivemart_core.swarm.receipts import DisputeReceipt, ReceiptCollector, UploadReceipts
 
 if TYPE_CHECKING:
-    from client_sdk.api import Client, Job
     from client_sdk.swarm.model import DistributedModelForCausalLM
+    from hivemart_core.api import Client, Job
 
 __all__ = ["PlannedProvider", "JobPlan", "SwarmJob", "MarketJob", "JobPlanError", "DEFAULT_VERIFY_RATE"]
 
@@ -63,7 +70,7 @@ class JobPlanError(SwarmError):
 class PlanExhaustedError(JobPlanError):
     """No planned provider is left for a segment: ``candidates`` are its primary and backups."""
 
-    def __init__(self, message: str, candidates: Sequence["PlannedProvider"]) -> None:
+    def __init__(self, message: str, candidates: Sequence[PlannedProvider]) -> None:
         super().__init__(message)
         self.candidates = list(candidates)
 
@@ -106,27 +113,54 @@ class JobPlan:
         self.num_blocks = boundary
 
     @classmethod
-    def from_tickets(cls, entries: Sequence[Any], *, platform_key: bytes, job_id: int, client_key: str,
-                     model_id: str | None = None, now: float | None = None) -> "JobPlan":
+    def from_tickets(
+        cls,
+        entries: Sequence[Any],
+        *,
+        platform_key: bytes,
+        job_id: int,
+        client_key: str,
+        model_id: str | None = None,
+        now: float | None = None,
+    ) -> JobPlan:
         """Check every ticket of ``GET /api/jobs/<id>/tickets/`` (platform signature, this job,
         this client key, the provider and blocks the entry names) and build the plan."""
         providers = []
         for entry in entries:
             try:
-                fields = {name: _field(entry, name) for name in ("segment", "role", "rank", "provider_peer", "start",
-                                                                  "end", "ticket")}
+                fields = {
+                    name: _field(entry, name)
+                    for name in ("segment", "role", "rank", "provider_peer", "start", "end", "ticket")
+                }
             except (KeyError, AttributeError, TypeError) as e:
                 raise ProtocolError(f"the marketplace sent a malformed ticket entry (missing {e})") from None
-            ticket = verify_ticket(fields["ticket"], platform_key=platform_key, provider_peer=fields["provider_peer"],
-                                   model_id=model_id, now=now)
+            ticket = verify_ticket(
+                fields["ticket"],
+                platform_key=platform_key,
+                provider_peer=fields["provider_peer"],
+                model_id=model_id,
+                now=now,
+            )
             start, end, role, rank, segment = (fields[k] for k in ("start", "end", "role", "rank", "segment"))
             if (ticket.job_id, ticket.client_key, ticket.start, ticket.end) != (job_id, client_key, start, end):
                 raise ProtocolError(f"ticket {ticket.ticket_id} is not for job {job_id}'s key and blocks {start}:{end}")
             if role not in ("primary", "backup") or type(rank) is not int or type(segment) is not int or segment < 0:
-                raise ProtocolError(f"ticket {ticket.ticket_id}: bad segment {segment!r}, role {role!r} or rank {rank!r}")
+                raise ProtocolError(
+                    f"ticket {ticket.ticket_id}: bad segment {segment!r}, role {role!r} or rank {rank!r}"
+                )
             provider_id = entry.get("provider") if isinstance(entry, Mapping) else getattr(entry, "provider", None)
-            providers.append(PlannedProvider(segment, role, rank, ticket.provider_peer, start, end, ticket,
-                                             provider_id if type(provider_id) is int else None))
+            providers.append(
+                PlannedProvider(
+                    segment,
+                    role,
+                    rank,
+                    ticket.provider_peer,
+                    start,
+                    end,
+                    ticket,
+                    provider_id if type(provider_id) is int else None,
+                )
+            )
         return cls(providers)
 
     def providers(self) -> list[PlannedProvider]:
@@ -139,8 +173,15 @@ class JobPlan:
                 return provider.ticket
         return None
 
-    def route(self, records: Mapping[str, ServerRecord], start: int, end: int, avoid: frozenset[str] | set[str],
-              *, model_id: str = "the model") -> list[RouteHop]:
+    def route(
+        self,
+        records: Mapping[str, ServerRecord],
+        start: int,
+        end: int,
+        avoid: frozenset[str] | set[str],
+        *,
+        model_id: str = "the model",
+    ) -> list[RouteHop]:
         """Hops over blocks [start, end): per segment, the first of primary and backups that
         is not avoided and has a live record covering the part needed."""
         hops, boundary = [], start
@@ -149,24 +190,37 @@ class JobPlan:
             if candidates is None:
                 raise NoProvidersError(model_id, boundary, end, hint="the job's plan does not cover these blocks")
             stop = min(candidates[0].end, end)
-            hop = next((RouteHop(p.peer_id, boundary, stop, records[p.peer_id]) for p in candidates
-                        if p.peer_id not in avoid and _serves(records.get(p.peer_id), boundary, stop)), None)
+            hop = next(
+                (
+                    RouteHop(p.peer_id, boundary, stop, records[p.peer_id])
+                    for p in candidates
+                    if p.peer_id not in avoid and _serves(records.get(p.peer_id), boundary, stop)
+                ),
+                None,
+            )
             if hop is None:
-                raise PlanExhaustedError(f"no planned provider is left for blocks {boundary}:{stop} (the primary and "
-                                         f"{len(candidates) - 1} backups failed, were excluded or are offline); ask "
-                                         f"the marketplace for a new plan", candidates)
+                raise PlanExhaustedError(
+                    f"no planned provider is left for blocks {boundary}:{stop} (the primary and "
+                    f"{len(candidates) - 1} backups failed, were excluded or are offline); ask "
+                    f"the marketplace for a new plan",
+                    candidates,
+                )
             hops.append(hop)
             boundary = stop
         return hops
 
-    def references(self, records: Mapping[str, ServerRecord], start: int, end: int,
-                   avoid: frozenset[str] | set[str]) -> list[tuple[RouteHop, JobTicket]]:
+    def references(
+        self, records: Mapping[str, ServerRecord], start: int, end: int, avoid: frozenset[str] | set[str]
+    ) -> list[tuple[RouteHop, JobTicket]]:
         """Planned providers other than ``avoid`` whose tickets and live records cover blocks
         [start, end): who may recompute a step of them (primaries of the segment first)."""
         found = []
         for provider in self.providers():
-            if (provider.peer_id not in avoid and provider.ticket.covers(start, end)
-                    and _serves(records.get(provider.peer_id), start, end)):
+            if (
+                provider.peer_id not in avoid
+                and provider.ticket.covers(start, end)
+                and _serves(records.get(provider.peer_id), start, end)
+            ):
                 found.append((RouteHop(provider.peer_id, start, end, records[provider.peer_id]), provider.ticket))
         return found
 
@@ -182,11 +236,19 @@ class SwarmJob:
     mirrors and countersigns receipts, and verifies; :class:`MarketJob` adds the REST side.
     """
 
-    def __init__(self, plan: JobPlan, identity: Identity, *, job_id: int, verify_rate: float = DEFAULT_VERIFY_RATE,
-                 upload: UploadReceipts | None = None,
-                 file_audit: Callable[[Mismatch | Equivocation], Any] | None = None,
-                 receipt_batch: int = 64, rng: random.Random | None = None,
-                 dispute: DisputeReceipt | None = None) -> None:
+    def __init__(
+        self,
+        plan: JobPlan,
+        identity: Identity,
+        *,
+        job_id: int,
+        verify_rate: float = DEFAULT_VERIFY_RATE,
+        upload: UploadReceipts | None = None,
+        file_audit: Callable[[Mismatch | Equivocation], Any] | None = None,
+        receipt_batch: int = 64,
+        rng: random.Random | None = None,
+        dispute: DisputeReceipt | None = None,
+    ) -> None:
         self.plan, self.identity, self.job_id = plan, identity, job_id
         self.collector = ReceiptCollector(identity, upload=upload, batch_size=receipt_batch, dispute=dispute)
         self.excluded: set[str] = set()  # caught returning wrong outputs: never used again by this job
@@ -194,15 +256,17 @@ class SwarmJob:
         self.audits: list[Any] = []  # what file_audit returned for each mismatch
         self.audit_errors: list[str] = []
         self._file_audit = file_audit
-        self.verifier: ShadowVerifier | None = ShadowVerifier(
-            rate=verify_rate, find_references=self._find_references, on_mismatch=self._report,
-            rng=rng) if verify_rate > 0 else None
+        self.verifier: ShadowVerifier | None = (
+            ShadowVerifier(rate=verify_rate, find_references=self._find_references, on_mismatch=self._report, rng=rng)
+            if verify_rate > 0
+            else None
+        )
         self._lanes: dict[tuple[str, object], str] = {}  # (ticket id, lane) -> session id of forwards/backwards
-        self._model: "DistributedModelForCausalLM | None" = None
+        self._model: DistributedModelForCausalLM | None = None
 
     # --- attaching to a model ----------------------------------------------------------------------
 
-    def attach(self, model: "DistributedModelForCausalLM") -> None:
+    def attach(self, model: DistributedModelForCausalLM) -> None:
         """Make ``model`` route by this job's plan and bill its sessions and calls to its tickets."""
         if model.info.num_blocks != self.plan.num_blocks:
             raise JobPlanError(f"the plan covers {self.plan.num_blocks} blocks, the model has {model.info.num_blocks}")
@@ -216,7 +280,7 @@ class SwarmJob:
             self._model.remote.billing = None
             self._model = None
 
-    def _records_model(self) -> "DistributedModelForCausalLM":
+    def _records_model(self) -> DistributedModelForCausalLM:
         if self._model is None:
             raise SwarmError("attach the job to a model first: job.attach(model)")
         return self._model
@@ -230,8 +294,7 @@ class SwarmJob:
     async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
         """The planned route over blocks [start, end) without ``avoid`` and excluded providers."""
         records = await self._records(start, end)
-        return self.plan.route(records, start, end, avoid | self.excluded,
-                               model_id=self._records_model().info.model_id)
+        return self.plan.route(records, start, end, avoid | self.excluded, model_id=self._records_model().info.model_id)
 
     def ticket_for(self, peer_id: str, start: int, end: int) -> JobTicket | None:
         return self.plan.ticket_for(peer_id, start, end)
@@ -259,24 +322,27 @@ class SwarmJob:
         checked = self.verifier is not None and lane != "verify"  # never verify the verification itself
         return SpanBilling(ticket, session_id, self.collector, lost, verify if checked else None)
 
-    async def _verify_forward(self, hop: RouteHop, ticket: JobTicket, session_id: str, header: dict[str, Any],
-                              hidden: Any, output: Any) -> None:
+    async def _verify_forward(
+        self, hop: RouteHop, ticket: JobTicket, session_id: str, header: dict[str, Any], hidden: Any, output: Any
+    ) -> None:
         """Spot-check a forward (scoring, training without deep prompts or adapters, whose
         outputs another provider can reproduce): on a mismatch the provider is excluded, an
         audit filed, and the request fails so that the caller re-routes it."""
         if self.verifier is None or "prompts" in header or "adapter_id" in header or not self.verifier.due():
             return
-        mismatch = await self.verifier.check(self._records_model().runtime.p2p, hop, ticket, session_id, hidden,
-                                             output)
+        mismatch = await self.verifier.check(self._records_model().runtime.p2p, hop, ticket, session_id, hidden, output)
         if mismatch is None:
             return
         self.exclude(hop.peer_id)
         await self.verifier.report(mismatch)
-        raise ProviderUnavailableError(hop.peer_id, f"its outputs differ from {mismatch.reference_peer}'s "
-                                                    f"({mismatch.comparison}); reported and replaced")
+        raise ProviderUnavailableError(
+            hop.peer_id,
+            f"its outputs differ from {mismatch.reference_peer}'s ({mismatch.comparison}); reported and replaced",
+        )
 
-    async def _find_references(self, start: int, end: int,
-                               avoid: frozenset[str]) -> list[tuple[RouteHop, SpanBilling | None]]:
+    async def _find_references(
+        self, start: int, end: int, avoid: frozenset[str]
+    ) -> list[tuple[RouteHop, SpanBilling | None]]:
         records = await self._records(start, end)
         found = self.plan.references(records, start, end, avoid | self.excluded | self._banned())
         return [(hop, self.span_billing(hop, "verify")) for hop, _ in found]
@@ -307,12 +373,20 @@ class SwarmJob:
 
     def summary(self) -> dict[str, Any]:
         """Receipts, verification and audits of the job so far."""
-        verification = self.verifier.stats.to_dict() if self.verifier is not None else {
-            "checked": 0, "mismatches": 0, "skipped": 0, "caught": []}
-        return {"job": self.job_id, "receipts": self.collector.summary(), "verification": verification,
-                "excluded": sorted(self.excluded), "audits": [getattr(a, "id", a) for a in self.audits],
-                "equivocations": [e.peer_id for e in self.equivocations],
-                "audit_errors": list(self.audit_errors)}
+        verification = (
+            self.verifier.stats.to_dict()
+            if self.verifier is not None
+            else {"checked": 0, "mismatches": 0, "skipped": 0, "caught": []}
+        )
+        return {
+            "job": self.job_id,
+            "receipts": self.collector.summary(),
+            "verification": verification,
+            "excluded": sorted(self.excluded),
+            "audits": [getattr(a, "id", a) for a in self.audits],
+            "equivocations": [e.peer_id for e in self.equivocations],
+            "audit_errors": list(self.audit_errors),
+        }
 
     @property
     def steps_verified(self) -> int:
@@ -331,36 +405,79 @@ def encode_tensor(tensor: Any) -> bytes:
 class MarketJob(SwarmJob):
     """A :class:`SwarmJob` created and settled through the marketplace's REST API."""
 
-    def __init__(self, client: "Client", job: "Job", plan: JobPlan, identity: Identity, *, platform_key: bytes,
-                 upload_receipts: bool = True, auto_replan: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        client: Client,
+        job: Job,
+        plan: JobPlan,
+        identity: Identity,
+        *,
+        platform_key: bytes,
+        upload_receipts: bool = True,
+        auto_replan: bool = True,
+        **kwargs: Any,
+    ) -> None:
         """``upload_receipts=False`` keeps countersigned receipts local (the providers' own
         uploads still get them paid, provider-signed only). ``auto_replan``: when every planned
         provider of a segment failed, report its primary and continue on the new plan."""
         self.client, self.job, self.platform_key, self.auto_replan = client, job, platform_key, auto_replan
-        super().__init__(plan, identity, job_id=job.id, upload=self._upload if upload_receipts else None,
-                         file_audit=self._file, dispute=self._dispute, **kwargs)
+        super().__init__(
+            plan,
+            identity,
+            job_id=job.id,
+            upload=self._upload if upload_receipts else None,
+            file_audit=self._file,
+            dispute=self._dispute,
+            **kwargs,
+        )
 
     @classmethod
-    def create(cls, client: "Client", *, model: str, budget: int, max_price: int, kind: str = "inference",
-               min_throughput: float | None = None, plan_timeout: float = 120.0, poll_interval: float = 0.5,
-               identity: Identity | None = None, **kwargs: Any) -> "MarketJob":
+    def create(
+        cls,
+        client: Client,
+        *,
+        model: str,
+        budget: int,
+        max_price: int,
+        kind: str = "inference",
+        min_throughput: float | None = None,
+        plan_timeout: float = 120.0,
+        poll_interval: float = 0.5,
+        identity: Identity | None = None,
+        **kwargs: Any,
+    ) -> MarketJob:
         """Create a job (holding ``budget``) with a fresh client key, wait for its plan and
         fetch its tickets. ``kwargs`` go to :class:`SwarmJob` (``verify_rate``, ...)."""
         identity = identity or Identity.generate()
-        job = client.jobs.create(model=model, kind=kind, budget=budget, max_price=max_price,
-                                 min_throughput=min_throughput, client_key=identity.public_key)
+        job = client.jobs.create(
+            model=model,
+            kind=kind,
+            budget=budget,
+            max_price=max_price,
+            min_throughput=min_throughput,
+            client_key=identity.public_key,
+        )
         return cls.open(client, job.id, identity, plan_timeout=plan_timeout, poll_interval=poll_interval, **kwargs)
 
     @classmethod
-    def open(cls, client: "Client", job_id: int, identity: Identity, *, plan_timeout: float = 120.0,
-             poll_interval: float = 0.5, **kwargs: Any) -> "MarketJob":
+    def open(
+        cls,
+        client: Client,
+        job_id: int,
+        identity: Identity,
+        *,
+        plan_timeout: float = 120.0,
+        poll_interval: float = 0.5,
+        **kwargs: Any,
+    ) -> MarketJob:
         """An existing job whose client key is ``identity`` (e.g. resumed from a checkpoint)."""
         job = wait_for_plan(client, job_id, timeout=plan_timeout, poll_interval=poll_interval)
         if job.client_key and job.client_key != identity.public_key.hex():
             raise JobPlanError(f"job {job_id} was created with another client key; open it with that identity")
         platform_key = client.platform.get().public_key_bytes
-        plan = JobPlan.from_tickets(client.jobs.tickets(job_id), platform_key=platform_key, job_id=job_id,
-                                    client_key=identity.public_key.hex())
+        plan = JobPlan.from_tickets(
+            client.jobs.tickets(job_id), platform_key=platform_key, job_id=job_id, client_key=identity.public_key.hex()
+        )
         return cls(client, job, plan, identity, platform_key=platform_key, **kwargs)
 
     async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
@@ -379,14 +496,20 @@ class MarketJob(SwarmJob):
     def replan(self, failed_provider: int) -> None:
         """Ask the scheduler to replace ``failed_provider`` (a primary) and switch to the new
         plan's tickets; :class:`JobPlanError` when nobody else serves its blocks."""
-        logger.warning(f"job {self.job_id}: no planned provider left for the blocks of provider {failed_provider}; "
-                       f"asking for a new plan")
+        logger.warning(
+            f"job {self.job_id}: no planned provider left for the blocks of provider {failed_provider}; "
+            f"asking for a new plan"
+        )
         try:
             self.client.jobs.replan(self.job_id, provider=failed_provider)
         except ConflictError as e:
             raise JobPlanError(f"job {self.job_id} cannot be re-planned: {e}") from e
-        self.plan = JobPlan.from_tickets(self.client.jobs.tickets(self.job_id), platform_key=self.platform_key,
-                                         job_id=self.job_id, client_key=self.identity.public_key.hex())
+        self.plan = JobPlan.from_tickets(
+            self.client.jobs.tickets(self.job_id),
+            platform_key=self.platform_key,
+            job_id=self.job_id,
+            client_key=self.identity.public_key.hex(),
+        )
 
     def tickets_expiring(self, now: float | None = None) -> bool:
         soonest = min(p.ticket.expires_at for p in self.plan.providers())
@@ -396,15 +519,17 @@ class MarketJob(SwarmJob):
         """New tickets (new ids, a later expiry) for the job's current plan. Open sessions
         keep the tickets they were opened with; new sessions and requests use the new ones."""
         entries = self.client.jobs.renew_tickets(self.job_id)
-        self.plan = JobPlan.from_tickets(entries, platform_key=self.platform_key, job_id=self.job_id,
-                                         client_key=self.identity.public_key.hex())
+        self.plan = JobPlan.from_tickets(
+            entries, platform_key=self.platform_key, job_id=self.job_id, client_key=self.identity.public_key.hex()
+        )
         logger.info(f"renewed the {len(entries)} tickets of job {self.job_id}")
 
-    def attach(self, model: "DistributedModelForCausalLM") -> None:
+    def attach(self, model: DistributedModelForCausalLM) -> None:
         for provider in self.plan.providers():
             if provider.ticket.model_id != model.info.model_id:
-                raise JobPlanError(f"job {self.job_id} is for model {provider.ticket.model_id}, not "
-                                   f"{model.info.model_id}")
+                raise JobPlanError(
+                    f"job {self.job_id} is for model {provider.ticket.model_id}, not {model.info.model_id}"
+                )
         super().attach(model)
         if self.job.state == "planned":
             try:
@@ -413,8 +538,9 @@ class MarketJob(SwarmJob):
                 pass  # someone (another process of ours, the scheduler) moved it already
 
     def _upload(self, receipts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"status": r.status, "code": r.code, "message": r.message}
-                for r in self.client.receipts.upload(receipts)]
+        return [
+            {"status": r.status, "code": r.code, "message": r.message} for r in self.client.receipts.upload(receipts)
+        ]
 
     def _dispute(self, receipt: dict[str, Any], code: str, message: str) -> Any:
         return self.client.receipts.dispute(self.job_id, receipt, code=code, message=message)
@@ -423,9 +549,11 @@ class MarketJob(SwarmJob):
         if isinstance(mismatch, Equivocation):
             if mismatch.ticket is None:
                 raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
-            return self.client.audits.create_equivocation(job=self.job_id, ticket_id=mismatch.ticket.ticket_id,
-                                                          records=[r.to_dict() for r in (mismatch.returned,
-                                                                                         mismatch.pushed)])
+            return self.client.audits.create_equivocation(
+                job=self.job_id,
+                ticket_id=mismatch.ticket.ticket_id,
+                records=[r.to_dict() for r in (mismatch.returned, mismatch.pushed)],
+            )
         if mismatch.ticket is None:
             raise JobPlanError(f"no ticket of job {self.job_id} names {mismatch.peer_id}: nothing to audit")
         evidence = self.collector.evidence(mismatch.ticket, mismatch.session_id, mismatch.claimed)
@@ -433,15 +561,26 @@ class MarketJob(SwarmJob):
         if evidence is None:
             # Without proof the provider signed for the output, the audit puts credits at stake.
             deposit = self.client.platform.get().audit_deposit
-            logger.warning(f"no receipt of {mismatch.peer_id} covers the disputed output; auditing without evidence "
-                           f"on a deposit of {deposit} micro-credits")
+            logger.warning(
+                f"no receipt of {mismatch.peer_id} covers the disputed output; auditing without evidence "
+                f"on a deposit of {deposit} micro-credits"
+            )
         return self.client.audits.create(
-            job=self.job_id, ticket_id=mismatch.ticket.ticket_id, session_id=mismatch.session_id,
-            start=mismatch.start, end=mismatch.end, dtype=mismatch.dtype, reference_peer=mismatch.reference_peer,
-            inputs=encode_tensor(mismatch.inputs), claimed=encode_tensor(mismatch.claimed),
-            reference=encode_tensor(mismatch.reference), evidence=evidence, deposit=deposit)
+            job=self.job_id,
+            ticket_id=mismatch.ticket.ticket_id,
+            session_id=mismatch.session_id,
+            start=mismatch.start,
+            end=mismatch.end,
+            dtype=mismatch.dtype,
+            reference_peer=mismatch.reference_peer,
+            inputs=encode_tensor(mismatch.inputs),
+            claimed=encode_tensor(mismatch.claimed),
+            reference=encode_tensor(mismatch.reference),
+            evidence=evidence,
+            deposit=deposit,
+        )
 
-    def __enter__(self) -> "MarketJob":
+    def __enter__(self) -> MarketJob:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -464,7 +603,7 @@ class MarketJob(SwarmJob):
         return {**self.summary(), "state": self.job.state}
 
 
-def wait_for_plan(client: "Client", job_id: int, *, timeout: float = 120.0, poll_interval: float = 0.5) -> "Job":
+def wait_for_plan(client: Client, job_id: int, *, timeout: float = 120.0, poll_interval: float = 0.5) -> Job:
     """Poll the job until the scheduler planned it; :class:`JobPlanError` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -474,7 +613,9 @@ def wait_for_plan(client: "Client", job_id: int, *, timeout: float = 120.0, poll
         if job.state in _DEAD_STATES:
             raise JobPlanError(f"job {job_id} is {job.state}; it will not be planned")
         if time.monotonic() >= deadline:
-            raise JobPlanError(f"job {job_id} has no plan after {timeout:.0f} s (state {job.state}): no online "
-                               f"providers may cover its model within its max_price, or the scheduler is not "
-                               f"running; see `hivemart jobs show {job_id}`")
+            raise JobPlanError(
+                f"job {job_id} has no plan after {timeout:.0f} s (state {job.state}): no online "
+                f"providers may cover its model within its max_price, or the scheduler is not "
+                f"running; see `hivemart jobs show {job_id}`"
+            )
         time.sleep(poll_interval)

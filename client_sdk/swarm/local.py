@@ -13,13 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from client_sdk.errors import SwarmError
 from client_sdk.processes import log_tail, stop_processes
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.errors import SwarmError
+from hivemart_core.swarm.p2p import die_with_parent
 
 __all__ = ["LocalSwarm", "AgentProcess"]
 
@@ -69,7 +69,10 @@ class LocalSwarm:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "provider_agent", *args, "--ready-file", str(ready_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         return process, ready_file, log_path
 
@@ -78,8 +81,9 @@ class LocalSwarm:
         while not ready_file.exists():
             if process.poll() is not None:
                 agent = AgentProcess(process, {}, log_path, name)
-                raise SwarmError(f"{name} exited with code {process.returncode} before it was ready:\n"
-                                 f"{agent.log_tail()}")
+                raise SwarmError(
+                    f"{name} exited with code {process.returncode} before it was ready:\n{agent.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 process.kill()
                 raise SwarmError(f"{name} was not ready within {self.startup_timeout:.0f} s; see {log_path}")
@@ -94,35 +98,81 @@ class LocalSwarm:
         self.bootstrap = self._spawn("dht", ["dht"])
         return self.bootstrap
 
-    def start_agent(self, model_path: str | Path, start: int, end: int, *, name: str | None = None,
-                    extra_args: Sequence[str] = (), torch_threads: int = 1) -> AgentProcess:
+    def start_agent(
+        self,
+        model_path: str | Path,
+        start: int,
+        end: int,
+        *,
+        name: str | None = None,
+        extra_args: Sequence[str] = (),
+        torch_threads: int = 1,
+    ) -> AgentProcess:
         """Start an agent serving blocks ``[start, end)`` and wait until it announced itself."""
-        return self.start_agents(model_path, [(start, end)], names=[name] if name else None,
-                                 extra_args=extra_args, torch_threads=torch_threads)[0]
+        return self.start_agents(
+            model_path,
+            [(start, end)],
+            names=[name] if name else None,
+            extra_args=extra_args,
+            torch_threads=torch_threads,
+        )[0]
 
-    def start_placed_agent(self, model_path: str | Path, num_blocks: int, *, name: str | None = None,
-                           extra_args: Sequence[str] = (), torch_threads: int = 1) -> AgentProcess:
+    def start_placed_agent(
+        self,
+        model_path: str | Path,
+        num_blocks: int,
+        *,
+        name: str | None = None,
+        extra_args: Sequence[str] = (),
+        torch_threads: int = 1,
+    ) -> AgentProcess:
         """Start an agent that serves ``num_blocks`` blocks wherever the swarm needs them most."""
         name = name or f"agent{len(self.agents)}-placed"
-        args = ["run", "--model", str(model_path), "--num-blocks", str(num_blocks),
-                "--identity", str(self.workdir / f"{name}.key"), "--torch-threads", str(torch_threads),
-                *[a for peer in self.initial_peers for a in ("--initial-peers", peer)], *extra_args]
+        args = [
+            "run",
+            "--model",
+            str(model_path),
+            "--num-blocks",
+            str(num_blocks),
+            "--identity",
+            str(self.workdir / f"{name}.key"),
+            "--torch-threads",
+            str(torch_threads),
+            *[a for peer in self.initial_peers for a in ("--initial-peers", peer)],
+            *extra_args,
+        ]
         agent = self._spawn(name, args)
         self.agents.append(agent)
         return agent
 
-    def start_agents(self, model_path: str | Path, spans: Sequence[tuple[int, int]], *,
-                     names: Sequence[str] | None = None, extra_args: Sequence[str] = (),
-                     torch_threads: int = 1) -> list[AgentProcess]:
+    def start_agents(
+        self,
+        model_path: str | Path,
+        spans: Sequence[tuple[int, int]],
+        *,
+        names: Sequence[str] | None = None,
+        extra_args: Sequence[str] = (),
+        torch_threads: int = 1,
+    ) -> list[AgentProcess]:
         """Start one agent per span at once (start-up is mostly imports and loading) and wait
         until all of them announced themselves."""
         launched = []
         try:
             for i, (start, end) in enumerate(spans):
                 name = names[i] if names else f"agent{len(self.agents) + i}-{start}-{end}"
-                args = ["run", "--model", str(model_path), "--blocks", f"{start}:{end}",
-                        "--identity", str(self.workdir / f"{name}.key"), "--torch-threads", str(torch_threads),
-                        *[a for peer in self.initial_peers for a in ("--initial-peers", peer)], *extra_args]
+                args = [
+                    "run",
+                    "--model",
+                    str(model_path),
+                    "--blocks",
+                    f"{start}:{end}",
+                    "--identity",
+                    str(self.workdir / f"{name}.key"),
+                    "--torch-threads",
+                    str(torch_threads),
+                    *[a for peer in self.initial_peers for a in ("--initial-peers", peer)],
+                    *extra_args,
+                ]
                 launched.append((name, *self._launch(name, args)))
             agents = [self._wait_ready(*entry) for entry in launched]
         except BaseException:
@@ -152,7 +202,7 @@ class LocalSwarm:
             processes.append(self.bootstrap.process)
         stop_processes(processes)
 
-    def __enter__(self) -> "LocalSwarm":
+    def __enter__(self) -> LocalSwarm:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,20 +8,20 @@ chain of providers. ``model(input_ids)`` supports autograd (backward calls each 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
-from client_sdk.errors import HivemartError
-from client_sdk.models import ClientParts, ModelInfo, load_client_parts, load_model_info
 from client_sdk.swarm.bans import PeerBans
-from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.remote import RemoteBlocks, RemoteLora
 from client_sdk.swarm.routing import DEFAULT_HOP_COST_S, RouteHop, find_route
-from client_sdk.swarm.runtime import SwarmRuntime
 from client_sdk.swarm.session import ChainSession, SessionJob
+from hivemart_core.errors import HivemartError
+from hivemart_core.models import ClientParts, ModelInfo, load_client_parts, load_model_info
+from hivemart_core.swarm.dht import fetch_span_records
+from hivemart_core.swarm.runtime import SwarmRuntime
 
 __all__ = ["DistributedModelForCausalLM", "GenerationSession"]
 
@@ -41,8 +41,16 @@ class GenerationSession:
 class DistributedModelForCausalLM(torch.nn.Module):
     """``DistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])``."""
 
-    def __init__(self, info: ModelInfo, parts: ClientParts, runtime: SwarmRuntime, *, owns_runtime: bool,
-                 push: bool = True, hop_cost_s: float = DEFAULT_HOP_COST_S) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        parts: ClientParts,
+        runtime: SwarmRuntime,
+        *,
+        owns_runtime: bool,
+        push: bool = True,
+        hop_cost_s: float = DEFAULT_HOP_COST_S,
+    ) -> None:
         super().__init__()
         self.info, self.parts, self.runtime = info, parts, runtime
         self._owns_runtime = owns_runtime
@@ -56,9 +64,16 @@ class DistributedModelForCausalLM(torch.nn.Module):
             self.add_module(name, module)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, initial_peers: Sequence[str] = (),
-                        runtime: SwarmRuntime | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", push: bool = True) -> "DistributedModelForCausalLM":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        initial_peers: Sequence[str] = (),
+        runtime: SwarmRuntime | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        push: bool = True,
+    ) -> DistributedModelForCausalLM:
         """Load the client-side parts of the checkpoint at ``path`` (in ``dtype`` on
         ``device``) and connect to the swarm through ``runtime`` or ``initial_peers``."""
         info = load_model_info(path)
@@ -80,8 +95,16 @@ class DistributedModelForCausalLM(torch.nn.Module):
         if self.job is not None:
             return await self.job.find_route(start, end, avoid | self.bans.banned())
         records = await fetch_span_records(self.runtime.dht, self.info.model_id, range(start, end))
-        return find_route(records.values(), self.info.model_id, start, end, hop_cost_s=self.hop_cost_s,
-                          avoid=avoid | self.bans.banned(), verified=self.bans.served(), free=True)
+        return find_route(
+            records.values(),
+            self.info.model_id,
+            start,
+            end,
+            hop_cost_s=self.hop_cost_s,
+            avoid=avoid | self.bans.banned(),
+            verified=self.bans.served(),
+            free=True,
+        )
 
     async def _route(self) -> list[RouteHop]:
         return await self._find_route(0, self.info.num_blocks)
@@ -96,8 +119,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
     def _client_dtype(self) -> torch.dtype:
         return self.parts.lm_head.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, *, deep_prompts: torch.Tensor | None = None,
-                lora: RemoteLora | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, *, deep_prompts: torch.Tensor | None = None, lora: RemoteLora | None = None
+    ) -> torch.Tensor:
         """Logits ``[batch, tokens, vocab]`` for ``input_ids``; differentiable with respect to
         the client-side parameters (and the input embeddings) through the remote blocks, and
         to ``deep_prompts`` and ``lora.weights`` when given (see :meth:`run_blocks`)."""
@@ -105,8 +129,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
         hidden = self.run_blocks(hidden, deep_prompts=deep_prompts, lora=lora)
         return self.parts.logits(hidden.to(self._client_dtype))
 
-    def run_blocks(self, hidden: torch.Tensor, *, deep_prompts: torch.Tensor | None = None,
-                   lora: RemoteLora | None = None) -> torch.Tensor:
+    def run_blocks(
+        self, hidden: torch.Tensor, *, deep_prompts: torch.Tensor | None = None, lora: RemoteLora | None = None
+    ) -> torch.Tensor:
         """Hidden states after all blocks, with autograd (backward calls ``rpc_backward``).
 
         ``deep_prompts`` ``[num_blocks, batch or 1, prefix, hidden]`` are added by each block
@@ -128,17 +153,34 @@ class DistributedModelForCausalLM(torch.nn.Module):
             self.runtime.run(session.close())
 
     async def _open_chain(self, max_length: int, batch_size: int) -> ChainSession:
-        chain = ChainSession(self.runtime.p2p, await self._route(), max_length=max_length, batch_size=batch_size,
-                             push=self.push, find_route=self._find_route, bans=self.bans, job=self.job)
+        chain = ChainSession(
+            self.runtime.p2p,
+            await self._route(),
+            max_length=max_length,
+            batch_size=batch_size,
+            push=self.push,
+            find_route=self._find_route,
+            bans=self.bans,
+            job=self.job,
+        )
         await chain.open()
         return chain
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, session: GenerationSession | None = None,
-                 eos_token_id: int | None = None,
-                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        session: GenerationSession | None = None,
+        eos_token_id: int | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` after ``input_ids`` [batch, tokens].
 
         Returns the prompt followed by the new tokens, like ``transformers``. Within a
@@ -154,23 +196,40 @@ class DistributedModelForCausalLM(torch.nn.Module):
             if input_ids is None:
                 raise ValueError("input_ids is required outside of an inference session")
             with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as fresh:
-                return self.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                                     session=fresh, eos_token_id=eos_token_id, on_token=on_token)
+                return self.generate(
+                    input_ids,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=generator,
+                    session=fresh,
+                    eos_token_id=eos_token_id,
+                    on_token=on_token,
+                )
         sampler = _Sampler(do_sample, temperature, top_k, top_p, generator)
         return self.runtime.run(self._generate(session, input_ids, max_new_tokens, sampler, eos_token_id, on_token))
 
-    async def _generate(self, session: GenerationSession, input_ids: torch.Tensor | None, max_new_tokens: int,
-                        sampler: "_Sampler", eos_token_id: int | None,
-                        on_token: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    async def _generate(
+        self,
+        session: GenerationSession,
+        input_ids: torch.Tensor | None,
+        max_new_tokens: int,
+        sampler: _Sampler,
+        eos_token_id: int | None,
+        on_token: Callable[[torch.Tensor], None] | None,
+    ) -> torch.Tensor:
         pending = [t for t in (session.last_token, input_ids) if t is not None]
         if not pending:
             raise ValueError("nothing to continue from: pass input_ids")
         feed = torch.cat(pending, dim=1)
         needed = session.position + feed.shape[1] + max_new_tokens - 1
         if needed > session.chain.max_length:
-            raise HivemartError(f"this generation needs {needed} positions but the session holds at most "
-                                f"{session.chain.max_length}; open it with a larger max_length")
+            raise HivemartError(
+                f"this generation needs {needed} positions but the session holds at most "
+                f"{session.chain.max_length}; open it with a larger max_length"
+            )
         outputs = [input_ids] if input_ids is not None else []
         finished = torch.zeros(feed.shape[0], dtype=torch.bool)
         for _ in range(max_new_tokens):
@@ -193,8 +252,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
 class _Sampler:
     """Greedy or temperature / top-k / top-p sampling of the next token."""
 
-    def __init__(self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                 generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        do_sample: bool,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+    ) -> None:
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         if top_k is not None and top_k < 1:

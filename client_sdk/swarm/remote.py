@@ -30,22 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import torch
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import (
-    NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, StreamBrokenError, SwarmError,
-)
-from client_sdk.finetune.lora import LoraSpec, block_numel, init_weights
-from client_sdk.protocol.framing import Message
-from client_sdk.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
 from client_sdk.swarm.bans import PeerBans
-from client_sdk.swarm.connection import ProviderConnection, SpanBilling
 from client_sdk.swarm.routing import RouteHop
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.errors import (
+    NoProvidersError,
+    ProtocolError,
+    ProviderUnavailableError,
+    RemoteError,
+    StreamBrokenError,
+    SwarmError,
+)
+from hivemart_core.models.lora import LoraSpec, block_numel, init_weights
+from hivemart_core.protocol.framing import Message
+from hivemart_core.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
+from hivemart_core.swarm.connection import ProviderConnection, SpanBilling
+from hivemart_core.swarm.runtime import SwarmRuntime
 
 __all__ = ["RemoteBlocks", "RemoteLora"]
 
@@ -62,19 +68,27 @@ class RemoteLora:
     """A LoRA adapter over all blocks of a model whose master weights the client holds.
 
     ``weights`` is a ``[num_blocks, per_block]`` float32 parameter (layout in
-    :mod:`client_sdk.finetune.lora`); train it with any torch optimizer. Providers get
+    :mod:`hivemart_core.models.lora`); train it with any torch optimizer. Providers get
     copies of their spans' rows, created from ``seed`` while the master is untouched and
     uploaded otherwise, and re-uploaded after every change of the master.
     """
 
-    def __init__(self, spec: LoraSpec, shapes: Mapping[str, tuple[int, int]], num_blocks: int, *,
-                 seed: int = 0, weights: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        spec: LoraSpec,
+        shapes: Mapping[str, tuple[int, int]],
+        num_blocks: int,
+        *,
+        seed: int = 0,
+        weights: torch.Tensor | None = None,
+    ) -> None:
         self.spec, self.shapes, self.num_blocks, self.seed = spec, dict(shapes), num_blocks, seed
         self.per_block = block_numel(spec, shapes)
         initial = init_weights(spec, shapes, seed, 0, num_blocks) if weights is None else weights.float().clone()
         if tuple(initial.shape) != (num_blocks, self.per_block):
-            raise ValueError(f"adapter weights must have shape [{num_blocks}, {self.per_block}], "
-                             f"got {list(initial.shape)}")
+            raise ValueError(
+                f"adapter weights must have shape [{num_blocks}, {self.per_block}], got {list(initial.shape)}"
+            )
         self.weights = torch.nn.Parameter(initial)
         self._pristine_version = self.weights._version if weights is None else -1
         # (peer_id, start, end) -> (adapter id, master version the provider holds)
@@ -93,8 +107,7 @@ class RemoteLora:
     def forget(self, peer_id: str, start: int, end: int) -> None:
         self._placed.pop((peer_id, start, end), None)
 
-    async def ensure(self, connection: ProviderConnection, start: int, end: int,
-                     timeout: float | None) -> str:
+    async def ensure(self, connection: ProviderConnection, start: int, end: int, timeout: float | None) -> str:
         """Make sure the provider holds the current weights of blocks [start, end); its adapter id."""
         key = (connection.peer_id, start, end)
         async with self._locks.setdefault(key, asyncio.Lock()):
@@ -104,11 +117,20 @@ class RemoteLora:
             if placed is None:
                 adapter_id = secrets.token_urlsafe(12)
                 ticket = connection.billing.ticket.to_dict() if connection.billing is not None else None
-                request = AdapterRequest("create", adapter_id, start, end, self.spec.rank, self.spec.alpha,
-                                         self.spec.targets, self.seed if version == self._pristine_version else None,
-                                         ticket=ticket)
-                await connection.call(RPC_ADAPTER, request.to_header(), () if request.seed is not None else (rows,),
-                                      timeout)
+                request = AdapterRequest(
+                    "create",
+                    adapter_id,
+                    start,
+                    end,
+                    self.spec.rank,
+                    self.spec.alpha,
+                    self.spec.targets,
+                    self.seed if version == self._pristine_version else None,
+                    ticket=ticket,
+                )
+                await connection.call(
+                    RPC_ADAPTER, request.to_header(), () if request.seed is not None else (rows,), timeout
+                )
             elif placed[1] != version:
                 adapter_id = placed[0]
                 await connection.call(RPC_ADAPTER, AdapterRequest("set", adapter_id).to_header(), (rows,), timeout)
@@ -119,10 +141,12 @@ class RemoteLora:
 
     async def release(self, p2p: Any, timeout: float = 10.0) -> None:
         """Delete every copy on the providers (best effort: unreachable ones expire it)."""
+
         async def delete(key: tuple[str, int, int], adapter_id: str) -> None:
             try:
                 await ProviderConnection(p2p, key[0]).call(
-                    RPC_ADAPTER, AdapterRequest("delete", adapter_id).to_header(), (), timeout)
+                    RPC_ADAPTER, AdapterRequest("delete", adapter_id).to_header(), (), timeout
+                )
             except (ProviderUnavailableError, RemoteError) as e:
                 logger.info(f"could not delete adapter {adapter_id} on {key[0]}: {e}")
 
@@ -178,18 +202,24 @@ class RemoteBlocks:
     # lane tells concurrent chunks apart (see client_sdk.swarm.job.SwarmJob.span_billing).
     billing: Callable[[RouteHop, object], SpanBilling | None] | None = None
 
-    def __call__(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None,
-                 lora: RemoteLora | None = None) -> torch.Tensor:
+    def __call__(
+        self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, lora: RemoteLora | None = None
+    ) -> torch.Tensor:
         """``hidden`` [batch, tokens, hidden] after every block; differentiable with respect to
         ``hidden``, the deep ``prompts`` [num_blocks, batch or 1, prefix, hidden] and
         ``lora.weights``."""
         if hidden.ndim != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
             raise ValueError(f"hidden must have shape [batch, tokens, hidden], got {list(hidden.shape)}")
-        if prompts is not None and (prompts.ndim != 4 or prompts.shape[0] != self.num_blocks
-                                    or prompts.shape[1] not in (1, hidden.shape[0])
-                                    or not 1 <= prompts.shape[2] <= hidden.shape[1]):
-            raise ValueError(f"deep prompts must have shape [{self.num_blocks}, 1 or {hidden.shape[0]}, prefix, "
-                             f"{hidden.shape[2]}], got {list(prompts.shape)}")
+        if prompts is not None and (
+            prompts.ndim != 4
+            or prompts.shape[0] != self.num_blocks
+            or prompts.shape[1] not in (1, hidden.shape[0])
+            or not 1 <= prompts.shape[2] <= hidden.shape[1]
+        ):
+            raise ValueError(
+                f"deep prompts must have shape [{self.num_blocks}, 1 or {hidden.shape[0]}, prefix, "
+                f"{hidden.shape[2]}], got {list(prompts.shape)}"
+            )
         weights = lora.weights if lora is not None else None
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, prompts, weights))
         return _RemoteBlocksFunction.apply(hidden, prompts, weights, self, lora, keep)
@@ -208,8 +238,9 @@ class RemoteBlocks:
     async def forward_chunks(self, chunks: list[_Chunk], lora: RemoteLora | None) -> list[torch.Tensor]:
         return list(await asyncio.gather(*(self._forward_chunk(c, lora) for c in chunks)))
 
-    async def backward_chunks(self, chunks: list[_Chunk], grad: torch.Tensor, lora: RemoteLora | None,
-                              grads: _Grads) -> list[torch.Tensor]:
+    async def backward_chunks(
+        self, chunks: list[_Chunk], grad: torch.Tensor, lora: RemoteLora | None, grads: _Grads
+    ) -> list[torch.Tensor]:
         return list(await asyncio.gather(*(self._backward_chunk(c, grad[c.rows], lora, grads) for c in chunks)))
 
     # --- one hop ----------------------------------------------------------------------------------
@@ -219,8 +250,15 @@ class RemoteBlocks:
             return None
         return chunk.prompts[hop.start : hop.end].to(dtype).contiguous()
 
-    async def _call(self, rpc: str, hop: RouteHop, chunk: _Chunk, tensors: tuple[torch.Tensor, ...],
-                    lora: RemoteLora | None, graph_id: str | None = None) -> Message:
+    async def _call(
+        self,
+        rpc: str,
+        hop: RouteHop,
+        chunk: _Chunk,
+        tensors: tuple[torch.Tensor, ...],
+        lora: RemoteLora | None,
+        graph_id: str | None = None,
+    ) -> Message:
         """One forward or backward on ``hop``, retried there when its stream broke; provider
         failures raise _SpanFailed."""
         delay = self.retry_delay_s
@@ -235,8 +273,15 @@ class RemoteBlocks:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _call_once(self, rpc: str, hop: RouteHop, chunk: _Chunk, tensors: tuple[torch.Tensor, ...],
-                         lora: RemoteLora | None, graph_id: str | None = None) -> Message:
+    async def _call_once(
+        self,
+        rpc: str,
+        hop: RouteHop,
+        chunk: _Chunk,
+        tensors: tuple[torch.Tensor, ...],
+        lora: RemoteLora | None,
+        graph_id: str | None = None,
+    ) -> Message:
         """One forward or backward on ``hop``; adapter placement and an expired adapter are
         handled here, provider failures raise _SpanFailed."""
         billing = self.billing(hop, chunk.rows.start) if self.billing is not None else None
@@ -247,9 +292,13 @@ class RemoteBlocks:
             try:
                 adapter_id = None if lora is None else await lora.ensure(connection, hop.start, hop.end, self.timeout)
                 lora_grads = lora is not None and lora.weights.requires_grad and chunk.keep
-                tuning = (SpanTuning(prompts=prompts is not None, adapter_id=adapter_id, lora_grads=lora_grads,
-                                     graph_id=graph_id)
-                          if prompts is not None or adapter_id is not None or graph_id is not None else None)
+                tuning = (
+                    SpanTuning(
+                        prompts=prompts is not None, adapter_id=adapter_id, lora_grads=lora_grads, graph_id=graph_id
+                    )
+                    if prompts is not None or adapter_id is not None or graph_id is not None
+                    else None
+                )
                 header = SpanRequest(hop.start, hop.end, tuning=tuning).to_header()
                 sent = tensors + ((prompts,) if prompts is not None else ())
                 return await connection.call(rpc, header, sent, self.timeout)
@@ -264,28 +313,38 @@ class RemoteBlocks:
                 raise _SpanFailed(hop.peer_id, e) from e
         raise _SpanFailed(hop.peer_id, SwarmError(f"provider {hop.peer_id} keeps forgetting our adapter"))
 
-    async def _hop_forward(self, hop: RouteHop, chunk: _Chunk, hidden: torch.Tensor, lora: RemoteLora | None,
-                           graph_id: str | None = None) -> torch.Tensor:
+    async def _hop_forward(
+        self, hop: RouteHop, chunk: _Chunk, hidden: torch.Tensor, lora: RemoteLora | None, graph_id: str | None = None
+    ) -> torch.Tensor:
         reply = await self._call(RPC_FORWARD, hop, chunk, (hidden,), lora, graph_id)
         if len(reply.tensors) != 1 or reply.tensors[0].shape != hidden.shape:
-            raise ProtocolError(f"provider {hop.peer_id} answered a forward with tensors "
-                                f"{[list(t.shape) for t in reply.tensors]}, expected one of {list(hidden.shape)}")
+            raise ProtocolError(
+                f"provider {hop.peer_id} answered a forward with tensors "
+                f"{[list(t.shape) for t in reply.tensors]}, expected one of {list(hidden.shape)}"
+            )
         return reply.tensors[0]
 
-    async def _hop_backward(self, hop: RouteHop, chunk: _Chunk, hidden: torch.Tensor, grad: torch.Tensor,
-                            lora: RemoteLora | None, graph_id: str | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    async def _hop_backward(
+        self,
+        hop: RouteHop,
+        chunk: _Chunk,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        lora: RemoteLora | None,
+        graph_id: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         lora_grads = lora is not None and lora.weights.requires_grad and chunk.keep
-        reply = await self._call(RPC_BACKWARD, hop, chunk, (hidden, grad.to(hidden.dtype).contiguous()), lora,
-                                 graph_id)
+        reply = await self._call(RPC_BACKWARD, hop, chunk, (hidden, grad.to(hidden.dtype).contiguous()), lora, graph_id)
         expected = [tuple(hidden.shape)]
         if chunk.prompts is not None:
             expected.append((hop.end - hop.start, *chunk.prompts.shape[1:]))
         if lora_grads:
             expected.append((hop.end - hop.start, lora.per_block))
         if [tuple(t.shape) for t in reply.tensors] != expected:
-            raise ProtocolError(f"provider {hop.peer_id} answered a backward with tensors "
-                                f"{[list(t.shape) for t in reply.tensors]}, expected {expected}")
+            raise ProtocolError(
+                f"provider {hop.peer_id} answered a backward with tensors "
+                f"{[list(t.shape) for t in reply.tensors]}, expected {expected}"
+            )
         grad_prompts = reply.tensors[1] if chunk.prompts is not None else None
         return reply.tensors[0], grad_prompts, reply.tensors[-1] if lora_grads else None
 
@@ -293,26 +352,36 @@ class RemoteBlocks:
 
     async def _replace(self, failure: _SpanFailed, start: int, end: int, attempts: int) -> list[RouteHop]:
         if attempts > self.max_failovers:
-            raise SwarmError(f"blocks {start}:{end} failed {attempts} times in a row; last: {failure.error}") \
-                from failure.error
+            raise SwarmError(
+                f"blocks {start}:{end} failed {attempts} times in a row; last: {failure.error}"
+            ) from failure.error
         duration = self.bans.failed(failure.peer_id)
-        logger.info(f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}); "
-                    f"banned for {duration:.0f} s, re-routing")
+        logger.info(
+            f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}); "
+            f"banned for {duration:.0f} s, re-routing"
+        )
         try:
             route = await self.find_route(start, end, frozenset({failure.peer_id}))
         except SwarmError as e:  # no provider (NoProvidersError) or no plan (a job's JobPlanError) without it
             route = await self._same_provider_again(failure, start, end, attempts, e)
-        self.failovers.append({"peer_id": failure.peer_id, "blocks": [start, end], "reason": str(failure.error),
-                               "replacement": [h.peer_id for h in route]})
+        self.failovers.append(
+            {
+                "peer_id": failure.peer_id,
+                "blocks": [start, end],
+                "reason": str(failure.error),
+                "replacement": [h.peer_id for h in route],
+            }
+        )
         return route
 
-    async def _same_provider_again(self, failure: _SpanFailed, start: int, end: int, attempts: int,
-                                   error: SwarmError) -> list[RouteHop]:
+    async def _same_provider_again(
+        self, failure: _SpanFailed, start: int, end: int, attempts: int, error: SwarmError
+    ) -> list[RouteHop]:
         """The last resort when nobody else serves the blocks: the provider that failed, if it
         is still announced and its failure was one it may recover from, after a pause. A job
         must not fail while a live provider serves its blocks; ``max_failovers`` bounds this."""
         if isinstance(failure.error, (ProviderUnavailableError, RemoteError)):
-            await asyncio.sleep(min(self.retry_delay_s * 2 ** attempts, 5.0))
+            await asyncio.sleep(min(self.retry_delay_s * 2**attempts, 5.0))
             self.bans.succeeded(failure.peer_id)  # lift our own ban: it is the only way on
             try:
                 route = await self.find_route(start, end, frozenset())
@@ -322,8 +391,10 @@ class RemoteBlocks:
                 logger.info(f"no other provider serves blocks {start}:{end}; trying {failure.peer_id} again")
                 return route
         if isinstance(error, NoProvidersError):
-            raise SwarmError(f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}) and no "
-                             f"other provider can take them: {error}") from failure.error
+            raise SwarmError(
+                f"provider {failure.peer_id} failed on blocks {start}:{end} ({failure.error}) and no "
+                f"other provider can take them: {error}"
+            ) from failure.error
         raise error  # a job's JobPlanError and the like, as they are
 
     async def _forward_chunk(self, chunk: _Chunk, lora: RemoteLora | None) -> torch.Tensor:
@@ -345,15 +416,23 @@ class RemoteBlocks:
             index += 1
         return hidden
 
-    async def _backward_chunk(self, chunk: _Chunk, grad: torch.Tensor, lora: RemoteLora | None,
-                              grads: _Grads) -> torch.Tensor:
+    async def _backward_chunk(
+        self, chunk: _Chunk, grad: torch.Tensor, lora: RemoteLora | None, grads: _Grads
+    ) -> torch.Tensor:
         for hop, hop_input, graph_id in reversed(chunk.trace):
             grad = await self._backward_span(hop, hop_input, graph_id, grad, chunk, lora, grads)
         return grad
 
-    async def _backward_span(self, hop: RouteHop, hop_input: torch.Tensor, graph_id: str | None,
-                             grad: torch.Tensor, chunk: _Chunk, lora: RemoteLora | None,
-                             grads: _Grads) -> torch.Tensor:
+    async def _backward_span(
+        self,
+        hop: RouteHop,
+        hop_input: torch.Tensor,
+        graph_id: str | None,
+        grad: torch.Tensor,
+        chunk: _Chunk,
+        lora: RemoteLora | None,
+        grads: _Grads,
+    ) -> torch.Tensor:
         """Backward through blocks [hop.start, hop.end) from the input recorded in forward,
         on ``hop`` or, after failures, on replacements."""
         hops: list[tuple[RouteHop, torch.Tensor, str | None]] | None = [(hop, hop_input, graph_id)]
@@ -364,8 +443,9 @@ class RemoteBlocks:
                     hops = await self._replay_forward(route, hop_input, chunk, lora)
                 span_grad, found = grad, []
                 for sub_hop, sub_input, sub_graph in reversed(hops):
-                    span_grad, grad_prompts, grad_lora = await self._hop_backward(sub_hop, chunk, sub_input,
-                                                                                  span_grad, lora, sub_graph)
+                    span_grad, grad_prompts, grad_lora = await self._hop_backward(
+                        sub_hop, chunk, sub_input, span_grad, lora, sub_graph
+                    )
                     found.append((sub_hop, grad_prompts, grad_lora))
             except _SpanFailed as e:
                 attempts += 1
@@ -377,8 +457,9 @@ class RemoteBlocks:
                 self._accumulate(grads, chunk, sub_hop, grad_prompts, grad_lora)
             return span_grad
 
-    async def _replay_forward(self, route: list[RouteHop], hidden: torch.Tensor, chunk: _Chunk,
-                              lora: RemoteLora | None) -> list[tuple[RouteHop, torch.Tensor, str | None]]:
+    async def _replay_forward(
+        self, route: list[RouteHop], hidden: torch.Tensor, chunk: _Chunk, lora: RemoteLora | None
+    ) -> list[tuple[RouteHop, torch.Tensor, str | None]]:
         """The inputs of each replacement hop: forwards through all but the last (whose backward
         recomputes its own forward), keeping their graphs for the backwards that follow."""
         hops: list[tuple[RouteHop, torch.Tensor, str | None]] = []
@@ -392,8 +473,9 @@ class RemoteBlocks:
         return hops
 
     @staticmethod
-    def _accumulate(grads: _Grads, chunk: _Chunk, hop: RouteHop, grad_prompts: torch.Tensor | None,
-                    grad_lora: torch.Tensor | None) -> None:
+    def _accumulate(
+        grads: _Grads, chunk: _Chunk, hop: RouteHop, grad_prompts: torch.Tensor | None, grad_lora: torch.Tensor | None
+    ) -> None:
         if grad_prompts is not None and grads.prompts is not None:
             target = grads.prompts[hop.start : hop.end]
             if grads.prompts.shape[1] == 1:
@@ -406,8 +488,15 @@ class RemoteBlocks:
 
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, lora_weights: torch.Tensor | None,
-                blocks: RemoteBlocks, lora: RemoteLora | None, keep: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        lora_weights: torch.Tensor | None,
+        blocks: RemoteBlocks,
+        lora: RemoteLora | None,
+        keep: bool,
+    ) -> torch.Tensor:
         chunks = blocks._chunks(hidden.detach(), None if prompts is None else prompts.detach(), keep)
         outputs = blocks.runtime.run(blocks.forward_chunks(chunks, lora))
         ctx.blocks, ctx.lora, ctx.chunks = blocks, lora, chunks
@@ -421,11 +510,11 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         lora: RemoteLora | None = ctx.lora
         grads = _Grads(
             prompts=None if ctx.prompts_like is None else torch.zeros(ctx.prompts_like[0], dtype=torch.float32),
-            lora=None if lora is None or not lora.weights.requires_grad else torch.zeros_like(lora.weights,
-                                                                                             dtype=torch.float32),
+            lora=None
+            if lora is None or not lora.weights.requires_grad
+            else torch.zeros_like(lora.weights, dtype=torch.float32),
         )
         parts = blocks.runtime.run(blocks.backward_chunks(ctx.chunks, grad_output.contiguous(), lora, grads))
         grad_prompts = None if grads.prompts is None else grads.prompts.to(ctx.prompts_like[1])
         grad_lora = None if grads.lora is None else grads.lora.to(lora.weights.dtype)
         return torch.cat(parts).to(ctx.input_dtype), grad_prompts, grad_lora, None, None, None
-

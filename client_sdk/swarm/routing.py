@@ -15,11 +15,12 @@ figure. A peer that lies and then fails is banned by the session that tried it.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import AbstractSet, Iterable, Sequence
 
-from client_sdk.errors import NoProvidersError
-from client_sdk.protocol.records import ServerRecord
+from hivemart_core.errors import NoProvidersError
+from hivemart_core.protocol.records import ServerRecord
 
 __all__ = ["RouteHop", "find_route", "trusted_throughputs", "DEFAULT_HOP_COST_S"]
 
@@ -27,8 +28,10 @@ __all__ = ["RouteHop", "find_route", "trusted_throughputs", "DEFAULT_HOP_COST_S"
 # messaging beside the compute. Real networks cost more; callers may pass their estimate.
 DEFAULT_HOP_COST_S = 0.002
 
-_PAID_ONLY_HINT = ("their providers serve paid jobs only (they require a job ticket); run this as a marketplace "
-                   "job (`hivemart generate --paid ...`, or attach a MarketJob to the model)")
+_PAID_ONLY_HINT = (
+    "their providers serve paid jobs only (they require a job ticket); run this as a marketplace "
+    "job (`hivemart generate --paid ...`, or attach a MarketJob to the model)"
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,17 @@ def trusted_throughputs(servers: Sequence[ServerRecord], verified: AbstractSet[s
     return {r.peer_id: r.throughput if r.peer_id in verified else min(r.throughput, cap) for r in servers}
 
 
-def find_route(records: Iterable[ServerRecord], model_id: str, start: int, end: int, *,
-               hop_cost_s: float = DEFAULT_HOP_COST_S, avoid: AbstractSet[str] = frozenset(),
-               verified: AbstractSet[str] = frozenset(), free: bool = False) -> list[RouteHop]:
+def find_route(
+    records: Iterable[ServerRecord],
+    model_id: str,
+    start: int,
+    end: int,
+    *,
+    hop_cost_s: float = DEFAULT_HOP_COST_S,
+    avoid: AbstractSet[str] = frozenset(),
+    verified: AbstractSet[str] = frozenset(),
+    free: bool = False,
+) -> list[RouteHop]:
     """The minimum-latency chain over blocks ``[start, end)``; NoProvidersError names the
     first blocks that no usable server covers.
 

@@ -37,26 +37,28 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AbstractSet, Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from hivemind.p2p import P2P
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
-from client_sdk.protocol.commitments import StepRecord, StepRecordError, digest_hex, equivocation
-from client_sdk.protocol.framing import Message
-from client_sdk.protocol.receipts import work_units
-from client_sdk.protocol.rpc import OpenSession, Relink
-from client_sdk.protocol.tickets import JobTicket
 from client_sdk.swarm.bans import PeerBans
-from client_sdk.swarm.connection import InferenceStream, ProviderConnection
 from client_sdk.swarm.routing import RouteHop
+from hivemart_core.errors import NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
+from hivemart_core.protocol.commitments import StepRecord, StepRecordError, digest_hex, equivocation
+from hivemart_core.protocol.framing import Message
+from hivemart_core.protocol.receipts import work_units
+from hivemart_core.protocol.rpc import OpenSession, Relink
+from hivemart_core.protocol.tickets import JobTicket
+from hivemart_core.swarm.connection import InferenceStream, ProviderConnection
 
 if TYPE_CHECKING:
-    from client_sdk.swarm.receipts import ReceiptCollector
     from client_sdk.swarm.verify import Equivocation, ShadowVerifier
+    from hivemart_core.swarm.receipts import ReceiptCollector
 
 __all__ = ["ChainSession", "FindRoute", "SessionJob"]
 
@@ -69,8 +71,17 @@ FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
 # mistake (bad shapes, too long, ...) and is raised as it is. ``ack_overdue``: the provider
 # waits for acknowledgements this client withholds (it refused the provider's receipts), so
 # the session moves to another planned provider.
-_RETRYABLE = {"internal", "busy", "not_accepting", "next_hop_failed", "unknown_session", "cache_full", "timeout",
-              "ack_overdue", "bad_push"}
+_RETRYABLE = {
+    "internal",
+    "busy",
+    "not_accepting",
+    "next_hop_failed",
+    "unknown_session",
+    "cache_full",
+    "timeout",
+    "ack_overdue",
+    "bad_push",
+}
 # Errors a provider reports about another one (named by the error's peer_id).
 _NEIGHBOUR_ERRORS = {"next_hop_failed", "bad_push"}
 _MAX_FAILOVERS_PER_STEP = 5
@@ -91,8 +102,8 @@ def new_session_id() -> str:
 class SessionJob(Protocol):
     """What a paid job gives its sessions (``client_sdk.swarm.job.SwarmJob`` is one)."""
 
-    collector: "ReceiptCollector"
-    verifier: "ShadowVerifier | None"
+    collector: ReceiptCollector
+    verifier: ShadowVerifier | None
 
     def ticket_for(self, peer_id: str, start: int, end: int) -> JobTicket | None:
         """The job's ticket for ``peer_id`` covering blocks [start, end), if any."""
@@ -100,7 +111,7 @@ class SessionJob(Protocol):
     def exclude(self, peer_id: str) -> None:
         """Never route this job to ``peer_id`` again (it was caught returning wrong outputs)."""
 
-    async def report_equivocation(self, equivocation: "Equivocation") -> None:
+    async def report_equivocation(self, equivocation: Equivocation) -> None:
         """A provider pushed one output and returned another (it is excluded already)."""
 
     async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
@@ -108,7 +119,7 @@ class SessionJob(Protocol):
 
 
 class _HopFailed(Exception):
-    def __init__(self, hop: "_Hop", reason: str) -> None:
+    def __init__(self, hop: _Hop, reason: str) -> None:
         super().__init__(reason)
         self.hop, self.reason = hop, reason
 
@@ -182,10 +193,22 @@ class ChainSession:
     """A KV-cached inference session across a chain of providers; use :meth:`open`,
     :meth:`step` and :meth:`close` on the swarm loop."""
 
-    def __init__(self, p2p: P2P, route: Sequence[RouteHop], *, max_length: int, batch_size: int = 1,
-                 push: bool = True, find_route: FindRoute | None = None, bans: PeerBans | None = None,
-                 step_timeout: float | None = None, min_timeout: float = 1.0, job: SessionJob | None = None,
-                 close_timeout: float = 2.0, open_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        p2p: P2P,
+        route: Sequence[RouteHop],
+        *,
+        max_length: int,
+        batch_size: int = 1,
+        push: bool = True,
+        find_route: FindRoute | None = None,
+        bans: PeerBans | None = None,
+        step_timeout: float | None = None,
+        min_timeout: float = 1.0,
+        job: SessionJob | None = None,
+        close_timeout: float = 2.0,
+        open_timeout: float = 5.0,
+    ) -> None:
         if not route:
             raise SwarmError("an inference session needs at least one provider")
         self.p2p = p2p
@@ -225,7 +248,7 @@ class ChainSession:
         for _ in range(_MAX_FAILOVERS_PER_STEP):
             results = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
             hops = [r for r in results if isinstance(r, _Hop)]
-            failed = [(hop, r) for hop, r in zip(route, results) if isinstance(r, BaseException)]
+            failed = [(hop, r) for hop, r in zip(route, results, strict=False) if isinstance(r, BaseException)]
             if not failed:
                 self.hops = hops
                 try:
@@ -258,8 +281,9 @@ class ChainSession:
         ban = self.bans.failed(hop.peer_id)
         logger.warning(f"provider {hop.peer_id} could not open a session ({error}); avoiding it for {ban:.0f} s")
 
-    async def _reroute(self, route: list[RouteHop], failed: list[RouteHop],
-                       skipped: AbstractSet[str] = frozenset()) -> list[RouteHop]:
+    async def _reroute(
+        self, route: list[RouteHop], failed: list[RouteHop], skipped: AbstractSet[str] = frozenset()
+    ) -> list[RouteHop]:
         if self.find_route is None:
             raise ProviderUnavailableError(failed[0].peer_id, "no way to find a replacement (no route finder)")
         new_route: list[RouteHop] = []
@@ -273,9 +297,15 @@ class ChainSession:
     async def _open_hop(self, route_hop: RouteHop) -> _Hop:
         ticket = None if self.job is None else self.job.ticket_for(route_hop.peer_id, route_hop.start, route_hop.end)
         # return_outputs stays on: failover needs every boundary, and receipts are checked against them.
-        spec = OpenSession(session_id=new_session_id(), start=route_hop.start, end=route_hop.end,
-                           max_length=self.max_length, batch_size=self.batch_size, return_outputs=True,
-                           ticket=None if ticket is None else ticket.to_dict())
+        spec = OpenSession(
+            session_id=new_session_id(),
+            start=route_hop.start,
+            end=route_hop.end,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            return_outputs=True,
+            ticket=None if ticket is None else ticket.to_dict(),
+        )
         connection = ProviderConnection(self.p2p, route_hop.peer_id)
         stream = await connection.open_inference(spec, self._inbox, timeout=self.open_timeout)
         self._opened[spec.session_id] = route_hop
@@ -297,11 +327,13 @@ class ChainSession:
                         prev_peer=self.hops[j - 1].peer_id if j > 0 else my_peer,
                         next_peer=nxt.peer_id if nxt else None,
                         next_session=nxt.stream.spec.session_id if nxt else None,
-                        clear_next=nxt is None)
+                        clear_next=nxt is None,
+                    )
         expected = {j: self.hops[j].relinked + 1 for j in touched}
         await asyncio.gather(*(self.hops[j].stream.send_relink(relink) for j, relink in touched.items()))
-        await self._pump_until(lambda: all(self.hops[j].relinked >= n for j, n in expected.items()),
-                               self.min_timeout * 5, first_hop=0)
+        await self._pump_until(
+            lambda: all(self.hops[j].relinked >= n for j, n in expected.items()), self.min_timeout * 5, first_hop=0
+        )
 
     # --- steps -------------------------------------------------------------------------------------
 
@@ -345,19 +377,28 @@ class ChainSession:
         for hop in hops:
             hidden = self._boundary(hop.start).get(step_id)
             if hidden is None:  # the previous hop's output has not arrived yet
-                await self._pump_until(lambda: self._boundary(hop.start).get(step_id) is not None,
-                                       self._deadline(tokens, resume), first_hop=resume)
+                await self._pump_until(
+                    lambda hop=hop: self._boundary(hop.start).get(step_id) is not None,
+                    self._deadline(tokens, resume),
+                    first_hop=resume,
+                )
                 hidden = self._boundary(hop.start).get(step_id)
             try:
                 await hop.stream.send_step(step_id, position, hidden.to(getattr(torch, hop.route.record.dtype)))
             except ProviderUnavailableError as e:
                 raise _HopFailed(hop, str(e)) from e
             if not self.push:
-                await self._pump_until(lambda: self._boundary(hop.end).get(step_id) is not None,
-                                       self._deadline(tokens, self.hops.index(hop)), first_hop=self.hops.index(hop))
+                await self._pump_until(
+                    lambda hop=hop: self._boundary(hop.end).get(step_id) is not None,
+                    self._deadline(tokens, self.hops.index(hop)),
+                    first_hop=self.hops.index(hop),
+                )
         # Wait for every hop's output, not only the last: they are the history a failover replays.
-        await self._pump_until(lambda: all(self._boundary(h.end).get(step_id) is not None for h in self.hops[resume:]),
-                               self._deadline(tokens, resume), first_hop=resume)
+        await self._pump_until(
+            lambda: all(self._boundary(h.end).get(step_id) is not None for h in self.hops[resume:]),
+            self._deadline(tokens, resume),
+            first_hop=resume,
+        )
         output = self._boundary(self.hops[-1].end).get(step_id)
         if output.shape[:2] != (self.batch_size, tokens):
             raise ProtocolError(f"provider {self.hops[-1].peer_id} returned shape {list(output.shape)}")
@@ -368,8 +409,10 @@ class ChainSession:
         but at least ``min_timeout`` so that a dead peer is noticed in about a second."""
         if self.step_timeout is not None:
             return self.step_timeout
-        expected = sum(tokens * self.batch_size * (h.end - h.start) / max(h.route.record.throughput, 1e-3)
-                       for h in self.hops[first_hop:])
+        expected = sum(
+            tokens * self.batch_size * (h.end - h.start) / max(h.route.record.throughput, 1e-3)
+            for h in self.hops[first_hop:]
+        )
         return self.min_timeout + 3 * expected
 
     async def _pump_until(self, done: Callable[[], bool], timeout: float, *, first_hop: int) -> None:
@@ -431,9 +474,18 @@ class ChainSession:
         record of its pushed input as it came (checked only if the input is disputed)."""
         session_id = hop.stream.spec.session_id
         try:
-            record = StepRecord.from_dict(header.get("record")).check_about(
-                peer=hop.peer_id, session_id=session_id, step_id=step_id, position=header.get("position"),
-                output_digest=digest_hex(output), ticket_id="" if hop.ticket is None else hop.ticket.ticket_id).verify()
+            record = (
+                StepRecord.from_dict(header.get("record"))
+                .check_about(
+                    peer=hop.peer_id,
+                    session_id=session_id,
+                    step_id=step_id,
+                    position=header.get("position"),
+                    output_digest=digest_hex(output),
+                    ticket_id="" if hop.ticket is None else hop.ticket.ticket_id,
+                )
+                .verify()
+            )
         except StepRecordError as e:
             raise _HopFailed(hop, f"its step record is not valid: {e}") from None
         self._records.setdefault((session_id, step_id), record)
@@ -466,8 +518,10 @@ class ChainSession:
         blame, exclude it, and rebuild the chain from the first hop whose cache is spoiled."""
         blamed, proof = self._divergence_culprit(hop, record, step_id)
         if blamed is None:
-            logger.info(f"provider {hop.peer_id} computed step {step_id} on the push of a provider that was "
-                        f"replaced since; rebuilding from it")
+            logger.info(
+                f"provider {hop.peer_id} computed step {step_id} on the push of a provider that was "
+                f"replaced since; rebuilding from it"
+            )
             await self._replace_from(index, step_id, reason="computed on a replaced provider's push", exclude=None)
             return
         if proof is None:
@@ -479,22 +533,35 @@ class ChainSession:
         span = self._opened[returned.session_id]
         # Rebuild from the culprit when it is still in the chain, else (replaced since) from the hop it spoiled.
         rebuild = next((i for i, h in enumerate(self.hops) if h.stream.spec.session_id == returned.session_id), index)
-        logger.warning(f"provider {blamed} pushed {hop.peer_id} another output than it returned for step {step_id}; "
-                       f"excluding and reporting it")
+        logger.warning(
+            f"provider {blamed} pushed {hop.peer_id} another output than it returned for step {step_id}; "
+            f"excluding and reporting it"
+        )
         try:
-            await self._replace_from(rebuild, step_id, exclude=blamed,
-                                     reason=f"pushed {hop.peer_id} another output than it returned")
+            await self._replace_from(
+                rebuild, step_id, exclude=blamed, reason=f"pushed {hop.peer_id} another output than it returned"
+            )
         finally:
             if self.job is not None:
                 from client_sdk.swarm.verify import Equivocation
 
-                await self.job.report_equivocation(Equivocation(
-                    peer_id=blamed, ticket=self.job.ticket_for(blamed, span.start, span.end),
-                    session_id=returned.session_id, start=span.start, end=span.end, step_id=step_id,
-                    returned=returned, pushed=pushed, relayed_by=hop.peer_id))
+                await self.job.report_equivocation(
+                    Equivocation(
+                        peer_id=blamed,
+                        ticket=self.job.ticket_for(blamed, span.start, span.end),
+                        session_id=returned.session_id,
+                        start=span.start,
+                        end=span.end,
+                        step_id=step_id,
+                        returned=returned,
+                        pushed=pushed,
+                        relayed_by=hop.peer_id,
+                    )
+                )
 
-    def _divergence_culprit(self, hop: _Hop, record: StepRecord, step_id: int
-                            ) -> tuple[str | None, tuple[StepRecord, StepRecord] | None]:
+    def _divergence_culprit(
+        self, hop: _Hop, record: StepRecord, step_id: int
+    ) -> tuple[str | None, tuple[StepRecord, StepRecord] | None]:
         """Who made ``hop`` compute on inputs the client does not hold: (the upstream peer, its
         two differing records) when its pushed record proves it; (``hop``, None) when ``hop``
         cannot back its claimed input with a record the upstream signed; (None, None) when the
@@ -504,8 +571,9 @@ class ChainSession:
             return hop.peer_id, None  # it says it was pushed nothing, so the client sent it what it holds
         try:
             pushed = StepRecord.from_dict(raw).verify()
-            pushed.check_about(peer=pushed.peer, step_id=step_id, position=record.position,
-                               output_digest=record.input_digest)
+            pushed.check_about(
+                peer=pushed.peer, step_id=step_id, position=record.position, output_digest=record.input_digest
+            )
         except StepRecordError:
             return hop.peer_id, None
         opened = self._opened.get(pushed.session_id)
@@ -533,8 +601,9 @@ class ChainSession:
         if hop.ticket is None or self.job is None:
             logger.debug(f"ignoring a receipt from {hop.peer_id}: this session is not billed")
             return
-        signed = self.job.collector.receive(header.get("receipt"), ticket=hop.ticket,
-                                            session_id=hop.stream.spec.session_id)
+        signed = self.job.collector.receive(
+            header.get("receipt"), ticket=hop.ticket, session_id=hop.stream.spec.session_id
+        )
         if signed is not None:  # acknowledge it: the provider serves only a credit window beyond its last ack
             hop.stream.send_ack_nowait(signed.to_dict())
 
@@ -546,8 +615,10 @@ class ChainSession:
         failed = failure.hop
         index = self.hops.index(failed)
         ban = self.bans.failed(failed.peer_id)
-        logger.warning(f"provider {failed.peer_id} failed ({failure.reason}); avoiding it for {ban:.0f} s and "
-                       f"moving blocks {failed.start}:{failed.end} to a backup")
+        logger.warning(
+            f"provider {failed.peer_id} failed ({failure.reason}); avoiding it for {ban:.0f} s and "
+            f"moving blocks {failed.start}:{failed.end} to a backup"
+        )
         failed.stream.close()
         if self.find_route is None:
             raise ProviderUnavailableError(failed.peer_id, f"{failure.reason}; no way to find a replacement")
@@ -567,9 +638,16 @@ class ChainSession:
             raise _HopFailed(failed, f"replacement failed: {e}") from None
         self.hops[index : index + 1] = new_hops
         await self._link(range(index, index + len(new_hops)))
-        self.failovers.append({"peer_id": failed.peer_id, "blocks": [failed.start, failed.end],
-                               "replacement": [h.peer_id for h in new_hops], "reason": failure.reason,
-                               "position": self.position, "seconds": round(time.monotonic() - started, 3)})
+        self.failovers.append(
+            {
+                "peer_id": failed.peer_id,
+                "blocks": [failed.start, failed.end],
+                "replacement": [h.peer_id for h in new_hops],
+                "reason": failure.reason,
+                "position": self.position,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
         return index
 
     async def _replay(self, hop: _Hop, *, exclude_step: int) -> None:
@@ -581,7 +659,8 @@ class ChainSession:
             await hop.stream.send_step(entry.step_id, entry.position, entry.hidden.to(dtype))
         tokens = sum(e.hidden.shape[1] for e in entries)
         timeout = self.min_timeout + 3 * tokens * self.batch_size * (hop.end - hop.start) / max(
-            hop.route.record.throughput, 1e-3)
+            hop.route.record.throughput, 1e-3
+        )
         self.hops.append(hop)  # so that its replies are dispatched; not part of the chain yet
         try:
             await self._pump_until(lambda: hop.outputs >= len(entries), timeout, first_hop=len(self.hops) - 1)
@@ -601,13 +680,17 @@ class ChainSession:
             if prefix is None or claimed is None:
                 verifier.stats.skipped += 1
                 continue
-            mismatch = await verifier.check(self.p2p, hop.route, hop.ticket, hop.stream.spec.session_id, prefix,
-                                            claimed)
+            mismatch = await verifier.check(
+                self.p2p, hop.route, hop.ticket, hop.stream.spec.session_id, prefix, claimed
+            )
             if mismatch is not None:
                 try:  # closing the culprit's session first brings its final receipt: evidence for the audit
-                    await self._replace_from(index, step_id, exclude=hop.peer_id,
-                                             reason=f"outputs differ from {mismatch.reference_peer}'s "
-                                                    f"({mismatch.comparison})")
+                    await self._replace_from(
+                        index,
+                        step_id,
+                        exclude=hop.peer_id,
+                        reason=f"outputs differ from {mismatch.reference_peer}'s ({mismatch.comparison})",
+                    )
                 finally:
                     await verifier.report(mismatch)
                 return self._boundary(self.hops[-1].end).get(step_id)
@@ -653,9 +736,16 @@ class ChainSession:
         else:
             raise SwarmError(f"could not rebuild blocks {culprit.start}:{end} after replacing {culprit.peer_id}")
         await self._link(range(index, len(self.hops)))
-        self.failovers.append({"peer_id": culprit.peer_id, "blocks": [culprit.start, culprit.end],
-                               "replacement": [h.peer_id for h in self.hops[index:]], "reason": reason,
-                               "position": self.position, "seconds": round(time.monotonic() - started, 3)})
+        self.failovers.append(
+            {
+                "peer_id": culprit.peer_id,
+                "blocks": [culprit.start, culprit.end],
+                "replacement": [h.peer_id for h in self.hops[index:]],
+                "reason": reason,
+                "position": self.position,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
 
     # --- closing ---------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ With probability ``rate`` per step and hop, the client takes the hidden states t
 the hop's first block for every position so far (it keeps them for failover anyway), runs
 them through the same blocks on another provider that holds them (``rpc_forward`` of the
 whole prefix, billed to that provider's ticket), and compares the last positions with what
-the hop returned, within the tolerance of ``client_sdk.protocol.verification``. A forward
+the hop returned, within the tolerance of ``hivemart_core.protocol.verification``. A forward
 of the prefix computes the same function as the KV-cached steps (causal attention over the
 same positions), so an honest provider matches up to floating-point noise.
 
@@ -16,7 +16,7 @@ hands the evidence (inputs, claimed and reference outputs) to ``on_mismatch``, w
 audit. Who is right is decided by the audit, on a third party, not here.
 
 A pushed chain is checked on every step, not by sampling: each provider signs a step record
-of its input and output (``client_sdk.protocol.commitments``), the next provider hands the
+of its input and output (``hivemart_core.protocol.commitments``), the next provider hands the
 record of the push it received back to the client, and a provider whose pushed record
 differs from the one it returned is caught with two of its own signatures as the evidence
 (:class:`Equivocation`). The session checks that before it verifies anything, so a hop is
@@ -26,19 +26,19 @@ only ever verified on the inputs it actually received.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P
 from hivemind.utils.logging import get_logger
 
-from client_sdk.errors import ProtocolError, ProviderUnavailableError, RemoteError
-from client_sdk.protocol.commitments import StepRecord
-from client_sdk.protocol.tickets import JobTicket
-from client_sdk.protocol.verification import OutputComparison, compare_outputs
-from client_sdk.swarm.connection import ProviderConnection, SpanBilling
 from client_sdk.swarm.routing import RouteHop
+from hivemart_core.errors import ProtocolError, ProviderUnavailableError, RemoteError
+from hivemart_core.protocol.commitments import StepRecord
+from hivemart_core.protocol.tickets import JobTicket
+from hivemart_core.protocol.verification import OutputComparison, compare_outputs
+from hivemart_core.swarm.connection import ProviderConnection, SpanBilling
 
 __all__ = ["ShadowVerifier", "Mismatch", "Equivocation", "VerificationStats", "FindReferences"]
 
@@ -74,7 +74,7 @@ class Equivocation:
     """Proof that provider ``peer_id`` pushed the next provider (``relayed_by``) an output other
     than the one it returned to the client for step ``step_id`` of its session: two records it
     signed for that step (``returned`` came with its output, ``pushed`` with the push) that
-    differ. :func:`client_sdk.protocol.commitments.equivocation` checks it with the peer id alone."""
+    differ. :func:`hivemart_core.protocol.commitments.equivocation` checks it with the peer id alone."""
 
     peer_id: str
     ticket: JobTicket | None
@@ -100,16 +100,27 @@ class VerificationStats:
     caught: list[str] = field(default_factory=list)  # peer ids of providers that mismatched
 
     def to_dict(self) -> dict[str, object]:
-        return {"checked": self.checked, "mismatches": self.mismatches, "skipped": self.skipped,
-                "caught": list(self.caught)}
+        return {
+            "checked": self.checked,
+            "mismatches": self.mismatches,
+            "skipped": self.skipped,
+            "caught": list(self.caught),
+        }
 
 
 class ShadowVerifier:
     """Decides which steps to check and checks them (see the module docstring)."""
 
-    def __init__(self, *, rate: float, find_references: FindReferences,
-                 on_mismatch: Callable[[Mismatch], Awaitable[None]] | None = None,
-                 rng: random.Random | None = None, timeout: float = 60.0, max_prefix_tokens: int = 8192) -> None:
+    def __init__(
+        self,
+        *,
+        rate: float,
+        find_references: FindReferences,
+        on_mismatch: Callable[[Mismatch], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+        timeout: float = 60.0,
+        max_prefix_tokens: int = 8192,
+    ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError("verify rate must be in [0, 1]")
         self.rate, self.find_references, self.on_mismatch = rate, find_references, on_mismatch
@@ -121,8 +132,15 @@ class ShadowVerifier:
         """Whether to check this hop's step (independently per hop and step)."""
         return self.rate > 0 and self.rng.random() < self.rate
 
-    async def check(self, p2p: P2P, hop: RouteHop, ticket: JobTicket | None, session_id: str, prefix: torch.Tensor,
-                    claimed: torch.Tensor) -> Mismatch | None:
+    async def check(
+        self,
+        p2p: P2P,
+        hop: RouteHop,
+        ticket: JobTicket | None,
+        session_id: str,
+        prefix: torch.Tensor,
+        claimed: torch.Tensor,
+    ) -> Mismatch | None:
         """Recompute the hop's last ``claimed.shape[1]`` positions from ``prefix`` on another
         provider of its blocks; a :class:`Mismatch` when they differ (see :meth:`report`)."""
         if prefix.shape[0] * prefix.shape[1] > self.max_prefix_tokens:
@@ -136,28 +154,41 @@ class ShadowVerifier:
             try:
                 output = await connection.forward(hop.start, hop.end, prefix.to(dtype).contiguous(), self.timeout)
             except (ProviderUnavailableError, RemoteError, ProtocolError) as e:
-                logger.info(f"reference provider {reference_hop.peer_id} could not verify blocks "
-                            f"{hop.start}:{hop.end}: {e}")
+                logger.info(
+                    f"reference provider {reference_hop.peer_id} could not verify blocks {hop.start}:{hop.end}: {e}"
+                )
                 continue
-            reference = output[:, -claimed.shape[1]:]
+            reference = output[:, -claimed.shape[1] :]
             comparison = compare_outputs(claimed, reference)
             self.stats.checked += 1
             if comparison.matches:
                 return None
-            return self._mismatch(hop, ticket, session_id, prefix, claimed, reference, reference_hop.peer_id,
-                                  comparison)
+            return self._mismatch(
+                hop, ticket, session_id, prefix, claimed, reference, reference_hop.peer_id, comparison
+            )
         self.stats.skipped += 1
         return None
 
-    def _mismatch(self, hop: RouteHop, ticket: JobTicket | None, session_id: str, prefix: torch.Tensor,
-                  claimed: torch.Tensor, reference: torch.Tensor, reference_peer: str,
-                  comparison: OutputComparison) -> Mismatch:
+    def _mismatch(
+        self,
+        hop: RouteHop,
+        ticket: JobTicket | None,
+        session_id: str,
+        prefix: torch.Tensor,
+        claimed: torch.Tensor,
+        reference: torch.Tensor,
+        reference_peer: str,
+        comparison: OutputComparison,
+    ) -> Mismatch:
         self.stats.mismatches += 1
         self.stats.caught.append(hop.peer_id)
-        logger.warning(f"provider {hop.peer_id} returned outputs for blocks {hop.start}:{hop.end} that differ from "
-                       f"{reference_peer}'s ({comparison}); reporting it and moving its blocks elsewhere")
-        return Mismatch(hop.peer_id, ticket, session_id, hop.start, hop.end, prefix, claimed, reference,
-                        reference_peer, comparison)
+        logger.warning(
+            f"provider {hop.peer_id} returned outputs for blocks {hop.start}:{hop.end} that differ from "
+            f"{reference_peer}'s ({comparison}); reporting it and moving its blocks elsewhere"
+        )
+        return Mismatch(
+            hop.peer_id, ticket, session_id, hop.start, hop.end, prefix, claimed, reference, reference_peer, comparison
+        )
 
     async def report(self, mismatch: Mismatch) -> None:
         """Hand a mismatch to ``on_mismatch`` (the job files an audit)."""

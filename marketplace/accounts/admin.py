@@ -41,8 +41,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # The admin hands its object on (log entry, redirect); make it the key just created.
         obj.pk, obj.prefix, obj.created_at = created.key.pk, created.key.prefix, created.key.created_at
         obj._state.adding = False
-        self.message_user(request, f"API key for {obj.user}: {created.raw} (copy it now; it is not shown again)",
-                          messages.WARNING)
+        self.message_user(
+            request, f"API key for {obj.user}: {created.raw} (copy it now; it is not shown again)", messages.WARNING
+        )
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         return False  # revoke instead: the row records who had access

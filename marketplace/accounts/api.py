@@ -80,9 +80,13 @@ class SignupView(APIView):
             raise PermissionDenied("sign-up is closed on this marketplace; ask its operator for an account")
         data = parse(SignupInput, request.data)
         user, created = user_signup(**data)
-        return Response({"user": UserOutput(user).data,
-                         "api_key": CreatedApiKeyOutput(created.key, context={"raw": created.raw}).data},
-                        status=status.HTTP_201_CREATED)
+        return Response(
+            {
+                "user": UserOutput(user).data,
+                "api_key": CreatedApiKeyOutput(created.key, context={"raw": created.raw}).data,
+            },
+            status=status.HTTP_201_CREATED,
+        )
 
 
 class MeView(APIView):
@@ -103,8 +107,9 @@ class ApiKeyListCreate(ListAPIView):
     def post(self, request: Request) -> Response:
         data = parse(ApiKeyInput, request.data)
         created = api_key_create(user=request.user, name=data["name"])
-        return Response(CreatedApiKeyOutput(created.key, context={"raw": created.raw}).data,
-                        status=status.HTTP_201_CREATED)
+        return Response(
+            CreatedApiKeyOutput(created.key, context={"raw": created.raw}).data, status=status.HTTP_201_CREATED
+        )
 
 
 class ApiKeyDetail(APIView):

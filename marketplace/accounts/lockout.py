@@ -50,8 +50,11 @@ def _keys(username: str, address: str) -> list[tuple[str, int]]:
     name = hashlib.sha256(username.casefold().encode()).hexdigest()[:32]
     where = hashlib.sha256(address.encode()).hexdigest()[:32]
     base = settings.HIVEMART_LOGIN_FAILURES
-    return [(f"login:pair:{name}:{where}", base), (f"login:addr:{where}", base * _ADDRESS_FACTOR),
-            (f"login:user:{name}", base * _USERNAME_FACTOR)]
+    return [
+        (f"login:pair:{name}:{where}", base),
+        (f"login:addr:{where}", base * _ADDRESS_FACTOR),
+        (f"login:user:{name}", base * _USERNAME_FACTOR),
+    ]
 
 
 def login_locked(*, username: str, address: str) -> bool:
@@ -92,8 +95,9 @@ class LockoutModelBackend(ModelBackend):
     is refused before the password is checked, and every wrong password is counted. Serves
     the web login and the admin's alike."""
 
-    def authenticate(self, request: HttpRequest | None, username: str | None = None, password: str | None = None,
-                     **kwargs: Any) -> Any:
+    def authenticate(
+        self, request: HttpRequest | None, username: str | None = None, password: str | None = None, **kwargs: Any
+    ) -> Any:
         if request is None or username is None or password is None:
             # Not a login over HTTP (a management command, a test client's login()): nothing to throttle.
             return super().authenticate(request, username=username, password=password, **kwargs)

@@ -22,8 +22,19 @@ class CatalogModelOutput(serializers.ModelSerializer):
 
     class Meta:
         model = CatalogModel
-        fields = ["model_id", "name", "arch", "num_blocks", "hidden_size", "dtype", "weights_digest",
-                  "client_digest", "block_digests", "active", "created_at"]
+        fields = [
+            "model_id",
+            "name",
+            "arch",
+            "num_blocks",
+            "hidden_size",
+            "dtype",
+            "weights_digest",
+            "client_digest",
+            "block_digests",
+            "active",
+            "created_at",
+        ]
 
     def get_block_digests(self, obj: CatalogModel) -> list[str]:
         return [b.digest for b in sorted(obj.blocks.all(), key=lambda b: b.index)]
@@ -75,10 +86,14 @@ class CatalogModelDetail(APIView):
         model = catalog_model_get(model_id=model_id, include_inactive=request.user.is_staff)
         return Response(CatalogModelOutput(model).data)
 
-    @extend_schema(request=CatalogModelPatch, responses=CatalogModelOutput,
-                   description="Staff: withdraw a model from the marketplace (active=false) or return it.")
+    @extend_schema(
+        request=CatalogModelPatch,
+        responses=CatalogModelOutput,
+        description="Staff: withdraw a model from the marketplace (active=false) or return it.",
+    )
     def patch(self, request: Request, model_id: str) -> Response:
         data = parse(CatalogModelPatch, request.data)
-        model = catalog_model_set_active(model=catalog_model_get(model_id=model_id, include_inactive=True),
-                                         active=data["active"])
+        model = catalog_model_set_active(
+            model=catalog_model_get(model_id=model_id, include_inactive=True), active=data["active"]
+        )
         return Response(CatalogModelOutput(model).data)

@@ -6,7 +6,7 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 
-# Same alphabet as the swarm's DHT keys (client_sdk.models.model_id_for).
+# Same alphabet as the swarm's DHT keys (hivemart_core.models.model_id_for).
 MODEL_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 # Field validators serve the admin's forms; the services check the same patterns themselves.
@@ -15,9 +15,9 @@ _digest_validator = RegexValidator(DIGEST_PATTERN, "a lowercase hex sha256 (64 c
 
 
 class CatalogModel(models.Model):
-    """A decoder-only checkpoint, described as the swarm describes it (``client_sdk.models.ModelInfo``).
+    """A decoder-only checkpoint, described as the swarm describes it (``hivemart_core.models.ModelInfo``).
 
-    Digests are lowercase hex sha256 strings computed by ``client_sdk.models``: the model
+    Digests are lowercase hex sha256 strings computed by ``hivemart_core.models``: the model
     digest (config essentials, every block digest, the client digest) and one digest per
     block (that block's tensors exactly as stored), which providers and clients check the
     weights they load against.
@@ -35,8 +35,12 @@ class CatalogModel(models.Model):
     hidden_size = models.PositiveIntegerField()
     dtype = models.CharField(max_length=16, choices=DType.choices)
     weights_digest = models.CharField(max_length=64, validators=[_digest_validator])
-    client_digest = models.CharField(max_length=64, blank=True, validators=[_digest_validator],
-                                     help_text="digest of embeddings, final norm and LM head (optional)")
+    client_digest = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[_digest_validator],
+        help_text="digest of embeddings, final norm and LM head (optional)",
+    )
     active = models.BooleanField(default=True, help_text="inactive models can be neither served nor requested")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -44,10 +48,12 @@ class CatalogModel(models.Model):
         ordering = ["model_id"]
         verbose_name = "catalogued model"
         constraints = [
-            models.CheckConstraint(condition=Q(num_blocks__gt=0) & Q(hidden_size__gt=0),
-                                   name="catalog_model_positive_shape"),
-            models.CheckConstraint(condition=Q(dtype__in=["float32", "float16", "bfloat16"]),
-                                   name="catalog_model_dtype_valid"),
+            models.CheckConstraint(
+                condition=Q(num_blocks__gt=0) & Q(hidden_size__gt=0), name="catalog_model_positive_shape"
+            ),
+            models.CheckConstraint(
+                condition=Q(dtype__in=["float32", "float16", "bfloat16"]), name="catalog_model_dtype_valid"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -26,7 +26,11 @@ def catalog_model_for_use(*, model_id: str) -> CatalogModel:
     since the caller named it in a request body)."""
     model = CatalogModel.objects.filter(model_id=model_id).first()
     if model is None:
-        raise ValidationFailed(f"{model_id!r} is not a catalogued model", extra={"field": "model", "model_id": model_id})
+        raise ValidationFailed(
+            f"{model_id!r} is not a catalogued model", extra={"field": "model", "model_id": model_id}
+        )
     if not model.active:
-        raise ValidationFailed(f"{model_id} is withdrawn from the catalog", extra={"field": "model", "model_id": model_id})
+        raise ValidationFailed(
+            f"{model_id} is withdrawn from the catalog", extra={"field": "model", "model_id": model_id}
+        )
     return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from django.db import IntegrityError, transaction
 
@@ -22,9 +22,18 @@ def _invalid(field: str, message: str) -> ValidationFailed:
 
 
 @transaction.atomic
-def catalog_model_create(*, model_id: str, arch: str, num_blocks: int, hidden_size: int, dtype: str,
-                         weights_digest: str, block_digests: Sequence[str], client_digest: str = "",
-                         name: str = "") -> CatalogModel:
+def catalog_model_create(
+    *,
+    model_id: str,
+    arch: str,
+    num_blocks: int,
+    hidden_size: int,
+    dtype: str,
+    weights_digest: str,
+    block_digests: Sequence[str],
+    client_digest: str = "",
+    name: str = "",
+) -> CatalogModel:
     """Add a model to the catalog with one digest per block (in block order)."""
     if not isinstance(model_id, str) or not _MODEL_ID_RE.match(model_id):
         raise _invalid("model_id", "a model id has 1 to 128 characters from A-Z a-z 0-9 . _ -")
@@ -42,15 +51,23 @@ def catalog_model_create(*, model_id: str, arch: str, num_blocks: int, hidden_si
         raise _invalid("block_digests", f"expected {num_blocks} block digests, got {len(block_digests)}")
     for i, digest in enumerate(block_digests):
         if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-            raise ValidationFailed("a digest is a lowercase hex sha256 (64 characters)",
-                                   extra={"field": "block_digests", "index": i})
+            raise ValidationFailed(
+                "a digest is a lowercase hex sha256 (64 characters)", extra={"field": "block_digests", "index": i}
+            )
     if len(name) > 200:
         raise _invalid("name", "a name has at most 200 characters")
     try:
         with transaction.atomic():
-            model = CatalogModel.objects.create(model_id=model_id, name=name, arch=arch, num_blocks=num_blocks,
-                                                hidden_size=hidden_size, dtype=dtype, weights_digest=weights_digest,
-                                                client_digest=client_digest)
+            model = CatalogModel.objects.create(
+                model_id=model_id,
+                name=name,
+                arch=arch,
+                num_blocks=num_blocks,
+                hidden_size=hidden_size,
+                dtype=dtype,
+                weights_digest=weights_digest,
+                client_digest=client_digest,
+            )
     except IntegrityError:
         raise Conflict(f"the model {model_id} is already catalogued", extra={"model_id": model_id}) from None
     BlockDigest.objects.bulk_create(BlockDigest(model=model, index=i, digest=d) for i, d in enumerate(block_digests))

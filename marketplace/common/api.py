@@ -30,8 +30,9 @@ def parse_id(value: Any, field: str) -> int:
     """A positive database id given as text (path or query string): ASCII digits, at most
     2^63 - 1. ValidationFailed otherwise."""
     if not isinstance(value, str) or not _ASCII_ID.fullmatch(value) or not 0 < int(value) <= INT64_MAX:
-        raise ValidationFailed(f"{field} is an id: a positive integer of ASCII digits below 2^63",
-                               extra={"field": field})
+        raise ValidationFailed(
+            f"{field} is an id: a positive integer of ASCII digits below 2^63", extra={"field": field}
+        )
     return int(value)
 
 

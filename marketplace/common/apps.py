@@ -8,7 +8,9 @@ class CommonConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the OpenAPI description of the API-key authentication.
-        from marketplace.common import schema  # noqa: F401
-        from marketplace.common import converters
+        from marketplace.common import (
+            converters,
+            schema,  # noqa: F401
+        )
 
         converters.register()  # <id:...> in every app's URLconf

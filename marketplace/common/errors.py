@@ -3,7 +3,7 @@
 Each error has a machine-readable ``code``, a human ``message``, an ``extra`` dict of
 details and the HTTP ``status`` the API answers with. The API renders every error, these
 and DRF's own, as ``{"code": ..., "message": ..., "extra": {...}}``; the SDK maps the code
-and status back onto its error tree (``client_sdk.errors``).
+and status back onto its error tree (``hivemart_core.errors``).
 """
 
 from __future__ import annotations

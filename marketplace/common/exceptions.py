@@ -54,17 +54,24 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
             headers["Retry-After"] = str(int(exc.wait) + 1)
         if isinstance(exc, drf.ValidationError):
             detail = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
-            return Response(error_body(code, "invalid input: see extra.fields", {"fields": detail}),
-                            status=exc.status_code, headers=headers)
+            return Response(
+                error_body(code, "invalid input: see extra.fields", {"fields": detail}),
+                status=exc.status_code,
+                headers=headers,
+            )
         # When DRF cannot tell a client how to authenticate it turns 401 into 403.
         if exc.status_code == 403 and code == "unauthenticated":
             code = "permission_denied"
         return Response(error_body(code, str(exc.detail)), status=exc.status_code, headers=headers)
     request = context.get("request")
-    logger.exception("unhandled error in %s (request id %s)", context.get("view").__class__.__name__,
-                     getattr(request, "request_id", "-"))
-    return Response(error_body("server_error", "internal error; quote the X-Request-Id header when reporting it"),
-                    status=500)
+    logger.exception(
+        "unhandled error in %s (request id %s)",
+        context.get("view").__class__.__name__,
+        getattr(request, "request_id", "-"),
+    )
+    return Response(
+        error_body("server_error", "internal error; quote the X-Request-Id header when reporting it"), status=500
+    )
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
@@ -85,6 +92,7 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
 def server_error(request: HttpRequest) -> HttpResponse:
     """``handler500``: the JSON error shape under ``/api/``, Django's page elsewhere."""
     if request.path.startswith("/api/"):
-        return JsonResponse(error_body("server_error", "internal error; quote the X-Request-Id header when reporting it"),
-                            status=500)
+        return JsonResponse(
+            error_body("server_error", "internal error; quote the X-Request-Id header when reporting it"), status=500
+        )
     return defaults.server_error(request)

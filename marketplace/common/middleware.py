@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
@@ -64,8 +64,9 @@ def body_limit(path: str) -> int:
 
 
 def _has_nul(request: HttpRequest) -> bool:
-    return "\x00" in request.path or any("\x00" in key or any("\x00" in v for v in values)
-                                          for key, values in request.GET.lists())
+    return "\x00" in request.path or any(
+        "\x00" in key or any("\x00" in v for v in values) for key, values in request.GET.lists()
+    )
 
 
 class RequestLimitsMiddleware:
@@ -80,8 +81,13 @@ class RequestLimitsMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path.startswith("/api/") and len(request.get_full_path()) > MAX_API_URL_LENGTH:
-            return _api_error(request, 414, "uri_too_long",
-                              f"the URL is longer than {MAX_API_URL_LENGTH} characters", limit=MAX_API_URL_LENGTH)
+            return _api_error(
+                request,
+                414,
+                "uri_too_long",
+                f"the URL is longer than {MAX_API_URL_LENGTH} characters",
+                limit=MAX_API_URL_LENGTH,
+            )
         if request.path.startswith("/api/") and _has_nul(request):
             return _api_error(request, 400, "invalid", "the URL contains a NUL character")
         raw = request.META.get("CONTENT_LENGTH") or "0"
@@ -89,7 +95,11 @@ class RequestLimitsMiddleware:
             return _api_error(request, 400, "parse_error", "the Content-Length header is not a byte count")
         limit = body_limit(request.path_info)
         if int(raw) > limit:
-            return _api_error(request, 413, "too_large",
-                              f"the request body is {int(raw)} bytes; this endpoint takes at most {limit}",
-                              limit=limit)
+            return _api_error(
+                request,
+                413,
+                "too_large",
+                f"the request body is {int(raw)} bytes; this endpoint takes at most {limit}",
+                limit=limit,
+            )
         return self.get_response(request)

@@ -3,9 +3,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
+from marketplace.common.admin import ReadOnlyAdmin
 from marketplace.jobs.models import Job, JobTransition, Plan, PlanBackup, PlanSegment
 from marketplace.jobs.services import job_cancel
-from marketplace.common.admin import ReadOnlyAdmin
 
 
 class TransitionInline(admin.TabularInline):

@@ -41,9 +41,20 @@ class JobOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Job
-        fields = ["id", "kind", "model", "state", "budget", "max_price", "min_throughput", "idempotency_key",
-                  "client_key", "hold",
-                  "created_at", "updated_at"]
+        fields = [
+            "id",
+            "kind",
+            "model",
+            "state",
+            "budget",
+            "max_price",
+            "min_throughput",
+            "idempotency_key",
+            "client_key",
+            "hold",
+            "created_at",
+            "updated_at",
+        ]
 
 
 class TransitionOutput(serializers.ModelSerializer):
@@ -84,14 +95,18 @@ class JobInput(serializers.Serializer):
     kind = serializers.ChoiceField(choices=Job.Kind.choices)
     model = serializers.CharField(max_length=128, help_text="a catalogued model_id")
     budget = StrictIntegerField(min_value=1, max_value=MAX_AMOUNT, help_text="micro-credits to hold")
-    max_price = StrictIntegerField(min_value=0, max_value=MAX_PRICE,
-                                   help_text="micro-credits per million work units")
+    max_price = StrictIntegerField(min_value=0, max_value=MAX_PRICE, help_text="micro-credits per million work units")
     min_throughput = StrictFloatField(required=False, allow_null=True, default=None, max_value=MAX_THROUGHPUT)
-    idempotency_key = serializers.CharField(max_length=200, required=False,
-                                            help_text=f"or the {IDEMPOTENCY_HEADER} header (which wins)")
-    client_key = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False, default="", allow_blank=True,
-                                        help_text="the client's hex Ed25519 public key for this job "
-                                                  "(countersigns work receipts)")
+    idempotency_key = serializers.CharField(
+        max_length=200, required=False, help_text=f"or the {IDEMPOTENCY_HEADER} header (which wins)"
+    )
+    client_key = serializers.RegexField(
+        r"^[0-9a-fA-F]{64}$",
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="the client's hex Ed25519 public key for this job (countersigns work receipts)",
+    )
 
 
 class TransitionInput(serializers.Serializer):
@@ -135,19 +150,34 @@ class JobListCreate(ListAPIView):
         return super().get(request, *args, **kwargs)
 
     @extend_schema(
-        request=JobInput, responses={201: JobOutput, 200: JobOutput},
-        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER,
-                                     description="retrying with the same key returns the same job (200)")],
+        request=JobInput,
+        responses={201: JobOutput, 200: JobOutput},
+        parameters=[
+            OpenApiParameter(
+                IDEMPOTENCY_HEADER,
+                str,
+                OpenApiParameter.HEADER,
+                description="retrying with the same key returns the same job (200)",
+            )
+        ],
     )
     def post(self, request: Request) -> Response:
         data = parse(JobInput, request.data)
         key = request.headers.get(IDEMPOTENCY_HEADER) or data.get("idempotency_key")
         if not key:
-            raise ValidationFailed(f"send an {IDEMPOTENCY_HEADER} header (or an idempotency_key field)",
-                                   extra={"field": "idempotency_key"})
-        job, created = job_create(user=request.user, kind=data["kind"], model_id=data["model"], budget=data["budget"],
-                                  max_price=data["max_price"], min_throughput=data["min_throughput"],
-                                  idempotency_key=key, client_key=data["client_key"])
+            raise ValidationFailed(
+                f"send an {IDEMPOTENCY_HEADER} header (or an idempotency_key field)", extra={"field": "idempotency_key"}
+            )
+        job, created = job_create(
+            user=request.user,
+            kind=data["kind"],
+            model_id=data["model"],
+            budget=data["budget"],
+            max_price=data["max_price"],
+            min_throughput=data["min_throughput"],
+            idempotency_key=key,
+            client_key=data["client_key"],
+        )
         job = job_get(user=request.user, job_id=job.pk)
         return Response(JobOutput(job).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -174,7 +204,9 @@ class JobTransitions(ListAPIView):
     pagination_class = None  # a job has a handful of transitions
 
     def get_queryset(self) -> QuerySet[JobTransition]:
-        return job_transitions(job=job_get(user=self.request.user, job_id=self.kwargs["job_id"])).select_related("actor")
+        return job_transitions(job=job_get(user=self.request.user, job_id=self.kwargs["job_id"])).select_related(
+            "actor"
+        )
 
     @extend_schema(request=TransitionInput, responses=JobOutput)
     def post(self, request: Request, job_id: int) -> Response:
@@ -197,7 +229,15 @@ class JobPlan(APIView):
             raise PermissionDenied("only the scheduler (staff) stores plans")
         data = parse(PlanInput, request.data)
         job = job_get(user=request.user, job_id=job_id)
-        segments = [SegmentSpec(block_start=s["block_start"], block_end=s["block_end"], provider=s["provider"],
-                                backups=s["backups"], price=s["price"]) for s in data["segments"]]
+        segments = [
+            SegmentSpec(
+                block_start=s["block_start"],
+                block_end=s["block_end"],
+                provider=s["provider"],
+                backups=s["backups"],
+                price=s["price"],
+            )
+            for s in data["segments"]
+        ]
         job_plan_store(job=job, segments=segments, reason=data["reason"])
         return Response(PlanOutput(job_plan_current(job=job)).data, status=status.HTTP_201_CREATED)

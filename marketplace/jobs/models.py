@@ -68,8 +68,14 @@ class JobTransition(models.Model):
     from_state = models.CharField(max_length=16, blank=True, help_text="empty for the creation")
     to_state = models.CharField(max_length=16)
     reason = models.CharField(max_length=200, blank=True)
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                              related_name="+", help_text="empty when the system (scheduler) acted")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="empty when the system (scheduler) acted",
+    )
     at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -34,5 +34,4 @@ def job_transitions(*, job: Job) -> QuerySet[JobTransition]:
 def job_plan_current(*, job: Job) -> Plan | None:
     """The job's newest plan with its segments and ranked backups, or None before planning."""
     segments = PlanSegment.objects.select_related("provider").prefetch_related("backups__provider")
-    return (job.plans.prefetch_related(Prefetch("segments", queryset=segments))
-            .order_by("-version").first())
+    return job.plans.prefetch_related(Prefetch("segments", queryset=segments)).order_by("-version").first()

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from django.db import IntegrityError, transaction
 
-from client_sdk.protocol.identity import is_valid_public_key
-
+from hivemart_core.protocol.identity import is_valid_public_key
 from marketplace.accounts.models import User
 from marketplace.catalog.selectors import catalog_model_for_use
 from marketplace.common.errors import (
@@ -100,8 +99,17 @@ def _record_transition(job: Job, to_state: str, *, reason: str, actor: User | No
     JobTransition.objects.create(job=job, from_state=from_state, to_state=to_state, reason=reason, actor=actor)
 
 
-def job_create(*, user: User, kind: str, model_id: str, budget: int, max_price: int, idempotency_key: str,
-               min_throughput: float | None = None, client_key: str = "") -> tuple[Job, bool]:
+def job_create(
+    *,
+    user: User,
+    kind: str,
+    model_id: str,
+    budget: int,
+    max_price: int,
+    idempotency_key: str,
+    min_throughput: float | None = None,
+    client_key: str = "",
+) -> tuple[Job, bool]:
     """Create a job and hold its budget from the user's wallet, in one transaction.
 
     Returns ``(job, created)``. The same ``idempotency_key`` with the same parameters returns
@@ -114,34 +122,59 @@ def job_create(*, user: User, kind: str, model_id: str, budget: int, max_price: 
     for name, value, top in (("budget", budget, MAX_AMOUNT), ("max_price", max_price, MAX_PRICE)):
         low = 1 if name == "budget" else 0
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= top:
-            raise ValidationFailed(f"{name} is an integer number of micro-credits between {low} and {top}",
-                                   extra={"field": name})
-    if min_throughput is not None and (isinstance(min_throughput, bool) or not isinstance(min_throughput, (int, float))
-                                       or not math.isfinite(min_throughput)
-                                       or not 0 <= min_throughput <= MAX_THROUGHPUT):
-        raise ValidationFailed(f"min_throughput is a number of work units per second between 0 and {MAX_THROUGHPUT:g}",
-                               extra={"field": "min_throughput"})
+            raise ValidationFailed(
+                f"{name} is an integer number of micro-credits between {low} and {top}", extra={"field": name}
+            )
+    if min_throughput is not None and (
+        isinstance(min_throughput, bool)
+        or not isinstance(min_throughput, (int, float))
+        or not math.isfinite(min_throughput)
+        or not 0 <= min_throughput <= MAX_THROUGHPUT
+    ):
+        raise ValidationFailed(
+            f"min_throughput is a number of work units per second between 0 and {MAX_THROUGHPUT:g}",
+            extra={"field": "min_throughput"},
+        )
     if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
-        raise ValidationFailed("an idempotency key is 1 to 200 printable ASCII characters without spaces",
-                               extra={"field": "idempotency_key"})
+        raise ValidationFailed(
+            "an idempotency key is 1 to 200 printable ASCII characters without spaces",
+            extra={"field": "idempotency_key"},
+        )
     if not isinstance(client_key, str) or not (client_key == "" or _CLIENT_KEY_RE.match(client_key.lower())):
-        raise ValidationFailed("client_key is a hex Ed25519 public key (64 hex characters)",
-                               extra={"field": "client_key"})
+        raise ValidationFailed(
+            "client_key is a hex Ed25519 public key (64 hex characters)", extra={"field": "client_key"}
+        )
     if client_key and not is_valid_public_key(bytes.fromhex(client_key)):
         # A small-order key would verify countersignatures anyone can forge.
-        raise ValidationFailed("client_key is not a usable Ed25519 public key (small order or not canonical); "
-                               "send the public key of a freshly generated identity", extra={"field": "client_key"})
+        raise ValidationFailed(
+            "client_key is not a usable Ed25519 public key (small order or not canonical); "
+            "send the public key of a freshly generated identity",
+            extra={"field": "client_key"},
+        )
     model = catalog_model_for_use(model_id=model_id)
-    wanted = dict(kind=kind, model_id=model.pk, budget=budget, max_price=max_price,
-                  min_throughput=None if min_throughput is None else float(min_throughput),
-                  client_key=client_key.lower())
+    wanted = dict(
+        kind=kind,
+        model_id=model.pk,
+        budget=budget,
+        max_price=max_price,
+        min_throughput=None if min_throughput is None else float(min_throughput),
+        client_key=client_key.lower(),
+    )
 
     def replay(job: Job) -> tuple[Job, bool]:
-        recorded = dict(kind=job.kind, model_id=job.model_id, budget=job.budget, max_price=job.max_price,
-                        min_throughput=job.min_throughput, client_key=job.client_key)
+        recorded = dict(
+            kind=job.kind,
+            model_id=job.model_id,
+            budget=job.budget,
+            max_price=job.max_price,
+            min_throughput=job.min_throughput,
+            client_key=job.client_key,
+        )
         if recorded != wanted:
-            raise IdempotencyConflict("this idempotency key was used to create a different job",
-                                      extra={"idempotency_key": idempotency_key, "job": job.pk})
+            raise IdempotencyConflict(
+                "this idempotency key was used to create a different job",
+                extra={"idempotency_key": idempotency_key, "job": job.pk},
+            )
         return job, False
 
     with transaction.atomic():
@@ -180,8 +213,9 @@ def job_transition(*, job: Job, to_state: str, reason: str = "", actor: User | N
     if job.state == to_state:
         return job
     if to_state not in ALLOWED_TRANSITIONS[job.state]:
-        raise InvalidTransition(f"a {job.state} job cannot become {to_state}",
-                                extra={"state": job.state, "to_state": to_state})
+        raise InvalidTransition(
+            f"a {job.state} job cannot become {to_state}", extra={"state": job.state, "to_state": to_state}
+        )
     if to_state in TERMINAL_STATES:
         for hook in _job_closing_hooks:
             hook(job)
@@ -200,8 +234,9 @@ def job_transition_request(*, job: Job, by: User, to_state: str, reason: str = "
         if job.user_id != by.pk:
             raise PermissionDenied("this is not your job")
         if to_state not in OWNER_TRANSITIONS:
-            raise PermissionDenied(f"only the scheduler moves a job to {to_state}",
-                                   extra={"allowed": sorted(OWNER_TRANSITIONS)})
+            raise PermissionDenied(
+                f"only the scheduler moves a job to {to_state}", extra={"allowed": sorted(OWNER_TRANSITIONS)}
+            )
     return job_transition(job=job, to_state=to_state, reason=reason, actor=by)
 
 
@@ -248,8 +283,10 @@ def job_plan_store(*, job: Job, segments: Sequence[SegmentSpec], reason: str = "
     for i, seg in enumerate(segments):
         where = {"field": "segments", "index": i}
         if seg.block_start != cursor or not seg.block_start < seg.block_end <= job.model.num_blocks:
-            raise ValidationFailed(f"segment {i} must start at block {cursor} and end after it, "
-                                   f"at most at {job.model.num_blocks}", extra=where)
+            raise ValidationFailed(
+                f"segment {i} must start at block {cursor} and end after it, at most at {job.model.num_blocks}",
+                extra=where,
+            )
         cursor = seg.block_end
         chain = [_provider_id(seg.provider), *map(_provider_id, seg.backups)]
         if len(set(chain)) != len(chain):
@@ -259,30 +296,43 @@ def job_plan_store(*, job: Job, segments: Sequence[SegmentSpec], reason: str = "
             if p is None:
                 raise ValidationFailed(f"segment {i}: no provider {pid}", extra={**where, "provider": pid})
             if p.model_id != job.model_id or not (p.block_start <= seg.block_start and seg.block_end <= p.block_end):
-                raise ValidationFailed(f"segment {i}: provider {pid} does not serve blocks "
-                                       f"{seg.block_start}..{seg.block_end} of {job.model.model_id}",
-                                       extra={**where, "provider": pid})
+                raise ValidationFailed(
+                    f"segment {i}: provider {pid} does not serve blocks "
+                    f"{seg.block_start}..{seg.block_end} of {job.model.model_id}",
+                    extra={**where, "provider": pid},
+                )
             if p.is_suspended:
                 raise ValidationFailed(f"segment {i}: provider {pid} is suspended", extra={**where, "provider": pid})
             if p.price > job.max_price:
-                raise ValidationFailed(f"segment {i}: provider {pid} asks {p.price}, above the job's max_price",
-                                       extra={**where, "provider": pid})
-        if seg.price is not None and (not isinstance(seg.price, int) or isinstance(seg.price, bool)
-                                      or not 0 <= seg.price <= job.max_price):
+                raise ValidationFailed(
+                    f"segment {i}: provider {pid} asks {p.price}, above the job's max_price",
+                    extra={**where, "provider": pid},
+                )
+        if seg.price is not None and (
+            not isinstance(seg.price, int) or isinstance(seg.price, bool) or not 0 <= seg.price <= job.max_price
+        ):
             raise ValidationFailed(f"segment {i}: price must be an integer between 0 and max_price", extra=where)
     if cursor != job.model.num_blocks:
-        raise ValidationFailed(f"the plan covers blocks 0..{cursor}, not all {job.model.num_blocks}",
-                               extra={"field": "segments"})
+        raise ValidationFailed(
+            f"the plan covers blocks 0..{cursor}, not all {job.model.num_blocks}", extra={"field": "segments"}
+        )
 
     latest = job.plans.order_by("-version").values_list("version", flat=True).first() or 0
     plan = Plan.objects.create(job=job, version=latest + 1, reason=reason)
     for i, seg in enumerate(segments):
         primary = providers[_provider_id(seg.provider)]
-        row = PlanSegment.objects.create(plan=plan, index=i, block_start=seg.block_start, block_end=seg.block_end,
-                                         provider=primary, price=primary.price if seg.price is None else seg.price)
+        row = PlanSegment.objects.create(
+            plan=plan,
+            index=i,
+            block_start=seg.block_start,
+            block_end=seg.block_end,
+            provider=primary,
+            price=primary.price if seg.price is None else seg.price,
+        )
         PlanBackup.objects.bulk_create(
-            PlanBackup(segment=row, rank=rank, provider=providers[_provider_id(b)],
-                       price=providers[_provider_id(b)].price)
+            PlanBackup(
+                segment=row, rank=rank, provider=providers[_provider_id(b)], price=providers[_provider_id(b)].price
+            )
             for rank, b in enumerate(seg.backups)
         )
     for hook in _plan_stored_hooks:
@@ -302,12 +352,22 @@ def job_charge(*, job: Job, provider: Provider, amount: int, idempotency_key: st
     job = Job.objects.select_related("hold").get(pk=job.pk)
     if job.state not in (S.RUNNING, S.SETTLING):
         raise InvalidTransition(f"a {job.state} job cannot be charged", extra={"state": job.state})
-    in_plan = (PlanSegment.objects.filter(plan__job=job, provider=provider).exists()
-               or PlanBackup.objects.filter(segment__plan__job=job, provider=provider).exists())
+    in_plan = (
+        PlanSegment.objects.filter(plan__job=job, provider=provider).exists()
+        or PlanBackup.objects.filter(segment__plan__job=job, provider=provider).exists()
+    )
     if not in_plan:
-        raise Conflict(f"provider {provider.pk} is not in any plan of job #{job.pk}",
-                       extra={"provider": provider.pk, "job": job.pk}, code="not_in_plan")
+        raise Conflict(
+            f"provider {provider.pk} is not in any plan of job #{job.pk}",
+            extra={"provider": provider.pk, "job": job.pk},
+            code="not_in_plan",
+        )
     if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 150:
         raise ValidationFailed("an idempotency key has 1 to 150 characters", extra={"field": "idempotency_key"})
-    return hold_capture(hold=job.hold, amount=amount, payee=provider.earnings_account,
-                        idempotency_key=f"job:{job.pk}:{idempotency_key}", memo=memo or f"job #{job.pk}")
+    return hold_capture(
+        hold=job.hold,
+        amount=amount,
+        payee=provider.earnings_account,
+        idempotency_key=f"job:{job.pk}:{idempotency_key}",
+        memo=memo or f"job #{job.pk}",
+    )

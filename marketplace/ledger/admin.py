@@ -6,9 +6,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
+from marketplace.common.admin import ReadOnlyAdmin
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
 from marketplace.ledger.services import hold_release
-from marketplace.common.admin import ReadOnlyAdmin
 
 
 class PostingInline(admin.TabularInline):

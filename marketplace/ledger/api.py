@@ -14,7 +14,13 @@ from marketplace.accounts.models import User
 from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.common.errors import PermissionDenied, ValidationFailed
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
-from marketplace.ledger.selectors import account_get, accounts_visible_to, hold_get, holds_visible_to, postings_visible_to
+from marketplace.ledger.selectors import (
+    account_get,
+    accounts_visible_to,
+    hold_get,
+    holds_visible_to,
+    postings_visible_to,
+)
 from marketplace.ledger.services import IDEMPOTENCY_KEY_MAX, MAX_AMOUNT, credit_grant, payout, wallet_get_or_create
 
 
@@ -45,8 +51,7 @@ class HoldOutput(serializers.ModelSerializer):
 
 
 class TransactionOutput(serializers.ModelSerializer):
-    idempotency_key = serializers.CharField(source="request_key", allow_null=True,
-                                            help_text="the key as you sent it")
+    idempotency_key = serializers.CharField(source="request_key", allow_null=True, help_text="the key as you sent it")
     postings = serializers.SerializerMethodField()
 
     class Meta:
@@ -61,16 +66,26 @@ class GrantInput(serializers.Serializer):
     username = serializers.CharField(max_length=150)
     amount = StrictIntegerField(min_value=1, max_value=MAX_AMOUNT, help_text="micro-credits")
     memo = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
-    idempotency_key = serializers.CharField(max_length=IDEMPOTENCY_KEY_MAX, required=False, allow_null=True,
-                                            default=None, help_text="yours alone: no other user's key collides")
+    idempotency_key = serializers.CharField(
+        max_length=IDEMPOTENCY_KEY_MAX,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="yours alone: no other user's key collides",
+    )
 
 
 class PayoutInput(serializers.Serializer):
     account = StrictIntegerField(min_value=1, help_text="a provider earnings account")
     amount = StrictIntegerField(min_value=1, max_value=MAX_AMOUNT)
     memo = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
-    idempotency_key = serializers.CharField(max_length=IDEMPOTENCY_KEY_MAX, required=False, allow_null=True,
-                                            default=None, help_text="yours alone: no other user's key collides")
+    idempotency_key = serializers.CharField(
+        max_length=IDEMPOTENCY_KEY_MAX,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="yours alone: no other user's key collides",
+    )
 
 
 class AccountList(ListAPIView):

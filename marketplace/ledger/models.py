@@ -38,8 +38,9 @@ class Account(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices)
     # The owner: the wallet's user, the provider's operator, the payer of a hold. None for the
     # platform's own accounts (fees, external).
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
-                             related_name="ledger_accounts")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="ledger_accounts"
+    )
     label = models.CharField(max_length=200, blank=True)
     balance = models.BigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -47,17 +48,24 @@ class Account(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [
-            models.CheckConstraint(condition=Q(kind__in=["wallet", "earnings", "escrow", "fees", "external"]), name="ledger_account_kind_valid"),
-            models.CheckConstraint(condition=Q(kind="external") | Q(balance__gte=0),
-                                   name="ledger_account_balance_non_negative"),
             models.CheckConstraint(
-                condition=(Q(kind__in=["fees", "external"], user__isnull=True)
-                           | Q(kind__in=["wallet", "earnings", "escrow"], user__isnull=False)),
+                condition=Q(kind__in=["wallet", "earnings", "escrow", "fees", "external"]),
+                name="ledger_account_kind_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="external") | Q(balance__gte=0), name="ledger_account_balance_non_negative"
+            ),
+            models.CheckConstraint(
+                condition=(
+                    Q(kind__in=["fees", "external"], user__isnull=True)
+                    | Q(kind__in=["wallet", "earnings", "escrow"], user__isnull=False)
+                ),
                 name="ledger_account_owner_matches_kind",
             ),
             models.UniqueConstraint(fields=["user"], condition=Q(kind="wallet"), name="ledger_one_wallet_per_user"),
-            models.UniqueConstraint(fields=["kind"], condition=Q(kind__in=["fees", "external"]),
-                                    name="ledger_one_platform_account_per_kind"),
+            models.UniqueConstraint(
+                fields=["kind"], condition=Q(kind__in=["fees", "external"]), name="ledger_one_platform_account_per_kind"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -114,8 +122,9 @@ class Transaction(models.Model):
     idempotency_key = models.CharField(max_length=200, unique=True, null=True, blank=True)
     hold = models.ForeignKey(Hold, null=True, blank=True, on_delete=models.PROTECT, related_name="transactions")
     memo = models.CharField(max_length=200, blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
-                                   related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

@@ -55,8 +55,9 @@ def hold_left(*, hold: Hold) -> int:
 
 def hold_captured(*, hold: Hold) -> int:
     """Micro-credits captured from a hold so far (provider share and fees together)."""
-    total = Posting.objects.filter(transaction__hold=hold, transaction__kind=Transaction.Kind.CAPTURE,
-                                   account_id=hold.escrow_id).aggregate(s=Sum("amount"))["s"]
+    total = Posting.objects.filter(
+        transaction__hold=hold, transaction__kind=Transaction.Kind.CAPTURE, account_id=hold.escrow_id
+    ).aggregate(s=Sum("amount"))["s"]
     return -(total or 0)
 
 
@@ -71,8 +72,12 @@ class LedgerReport:
 
     @property
     def consistent(self) -> bool:
-        return (self.postings_total == 0 and not self.unbalanced_transactions and not self.balance_mismatches
-                and not self.negative_accounts)
+        return (
+            self.postings_total == 0
+            and not self.unbalanced_transactions
+            and not self.balance_mismatches
+            and not self.negative_accounts
+        )
 
 
 def ledger_verify(*, accounts: QuerySet[Account] | None = None) -> LedgerReport:
@@ -80,8 +85,13 @@ def ledger_verify(*, accounts: QuerySet[Account] | None = None) -> LedgerReport:
     account's balance column equals the sum of its postings and is not negative (except the
     external account). ``accounts`` narrows the per-account checks (the totals are global)."""
     total = Posting.objects.aggregate(s=Sum("amount"))["s"] or 0
-    unbalanced = [str(t) for t in Posting.objects.values("transaction_id").annotate(s=Sum("amount"))
-                  .exclude(s=0).values_list("transaction_id", flat=True)]
+    unbalanced = [
+        str(t)
+        for t in Posting.objects.values("transaction_id")
+        .annotate(s=Sum("amount"))
+        .exclude(s=0)
+        .values_list("transaction_id", flat=True)
+    ]
     scope = Account.objects.all() if accounts is None else accounts
     mismatches = {
         pk: (balance, posted or 0)
@@ -89,5 +99,9 @@ def ledger_verify(*, accounts: QuerySet[Account] | None = None) -> LedgerReport:
         if balance != (posted or 0)
     }
     negative = list(scope.filter(~Q(kind=Account.Kind.EXTERNAL), balance__lt=0).values_list("pk", flat=True))
-    return LedgerReport(postings_total=total, unbalanced_transactions=unbalanced, balance_mismatches=mismatches,
-                        negative_accounts=negative)
+    return LedgerReport(
+        postings_total=total,
+        unbalanced_transactions=unbalanced,
+        balance_mismatches=mismatches,
+        negative_accounts=negative,
+    )

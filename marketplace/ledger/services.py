@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
@@ -88,14 +88,17 @@ def _check_amount(amount: int, field: str = "amount") -> None:
     if not isinstance(amount, int) or isinstance(amount, bool):
         raise ValidationFailed(f"{field} must be an integer number of micro-credits", extra={"field": field})
     if not 0 < amount <= MAX_AMOUNT:
-        raise ValidationFailed(f"{field} must be between 1 and {MAX_AMOUNT} micro-credits",
-                               extra={"field": field, "value": amount})
+        raise ValidationFailed(
+            f"{field} must be between 1 and {MAX_AMOUNT} micro-credits", extra={"field": field, "value": amount}
+        )
 
 
 def _check_key(key: str | None) -> None:
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= IDEMPOTENCY_KEY_MAX):
-        raise ValidationFailed(f"an idempotency key is a string of 1 to {IDEMPOTENCY_KEY_MAX} characters",
-                               extra={"field": "idempotency_key"})
+        raise ValidationFailed(
+            f"an idempotency key is a string of 1 to {IDEMPOTENCY_KEY_MAX} characters",
+            extra={"field": "idempotency_key"},
+        )
 
 
 def _scoped_key(key: str | None, owner: User | None) -> str | None:
@@ -108,8 +111,9 @@ def _scoped_key(key: str | None, owner: User | None) -> str | None:
 
 def _check_kind(account: Account, *kinds: Account.Kind, role: str) -> None:
     if account.kind not in kinds:
-        raise ValidationFailed(f"the {role} must be a {' or '.join(kinds)} account, not {account.kind}",
-                               extra={"account": account.pk})
+        raise ValidationFailed(
+            f"the {role} must be a {' or '.join(kinds)} account, not {account.kind}", extra={"account": account.pk}
+        )
 
 
 def fee_for(amount: int, fee_bps: int) -> int:
@@ -138,8 +142,15 @@ def _conflict(key: str, transaction_id: object | None = None) -> IdempotencyConf
     return IdempotencyConflict("this idempotency key was used for a different ledger movement", extra=extra)
 
 
-def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_key: str | None = None,
-            hold: Hold | None = None, memo: str = "", created_by: User | None = None) -> Transaction:
+def _record(
+    *,
+    kind: str,
+    entries: Iterable[tuple[Account, int]],
+    idempotency_key: str | None = None,
+    hold: Hold | None = None,
+    memo: str = "",
+    created_by: User | None = None,
+) -> Transaction:
     """Write one balanced transaction and apply it to the balances. Call inside ``transaction.atomic``."""
     deltas: dict[int, int] = defaultdict(int)
     accounts: dict[int, Account] = {}
@@ -157,14 +168,17 @@ def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_ke
     )
     try:
         with transaction.atomic():
-            tx = Transaction.objects.create(id=tx_id, kind=kind, idempotency_key=idempotency_key, hold=hold,
-                                            memo=memo[:200], created_by=created_by)
+            tx = Transaction.objects.create(
+                id=tx_id, kind=kind, idempotency_key=idempotency_key, hold=hold, memo=memo[:200], created_by=created_by
+            )
     except IntegrityError:
         # Another request recorded this idempotency key after our check; it has committed
         # (the unique index made us wait for it), so the caller can ask again and get it.
         if idempotency_key is not None and Transaction.objects.filter(idempotency_key=idempotency_key).exists():
-            raise Conflict("a concurrent request with this idempotency key won; retry to get its result",
-                           extra={"idempotency_key": Transaction.key_as_sent(idempotency_key)}) from None
+            raise Conflict(
+                "a concurrent request with this idempotency key won; retry to get its result",
+                extra={"idempotency_key": Transaction.key_as_sent(idempotency_key)},
+            ) from None
         raise
 
     for pk in sorted(deltas, key=lambda pk: (_LOCK_RANK[accounts[pk].kind], pk)):
@@ -174,8 +188,10 @@ def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_ke
             rows = rows.filter(balance__gte=-delta)
         if rows.update(balance=F("balance") + delta) != 1:
             balance = Account.objects.filter(pk=pk).values_list("balance", flat=True).first()
-            raise InsufficientCredits(f"account #{pk} holds {balance} micro-credits, {-delta} needed",
-                                      extra={"account": pk, "balance": balance, "needed": -delta})
+            raise InsufficientCredits(
+                f"account #{pk} holds {balance} micro-credits, {-delta} needed",
+                extra={"account": pk, "balance": balance, "needed": -delta},
+            )
     return tx
 
 
@@ -184,8 +200,9 @@ def _record(*, kind: str, entries: Iterable[tuple[Account, int]], idempotency_ke
 
 def wallet_get_or_create(*, user: User) -> Account:
     """The user's wallet, created on first use."""
-    wallet, _ = Account.objects.get_or_create(kind=Account.Kind.WALLET, user=user,
-                                              defaults={"label": f"wallet of {user.username}"})
+    wallet, _ = Account.objects.get_or_create(
+        kind=Account.Kind.WALLET, user=user, defaults={"label": f"wallet of {user.username}"}
+    )
     return wallet
 
 
@@ -206,8 +223,9 @@ def platform_account(kind: Account.Kind) -> Account:
 
 
 @transaction.atomic
-def credit_grant(*, account: Account, amount: int, granted_by: User | None = None, memo: str = "",
-                 idempotency_key: str | None = None) -> Transaction:
+def credit_grant(
+    *, account: Account, amount: int, granted_by: User | None = None, memo: str = "", idempotency_key: str | None = None
+) -> Transaction:
     """Staff top-up: credits from the external account into a wallet. ``idempotency_key`` is
     ``granted_by``'s own (the system's when nobody is named: operator commands)."""
     _check_amount(amount)
@@ -217,8 +235,13 @@ def credit_grant(*, account: Account, amount: int, granted_by: User | None = Non
     entries = {external.pk: -amount, account.pk: amount}
     if (previous := _existing(idempotency_key, Transaction.Kind.GRANT, entries)) is not None:
         return previous
-    return _record(kind=Transaction.Kind.GRANT, entries=[(external, -amount), (account, amount)],
-                   idempotency_key=idempotency_key, memo=memo or "credit grant", created_by=granted_by)
+    return _record(
+        kind=Transaction.Kind.GRANT,
+        entries=[(external, -amount), (account, amount)],
+        idempotency_key=idempotency_key,
+        memo=memo or "credit grant",
+        created_by=granted_by,
+    )
 
 
 @transaction.atomic
@@ -231,14 +254,22 @@ def hold_place(*, account: Account, amount: int, memo: str = "", idempotency_key
     if idempotency_key is not None:
         previous = Transaction.objects.filter(idempotency_key=idempotency_key).select_related("hold").first()
         if previous is not None:
-            if previous.kind != Transaction.Kind.HOLD or previous.hold.payer_id != account.pk \
-                    or previous.hold.amount != amount:
+            if (
+                previous.kind != Transaction.Kind.HOLD
+                or previous.hold.payer_id != account.pk
+                or previous.hold.amount != amount
+            ):
                 raise _conflict(idempotency_key)
             return previous.hold
     escrow = Account.objects.create(kind=Account.Kind.ESCROW, user_id=account.user_id, label=memo[:200])
     hold = Hold.objects.create(payer=account, escrow=escrow, amount=amount, memo=memo[:200])
-    _record(kind=Transaction.Kind.HOLD, entries=[(account, -amount), (escrow, amount)],
-            idempotency_key=idempotency_key, hold=hold, memo=memo or "hold placed")
+    _record(
+        kind=Transaction.Kind.HOLD,
+        entries=[(account, -amount), (escrow, amount)],
+        idempotency_key=idempotency_key,
+        hold=hold,
+        memo=memo or "hold placed",
+    )
     escrow.balance = amount
     return hold
 
@@ -252,8 +283,16 @@ def _lock_hold(hold_id: int) -> Hold:
         raise NotFound(f"no hold {hold_id}") from None
 
 
-def hold_capture(*, hold: Hold, amount: int, payee: Account, idempotency_key: str,
-                 fee_bps: int | None = None, fee: int | None = None, memo: str = "") -> Transaction:
+def hold_capture(
+    *,
+    hold: Hold,
+    amount: int,
+    payee: Account,
+    idempotency_key: str,
+    fee_bps: int | None = None,
+    fee: int | None = None,
+    memo: str = "",
+) -> Transaction:
     """Pay ``amount`` out of an open hold: ``amount - fee`` to ``payee`` (a provider's earnings
     account), the fee to the platform. Partial captures are normal; a capture larger than what
     is left of the hold raises InsufficientCredits, one from a closed hold Conflict
@@ -304,12 +343,13 @@ def _hold_capture_orm(*, hold_id: int, amount: int, payee: Account, fee: int, ke
 _CAPTURE_COLUMNS = ["id", "kind", "idempotency_key", "hold_id", "memo", "created_by_id", "created_at"]
 
 
-def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee: int, key: str,
-                           memo: str) -> Transaction:
+def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee: int, key: str, memo: str) -> Transaction:
     def call() -> tuple:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT transaction_id, created_at, replayed FROM ledger_capture(%s, %s, %s, %s, %s, %s)",
-                           [hold_id, amount, payee.pk, fee, key, memo])
+            cursor.execute(
+                "SELECT transaction_id, created_at, replayed FROM ledger_capture(%s, %s, %s, %s, %s, %s)",
+                [hold_id, amount, payee.pk, fee, key, memo],
+            )
             return cursor.fetchone()
 
     try:
@@ -334,13 +374,16 @@ def _hold_capture_postgres(*, hold_id: int, amount: int, payee: Account, fee: in
         if state == "HM004":
             raise NotFound(f"no hold {hold_id}") from None
         if state == "23505":  # unique_violation: the same key, concurrently, on another hold
-            raise Conflict("a concurrent request with this idempotency key won; retry to get its result",
-                           extra={"idempotency_key": Transaction.key_as_sent(key)}) from None
+            raise Conflict(
+                "a concurrent request with this idempotency key won; retry to get its result",
+                extra={"idempotency_key": Transaction.key_as_sent(key)},
+            ) from None
         raise
     if replayed:
         return Transaction.objects.get(pk=tx_id)
-    return Transaction.from_db(connection.alias, _CAPTURE_COLUMNS,
-                               [tx_id, Transaction.Kind.CAPTURE, key, hold_id, memo, None, created_at])
+    return Transaction.from_db(
+        connection.alias, _CAPTURE_COLUMNS, [tx_id, Transaction.Kind.CAPTURE, key, hold_id, memo, None, created_at]
+    )
 
 
 def _hold_closed(hold_id: int) -> Conflict:
@@ -348,8 +391,10 @@ def _hold_closed(hold_id: int) -> Conflict:
 
 
 def _hold_insufficient(hold_id: int, left: int, asked: int) -> InsufficientCredits:
-    return InsufficientCredits(f"hold #{hold_id} has {left} micro-credits left, {asked} asked",
-                               extra={"hold": hold_id, "left": left, "asked": asked})
+    return InsufficientCredits(
+        f"hold #{hold_id} has {left} micro-credits left, {asked} asked",
+        extra={"hold": hold_id, "left": left, "asked": asked},
+    )
 
 
 @transaction.atomic
@@ -365,16 +410,26 @@ def hold_release(*, hold: Hold, memo: str = "") -> Transaction | None:
     left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()
     tx = None
     if left > 0:
-        tx = _record(kind=Transaction.Kind.RELEASE, entries=[(hold.escrow, -left), (hold.payer, left)],
-                     hold=hold, memo=memo or f"release of hold #{hold.pk}")
+        tx = _record(
+            kind=Transaction.Kind.RELEASE,
+            entries=[(hold.escrow, -left), (hold.payer, left)],
+            hold=hold,
+            memo=memo or f"release of hold #{hold.pk}",
+        )
     hold.state, hold.closed_at = Hold.State.CLOSED, timezone.now()
     hold.save(update_fields=["state", "closed_at"])
     return tx
 
 
 @transaction.atomic
-def payout(*, account: Account, amount: int, idempotency_key: str | None = None, requested_by: User | None = None,
-           memo: str = "") -> Transaction:
+def payout(
+    *,
+    account: Account,
+    amount: int,
+    idempotency_key: str | None = None,
+    requested_by: User | None = None,
+    memo: str = "",
+) -> Transaction:
     """Pay credits out of the platform: from a provider's earnings account to the external account.
     ``idempotency_key`` is ``requested_by``'s own: no user's key can block another user's
     payout, nor any movement the system makes."""
@@ -382,16 +437,23 @@ def payout(*, account: Account, amount: int, idempotency_key: str | None = None,
     idempotency_key = _scoped_key(idempotency_key, requested_by)
     _check_kind(account, Account.Kind.EARNINGS, role="payout's source")
     external = platform_account(Account.Kind.EXTERNAL)
-    if (previous := _existing(idempotency_key, Transaction.Kind.PAYOUT,
-                              {account.pk: -amount, external.pk: amount})) is not None:
+    if (
+        previous := _existing(idempotency_key, Transaction.Kind.PAYOUT, {account.pk: -amount, external.pk: amount})
+    ) is not None:
         return previous
-    return _record(kind=Transaction.Kind.PAYOUT, entries=[(account, -amount), (external, amount)],
-                   idempotency_key=idempotency_key, memo=memo or "payout", created_by=requested_by)
+    return _record(
+        kind=Transaction.Kind.PAYOUT,
+        entries=[(account, -amount), (external, amount)],
+        idempotency_key=idempotency_key,
+        memo=memo or "payout",
+        created_by=requested_by,
+    )
 
 
 @transaction.atomic
-def clawback(*, source: Account, hold: Hold, amount: int, fee_refund: int = 0, idempotency_key: str,
-             memo: str = "") -> tuple[Transaction | None, int]:
+def clawback(
+    *, source: Account, hold: Hold, amount: int, fee_refund: int = 0, idempotency_key: str, memo: str = ""
+) -> tuple[Transaction | None, int]:
     """Take back credits paid out of ``hold`` (work an audit found to be fake): up to ``amount``
     from ``source`` (a provider's earnings account), as far as its balance allows, plus the
     platform fee charged on it (``fee_refund``, scaled down in proportion when the earnings
@@ -415,8 +477,10 @@ def clawback(*, source: Account, hold: Hold, amount: int, fee_refund: int = 0, i
     target = hold.escrow if hold.state == Hold.State.OPEN else hold.payer
     # Lock in the global order (target escrow or wallet, then earnings, then fees), so that
     # the balances read here hold still and no capture can wait on us in a cycle.
-    balances = {pk: Account.objects.select_for_update().filter(pk=pk).values_list("balance", flat=True).get()
-                for pk in (target.pk, source.pk, fees.pk)}
+    balances = {
+        pk: Account.objects.select_for_update().filter(pk=pk).values_list("balance", flat=True).get()
+        for pk in (target.pk, source.pk, fees.pk)
+    }
     taken = min(amount, balances[source.pk])
     refund = min(fee_refund * taken // amount, balances[fees.pk])
     if taken + refund == 0:
@@ -426,8 +490,13 @@ def clawback(*, source: Account, hold: Hold, amount: int, fee_refund: int = 0, i
         entries.append((source, -taken))
     if refund:
         entries.append((fees, -refund))
-    tx = _record(kind=Transaction.Kind.CLAWBACK, entries=entries, idempotency_key=idempotency_key, hold=hold,
-                 memo=memo or f"clawback to hold #{hold.pk}")
+    tx = _record(
+        kind=Transaction.Kind.CLAWBACK,
+        entries=entries,
+        idempotency_key=idempotency_key,
+        hold=hold,
+        memo=memo or f"clawback to hold #{hold.pk}",
+    )
     return tx, taken
 
 
@@ -442,9 +511,12 @@ def hold_forfeit(*, hold: Hold, memo: str = "") -> Transaction | None:
     left = Account.objects.filter(pk=hold.escrow_id).values_list("balance", flat=True).get()
     tx = None
     if left > 0:
-        tx = _record(kind=Transaction.Kind.FORFEIT,
-                     entries=[(hold.escrow, -left), (platform_account(Account.Kind.FEES), left)],
-                     hold=hold, memo=memo or f"hold #{hold.pk} forfeited")
+        tx = _record(
+            kind=Transaction.Kind.FORFEIT,
+            entries=[(hold.escrow, -left), (platform_account(Account.Kind.FEES), left)],
+            hold=hold,
+            memo=memo or f"hold #{hold.pk} forfeited",
+        )
     hold.state, hold.closed_at = Hold.State.CLOSED, timezone.now()
     hold.save(update_fields=["state", "closed_at"])
     return tx

@@ -20,14 +20,37 @@ class ProviderEventInline(admin.TabularInline):
 
 @admin.register(Provider)
 class ProviderAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "peer_id", "user", "model", "block_start", "block_end", "price", "state",
-                    "last_heartbeat_at", "suspended_at"]
+    list_display = [
+        "id",
+        "name",
+        "peer_id",
+        "user",
+        "model",
+        "block_start",
+        "block_end",
+        "price",
+        "state",
+        "last_heartbeat_at",
+        "suspended_at",
+    ]
     list_filter = ["state", "model", "region", ("suspended_at", admin.EmptyFieldListFilter)]
     search_fields = ["peer_id", "name", "user__username"]
     # Identity and money stay as registration made them; staff may fix descriptive fields.
-    readonly_fields = ["user", "peer_id", "public_key", "earnings_account", "state", "last_heartbeat_at",
-                       "reported_throughput", "reported_latency_ms", "latest_measurement", "suspended_at",
-                       "suspension_reason", "registered_at", "updated_at"]
+    readonly_fields = [
+        "user",
+        "peer_id",
+        "public_key",
+        "earnings_account",
+        "state",
+        "last_heartbeat_at",
+        "reported_throughput",
+        "reported_latency_ms",
+        "latest_measurement",
+        "suspended_at",
+        "suspension_reason",
+        "registered_at",
+        "updated_at",
+    ]
     inlines = [ProviderEventInline]
     actions = ["suspend", "reinstate", "mark_stale"]
 

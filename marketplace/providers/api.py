@@ -47,16 +47,39 @@ class MeasurementOutput(serializers.ModelSerializer):
 
 class ProviderOutput(serializers.ModelSerializer):
     model = serializers.CharField(source="model.model_id")
-    measurement = MeasurementOutput(source="latest_measurement", allow_null=True,
-                                    help_text="the scheduler's latest measurement; it overrides reported figures")
+    measurement = MeasurementOutput(
+        source="latest_measurement",
+        allow_null=True,
+        help_text="the scheduler's latest measurement; it overrides reported figures",
+    )
     suspended = serializers.BooleanField(source="is_suspended")
     earnings_account = serializers.IntegerField(source="earnings_account_id")
 
     class Meta:
         model = Provider
-        fields = ["id", "peer_id", "public_key", "name", "gpu", "gpu_memory_mb", "region", "model", "block_start",
-                  "block_end", "price", "state", "last_heartbeat_at", "reported_throughput", "reported_latency_ms",
-                  "measurement", "suspended", "suspension_reason", "reputation", "earnings_account", "registered_at"]
+        fields = [
+            "id",
+            "peer_id",
+            "public_key",
+            "name",
+            "gpu",
+            "gpu_memory_mb",
+            "region",
+            "model",
+            "block_start",
+            "block_end",
+            "price",
+            "state",
+            "last_heartbeat_at",
+            "reported_throughput",
+            "reported_latency_ms",
+            "measurement",
+            "suspended",
+            "suspension_reason",
+            "reputation",
+            "earnings_account",
+            "registered_at",
+        ]
 
 
 class OfferOutput(serializers.Serializer):
@@ -80,7 +103,8 @@ class ChallengeOutput(serializers.Serializer):
     challenge = serializers.CharField(help_text="32 random bytes as 64 hex characters; single use")
     expires_at = serializers.DateTimeField()
     message_prefix = serializers.CharField(
-        help_text="sign message_prefix (ASCII) followed by the 32 raw challenge bytes")
+        help_text="sign message_prefix (ASCII) followed by the 32 raw challenge bytes"
+    )
 
 
 class RegisterInput(serializers.Serializer):
@@ -125,9 +149,12 @@ class SuspendInput(serializers.Serializer):
 
 def _offer_from(data: dict, base: Provider | None = None) -> OfferSpec:
     model = catalog_model_for_use(model_id=data["model"]) if "model" in data else base.model
-    return OfferSpec(model=model, block_start=data.get("block_start", base.block_start if base else None),
-                 block_end=data.get("block_end", base.block_end if base else None),
-                 price=data.get("price", base.price if base else None))
+    return OfferSpec(
+        model=model,
+        block_start=data.get("block_start", base.block_start if base else None),
+        block_end=data.get("block_end", base.block_end if base else None),
+        price=data.get("price", base.price if base else None),
+    )
 
 
 def _own(request: Request, provider_id: int) -> Provider:
@@ -143,8 +170,14 @@ class ChallengeView(APIView):
     @extend_schema(request=None, responses={201: ChallengeOutput})
     def post(self, request: Request) -> Response:
         challenge = challenge_issue(user=request.user)
-        return Response({"challenge": challenge.nonce, "expires_at": challenge.expires_at,
-                         "message_prefix": REGISTRATION_PREFIX.decode()}, status=status.HTTP_201_CREATED)
+        return Response(
+            {
+                "challenge": challenge.nonce,
+                "expires_at": challenge.expires_at,
+                "message_prefix": REGISTRATION_PREFIX.decode(),
+            },
+            status=status.HTTP_201_CREATED,
+        )
 
 
 class ProviderListRegister(ListAPIView):
@@ -160,11 +193,20 @@ class ProviderListRegister(ListAPIView):
         data = parse(RegisterInput, request.data)
         offer = _offer_from(data)
         provider, created = provider_register(
-            user=request.user, peer_id=data["peer_id"], public_key=data["public_key"], challenge=data["challenge"],
-            signature=data["signature"], offer=offer, name=data["name"], gpu=data["gpu"],
-            gpu_memory_mb=data["gpu_memory_mb"], region=data["region"],
+            user=request.user,
+            peer_id=data["peer_id"],
+            public_key=data["public_key"],
+            challenge=data["challenge"],
+            signature=data["signature"],
+            offer=offer,
+            name=data["name"],
+            gpu=data["gpu"],
+            gpu_memory_mb=data["gpu_memory_mb"],
+            region=data["region"],
         )
-        return Response(ProviderOutput(provider).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+        return Response(
+            ProviderOutput(provider).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
 
 
 class ProviderDetail(APIView):
@@ -175,7 +217,9 @@ class ProviderDetail(APIView):
     @extend_schema(request=OfferInput, responses=ProviderOutput, description="Change model, span or price.")
     def patch(self, request: Request, provider_id: int) -> Response:
         provider = _own(request, provider_id)
-        provider = provider_offer_update(provider=provider, offer=_offer_from(parse(OfferInput, request.data), provider))
+        provider = provider_offer_update(
+            provider=provider, offer=_offer_from(parse(OfferInput, request.data), provider)
+        )
         return Response(ProviderOutput(provider_get(user=request.user, provider_id=provider.pk)).data)
 
 
@@ -192,16 +236,18 @@ class MeasurementListRecord(ListAPIView):
     serializer_class = MeasurementOutput
 
     def get_queryset(self) -> QuerySet[ProviderMeasurement]:
-        return provider_measurements(provider=provider_get(user=self.request.user,
-                                                           provider_id=self.kwargs["provider_id"]))
+        return provider_measurements(
+            provider=provider_get(user=self.request.user, provider_id=self.kwargs["provider_id"])
+        )
 
     @extend_schema(request=MeasurementInput, responses={201: MeasurementOutput})
     def post(self, request: Request, provider_id: int) -> Response:
         if not request.user.is_staff:
             raise PermissionDenied("only the scheduler (staff) records measurements")
         data = parse(MeasurementInput, request.data)
-        measurement = provider_measurement_record(provider=provider_get(user=request.user, provider_id=provider_id),
-                                                  **data)
+        measurement = provider_measurement_record(
+            provider=provider_get(user=request.user, provider_id=provider_id), **data
+        )
         return Response(MeasurementOutput(measurement).data, status=status.HTTP_201_CREATED)
 
 

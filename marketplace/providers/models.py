@@ -38,8 +38,9 @@ class Provider(models.Model):
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     reported_throughput = models.FloatField(null=True, blank=True, help_text="self-reported work units per second")
     reported_latency_ms = models.FloatField(null=True, blank=True, help_text="self-reported")
-    latest_measurement = models.ForeignKey("ProviderMeasurement", null=True, blank=True, on_delete=models.SET_NULL,
-                                           related_name="+")
+    latest_measurement = models.ForeignKey(
+        "ProviderMeasurement", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     suspended_at = models.DateTimeField(null=True, blank=True)
     suspension_reason = models.CharField(max_length=200, blank=True)
     # 0..100: starts at 100 and falls with every offence (a failed audit, a wrong probe
@@ -55,8 +56,9 @@ class Provider(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(block_start__lt=models.F("block_end")), name="providers_span_nonempty"),
             models.CheckConstraint(condition=Q(price__gte=0), name="providers_price_non_negative"),
-            models.CheckConstraint(condition=Q(state__in=["joining", "online", "draining", "offline"]),
-                                   name="providers_state_valid"),
+            models.CheckConstraint(
+                condition=Q(state__in=["joining", "online", "draining", "offline"]), name="providers_state_valid"
+            ),
         ]
         indexes = [models.Index(fields=["model", "state"], name="providers_model_state")]
 
@@ -82,10 +84,12 @@ class ProviderMeasurement(models.Model):
     class Meta:
         ordering = ["-measured_at", "-id"]
         constraints = [
-            models.CheckConstraint(condition=Q(success_rate__gte=0) & Q(success_rate__lte=1),
-                                   name="providers_success_rate_fraction"),
-            models.CheckConstraint(condition=Q(throughput__gte=0) & Q(latency_ms__gte=0),
-                                   name="providers_measurement_non_negative"),
+            models.CheckConstraint(
+                condition=Q(success_rate__gte=0) & Q(success_rate__lte=1), name="providers_success_rate_fraction"
+            ),
+            models.CheckConstraint(
+                condition=Q(throughput__gte=0) & Q(latency_ms__gte=0), name="providers_measurement_non_negative"
+            ),
         ]
 
 

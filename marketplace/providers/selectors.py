@@ -63,13 +63,20 @@ class ProviderOffer:
 def _offer(provider: Provider) -> ProviderOffer:
     m = provider.latest_measurement
     return ProviderOffer(
-        provider_id=provider.pk, peer_id=provider.peer_id, model_id=provider.model.model_id,
-        block_start=provider.block_start, block_end=provider.block_end, price=provider.price,
+        provider_id=provider.pk,
+        peer_id=provider.peer_id,
+        model_id=provider.model.model_id,
+        block_start=provider.block_start,
+        block_end=provider.block_end,
+        price=provider.price,
         throughput=m.throughput if m else provider.reported_throughput,
         latency_ms=m.latency_ms if m else provider.reported_latency_ms,
         success_rate=m.success_rate if m else None,
-        measured=m is not None, measured_at=m.measured_at if m else None,
-        region=provider.region, state=provider.state, last_heartbeat_at=provider.last_heartbeat_at,
+        measured=m is not None,
+        measured_at=m.measured_at if m else None,
+        region=provider.region,
+        state=provider.state,
+        last_heartbeat_at=provider.last_heartbeat_at,
     )
 
 

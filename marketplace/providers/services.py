@@ -8,7 +8,7 @@ with the Ed25519 key that is also its libp2p identity, exactly these bytes::
 
 (18 ASCII bytes, then the 32 raw nonce bytes; :func:`registration_message`). The server
 checks the signature against the submitted public key, and that the submitted peer id is the
-one derived from that key (``client_sdk.protocol.identity.peer_id_from_public_key``), so
+one derived from that key (``hivemart_core.protocol.identity.peer_id_from_public_key``), so
 nobody can register a peer id whose key they do not hold.
 """
 
@@ -24,8 +24,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.identity import check_public_key, peer_id_from_public_key, verify_signature
+from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.identity import check_public_key, peer_id_from_public_key, verify_signature
 from marketplace.accounts.models import User
 from marketplace.catalog.models import CatalogModel
 from marketplace.common.errors import Conflict, PermissionDenied, ValidationFailed
@@ -57,10 +57,12 @@ class OfferSpec:
     price: int
 
 
-def _event(provider: Provider, kind: str, *, now: datetime, from_state: str = "", to_state: str = "",
-           reason: str = "") -> None:
-    ProviderEvent.objects.create(provider=provider, kind=kind, from_state=from_state, to_state=to_state,
-                                 reason=reason[:200], at=now)
+def _event(
+    provider: Provider, kind: str, *, now: datetime, from_state: str = "", to_state: str = "", reason: str = ""
+) -> None:
+    ProviderEvent.objects.create(
+        provider=provider, kind=kind, from_state=from_state, to_state=to_state, reason=reason[:200], at=now
+    )
 
 
 def _check_int(field: str, value: object, low: int, high: int) -> int:
@@ -72,8 +74,12 @@ def _check_int(field: str, value: object, low: int, high: int) -> int:
 def _check_figure(field: str, value: object, high: float = 1e15) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= high
+    ):
         raise ValidationFailed(f"{field} is a finite number between 0 and {high:g}", extra={"field": field})
     return float(value)
 
@@ -105,20 +111,35 @@ def challenge_issue(*, user: User, now: datetime | None = None) -> RegistrationC
 def _challenge_consume(*, user: User, nonce: str, now: datetime) -> None:
     """Use up the challenge, committed even if the registration then fails: one attempt per challenge."""
     if not isinstance(nonce, str) or not _NONCE_RE.match(nonce):
-        raise ValidationFailed("a challenge is 64 lowercase hex characters", extra={"field": "challenge"},
-                               code="invalid_challenge")
+        raise ValidationFailed(
+            "a challenge is 64 lowercase hex characters", extra={"field": "challenge"}, code="invalid_challenge"
+        )
     with transaction.atomic():
         challenge = RegistrationChallenge.objects.select_for_update().filter(user=user, nonce=nonce).first()
         if challenge is None or challenge.used_at is not None or challenge.expires_at < now:
-            raise ValidationFailed("unknown, used or expired challenge; ask for a new one",
-                                   extra={"field": "challenge"}, code="invalid_challenge")
+            raise ValidationFailed(
+                "unknown, used or expired challenge; ask for a new one",
+                extra={"field": "challenge"},
+                code="invalid_challenge",
+            )
         challenge.used_at = now
         challenge.save(update_fields=["used_at"])
 
 
-def provider_register(*, user: User, peer_id: str, public_key: bytes, challenge: str, signature: bytes,
-                      offer: OfferSpec, name: str = "", gpu: str = "", gpu_memory_mb: int = 0, region: str = "",
-                      now: datetime | None = None) -> tuple[Provider, bool]:
+def provider_register(
+    *,
+    user: User,
+    peer_id: str,
+    public_key: bytes,
+    challenge: str,
+    signature: bytes,
+    offer: OfferSpec,
+    name: str = "",
+    gpu: str = "",
+    gpu_memory_mb: int = 0,
+    region: str = "",
+    now: datetime | None = None,
+) -> tuple[Provider, bool]:
     """Register (or re-register) the provider ``peer_id`` for ``user``; returns (provider, created).
 
     Re-registering a peer id one already owns (an agent restarting, perhaps with a new span or
@@ -131,8 +152,9 @@ def provider_register(*, user: User, peer_id: str, public_key: bytes, challenge:
     try:
         check_public_key(public_key)
     except ProtocolError as e:
-        raise ValidationFailed(f"{e}; generate a fresh identity (delete the agent's key file)",
-                               extra={"field": "public_key"}) from None
+        raise ValidationFailed(
+            f"{e}; generate a fresh identity (delete the agent's key file)", extra={"field": "public_key"}
+        ) from None
     if not isinstance(signature, bytes) or len(signature) != 64:
         raise ValidationFailed("an Ed25519 signature has 64 bytes", extra={"field": "signature"})
     _check_offer(offer)
@@ -148,16 +170,31 @@ def provider_register(*, user: User, peer_id: str, public_key: bytes, challenge:
 
     _challenge_consume(user=user, nonce=challenge, now=now)
     if derived != peer_id:
-        raise PermissionDenied("the peer id is not derived from this public key",
-                               extra={"field": "peer_id", "expected": derived}, code="peer_id_mismatch")
+        raise PermissionDenied(
+            "the peer id is not derived from this public key",
+            extra={"field": "peer_id", "expected": derived},
+            code="peer_id_mismatch",
+        )
     if not verify_signature(public_key, registration_message(challenge), signature):
-        raise PermissionDenied("the signature does not verify: sign b'hivemart-register:' + the challenge bytes",
-                               extra={"field": "signature"}, code="invalid_signature")
+        raise PermissionDenied(
+            "the signature does not verify: sign b'hivemart-register:' + the challenge bytes",
+            extra={"field": "signature"},
+            code="invalid_signature",
+        )
 
     with transaction.atomic():
         provider = Provider.objects.select_for_update().filter(peer_id=peer_id).first()
-        fields = dict(public_key=public_key.hex(), name=name, gpu=gpu, gpu_memory_mb=gpu_memory_mb, region=region,
-                      model=offer.model, block_start=offer.block_start, block_end=offer.block_end, price=offer.price)
+        fields = dict(
+            public_key=public_key.hex(),
+            name=name,
+            gpu=gpu,
+            gpu_memory_mb=gpu_memory_mb,
+            region=region,
+            model=offer.model,
+            block_start=offer.block_start,
+            block_end=offer.block_end,
+            price=offer.price,
+        )
         if provider is not None:
             if provider.user_id != user.pk:
                 raise Conflict("this peer id is registered by another user", extra={"peer_id": peer_id})
@@ -166,19 +203,32 @@ def provider_register(*, user: User, peer_id: str, public_key: bytes, challenge:
                 setattr(provider, key, value)
             provider.state, provider.last_heartbeat_at = Provider.State.JOINING, now
             provider.save()
-            _event(provider, ProviderEvent.Kind.REREGISTERED, now=now, from_state=previous_state,
-                   to_state=provider.state)
+            _event(
+                provider, ProviderEvent.Kind.REREGISTERED, now=now, from_state=previous_state, to_state=provider.state
+            )
             return provider, False
         earnings = earnings_account_create(user=user, label=f"earnings of provider {peer_id}")
-        provider = Provider.objects.create(user=user, peer_id=peer_id, earnings_account=earnings,
-                                           state=Provider.State.JOINING, last_heartbeat_at=now, **fields)
+        provider = Provider.objects.create(
+            user=user,
+            peer_id=peer_id,
+            earnings_account=earnings,
+            state=Provider.State.JOINING,
+            last_heartbeat_at=now,
+            **fields,
+        )
         _event(provider, ProviderEvent.Kind.REGISTERED, now=now, to_state=provider.state)
         return provider, True
 
 
 @transaction.atomic
-def provider_heartbeat(*, provider: Provider, state: str, throughput: float | None = None,
-                       latency_ms: float | None = None, now: datetime | None = None) -> Provider:
+def provider_heartbeat(
+    *,
+    provider: Provider,
+    state: str,
+    throughput: float | None = None,
+    latency_ms: float | None = None,
+    now: datetime | None = None,
+) -> Provider:
     """Record a heartbeat: the provider is alive, in ``state``, with these self-reported figures."""
     now = now or timezone.now()
     if state not in HEARTBEAT_STATES:
@@ -187,15 +237,17 @@ def provider_heartbeat(*, provider: Provider, state: str, throughput: float | No
     latency_ms = _check_figure("latency_ms", latency_ms, high=1e9)
     provider = Provider.objects.select_for_update().get(pk=provider.pk)
     if provider.state != state:
-        _event(provider, ProviderEvent.Kind.STATE, now=now, from_state=provider.state, to_state=state,
-               reason="heartbeat")
+        _event(
+            provider, ProviderEvent.Kind.STATE, now=now, from_state=provider.state, to_state=state, reason="heartbeat"
+        )
     provider.state, provider.last_heartbeat_at = state, now
     if throughput is not None:
         provider.reported_throughput = throughput
     if latency_ms is not None:
         provider.reported_latency_ms = latency_ms
-    provider.save(update_fields=["state", "last_heartbeat_at", "reported_throughput", "reported_latency_ms",
-                                 "updated_at"])
+    provider.save(
+        update_fields=["state", "last_heartbeat_at", "reported_throughput", "reported_latency_ms", "updated_at"]
+    )
     return provider
 
 
@@ -206,16 +258,31 @@ def provider_offer_update(*, provider: Provider, offer: OfferSpec, now: datetime
     _check_offer(offer)
     provider = Provider.objects.select_for_update().get(pk=provider.pk)
     provider.model, provider.block_start, provider.block_end, provider.price = (
-        offer.model, offer.block_start, offer.block_end, offer.price)
+        offer.model,
+        offer.block_start,
+        offer.block_end,
+        offer.price,
+    )
     provider.save(update_fields=["model", "block_start", "block_end", "price", "updated_at"])
-    _event(provider, ProviderEvent.Kind.OFFER, now=now,
-           reason=f"{offer.model.model_id}[{offer.block_start}:{offer.block_end}] at {offer.price}")
+    _event(
+        provider,
+        ProviderEvent.Kind.OFFER,
+        now=now,
+        reason=f"{offer.model.model_id}[{offer.block_start}:{offer.block_end}] at {offer.price}",
+    )
     return provider
 
 
 @transaction.atomic
-def provider_measurement_record(*, provider: Provider, throughput: float, latency_ms: float, success_rate: float,
-                                samples: int = 1, measured_at: datetime | None = None) -> ProviderMeasurement:
+def provider_measurement_record(
+    *,
+    provider: Provider,
+    throughput: float,
+    latency_ms: float,
+    success_rate: float,
+    samples: int = 1,
+    measured_at: datetime | None = None,
+) -> ProviderMeasurement:
     """Store figures the scheduler measured; from now on they, not the self-reported ones, count.
 
     A measurement older than the provider's latest one is kept in the history but does not
@@ -228,11 +295,15 @@ def provider_measurement_record(*, provider: Provider, throughput: float, latenc
     if throughput is None or latency_ms is None or success_rate is None:
         raise ValidationFailed("a measurement needs throughput, latency_ms and success_rate")
     _check_int("samples", samples, 1, 10**9)
-    provider = Provider.objects.select_for_update(of=("self",)).select_related("latest_measurement").get(
-        pk=provider.pk)
-    measurement = ProviderMeasurement.objects.create(provider=provider, throughput=throughput, latency_ms=latency_ms,
-                                                     success_rate=success_rate, samples=samples,
-                                                     measured_at=measured_at)
+    provider = Provider.objects.select_for_update(of=("self",)).select_related("latest_measurement").get(pk=provider.pk)
+    measurement = ProviderMeasurement.objects.create(
+        provider=provider,
+        throughput=throughput,
+        latency_ms=latency_ms,
+        success_rate=success_rate,
+        samples=samples,
+        measured_at=measured_at,
+    )
     latest = provider.latest_measurement
     if latest is None or latest.measured_at <= measured_at:
         provider.latest_measurement = measurement
@@ -259,8 +330,14 @@ def providers_mark_stale(*, now: datetime | None = None) -> int:
         return 0
     Provider.objects.filter(pk__in=[pk for pk, _ in stale]).update(state=Provider.State.OFFLINE, updated_at=now)
     ProviderEvent.objects.bulk_create(
-        ProviderEvent(provider_id=pk, kind=ProviderEvent.Kind.STATE, from_state=state, to_state=Provider.State.OFFLINE,
-                      reason="missed heartbeats", at=now)
+        ProviderEvent(
+            provider_id=pk,
+            kind=ProviderEvent.Kind.STATE,
+            from_state=state,
+            to_state=Provider.State.OFFLINE,
+            reason="missed heartbeats",
+            at=now,
+        )
         for pk, state in stale
     )
     return len(stale)

@@ -24,9 +24,24 @@ class ReadOnly(admin.ModelAdmin):
 
 @admin.register(Ticket)
 class TicketAdmin(ReadOnly):
-    list_display = ["ticket_id", "job", "segment", "role", "rank", "provider", "price", "max_units", "credit_units",
-                    "spend_cap", "settled_units", "acked_units", "settled_amount", "expires_at", "disputed_at",
-                    "voided_at"]
+    list_display = [
+        "ticket_id",
+        "job",
+        "segment",
+        "role",
+        "rank",
+        "provider",
+        "price",
+        "max_units",
+        "credit_units",
+        "spend_cap",
+        "settled_units",
+        "acked_units",
+        "settled_amount",
+        "expires_at",
+        "disputed_at",
+        "voided_at",
+    ]
     list_filter = ["role"]
     search_fields = ["ticket_id", "provider__peer_id"]
 
@@ -44,8 +59,18 @@ class SettlementAdmin(ReadOnly):
 
 @admin.register(Audit)
 class AuditAdmin(ReadOnly):
-    list_display = ["id", "job", "provider", "reference_provider", "block_start", "block_end", "state", "verdict",
-                    "created_at", "decided_at"]
+    list_display = [
+        "id",
+        "job",
+        "provider",
+        "reference_provider",
+        "block_start",
+        "block_end",
+        "state",
+        "verdict",
+        "created_at",
+        "decided_at",
+    ]
     list_filter = ["state", "verdict"]
     exclude = ["inputs", "claimed", "reference"]
 
@@ -60,6 +85,18 @@ class OffenceAdmin(ReadOnly):
 class DisputeAdmin(ReadOnly):
     """Decided through ``POST /api/disputes/<id>/verdict/`` (staff), which keeps the ledger consistent."""
 
-    list_display = ["id", "job", "provider", "ticket", "session_id", "seq", "units", "code", "state", "verdict",
-                    "created_at", "decided_at"]
+    list_display = [
+        "id",
+        "job",
+        "provider",
+        "ticket",
+        "session_id",
+        "seq",
+        "units",
+        "code",
+        "state",
+        "verdict",
+        "created_at",
+        "decided_at",
+    ]
     list_filter = ["state", "verdict", "code"]

@@ -35,9 +35,9 @@ from marketplace.receipts.selectors import (
 )
 from marketplace.receipts.services import (
     AUDIT_DTYPES,
+    DISPUTE_CODES,
     MAX_AUDIT_TENSOR_BYTES,
     MAX_RECEIPTS_PER_UPLOAD,
-    DISPUTE_CODES,
     audit_create,
     audit_equivocation_create,
     dispute_verdict_record,
@@ -81,8 +81,12 @@ class ReceiptField(serializers.DictField):
 
 
 class ReceiptsInput(serializers.Serializer):
-    receipts = serializers.ListField(child=ReceiptField(), min_length=1, max_length=MAX_RECEIPTS_PER_UPLOAD,
-                                     help_text="signed work receipts (client_sdk.protocol.receipts.WorkReceipt)")
+    receipts = serializers.ListField(
+        child=ReceiptField(),
+        min_length=1,
+        max_length=MAX_RECEIPTS_PER_UPLOAD,
+        help_text="signed work receipts (hivemart_core.protocol.receipts.WorkReceipt)",
+    )
 
 
 class ReceiptOutcomeOutput(serializers.Serializer):
@@ -108,8 +112,22 @@ class ReceiptOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Receipt
-        fields = ["id", "ticket_id", "job", "provider", "provider_peer", "session_id", "seq", "units", "steps",
-                  "chain", "settled_units", "countersigned", "voided", "updated_at"]
+        fields = [
+            "id",
+            "ticket_id",
+            "job",
+            "provider",
+            "provider_peer",
+            "session_id",
+            "seq",
+            "units",
+            "steps",
+            "chain",
+            "settled_units",
+            "countersigned",
+            "voided",
+            "updated_at",
+        ]
 
     def get_countersigned(self, receipt: Receipt) -> bool:
         return bool(receipt.client_signature)
@@ -129,8 +147,9 @@ class SettlementOutput(serializers.ModelSerializer):
 
 
 class FinishInput(serializers.Serializer):
-    receipts = serializers.ListField(child=ReceiptField(), required=False, default=list,
-                                     max_length=MAX_RECEIPTS_PER_UPLOAD)
+    receipts = serializers.ListField(
+        child=ReceiptField(), required=False, default=list, max_length=MAX_RECEIPTS_PER_UPLOAD
+    )
 
 
 class FinishOutput(serializers.Serializer):
@@ -168,27 +187,41 @@ class AuditInput(serializers.Serializer):
     start = StrictIntegerField(min_value=0, max_value=4096)
     end = StrictIntegerField(min_value=1, max_value=4096)
     dtype = serializers.ChoiceField(choices=AUDIT_DTYPES, help_text="the dtype the providers served in")
-    inputs = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES,
-                              help_text="encode_message({}, [hidden states at block start]) as base64")
+    inputs = Base64BytesField(
+        max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="encode_message({}, [hidden states at block start]) as base64"
+    )
     claimed = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="the audited provider's output")
     reference = Base64BytesField(max_bytes=MAX_AUDIT_TENSOR_BYTES, help_text="the backup's output")
     reference_peer = serializers.CharField(max_length=128, help_text="the backup's peer id")
-    evidence = serializers.DictField(required=False, allow_null=True, default=None,
-                                     help_text='{"receipt": provider-signed receipt of the session, "digests": '
-                                               '[hex sha256 of every output], "step": index of the claimed output}')
-    deposit = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, required=False, default=0,
-                                 help_text="micro-credits held from your wallet until the verdict (at least the "
-                                           "platform's audit_deposit when there is no evidence): returned if the "
-                                           "provider cheated, forfeited if the audit proves nothing")
+    evidence = serializers.DictField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text='{"receipt": provider-signed receipt of the session, "digests": '
+        '[hex sha256 of every output], "step": index of the claimed output}',
+    )
+    deposit = StrictIntegerField(
+        min_value=0,
+        max_value=MAX_AMOUNT,
+        required=False,
+        default=0,
+        help_text="micro-credits held from your wallet until the verdict (at least the "
+        "platform's audit_deposit when there is no evidence): returned if the "
+        "provider cheated, forfeited if the audit proves nothing",
+    )
 
 
 class EquivocationInput(serializers.Serializer):
     job = StrictIntegerField(min_value=1)
     ticket_id = serializers.CharField(max_length=64, help_text="the audited provider's ticket")
-    records = serializers.ListField(child=serializers.DictField(), min_length=2, max_length=2,
-                                    help_text="two step records the provider signed for one step of a session on "
-                                              "the ticket that differ (the one that came with its output, the one "
-                                              "the next provider received with its push)")
+    records = serializers.ListField(
+        child=serializers.DictField(),
+        min_length=2,
+        max_length=2,
+        help_text="two step records the provider signed for one step of a session on "
+        "the ticket that differ (the one that came with its output, the one "
+        "the next provider received with its push)",
+    )
 
 
 class AuditOutput(serializers.ModelSerializer):
@@ -201,9 +234,25 @@ class AuditOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Audit
-        fields = ["id", "job", "ticket_id", "session_id", "provider", "reference_provider", "start", "end", "dtype",
-                  "claimed_proven", "deposit", "deposit_state", "state", "verdict", "detail", "created_at",
-                  "decided_at"]
+        fields = [
+            "id",
+            "job",
+            "ticket_id",
+            "session_id",
+            "provider",
+            "reference_provider",
+            "start",
+            "end",
+            "dtype",
+            "claimed_proven",
+            "deposit",
+            "deposit_state",
+            "state",
+            "verdict",
+            "detail",
+            "created_at",
+            "decided_at",
+        ]
 
 
 class OffenceOutput(serializers.ModelSerializer):
@@ -234,8 +283,22 @@ class DisputeOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Dispute
-        fields = ["id", "job", "ticket_id", "provider", "session_id", "seq", "units", "code", "message", "state",
-                  "verdict", "detail", "created_at", "decided_at"]
+        fields = [
+            "id",
+            "job",
+            "ticket_id",
+            "provider",
+            "session_id",
+            "seq",
+            "units",
+            "code",
+            "message",
+            "state",
+            "verdict",
+            "detail",
+            "created_at",
+            "decided_at",
+        ]
 
 
 class Platform(APIView):
@@ -247,23 +310,34 @@ class Platform(APIView):
     @extend_schema(responses=PlatformOutput)
     def get(self, request: Request) -> Response:
         identity = platform_identity()
-        return Response({"public_key": identity.public_key.hex(), "peer_id": identity.peer_id,
-                         "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS,
-                         "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT})
+        return Response(
+            {
+                "public_key": identity.public_key.hex(),
+                "peer_id": identity.peer_id,
+                "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS,
+                "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT,
+            }
+        )
 
 
 class JobTickets(APIView):
-    @extend_schema(responses=TicketOutput(many=True),
-                   description="The job's tickets for its current plan (its owner; staff): one per segment "
-                               "and provider, primaries and backups.")
+    @extend_schema(
+        responses=TicketOutput(many=True),
+        description="The job's tickets for its current plan (its owner; staff): one per segment "
+        "and provider, primaries and backups.",
+    )
     def get(self, request: Request, job_id: int) -> Response:
-        return Response(TicketOutput(job_tickets_current(job=job_get(user=request.user, job_id=job_id)),
-                                     many=True).data)
+        return Response(
+            TicketOutput(job_tickets_current(job=job_get(user=request.user, job_id=job_id)), many=True).data
+        )
 
 
 class JobTicketsRenew(APIView):
-    @extend_schema(request=None, responses=TicketOutput(many=True),
-                   description="Fresh tickets (new ids and expiry) for the current plan; old ones stay payable.")
+    @extend_schema(
+        request=None,
+        responses=TicketOutput(many=True),
+        description="Fresh tickets (new ids and expiry) for the current plan; old ones stay payable.",
+    )
     def post(self, request: Request, job_id: int) -> Response:
         job = job_get(user=request.user, job_id=job_id)
         tickets_renew(job=job, by=request.user)
@@ -271,14 +345,22 @@ class JobTicketsRenew(APIView):
 
 
 class JobFinish(APIView):
-    @extend_schema(request=FinishInput, responses=FinishOutput,
-                   description="Upload the last receipts (optional) and move the job to settling.")
+    @extend_schema(
+        request=FinishInput,
+        responses=FinishOutput,
+        description="Upload the last receipts (optional) and move the job to settling.",
+    )
     def post(self, request: Request, job_id: int) -> Response:
         data = parse(FinishInput, request.data)
-        job, outcomes = job_finish(job=job_get(user=request.user, job_id=job_id), by=request.user,
-                                   receipts=data["receipts"])
-        return Response({"job": JobOutput(job_get(user=request.user, job_id=job.pk)).data,
-                         "results": [o.to_dict() for o in outcomes]})
+        job, outcomes = job_finish(
+            job=job_get(user=request.user, job_id=job_id), by=request.user, receipts=data["receipts"]
+        )
+        return Response(
+            {
+                "job": JobOutput(job_get(user=request.user, job_id=job.pk)).data,
+                "results": [o.to_dict() for o in outcomes],
+            }
+        )
 
 
 class Receipts(ListAPIView):
@@ -385,15 +467,19 @@ class JobDisputes(APIView):
         job = job_get(user=request.user, job_id=job_id)
         return Response(DisputeOutput(disputes_visible_to(user=request.user).filter(job=job), many=True).data)
 
-    @extend_schema(request=DisputeInput, responses={201: DisputeOutput, 200: DisputeOutput},
-                   description="Report a receipt the client refused to countersign. Until staff decide, the "
-                               "ticket's provider is paid only for countersigned work (no credit window). "
-                               "Reporting the same receipt again answers 200 with the first dispute.")
+    @extend_schema(
+        request=DisputeInput,
+        responses={201: DisputeOutput, 200: DisputeOutput},
+        description="Report a receipt the client refused to countersign. Until staff decide, the "
+        "ticket's provider is paid only for countersigned work (no credit window). "
+        "Reporting the same receipt again answers 200 with the first dispute.",
+    )
     def post(self, request: Request, job_id: int) -> Response:
         data = parse(DisputeInput, request.data)
         dispute, created = receipt_dispute(user=request.user, job=job_get(user=request.user, job_id=job_id), **data)
-        return Response(DisputeOutput(dispute_get(user=request.user, dispute_id=dispute.pk)).data,
-                        status=201 if created else 200)
+        return Response(
+            DisputeOutput(dispute_get(user=request.user, dispute_id=dispute.pk)).data, status=201 if created else 200
+        )
 
 
 class Disputes(ListAPIView):
@@ -414,9 +500,12 @@ class Disputes(ListAPIView):
 class DisputeVerdict(APIView):
     permission_classes = [IsStaff]
 
-    @extend_schema(request=DisputeVerdictInput, responses=DisputeOutput,
-                   description="Staff decide a dispute: provider_cheated voids and claws back the provider's work "
-                               "on the job; any other verdict restores the ticket's credit window.")
+    @extend_schema(
+        request=DisputeVerdictInput,
+        responses=DisputeOutput,
+        description="Staff decide a dispute: provider_cheated voids and claws back the provider's work "
+        "on the job; any other verdict restores the ticket's credit window.",
+    )
     def post(self, request: Request, dispute_id: int) -> Response:
         data = parse(DisputeVerdictInput, request.data)
         dispute_verdict_record(dispute_id=dispute_get(user=request.user, dispute_id=dispute_id).pk, **data)

@@ -1,7 +1,7 @@
 """Tickets, work receipts, settlements, audits and offences.
 
 - :class:`Ticket`: the marketplace's signed permission for one provider to bill one job for
-  one segment of its plan (``client_sdk.protocol.tickets``). Its ``settled_units`` and
+  one segment of its plan (``hivemart_core.protocol.tickets``). Its ``settled_units`` and
   ``settled_amount`` are the running totals settlement has paid for, across all sessions.
 - :class:`Receipt`: the newest receipt (highest ``seq``) per (ticket, session). Receipts are
   cumulative, so the newest one supersedes the rest; ``settled_units`` is how much of it
@@ -41,14 +41,19 @@ class Ticket(models.Model):
     signed = models.JSONField(help_text="the signed ticket as sent to clients and providers")
     settled_units = models.BigIntegerField(default=0, help_text="work units settlement has accounted for")
     settled_amount = models.BigIntegerField(default=0, help_text="micro-credits paid for this ticket so far")
-    credit_units = models.BigIntegerField(default=0, help_text="the credit window: units payable beyond the "
-                                                               "client's countersignatures")
+    credit_units = models.BigIntegerField(
+        default=0, help_text="the credit window: units payable beyond the client's countersignatures"
+    )
     acked_units = models.BigIntegerField(default=0, help_text="countersigned units settlement has accounted for")
-    spend_cap = models.BigIntegerField(null=True, blank=True,
-                                       help_text="micro-credits the tickets of this plan segment may be paid in all "
-                                                 "(its share of the hold); null: only the hold bounds it")
-    disputed_at = models.DateTimeField(null=True, blank=True,
-                                       help_text="set while the client disputes a receipt: no credit window is paid")
+    spend_cap = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="micro-credits the tickets of this plan segment may be paid in all "
+        "(its share of the hold); null: only the hold bounds it",
+    )
+    disputed_at = models.DateTimeField(
+        null=True, blank=True, help_text="set while the client disputes a receipt: no credit window is paid"
+    )
     voided_at = models.DateTimeField(null=True, blank=True, help_text="set when an audit found the provider cheating")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -57,14 +62,21 @@ class Ticket(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(role__in=["primary", "backup"]), name="receipts_ticket_role_valid"),
             models.CheckConstraint(condition=Q(max_units__gt=0) & Q(price__gte=0), name="receipts_ticket_bounds"),
-            models.CheckConstraint(condition=Q(settled_units__gte=0) & Q(settled_amount__gte=0),
-                                   name="receipts_ticket_settled_non_negative"),
-            models.CheckConstraint(condition=Q(credit_units__gte=0) & Q(acked_units__gte=0)
-                                   & (Q(spend_cap__isnull=True) | Q(spend_cap__gte=models.F("settled_amount"))),
-                                   name="receipts_ticket_credit_within_cap"),
+            models.CheckConstraint(
+                condition=Q(settled_units__gte=0) & Q(settled_amount__gte=0),
+                name="receipts_ticket_settled_non_negative",
+            ),
+            models.CheckConstraint(
+                condition=Q(credit_units__gte=0)
+                & Q(acked_units__gte=0)
+                & (Q(spend_cap__isnull=True) | Q(spend_cap__gte=models.F("settled_amount"))),
+                name="receipts_ticket_credit_within_cap",
+            ),
         ]
-        indexes = [models.Index(fields=["job", "provider"], name="receipts_ticket_job_provider"),
-                   models.Index(fields=["plan", "segment"], name="receipts_ticket_plan_segment")]
+        indexes = [
+            models.Index(fields=["job", "provider"], name="receipts_ticket_job_provider"),
+            models.Index(fields=["plan", "segment"], name="receipts_ticket_plan_segment"),
+        ]
 
     def __str__(self) -> str:
         return f"ticket {self.ticket_id} (job #{self.job_id}, {self.role} of segment {self.segment})"
@@ -87,16 +99,19 @@ class Receipt(models.Model):
     settled_units = models.BigIntegerField(default=0)
     acked_units = models.BigIntegerField(default=0, help_text="the most units the client countersigned")
     settled_acked = models.BigIntegerField(default=0, help_text="acked_units settlement has accounted for")
-    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                    related_name="+")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     updated_at = models.DateTimeField()
 
     class Meta:
         ordering = ["ticket_id", "session_id"]
         constraints = [
             models.UniqueConstraint(fields=["ticket", "session_id"], name="receipts_one_per_ticket_session"),
-            models.CheckConstraint(condition=Q(settled_units__gte=0) & Q(settled_units__lte=models.F("units")),
-                                   name="receipts_settled_within_units"),
+            models.CheckConstraint(
+                condition=Q(settled_units__gte=0) & Q(settled_units__lte=models.F("units")),
+                name="receipts_settled_within_units",
+            ),
         ]
         indexes = [models.Index(fields=["ticket"], condition=UNSETTLED, name="receipts_unsettled_or_unacked")]
 
@@ -113,14 +128,19 @@ class Settlement(models.Model):
     units = models.BigIntegerField()
     amount = models.BigIntegerField()
     shortfall = models.BigIntegerField(default=0)
-    transaction = models.ForeignKey("ledger.Transaction", null=True, blank=True, on_delete=models.PROTECT,
-                                    related_name="+")
+    transaction = models.ForeignKey(
+        "ledger.Transaction", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-id"]
-        constraints = [models.CheckConstraint(condition=Q(amount__gte=0) & Q(shortfall__gte=0) & Q(units__gte=0),
-                                              name="receipts_settlement_non_negative")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount__gte=0) & Q(shortfall__gte=0) & Q(units__gte=0),
+                name="receipts_settlement_non_negative",
+            )
+        ]
 
 
 class Audit(models.Model):
@@ -144,8 +164,9 @@ class Audit(models.Model):
     reporter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     ticket = models.ForeignKey(Ticket, on_delete=models.PROTECT, related_name="audits")
     provider = models.ForeignKey("providers.Provider", on_delete=models.PROTECT, related_name="audits")
-    reference_provider = models.ForeignKey("providers.Provider", null=True, blank=True, on_delete=models.PROTECT,
-                                           related_name="+")
+    reference_provider = models.ForeignKey(
+        "providers.Provider", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     session_id = models.CharField(max_length=64)
     block_start = models.PositiveIntegerField()
     block_end = models.PositiveIntegerField()
@@ -159,8 +180,9 @@ class Audit(models.Model):
     # Credits the reporter put down (a hold on its wallet) to file without evidence: returned
     # when the provider is found cheating, forfeited to the platform when the audit proves nothing.
     deposit = models.BigIntegerField(default=0)
-    deposit_hold = models.OneToOneField("ledger.Hold", null=True, blank=True, on_delete=models.PROTECT,
-                                        related_name="+")
+    deposit_hold = models.OneToOneField(
+        "ledger.Hold", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     deposit_state = models.CharField(max_length=10, choices=DepositState.choices, default=DepositState.NONE)
     # Bytes of the three tensors while they are kept (until the verdict): what the reporter's
     # storage quota (HIVEMART_AUDIT_QUOTA_BYTES) counts.
@@ -175,8 +197,9 @@ class Audit(models.Model):
         ordering = ["-id"]
         constraints = [
             models.CheckConstraint(condition=Q(state__in=["open", "decided"]), name="receipts_audit_state_valid"),
-            models.CheckConstraint(condition=Q(deposit__gte=0) & Q(stored_bytes__gte=0),
-                                   name="receipts_audit_deposit_bytes_non_negative"),
+            models.CheckConstraint(
+                condition=Q(deposit__gte=0) & Q(stored_bytes__gte=0), name="receipts_audit_deposit_bytes_non_negative"
+            ),
         ]
         indexes = [models.Index(fields=["reporter"], condition=Q(stored_bytes__gt=0), name="receipts_audit_stored")]
 

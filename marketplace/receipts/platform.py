@@ -12,7 +12,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from client_sdk.protocol.identity import Identity
+from hivemart_core.protocol.identity import Identity
 
 __all__ = ["platform_identity"]
 

@@ -39,7 +39,8 @@ def settlements_visible_to(*, user: User) -> QuerySet[Settlement]:
 def audits_visible_to(*, user: User) -> QuerySet[Audit]:
     """Audits of the user's jobs (staff: all). Tensors are deferred: lists never load them."""
     audits = Audit.objects.select_related("provider", "reference_provider", "ticket").defer(
-        "inputs", "claimed", "reference")
+        "inputs", "claimed", "reference"
+    )
     return audits if user.is_staff else audits.filter(job__user=user)
 
 

@@ -34,17 +34,21 @@ import logging
 import re
 import secrets
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone as dt_timezone
-from typing import Any, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import msgpack
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Sum
 from django.utils import timezone
-import msgpack
 
-from client_sdk.protocol.receipts import (
+from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.commitments import StepRecord, StepRecordError, equivocation
+from hivemart_core.protocol.identity import public_key_from_peer_id, verify_signature
+from hivemart_core.protocol.receipts import (
     SESSION_ID_PATTERN,
     ReceiptError,
     WorkReceipt,
@@ -52,10 +56,7 @@ from client_sdk.protocol.receipts import (
     chain_start,
     verify_receipt,
 )
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.commitments import StepRecord, StepRecordError, equivocation
-from client_sdk.protocol.identity import public_key_from_peer_id, verify_signature
-from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
+from hivemart_core.protocol.tickets import JobTicket, TicketError, issue_ticket
 from marketplace.accounts.models import User
 from marketplace.common.errors import Conflict, InvalidTransition, NotFound, PermissionDenied, ValidationFailed
 from marketplace.jobs.models import TERMINAL_STATES, Job, Plan
@@ -77,11 +78,30 @@ from marketplace.receipts.models import UNSETTLED, Audit, Dispute, Offence, Rece
 from marketplace.receipts.platform import platform_identity
 
 __all__ = [
-    "MAX_RECEIPTS_PER_UPLOAD", "NO_CLIENT_KEY", "ReceiptOutcome", "SettleSummary", "ticket_cost",
-    "tickets_issue_for_plan", "tickets_renew", "receipts_upload", "receipts_settle", "jobs_close_settled",
-    "job_finish", "receipts_uploaded_hook_register", "job_settle_before_closing", "audit_create", "audit_created_hook_register",
-    "audit_verdict_record", "provider_offence_record", "provider_job_void", "MAX_AUDIT_TENSOR_BYTES",
-    "ticket_fee", "payable_units", "receipt_dispute", "dispute_verdict_record", "DISPUTE_CODES",
+    "MAX_RECEIPTS_PER_UPLOAD",
+    "NO_CLIENT_KEY",
+    "ReceiptOutcome",
+    "SettleSummary",
+    "ticket_cost",
+    "tickets_issue_for_plan",
+    "tickets_renew",
+    "receipts_upload",
+    "receipts_settle",
+    "jobs_close_settled",
+    "job_finish",
+    "receipts_uploaded_hook_register",
+    "job_settle_before_closing",
+    "audit_create",
+    "audit_created_hook_register",
+    "audit_verdict_record",
+    "provider_offence_record",
+    "provider_job_void",
+    "MAX_AUDIT_TENSOR_BYTES",
+    "ticket_fee",
+    "payable_units",
+    "receipt_dispute",
+    "dispute_verdict_record",
+    "DISPUTE_CODES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,12 +170,17 @@ def _plan_budget(job: Job, plan: Plan) -> int:
     they have been paid plus what their uploaded receipts and credit windows can still claim,
     so a new plan (a replan, a failover) is funded from the rest."""
     left = Account.objects.filter(pk=job.hold.escrow_id).values_list("balance", flat=True).get()
-    earlier = list(Ticket.objects.filter(job=job, voided_at__isnull=True).exclude(plan=plan)
-                   .select_for_update(of=("self",)))
+    earlier = list(
+        Ticket.objects.filter(job=job, voided_at__isnull=True).exclude(plan=plan).select_for_update(of=("self",))
+    )
     if not earlier:
         return left
-    sums = {row["ticket_id"]: row for row in Receipt.objects.filter(ticket__in=earlier).values("ticket_id")
-            .annotate(units=Sum("units"), acked=Sum("acked_units"))}
+    sums = {
+        row["ticket_id"]: row
+        for row in Receipt.objects.filter(ticket__in=earlier)
+        .values("ticket_id")
+        .annotate(units=Sum("units"), acked=Sum("acked_units"))
+    }
     pools: dict[tuple[int, int], list[Ticket]] = defaultdict(list)
     for t in earlier:
         pools[(t.plan_id, t.segment)].append(t)
@@ -164,10 +189,16 @@ def _plan_budget(job: Job, plan: Plan) -> int:
         claim = paid = 0
         for t in tickets:
             row = sums.get(t.pk, {"units": 0, "acked": 0})
-            units = payable_units(units=row["units"] or 0, acked_units=row["acked"] or 0,
-                                  credit_units=t.credit_units, max_units=t.max_units)
-            claim += max(ticket_cost(units, max_units=t.max_units, price=t.price),
-                         t.settled_amount + ticket_cost(t.credit_units, max_units=t.max_units, price=t.price))
+            units = payable_units(
+                units=row["units"] or 0,
+                acked_units=row["acked"] or 0,
+                credit_units=t.credit_units,
+                max_units=t.max_units,
+            )
+            claim += max(
+                ticket_cost(units, max_units=t.max_units, price=t.price),
+                t.settled_amount + ticket_cost(t.credit_units, max_units=t.max_units, price=t.price),
+            )
             paid += t.settled_amount
         cap = tickets[0].spend_cap
         frozen = max(paid, claim if cap is None else min(cap, claim))
@@ -192,10 +223,20 @@ def ticket_issue_for_probe(*, provider: Provider, max_units: int) -> dict[str, A
         raise ValidationFailed("a probe ticket needs at least one work unit")
     expires_at = int((timezone.now() + timedelta(seconds=PROBE_TICKET_TTL_S)).timestamp())
     signed = issue_ticket(
-        platform_identity(), ticket_id=f"probe_{secrets.token_urlsafe(12)}", job_id=PROBE_JOB_ID,
-        client_key=secrets.token_bytes(32).hex(), provider_peer=provider.peer_id, model_id=provider.model.model_id,
-        model_digest=provider.model.weights_digest, start=provider.block_start, end=provider.block_end,
-        max_units=max_units, price=0, expires_at=expires_at, credit_units=max_units)
+        platform_identity(),
+        ticket_id=f"probe_{secrets.token_urlsafe(12)}",
+        job_id=PROBE_JOB_ID,
+        client_key=secrets.token_bytes(32).hex(),
+        provider_peer=provider.peer_id,
+        model_id=provider.model.model_id,
+        model_digest=provider.model.weights_digest,
+        start=provider.block_start,
+        end=provider.block_end,
+        max_units=max_units,
+        price=0,
+        expires_at=expires_at,
+        credit_units=max_units,
+    )
     return signed.to_dict()
 
 
@@ -214,9 +255,10 @@ def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
     # Renewing keeps the plan's segment shares (its pools); a new plan splits what is left.
     caps = dict(Ticket.objects.filter(plan=plan).values_list("segment", "spend_cap").distinct())
     if len(caps) < len(segments):
-        shares = _segment_shares(_plan_budget(job, plan),
-                                 [seg.price * (seg.block_end - seg.block_start) for seg in segments])
-        caps = {seg.index: share for seg, share in zip(segments, shares)}
+        shares = _segment_shares(
+            _plan_budget(job, plan), [seg.price * (seg.block_end - seg.block_start) for seg in segments]
+        )
+        caps = {seg.index: share for seg, share in zip(segments, shares, strict=False)}
     rows = []
     for seg in segments:
         slots = [(Ticket.Role.PRIMARY, 0, seg.provider, seg.price)]
@@ -230,15 +272,39 @@ def tickets_issue_for_plan(plan: Plan) -> list[Ticket]:
             max_units = max(1, _units_for(cap if cap is not None else job.budget, price))
             credit = min(max_units, settings.HIVEMART_CREDIT_WINDOW_TOKENS * (seg.block_end - seg.block_start))
             signed = issue_ticket(
-                identity, ticket_id=secrets.token_urlsafe(18), job_id=job.pk,
-                client_key=job.client_key or NO_CLIENT_KEY, provider_peer=provider.peer_id,
-                model_id=job.model.model_id, model_digest=job.model.weights_digest, start=seg.block_start,
-                end=seg.block_end, max_units=max_units, price=price, expires_at=expires_at, credit_units=credit)
-            rows.append(Ticket(
-                ticket_id=signed.ticket_id, job=job, plan=plan, segment=seg.index, role=role, rank=rank,
-                provider=provider, block_start=seg.block_start, block_end=seg.block_end, price=price,
-                max_units=signed.max_units, credit_units=credit, spend_cap=cap,
-                expires_at=datetime.fromtimestamp(expires_at, tz=dt_timezone.utc), signed=signed.to_dict()))
+                identity,
+                ticket_id=secrets.token_urlsafe(18),
+                job_id=job.pk,
+                client_key=job.client_key or NO_CLIENT_KEY,
+                provider_peer=provider.peer_id,
+                model_id=job.model.model_id,
+                model_digest=job.model.weights_digest,
+                start=seg.block_start,
+                end=seg.block_end,
+                max_units=max_units,
+                price=price,
+                expires_at=expires_at,
+                credit_units=credit,
+            )
+            rows.append(
+                Ticket(
+                    ticket_id=signed.ticket_id,
+                    job=job,
+                    plan=plan,
+                    segment=seg.index,
+                    role=role,
+                    rank=rank,
+                    provider=provider,
+                    block_start=seg.block_start,
+                    block_end=seg.block_end,
+                    price=price,
+                    max_units=signed.max_units,
+                    credit_units=credit,
+                    spend_cap=cap,
+                    expires_at=datetime.fromtimestamp(expires_at, tz=UTC),
+                    signed=signed.to_dict(),
+                )
+            )
     return Ticket.objects.bulk_create(rows)
 
 
@@ -272,29 +338,41 @@ class ReceiptOutcome:
     seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "code": self.code, "message": self.message, "ticket_id": self.ticket_id,
-                "session_id": self.session_id, "seq": self.seq}
+        return {
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "ticket_id": self.ticket_id,
+            "session_id": self.session_id,
+            "seq": self.seq,
+        }
 
 
 def _rejected(code: str, message: str, data: Any) -> ReceiptOutcome:
     tid = data.get("ticket_id") if isinstance(data, dict) else None
     sid = data.get("session_id") if isinstance(data, dict) else None
     seq = data.get("seq") if isinstance(data, dict) else None
-    return ReceiptOutcome("rejected", code, message, tid if isinstance(tid, str) else "",
-                          sid if isinstance(sid, str) else "", seq if type(seq) is int else 0)
+    return ReceiptOutcome(
+        "rejected",
+        code,
+        message,
+        tid if isinstance(tid, str) else "",
+        sid if isinstance(sid, str) else "",
+        seq if type(seq) is int else 0,
+    )
 
 
 def _check_receipt(data: Any, ticket: Ticket | None, parsed: dict[int, JobTicket], user: User) -> WorkReceipt:
     if ticket is None:
         raise ReceiptError("no such ticket", code="receipt_ticket")
     if not (user.is_staff or ticket.job.user_id == user.pk or ticket.provider.user_id == user.pk):
-        raise ReceiptError("only the job's client or the provider it names may upload this receipt",
-                           code="permission_denied")
+        raise ReceiptError(
+            "only the job's client or the provider it names may upload this receipt", code="permission_denied"
+        )
     if ticket.voided_at is not None:
         raise ReceiptError("this ticket was voided by an audit; its work is not paid", code="receipt_voided")
     if ticket.job.state in TERMINAL_STATES:
-        raise ReceiptError(f"job #{ticket.job_id} is {ticket.job.state}; it takes no more receipts",
-                           code="job_closed")
+        raise ReceiptError(f"job #{ticket.job_id} is {ticket.job.state}; it takes no more receipts", code="job_closed")
     job_ticket = parsed.get(ticket.pk)
     if job_ticket is None:
         try:
@@ -303,13 +381,16 @@ def _check_receipt(data: Any, ticket: Ticket | None, parsed: dict[int, JobTicket
             raise ReceiptError(f"stored ticket is unreadable: {e}", code="receipt_ticket") from e
     receipt = verify_receipt(data, job_ticket)
     if receipt.client_signature and not ticket.job.client_key:
-        raise ReceiptError("this job has no client key, so its receipts cannot be countersigned",
-                           code="client_signature")
+        raise ReceiptError(
+            "this job has no client key, so its receipts cannot be countersigned", code="client_signature"
+        )
     return receipt
 
 
-_COLUMNS = ("ticket_id, session_id, seq, units, steps, chain, issued_at, provider_signature, client_signature, "
-            "settled_units, uploaded_by_id, updated_at, acked_units, settled_acked")
+_COLUMNS = (
+    "ticket_id, session_id, seq, units, steps, chain, issued_at, provider_signature, client_signature, "
+    "settled_units, uploaded_by_id, updated_at, acked_units, settled_acked"
+)
 # The WHERE clause re-applies the newer-and-not-fewer rule inside the database, so that
 # concurrent uploads cannot regress a stored receipt; RETURNING says which rows were written.
 _ON_CONFLICT = """
@@ -325,16 +406,22 @@ WHERE (excluded.seq > receipts_receipt.seq AND excluded.units >= receipts_receip
 RETURNING ticket_id, session_id
 """
 # PostgreSQL: one array per column, so a batch of 500 is 12 parameters, not 6,000.
-_UNNEST = ("SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[], %s::bigint[], %s::bigint[], "
-           "%s::varchar[], %s::bigint[], %s::varchar[], %s::varchar[], %s::bigint[], %s::bigint[], "
-           "%s::timestamptz[], %s::bigint[], %s::bigint[])")
+_UNNEST = (
+    "SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[], %s::bigint[], %s::bigint[], "
+    "%s::varchar[], %s::bigint[], %s::varchar[], %s::varchar[], %s::bigint[], %s::bigint[], "
+    "%s::timestamptz[], %s::bigint[], %s::bigint[])"
+)
 # A countersigned receipt older than the stored one still acknowledges its units (a provider
 # cannot hide the client's countersignatures by uploading newer receipts of its own first).
-_RAISE_ACKS_POSTGRES = ("UPDATE receipts_receipt r SET acked_units = a.units, updated_at = %s "
-                        "FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[]) AS a (ticket_id, session_id, units) "
-                        "WHERE r.ticket_id = a.ticket_id AND r.session_id = a.session_id AND r.acked_units < a.units")
-_RAISE_ACKS = ("UPDATE receipts_receipt SET acked_units = %s, updated_at = %s "
-               "WHERE ticket_id = %s AND session_id = %s AND acked_units < %s")
+_RAISE_ACKS_POSTGRES = (
+    "UPDATE receipts_receipt r SET acked_units = a.units, updated_at = %s "
+    "FROM unnest(%s::bigint[], %s::varchar[], %s::bigint[]) AS a (ticket_id, session_id, units) "
+    "WHERE r.ticket_id = a.ticket_id AND r.session_id = a.session_id AND r.acked_units < a.units"
+)
+_RAISE_ACKS = (
+    "UPDATE receipts_receipt SET acked_units = %s, updated_at = %s "
+    "WHERE ticket_id = %s AND session_id = %s AND acked_units < %s"
+)
 
 
 def _store(rows: list[tuple[int, WorkReceipt]], user: User) -> set[tuple[int, str]]:
@@ -342,12 +429,28 @@ def _store(rows: list[tuple[int, WorkReceipt]], user: User) -> set[tuple[int, st
     if not rows:
         return set()
     now = timezone.now()
-    records = [(ticket_pk, r.session_id, r.seq, r.units, r.steps, r.chain, r.issued_at, r.provider_signature,
-                r.client_signature, 0, user.pk, now, r.units if r.client_signature else 0, 0)
-               for ticket_pk, r in rows]
+    records = [
+        (
+            ticket_pk,
+            r.session_id,
+            r.seq,
+            r.units,
+            r.steps,
+            r.chain,
+            r.issued_at,
+            r.provider_signature,
+            r.client_signature,
+            0,
+            user.pk,
+            now,
+            r.units if r.client_signature else 0,
+            0,
+        )
+        for ticket_pk, r in rows
+    ]
     if connection.vendor == "postgresql":
         sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) {_UNNEST} {_ON_CONFLICT.format(greatest='GREATEST')}"
-        params: list[Any] = [list(column) for column in zip(*records)]
+        params: list[Any] = [list(column) for column in zip(*records, strict=False)]
     else:
         sql = f"INSERT INTO receipts_receipt ({_COLUMNS}) VALUES {','.join(['(%s' + ',%s' * 13 + ')'] * len(records))}"
         sql += _ON_CONFLICT.format(greatest="MAX")
@@ -365,8 +468,9 @@ def _raise_acks(acks: dict[tuple[int, str], int]) -> None:
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             keys = sorted(acks)
-            cursor.execute(_RAISE_ACKS_POSTGRES, [now, [k[0] for k in keys], [k[1] for k in keys],
-                                                  [acks[k] for k in keys]])
+            cursor.execute(
+                _RAISE_ACKS_POSTGRES, [now, [k[0] for k in keys], [k[1] for k in keys], [acks[k] for k in keys]]
+            )
         else:
             cursor.executemany(_RAISE_ACKS, [(units, now, t, sid, units) for (t, sid), units in sorted(acks.items())])
 
@@ -380,7 +484,9 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
     if not isinstance(receipts, (list, tuple)) or not 0 < len(receipts) <= MAX_RECEIPTS_PER_UPLOAD:
         raise ValidationFailed(f"send 1 to {MAX_RECEIPTS_PER_UPLOAD} receipts", extra={"field": "receipts"})
     ticket_ids = {d["ticket_id"] for d in receipts if isinstance(d, dict) and isinstance(d.get("ticket_id"), str)}
-    tickets = {t.ticket_id: t for t in Ticket.objects.select_related("job", "provider").filter(ticket_id__in=ticket_ids)}
+    tickets = {
+        t.ticket_id: t for t in Ticket.objects.select_related("job", "provider").filter(ticket_id__in=ticket_ids)
+    }
     parsed: dict[int, JobTicket] = {}
     outcomes: list[ReceiptOutcome | None] = [None] * len(receipts)
     candidates: list[tuple[int, Ticket, WorkReceipt]] = []
@@ -396,8 +502,9 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
     state: dict[tuple[int, str], tuple[int, int, str, str]] = {}
     acked: dict[tuple[int, str], int] = {}
     if keys:
-        stored = Receipt.objects.filter(ticket_id__in={k[0] for k in keys}, session_id__in={k[1] for k in keys}).values_list(
-            "ticket_id", "session_id", "seq", "units", "chain", "client_signature", "acked_units")
+        stored = Receipt.objects.filter(
+            ticket_id__in={k[0] for k in keys}, session_id__in={k[1] for k in keys}
+        ).values_list("ticket_id", "session_id", "seq", "units", "chain", "client_signature", "acked_units")
         state = {(t, s): (seq, units, chain, csig) for t, s, seq, units, chain, csig, _ in stored if (t, s) in keys}
         acked = {(t, s): a for t, s, _, _, _, _, a in stored if (t, s) in keys}
     winners: dict[tuple[int, str], tuple[int, WorkReceipt]] = {}
@@ -408,19 +515,20 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
         current = state.get(key)
         if current is not None:
             seq, units, chain, csig = current
-            countersigns = (r.seq == seq and r.units == units and r.chain == chain and not csig
-                            and r.client_signature)
+            countersigns = r.seq == seq and r.units == units and r.chain == chain and not csig and r.client_signature
             if r.seq <= seq and not countersigns:
                 if r.client_signature and r.units > max(acked.get(key, 0), acks.get(key, 0)):
                     acks[key] = r.units
-                    outcomes[i] = ReceiptOutcome("accepted", "", f"older than the stored #{seq}; its "
-                                                 f"countersigned units are recorded", **ident)
+                    outcomes[i] = ReceiptOutcome(
+                        "accepted", "", f"older than the stored #{seq}; its countersigned units are recorded", **ident
+                    )
                     continue
                 outcomes[i] = ReceiptOutcome("stale", "receipt_replay", f"not newer than the stored #{seq}", **ident)
                 continue
             if r.units < units:
-                outcomes[i] = ReceiptOutcome("rejected", "receipt_units",
-                                             f"{r.units} units is fewer than the {units} of receipt #{seq}", **ident)
+                outcomes[i] = ReceiptOutcome(
+                    "rejected", "receipt_units", f"{r.units} units is fewer than the {units} of receipt #{seq}", **ident
+                )
                 continue
         state[key] = (r.seq, r.units, r.chain, r.client_signature)
         previous = winners.get(key)
@@ -431,8 +539,14 @@ def receipts_upload(*, user: User, receipts: Sequence[Any]) -> list[ReceiptOutco
     written = _store([(key[0], r) for key, (_, r) in winners.items()], user)
     for key, (i, r) in winners.items():
         if key not in written:  # a concurrent upload stored a newer receipt first
-            outcomes[i] = ReceiptOutcome("stale", "receipt_replay", "a newer receipt was stored meanwhile",
-                                         ticket_id=r.ticket_id, session_id=r.session_id, seq=r.seq)
+            outcomes[i] = ReceiptOutcome(
+                "stale",
+                "receipt_replay",
+                "a newer receipt was stored meanwhile",
+                ticket_id=r.ticket_id,
+                session_id=r.session_id,
+                seq=r.seq,
+            )
             if r.client_signature:  # still an acknowledgement
                 acks[key] = max(acks.get(key, 0), r.units)
     _raise_acks(acks)
@@ -458,15 +572,20 @@ class SettleSummary:
     groups: int = 0
     closed: list[int] = field(default_factory=list)
 
-    def add(self, other: "SettleSummary") -> None:
+    def add(self, other: SettleSummary) -> None:
         self.receipts += other.receipts
         self.captured += other.captured
         self.shortfall += other.shortfall
         self.groups += other.groups
 
     def to_dict(self) -> dict[str, Any]:
-        return {"receipts": self.receipts, "captured": self.captured, "shortfall": self.shortfall,
-                "groups": self.groups, "closed": self.closed}
+        return {
+            "receipts": self.receipts,
+            "captured": self.captured,
+            "shortfall": self.shortfall,
+            "groups": self.groups,
+            "closed": self.closed,
+        }
 
 
 def _unsettled() -> Any:
@@ -487,8 +606,9 @@ def _pool_paid(tickets: dict[int, Ticket]) -> dict[tuple[int, int], int]:
     if not capped:
         return {}
     paid: dict[tuple[int, int], int] = defaultdict(int)
-    rows = (Ticket.objects.filter(plan_id__in={k[0] for k in capped}, segment__in={k[1] for k in capped})
-            .values_list("plan_id", "segment", "settled_amount"))
+    rows = Ticket.objects.filter(plan_id__in={k[0] for k in capped}, segment__in={k[1] for k in capped}).values_list(
+        "plan_id", "segment", "settled_amount"
+    )
     for plan_id, segment, amount in rows:
         if (plan_id, segment) in capped:
             paid[(plan_id, segment)] += amount
@@ -501,14 +621,18 @@ def receipt_group_settle(*, job_id: int, provider_id: int, start_planned: bool =
     job's row lock (which every settler of this job takes first, so two settle it once).
     Receipts of a planned job move it to running unless ``start_planned`` is False."""
     summary = SettleSummary()
-    job = (Job.objects.select_for_update(of=("self",)).select_related("hold__escrow").filter(pk=job_id).first())
+    job = Job.objects.select_for_update(of=("self",)).select_related("hold__escrow").filter(pk=job_id).first()
     if job is None or job.state not in _PAYABLE_STATES:
         return summary
     # Tickets change only under this job's lock (settlement, voiding), so reading them with the
     # receipts is enough; the receipts themselves are locked against concurrent uploads.
-    receipts = list(_unsettled().select_for_update(of=("self",))
-                    .select_related("ticket__provider__earnings_account")
-                    .filter(ticket__job_id=job_id, ticket__provider_id=provider_id).order_by("pk"))
+    receipts = list(
+        _unsettled()
+        .select_for_update(of=("self",))
+        .select_related("ticket__provider__earnings_account")
+        .filter(ticket__job_id=job_id, ticket__provider_id=provider_id)
+        .order_by("pk")
+    )
     if not receipts:
         return summary
     if job.state == Job.State.PLANNED and start_planned:
@@ -519,13 +643,15 @@ def receipt_group_settle(*, job_id: int, provider_id: int, start_planned: bool =
         units += r.units - r.settled_units
         tickets[r.ticket_id].settled_units += r.units - r.settled_units
         tickets[r.ticket_id].acked_units += r.acked_units - r.settled_acked
-    Receipt.objects.filter(pk__in=[r.pk for r in receipts]).update(settled_units=F("units"),
-                                                                   settled_acked=F("acked_units"))
+    Receipt.objects.filter(pk__in=[r.pk for r in receipts]).update(
+        settled_units=F("units"), settled_acked=F("acked_units")
+    )
     return _pay(job, provider_id, tickets, units=units, key=_settle_key(receipts, tickets), nreceipts=len(receipts))
 
 
-def _pay(job: Job, provider_id: int, tickets: dict[int, Ticket], *, units: int, key: str,
-         nreceipts: int) -> SettleSummary:
+def _pay(
+    job: Job, provider_id: int, tickets: dict[int, Ticket], *, units: int, key: str, nreceipts: int
+) -> SettleSummary:
     """Pay what ``tickets`` (of one provider, accumulators up to date) are now owed: one
     capture with the fee on cumulative amounts; caller holds the job's lock."""
     pools = _pool_paid(tickets)
@@ -543,15 +669,22 @@ def _pay(job: Job, provider_id: int, tickets: dict[int, Ticket], *, units: int, 
     tx = None
     if amount > 0:
         provider = next(iter(tickets.values())).provider
-        tx = hold_capture(hold=job.hold, amount=amount, fee=fee, payee=provider.earnings_account,
-                          idempotency_key=f"job:{job.pk}:settle:{provider_id}:{key}",
-                          memo=f"job #{job.pk}: {units} work units")
+        tx = hold_capture(
+            hold=job.hold,
+            amount=amount,
+            fee=fee,
+            payee=provider.earnings_account,
+            idempotency_key=f"job:{job.pk}:settle:{provider_id}:{key}",
+            memo=f"job #{job.pk}: {units} work units",
+        )
     if owed > 0:
-        Settlement.objects.create(job=job, provider_id=provider_id, units=units, amount=amount,
-                                  shortfall=owed - amount, transaction=tx)
+        Settlement.objects.create(
+            job=job, provider_id=provider_id, units=units, amount=amount, shortfall=owed - amount, transaction=tx
+        )
         if owed > amount:
-            logger.warning("job #%s owes provider %s %s micro-credits beyond its hold", job.pk, provider_id,
-                           owed - amount)
+            logger.warning(
+                "job #%s owes provider %s %s micro-credits beyond its hold", job.pk, provider_id, owed - amount
+            )
     return SettleSummary(receipts=nreceipts, captured=amount, shortfall=owed - amount, groups=1)
 
 
@@ -559,8 +692,9 @@ def _ticket_due(ticket: Ticket, pools: dict[tuple[int, int], int], hold_left: in
     """(pay now, owed but beyond the segment's share or the hold) for one ticket whose
     accumulated ``settled_units``/``acked_units`` were just updated; updates ``pools``."""
     credit = 0 if ticket.disputed_at is not None else ticket.credit_units
-    units = payable_units(units=ticket.settled_units, acked_units=ticket.acked_units, credit_units=credit,
-                          max_units=ticket.max_units)
+    units = payable_units(
+        units=ticket.settled_units, acked_units=ticket.acked_units, credit_units=credit, max_units=ticket.max_units
+    )
     due = ticket_cost(units, max_units=ticket.max_units, price=ticket.price) - ticket.settled_amount
     if due <= 0:
         return 0, 0
@@ -589,8 +723,11 @@ def jobs_close_settled(*, now: datetime | None = None) -> list[int]:
     cutoff = (now or timezone.now()) - timedelta(seconds=settings.HIVEMART_SETTLE_GRACE_S)
     pending = _unsettled().filter(ticket__job_id=OuterRef("pk"))
     closed = []
-    for pk in (Job.objects.filter(state=Job.State.SETTLING, updated_at__lte=cutoff).exclude(Exists(pending))
-               .values_list("pk", flat=True)):
+    for pk in (
+        Job.objects.filter(state=Job.State.SETTLING, updated_at__lte=cutoff)
+        .exclude(Exists(pending))
+        .values_list("pk", flat=True)
+    ):
         with transaction.atomic():
             job = Job.objects.select_for_update(of=("self",)).filter(pk=pk, state=Job.State.SETTLING).first()
             if job is None or _unsettled().filter(ticket__job_id=pk).exists():
@@ -600,8 +737,9 @@ def jobs_close_settled(*, now: datetime | None = None) -> list[int]:
     return closed
 
 
-def receipts_settle(*, job_ids: Sequence[int] | None = None, close: bool = True,
-                    now: datetime | None = None) -> SettleSummary:
+def receipts_settle(
+    *, job_ids: Sequence[int] | None = None, close: bool = True, now: datetime | None = None
+) -> SettleSummary:
     """Settle every (job, provider) with unsettled receipts (of ``job_ids`` when given), each
     in its own transaction, then close settling jobs that are finished. Idempotent: run it
     as often as you like, from as many workers as you like."""
@@ -661,18 +799,23 @@ def receipt_dispute(*, user: User, job: Job, receipt: Any, code: str, message: s
     job = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)  # settlement's lock: no payment races this
     ticket = Ticket.objects.select_related("provider").filter(job=job, ticket_id=parsed.ticket_id).first()
     if ticket is None or parsed.job_id != job.pk or parsed.provider_peer != ticket.provider.peer_id:
-        raise NotFound(f"job #{job.pk} has no ticket {parsed.ticket_id} of {parsed.provider_peer}",
-                       extra={"field": "receipt"})
+        raise NotFound(
+            f"job #{job.pk} has no ticket {parsed.ticket_id} of {parsed.provider_peer}", extra={"field": "receipt"}
+        )
     try:
         key = public_key_from_peer_id(parsed.provider_peer)
     except ProtocolError:
         key = None
     if key is None or not verify_signature(key, parsed.signing_bytes(), bytes.fromhex(parsed.provider_signature)):
-        raise ValidationFailed("the receipt is not signed by the provider it names", extra={"field": "receipt"},
-                               code="receipt_signature")
+        raise ValidationFailed(
+            "the receipt is not signed by the provider it names", extra={"field": "receipt"}, code="receipt_signature"
+        )
     if parsed.client_signature:
-        raise ValidationFailed("this receipt carries a countersignature: send the receipt the provider signed, "
-                               "as you refused it", extra={"field": "receipt"}, code="client_signature")
+        raise ValidationFailed(
+            "this receipt carries a countersignature: send the receipt the provider signed, as you refused it",
+            extra={"field": "receipt"},
+            code="client_signature",
+        )
     existing = Dispute.objects.filter(ticket=ticket, session_id=parsed.session_id, seq=parsed.seq).first()
     if existing is not None:
         return existing, False
@@ -680,12 +823,28 @@ def receipt_dispute(*, user: User, job: Job, receipt: Any, code: str, message: s
         raise InvalidTransition(f"job #{job.pk} is {job.state}; it was settled", extra={"state": job.state})
     if Dispute.objects.filter(job=job, state=Dispute.State.OPEN).count() >= MAX_OPEN_DISPUTES_PER_JOB:
         raise Conflict(f"job #{job.pk} already has {MAX_OPEN_DISPUTES_PER_JOB} open disputes", code="too_many_disputes")
-    dispute = Dispute.objects.create(job=job, ticket=ticket, provider=ticket.provider, reporter=user,
-                                     session_id=parsed.session_id, seq=parsed.seq, units=parsed.units, code=code,
-                                     message=message, receipt=parsed.to_dict())
+    dispute = Dispute.objects.create(
+        job=job,
+        ticket=ticket,
+        provider=ticket.provider,
+        reporter=user,
+        session_id=parsed.session_id,
+        seq=parsed.seq,
+        units=parsed.units,
+        code=code,
+        message=message,
+        receipt=parsed.to_dict(),
+    )
     Ticket.objects.filter(pk=ticket.pk, disputed_at__isnull=True).update(disputed_at=timezone.now())
-    logger.warning("job #%s: the client disputes receipt %s/%s#%s of provider %s (%s)", job.pk, ticket.ticket_id,
-                   parsed.session_id, parsed.seq, ticket.provider_id, code)
+    logger.warning(
+        "job #%s: the client disputes receipt %s/%s#%s of provider %s (%s)",
+        job.pk,
+        ticket.ticket_id,
+        parsed.session_id,
+        parsed.seq,
+        ticket.provider_id,
+        code,
+    )
     return dispute, True
 
 
@@ -703,14 +862,22 @@ def dispute_verdict_record(*, dispute_id: int, verdict: str, detail: str) -> Dis
     dispute = Dispute.objects.select_for_update().select_related("provider", "ticket").get(pk=dispute_id)
     if dispute.state == Dispute.State.DECIDED:
         return dispute
-    dispute.state, dispute.verdict, dispute.detail, dispute.decided_at = (Dispute.State.DECIDED, verdict,
-                                                                          detail[:500], timezone.now())
+    dispute.state, dispute.verdict, dispute.detail, dispute.decided_at = (
+        Dispute.State.DECIDED,
+        verdict,
+        detail[:500],
+        timezone.now(),
+    )
     dispute.save(update_fields=["state", "verdict", "detail", "decided_at"])
     if verdict == Audit.Verdict.PROVIDER_CHEATED:
         provider_job_void(job=job, provider=dispute.provider)
         if not Offence.objects.filter(provider=dispute.provider, job=job, kind=Offence.Kind.AUDIT).exists():
-            provider_offence_record(provider=dispute.provider, kind=Offence.Kind.AUDIT, job=job,
-                                    detail=f"dispute #{dispute.pk} of job #{job.pk}: {detail}")
+            provider_offence_record(
+                provider=dispute.provider,
+                kind=Offence.Kind.AUDIT,
+                job=job,
+                detail=f"dispute #{dispute.pk} of job #{job.pk}: {detail}",
+            )
         return dispute
     if not Dispute.objects.filter(ticket=dispute.ticket, state=Dispute.State.OPEN).exists():
         Ticket.objects.filter(pk=dispute.ticket_id).update(disputed_at=None)
@@ -739,8 +906,9 @@ def audit_created_hook_register(hook: Callable[[int], None]) -> None:
 
 def _check_tensor_blob(name: str, blob: bytes) -> None:
     if not isinstance(blob, (bytes, bytearray)) or not 0 < len(blob) <= MAX_AUDIT_TENSOR_BYTES:
-        raise ValidationFailed(f"{name} is an encoded tensor message of 1 byte to {MAX_AUDIT_TENSOR_BYTES} bytes",
-                               extra={"field": name})
+        raise ValidationFailed(
+            f"{name} is an encoded tensor message of 1 byte to {MAX_AUDIT_TENSOR_BYTES} bytes", extra={"field": name}
+        )
 
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -751,20 +919,27 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 def framed_tensor_digest(blob: bytes) -> bytes:
     """``tensor_digest`` of the one tensor in an ``encode_message({}, [tensor])`` byte string,
     computed from the frames without torch (the web process does not load it)."""
+
     def frame(offset: int) -> tuple[bytes, int]:
         if offset + 8 > len(blob):
             raise ValueError("truncated frame")
-        length = int.from_bytes(blob[offset:offset + 8], "big")
+        length = int.from_bytes(blob[offset : offset + 8], "big")
         if offset + 8 + length > len(blob):
             raise ValueError("truncated frame")
-        return blob[offset + 8:offset + 8 + length], offset + 8 + length
+        return blob[offset + 8 : offset + 8 + length], offset + 8 + length
 
     head, offset = frame(0)
     decoded = msgpack.unpackb(head, raw=False, strict_map_key=True)
     descriptors = decoded.get("t") if isinstance(decoded, dict) else None
-    if not (isinstance(descriptors, list) and len(descriptors) == 1 and isinstance(descriptors[0], list)
-            and len(descriptors[0]) == 2 and descriptors[0][0] in _ITEMSIZE and isinstance(descriptors[0][1], list)
-            and all(type(d) is int and 0 <= d < 2**31 for d in descriptors[0][1])):
+    if not (
+        isinstance(descriptors, list)
+        and len(descriptors) == 1
+        and isinstance(descriptors[0], list)
+        and len(descriptors[0]) == 2
+        and descriptors[0][0] in _ITEMSIZE
+        and isinstance(descriptors[0][1], list)
+        and all(type(d) is int and 0 <= d < 2**31 for d in descriptors[0][1])
+    ):
         raise ValueError("expected one floating-point tensor")
     dtype, shape = descriptors[0]
     numel = 1
@@ -786,6 +961,7 @@ def framed_tensor_digest(blob: bytes) -> bytes:
 def _check_evidence(evidence: Any, ticket: Ticket, session_id: str, claimed: bytes) -> None:
     """The claimed output is step ``step`` of a session whose provider-signed receipt commits,
     through its hash chain, to the client's ``digests`` of every output. Raises ValidationFailed."""
+
     def bad(message: str) -> ValidationFailed:
         return ValidationFailed(f"evidence: {message}", extra={"field": "evidence"}, code="bad_evidence")
 
@@ -798,8 +974,11 @@ def _check_evidence(evidence: Any, ticket: Ticket, session_id: str, claimed: byt
     digests, step = evidence["digests"], evidence["step"]
     if receipt.session_id != session_id:
         raise bad("the receipt is for another session")
-    if not (isinstance(digests, list) and len(digests) == receipt.steps <= MAX_EVIDENCE_STEPS
-            and all(isinstance(d, str) and _HEX64.match(d) for d in digests)):
+    if not (
+        isinstance(digests, list)
+        and len(digests) == receipt.steps <= MAX_EVIDENCE_STEPS
+        and all(isinstance(d, str) and _HEX64.match(d) for d in digests)
+    ):
         raise bad(f"digests must be the receipt's {receipt.steps} output digests (hex sha256)")
     if type(step) is not int or not 0 <= step < len(digests):
         raise bad("step must index the digests")
@@ -819,20 +998,26 @@ def _check_evidence(evidence: Any, ticket: Ticket, session_id: str, claimed: byt
 def _check_deposit(deposit: Any, *, proven: bool) -> None:
     """An audit proves what it claims (evidence) or puts credits at stake (a deposit)."""
     if type(deposit) is not int or not 0 <= deposit <= MAX_AMOUNT:
-        raise ValidationFailed(f"deposit is an integer number of micro-credits, 0 to {MAX_AMOUNT}",
-                               extra={"field": "deposit"})
+        raise ValidationFailed(
+            f"deposit is an integer number of micro-credits, 0 to {MAX_AMOUNT}", extra={"field": "deposit"}
+        )
     if proven:
         return
     if settings.HIVEMART_AUDIT_REQUIRE_EVIDENCE:
-        raise ValidationFailed("this marketplace requires evidence that the provider signed for the claimed output",
-                               extra={"field": "evidence"}, code="evidence_required")
+        raise ValidationFailed(
+            "this marketplace requires evidence that the provider signed for the claimed output",
+            extra={"field": "evidence"},
+            code="evidence_required",
+        )
     minimum = settings.HIVEMART_AUDIT_DEPOSIT
     if deposit < minimum:
         raise ValidationFailed(
             f"an audit without evidence needs a deposit of at least {minimum} micro-credits (returned if the "
             f"provider is found cheating, forfeited if the audit proves nothing); send evidence (the provider's "
-            f"receipt and your output digests) or a deposit", extra={"field": "deposit", "minimum": minimum},
-            code="evidence_or_deposit_required")
+            f"receipt and your output digests) or a deposit",
+            extra={"field": "deposit", "minimum": minimum},
+            code="evidence_or_deposit_required",
+        )
 
 
 def _check_audit_quota(user: User, size: int) -> None:
@@ -842,16 +1027,32 @@ def _check_audit_quota(user: User, size: int) -> None:
     used = sum(Audit.objects.filter(reporter=user, stored_bytes__gt=0).values_list("stored_bytes", flat=True))
     quota = settings.HIVEMART_AUDIT_QUOTA_BYTES
     if used + size > quota:
-        raise Conflict(f"your open audits already store {used} bytes of tensors and this one needs {size}; the limit "
-                       f"is {quota} bytes per user. Wait for their verdicts (tensors are dropped once an audit is "
-                       f"decided) or send smaller tensors", extra={"used": used, "needed": size, "quota": quota},
-                       code="audit_quota_exceeded")
+        raise Conflict(
+            f"your open audits already store {used} bytes of tensors and this one needs {size}; the limit "
+            f"is {quota} bytes per user. Wait for their verdicts (tensors are dropped once an audit is "
+            f"decided) or send smaller tensors",
+            extra={"used": used, "needed": size, "quota": quota},
+            code="audit_quota_exceeded",
+        )
 
 
 @transaction.atomic
-def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start: int, end: int, dtype: str,
-                 inputs: bytes, claimed: bytes, reference: bytes, reference_peer: str,
-                 evidence: dict[str, Any] | None = None, deposit: int = 0) -> Audit:
+def audit_create(
+    *,
+    user: User,
+    job: Job,
+    ticket_id: str,
+    session_id: str,
+    start: int,
+    end: int,
+    dtype: str,
+    inputs: bytes,
+    claimed: bytes,
+    reference: bytes,
+    reference_peer: str,
+    evidence: dict[str, Any] | None = None,
+    deposit: int = 0,
+) -> Audit:
     """File an audit: the output of ticket ``ticket_id``'s provider for blocks [start, end)
     (``claimed``) differed from the backup ``reference_peer``'s (``reference``) on the same
     ``inputs``. The job's owner (or staff) files it; the scheduler's ``audit_decide``
@@ -872,36 +1073,61 @@ def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start
     if not isinstance(session_id, str) or not SESSION_ID_PATTERN.match(session_id):
         raise ValidationFailed("session_id is 8 to 64 characters of [A-Za-z0-9_-]", extra={"field": "session_id"})
     if not (isinstance(start, int) and isinstance(end, int) and ticket.block_start <= start < end <= ticket.block_end):
-        raise ValidationFailed(f"blocks {start}:{end} are outside the ticket's {ticket.block_start}:{ticket.block_end}",
-                               extra={"field": "start"})
+        raise ValidationFailed(
+            f"blocks {start}:{end} are outside the ticket's {ticket.block_start}:{ticket.block_end}",
+            extra={"field": "start"},
+        )
     if dtype not in AUDIT_DTYPES:
         raise ValidationFailed(f"dtype is one of {', '.join(AUDIT_DTYPES)}", extra={"field": "dtype"})
     for name, blob in (("inputs", inputs), ("claimed", claimed), ("reference", reference)):
         _check_tensor_blob(name, blob)
-    backup = (Provider.objects.filter(peer_id=reference_peer, tickets__job=job, tickets__block_start__lte=start,
-                                      tickets__block_end__gte=end).exclude(pk=ticket.provider_id).first())
+    backup = (
+        Provider.objects.filter(
+            peer_id=reference_peer, tickets__job=job, tickets__block_start__lte=start, tickets__block_end__gte=end
+        )
+        .exclude(pk=ticket.provider_id)
+        .first()
+    )
     if backup is None:
-        raise ValidationFailed(f"{reference_peer} holds no ticket of job #{job.pk} for blocks {start}:{end}",
-                               extra={"field": "reference_peer"}, code="bad_reference")
+        raise ValidationFailed(
+            f"{reference_peer} holds no ticket of job #{job.pk} for blocks {start}:{end}",
+            extra={"field": "reference_peer"},
+            code="bad_reference",
+        )
     if evidence is not None:
         _check_evidence(evidence, ticket, session_id, bytes(claimed))
     _check_deposit(deposit, proven=evidence is not None)
     if Audit.objects.filter(job=job, state=Audit.State.OPEN).count() >= MAX_OPEN_AUDITS_PER_JOB:
-        raise Conflict(f"job #{job.pk} already has {MAX_OPEN_AUDITS_PER_JOB} audits waiting for a verdict",
-                       code="too_many_audits")
+        raise Conflict(
+            f"job #{job.pk} already has {MAX_OPEN_AUDITS_PER_JOB} audits waiting for a verdict", code="too_many_audits"
+        )
     size = len(inputs) + len(claimed) + len(reference)
     _check_audit_quota(user, size)
     hold = None
     if deposit:
         # InsufficientCredits (402) when the wallet cannot cover it; nothing is stored then.
-        hold = hold_place(account=wallet_get_or_create(user=user), amount=deposit,
-                          memo=f"deposit of an audit of job #{job.pk}")
-    audit = Audit.objects.create(job=job, reporter=user, ticket=ticket, provider=ticket.provider,
-                                 reference_provider=backup, session_id=session_id, block_start=start, block_end=end,
-                                 dtype=dtype, inputs=bytes(inputs), claimed=bytes(claimed),
-                                 reference=bytes(reference), claimed_proven=evidence is not None,
-                                 deposit=deposit, deposit_hold=hold, stored_bytes=size,
-                                 deposit_state=Audit.DepositState.HELD if hold else Audit.DepositState.NONE)
+        hold = hold_place(
+            account=wallet_get_or_create(user=user), amount=deposit, memo=f"deposit of an audit of job #{job.pk}"
+        )
+    audit = Audit.objects.create(
+        job=job,
+        reporter=user,
+        ticket=ticket,
+        provider=ticket.provider,
+        reference_provider=backup,
+        session_id=session_id,
+        block_start=start,
+        block_end=end,
+        dtype=dtype,
+        inputs=bytes(inputs),
+        claimed=bytes(claimed),
+        reference=bytes(reference),
+        claimed_proven=evidence is not None,
+        deposit=deposit,
+        deposit_hold=hold,
+        stored_bytes=size,
+        deposit_state=Audit.DepositState.HELD if hold else Audit.DepositState.NONE,
+    )
     for hook in _audit_hooks:
         hook(audit.pk)
     return audit
@@ -910,7 +1136,7 @@ def audit_create(*, user: User, job: Job, ticket_id: str, session_id: str, start
 @transaction.atomic
 def audit_equivocation_create(*, user: User, job: Job, ticket_id: str, records: Any) -> Audit:
     """File and decide at once an audit whose evidence is two step records
-    (``client_sdk.protocol.commitments``) that the provider of ``ticket_id`` signed for one step
+    (``hivemart_core.protocol.commitments``) that the provider of ``ticket_id`` signed for one step
     of a session on that ticket and that differ: it pushed the next provider another output than
     it returned to the client. Signatures decide it, no recomputation: the verdict is
     ``provider_cheated``, with what that entails (its work on the job voided, an offence)."""
@@ -927,23 +1153,42 @@ def audit_equivocation_create(*, user: User, job: Job, ticket_id: str, records: 
     except StepRecordError as e:
         raise ValidationFailed(f"records: {e}", extra={"field": "records"}, code="bad_evidence") from None
     if returned.peer != ticket.provider.peer_id or returned.ticket_id != ticket.ticket_id:
-        raise ValidationFailed(f"the records must be signed by {ticket.provider.peer_id} for ticket {ticket_id}",
-                               extra={"field": "records"}, code="bad_evidence")
+        raise ValidationFailed(
+            f"the records must be signed by {ticket.provider.peer_id} for ticket {ticket_id}",
+            extra={"field": "records"},
+            code="bad_evidence",
+        )
     if not equivocation(returned, pushed):
-        raise ValidationFailed("the records do not prove anything: they must both verify and differ for one "
-                               "(session, ticket, step)", extra={"field": "records"}, code="bad_evidence")
-    audit = Audit.objects.create(job=job, reporter=user, ticket=ticket, provider=ticket.provider,
-                                 session_id=returned.session_id, block_start=ticket.block_start,
-                                 block_end=ticket.block_end, dtype="", inputs=b"", claimed=b"", reference=b"",
-                                 claimed_proven=True)
+        raise ValidationFailed(
+            "the records do not prove anything: they must both verify and differ for one (session, ticket, step)",
+            extra={"field": "records"},
+            code="bad_evidence",
+        )
+    audit = Audit.objects.create(
+        job=job,
+        reporter=user,
+        ticket=ticket,
+        provider=ticket.provider,
+        session_id=returned.session_id,
+        block_start=ticket.block_start,
+        block_end=ticket.block_end,
+        dtype="",
+        inputs=b"",
+        claimed=b"",
+        reference=b"",
+        claimed_proven=True,
+    )
     return audit_verdict_record(
-        audit_id=audit.pk, verdict=Audit.Verdict.PROVIDER_CHEATED,
+        audit_id=audit.pk,
+        verdict=Audit.Verdict.PROVIDER_CHEATED,
         detail=f"equivocation: step {returned.step_id} of session {returned.session_id} signed with output "
-               f"{returned.output_digest} and with output {pushed.output_digest}")
+        f"{returned.output_digest} and with output {pushed.output_digest}",
+    )
 
 
-def provider_offence_record(*, provider: Provider, kind: str, detail: str, job: Job | None = None,
-                            audit: Audit | None = None) -> Offence:
+def provider_offence_record(
+    *, provider: Provider, kind: str, detail: str, job: Job | None = None, audit: Audit | None = None
+) -> Offence:
     """Record an offence: the provider's reputation falls by ``HIVEMART_REPUTATION_PENALTY``
     and, at ``HIVEMART_SUSPEND_AFTER`` offences, it is suspended (out of matching and placement)."""
     with transaction.atomic():
@@ -976,9 +1221,14 @@ def provider_job_void(*, job: Job, provider: Provider) -> int:
     if net <= 0:
         return 0
     job = Job.objects.select_related("hold").get(pk=job.pk)
-    _, taken = clawback(source=provider.earnings_account, hold=job.hold, amount=net, fee_refund=fee,
-                        idempotency_key=f"clawback:job:{job.pk}:provider:{provider.pk}",
-                        memo=f"job #{job.pk}: work voided by an audit")
+    _, taken = clawback(
+        source=provider.earnings_account,
+        hold=job.hold,
+        amount=net,
+        fee_refund=fee,
+        idempotency_key=f"clawback:job:{job.pk}:provider:{provider.pk}",
+        memo=f"job #{job.pk}: work voided by an audit",
+    )
     return taken
 
 
@@ -1013,15 +1263,29 @@ def audit_verdict_record(*, audit_id: int, verdict: str, detail: str, validator_
     audit = Audit.objects.select_for_update(of=("self",)).select_related("provider", "deposit_hold").get(pk=audit_id)
     if audit.state == Audit.State.DECIDED:
         return audit
-    audit.state, audit.verdict, audit.detail, audit.decided_at = (Audit.State.DECIDED, verdict, detail[:500],
-                                                                  timezone.now())
+    audit.state, audit.verdict, audit.detail, audit.decided_at = (
+        Audit.State.DECIDED,
+        verdict,
+        detail[:500],
+        timezone.now(),
+    )
     audit.save(update_fields=["state", "verdict", "detail", "decided_at"])
     _audit_deposit_settle(audit, proved=verdict == Audit.Verdict.PROVIDER_CHEATED or validator_failed)
     if verdict == Audit.Verdict.PROVIDER_CHEATED:
         taken = provider_job_void(job=job, provider=audit.provider)
         if not Offence.objects.filter(provider=audit.provider, job=job, kind=Offence.Kind.AUDIT).exists():
-            provider_offence_record(provider=audit.provider, kind=Offence.Kind.AUDIT, job=job, audit=audit,
-                                    detail=f"audit #{audit.pk} of job #{job.pk}: {detail}")
-        logger.warning("audit #%s: provider %s cheated on job #%s; %s micro-credits clawed back", audit.pk,
-                       audit.provider_id, job.pk, taken)
+            provider_offence_record(
+                provider=audit.provider,
+                kind=Offence.Kind.AUDIT,
+                job=job,
+                audit=audit,
+                detail=f"audit #{audit.pk} of job #{job.pk}: {detail}",
+            )
+        logger.warning(
+            "audit #%s: provider %s cheated on job #%s; %s micro-credits clawed back",
+            audit.pk,
+            audit.provider_id,
+            job.pk,
+            taken,
+        )
     return audit

@@ -7,8 +7,8 @@ label goes through Django's autoescaping.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["Bar", "BarChart", "coverage_chart"]
 
@@ -60,8 +60,9 @@ def _format(value: float) -> str:
     return f"{value:g}"
 
 
-def coverage_chart(throughputs: Sequence[float], providers: Sequence[int], *, width: int = 640,
-                   height: int = 180) -> BarChart:
+def coverage_chart(
+    throughputs: Sequence[float], providers: Sequence[int], *, width: int = 640, height: int = 180
+) -> BarChart:
     """A bar per block: its throughput (work units/s, the sum over the online providers serving
     it) and how many providers serve it. ``throughputs`` and ``providers`` are per block."""
     if len(throughputs) != len(providers) or not throughputs:
@@ -72,13 +73,31 @@ def coverage_chart(throughputs: Sequence[float], providers: Sequence[int], *, wi
     gap = min(2.0, slot * 0.2)
     top_value = _nice_ceiling(max(throughputs))
     bars = []
-    for index, (value, count) in enumerate(zip(throughputs, providers)):
+    for index, (value, count) in enumerate(zip(throughputs, providers, strict=False)):
         # A covered block keeps a sliver of height so that it never looks like a hole.
         bar_height = max((bottom - top) * value / top_value, 2.0 if count else 0.0)
-        bars.append(Bar(index=index, x=round(left + index * slot + gap / 2, 2), y=round(bottom - bar_height, 2),
-                        width=round(slot - gap, 2), height=round(bar_height, 2), throughput=value,
-                        providers=count, covered=count > 0))
+        bars.append(
+            Bar(
+                index=index,
+                x=round(left + index * slot + gap / 2, 2),
+                y=round(bottom - bar_height, 2),
+                width=round(slot - gap, 2),
+                height=round(bar_height, 2),
+                throughput=value,
+                providers=count,
+                covered=count > 0,
+            )
+        )
     ticks = [(round(bottom - (bottom - top) * f, 2), _format(top_value * f)) for f in (0.0, 0.5, 1.0)]
     label_every = max(1, math.ceil(len(throughputs) / max(1, plot_width // 28)))
-    return BarChart(width=width, height=height, plot_top=top, plot_bottom=bottom, plot_left=left,
-                    max_value=top_value, bars=bars, ticks=ticks, label_every=label_every)
+    return BarChart(
+        width=width,
+        height=height,
+        plot_top=top,
+        plot_bottom=bottom,
+        plot_left=left,
+        max_value=top_value,
+        bars=bars,
+        ticks=ticks,
+        label_every=label_every,
+    )

@@ -6,13 +6,19 @@ from django import forms
 
 
 class SignupForm(forms.Form):
-    username = forms.CharField(max_length=150, min_length=3, help_text="3 to 150 letters, digits or . @ + - _",
-                               widget=forms.TextInput(attrs={"autocomplete": "username", "autofocus": True}))
+    username = forms.CharField(
+        max_length=150,
+        min_length=3,
+        help_text="3 to 150 letters, digits or . @ + - _",
+        widget=forms.TextInput(attrs={"autocomplete": "username", "autofocus": True}),
+    )
     email = forms.EmailField(required=False, help_text="optional")
-    password1 = forms.CharField(label="Password", strip=False,
-                                widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}))
-    password2 = forms.CharField(label="Password again", strip=False,
-                                widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}))
+    password1 = forms.CharField(
+        label="Password", strip=False, widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
+    )
+    password2 = forms.CharField(
+        label="Password again", strip=False, widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
+    )
 
     def clean(self) -> dict:
         data = super().clean()

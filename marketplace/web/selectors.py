@@ -7,13 +7,14 @@ writes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Iterable, Sequence
 
 from django.db.models import Case, OuterRef, QuerySet, Subquery, Value, When
 from django.utils import timezone
 
+from hivemart_core.placement import block_throughputs
 from marketplace.accounts.models import ApiKey, User
 from marketplace.accounts.selectors import api_keys_visible_to
 from marketplace.catalog.models import CatalogModel
@@ -32,13 +33,13 @@ from marketplace.receipts.selectors import (
     receipts_visible_to,
     settlements_visible_to,
 )
-from scheduler.placement import block_throughputs
 
 # Uptime is the share of this window (or of the time since registration, if shorter) spent online.
 UPTIME_WINDOW = timedelta(days=7)
 
 
 # --- overview -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelCoverage:
@@ -68,8 +69,13 @@ def _coverage(model: CatalogModel) -> ModelCoverage:
     for offer in offers:
         for block in range(offer.block_start, min(offer.block_end, model.num_blocks)):
             counts[block] += 1
-    return ModelCoverage(model=model, offers=offers, block_throughputs=block_throughputs(model.num_blocks, spans),
-                         block_providers=counts, unmeasured=sum(1 for o in offers if o.throughput is None))
+    return ModelCoverage(
+        model=model,
+        offers=offers,
+        block_throughputs=block_throughputs(model.num_blocks, spans),
+        block_providers=counts,
+        unmeasured=sum(1 for o in offers if o.throughput is None),
+    )
 
 
 def catalog_coverage() -> list[ModelCoverage]:
@@ -78,6 +84,7 @@ def catalog_coverage() -> list[ModelCoverage]:
 
 
 # --- providers ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ProviderCard:
@@ -88,8 +95,9 @@ class ProviderCard:
     uptime: float | None  # fraction of UPTIME_WINDOW online; None before any state is known
 
 
-def online_fraction(transitions: Sequence[tuple[datetime, str]], *, initial_state: str | None,
-                    start: datetime, end: datetime) -> float | None:
+def online_fraction(
+    transitions: Sequence[tuple[datetime, str]], *, initial_state: str | None, start: datetime, end: datetime
+) -> float | None:
     """The share of ``[start, end)`` spent in the ``online`` state.
 
     ``transitions`` are ``(at, to_state)`` in time order, all within the interval;
@@ -116,19 +124,27 @@ def _uptimes(providers: Iterable[Provider], *, now: datetime) -> dict[int, float
     """Uptime over the window for each provider, from its state-changing events (two queries)."""
     ids = [p.pk for p in providers]
     start = now - UPTIME_WINDOW
-    events = (ProviderEvent.objects.filter(provider_id__in=ids, at__gte=start, at__lte=now).exclude(to_state="")
-              .order_by("at", "id").values_list("provider_id", "at", "to_state"))
+    events = (
+        ProviderEvent.objects.filter(provider_id__in=ids, at__gte=start, at__lte=now)
+        .exclude(to_state="")
+        .order_by("at", "id")
+        .values_list("provider_id", "at", "to_state")
+    )
     per_provider: dict[int, list[tuple[datetime, str]]] = {pk: [] for pk in ids}
     for pk, at, to_state in events:
         per_provider[pk].append((at, to_state))
     # The state each provider was in when the window opened: its last state change before then
     # (one correlated subquery, so old history is never loaded).
-    before = (ProviderEvent.objects.filter(provider_id=OuterRef("pk"), at__lt=start).exclude(to_state="")
-              .order_by("-at", "-id").values("to_state")[:1])
-    initial = dict(Provider.objects.filter(pk__in=ids).annotate(state_then=Subquery(before))
-                   .values_list("pk", "state_then"))
-    return {pk: online_fraction(per_provider[pk], initial_state=initial.get(pk), start=start, end=now)
-            for pk in ids}
+    before = (
+        ProviderEvent.objects.filter(provider_id=OuterRef("pk"), at__lt=start)
+        .exclude(to_state="")
+        .order_by("-at", "-id")
+        .values("to_state")[:1]
+    )
+    initial = dict(
+        Provider.objects.filter(pk__in=ids).annotate(state_then=Subquery(before)).values_list("pk", "state_then")
+    )
+    return {pk: online_fraction(per_provider[pk], initial_state=initial.get(pk), start=start, end=now) for pk in ids}
 
 
 def _public_providers() -> QuerySet[Provider]:
@@ -178,6 +194,7 @@ def provider_recent_offences(*, provider: Provider, limit: int = 20) -> list[Off
 
 # --- the signed-in client -----------------------------------------------------------------
 
+
 def own_jobs(*, user: User) -> QuerySet[Job]:
     """The user's own jobs, newest first (staff too see only theirs here)."""
     return jobs_visible_to(user=user).filter(user=user)
@@ -189,8 +206,11 @@ def own_api_keys(*, user: User) -> QuerySet[ApiKey]:
 
 def wallet_postings(*, user: User) -> QuerySet[Posting]:
     """Postings on the user's own wallet, newest first."""
-    return (Posting.objects.select_related("transaction").filter(account__user=user, account__kind="wallet")
-            .order_by("-transaction__created_at", "-id"))
+    return (
+        Posting.objects.select_related("transaction")
+        .filter(account__user=user, account__kind="wallet")
+        .order_by("-transaction__created_at", "-id")
+    )
 
 
 def own_providers(*, user: User) -> QuerySet[Provider]:
@@ -229,8 +249,7 @@ def job_cost(*, job: Job) -> JobCost | None:
     hold = job.hold
     if hold is None:
         return None
-    transactions = (Transaction.objects.filter(hold=hold).prefetch_related("postings__account")
-                    .order_by("created_at"))
+    transactions = Transaction.objects.filter(hold=hold).prefetch_related("postings__account").order_by("created_at")
     charges, released = [], 0
     for tx in transactions:
         postings = list(tx.postings.all())
@@ -239,20 +258,28 @@ def job_cost(*, job: Job) -> JobCost | None:
             fee = sum(p.amount for p in postings if p.account.kind == "fees")
             payee = next((p.account for p in postings if p.account.kind == "earnings"), None)
             provider = Provider.objects.filter(earnings_account=payee).first() if payee else None
-            charges.append(Charge(transaction=tx, amount=amount, provider_share=amount - fee, fee=fee,
-                                  provider=provider))
+            charges.append(
+                Charge(transaction=tx, amount=amount, provider_share=amount - fee, fee=fee, provider=provider)
+            )
         elif tx.kind == Transaction.Kind.RELEASE:
             released += sum(p.amount for p in postings if p.account_id == hold.payer_id)
-    return JobCost(budget=hold.amount, captured=hold_captured(hold=hold), left=hold_left(hold=hold),
-                   released=released, charges=charges)
+    return JobCost(
+        budget=hold.amount,
+        captured=hold_captured(hold=hold),
+        left=hold_left(hold=hold),
+        released=released,
+        charges=charges,
+    )
 
 
 # --- settlement -----------------------------------------------------------------------------
 
+
 def job_receipts(*, user: User, job: Job) -> QuerySet[Receipt]:
     """The job's work receipts (one per ticket and session, the latest cumulative one)."""
-    return receipts_visible_to(user=user).filter(ticket__job=job).order_by("ticket__segment", "ticket__role",
-                                                                           "session_id")
+    return (
+        receipts_visible_to(user=user).filter(ticket__job=job).order_by("ticket__segment", "ticket__role", "session_id")
+    )
 
 
 def job_settlements(*, user: User, job: Job) -> QuerySet[Settlement]:

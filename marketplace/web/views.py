@@ -77,17 +77,22 @@ def _market_url(request: HttpRequest) -> str:
 def overview(request: HttpRequest) -> HttpResponse:
     coverage = [(c, coverage_chart(c.block_throughputs, c.block_providers)) for c in selectors.catalog_coverage()]
     online = selectors.providers_listed(online_only=True)
-    return render(request, "web/overview.html", {"coverage": coverage,
-                                                 "online": selectors.provider_cards(online[:PAGE_SIZE]),
-                                                 "online_count": online.count()})
+    return render(
+        request,
+        "web/overview.html",
+        {"coverage": coverage, "online": selectors.provider_cards(online[:PAGE_SIZE]), "online_count": online.count()},
+    )
 
 
 @require_GET
 def providers(request: HttpRequest) -> HttpResponse:
     model_id = request.GET.get("model", "").strip()[:128] or None
     page = _page(request, selectors.providers_listed(model_id=model_id))
-    return render(request, "web/providers.html", {"page": page, "cards": selectors.provider_cards(page.object_list),
-                                                  "model_id": model_id})
+    return render(
+        request,
+        "web/providers.html",
+        {"page": page, "cards": selectors.provider_cards(page.object_list), "model_id": model_id},
+    )
 
 
 @require_GET
@@ -96,19 +101,26 @@ def provider_detail(request: HttpRequest, provider_id: int) -> HttpResponse:
         card = selectors.provider_card_get(provider_id=provider_id)
     except NotFound:
         raise Http404("no such provider") from None
-    return render(request, "web/provider_detail.html", {
-        "card": card,
-        "events": selectors.provider_recent_events(provider=card.provider),
-        "measurements": selectors.provider_recent_measurements(provider=card.provider),
-        "offences": selectors.provider_recent_offences(provider=card.provider),
-    })
+    return render(
+        request,
+        "web/provider_detail.html",
+        {
+            "card": card,
+            "events": selectors.provider_recent_events(provider=card.provider),
+            "measurements": selectors.provider_recent_measurements(provider=card.provider),
+            "offences": selectors.provider_recent_offences(provider=card.provider),
+        },
+    )
 
 
 @require_GET
 def sell(request: HttpRequest) -> HttpResponse:
     models = [c.model for c in selectors.catalog_coverage()]
-    return render(request, "web/sell.html", {"market_url": _market_url(request), "models": models,
-                                             "swarm_peers": settings.HIVEMART_SWARM_PEERS})
+    return render(
+        request,
+        "web/sell.html",
+        {"market_url": _market_url(request), "models": models, "swarm_peers": settings.HIVEMART_SWARM_PEERS},
+    )
 
 
 @never_cache
@@ -123,8 +135,11 @@ def signup(request: HttpRequest) -> HttpResponse:
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
-            user = user_create(username=form.cleaned_data["username"], password=form.cleaned_data["password1"],
-                               email=form.cleaned_data["email"])
+            user = user_create(
+                username=form.cleaned_data["username"],
+                password=form.cleaned_data["password1"],
+                email=form.cleaned_data["email"],
+            )
         except ApplicationError as e:
             # The service's rules (name alphabet, password validators, a taken name) land on the field they name.
             field = _SIGNUP_FIELDS.get(e.extra.get("field"))
@@ -141,12 +156,16 @@ def signup(request: HttpRequest) -> HttpResponse:
 @require_GET
 def wallet(request: HttpRequest) -> HttpResponse:
     user = request.user
-    return render(request, "web/wallet.html", {
-        "balance": wallet_balance(user=user),
-        "holds": selectors.open_holds(user=user),
-        "providers": selectors.own_providers(user=user),
-        "page": _page(request, selectors.wallet_postings(user=user)),
-    })
+    return render(
+        request,
+        "web/wallet.html",
+        {
+            "balance": wallet_balance(user=user),
+            "holds": selectors.open_holds(user=user),
+            "providers": selectors.own_providers(user=user),
+            "page": _page(request, selectors.wallet_postings(user=user)),
+        },
+    )
 
 
 @login_required
@@ -162,15 +181,19 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         job = job_get(user=request.user, job_id=job_id)  # another user's job is a 404, not a 403: no probing
     except NotFound:
         raise Http404("no such job") from None
-    return render(request, "web/job_detail.html", {
-        "job": job,
-        "plan": job_plan_current(job=job),
-        "transitions": job_transitions(job=job),
-        "cost": selectors.job_cost(job=job),
-        "receipts": selectors.job_receipts(user=request.user, job=job),
-        "settlements": selectors.job_settlements(user=request.user, job=job),
-        "refresh_s": JOB_REFRESH_S,
-    })
+    return render(
+        request,
+        "web/job_detail.html",
+        {
+            "job": job,
+            "plan": job_plan_current(job=job),
+            "transitions": job_transitions(job=job),
+            "cost": selectors.job_cost(job=job),
+            "receipts": selectors.job_receipts(user=request.user, job=job),
+            "settlements": selectors.job_settlements(user=request.user, job=job),
+            "refresh_s": JOB_REFRESH_S,
+        },
+    )
 
 
 @never_cache
@@ -187,10 +210,16 @@ def keys(request: HttpRequest) -> HttpResponse:
         else:
             # Rendered in this response only (never stored, never redirected with), hence never_cache.
             form = ApiKeyCreateForm()
-    return render(request, "web/keys.html", {
-        "form": form, "created": created, "keys": selectors.own_api_keys(user=request.user),
-        "market_url": _market_url(request),
-    })
+    return render(
+        request,
+        "web/keys.html",
+        {
+            "form": form,
+            "created": created,
+            "keys": selectors.own_api_keys(user=request.user),
+            "market_url": _market_url(request),
+        },
+    )
 
 
 @login_required
@@ -222,6 +251,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
     """200 when the database and the broker answer, 503 (with what failed) otherwise."""
     checks = health_checks()
     ok = all(c.ok for c in checks)
-    body = {"status": "ok" if ok else "unavailable", "checks": {c.name: {"ok": c.ok, "detail": c.detail}
-                                                                for c in checks}}
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
+    }
     return JsonResponse(body, status=200 if ok else 503)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client_sdk.demo.chaos import RUN_ENV, find_tagged_processes, local_service
+from hivemart.demo.chaos import RUN_ENV, find_tagged_processes, local_service
 
 # The whole run (set-up, reference, faults, settlement) happens in the first test that asks for the
 # report: 2-3 minutes on an idle 2-core machine, over 13 minutes on one loaded twentyfold.
@@ -32,9 +32,33 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     home = tmp_path_factory.mktemp("chaos")
     env = {**os.environ, "DATABASE_URL": "", "REDIS_URL": "", "HIVEMART_HOME": str(home), "TMPDIR": str(home)}
     result = subprocess.run(
-        [sys.executable, "-m", "client_sdk", "bench", "chaos", "--json", "--minutes", "0.2", "--providers", "5",
-         "--fault-interval", "2", "--new-tokens", "8", "--lora-steps", "3", "--data-dir", str(home / "run")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1700, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "hivemart",
+            "bench",
+            "chaos",
+            "--json",
+            "--minutes",
+            "0.2",
+            "--providers",
+            "5",
+            "--fault-interval",
+            "2",
+            "--new-tokens",
+            "8",
+            "--lora-steps",
+            "3",
+            "--data-dir",
+            str(home / "run"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1700,
+        stdin=subprocess.DEVNULL,
+    )
     lines = result.stdout.strip().splitlines()
     assert lines, f"no report (exit {result.returncode}):\n{result.stderr[-6000:]}"
     out = json.loads(lines[-1])
@@ -88,15 +112,19 @@ def test_only_servers_on_this_machine_are_restarted() -> None:
     assert local_service("redis://127.0.0.1:6390/8", ("redis",)) == ("127.0.0.1", 6390)
     assert local_service("redis://localhost/0", ("redis",)) == ("localhost", 6379)
     assert local_service("postgres://postgres@127.0.0.1/hm", ("postgres",)) == ("127.0.0.1", 5432)
-    for url in ("", "redis://10.0.0.5:6379/0", "redis://redis.example.com/0", "sqlite:///x.db",
-                "postgres://db.internal:5432/hm"):
+    for url in (
+        "",
+        "redis://10.0.0.5:6379/0",
+        "redis://redis.example.com/0",
+        "sqlite:///x.db",
+        "postgres://db.internal:5432/hm",
+    ):
         assert local_service(url, ("redis", "postgres")) is None, url
 
 
 def test_tagged_processes_are_found_until_they_exit() -> None:
     run_id = "test-" + os.urandom(4).hex()
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                             env={**os.environ, RUN_ENV: run_id})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, RUN_ENV: run_id})
     try:
         assert find_tagged_processes(run_id) == [child.pid]
         assert find_tagged_processes(run_id + "x") == []
@@ -110,27 +138,73 @@ def test_tagged_processes_are_found_until_they_exit() -> None:
 
 
 @pytest.mark.redis
-@pytest.mark.skipif(os.environ.get("HIVEMART_CHAOS_SERVICES") != "1",
-                    reason="a second chaos run that restarts Redis; set HIVEMART_CHAOS_SERVICES=1 to run it")
+@pytest.mark.skipif(
+    os.environ.get("HIVEMART_CHAOS_SERVICES") != "1",
+    reason="a second chaos run that restarts Redis; set HIVEMART_CHAOS_SERVICES=1 to run it",
+)
 def test_chaos_restarts_a_local_redis_and_loses_nothing(tmp_path: Path) -> None:
     """With REDIS_URL on this machine the run restarts Redis too. The Redis here is the test's
     own, on a free port, so that no other user of the machine's Redis is disturbed."""
     import shutil
 
-    from client_sdk.demo.stack import free_port
+    from hivemart.demo.stack import free_port
 
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server")
     port = free_port()
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                    "--appendonly", "no"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        env = {**os.environ, "DATABASE_URL": "", "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-               "HIVEMART_HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+        env = {
+            **os.environ,
+            "DATABASE_URL": "",
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "HIVEMART_HOME": str(tmp_path),
+            "TMPDIR": str(tmp_path),
+        }
         result = subprocess.run(
-            [sys.executable, "-m", "client_sdk", "bench", "chaos", "--json", "--minutes", "0", "--providers", "5",
-             "--fault-interval", "2", "--new-tokens", "8", "--lora-steps", "3", "--data-dir", str(tmp_path / "run")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=1700, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "hivemart",
+                "bench",
+                "chaos",
+                "--json",
+                "--minutes",
+                "0",
+                "--providers",
+                "5",
+                "--fault-interval",
+                "2",
+                "--new-tokens",
+                "8",
+                "--lora-steps",
+                "3",
+                "--data-dir",
+                str(tmp_path / "run"),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1700,
+            stdin=subprocess.DEVNULL,
+        )
         out = json.loads(result.stdout.strip().splitlines()[-1])
     finally:
         # The run restarted it as a daemon of its own: shut down whichever runs on the port.

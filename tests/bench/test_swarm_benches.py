@@ -10,7 +10,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from client_sdk.cli import cli
+from hivemart.cli import cli
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -21,12 +21,36 @@ def last_json_line(output: str) -> dict:
 
 def test_bench_inference_reports_an_exact_match(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    result = CliRunner().invoke(cli, ["bench", "inference", "--json", "--hidden", "64", "--layers", "2",
-                                      "--providers", "2", "--new-tokens", "4", "--repeats", "1"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "inference",
+            "--json",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--providers",
+            "2",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = last_json_line(result.stdout)
-    assert set(report) >= {"hidden", "layers", "providers", "local_ms_per_token", "swarm_ms_per_token", "ratio",
-                           "overhead_ms_per_hop", "exact_match"}
+    assert set(report) >= {
+        "hidden",
+        "layers",
+        "providers",
+        "local_ms_per_token",
+        "swarm_ms_per_token",
+        "ratio",
+        "overhead_ms_per_hop",
+        "exact_match",
+    }
     assert (report["hidden"], report["layers"], report["providers"]) == (64, 2, 2)
     assert report["exact_match"] is True
     assert report["provider_threads"] == 1  # chosen by the agents: hidden-64 blocks are too small to split
@@ -35,8 +59,9 @@ def test_bench_inference_reports_an_exact_match(tmp_path, monkeypatch):
 
 def test_bench_failover_survives_the_kill_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    result = CliRunner().invoke(cli, ["bench", "failover", "--json", "--hidden", "64", "--layers", "2",
-                                      "--new-tokens", "12", "--kill-at", "5"])
+    result = CliRunner().invoke(
+        cli, ["bench", "failover", "--json", "--hidden", "64", "--layers", "2", "--new-tokens", "12", "--kill-at", "5"]
+    )
     assert result.exit_code == 0, result.output
     report = last_json_line(result.stdout)
     assert report["tokens"] == 12 and report["killed_at"] == 5

@@ -3,12 +3,11 @@ database transaction), and once over a real socket to a live server."""
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 
-from client_sdk.api import Client, Job
-from client_sdk.errors import (
+from hivemart_core.api import Client, Job
+from hivemart_core.errors import (
     AuthenticationError,
     ConflictError,
     InsufficientCreditsError,
@@ -16,15 +15,19 @@ from client_sdk.errors import (
     PermissionDeniedError,
     ValidationError,
 )
-from client_sdk.protocol.identity import Identity
+from hivemart_core.protocol.identity import Identity
 from marketplace.accounts.services import api_key_create, user_create
 from marketplace.ledger.services import credit_grant, wallet_get_or_create
 
 
-
-
-def client_for(transport: httpx.BaseTransport, username: str, *, staff: bool = False, credits: int = 0,
-               base_url: str = "http://testserver") -> Client:
+def client_for(
+    transport: httpx.BaseTransport,
+    username: str,
+    *,
+    staff: bool = False,
+    credits: int = 0,
+    base_url: str = "http://testserver",
+) -> Client:
     user = user_create(username=username, is_staff=staff)
     if credits:
         credit_grant(account=wallet_get_or_create(user=user), amount=credits)
@@ -32,8 +35,15 @@ def client_for(transport: httpx.BaseTransport, username: str, *, staff: bool = F
 
 
 def catalogue(staff: Client, model_id: str = "llama-4x64-000000000001", blocks: int = 4) -> None:
-    staff.models.create(model_id=model_id, arch="llama", num_blocks=blocks, hidden_size=64, dtype="float32",
-                        weights_digest="a" * 64, block_digests=[f"{i:064x}" for i in range(blocks)])
+    staff.models.create(
+        model_id=model_id,
+        arch="llama",
+        num_blocks=blocks,
+        hidden_size=64,
+        dtype="float32",
+        weights_digest="a" * 64,
+        block_digests=[f"{i:064x}" for i in range(blocks)],
+    )
 
 
 def test_a_whole_marketplace_round_trip(wsgi: httpx.WSGITransport) -> None:
@@ -45,8 +55,15 @@ def test_a_whole_marketplace_round_trip(wsgi: httpx.WSGITransport) -> None:
     signup = anon.accounts.signup(username="gpu-owner", password="a long passphrase 42")
     provider_client = Client(api_key=signup.api_key.key, base_url="http://testserver", transport=wsgi)
     identity = Identity.generate()
-    provider = provider_client.providers.register(identity=identity, model="llama-4x64-000000000001", block_start=0,
-                                                  block_end=4, price=1_000, gpu="RTX 4090", gpu_memory_mb=24_564)
+    provider = provider_client.providers.register(
+        identity=identity,
+        model="llama-4x64-000000000001",
+        block_start=0,
+        block_end=4,
+        price=1_000,
+        gpu="RTX 4090",
+        gpu_memory_mb=24_564,
+    )
     assert provider.peer_id == identity.peer_id and provider.state == "joining"
     provider = provider_client.providers.heartbeat(provider.id, state="online", throughput=800.0, latency_ms=9.0)
     assert provider.state == "online" and provider.reported_throughput == 800.0
@@ -56,10 +73,12 @@ def test_a_whole_marketplace_round_trip(wsgi: httpx.WSGITransport) -> None:
 
     # a client creates a job (twice with one key: one job, one hold), the scheduler plans it
     client = client_for(wsgi, "researcher", credits=5_000_000)
-    job = client.jobs.create(model="llama-4x64-000000000001", kind="finetune", budget=2_000_000, max_price=1_500,
-                             idempotency_key="exp-1")
-    again = client.jobs.create(model="llama-4x64-000000000001", kind="finetune", budget=2_000_000, max_price=1_500,
-                               idempotency_key="exp-1")
+    job = client.jobs.create(
+        model="llama-4x64-000000000001", kind="finetune", budget=2_000_000, max_price=1_500, idempotency_key="exp-1"
+    )
+    again = client.jobs.create(
+        model="llama-4x64-000000000001", kind="finetune", budget=2_000_000, max_price=1_500, idempotency_key="exp-1"
+    )
     assert isinstance(job, Job) and again.id == job.id and job.hold.left == 2_000_000
     assert client.accounts.me().wallet_balance == 3_000_000
     plan = staff.jobs.store_plan(job.id, segments=[{"block_start": 0, "block_end": 4, "provider": provider.id}])
@@ -106,18 +125,21 @@ def test_errors_from_the_real_server_carry_status_code_and_request_id(wsgi: http
         client.jobs.create(model="llama-4x64-000000000001", kind="inference", budget=-1, max_price=1)
     assert "budget" in e.value.extra["fields"]
     with pytest.raises(ConflictError) as e:
-        client.jobs.create(model="llama-4x64-000000000001", kind="inference", budget=1, max_price=1,
-                           idempotency_key="x")
-        client.jobs.create(model="llama-4x64-000000000001", kind="inference", budget=2, max_price=1,
-                           idempotency_key="x")
+        client.jobs.create(
+            model="llama-4x64-000000000001", kind="inference", budget=1, max_price=1, idempotency_key="x"
+        )
+        client.jobs.create(
+            model="llama-4x64-000000000001", kind="inference", budget=2, max_price=1, idempotency_key="x"
+        )
     assert e.value.code == "idempotency_conflict"
     with pytest.raises(NotFoundError):
         client.jobs.get(10**9)
     with pytest.raises(PermissionDeniedError):
         client.ledger.grant(username="bob", amount=1)
     with pytest.raises(PermissionDeniedError) as e:
-        client.providers.register(identity=_Forger(), model="llama-4x64-000000000001", block_start=0, block_end=4,
-                                  price=1)
+        client.providers.register(
+            identity=_Forger(), model="llama-4x64-000000000001", block_start=0, block_end=4, price=1
+        )
     assert e.value.code == "invalid_signature"
     with pytest.raises(AuthenticationError):
         Client(api_key="hm_bogus", base_url="http://testserver", transport=wsgi).accounts.me()

@@ -7,12 +7,11 @@ tests/client_sdk runs against the real marketplace.
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 
-from client_sdk.api import Client
-from client_sdk.errors import (
+from hivemart_core.api import Client
+from hivemart_core.errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
@@ -26,14 +25,27 @@ from client_sdk.errors import (
     ValidationError,
 )
 
-JOB = {"id": 7, "kind": "inference", "model": "m", "state": "pending", "budget": 10, "max_price": 1,
-       "min_throughput": None, "idempotency_key": "k", "hold": {"id": 1, "amount": 10, "left": 10, "state": "open"},
-       "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"}
+JOB = {
+    "id": 7,
+    "kind": "inference",
+    "model": "m",
+    "state": "pending",
+    "budget": 10,
+    "max_price": 1,
+    "min_throughput": None,
+    "idempotency_key": "k",
+    "hold": {"id": 1, "amount": 10, "left": 10, "state": "open"},
+    "created_at": "2026-01-01T00:00:00Z",
+    "updated_at": "2026-01-01T00:00:00Z",
+}
 
 
 def error(status: int, code: str, **headers: str) -> httpx.Response:
-    return httpx.Response(status, json={"code": code, "message": f"{code}!", "extra": {"n": 1}},
-                          headers={"X-Request-Id": "rid-1", **headers})
+    return httpx.Response(
+        status,
+        json={"code": code, "message": f"{code}!", "extra": {"n": 1}},
+        headers={"X-Request-Id": "rid-1", **headers},
+    )
 
 
 def scripted(*answers: httpx.Response | Exception) -> tuple[Client, list[httpx.Request], list[float]]:
@@ -48,8 +60,9 @@ def scripted(*answers: httpx.Response | Exception) -> tuple[Client, list[httpx.R
             raise answer
         return answer
 
-    client = Client(api_key="hm_test", base_url="http://market.test", max_retries=2,
-                    transport=httpx.MockTransport(handler))
+    client = Client(
+        api_key="hm_test", base_url="http://market.test", max_retries=2, transport=httpx.MockTransport(handler)
+    )
     sleeps: list[float] = []
     client._core._sleep = sleeps.append
     return client, requests, sleeps
@@ -60,8 +73,9 @@ def create(client: Client, **kwargs: object) -> object:
 
 
 def test_job_creation_retries_5xx_with_the_same_idempotency_key() -> None:
-    client, requests, sleeps = scripted(error(503, "server_error"), error(502, "server_error"),
-                                        httpx.Response(201, json=JOB))
+    client, requests, sleeps = scripted(
+        error(503, "server_error"), error(502, "server_error"), httpx.Response(201, json=JOB)
+    )
     job = create(client)
     assert job.id == 7 and job.hold.left == 10
     keys = {r.headers["Idempotency-Key"] for r in requests}
@@ -109,15 +123,30 @@ def test_unsafe_posts_are_not_retried_after_reaching_the_server() -> None:
         client.keys.create(name="x")
     assert len(requests) == 1
     # ... but one that never connected is safe to send again.
-    client, requests, _ = scripted(httpx.ConnectError("refused"), httpx.Response(201, json={
-        "id": 1, "name": "x", "prefix": "p", "username": "u", "active": True, "created_at": "2026-01-01T00:00:00Z",
-        "last_used_at": None, "revoked_at": None, "key": "hm_secret"}))
+    client, requests, _ = scripted(
+        httpx.ConnectError("refused"),
+        httpx.Response(
+            201,
+            json={
+                "id": 1,
+                "name": "x",
+                "prefix": "p",
+                "username": "u",
+                "active": True,
+                "created_at": "2026-01-01T00:00:00Z",
+                "last_used_at": None,
+                "revoked_at": None,
+                "key": "hm_secret",
+            },
+        ),
+    )
     assert client.keys.create(name="x").key == "hm_secret" and len(requests) == 2
 
 
 def test_rate_limits_are_retried_after_the_servers_delay() -> None:
-    client, requests, sleeps = scripted(error(429, "rate_limited", **{"Retry-After": "3"}),
-                                        httpx.Response(200, json=JOB))
+    client, requests, sleeps = scripted(
+        error(429, "rate_limited", **{"Retry-After": "3"}), httpx.Response(200, json=JOB)
+    )
     assert client.jobs.get(7).id == 7
     assert sleeps == [3.0]
     client, _, _ = scripted(*[error(429, "rate_limited", **{"Retry-After": "5"})] * 3)
@@ -126,11 +155,18 @@ def test_rate_limits_are_retried_after_the_servers_delay() -> None:
     assert e.value.retry_after == 5.0
 
 
-@pytest.mark.parametrize("status, code, cls", [
-    (400, "invalid", ValidationError), (401, "unauthenticated", AuthenticationError),
-    (402, "insufficient_credits", InsufficientCreditsError), (403, "permission_denied", PermissionDeniedError),
-    (404, "not_found", NotFoundError), (409, "idempotency_conflict", ConflictError), (418, "teapot", APIError),
-])
+@pytest.mark.parametrize(
+    "status, code, cls",
+    [
+        (400, "invalid", ValidationError),
+        (401, "unauthenticated", AuthenticationError),
+        (402, "insufficient_credits", InsufficientCreditsError),
+        (403, "permission_denied", PermissionDeniedError),
+        (404, "not_found", NotFoundError),
+        (409, "idempotency_conflict", ConflictError),
+        (418, "teapot", APIError),
+    ],
+)
 def test_errors_map_onto_the_tree_without_retrying(status: int, code: str, cls: type[APIError]) -> None:
     client, requests, _ = scripted(error(status, code))
     with pytest.raises(cls) as e:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from client_sdk.cli import cli
 from client_sdk.money import format_credits
+from hivemart.cli import cli
 from marketplace.accounts.services import api_key_create, user_create
 from marketplace.ledger.services import credit_grant, wallet_get_or_create
 
@@ -74,13 +74,12 @@ def test_errors_say_what_to_do(runner: CliRunner, live_server) -> None:
 
 
 def test_models_register_and_show(runner: CliRunner, live_server, tmp_path: Path) -> None:
-    from client_sdk.models import create_model, load_model_info
+    from hivemart_core.models import create_model, load_model_info
 
     staff = user_create(username="ops", is_staff=True)
     key = api_key_create(user=staff).raw
     path = create_model(tmp_path / "m", hidden=64, layers=2, seed=3)
-    out = json.loads(run(runner, "models", "register", str(path), "--url", live_server.url, "--api-key", key,
-                         "--json"))
+    out = json.loads(run(runner, "models", "register", str(path), "--url", live_server.url, "--api-key", key, "--json"))
     model_id = load_model_info(path).model_id
     assert out["model_id"] == model_id and out["num_blocks"] == 2
     shown = json.loads(run(runner, "models", "show", model_id, "--url", live_server.url, "--api-key", key, "--json"))

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from client_sdk.protocol.commitments import StepRecord, StepRecordError, digest_hex, equivocation, sign_step
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import tensor_digest
+from hivemart_core.protocol.commitments import StepRecord, StepRecordError, digest_hex, equivocation, sign_step
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import tensor_digest
 
 UPSTREAM = Identity.from_seed(bytes([1] * 32))
 DOWNSTREAM = Identity.from_seed(bytes([2] * 32))
@@ -18,8 +18,16 @@ NOISY = OUTPUT + 0.01
 
 
 def record(identity: Identity = UPSTREAM, output: torch.Tensor = OUTPUT, **overrides) -> StepRecord:
-    fields = {"session_id": "upstream-session", "instance": "0123456789abcdef", "ticket_id": "tkt_job_1_up", "step_id": 7, "position": 3, "input_digest": "ab" * 32,
-              "output_digest": digest_hex(output), **overrides}
+    fields = {
+        "session_id": "upstream-session",
+        "instance": "0123456789abcdef",
+        "ticket_id": "tkt_job_1_up",
+        "step_id": 7,
+        "position": 3,
+        "input_digest": "ab" * 32,
+        "output_digest": digest_hex(output),
+        **overrides,
+    }
     return sign_step(identity, **fields)
 
 
@@ -29,9 +37,18 @@ def test_a_record_round_trips_and_verifies():
     assert signed.peer == UPSTREAM.peer_id and signed.output_digest == tensor_digest(OUTPUT).hex()
 
 
-@pytest.mark.parametrize("change", [{"output_digest": digest_hex(NOISY)}, {"step_id": 8}, {"position": 4},
-                                    {"session_id": "another-session"}, {"input_digest": "cd" * 32},
-                                    {"ticket_id": "tkt_job_2_up"}, {"instance": "fedcba9876543210"}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"output_digest": digest_hex(NOISY)},
+        {"step_id": 8},
+        {"position": 4},
+        {"session_id": "another-session"},
+        {"input_digest": "cd" * 32},
+        {"ticket_id": "tkt_job_2_up"},
+        {"instance": "fedcba9876543210"},
+    ],
+)
 def test_a_record_changed_after_signing_does_not_verify(change):
     with pytest.raises(StepRecordError) as error:
         replace(record(), **change).verify()
@@ -45,17 +62,22 @@ def test_a_record_in_another_peers_name_does_not_verify():
         forged.verify()
 
 
-@pytest.mark.parametrize("data", [
-    None, [], {"peer": "x"},
-    {**record().to_dict(), "extra": 1},
-    {**record().to_dict(), "step_id": True},
-    {**record().to_dict(), "step_id": -1},
-    {**record().to_dict(), "output_digest": "AB" * 32},
-    {**record().to_dict(), "signature": "00"},
-    {**record().to_dict(), "session_id": "a b"},
-    {**record().to_dict(), "ticket_id": "short"},
-    {**record().to_dict(), "instance": "xyz"},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [],
+        {"peer": "x"},
+        {**record().to_dict(), "extra": 1},
+        {**record().to_dict(), "step_id": True},
+        {**record().to_dict(), "step_id": -1},
+        {**record().to_dict(), "output_digest": "AB" * 32},
+        {**record().to_dict(), "signature": "00"},
+        {**record().to_dict(), "session_id": "a b"},
+        {**record().to_dict(), "ticket_id": "short"},
+        {**record().to_dict(), "instance": "xyz"},
+    ],
+)
 def test_malformed_records_are_refused_with_a_typed_error(data):
     with pytest.raises(StepRecordError) as error:
         StepRecord.from_dict(data)
@@ -77,16 +99,19 @@ def test_two_different_records_of_one_step_prove_equivocation():
     assert equivocation(returned, pushed) and equivocation(returned.to_dict(), pushed.to_dict())
 
 
-@pytest.mark.parametrize("second", [
-    lambda: record(),                                            # the same record twice
-    lambda: record(output=NOISY, step_id=8),                     # another step
-    lambda: record(output=NOISY, session_id="another-session"),  # another session
-    lambda: record(output=NOISY, ticket_id="tkt_job_2_up"),      # another ticket (another job)
-    lambda: record(output=NOISY, instance="fedcba9876543210"),   # the session reopened under its old id
-    lambda: record(DOWNSTREAM, NOISY),                           # signed by someone else
-    lambda: replace(record(DOWNSTREAM, NOISY), peer=UPSTREAM.peer_id),  # forged in the upstream's name
-    lambda: {**record(output=NOISY).to_dict(), "signature": "00" * 64},  # a bad signature
-    lambda: "not a record",
-])
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda: record(),  # the same record twice
+        lambda: record(output=NOISY, step_id=8),  # another step
+        lambda: record(output=NOISY, session_id="another-session"),  # another session
+        lambda: record(output=NOISY, ticket_id="tkt_job_2_up"),  # another ticket (another job)
+        lambda: record(output=NOISY, instance="fedcba9876543210"),  # the session reopened under its old id
+        lambda: record(DOWNSTREAM, NOISY),  # signed by someone else
+        lambda: replace(record(DOWNSTREAM, NOISY), peer=UPSTREAM.peer_id),  # forged in the upstream's name
+        lambda: {**record(output=NOISY).to_dict(), "signature": "00" * 64},  # a bad signature
+        lambda: "not a record",
+    ],
+)
 def test_nothing_else_proves_equivocation(second):
     assert not equivocation(record(), second())

@@ -9,8 +9,8 @@ import msgpack
 import pytest
 import torch
 
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.framing import Limits, encode_message, read_head, read_message, read_tensors
+from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.framing import Limits, encode_message, read_head, read_message, read_tensors
 
 
 def stream(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client_sdk.api import Client
 from client_sdk.swarm.job import JobPlanError, MarketJob
+from hivemart_core.api import Client
 from marketplace.accounts.services import api_key_create
 from tests.marketplace.settlement import planned_job, platform_key_file
 
@@ -19,8 +19,9 @@ def platform_key(settings, tmp_path: Path) -> None:
 
 
 def client_of(user, transport: httpx.BaseTransport) -> Client:
-    return Client(api_key=api_key_create(user=user).raw, base_url="http://testserver", transport=transport,
-                  max_retries=0)
+    return Client(
+        api_key=api_key_create(user=user).raw, base_url="http://testserver", transport=transport, max_retries=0
+    )
 
 
 def test_a_job_is_opened_from_its_tickets_replanned_and_finished(wsgi, platform_key) -> None:
@@ -42,7 +43,7 @@ def test_a_job_is_opened_from_its_tickets_replanned_and_finished(wsgi, platform_
 
 
 def test_a_job_of_another_client_key_is_refused(wsgi, platform_key) -> None:
-    from client_sdk.protocol.identity import Identity
+    from hivemart_core.protocol.identity import Identity
 
     planned = planned_job()
     with pytest.raises(JobPlanError, match="another client key"):

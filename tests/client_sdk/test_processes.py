@@ -21,10 +21,18 @@ def test_log_tail_of_a_missing_log_is_empty(tmp_path):
 
 def test_stop_processes_terminates_and_kills_what_ignores_sigterm():
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
-                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                 "print('ready', flush=True)\n"
-                                 "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert stubborn.stdout.readline().strip() == "ready"  # its SIGTERM handler is in place
     stop_processes([polite, stubborn], grace=0.5)
     assert polite.returncode == -signal.SIGTERM

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from client_sdk.errors import APIConnectionError
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import ReceiptCounter, tensor_digest, verify_receipt, work_units
-from client_sdk.protocol.tickets import JobTicket, issue_ticket
-from client_sdk.swarm.receipts import ReceiptCollector
+from hivemart_core.errors import APIConnectionError
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import ReceiptCounter, tensor_digest, verify_receipt, work_units
+from hivemart_core.protocol.tickets import JobTicket, issue_ticket
+from hivemart_core.swarm.receipts import ReceiptCollector
 
 PLATFORM = Identity.from_seed(bytes(range(32)))
 PROVIDER = Identity.from_seed(bytes([7] * 32))
@@ -23,9 +23,19 @@ SESSION = "session-0001"
 
 
 def make_ticket(ticket_id: str = "tkt_0001abcd", **overrides: object) -> JobTicket:
-    body = dict(ticket_id=ticket_id, job_id=42, client_key=CLIENT.public_key.hex(), provider_peer=PROVIDER.peer_id,
-                model_id="llama-8x512-0123456789ab", model_digest="a" * 64, start=0, end=4, max_units=10_000,
-                price=2_000_000, expires_at=int(time.time()) + 600)
+    body = dict(
+        ticket_id=ticket_id,
+        job_id=42,
+        client_key=CLIENT.public_key.hex(),
+        provider_peer=PROVIDER.peer_id,
+        model_id="llama-8x512-0123456789ab",
+        model_digest="a" * 64,
+        start=0,
+        end=4,
+        max_units=10_000,
+        price=2_000_000,
+        expires_at=int(time.time()) + 600,
+    )
     body.update(overrides)
     body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(PLATFORM, **body)
@@ -63,8 +73,13 @@ class Market:
         return [{"status": "accepted"} for _ in receipts]
 
 
-def run(collector: ReceiptCollector, provider: Provider, ticket: JobTicket, outputs: list[torch.Tensor],
-        session_id: str = SESSION) -> None:
+def run(
+    collector: ReceiptCollector,
+    provider: Provider,
+    ticket: JobTicket,
+    outputs: list[torch.Tensor],
+    session_id: str = SESSION,
+) -> None:
     for output in outputs:
         units = provider.step(output)
         collector.record(ticket, session_id, units, output)
@@ -93,15 +108,18 @@ def test_only_the_newest_receipt_per_session_is_uploaded() -> None:
     assert [[r["seq"] for r in batch] for batch in market.batches] == [[3]]
 
 
-@pytest.mark.parametrize(("tamper", "code"), [
-    ("more_units", "receipt_units"),
-    ("other_output", "receipt_chain"),
-    ("wrong_session", "receipt_ticket"),
-    ("replay", "receipt_replay"),
-    ("forged_signature", "receipt_signature"),
-    ("other_job", "receipt_ticket"),
-    ("garbage", "bad_receipt"),
-])
+@pytest.mark.parametrize(
+    ("tamper", "code"),
+    [
+        ("more_units", "receipt_units"),
+        ("other_output", "receipt_chain"),
+        ("wrong_session", "receipt_ticket"),
+        ("replay", "receipt_replay"),
+        ("forged_signature", "receipt_signature"),
+        ("other_job", "receipt_ticket"),
+        ("garbage", "bad_receipt"),
+    ],
+)
 def test_a_receipt_that_disagrees_is_not_countersigned(tamper: str, code: str) -> None:
     ticket, market = make_ticket(), Market()
     collector, provider = ReceiptCollector(CLIENT, upload=market), Provider(ticket)
@@ -182,7 +200,7 @@ def test_a_receipt_with_a_client_signature_by_another_key_is_refused() -> None:
 
 
 def test_evidence_proves_an_output_was_signed_for() -> None:
-    from client_sdk.protocol.receipts import chain_next, chain_start
+    from hivemart_core.protocol.receipts import chain_next, chain_start
 
     ticket = make_ticket()
     collector, provider = ReceiptCollector(CLIENT), Provider(ticket)
@@ -204,7 +222,9 @@ def test_evidence_proves_an_output_was_signed_for() -> None:
 def test_a_receipt_claiming_more_units_is_refused_and_reported_as_a_dispute() -> None:
     ticket = make_ticket()
     disputes: list[tuple[dict, str, str]] = []
-    collector = ReceiptCollector(CLIENT, dispute=lambda receipt, code, message: disputes.append((receipt, code, message)))
+    collector = ReceiptCollector(
+        CLIENT, dispute=lambda receipt, code, message: disputes.append((receipt, code, message))
+    )
     provider = Provider(ticket)
     outputs = [torch.randn(1, 2, 8) for _ in range(2)]
     run(collector, provider, ticket, outputs)

@@ -12,14 +12,19 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils.serializer import MSGPackSerializer
 
-from client_sdk.errors import NoProvidersError, ProtocolError
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import (
-    MAX_RECORD_TTL_S, ServerRecord, ServerState, block_key, sign_record, verify_signed_record,
-)
 from client_sdk.swarm.bans import PeerBans
-from client_sdk.swarm.dht import SignedRecordValidator
 from client_sdk.swarm.routing import find_route, trusted_throughputs
+from hivemart_core.errors import NoProvidersError, ProtocolError
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.records import (
+    MAX_RECORD_TTL_S,
+    ServerRecord,
+    ServerState,
+    block_key,
+    sign_record,
+    verify_signed_record,
+)
+from hivemart_core.swarm.dht import SignedRecordValidator
 
 MODEL = "tiny-model"
 IDS = [Identity.generate() for _ in range(5)]
@@ -27,9 +32,18 @@ PEERS = [i.peer_id for i in IDS]
 
 
 def record(peer: int, start: int, end: int, throughput: float, *, ttl: float = 60.0, **extra) -> ServerRecord:
-    return ServerRecord(peer_id=PEERS[peer], model_id=MODEL, start=start, end=end, state=ServerState.ONLINE,
-                        throughput=throughput, dtype="float32", cache_tokens_left=1000,
-                        expires_at=time.time() + ttl, **extra)
+    return ServerRecord(
+        peer_id=PEERS[peer],
+        model_id=MODEL,
+        start=start,
+        end=end,
+        state=ServerState.ONLINE,
+        throughput=throughput,
+        dtype="float32",
+        cache_tokens_left=1000,
+        expires_at=time.time() + ttl,
+        **extra,
+    )
 
 
 def route(records, **kwargs) -> list[tuple[int, int, int]]:
@@ -82,8 +96,12 @@ def test_requires_ticket_round_trips_and_is_type_checked() -> None:
 
 
 def dht_record(value: bytes, subkey: str, expiration: float) -> DHTRecord:
-    return DHTRecord(key=DHTID.generate(block_key(MODEL, 0)).to_bytes(), subkey=MSGPackSerializer.dumps(subkey),
-                     value=MSGPackSerializer.dumps(value), expiration_time=expiration)
+    return DHTRecord(
+        key=DHTID.generate(block_key(MODEL, 0)).to_bytes(),
+        subkey=MSGPackSerializer.dumps(subkey),
+        value=MSGPackSerializer.dumps(value),
+        expiration_time=expiration,
+    )
 
 
 def test_a_record_asking_for_a_year_is_refused_by_dht_nodes_and_dropped_by_clients() -> None:

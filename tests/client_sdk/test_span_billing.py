@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
 
-from client_sdk.errors import ProviderUnavailableError
-from client_sdk.protocol.framing import Message
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import ReceiptCounter, tensor_digest, work_units
-from client_sdk.protocol.records import ServerRecord, ServerState
-from client_sdk.protocol.rpc import RPC_BACKWARD, RPC_FORWARD
-from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.job import SwarmJob
 from client_sdk.swarm.routing import RouteHop
+from hivemart_core.errors import ProviderUnavailableError
+from hivemart_core.protocol.framing import Message
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import ReceiptCounter, tensor_digest, work_units
+from hivemart_core.protocol.records import ServerRecord, ServerState
+from hivemart_core.protocol.rpc import RPC_BACKWARD, RPC_FORWARD
+from hivemart_core.swarm.connection import ProviderConnection
 from tests.client_sdk.test_job_plan import CLIENT, JOB, MODEL, PEERS, plan
 
 PROVIDER = Identity.from_seed(bytes([1] * 32))  # PEERS[0]
@@ -31,17 +32,25 @@ class FakeProvider:
         self.headers: list[dict[str, Any]] = []
         self.lose_next = lose_next
 
-    async def __call__(self, rpc: str, header: dict[str, Any], tensors: Sequence[torch.Tensor],
-                       timeout: float | None) -> Message:
-        from client_sdk.protocol.tickets import JobTicket
+    async def __call__(
+        self, rpc: str, header: dict[str, Any], tensors: Sequence[torch.Tensor], timeout: float | None
+    ) -> Message:
+        from hivemart_core.protocol.tickets import JobTicket
 
         self.headers.append(header)
         ticket = JobTicket.from_dict(header["ticket"])
-        counter = self.counters.setdefault((ticket.ticket_id, header["session_id"]),
-                                           ReceiptCounter(ticket, header["session_id"]))
+        counter = self.counters.setdefault(
+            (ticket.ticket_id, header["session_id"]), ReceiptCounter(ticket, header["session_id"])
+        )
         output = tensors[0] * 2
-        counter.record(work_units(tokens=output.shape[0] * output.shape[1], blocks=header["end"] - header["start"],
-                                  backward=rpc == RPC_BACKWARD), tensor_digest(output))
+        counter.record(
+            work_units(
+                tokens=output.shape[0] * output.shape[1],
+                blocks=header["end"] - header["start"],
+                backward=rpc == RPC_BACKWARD,
+            ),
+            tensor_digest(output),
+        )
         if self.lose_next:  # computed and counted, but the reply never reaches the client
             self.lose_next = False
             raise ProviderUnavailableError(PROVIDER.peer_id, "stream broke")
@@ -49,8 +58,17 @@ class FakeProvider:
 
 
 def hop() -> RouteHop:
-    record = ServerRecord(peer_id=PEERS[0], model_id=MODEL, start=0, end=2, state=ServerState.ONLINE,
-                          throughput=1.0, dtype="float32", cache_tokens_left=0, expires_at=time.time() + 60)
+    record = ServerRecord(
+        peer_id=PEERS[0],
+        model_id=MODEL,
+        start=0,
+        end=2,
+        state=ServerState.ONLINE,
+        throughput=1.0,
+        dtype="float32",
+        cache_tokens_left=0,
+        expires_at=time.time() + 60,
+    )
     return RouteHop(PEERS[0], 0, 2, record)
 
 

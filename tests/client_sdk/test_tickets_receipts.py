@@ -8,12 +8,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import (
-    ReceiptCounter, ReceiptError, WorkReceipt, chain_next, chain_start, countersign, tensor_digest, verify_receipt,
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import (
+    ReceiptCounter,
+    ReceiptError,
+    WorkReceipt,
+    chain_next,
+    chain_start,
+    countersign,
+    tensor_digest,
+    verify_receipt,
     work_units,
 )
-from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket, verify_ticket
+from hivemart_core.protocol.tickets import JobTicket, TicketError, issue_ticket, verify_ticket
 
 PLATFORM = Identity.from_seed(bytes(range(32)))
 PROVIDER = Identity.from_seed(bytes([7] * 32))
@@ -21,9 +28,19 @@ CLIENT = Identity.from_seed(bytes([9] * 32))
 
 
 def make_ticket(**overrides: object) -> JobTicket:
-    body = dict(ticket_id="tkt_0001abcd", job_id=42, client_key=CLIENT.public_key.hex(),
-                provider_peer=PROVIDER.peer_id, model_id="llama-8x512-0123456789ab", model_digest="a" * 64,
-                start=0, end=4, max_units=10_000, price=2_000_000, expires_at=int(time.time()) + 600)
+    body = dict(
+        ticket_id="tkt_0001abcd",
+        job_id=42,
+        client_key=CLIENT.public_key.hex(),
+        provider_peer=PROVIDER.peer_id,
+        model_id="llama-8x512-0123456789ab",
+        model_digest="a" * 64,
+        start=0,
+        end=4,
+        max_units=10_000,
+        price=2_000_000,
+        expires_at=int(time.time()) + 600,
+    )
     body.update(overrides)
     body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(PLATFORM, **body)
@@ -31,22 +48,26 @@ def make_ticket(**overrides: object) -> JobTicket:
 
 def test_ticket_round_trip_verifies() -> None:
     ticket = make_ticket()
-    again = verify_ticket(ticket.to_dict(), platform_key=PLATFORM.public_key, provider_peer=PROVIDER.peer_id,
-                          model_id=ticket.model_id)
+    again = verify_ticket(
+        ticket.to_dict(), platform_key=PLATFORM.public_key, provider_peer=PROVIDER.peer_id, model_id=ticket.model_id
+    )
     assert again == ticket
     assert again.covers(1, 3) and not again.covers(3, 5)
 
 
-@pytest.mark.parametrize(("mutate", "code"), [
-    (lambda d: d.update(max_units=d["max_units"] + 1), "ticket_signature"),
-    (lambda d: d.update(signature="00" * 64), "ticket_signature"),
-    (lambda d: d.update(end=2), "ticket_signature"),
-    (lambda d: d.update(job_id="42"), "bad_ticket"),
-    (lambda d: d.update(extra=1), "bad_ticket"),
-    (lambda d: d.pop("signature"), "bad_ticket"),
-    (lambda d: d.update(end=d["start"]), "bad_ticket"),
-    (lambda d: d.update(client_key="zz"), "bad_ticket"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda d: d.update(max_units=d["max_units"] + 1), "ticket_signature"),
+        (lambda d: d.update(signature="00" * 64), "ticket_signature"),
+        (lambda d: d.update(end=2), "ticket_signature"),
+        (lambda d: d.update(job_id="42"), "bad_ticket"),
+        (lambda d: d.update(extra=1), "bad_ticket"),
+        (lambda d: d.pop("signature"), "bad_ticket"),
+        (lambda d: d.update(end=d["start"]), "bad_ticket"),
+        (lambda d: d.update(client_key="zz"), "bad_ticket"),
+    ],
+)
 def test_tampered_tickets_are_refused(mutate, code) -> None:
     data = make_ticket().to_dict()
     mutate(data)
@@ -122,18 +143,25 @@ def _receipt(ticket: JobTicket, units: int = 100) -> WorkReceipt:
     return counter.receipt(PROVIDER)
 
 
-@pytest.mark.parametrize(("forge", "code"), [
-    (lambda r, t: replace(r, units=r.units + 1), "receipt_signature"),
-    (lambda r, t: replace(r, chain="0" * 64), "receipt_signature"),
-    (lambda r, t: replace(r, job_id=43), "receipt_ticket"),
-    (lambda r, t: replace(r, ticket_id="tkt_other001"), "receipt_ticket"),
-    (lambda r, t: replace(r, provider_signature=Identity.generate().sign(r.signing_bytes()).hex()),
-     "receipt_signature"),
-    (lambda r, t: replace(countersign(r, CLIENT), units=r.units), "ok"),
-    (lambda r, t: replace(r, client_signature=Identity.generate().sign(r.client_signing_bytes()).hex()),
-     "client_signature"),
-    (lambda r, t: replace(countersign(r, CLIENT), seq=r.seq + 1), "receipt_signature"),
-])
+@pytest.mark.parametrize(
+    ("forge", "code"),
+    [
+        (lambda r, t: replace(r, units=r.units + 1), "receipt_signature"),
+        (lambda r, t: replace(r, chain="0" * 64), "receipt_signature"),
+        (lambda r, t: replace(r, job_id=43), "receipt_ticket"),
+        (lambda r, t: replace(r, ticket_id="tkt_other001"), "receipt_ticket"),
+        (
+            lambda r, t: replace(r, provider_signature=Identity.generate().sign(r.signing_bytes()).hex()),
+            "receipt_signature",
+        ),
+        (lambda r, t: replace(countersign(r, CLIENT), units=r.units), "ok"),
+        (
+            lambda r, t: replace(r, client_signature=Identity.generate().sign(r.client_signing_bytes()).hex()),
+            "client_signature",
+        ),
+        (lambda r, t: replace(countersign(r, CLIENT), seq=r.seq + 1), "receipt_signature"),
+    ],
+)
 def test_forged_receipts_are_refused(forge, code) -> None:
     ticket = make_ticket()
     forged = forge(_receipt(ticket), ticket)
@@ -164,7 +192,7 @@ def test_malformed_receipts_are_bad_receipts() -> None:
 
 
 def test_output_comparison_tolerances() -> None:
-    from client_sdk.protocol.verification import compare_outputs
+    from hivemart_core.protocol.verification import compare_outputs
 
     torch.manual_seed(0)
     reference = torch.randn(4, 32, 128)  # activations of a small batch: 16k values

@@ -18,16 +18,26 @@ import pytest
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
-SUMMARY_KEYS = {"tokens", "tokens_per_s", "failover_ok", "finetune_loss_drop", "receipts", "client_spent",
-                "providers_earned", "fees", "ledger_balanced"}
+SUMMARY_KEYS = {
+    "tokens",
+    "tokens_per_s",
+    "failover_ok",
+    "finetune_loss_drop",
+    "receipts",
+    "client_spent",
+    "providers_earned",
+    "fees",
+    "ledger_balanced",
+}
 
 
 def _processes_using(path: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "environ"]):
         try:
-            text = " ".join(process.info["cmdline"] or []) + " " + (process.info["environ"] or {}).get(
-                "HIVEMART_HOME", "")
+            text = (
+                " ".join(process.info["cmdline"] or []) + " " + (process.info["environ"] or {}).get("HIVEMART_HOME", "")
+            )
         except (psutil.Error, TypeError):
             continue
         if str(path) in text and process.pid != os.getpid():
@@ -39,10 +49,26 @@ def test_demo_runs_end_to_end_keeps_running_and_stops_on_ctrl_c(tmp_path: Path) 
     home = tmp_path / "demo-home"
     env = {**os.environ, "DATABASE_URL": "", "REDIS_URL": "", "HIVEMART_HOME": str(home)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "client_sdk", "demo", "--json", "--keep", "--new-tokens", "24", "--finetune-steps",
-         "12", "--data-dir", str(home)],
-        stdout=subprocess.PIPE, stderr=open(tmp_path / "demo.err", "wb"), stdin=subprocess.DEVNULL, env=env,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "hivemart",
+            "demo",
+            "--json",
+            "--keep",
+            "--new-tokens",
+            "24",
+            "--finetune-steps",
+            "12",
+            "--data-dir",
+            str(home),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "demo.err", "wb"),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
     try:
         line = process.stdout.readline()  # the summary, printed before --keep waits
         assert line, (tmp_path / "demo.err").read_text()[-4000:]

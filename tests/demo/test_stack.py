@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from client_sdk.api import Client
-from client_sdk.demo.stack import LocalMarket
+from hivemart.demo.stack import LocalMarket
+from hivemart_core.api import Client
 
 
 def test_local_market_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
@@ -29,5 +29,8 @@ def test_local_market_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert (tmp_path / "home" / "marketplace.sqlite3").exists()
     finally:
         market.stop()
-    assert not [pid for pid in pids + children if psutil.pid_exists(pid) and
-                psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not [
+        pid
+        for pid in pids + children
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]

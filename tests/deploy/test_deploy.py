@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import psutil
@@ -56,8 +57,9 @@ def env_names(path: Path) -> dict[str, str]:
 def settings_read() -> set[str]:
     """Every environment variable marketplace/settings.py reads."""
     source = (ROOT / "marketplace" / "settings.py").read_text()
-    return set(re.findall(r'(?:env_int|env_bool|env_list|os\.environ\.get|os\.environ\.setdefault)\(\s*"([A-Z0-9_]+)"',
-                          source))
+    return set(
+        re.findall(r'(?:env_int|env_bool|env_list|os\.environ\.get|os\.environ\.setdefault)\(\s*"([A-Z0-9_]+)"', source)
+    )
 
 
 def console_scripts() -> set[str]:
@@ -89,14 +91,18 @@ def check_command(argv: list[str]) -> None:
 
 # --- compose.yaml ---------------------------------------------------------------------------
 
+
 def test_compose_file_follows_the_compose_specification(compose: dict) -> None:
     import json
 
     import jsonschema
 
     schema = json.loads((Path(__file__).parent / "compose-spec.json").read_text())
-    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(compose)]
+    errors = [
+        f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(compose)
+    ]
     assert not errors, errors
+
 
 def test_compose_has_every_service(compose: dict) -> None:
     assert set(compose["services"]) == {"postgres", "redis", *HIVEMART_SERVICES}
@@ -168,17 +174,18 @@ def test_env_example_lists_every_setting(compose: dict) -> None:
 
 # --- Dockerfiles and systemd units ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.provider"])
 def test_dockerfiles_install_the_pinned_package(dockerfile: str) -> None:
     text = (DEPLOY / dockerfile).read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
     assert "-c constraints.txt" in text
-    for package in ("client_sdk", "provider_agent", "marketplace", "scheduler"):
+    for package in ("hivemart_core", "client_sdk", "provider_agent", "marketplace", "scheduler", "hivemart"):
         assert f"COPY {package} ./{package}" in text and (ROOT / package).is_dir()
     assert re.search(r"^USER hivemart$", text, re.M), "processes do not run as root"
     # The build context is the repository root; the ignore file keeps .venv and the like out.
     ignore = (DEPLOY / f"{dockerfile}.dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:] and "!marketplace/" in ignore
+    assert ignore[ignore.index("*") + 1 :] and "!marketplace/" in ignore
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -214,6 +221,7 @@ def test_provider_unit_variables_come_from_the_example_env() -> None:
 
 # --- the web service, for real ---------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -233,8 +241,14 @@ def fresh_database() -> Iterator[str]:
 
     params = dj_database_url.parse(url)
     name = f"hivemart_deploy_{uuid.uuid4().hex[:10]}"
-    connect = dict(host=params["HOST"] or "127.0.0.1", port=params["PORT"] or 5432, user=params["USER"] or None,
-                   password=params["PASSWORD"] or None, dbname="postgres", autocommit=True)
+    connect = dict(
+        host=params["HOST"] or "127.0.0.1",
+        port=params["PORT"] or 5432,
+        user=params["USER"] or None,
+        password=params["PASSWORD"] or None,
+        dbname="postgres",
+        autocommit=True,
+    )
     with psycopg.connect(**connect) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     netloc = url.split("://", 1)[1].rsplit("/", 1)[0]
@@ -317,34 +331,45 @@ def stop(proc: subprocess.Popen) -> int:
 
 
 @pytest.mark.slow
-def test_worker_and_beat_commands_run_against_redis(compose: dict, fresh_database: str, redis_url: str,
-                                                    tmp_path: Path) -> None:
+def test_worker_and_beat_commands_run_against_redis(
+    compose: dict, fresh_database: str, redis_url: str, tmp_path: Path
+) -> None:
     """The worker answers the compose healthcheck's ping, beat writes its schedule into the home
     volume, and both stop on SIGTERM without leaving children behind."""
     home = tmp_path / "home"
     home.mkdir()  # the image creates /var/lib/hivemart; nothing else exists in a fresh volume
     env = hivemart_env(fresh_database, redis_url, home)
     services = compose["services"]
-    migrate = subprocess.run(resolve(services["migrate"]["command"]), env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300)
+    migrate = subprocess.run(
+        resolve(services["migrate"]["command"]), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
     procs: dict[str, subprocess.Popen] = {}
     children: list[psutil.Process] = []
     try:
         for name in ("worker", "beat"):
             log = (tmp_path / f"{name}.log").open("w")
-            procs[name] = subprocess.Popen(resolve(container_path(services[name]["command"], home)), env=env,
-                                           cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+            procs[name] = subprocess.Popen(
+                resolve(container_path(services[name]["command"], home)),
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         # The worker's healthcheck, exactly as compose runs it (with $$ unescaped and HOSTNAME set).
         check = services["worker"]["healthcheck"]["test"][1].replace("$$", "$")
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             for name, proc in procs.items():
                 assert proc.poll() is None, f"{name} exited: {(tmp_path / f'{name}.log').read_text()[-3000:]}"
-            ping = subprocess.run(["sh", "-c", check], env={**env, "PATH": f"{BIN}:{env.get('PATH', '')}",
-                                                            "HOSTNAME": socket.gethostname()},
-                                  capture_output=True, text=True, timeout=60)
+            ping = subprocess.run(
+                ["sh", "-c", check],
+                env={**env, "PATH": f"{BIN}:{env.get('PATH', '')}", "HOSTNAME": socket.gethostname()},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if ping.returncode == 0:
                 break
             assert time.monotonic() < deadline, f"the worker never answered its healthcheck: {ping.stdout}"
@@ -375,16 +400,19 @@ def test_dht_command_becomes_healthy_and_stops(compose: dict, tmp_path: Path) ->
     home = tmp_path / "home"
     home.mkdir()
     ready = tmp_path / "dht.ready"
-    argv = [a.replace("/tmp/dht.ready", str(ready)).replace("/tcp/31337", "/tcp/0")
-            for a in container_path(service["command"], home)]
+    argv = [
+        a.replace("/tmp/dht.ready", str(ready)).replace("/tcp/31337", "/tcp/0")
+        for a in container_path(service["command"], home)
+    ]
     check = [a.replace("/tmp/dht.ready", str(ready)) for a in service["healthcheck"]["test"][1:]]
     peer_ids = []
     for _ in range(2):
         ready.unlink(missing_ok=True)
         log = tmp_path / "dht.log"
         with log.open("w") as out:
-            proc = subprocess.Popen(resolve(argv), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                resolve(argv), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while subprocess.run(check).returncode != 0:
@@ -406,17 +434,25 @@ def test_dht_command_becomes_healthy_and_stops(compose: dict, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_web_service_start_command_serves_against_postgres_and_redis(
-        compose: dict, fresh_database: str, redis_url: str, tmp_path: Path) -> None:
+    compose: dict, fresh_database: str, redis_url: str, tmp_path: Path
+) -> None:
     env = hivemart_env(fresh_database, redis_url, tmp_path / "home")
     services = compose["services"]
-    migrate = subprocess.run(resolve(services["migrate"]["command"]), env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300)
+    migrate = subprocess.run(
+        resolve(services["migrate"]["command"]), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
 
     port = free_port()
     log = (tmp_path / "web.log").open("w")
-    proc = subprocess.Popen(resolve(with_bind(services["web"]["command"], f"127.0.0.1:{port}")), env=env,
-                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        resolve(with_bind(services["web"]["command"], f"127.0.0.1:{port}")),
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     workers: list[psutil.Process] = []
     try:
         health = wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)

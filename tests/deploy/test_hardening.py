@@ -16,9 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -35,8 +35,12 @@ PUBLIC_HOST = "market.example.org"
 
 def example_env(**overrides: str) -> dict[str, str]:
     """The process environment of a compose service: deploy/hivemart.env.example's settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HIVEMART_", "DJANGO_"))
-           and k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HIVEMART_", "DJANGO_"))
+        and k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS"}
+    }
     for line in (ROOT / "deploy" / "hivemart.env.example").read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
@@ -47,16 +51,25 @@ def example_env(**overrides: str) -> dict[str, str]:
 
 
 def manage(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "marketplace.manage", *args], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "marketplace.manage", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 # --- settings ---------------------------------------------------------------------------------------
 
 
 def test_check_deploy_is_clean_with_the_example_settings(tmp_path: Path) -> None:
-    env = example_env(SECRET_KEY=secrets.token_urlsafe(50), HIVEMART_HOME=str(tmp_path / "home"),
-                      HIVEMART_PLATFORM_KEY_FILE=str(tmp_path / "platform.key"))
+    env = example_env(
+        SECRET_KEY=secrets.token_urlsafe(50),
+        HIVEMART_HOME=str(tmp_path / "home"),
+        HIVEMART_PLATFORM_KEY_FILE=str(tmp_path / "platform.key"),
+    )
     result = manage(env, "check", "--deploy", "--fail-level", "WARNING", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "System check identified no issues" in result.stdout
@@ -74,8 +87,12 @@ def test_the_example_placeholder_secret_key_is_refused(tmp_path: Path) -> None:
 
 def test_the_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = {**example_env(SECRET_KEY=secrets.token_urlsafe(50), HIVEMART_HOME=str(home)), "DATABASE_URL": "",
-           "REDIS_URL": "", "HIVEMART_CACHE_URL": ""}
+    env = {
+        **example_env(SECRET_KEY=secrets.token_urlsafe(50), HIVEMART_HOME=str(home)),
+        "DATABASE_URL": "",
+        "REDIS_URL": "",
+        "HIVEMART_CACHE_URL": "",
+    }
     assert manage(env, "migrate", "--no-input", cwd=tmp_path).returncode == 0
     database = home / "marketplace.sqlite3"
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
@@ -151,10 +168,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in {"x-forwarded-proto", "connection"}}
         headers["X-Forwarded-Proto"] = "https"
-        headers["X-Forwarded-For"] = ", ".join(filter(None, [self.headers.get("X-Forwarded-For"),
-                                                             self.client_address[0]]))
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60,  # type: ignore
-                                              source_address=(PROXY_SOURCE, 0))
+        headers["X-Forwarded-For"] = ", ".join(
+            filter(None, [self.headers.get("X-Forwarded-For"), self.client_address[0]])
+        )
+        upstream = http.client.HTTPConnection(
+            "127.0.0.1",
+            self.server.upstream_port,
+            timeout=60,  # type: ignore
+            source_address=(PROXY_SOURCE, 0),
+        )
         try:
             upstream.request(self.command, self.path, body=body or None, headers=headers)
             response = upstream.getresponse()
@@ -187,19 +209,39 @@ def web_behind_proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
     except OSError:
         pytest.skip(f"this machine cannot send from {PROXY_SOURCE}")
     home = tmp_path / "home"
-    env = {**example_env(SECRET_KEY=secrets.token_urlsafe(50), HIVEMART_HOME=str(home),
-                         FORWARDED_ALLOW_IPS=PROXY_SOURCE, ALLOWED_HOSTS=f"{PUBLIC_HOST},127.0.0.1"),
-           "DATABASE_URL": "", "REDIS_URL": "", "HIVEMART_CACHE_URL": "", "HIVEMART_MATCH_ON_CREATE": "false",
-           **request.param}
+    env = {
+        **example_env(
+            SECRET_KEY=secrets.token_urlsafe(50),
+            HIVEMART_HOME=str(home),
+            FORWARDED_ALLOW_IPS=PROXY_SOURCE,
+            ALLOWED_HOSTS=f"{PUBLIC_HOST},127.0.0.1",
+        ),
+        "DATABASE_URL": "",
+        "REDIS_URL": "",
+        "HIVEMART_CACHE_URL": "",
+        "HIVEMART_MATCH_ON_CREATE": "false",
+        **request.param,
+    }
     assert manage(env, "migrate", "--no-input", cwd=tmp_path).returncode == 0
-    created = manage(env, "shell", "-c", "from marketplace.accounts.services import user_create; "
-                                         f"user_create(username='operator', password={PASSWORD!r})", cwd=tmp_path)
+    created = manage(
+        env,
+        "shell",
+        "-c",
+        "from marketplace.accounts.services import user_create; "
+        f"user_create(username='operator', password={PASSWORD!r})",
+        cwd=tmp_path,
+    )
     assert created.returncode == 0, created.stderr
     port = free_port()
     log = (tmp_path / "web.log").open("w")
-    web = subprocess.Popen([str(BIN / "gunicorn"), "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}",
-                            "--workers", "1"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    web = subprocess.Popen(
+        [str(BIN / "gunicorn"), "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     proxy = Proxy(port)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -235,16 +277,17 @@ def browser_login(proxy_url: str) -> tuple[httpx.Response, httpx.Response]:
             return page, page
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
         cookie = page.headers["set-cookie"].split(";", 1)[0]
-        posted = browser.post("/login/", data={"username": "operator", "password": PASSWORD,
-                                               "csrfmiddlewaretoken": token},
-                              headers={"Origin": f"https://{PUBLIC_HOST}", "Cookie": cookie})
+        posted = browser.post(
+            "/login/",
+            data={"username": "operator", "password": PASSWORD, "csrfmiddlewaretoken": token},
+            headers={"Origin": f"https://{PUBLIC_HOST}", "Cookie": cookie},
+        )
         return page, posted
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("web_behind_proxy", [{}], indirect=True)
-def test_a_login_through_a_tls_proxy_hop_works_with_the_documented_settings(
-        web_behind_proxy: tuple[str, str]) -> None:
+def test_a_login_through_a_tls_proxy_hop_works_with_the_documented_settings(web_behind_proxy: tuple[str, str]) -> None:
     proxy_url, direct_url = web_behind_proxy
     page, posted = browser_login(proxy_url)
     assert page.status_code == 200 and "Secure" in page.headers["set-cookie"]  # the CSRF cookie
@@ -259,8 +302,9 @@ def test_a_login_through_a_tls_proxy_hop_works_with_the_documented_settings(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("web_behind_proxy", [{"HIVEMART_PROXY_HOPS": "0", "FORWARDED_ALLOW_IPS": "127.0.0.1"}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "web_behind_proxy", [{"HIVEMART_PROXY_HOPS": "0", "FORWARDED_ALLOW_IPS": "127.0.0.1"}], indirect=True
+)
 def test_without_the_proxy_settings_the_proxied_site_is_unusable(web_behind_proxy: tuple[str, str]) -> None:
     """What the settings fix: the proxied https request looks like plain HTTP, so Django sends
     the browser to https again (a redirect loop) instead of showing the login page."""

@@ -41,12 +41,13 @@ def test_every_endpoint_and_schema_is_documented() -> None:
 def test_check_mode_flags_a_stale_file(tmp_path: Path) -> None:
     stale = tmp_path / "api.md"
     stale.write_text("# stale\n")
-    run = subprocess.run([sys.executable, str(SCRIPT), "--check", "-o", str(stale)], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "-o", str(stale)], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 1 and "out of date" in run.stderr
-    fresh = subprocess.run([sys.executable, str(SCRIPT), "-o", str(stale)], capture_output=True, text=True,
-                           timeout=120)
+    fresh = subprocess.run([sys.executable, str(SCRIPT), "-o", str(stale)], capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 0
-    again = subprocess.run([sys.executable, str(SCRIPT), "--check", "-o", str(stale)], capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "-o", str(stale)], capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0, again.stderr

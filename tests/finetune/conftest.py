@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.finetune.lora import LoraSpec, module_path, target_shapes
 from client_sdk.finetune.peft_export import peft_state_dict
-from client_sdk.models import load_config
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.remote import RemoteLora
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import load_config
+from hivemart_core.models.lora import LoraSpec, module_path, target_shapes
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
 
 
@@ -43,8 +43,14 @@ def local_model(tiny_model: Path) -> AutoModelForCausalLM:
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
-def make_lora(tiny_model: Path, *, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"), seed: int = 0,
-              random_b: bool = False) -> RemoteLora:
+def make_lora(
+    tiny_model: Path,
+    *,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    random_b: bool = False,
+) -> RemoteLora:
     """A client-side adapter; ``random_b`` fills B too (PEFT starts it at zero) so that every
     weight gets a gradient and the adapter changes outputs."""
     config = load_config(tiny_model)
@@ -62,8 +68,12 @@ def local_peft(tiny_model: Path, lora: RemoteLora):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    peft_model = get_peft_model(base, LoraConfig(r=lora.spec.rank, lora_alpha=lora.spec.alpha,
-                                                 target_modules=list(lora.spec.targets), lora_dropout=0.0))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=lora.spec.rank, lora_alpha=lora.spec.alpha, target_modules=list(lora.spec.targets), lora_dropout=0.0
+        ),
+    )
     set_peft_model_state_dict(peft_model, peft_state_dict(lora.spec, lora.shapes, lora.weights))
     return peft_model.eval()
 

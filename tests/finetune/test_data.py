@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from client_sdk.cli import cli
 from client_sdk.finetune.data import DataError, PackedDataset, load_texts
 from client_sdk.finetune.trainer import TrainConfig
-from client_sdk.models import build_tokenizer
+from hivemart.cli import cli
+from hivemart_core.models import build_tokenizer
 
 # A well-formed bootstrap address that nothing listens on: the CLI must refuse the data first.
 BOOTSTRAP = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLUvwcb6NK7NpEvuXiMTjyBZwFsoB6wMAqkGX64yxjwYS"
@@ -27,11 +27,14 @@ def test_jsonl_and_plain_text(tmp_path: Path):
     assert load_texts(plain) == ["first line", "  second line"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "no text"),
-    ('{"text": "ok"}\n{"text": 3}\n', ":2: expected an object"),
-    ('{"text": "ok"}\n{broken\n', ":2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no text"),
+        ('{"text": "ok"}\n{"text": 3}\n', ":2: expected an object"),
+        ('{"text": "ok"}\n{broken\n', ":2: not valid JSON"),
+    ],
+)
 def test_bad_files_say_where(tmp_path: Path, content: str, message: str):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -68,6 +71,7 @@ def test_cli_refuses_a_bad_data_file_before_connecting(tmp_path: Path):
     data.write_text('{"no_text": 1}\n')
     model = tmp_path / "model"
     model.mkdir()
-    result = CliRunner().invoke(cli, ["finetune", "--model", str(model), "--initial-peers", BOOTSTRAP,
-                                      "--data", str(data), "--quiet"])
+    result = CliRunner().invoke(
+        cli, ["finetune", "--model", str(model), "--initial-peers", BOOTSTRAP, "--data", str(data), "--quiet"]
+    )
     assert result.exit_code != 0 and ":1: expected an object" in result.output

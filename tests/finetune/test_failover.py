@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.finetune.conftest import local_peft, make_lora, peft_grads
 from tests.swarm.conftest import start_swarm
 from tests.swarm.flaky_agent import FlakySwarm
@@ -22,8 +22,9 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def kill_before(remote, method: str, swarm, blocks: tuple[int, int], killed: list[str],
-                sig: int = signal.SIGKILL) -> None:
+def kill_before(
+    remote, method: str, swarm, blocks: tuple[int, int], killed: list[str], sig: int = signal.SIGKILL
+) -> None:
     """Make ``remote.<method>`` send ``sig`` to the provider of ``blocks`` right before its first call
     (SIGKILL: a crash; SIGSTOP: a provider that hangs without closing its connections)."""
     original = getattr(type(remote), method)
@@ -54,8 +55,12 @@ def test_providers_killed_mid_step_do_not_corrupt_the_steps(tiny_model: Path, tm
             optimizer = torch.optim.AdamW([lora.weights], lr=1e-2)
             ids = torch.randint(3, 2048, (4, 10), generator=torch.Generator().manual_seed(8))
             killed: dict[str, list[str]] = {"forward": [], "backward": [], "hang": []}
-            phases = [None, ("forward", "_hop_forward", signal.SIGKILL), ("backward", "_hop_backward", signal.SIGKILL),
-                      ("hang", "_hop_backward", signal.SIGSTOP)]
+            phases = [
+                None,
+                ("forward", "_hop_forward", signal.SIGKILL),
+                ("backward", "_hop_backward", signal.SIGKILL),
+                ("hang", "_hop_backward", signal.SIGSTOP),
+            ]
             for phase in phases:
                 reference = local_peft(tiny_model, lora)
                 local_loss = lm_loss(reference(input_ids=ids).logits, ids)
@@ -78,8 +83,9 @@ def test_providers_killed_mid_step_do_not_corrupt_the_steps(tiny_model: Path, tm
                 assert victim in model.bans.banned()
             # The last replacement got the current master weights: outputs after the step match.
             with torch.no_grad():
-                torch.testing.assert_close(model(ids, lora=lora), local_peft(tiny_model, lora)(input_ids=ids).logits,
-                                           atol=1e-4, rtol=0)
+                torch.testing.assert_close(
+                    model(ids, lora=lora), local_peft(tiny_model, lora)(input_ids=ids).logits, atol=1e-4, rtol=0
+                )
     finally:
         for agent in swarm.agents:  # a stopped (hung) process would ignore SIGTERM
             if agent.process.poll() is None:

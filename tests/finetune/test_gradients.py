@@ -40,16 +40,19 @@ def test_input_grads_match_local_with_concurrent_chunks(model, local_model):
 
 def add_deep_prompts(local_model, prompts: torch.Tensor) -> list:
     """Hooks that make local decoder layers add ``prompts[i]`` to their first positions."""
+
     def hook(index: int):
         def pre(module, args, kwargs):
             hidden = args[0]
             prefix = prompts.shape[2]
             hidden = torch.cat([hidden[:, :prefix] + prompts[index], hidden[:, prefix:]], dim=1)
             return (hidden, *args[1:]), kwargs
+
         return pre
 
-    return [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
-            for i, layer in enumerate(local_model.model.layers)]
+    return [
+        layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(local_model.model.layers)
+    ]
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])

@@ -11,10 +11,10 @@ import torch
 
 from client_sdk.finetune import FineTuner, TrainConfig, train
 from client_sdk.finetune.data import PackedDataset, load_texts
-from client_sdk.finetune.lora import LoraSpec, target_shapes
 from client_sdk.finetune.peft_export import load_peft_weights
-from client_sdk.models import load_config, load_tokenizer
 from client_sdk.swarm.remote import RemoteLora
+from hivemart_core.models import load_config, load_tokenizer
+from hivemart_core.models.lora import LoraSpec, target_shapes
 from tests.finetune.conftest import local_peft, make_lora
 
 pytestmark = pytest.mark.swarm
@@ -38,8 +38,16 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lora_run(model, data_file: Path, tmp_path_factory: pytest.TempPathFactory):
     """30 LoRA steps on four sentences; returns the result and the exported adapter."""
     out = tmp_path_factory.mktemp("adapter")
-    config = TrainConfig(mode="lora", steps=30, lr=1e-2, batch_size=4, seq_len=16, rank=8, alpha=16.0,
-                         targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    config = TrainConfig(
+        mode="lora",
+        steps=30,
+        lr=1e-2,
+        batch_size=4,
+        seq_len=16,
+        rank=8,
+        alpha=16.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    )
     result = train(model, data_file, config, out_dir=out, progress=False)
     return result, out
 
@@ -136,12 +144,34 @@ def test_two_concurrent_jobs_with_different_adapters_stay_isolated(model, tiny_m
 def test_cli_trains_checkpoints_and_resumes(swarm, tiny_model: Path, data_file: Path, tmp_path: Path):
     from click.testing import CliRunner
 
-    from client_sdk.cli import cli
+    from hivemart.cli import cli
 
-    args = ["finetune", "--model", str(tiny_model), "--mode", "lora", "--data", str(data_file), "--lr", "1e-2",
-            "--batch-size", "2", "--seq-len", "16", "--rank", "4", "--checkpoint", str(tmp_path / "ckpt"),
-            "--checkpoint-every", "2", "--out", str(tmp_path / "out"), "--quiet", "--json",
-            *[a for peer in swarm.initial_peers for a in ("--initial-peers", peer)]]
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--mode",
+        "lora",
+        "--data",
+        str(data_file),
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--rank",
+        "4",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--json",
+        *[a for peer in swarm.initial_peers for a in ("--initial-peers", peer)],
+    ]
     first = CliRunner().invoke(cli, [*args, "--steps", "2"])
     assert first.exit_code == 0, first.output
     summary = json.loads(first.output.strip().splitlines()[-1])

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from client_sdk.errors import ProtocolError, RemoteError
-from client_sdk.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
-from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.errors import ProtocolError, RemoteError
+from hivemart_core.models.adapters import AdapterError, AdapterStore
+from hivemart_core.models.lora import LoraSpec
+from hivemart_core.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
+from hivemart_core.swarm.connection import ProviderConnection
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
-from provider_agent.adapters import AdapterError, AdapterStore
-from client_sdk.finetune.lora import LoraSpec
 
 pytestmark = pytest.mark.swarm
 
@@ -28,8 +28,12 @@ PER_BLOCK = 896
 @pytest.fixture(scope="module")
 def agent_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
     # 20 KB of adapters: one 4-block rank-4 q/v adapter (14 KB) fits, a second does not.
-    swarm = start_swarm(tiny_model, [(0, 4)], tmp_path_factory.mktemp("validation"),
-                        extra_args=["--adapter-mb", str(20_000 / 2**20), "--max-adapter-rank", "16"])
+    swarm = start_swarm(
+        tiny_model,
+        [(0, 4)],
+        tmp_path_factory.mktemp("validation"),
+        extra_args=["--adapter-mb", str(20_000 / 2**20), "--max-adapter-rank", "16"],
+    )
     yield swarm
     swarm.stop()
 
@@ -62,10 +66,16 @@ def assert_still_serves(runtime: SwarmRuntime, connection: ProviderConnection) -
     assert reply.tensors[0].shape == (1, 6, HIDDEN)
 
 
-@pytest.mark.parametrize("shape, reason", [
-    ((3, 1, 2, HIDDEN), "blocks"), ((4, 2, 2, HIDDEN), "batch"), ((4, 1, 7, HIDDEN), "prefix longer than tokens"),
-    ((4, 1, 2, 32), "hidden"), ((4, 2, HIDDEN), "rank"),
-])
+@pytest.mark.parametrize(
+    "shape, reason",
+    [
+        ((3, 1, 2, HIDDEN), "blocks"),
+        ((4, 2, 2, HIDDEN), "batch"),
+        ((4, 1, 7, HIDDEN), "prefix longer than tokens"),
+        ((4, 1, 2, 32), "hidden"),
+        ((4, 2, HIDDEN), "rank"),
+    ],
+)
 def test_wrong_prompt_shape_is_refused(runtime, connection, shape, reason):
     header = SpanRequest(0, 4, tuning=SpanTuning(prompts=True)).to_header()
     with pytest.raises(RemoteError) as error:
@@ -93,8 +103,13 @@ def test_unknown_adapter_and_lora_grads_without_adapter(runtime, connection):
         call(runtime, connection, RPC_FORWARD, header, (hidden(),))
     assert error.value.code == "unknown_adapter" and "create it again" in str(error.value)
     with pytest.raises(RemoteError) as error:
-        call(runtime, connection, RPC_BACKWARD, {**SpanRequest(0, 4).to_header(), "lora_grads": True},
-             (hidden(), hidden()))
+        call(
+            runtime,
+            connection,
+            RPC_BACKWARD,
+            {**SpanRequest(0, 4).to_header(), "lora_grads": True},
+            (hidden(), hidden()),
+        )
     assert error.value.code == "bad_request" and "adapter_id" in str(error.value)
     assert_still_serves(runtime, connection)
 
@@ -145,12 +160,26 @@ def test_an_adapter_is_usable_only_by_the_peer_that_created_it(agent_swarm, runt
         call(runtime, connection, RPC_ADAPTER, AdapterRequest("delete", "owned-adapter").to_header())
 
 
-@pytest.mark.parametrize("header, message", [
-    ({"type": "adapter", "op": "explode", "adapter_id": "abcdefgh"}, "'op'"),
-    ({"type": "adapter", "op": "get", "adapter_id": "x"}, "adapter_id"),
-    ({"type": "adapter", "op": "create", "adapter_id": "abcdefgh", "start": 0, "end": 4, "rank": 4,
-      "alpha": float("nan"), "targets": ["q_proj"]}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"type": "adapter", "op": "explode", "adapter_id": "abcdefgh"}, "'op'"),
+        ({"type": "adapter", "op": "get", "adapter_id": "x"}, "adapter_id"),
+        (
+            {
+                "type": "adapter",
+                "op": "create",
+                "adapter_id": "abcdefgh",
+                "start": 0,
+                "end": 4,
+                "rank": 4,
+                "alpha": float("nan"),
+                "targets": ["q_proj"],
+            },
+            "alpha",
+        ),
+    ],
+)
 def test_malformed_adapter_headers_are_protocol_errors(header, message):
     with pytest.raises(ProtocolError, match=message):
         AdapterRequest.from_header(header)
@@ -158,7 +187,7 @@ def test_malformed_adapter_headers_are_protocol_errors(header, message):
 
 def test_store_expires_unused_adapters():
     store = AdapterStore(budget_bytes=10_000, max_rank=8, ttl=5.0)
-    from provider_agent.adapters import Adapter
+    from hivemart_core.models.adapters import Adapter
 
     store.add(Adapter("old-adapter", "peer", 0, 1, LoraSpec(1, 1.0, ("q_proj",)), torch.zeros(1, 8), last_used=0.0))
     store.add(Adapter("new-adapter", "peer", 0, 1, LoraSpec(1, 1.0, ("q_proj",)), torch.zeros(1, 8), last_used=8.0))
@@ -193,7 +222,7 @@ def test_a_kept_graph_serves_its_backward_and_a_mismatched_backward_recomputes(r
 
 
 def test_kept_graphs_stay_within_their_budget_and_expire():
-    from provider_agent.backend import KeptGraph, KeptGraphs
+    from hivemart_core.models.backend import KeptGraph, KeptGraphs
 
     def graph(nbytes: int) -> KeptGraph:
         return KeptGraph(0, 1, torch.zeros(1), None, None, False, torch.zeros(1), nbytes)

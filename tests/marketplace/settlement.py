@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import ReceiptCounter, WorkReceipt, countersign
-from client_sdk.protocol.tickets import JobTicket
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import ReceiptCounter, WorkReceipt, countersign
+from hivemart_core.protocol.tickets import JobTicket
 from marketplace.accounts.models import User
 from marketplace.catalog.models import CatalogModel
 from marketplace.jobs.models import Job
@@ -62,8 +62,15 @@ class PlannedJob:
     def counter(self, provider: Provider, session: str = "session-0001") -> ReceiptCounter:
         return ReceiptCounter(JobTicket.from_dict(self.ticket(provider).signed), session)
 
-    def receipt(self, provider: Provider, units: int, *, counter: ReceiptCounter | None = None,
-                session: str = "session-0001", countersigned: bool = True) -> WorkReceipt:
+    def receipt(
+        self,
+        provider: Provider,
+        units: int,
+        *,
+        counter: ReceiptCounter | None = None,
+        session: str = "session-0001",
+        countersigned: bool = True,
+    ) -> WorkReceipt:
         """Record ``units`` more work on ``counter`` (a fresh one unless given) and sign a receipt."""
         counter = counter or self.counter(provider, session)
         counter.record(units, os.urandom(32))
@@ -73,9 +80,19 @@ class PlannedJob:
         return receipt
 
 
-def planned_job(*, segments: int = 1, num_blocks: int = 4, budget: int = 1_000_000, price: int = 1_000,
-                backups: int = 1, client_key: bool = True, running: bool = True, model: CatalogModel | None = None,
-                reuse: list[Provider] | None = None, **job_fields: Any) -> PlannedJob:
+def planned_job(
+    *,
+    segments: int = 1,
+    num_blocks: int = 4,
+    budget: int = 1_000_000,
+    price: int = 1_000,
+    backups: int = 1,
+    client_key: bool = True,
+    running: bool = True,
+    model: CatalogModel | None = None,
+    reuse: list[Provider] | None = None,
+    **job_fields: Any,
+) -> PlannedJob:
     """A funded client's job over a fresh model (or ``model``), planned with one primary (and
     ``backups`` backups) per segment, each a freshly registered provider with a known identity;
     ``reuse`` names providers (with identities in ``IDENTITIES``) to plan first instead."""
@@ -84,9 +101,16 @@ def planned_job(*, segments: int = 1, num_blocks: int = 4, budget: int = 1_000_0
     reuse = list(reuse or [])
     client = make_wallet(user=make_user(), credits=budget * 2).user
     identity = Identity.generate() if client_key else None
-    job, _ = job_create(user=client, kind="inference", model_id=model.model_id, budget=budget, max_price=price * 10,
-                        idempotency_key=f"settle-{next(_keys)}",
-                        client_key=identity.public_key.hex() if identity else "", **job_fields)
+    job, _ = job_create(
+        user=client,
+        kind="inference",
+        model_id=model.model_id,
+        budget=budget,
+        max_price=price * 10,
+        idempotency_key=f"settle-{next(_keys)}",
+        client_key=identity.public_key.hex() if identity else "",
+        **job_fields,
+    )
     bounds = [(num_blocks * i // segments, num_blocks * (i + 1) // segments) for i in range(segments)]
     identities: dict[int, Identity] = {}
 
@@ -112,8 +136,9 @@ def planned_job(*, segments: int = 1, num_blocks: int = 4, budget: int = 1_000_0
     if running:
         job = job_transition(job=job, to_state=Job.State.RUNNING)
     job.refresh_from_db()
-    return PlannedJob(job=job, client=client, client_identity=identity, providers=primaries, backups=spares,
-                      identities=identities)
+    return PlannedJob(
+        job=job, client=client, client_identity=identity, providers=primaries, backups=spares, identities=identities
+    )
 
 
 def make_provider_online(provider: Provider) -> Provider:

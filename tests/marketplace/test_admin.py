@@ -30,8 +30,12 @@ def superuser_client() -> Client:
 
 
 def test_every_marketplace_model_is_in_the_admin() -> None:
-    missing = [m.__name__ for app in MARKETPLACE_APPS for m in apps.get_app_config(app).get_models()
-               if not admin.site.is_registered(m)]
+    missing = [
+        m.__name__
+        for app in MARKETPLACE_APPS
+        for m in apps.get_app_config(app).get_models()
+        if not admin.site.is_registered(m)
+    ]
     assert missing == []
 
 
@@ -53,8 +57,9 @@ def test_every_changelist_and_change_page_renders(superuser_client: Client) -> N
 
 def test_adding_an_api_key_in_the_admin_shows_it_once(superuser_client: Client) -> None:
     owner = make_user()
-    response = superuser_client.post(reverse("admin:accounts_apikey_add"), {"user": owner.pk, "name": "from admin"},
-                                     follow=True)
+    response = superuser_client.post(
+        reverse("admin:accounts_apikey_add"), {"user": owner.pk, "name": "from admin"}, follow=True
+    )
     assert response.status_code == 200
     [message] = [str(m) for m in response.context["messages"] if "copy it now" in str(m)]
     raw = message.split(": ", 1)[1].split(" ", 1)[0]
@@ -64,8 +69,9 @@ def test_adding_an_api_key_in_the_admin_shows_it_once(superuser_client: Client) 
 
 def test_cancelling_a_job_in_the_admin_releases_its_hold(superuser_client: Client) -> None:
     user = make_wallet(user=make_user(), credits=1_000).user
-    job, _ = job_create(user=user, kind="inference", model_id=make_model().model_id, budget=400, max_price=1,
-                        idempotency_key="a")
+    job, _ = job_create(
+        user=user, kind="inference", model_id=make_model().model_id, budget=400, max_price=1, idempotency_key="a"
+    )
     superuser_client.post(reverse("admin:jobs_job_changelist"), {"action": "cancel", "_selected_action": [job.pk]})
     assert Job.objects.get(pk=job.pk).state == "cancelled"
     assert Hold.objects.get(pk=job.hold_id).state == "closed"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from client_sdk.protocol.identity import Identity
+from hivemart_core.protocol.identity import Identity
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
 from marketplace.jobs.services import SegmentSpec, job_charge, job_create, job_plan_store, job_transition
@@ -57,9 +57,16 @@ def test_requests_without_a_key_are_refused_with_the_error_shape() -> None:
     assert body["message"]
 
 
-@pytest.mark.parametrize("header", [
-    "Bearer hm_nothex_x", "Bearer " + "hm_" + "0" * 12 + "_" + "a" * 43, "Bearer", "Bearer a b", "Token abc",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer hm_nothex_x",
+        "Bearer " + "hm_" + "0" * 12 + "_" + "a" * 43,
+        "Bearer",
+        "Bearer a b",
+        "Token abc",
+    ],
+)
 def test_malformed_unknown_and_foreign_schemes_are_refused(header: str) -> None:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=header)
@@ -89,8 +96,11 @@ def test_unknown_api_paths_answer_in_the_error_shape(alice: User) -> None:
 def test_bad_json_and_wrong_media_types(alice: User) -> None:
     client = client_for(alice)
     assert_error(client.post("/api/keys/", data="{not json", content_type="application/json"), 400, "parse_error")
-    assert_error(client.post("/api/keys/", data="name=x", content_type="application/x-www-form-urlencoded"), 415,
-                 "unsupported_media_type")
+    assert_error(
+        client.post("/api/keys/", data="name=x", content_type="application/x-www-form-urlencoded"),
+        415,
+        "unsupported_media_type",
+    )
     body = assert_error(client.post("/api/keys/", data=[1, 2], format="json"), 400, "invalid")
     assert "non_field_errors" in body["extra"]["fields"]
 
@@ -111,24 +121,31 @@ def test_openapi_schema_is_served() -> None:
 
 
 def test_signup_creates_a_user_and_a_working_key() -> None:
-    response = APIClient().post("/api/auth/signup/", {"username": "bob", "password": "a long passphrase 42"},
-                                format="json")
+    response = APIClient().post(
+        "/api/auth/signup/", {"username": "bob", "password": "a long passphrase 42"}, format="json"
+    )
     assert response.status_code == 201, response.content
     key = response.json()["api_key"]["key"]
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
     assert client.get("/api/me/").json()["username"] == "bob"
-    assert_error(APIClient().post("/api/auth/signup/", {"username": "bob", "password": "another long one 43"},
-                                  format="json"), 409, "conflict")
+    assert_error(
+        APIClient().post("/api/auth/signup/", {"username": "bob", "password": "another long one 43"}, format="json"),
+        409,
+        "conflict",
+    )
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"username": "carol", "password": "123"}, "password"),
-    ({"username": "c", "password": "a long passphrase 42"}, "username"),
-    ({"username": "x" * 151, "password": "a long passphrase 42"}, "username"),
-    ({"username": "carol"}, "password"),
-    ({"username": "carol", "password": "a long passphrase 42", "email": "not-an-email"}, "email"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"username": "carol", "password": "123"}, "password"),
+        ({"username": "c", "password": "a long passphrase 42"}, "username"),
+        ({"username": "x" * 151, "password": "a long passphrase 42"}, "username"),
+        ({"username": "carol"}, "password"),
+        ({"username": "carol", "password": "a long passphrase 42", "email": "not-an-email"}, "email"),
+    ],
+)
 def test_signup_rejects_bad_input(body: dict, field: str) -> None:
     body_ = assert_error(APIClient().post("/api/auth/signup/", body, format="json"), 400, "invalid")
     assert field in body_["extra"].get("fields", {}) or body_["extra"].get("field") == field
@@ -136,13 +153,21 @@ def test_signup_rejects_bad_input(body: dict, field: str) -> None:
 
 def test_signup_can_be_closed(settings) -> None:  # noqa: ANN001 - pytest-django fixture
     settings.HIVEMART_OPEN_SIGNUP = False
-    assert_error(APIClient().post("/api/auth/signup/", {"username": "dave", "password": "a long passphrase 42"},
-                                  format="json"), 403, "permission_denied")
+    assert_error(
+        APIClient().post("/api/auth/signup/", {"username": "dave", "password": "a long passphrase 42"}, format="json"),
+        403,
+        "permission_denied",
+    )
 
 
 def test_me_shows_the_wallet_balance(alice: User) -> None:
     assert client_for(alice).get("/api/me/").json() | {} == {
-        "id": alice.pk, "username": "alice", "email": "", "is_staff": False, "wallet_balance": 10_000_000}
+        "id": alice.pk,
+        "username": "alice",
+        "email": "",
+        "is_staff": False,
+        "wallet_balance": 10_000_000,
+    }
 
 
 def test_keys_are_listed_without_secrets_and_only_to_their_owner(alice: User, staff: User) -> None:
@@ -172,8 +197,15 @@ def test_pagination(alice: User) -> None:
 
 
 def model_body(**overrides: Any) -> dict:
-    body = {"model_id": "llama-2x64-abcdef012345", "arch": "llama", "num_blocks": 2, "hidden_size": 64,
-            "dtype": "float32", "weights_digest": digest(1), "block_digests": [digest(2), digest(3)]}
+    body = {
+        "model_id": "llama-2x64-abcdef012345",
+        "arch": "llama",
+        "num_blocks": 2,
+        "hidden_size": 64,
+        "dtype": "float32",
+        "weights_digest": digest(1),
+        "block_digests": [digest(2), digest(3)],
+    }
     body.update(overrides)
     return body
 
@@ -192,15 +224,26 @@ def test_staff_catalogue_models_and_everyone_reads_them(alice: User, staff: User
 def test_only_staff_write_the_catalog(alice: User) -> None:
     make_model(model_id="m1")
     assert_error(client_for(alice).post("/api/models/", model_body(), format="json"), 403, "permission_denied")
-    assert_error(client_for(alice).patch("/api/models/m1/", {"active": False}, format="json"), 403,
-                 "permission_denied")
+    assert_error(client_for(alice).patch("/api/models/m1/", {"active": False}, format="json"), 403, "permission_denied")
 
 
-@pytest.mark.parametrize("overrides", [
-    {"num_blocks": "2"}, {"num_blocks": 2.0}, {"num_blocks": True}, {"num_blocks": -1}, {"hidden_size": None},
-    {"model_id": "x" * 129}, {"model_id": "bad id"}, {"dtype": "int4"}, {"weights_digest": "00"},
-    {"block_digests": [digest(2)]}, {"block_digests": "nope"}, {"arch": 7},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_blocks": "2"},
+        {"num_blocks": 2.0},
+        {"num_blocks": True},
+        {"num_blocks": -1},
+        {"hidden_size": None},
+        {"model_id": "x" * 129},
+        {"model_id": "bad id"},
+        {"dtype": "int4"},
+        {"weights_digest": "00"},
+        {"block_digests": [digest(2)]},
+        {"block_digests": "nope"},
+        {"arch": 7},
+    ],
+)
 def test_catalog_rejects_bad_input(staff: User, overrides: dict) -> None:
     assert_error(client_for(staff).post("/api/models/", model_body(**overrides), format="json"), 400, "invalid")
 
@@ -218,10 +261,19 @@ def test_withdrawn_models_disappear_for_users(alice: User, staff: User) -> None:
 
 def register_body(client: APIClient, identity: Identity, model_id: str, **overrides: Any) -> dict:
     challenge = client.post("/api/providers/challenge/").json()["challenge"]
-    body = {"peer_id": identity.peer_id, "public_key": identity.public_key.hex(), "challenge": challenge,
-            "signature": identity.sign(registration_message(challenge)).hex(), "model": model_id,
-            "block_start": 0, "block_end": 4, "price": 1500, "gpu": "RTX 3090", "gpu_memory_mb": 24576,
-            "region": "eu"}
+    body = {
+        "peer_id": identity.peer_id,
+        "public_key": identity.public_key.hex(),
+        "challenge": challenge,
+        "signature": identity.sign(registration_message(challenge)).hex(),
+        "model": model_id,
+        "block_start": 0,
+        "block_end": 4,
+        "price": 1500,
+        "gpu": "RTX 3090",
+        "gpu_memory_mb": 24576,
+        "region": "eu",
+    }
     body.update(overrides)
     return body
 
@@ -240,30 +292,36 @@ def test_provider_registration_flow(alice: User) -> None:
     again = client.post("/api/providers/", register_body(client, identity, model.model_id, price=900), format="json")
     assert again.status_code == 200 and again.json()["id"] == provider["id"] and again.json()["price"] == 900
 
-    beat = client.post(f"/api/providers/{provider['id']}/heartbeat/",
-                       {"state": "online", "throughput": 2500.5, "latency_ms": 15}, format="json")
+    beat = client.post(
+        f"/api/providers/{provider['id']}/heartbeat/",
+        {"state": "online", "throughput": 2500.5, "latency_ms": 15},
+        format="json",
+    )
     assert beat.status_code == 200 and beat.json()["state"] == "online"
     offers = client.get(f"/api/models/{model.model_id}/offers/").json()
     assert [(o["peer_id"], o["throughput"], o["measured"]) for o in offers] == [(identity.peer_id, 2500.5, False)]
     assert client.get("/api/providers/").json()["count"] == 1
 
 
-@pytest.mark.parametrize("overrides, status, code", [
-    ({"signature": "00" * 64}, 403, "invalid_signature"),
-    ({"peer_id": Identity.generate().peer_id}, 403, "peer_id_mismatch"),
-    ({"challenge": "ab" * 32}, 400, "invalid_challenge"),
-    ({"public_key": "zz" * 32}, 400, "invalid"),
-    ({"public_key": "00" * 31}, 400, "invalid"),
-    ({"signature": "00" * 63}, 400, "invalid"),
-    ({"signature": 5}, 400, "invalid"),
-    ({"model": "not-catalogued"}, 400, "invalid"),
-    ({"block_end": 5}, 400, "invalid"),
-    ({"block_start": "0"}, 400, "invalid"),
-    ({"price": -1}, 400, "invalid"),
-    ({"price": 10**16}, 400, "invalid"),
-    ({"name": "n" * 101}, 400, "invalid"),
-    ({"region": "somewhere with spaces"}, 400, "invalid"),
-])
+@pytest.mark.parametrize(
+    "overrides, status, code",
+    [
+        ({"signature": "00" * 64}, 403, "invalid_signature"),
+        ({"peer_id": Identity.generate().peer_id}, 403, "peer_id_mismatch"),
+        ({"challenge": "ab" * 32}, 400, "invalid_challenge"),
+        ({"public_key": "zz" * 32}, 400, "invalid"),
+        ({"public_key": "00" * 31}, 400, "invalid"),
+        ({"signature": "00" * 63}, 400, "invalid"),
+        ({"signature": 5}, 400, "invalid"),
+        ({"model": "not-catalogued"}, 400, "invalid"),
+        ({"block_end": 5}, 400, "invalid"),
+        ({"block_start": "0"}, 400, "invalid"),
+        ({"price": -1}, 400, "invalid"),
+        ({"price": 10**16}, 400, "invalid"),
+        ({"name": "n" * 101}, 400, "invalid"),
+        ({"region": "somewhere with spaces"}, 400, "invalid"),
+    ],
+)
 def test_provider_registration_rejects_bad_input(alice: User, overrides: dict, status: int, code: str) -> None:
     model, client = make_model(num_blocks=4), client_for(alice)
     body = register_body(client, Identity.generate(), model.model_id, **overrides)
@@ -277,8 +335,9 @@ def test_providers_see_only_their_own_records(alice: User, staff: User) -> None:
     assert [p["id"] for p in client.get("/api/providers/").json()["results"]] == [mine.pk]
     for path in (f"/api/providers/{theirs.pk}/", f"/api/providers/{theirs.pk}/measurements/"):
         assert_error(client.get(path), 404, "not_found")
-    assert_error(client.post(f"/api/providers/{theirs.pk}/heartbeat/", {"state": "online"}, format="json"), 404,
-                 "not_found")
+    assert_error(
+        client.post(f"/api/providers/{theirs.pk}/heartbeat/", {"state": "online"}, format="json"), 404, "not_found"
+    )
     assert_error(client.patch(f"/api/providers/{theirs.pk}/", {"price": 1}, format="json"), 404, "not_found")
     assert client_for(staff).get(f"/api/providers/{theirs.pk}/").status_code == 200
 
@@ -286,8 +345,13 @@ def test_providers_see_only_their_own_records(alice: User, staff: User) -> None:
 def test_heartbeat_rejects_bad_input(alice: User) -> None:
     provider = make_provider(user=alice)
     client = client_for(alice)
-    for body in ({"state": "asleep"}, {"state": "online", "throughput": "fast"}, {"state": "online", "throughput": -1},
-                 {}, {"state": "online", "latency_ms": True}):
+    for body in (
+        {"state": "asleep"},
+        {"state": "online", "throughput": "fast"},
+        {"state": "online", "throughput": -1},
+        {},
+        {"state": "online", "latency_ms": True},
+    ):
         assert_error(client.post(f"/api/providers/{provider.pk}/heartbeat/", body, format="json"), 400, "invalid")
 
 
@@ -295,8 +359,9 @@ def test_offer_update(alice: User) -> None:
     model = make_model(num_blocks=8)
     provider = make_provider(user=alice, model=model, start=0, end=4)
     client = client_for(alice)
-    updated = client.patch(f"/api/providers/{provider.pk}/", {"block_start": 4, "block_end": 8, "price": 3},
-                           format="json")
+    updated = client.patch(
+        f"/api/providers/{provider.pk}/", {"block_start": 4, "block_end": 8, "price": 3}, format="json"
+    )
     assert updated.status_code == 200 and (updated.json()["block_start"], updated.json()["price"]) == (4, 3)
     assert_error(client.patch(f"/api/providers/{provider.pk}/", {"block_end": 9}, format="json"), 400, "invalid")
 
@@ -305,12 +370,19 @@ def test_measurements_are_recorded_by_staff_only_and_override_reports(alice: Use
     model = make_model()
     provider = make_provider(user=alice, model=model)
     body = {"throughput": 321.0, "latency_ms": 40.0, "success_rate": 0.75, "samples": 8}
-    assert_error(client_for(alice).post(f"/api/providers/{provider.pk}/measurements/", body, format="json"), 403,
-                 "permission_denied")
-    assert client_for(staff).post(f"/api/providers/{provider.pk}/measurements/", body,
-                                  format="json").status_code == 201
-    assert_error(client_for(staff).post(f"/api/providers/{provider.pk}/measurements/",
-                                        dict(body, success_rate=2), format="json"), 400, "invalid")
+    assert_error(
+        client_for(alice).post(f"/api/providers/{provider.pk}/measurements/", body, format="json"),
+        403,
+        "permission_denied",
+    )
+    assert client_for(staff).post(f"/api/providers/{provider.pk}/measurements/", body, format="json").status_code == 201
+    assert_error(
+        client_for(staff).post(
+            f"/api/providers/{provider.pk}/measurements/", dict(body, success_rate=2), format="json"
+        ),
+        400,
+        "invalid",
+    )
     listed = client_for(alice).get(f"/api/providers/{provider.pk}/measurements/").json()
     assert [m["throughput"] for m in listed["results"]] == [321.0]
     [offer] = client_for(alice).get(f"/api/models/{model.model_id}/offers/").json()
@@ -320,8 +392,11 @@ def test_measurements_are_recorded_by_staff_only_and_override_reports(alice: Use
 def test_suspension_is_staff_only_and_hides_offers(alice: User, staff: User) -> None:
     model = make_model()
     provider = make_provider(user=alice, model=model)
-    assert_error(client_for(alice).post(f"/api/providers/{provider.pk}/suspend/", {"reason": "x"}, format="json"),
-                 403, "permission_denied")
+    assert_error(
+        client_for(alice).post(f"/api/providers/{provider.pk}/suspend/", {"reason": "x"}, format="json"),
+        403,
+        "permission_denied",
+    )
     suspended = client_for(staff).post(f"/api/providers/{provider.pk}/suspend/", {"reason": "lied"}, format="json")
     assert suspended.json()["suspended"] is True
     assert client_for(alice).get(f"/api/models/{model.model_id}/offers/").json() == []
@@ -347,8 +422,11 @@ def test_job_creation_is_idempotent_by_header(alice: User) -> None:
     again = client.post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="job-1")
     assert again.status_code == 200 and again.json()["id"] == job["id"]
     assert client.get("/api/me/").json()["wallet_balance"] == 9_000_000
-    assert_error(client.post("/api/jobs/", job_body(model.model_id, budget=2), format="json",
-                             HTTP_IDEMPOTENCY_KEY="job-1"), 409, "idempotency_conflict")
+    assert_error(
+        client.post("/api/jobs/", job_body(model.model_id, budget=2), format="json", HTTP_IDEMPOTENCY_KEY="job-1"),
+        409,
+        "idempotency_conflict",
+    )
     body_key = client.post("/api/jobs/", job_body(model.model_id, idempotency_key="in-body"), format="json")
     assert body_key.status_code == 201
     assert_error(client.post("/api/jobs/", job_body(model.model_id), format="json"), 400, "invalid")
@@ -356,26 +434,51 @@ def test_job_creation_is_idempotent_by_header(alice: User) -> None:
 
 def test_job_creation_without_credits_is_402(alice: User) -> None:
     model = make_model()
-    body = assert_error(client_for(alice).post("/api/jobs/", job_body(model.model_id, budget=10_000_001),
-                                               format="json", HTTP_IDEMPOTENCY_KEY="k"), 402, "insufficient_credits")
+    body = assert_error(
+        client_for(alice).post(
+            "/api/jobs/", job_body(model.model_id, budget=10_000_001), format="json", HTTP_IDEMPOTENCY_KEY="k"
+        ),
+        402,
+        "insufficient_credits",
+    )
     assert body["extra"]["balance"] == 10_000_000
 
 
-@pytest.mark.parametrize("overrides", [
-    {"budget": -1}, {"budget": 0}, {"budget": 10**16}, {"budget": "100"}, {"budget": 1.5}, {"budget": None},
-    {"max_price": -5}, {"kind": "mining"}, {"model": "unknown-model"}, {"model": "m" * 129},
-    {"min_throughput": "fast"}, {"min_throughput": -1},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"budget": -1},
+        {"budget": 0},
+        {"budget": 10**16},
+        {"budget": "100"},
+        {"budget": 1.5},
+        {"budget": None},
+        {"max_price": -5},
+        {"kind": "mining"},
+        {"model": "unknown-model"},
+        {"model": "m" * 129},
+        {"min_throughput": "fast"},
+        {"min_throughput": -1},
+    ],
+)
 def test_job_creation_rejects_bad_input(alice: User, overrides: dict) -> None:
     model = make_model()
-    assert_error(client_for(alice).post("/api/jobs/", job_body(model.model_id, **overrides), format="json",
-                                        HTTP_IDEMPOTENCY_KEY="k"), 400, "invalid")
+    assert_error(
+        client_for(alice).post(
+            "/api/jobs/", job_body(model.model_id, **overrides), format="json", HTTP_IDEMPOTENCY_KEY="k"
+        ),
+        400,
+        "invalid",
+    )
 
 
 def test_job_creation_rejects_bad_idempotency_keys(alice: User) -> None:
     model = make_model()
-    assert_error(client_for(alice).post("/api/jobs/", job_body(model.model_id), format="json",
-                                        HTTP_IDEMPOTENCY_KEY="k" * 201), 400, "invalid")
+    assert_error(
+        client_for(alice).post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="k" * 201),
+        400,
+        "invalid",
+    )
 
 
 def test_clients_see_only_their_own_jobs(alice: User, staff: User) -> None:
@@ -383,11 +486,15 @@ def test_clients_see_only_their_own_jobs(alice: User, staff: User) -> None:
     client = client_for(alice)
     mine = client.post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="a").json()
     bob = make_wallet(user=make_user(), credits=10**7).user
-    theirs = client_for(bob).post("/api/jobs/", job_body(model.model_id), format="json",
-                                  HTTP_IDEMPOTENCY_KEY="a").json()
+    theirs = (
+        client_for(bob).post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="a").json()
+    )
     assert [j["id"] for j in client.get("/api/jobs/").json()["results"]] == [mine["id"]]
-    for path in (f"/api/jobs/{theirs['id']}/", f"/api/jobs/{theirs['id']}/transitions/",
-                 f"/api/jobs/{theirs['id']}/plan/"):
+    for path in (
+        f"/api/jobs/{theirs['id']}/",
+        f"/api/jobs/{theirs['id']}/transitions/",
+        f"/api/jobs/{theirs['id']}/plan/",
+    ):
         assert_error(client.get(path), 404, "not_found")
     assert_error(client.post(f"/api/jobs/{theirs['id']}/cancel/", {}, format="json"), 404, "not_found")
     assert client_for(staff).get("/api/jobs/").json()["count"] == 2
@@ -405,10 +512,13 @@ def test_cancel_releases_the_hold(alice: User) -> None:
     assert client.get("/api/me/").json()["wallet_balance"] == 10_000_000
     transitions = client.get(f"/api/jobs/{job['id']}/transitions/").json()
     assert [(t["from_state"], t["to_state"], t["actor"]) for t in transitions] == [
-        ("", "pending", "alice"), ("pending", "cancelled", "alice")]
+        ("", "pending", "alice"),
+        ("pending", "cancelled", "alice"),
+    ]
     assert client.post(f"/api/jobs/{job['id']}/cancel/", {}, format="json").status_code == 200  # again: no-op
-    assert_error(client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "running"}, format="json"), 409,
-                 "invalid_state")
+    assert_error(
+        client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "running"}, format="json"), 409, "invalid_state"
+    )
 
 
 def test_transitions_owners_may_ask_for_and_those_they_may_not(alice: User, staff: User) -> None:
@@ -416,10 +526,14 @@ def test_transitions_owners_may_ask_for_and_those_they_may_not(alice: User, staf
     provider = make_provider(model=model)
     client = client_for(alice)
     job = client.post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="a").json()
-    assert_error(client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "done"}, format="json"), 403,
-                 "permission_denied")
-    assert_error(client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "flying"}, format="json"), 400,
-                 "invalid")
+    assert_error(
+        client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "done"}, format="json"),
+        403,
+        "permission_denied",
+    )
+    assert_error(
+        client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "flying"}, format="json"), 400, "invalid"
+    )
     assert_error(client.get(f"/api/jobs/{job['id']}/plan/"), 404, "not_found")
 
     plan_body = {"segments": [{"block_start": 0, "block_end": 4, "provider": provider.pk}], "reason": "only one"}
@@ -432,9 +546,12 @@ def test_transitions_owners_may_ask_for_and_those_they_may_not(alice: User, staf
 
     running = client.post(f"/api/jobs/{job['id']}/transitions/", {"to_state": "running"}, format="json")
     assert running.status_code == 200 and running.json()["state"] == "running"
-    for bad in ({"segments": []}, {"segments": [{"block_start": 0, "block_end": 3, "provider": provider.pk}]},
-                {"segments": [{"block_start": "0", "block_end": 4, "provider": provider.pk}]},
-                {"segments": [{"block_start": 0, "block_end": 4, "provider": 10**9}]}):
+    for bad in (
+        {"segments": []},
+        {"segments": [{"block_start": 0, "block_end": 3, "provider": provider.pk}]},
+        {"segments": [{"block_start": "0", "block_end": 4, "provider": provider.pk}]},
+        {"segments": [{"block_start": 0, "block_end": 4, "provider": 10**9}]},
+    ):
         assert_error(client_for(staff).post(f"/api/jobs/{job['id']}/plan/", bad, format="json"), 400, "invalid")
 
 
@@ -470,8 +587,12 @@ def test_grants_are_staff_only(alice: User, staff: User) -> None:
     assert granted.status_code == 201 and sorted(p["amount"] for p in granted.json()["postings"]) == [-500, 500]
     client_for(staff).post("/api/ledger/grants/", body, format="json")  # same key: granted once
     assert client_for(alice).get("/api/me/").json()["wallet_balance"] == 10_000_500
-    for bad in ({"username": "nobody", "amount": 1}, {"username": "alice", "amount": 0},
-                {"username": "alice", "amount": "5"}, {"username": "alice", "amount": 10**16}):
+    for bad in (
+        {"username": "nobody", "amount": 1},
+        {"username": "alice", "amount": 0},
+        {"username": "alice", "amount": "5"},
+        {"username": "alice", "amount": 10**16},
+    ):
         assert_error(client_for(staff).post("/api/ledger/grants/", bad, format="json"), 400, "invalid")
 
 
@@ -479,8 +600,9 @@ def test_payouts_from_own_earnings_only(alice: User) -> None:
     model = make_model(num_blocks=4)
     provider = make_provider(user=alice, model=model)
     payer = make_wallet(user=make_user(), credits=10_000).user
-    job, _ = job_create(user=payer, kind="inference", model_id=model.model_id, budget=10_000, max_price=10**6,
-                        idempotency_key="j")
+    job, _ = job_create(
+        user=payer, kind="inference", model_id=model.model_id, budget=10_000, max_price=10**6, idempotency_key="j"
+    )
     job_plan_store(job=job, segments=[SegmentSpec(0, 4, provider)])
     job_transition(job=job, to_state="running")
     job_charge(job=job, provider=provider, amount=10_000, idempotency_key="r1")
@@ -488,16 +610,26 @@ def test_payouts_from_own_earnings_only(alice: User) -> None:
     assert earned == 9_500
 
     client = client_for(alice)
-    paid = client.post("/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 9_000},
-                       format="json")
+    paid = client.post(
+        "/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 9_000}, format="json"
+    )
     assert paid.status_code == 201, paid.content
-    assert_error(client.post("/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 501},
-                             format="json"), 402, "insufficient_credits")
+    assert_error(
+        client.post("/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 501}, format="json"),
+        402,
+        "insufficient_credits",
+    )
     wallet_id = Account.objects.get(kind="wallet", user=alice).pk
-    assert_error(client.post("/api/ledger/payouts/", {"account": wallet_id, "amount": 1}, format="json"), 400,
-                 "invalid")
-    assert_error(client_for(payer).post("/api/ledger/payouts/", {"account": provider.earnings_account_id,
-                                                                 "amount": 1}, format="json"), 404, "not_found")
+    assert_error(
+        client.post("/api/ledger/payouts/", {"account": wallet_id, "amount": 1}, format="json"), 400, "invalid"
+    )
+    assert_error(
+        client_for(payer).post(
+            "/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 1}, format="json"
+        ),
+        404,
+        "not_found",
+    )
 
 
 def test_signup_is_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -507,10 +639,15 @@ def test_signup_is_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
     cache.clear()
     monkeypatch.setitem(ScopedRateThrottle.THROTTLE_RATES, "signup", "2/hour")
     for i in range(2):
-        assert APIClient().post("/api/auth/signup/", {"username": f"u{i}x", "password": "a long passphrase 42"},
-                                format="json").status_code == 201
-    response = APIClient().post("/api/auth/signup/", {"username": "u9x", "password": "a long passphrase 42"},
-                                format="json")
+        assert (
+            APIClient()
+            .post("/api/auth/signup/", {"username": f"u{i}x", "password": "a long passphrase 42"}, format="json")
+            .status_code
+            == 201
+        )
+    response = APIClient().post(
+        "/api/auth/signup/", {"username": "u9x", "password": "a long passphrase 42"}, format="json"
+    )
     assert_error(response, 429, "rate_limited")
     assert int(response["Retry-After"]) > 0
     cache.clear()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from client_sdk.protocol.identity import Identity
+from hivemart_core.protocol.identity import Identity
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
 from marketplace.common.errors import Conflict, InsufficientCredits, ValidationFailed
@@ -46,19 +46,37 @@ def job_of(user: User, *, budget: int = 1_000_000) -> tuple[Job, Ticket, str]:
     """A job of ``user`` planned on a fresh provider with one backup: (job, the provider's
     ticket, the backup's peer id)."""
     model = make_model()
-    primary, backup = (make_provider_online(register(user=make_user(), identity=Identity.generate(), model=model))
-                       for _ in range(2))
-    job, _ = job_create(user=user, kind="inference", model_id=model.model_id, budget=budget, max_price=10_000,
-                        idempotency_key=f"abuse-{os.urandom(6).hex()}")
+    primary, backup = (
+        make_provider_online(register(user=make_user(), identity=Identity.generate(), model=model)) for _ in range(2)
+    )
+    job, _ = job_create(
+        user=user,
+        kind="inference",
+        model_id=model.model_id,
+        budget=budget,
+        max_price=10_000,
+        idempotency_key=f"abuse-{os.urandom(6).hex()}",
+    )
     job_plan_store(job=job, segments=[SegmentSpec(block_start=0, block_end=4, provider=primary, backups=[backup])])
     return job, Ticket.objects.get(job=job, provider=primary), backup.peer_id
 
 
 def file(user: User, job: Job, ticket: Ticket, backup_peer: str, *, size: int = 1024, **extra: Any) -> Audit:
     """Fabricated tensors: random bytes, ``size`` each."""
-    return audit_create(user=user, job=job, ticket_id=ticket.ticket_id, session_id="session-0001", start=0, end=4,
-                        dtype="float32", inputs=os.urandom(size), claimed=os.urandom(size),
-                        reference=os.urandom(size), reference_peer=backup_peer, **extra)
+    return audit_create(
+        user=user,
+        job=job,
+        ticket_id=ticket.ticket_id,
+        session_id="session-0001",
+        start=0,
+        end=4,
+        dtype="float32",
+        inputs=os.urandom(size),
+        claimed=os.urandom(size),
+        reference=os.urandom(size),
+        reference_peer=backup_peer,
+        **extra,
+    )
 
 
 def api(user: User) -> APIClient:
@@ -75,8 +93,18 @@ def test_fabricated_tensors_with_no_evidence_and_no_deposit_are_refused() -> Non
     pj = planned_job()
     ticket, backup = pj.ticket(pj.providers[0]), pj.backups[0]
     blob = base64.b64encode(os.urandom(4096)).decode()
-    body = {"job": pj.job.pk, "ticket_id": ticket.ticket_id, "session_id": "session-0001", "start": 0, "end": 4,
-            "dtype": "float32", "inputs": blob, "claimed": blob, "reference": blob, "reference_peer": backup.peer_id}
+    body = {
+        "job": pj.job.pk,
+        "ticket_id": ticket.ticket_id,
+        "session_id": "session-0001",
+        "start": 0,
+        "end": 4,
+        "dtype": "float32",
+        "inputs": blob,
+        "claimed": blob,
+        "reference": blob,
+        "reference_peer": backup.peer_id,
+    }
     balance = wallet_balance(user=pj.client)
     owner = api(pj.client)
     response = owner.post("/api/audits/", body, format="json")
@@ -106,8 +134,18 @@ def test_a_one_micro_credit_job_cannot_store_three_8_mib_tensors(settings: Any) 
     job, ticket, backup_peer = job_of(attacker, budget=1)
     assert wallet_balance(user=attacker) == 0  # all of it is the job's hold
     big = base64.b64encode(os.urandom(8 * MIB)).decode()
-    body = {"job": job.pk, "ticket_id": ticket.ticket_id, "session_id": "session-0001", "start": 0, "end": 4,
-            "dtype": "float32", "inputs": big, "claimed": big, "reference": big, "reference_peer": backup_peer}
+    body = {
+        "job": job.pk,
+        "ticket_id": ticket.ticket_id,
+        "session_id": "session-0001",
+        "start": 0,
+        "end": 4,
+        "dtype": "float32",
+        "inputs": big,
+        "claimed": big,
+        "reference": big,
+        "reference_peer": backup_peer,
+    }
     owner = api(attacker)
     assert owner.post("/api/audits/", body, format="json").json()["code"] == "evidence_or_deposit_required"
     # A deposit it cannot pay is refused too (402), and nothing was stored either way.
@@ -135,8 +173,12 @@ def test_the_storage_quota_counts_every_job_of_one_user(settings: Any) -> None:
     assert file(other, *job_of(other), size=MIB, deposit=DEPOSIT).stored_bytes == 3 * MIB
     # A verdict drops an audit's tensors and frees its space.
     decided = audit_verdict_record(audit_id=first.pk, verdict="reporter_wrong", detail="both outputs match")
-    assert (bytes(decided.inputs), bytes(decided.claimed), bytes(decided.reference), decided.stored_bytes) == \
-        (b"", b"", b"", 0)
+    assert (bytes(decided.inputs), bytes(decided.claimed), bytes(decided.reference), decided.stored_bytes) == (
+        b"",
+        b"",
+        b"",
+        0,
+    )
     assert file(user, *jobs[2], size=MIB, deposit=DEPOSIT).stored_bytes == 3 * MIB
     assert ledger_verify().consistent
 
@@ -160,20 +202,26 @@ def test_a_deposit_is_forfeited_when_the_audit_proves_nothing_and_returned_when_
     forfeits = Transaction.objects.filter(kind=Transaction.Kind.FORFEIT)
     assert forfeits.count() == 3 and all(sum(t.postings.values_list("amount", flat=True)) == 0 for t in forfeits)
 
-    caught = audit_verdict_record(audit_id=file(user, job, ticket, backup_peer, deposit=DEPOSIT).pk,
-                                  verdict="provider_cheated", detail="claimed output off by 3.1")
+    caught = audit_verdict_record(
+        audit_id=file(user, job, ticket, backup_peer, deposit=DEPOSIT).pk,
+        verdict="provider_cheated",
+        detail="claimed output off by 3.1",
+    )
     assert caught.deposit_state == "returned" and wallet_balance(user=user) == after_hold
     # The validator could not judge (no checkpoint): not the reporter's fault, the deposit comes back.
-    unjudged = audit_verdict_record(audit_id=file(user, job, ticket, backup_peer, deposit=DEPOSIT).pk,
-                                    verdict="inconclusive", detail="no validator checkpoint", validator_failed=True)
+    unjudged = audit_verdict_record(
+        audit_id=file(user, job, ticket, backup_peer, deposit=DEPOSIT).pk,
+        verdict="inconclusive",
+        detail="no validator checkpoint",
+        validator_failed=True,
+    )
     assert unjudged.deposit_state == "returned" and wallet_balance(user=user) == after_hold
     assert fees() == fees_before + 3 * DEPOSIT
     assert start - wallet_balance(user=user) == 1_000_000 + 3 * DEPOSIT  # the job's hold and three lost deposits
     assert ledger_verify().consistent
 
 
-def test_evidence_or_a_deposit_is_required_even_from_staff_and_the_require_evidence_setting_wins(
-        settings: Any) -> None:
+def test_evidence_or_a_deposit_is_required_even_from_staff_and_the_require_evidence_setting_wins(settings: Any) -> None:
     staff = make_wallet(user=make_user(is_staff=True), credits=10_000_000).user
     owner = make_wallet(user=make_user(), credits=10_000_000).user
     job, ticket, backup_peer = job_of(owner)

@@ -18,9 +18,23 @@ KEYS = {"database", "captures", "workers", "captures_per_s", "consistent"}
 
 def run_bench(env: dict[str, str]) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", "from client_sdk.cli import main; main()", "bench", "ledger", "--json",
-         "--captures", "120", "--workers", "3"],
-        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "from hivemart.cli import main; main()",
+            "bench",
+            "ledger",
+            "--json",
+            "--captures",
+            "120",
+            "--workers",
+            "3",
+        ],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])

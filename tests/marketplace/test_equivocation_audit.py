@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from client_sdk.protocol.commitments import sign_step
-from client_sdk.protocol.identity import Identity
+from hivemart_core.protocol.commitments import sign_step
+from hivemart_core.protocol.identity import Identity
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
 from marketplace.providers.models import Provider
@@ -34,12 +34,27 @@ def api(user: User) -> APIClient:
     return client
 
 
-def records(identity: Identity, ticket_id: str, *, step_ids: tuple[int, int] = (3, 3),
-            outputs: tuple[str, str] = ("aa" * 32, "bb" * 32),
-            instances: tuple[str, str] = ("00112233aabbccdd",) * 2) -> list[dict[str, Any]]:
-    return [sign_step(identity, session_id="upstream-sess-1", instance=instance, ticket_id=ticket_id,
-                      step_id=step_id, position=5, input_digest="cc" * 32, output_digest=output).to_dict()
-            for step_id, output, instance in zip(step_ids, outputs, instances)]
+def records(
+    identity: Identity,
+    ticket_id: str,
+    *,
+    step_ids: tuple[int, int] = (3, 3),
+    outputs: tuple[str, str] = ("aa" * 32, "bb" * 32),
+    instances: tuple[str, str] = ("00112233aabbccdd",) * 2,
+) -> list[dict[str, Any]]:
+    return [
+        sign_step(
+            identity,
+            session_id="upstream-sess-1",
+            instance=instance,
+            ticket_id=ticket_id,
+            step_id=step_id,
+            position=5,
+            input_digest="cc" * 32,
+            output_digest=output,
+        ).to_dict()
+        for step_id, output, instance in zip(step_ids, outputs, instances, strict=False)
+    ]
 
 
 def upstream(pj: PlannedJob) -> tuple[Provider, Identity, Ticket]:
@@ -51,12 +66,19 @@ def test_two_differing_records_of_one_step_convict_the_provider_at_once() -> Non
     pj = planned_job(segments=2, backups=1)
     provider, identity, ticket = upstream(pj)
     reputation = provider.reputation
-    response = api(pj.client).post(URL, {"job": pj.job.pk, "ticket_id": ticket.ticket_id,
-                                         "records": records(identity, ticket.ticket_id)}, format="json")
+    response = api(pj.client).post(
+        URL,
+        {"job": pj.job.pk, "ticket_id": ticket.ticket_id, "records": records(identity, ticket.ticket_id)},
+        format="json",
+    )
     assert response.status_code == 201, response.json()
     body = response.json()
     assert (body["state"], body["verdict"], body["provider"], body["claimed_proven"]) == (
-        "decided", "provider_cheated", provider.pk, True)
+        "decided",
+        "provider_cheated",
+        provider.pk,
+        True,
+    )
     assert "equivocation" in body["detail"] and "aa" * 32 in body["detail"] and "bb" * 32 in body["detail"]
     ticket.refresh_from_db()
     provider.refresh_from_db()
@@ -64,9 +86,18 @@ def test_two_differing_records_of_one_step_convict_the_provider_at_once() -> Non
     assert Offence.objects.filter(provider=provider, job=pj.job, kind=Offence.Kind.AUDIT).count() == 1
 
 
-@pytest.mark.parametrize("attack", [
-    "identical", "different-steps", "reopened-session", "forged-by-downstream", "another-ticket", "other-providers-records", "garbage",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "identical",
+        "different-steps",
+        "reopened-session",
+        "forged-by-downstream",
+        "another-ticket",
+        "other-providers-records",
+        "garbage",
+    ],
+)
 def test_records_that_prove_nothing_convict_nobody(attack: str) -> None:
     pj = planned_job(segments=2, backups=1)
     provider, identity, ticket = upstream(pj)
@@ -75,17 +106,21 @@ def test_records_that_prove_nothing_convict_nobody(attack: str) -> None:
         "identical": lambda: records(identity, ticket.ticket_id, outputs=("aa" * 32, "aa" * 32)),
         "different-steps": lambda: records(identity, ticket.ticket_id, step_ids=(3, 4)),
         # A client that reopened a session under its old id and replayed a step id: another instance.
-        "reopened-session": lambda: records(identity, ticket.ticket_id, instances=("00112233aabbccdd",
-                                                                                   "ffeeddccbbaa9988")),
+        "reopened-session": lambda: records(
+            identity, ticket.ticket_id, instances=("00112233aabbccdd", "ffeeddccbbaa9988")
+        ),
         # The downstream signs what it claims it received and puts the upstream's name on it.
-        "forged-by-downstream": lambda: [records(identity, ticket.ticket_id)[0],
-                                         {**records(downstream, ticket.ticket_id)[1], "peer": provider.peer_id}],
+        "forged-by-downstream": lambda: [
+            records(identity, ticket.ticket_id)[0],
+            {**records(downstream, ticket.ticket_id)[1], "peer": provider.peer_id},
+        ],
         "another-ticket": lambda: records(identity, "tkt_of_another_job"),
         "other-providers-records": lambda: records(downstream, ticket.ticket_id),
         "garbage": lambda: [{"peer": provider.peer_id}, {}],
     }[attack]()
-    response = api(pj.client).post(URL, {"job": pj.job.pk, "ticket_id": ticket.ticket_id, "records": evidence},
-                                   format="json")
+    response = api(pj.client).post(
+        URL, {"job": pj.job.pk, "ticket_id": ticket.ticket_id, "records": evidence}, format="json"
+    )
     assert response.status_code == 400, response.json()
     assert response.json()["code"] == "bad_evidence"
     ticket.refresh_from_db()
@@ -96,7 +131,10 @@ def test_records_that_prove_nothing_convict_nobody(attack: str) -> None:
 def test_only_the_jobs_owner_may_file_one() -> None:
     pj = planned_job(segments=2, backups=1)
     _, identity, ticket = upstream(pj)
-    response = api(make_user()).post(URL, {"job": pj.job.pk, "ticket_id": ticket.ticket_id,
-                                           "records": records(identity, ticket.ticket_id)}, format="json")
+    response = api(make_user()).post(
+        URL,
+        {"job": pj.job.pk, "ticket_id": ticket.ticket_id, "records": records(identity, ticket.ticket_id)},
+        format="json",
+    )
     assert response.status_code == 404
     assert not Audit.objects.filter(job=pj.job).exists()

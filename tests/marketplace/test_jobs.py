@@ -66,33 +66,40 @@ def test_create_without_enough_credits_leaves_nothing_behind() -> None:
 
 def test_create_is_idempotent_per_user_and_key() -> None:
     user, model = funded_user(), make_model()
-    first, created = job_create(user=user, kind="finetune", model_id=model.model_id, budget=1000, max_price=10,
-                                idempotency_key="abc")
-    again, created_again = job_create(user=user, kind="finetune", model_id=model.model_id, budget=1000, max_price=10,
-                                      idempotency_key="abc")
+    first, created = job_create(
+        user=user, kind="finetune", model_id=model.model_id, budget=1000, max_price=10, idempotency_key="abc"
+    )
+    again, created_again = job_create(
+        user=user, kind="finetune", model_id=model.model_id, budget=1000, max_price=10, idempotency_key="abc"
+    )
     assert created and not created_again and again.pk == first.pk
     assert Hold.objects.count() == 1
     with pytest.raises(IdempotencyConflict):
-        job_create(user=user, kind="finetune", model_id=model.model_id, budget=2000, max_price=10,
-                   idempotency_key="abc")
+        job_create(
+            user=user, kind="finetune", model_id=model.model_id, budget=2000, max_price=10, idempotency_key="abc"
+        )
     # another user's identical key is another job
-    other, created_other = job_create(user=funded_user(), kind="finetune", model_id=model.model_id, budget=1000,
-                                      max_price=10, idempotency_key="abc")
+    other, created_other = job_create(
+        user=funded_user(), kind="finetune", model_id=model.model_id, budget=1000, max_price=10, idempotency_key="abc"
+    )
     assert created_other and other.pk != first.pk
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(kind="training"), "kind"),
-    (dict(budget=0), "budget"),
-    (dict(budget=-5), "budget"),
-    (dict(budget=10**16), "budget"),
-    (dict(budget=1.5), "budget"),
-    (dict(max_price=-1), "max_price"),
-    (dict(min_throughput=float("inf")), "min_throughput"),
-    (dict(idempotency_key=""), "idempotency_key"),
-    (dict(idempotency_key="has space"), "idempotency_key"),
-    (dict(idempotency_key="k" * 201), "idempotency_key"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(kind="training"), "kind"),
+        (dict(budget=0), "budget"),
+        (dict(budget=-5), "budget"),
+        (dict(budget=10**16), "budget"),
+        (dict(budget=1.5), "budget"),
+        (dict(max_price=-1), "max_price"),
+        (dict(min_throughput=float("inf")), "min_throughput"),
+        (dict(idempotency_key=""), "idempotency_key"),
+        (dict(idempotency_key="has space"), "idempotency_key"),
+        (dict(idempotency_key="k" * 201), "idempotency_key"),
+    ],
+)
 def test_create_rejects_bad_input(overrides: dict, field: str) -> None:
     with pytest.raises(ValidationFailed) as e:
         new_job(**overrides)
@@ -116,7 +123,12 @@ def test_cancel_releases_the_hold_and_records_the_transition() -> None:
     assert wallet_of(user) == 1_000
     assert Hold.objects.get(pk=job.hold_id).state == Hold.State.CLOSED
     last = job.transitions.last()
-    assert (last.from_state, last.to_state, last.reason, last.actor) == ("pending", "cancelled", "changed my mind", user)
+    assert (last.from_state, last.to_state, last.reason, last.actor) == (
+        "pending",
+        "cancelled",
+        "changed my mind",
+        user,
+    )
     with pytest.raises(InvalidTransition):
         job_transition(job=job, to_state="running")
 
@@ -145,15 +157,20 @@ def two_segment_setup():  # noqa: ANN201
 def test_plan_store_moves_a_pending_job_to_planned() -> None:
     model, head, head_backup, tail = two_segment_setup()
     job = new_job(model=model)
-    plan = job_plan_store(job=job, segments=[SegmentSpec(0, 4, head, backups=[head_backup]), SegmentSpec(4, 8, tail.pk)],
-                          reason="cheapest chain")
+    plan = job_plan_store(
+        job=job,
+        segments=[SegmentSpec(0, 4, head, backups=[head_backup]), SegmentSpec(4, 8, tail.pk)],
+        reason="cheapest chain",
+    )
     job.refresh_from_db()
     assert job.state == Job.State.PLANNED
     current = job_plan_current(job=job)
     assert current.pk == plan.pk and current.version == 1
     segs = list(current.segments.all())
     assert [(s.block_start, s.block_end, s.provider_id, s.price) for s in segs] == [
-        (0, 4, head.pk, 100), (4, 8, tail.pk, 200)]
+        (0, 4, head.pk, 100),
+        (4, 8, tail.pk, 200),
+    ]
     assert [(b.rank, b.provider_id, b.price) for b in segs[0].backups.all()] == [(0, head_backup.pk, 300)]
 
     replan = job_plan_store(job=job, segments=[SegmentSpec(0, 8, head_backup)], reason="head left")
@@ -161,17 +178,20 @@ def test_plan_store_moves_a_pending_job_to_planned() -> None:
     assert JobTransition.objects.filter(job=job, to_state="planned").count() == 1
 
 
-@pytest.mark.parametrize("make_segments", [
-    lambda h, hb, t: [SegmentSpec(0, 4, h)],  # does not cover all blocks
-    lambda h, hb, t: [SegmentSpec(0, 4, h), SegmentSpec(5, 8, hb)],  # gap
-    lambda h, hb, t: [SegmentSpec(0, 4, h), SegmentSpec(3, 8, hb)],  # overlap
-    lambda h, hb, t: [SegmentSpec(0, 8, h)],  # provider does not serve blocks 4..8
-    lambda h, hb, t: [SegmentSpec(0, 4, h, backups=[h]), SegmentSpec(4, 8, t)],  # primary as its own backup
-    lambda h, hb, t: [SegmentSpec(0, 4, h, backups=[t]), SegmentSpec(4, 8, t)],  # backup does not cover
-    lambda h, hb, t: [SegmentSpec(0, 4, h, price=10**9), SegmentSpec(4, 8, t)],  # above max_price
-    lambda h, hb, t: [SegmentSpec(0, 4, 10**9), SegmentSpec(4, 8, t)],  # unknown provider
-    lambda h, hb, t: [],
-])
+@pytest.mark.parametrize(
+    "make_segments",
+    [
+        lambda h, hb, t: [SegmentSpec(0, 4, h)],  # does not cover all blocks
+        lambda h, hb, t: [SegmentSpec(0, 4, h), SegmentSpec(5, 8, hb)],  # gap
+        lambda h, hb, t: [SegmentSpec(0, 4, h), SegmentSpec(3, 8, hb)],  # overlap
+        lambda h, hb, t: [SegmentSpec(0, 8, h)],  # provider does not serve blocks 4..8
+        lambda h, hb, t: [SegmentSpec(0, 4, h, backups=[h]), SegmentSpec(4, 8, t)],  # primary as its own backup
+        lambda h, hb, t: [SegmentSpec(0, 4, h, backups=[t]), SegmentSpec(4, 8, t)],  # backup does not cover
+        lambda h, hb, t: [SegmentSpec(0, 4, h, price=10**9), SegmentSpec(4, 8, t)],  # above max_price
+        lambda h, hb, t: [SegmentSpec(0, 4, 10**9), SegmentSpec(4, 8, t)],  # unknown provider
+        lambda h, hb, t: [],
+    ],
+)
 def test_plan_store_rejects_wrong_plans(make_segments) -> None:  # noqa: ANN001
     model, head, head_backup, tail = two_segment_setup()
     job = new_job(model=model)
@@ -214,7 +234,12 @@ def test_full_lifecycle_charges_providers_and_refunds_the_rest() -> None:
     fee = 30_000 * 500 // 10_000
     assert Account.objects.get(pk=head.earnings_account_id).balance == 30_000 - fee
     assert list(Job.objects.get(pk=job.pk).transitions.values_list("to_state", flat=True)) == [
-        "pending", "planned", "running", "settling", "done"]
+        "pending",
+        "planned",
+        "running",
+        "settling",
+        "done",
+    ]
     assert ledger_verify().consistent
 
 

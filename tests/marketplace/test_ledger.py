@@ -227,8 +227,9 @@ def test_database_refuses_an_unbalanced_transaction() -> None:
     a, b = make_wallet(), make_wallet()
     tx_id = uuid.uuid4()
     with pytest.raises(IntegrityError), transaction.atomic():
-        Posting.objects.bulk_create([Posting(transaction_id=tx_id, account=a, amount=-5),
-                                     Posting(transaction_id=tx_id, account=b, amount=4)])
+        Posting.objects.bulk_create(
+            [Posting(transaction_id=tx_id, account=a, amount=-5), Posting(transaction_id=tx_id, account=b, amount=4)]
+        )
         Transaction.objects.create(id=tx_id, kind=Transaction.Kind.GRANT)
 
 
@@ -264,8 +265,12 @@ def test_database_refuses_a_reused_idempotency_key() -> None:
     tx_id = uuid.uuid4()
     external = platform_account(Account.Kind.EXTERNAL)
     with pytest.raises(IntegrityError), transaction.atomic():
-        Posting.objects.bulk_create([Posting(transaction_id=tx_id, account=external, amount=-1),
-                                     Posting(transaction_id=tx_id, account=wallet, amount=1)])
+        Posting.objects.bulk_create(
+            [
+                Posting(transaction_id=tx_id, account=external, amount=-1),
+                Posting(transaction_id=tx_id, account=wallet, amount=1),
+            ]
+        )
         Transaction.objects.create(id=tx_id, kind=Transaction.Kind.GRANT, idempotency_key="system:k")
 
 
@@ -303,8 +308,14 @@ def test_postgres_capture_function_matches_the_orm_implementation() -> None:
         outcomes: list[object] = []
         for step in script:
             try:
-                tx = impl(hold_id=hold.pk, amount=step["amount"], payee=payee,
-                          fee=services.fee_for(step["amount"], step["fee_bps"]), key=f"{tag}-{step['key']}", memo="m")
+                tx = impl(
+                    hold_id=hold.pk,
+                    amount=step["amount"],
+                    payee=payee,
+                    fee=services.fee_for(step["amount"], step["fee_bps"]),
+                    key=f"{tag}-{step['key']}",
+                    memo="m",
+                )
                 outcomes.append(sorted(tx.postings.values_list("amount", flat=True)))
             except Exception as e:  # noqa: BLE001 - the type and code are what is compared
                 outcomes.append((type(e).__name__, getattr(e, "code", None), getattr(e, "extra", {}).get("left")))

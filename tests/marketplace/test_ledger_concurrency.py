@@ -5,8 +5,8 @@ and the CHECK constraints must keep every hold and wallet from being overspent."
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import pytest
 from django.db import connection
@@ -111,8 +111,14 @@ def test_concurrent_job_creation_with_one_key_makes_one_job_and_one_hold() -> No
     wallet = make_wallet(credits=10_000)
     model = make_model()
     results = run_concurrently(
-        lambda i: job_create(user=wallet.user, kind="inference", model_id=model.model_id, budget=3_000, max_price=1,
-                             idempotency_key="one-job"),
+        lambda i: job_create(
+            user=wallet.user,
+            kind="inference",
+            model_id=model.model_id,
+            budget=3_000,
+            max_price=1,
+            idempotency_key="one-job",
+        ),
         calls=16,
     )
     assert not [r for r in results if isinstance(r, Exception)], results

@@ -34,9 +34,24 @@ def test_worker_processes_capturing_from_one_hold_never_overspend_it() -> None:
     payee = make_earnings()
     env = {**os.environ, "DATABASE_URL": child_database_url(), "DJANGO_SETTINGS_MODULE": "marketplace.settings_test"}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tests.marketplace.capture_worker", str(hold.pk), str(payee.pk), "250",
-                          "20", f"w{w}"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.marketplace.capture_worker",
+                str(hold.pk),
+                str(payee.pk),
+                "250",
+                "20",
+                f"w{w}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for w in range(4)
     ]
     try:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.django import TestCase
 
+from marketplace.accounts.services import user_create
 from marketplace.common.errors import Conflict, InsufficientCredits
 from marketplace.ledger.models import Account, Hold
 from marketplace.ledger.selectors import ledger_verify
@@ -26,7 +27,6 @@ from marketplace.ledger.services import (
     platform_account,
     wallet_get_or_create,
 )
-from marketplace.accounts.services import user_create
 
 USERS, PROVIDERS = 3, 2
 amounts = st.integers(min_value=1, max_value=2_000)
@@ -34,8 +34,13 @@ amounts = st.integers(min_value=1, max_value=2_000)
 operations = st.one_of(
     st.tuples(st.just("grant"), st.integers(0, USERS - 1), amounts),
     st.tuples(st.just("hold"), st.integers(0, USERS - 1), amounts),
-    st.tuples(st.just("capture"), st.integers(0, 7), st.integers(0, PROVIDERS - 1), amounts,
-              st.sampled_from([0, 1, 250, 10_000])),
+    st.tuples(
+        st.just("capture"),
+        st.integers(0, 7),
+        st.integers(0, PROVIDERS - 1),
+        amounts,
+        st.sampled_from([0, 1, 250, 10_000]),
+    ),
     st.tuples(st.just("recapture"), st.integers(0, 7), st.integers(0, 20)),
     st.tuples(st.just("release"), st.integers(0, 7)),
     st.tuples(st.just("payout"), st.integers(0, PROVIDERS - 1), amounts),
@@ -47,8 +52,9 @@ class LedgerInvariants(TestCase):
     @given(st.lists(operations, min_size=1, max_size=25))
     def test_books_always_balance(self, ops: list[tuple]) -> None:
         wallets = [wallet_get_or_create(user=user_create(username=f"client{i}")) for i in range(USERS)]
-        earnings = [earnings_account_create(user=user_create(username=f"provider{i}"), label="p") for i in
-                    range(PROVIDERS)]
+        earnings = [
+            earnings_account_create(user=user_create(username=f"provider{i}"), label="p") for i in range(PROVIDERS)
+        ]
         expected: dict[int, int] = {a.pk: 0 for a in wallets + earnings}
         fees = external = 0
         holds: list[Hold] = []

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from client_sdk.protocol.receipts import WorkReceipt
+from hivemart_core.protocol.receipts import WorkReceipt
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
-from marketplace.jobs.models import Job
 from marketplace.jobs.services import SegmentSpec, job_plan_store
 from marketplace.ledger.models import Account
 from marketplace.ledger.selectors import hold_left, ledger_verify
@@ -76,8 +76,9 @@ def cancel(pj: PlannedJob) -> None:
 
 
 def dispute(pj: PlannedJob, receipt: WorkReceipt, code: str = "receipt_units", *, by: User | None = None) -> Any:
-    return api(by or pj.client).post(f"/api/jobs/{pj.job.pk}/disputes/",
-                                     {"receipt": receipt.to_dict(), "code": code}, format="json")
+    return api(by or pj.client).post(
+        f"/api/jobs/{pj.job.pk}/disputes/", {"receipt": receipt.to_dict(), "code": code}, format="json"
+    )
 
 
 # --- item 1: billing a budget for no work ------------------------------------------------------
@@ -133,14 +134,19 @@ def test_inflated_units_on_a_real_run_pay_only_what_the_client_countersigned_plu
     assert upload(p.user, inflated) == [("accepted", "")]
     receipts_settle()
     ticket = pj.ticket(p)
-    assert ticket_cost(100_000, max_units=ticket.max_units, price=1_000) <= earnings(p) + fees() \
+    assert (
+        ticket_cost(100_000, max_units=ticket.max_units, price=1_000)
+        <= earnings(p) + fees()
         <= ticket_cost(100_000 + ticket.credit_units, max_units=ticket.max_units, price=1_000)
+    )
     # with the client's dispute on file, the window is withheld from then on
     pj2 = planned_job(budget=1_000_000, price=1_000)
     q = pj2.providers[0]
     counter = pj2.counter(q)
-    honest, inflated = pj2.receipt(q, 100_000, counter=counter), pj2.receipt(q, 900_000, counter=counter,
-                                                                             countersigned=False)
+    honest, inflated = (
+        pj2.receipt(q, 100_000, counter=counter),
+        pj2.receipt(q, 900_000, counter=counter, countersigned=False),
+    )
     assert dispute(pj2, inflated).status_code == 201
     assert upload(pj2.client, honest) == [("accepted", "")]
     assert upload(q.user, inflated) == [("accepted", "")]
@@ -206,8 +212,12 @@ def test_a_dispute_is_decided_by_staff_provider_cheated_claws_back_reporter_wron
     assert upload(p.user, claim) == [("accepted", "")]
     receipts_settle()
     assert earnings(p) + fees() == 100
-    assert api(pj.client).post(f"/api/disputes/{disputed}/verdict/", {"verdict": "reporter_wrong"},
-                               format="json").status_code == 403
+    assert (
+        api(pj.client)
+        .post(f"/api/disputes/{disputed}/verdict/", {"verdict": "reporter_wrong"}, format="json")
+        .status_code
+        == 403
+    )
     decided = api(staff).post(f"/api/disputes/{disputed}/verdict/", {"verdict": "reporter_wrong"}, format="json")
     assert decided.status_code == 200 and decided.json()["state"] == "decided"
     assert earnings(p) + fees() == 110  # the window, withheld while disputed, is paid now
@@ -223,8 +233,12 @@ def test_a_dispute_is_decided_by_staff_provider_cheated_claws_back_reporter_wron
     receipts_settle()
     before = hold_left(hold=pj2.job.hold)
     disputed = dispute(pj2, claim).json()["id"]
-    assert api(staff).post(f"/api/disputes/{disputed}/verdict/", {"verdict": "provider_cheated"},
-                           format="json").status_code == 200
+    assert (
+        api(staff)
+        .post(f"/api/disputes/{disputed}/verdict/", {"verdict": "provider_cheated"}, format="json")
+        .status_code
+        == 200
+    )
     assert earnings(q) == 0 and hold_left(hold=pj2.job.hold) == before + 110  # net and fee come back
     assert ledger_verify().consistent
 
@@ -302,12 +316,16 @@ def test_splitting_a_settlement_does_not_round_the_fee_away() -> None:
     assert ledger_verify().consistent
 
 
-@hypothesis_settings(max_examples=25, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(st.tuples(st.integers(1, 400_000), st.booleans(), st.booleans()), min_size=1, max_size=8),
-       price=st.sampled_from([1, 3, 999, 1_000, 7_777]))
-def test_any_split_of_a_receipt_stream_pays_the_same_provider_amount_and_fee(steps: list[tuple[int, bool, bool]],
-                                                                             price: int) -> None:
+@hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(st.tuples(st.integers(1, 400_000), st.booleans(), st.booleans()), min_size=1, max_size=8),
+    price=st.sampled_from([1, 3, 999, 1_000, 7_777]),
+)
+def test_any_split_of_a_receipt_stream_pays_the_same_provider_amount_and_fee(
+    steps: list[tuple[int, bool, bool]], price: int
+) -> None:
     """``steps``: (more units, countersigned?, settle after this receipt?). The same stream
     settled once at the end and settled at every marked split pays the same."""
     outcomes = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client_sdk.protocol.tickets import verify_ticket
+from hivemart_core.protocol.tickets import verify_ticket
 from marketplace.common.errors import ValidationFailed
 from marketplace.receipts.models import Ticket
 from marketplace.receipts.services import PROBE_JOB_ID, ticket_issue_for_probe
@@ -19,8 +19,9 @@ def test_probe_tickets_are_signed_unpaid_and_stored_nowhere(settings, tmp_path: 
     settings.HIVEMART_PLATFORM_KEY_FILE = platform_key_file(tmp_path)
     provider = make_provider()
     data = ticket_issue_for_probe(provider=provider, max_units=40)
-    ticket = verify_ticket(data, platform_key=platform().public_key, provider_peer=provider.peer_id,
-                           model_id=provider.model.model_id)
+    ticket = verify_ticket(
+        data, platform_key=platform().public_key, provider_peer=provider.peer_id, model_id=provider.model.model_id
+    )
     assert (ticket.job_id, ticket.price, ticket.max_units) == (PROBE_JOB_ID, 0, 40)
     assert (ticket.start, ticket.end) == (provider.block_start, provider.block_end)
     assert ticket_issue_for_probe(provider=provider, max_units=40)["client_key"] != data["client_key"]

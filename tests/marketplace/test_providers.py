@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from client_sdk.protocol.identity import Identity
+from hivemart_core.protocol.identity import Identity
 from marketplace.catalog.models import BlockDigest
 from marketplace.catalog.selectors import catalog_model_for_use
 from marketplace.catalog.services import catalog_model_set_active
@@ -40,18 +40,21 @@ def test_catalog_stores_per_block_digests() -> None:
     assert catalog_model_for_use(model_id=model.model_id) == model
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(model_id="has space"), "model_id"),
-    (dict(model_id="x" * 129), "model_id"),
-    (dict(arch="Llama!"), "arch"),
-    (dict(num_blocks=0), "num_blocks"),
-    (dict(hidden_size=-1), "hidden_size"),
-    (dict(dtype="int8"), "dtype"),
-    (dict(weights_digest="abc"), "weights_digest"),
-    (dict(weights_digest="A" * 64), "weights_digest"),
-    (dict(num_blocks=2, block_digests=[digest(1)]), "block_digests"),
-    (dict(num_blocks=2, block_digests=[digest(1), "zz"]), "block_digests"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(model_id="has space"), "model_id"),
+        (dict(model_id="x" * 129), "model_id"),
+        (dict(arch="Llama!"), "arch"),
+        (dict(num_blocks=0), "num_blocks"),
+        (dict(hidden_size=-1), "hidden_size"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(weights_digest="abc"), "weights_digest"),
+        (dict(weights_digest="A" * 64), "weights_digest"),
+        (dict(num_blocks=2, block_digests=[digest(1)]), "block_digests"),
+        (dict(num_blocks=2, block_digests=[digest(1), "zz"]), "block_digests"),
+    ],
+)
 def test_catalog_rejects_bad_descriptions(overrides: dict, field: str) -> None:
     with pytest.raises(ValidationFailed) as e:
         make_model(**overrides)
@@ -77,8 +80,17 @@ def test_withdrawn_models_cannot_be_used() -> None:
 
 def test_registration_with_a_signed_challenge() -> None:
     user, identity, model = make_user(), Identity.generate(), make_model(num_blocks=8)
-    provider = register(user=user, identity=identity, model=model, start=2, end=6, price=1234, gpu="RTX 4090",
-                        gpu_memory_mb=24_000, region="eu-west")
+    provider = register(
+        user=user,
+        identity=identity,
+        model=model,
+        start=2,
+        end=6,
+        price=1234,
+        gpu="RTX 4090",
+        gpu_memory_mb=24_000,
+        region="eu-west",
+    )
 
     assert provider.peer_id == identity.peer_id
     assert bytes.fromhex(provider.public_key) == identity.public_key
@@ -96,8 +108,11 @@ def test_registration_message_is_the_documented_bytes() -> None:
 def _attempt(user, identity, model, *, challenge=None, signature=None, peer_id=None, public_key=None):  # noqa: ANN001,ANN202
     challenge = challenge or challenge_issue(user=user).nonce
     return provider_register(
-        user=user, peer_id=peer_id or identity.peer_id, public_key=public_key or identity.public_key,
-        challenge=challenge, signature=signature or identity.sign(registration_message(challenge)),
+        user=user,
+        peer_id=peer_id or identity.peer_id,
+        public_key=public_key or identity.public_key,
+        challenge=challenge,
+        signature=signature or identity.sign(registration_message(challenge)),
         offer=OfferSpec(model=model, block_start=0, block_end=model.num_blocks, price=10),
     )
 
@@ -151,11 +166,14 @@ def test_a_failed_attempt_uses_up_the_challenge() -> None:
     assert RegistrationChallenge.objects.get(nonce=challenge).used_at is not None
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(public_key=b"short"), "public_key"),
-    (dict(signature=b"x" * 63), "signature"),
-    (dict(peer_id="not base58 0OIl"), "peer_id"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(public_key=b"short"), "public_key"),
+        (dict(signature=b"x" * 63), "signature"),
+        (dict(peer_id="not base58 0OIl"), "peer_id"),
+    ],
+)
 def test_registration_rejects_malformed_keys_and_signatures(kwargs: dict, field: str) -> None:
     user, identity, model = make_user(), Identity.generate(), make_model()
     with pytest.raises(ValidationFailed) as e:
@@ -166,8 +184,14 @@ def test_registration_rejects_malformed_keys_and_signatures(kwargs: dict, field:
 @pytest.mark.parametrize("start, end, price", [(0, 5, 1), (3, 3, 1), (4, 5, 1), (0, 4, -1), (0, 4, 10**16)])
 def test_registration_rejects_spans_outside_the_model_and_bad_prices(start: int, end: int, price: int) -> None:
     with pytest.raises(ValidationFailed):
-        register(user=make_user(), identity=Identity.generate(), model=make_model(num_blocks=4), start=start, end=end,
-                 price=price)
+        register(
+            user=make_user(),
+            identity=Identity.generate(),
+            model=make_model(num_blocks=4),
+            start=start,
+            end=end,
+            price=price,
+        )
 
 
 def test_reregistration_updates_the_owners_provider() -> None:
@@ -197,8 +221,9 @@ def test_heartbeat_records_state_and_self_reported_figures() -> None:
     provider = make_provider(online=False)
     provider = provider_heartbeat(provider=provider, state="online", throughput=5000.0, latency_ms=12.5)
     assert (provider.state, provider.reported_throughput, provider.reported_latency_ms) == ("online", 5000.0, 12.5)
-    assert ProviderEvent.objects.filter(provider=provider, kind="state", from_state="joining",
-                                        to_state="online").exists()
+    assert ProviderEvent.objects.filter(
+        provider=provider, kind="state", from_state="joining", to_state="online"
+    ).exists()
     for bad in (dict(state="busy"), dict(state="online", throughput=-1), dict(state="online", latency_ms=float("nan"))):
         with pytest.raises(ValidationFailed):
             provider_heartbeat(provider=provider, **bad)
@@ -217,8 +242,9 @@ def test_measured_figures_replace_self_reported_ones_in_offers() -> None:
     assert (offer.throughput, offer.latency_ms, offer.success_rate, offer.measured) == (400.0, 80.0, 0.9, True)
 
     # an older probe finishing late does not replace the latest figures
-    provider_measurement_record(provider=provider, throughput=1.0, latency_ms=1.0, success_rate=1.0,
-                                measured_at=now - timedelta(minutes=5))
+    provider_measurement_record(
+        provider=provider, throughput=1.0, latency_ms=1.0, success_rate=1.0, measured_at=now - timedelta(minutes=5)
+    )
     assert offers_for_model(model=model)[0].throughput == 400.0
     assert provider.measurements.count() == 2
     with pytest.raises(ValidationFailed):
@@ -243,8 +269,9 @@ def test_offers_list_only_online_unsuspended_providers_of_the_model() -> None:
 
 def test_offer_update_changes_span_and_price() -> None:
     model = make_model(num_blocks=8)
-    provider = provider_offer_update(provider=make_provider(model=model),
-                                     offer=OfferSpec(model=model, block_start=2, block_end=3, price=77))
+    provider = provider_offer_update(
+        provider=make_provider(model=model), offer=OfferSpec(model=model, block_start=2, block_end=3, price=77)
+    )
     assert (provider.block_start, provider.block_end, provider.price) == (2, 3, 77)
     with pytest.raises(ValidationFailed):
         provider_offer_update(provider=provider, offer=OfferSpec(model=model, block_start=7, block_end=9, price=1))

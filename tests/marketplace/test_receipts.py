@@ -11,11 +11,11 @@ import httpx
 import pytest
 from rest_framework.test import APIClient
 
-from client_sdk.api import Client
-from client_sdk.errors import NotFoundError
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import countersign
-from client_sdk.protocol.tickets import TicketError, verify_ticket
+from hivemart_core.api import Client
+from hivemart_core.errors import NotFoundError
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import countersign
+from hivemart_core.protocol.tickets import TicketError, verify_ticket
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
 from marketplace.jobs.models import Job
@@ -53,10 +53,13 @@ def test_storing_a_plan_issues_a_verifiable_ticket_per_primary_and_backup() -> N
     assert len(tickets) == 4
     assert {(t.segment, t.role) for t in tickets} == {(0, "primary"), (0, "backup"), (1, "primary"), (1, "backup")}
     for t in tickets:
-        ticket = verify_ticket(t.signed, platform_key=platform().public_key, provider_peer=t.provider.peer_id,
-                               model_id=pj.job.model.model_id)
-        assert (ticket.job_id, ticket.start, ticket.end, ticket.price) == (pj.job.pk, t.block_start, t.block_end,
-                                                                          4_000)
+        ticket = verify_ticket(
+            t.signed,
+            platform_key=platform().public_key,
+            provider_peer=t.provider.peer_id,
+            model_id=pj.job.model.model_id,
+        )
+        assert (ticket.job_id, ticket.start, ticket.end, ticket.price) == (pj.job.pk, t.block_start, t.block_end, 4_000)
         assert ticket.client_key == pj.job.client_key == pj.client_identity.public_key.hex()
         assert ticket.model_digest == pj.job.model.weights_digest
         # two equal segments: each gets half the budget, primary and backup alike (they share it)
@@ -73,11 +76,15 @@ def test_storing_a_plan_issues_a_verifiable_ticket_per_primary_and_backup() -> N
 def test_a_replan_issues_new_tickets_and_the_api_shows_the_current_ones() -> None:
     pj = planned_job(segments=1, backups=1)
     first = {t["ticket"]["ticket_id"] for t in api(pj.client).get(f"/api/jobs/{pj.job.pk}/tickets/").json()}
-    job_plan_store(job=pj.job, segments=[SegmentSpec(block_start=0, block_end=4, provider=pj.backups[0],
-                                                     backups=[pj.providers[0]])])
+    job_plan_store(
+        job=pj.job,
+        segments=[SegmentSpec(block_start=0, block_end=4, provider=pj.backups[0], backups=[pj.providers[0]])],
+    )
     body = api(pj.client).get(f"/api/jobs/{pj.job.pk}/tickets/").json()
     assert [(t["segment"], t["role"], t["rank"], t["provider_peer"]) for t in body] == [
-        (0, "primary", 0, pj.backups[0].peer_id), (0, "backup", 0, pj.providers[0].peer_id)]
+        (0, "primary", 0, pj.backups[0].peer_id),
+        (0, "backup", 0, pj.providers[0].peer_id),
+    ]
     assert {t["ticket"]["ticket_id"] for t in body}.isdisjoint(first)
     assert Ticket.objects.filter(job=pj.job).count() == 4
 
@@ -103,8 +110,12 @@ def test_jobs_without_a_client_key_get_tickets_that_refuse_countersignatures() -
 
 def test_the_platform_endpoint_needs_no_key_and_publishes_the_ticket_key(settings: Any) -> None:
     body = api().get("/api/platform/").json()
-    assert body == {"public_key": platform().public_key.hex(), "peer_id": platform().peer_id,
-                    "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS, "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT}
+    assert body == {
+        "public_key": platform().public_key.hex(),
+        "peer_id": platform().peer_id,
+        "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS,
+        "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT,
+    }
 
 
 def test_job_creation_validates_the_client_key() -> None:
@@ -158,15 +169,21 @@ def test_forged_receipts_are_rejected_each_with_its_code() -> None:
     other_job = planned_job()
     cases = {
         "another peer's receipt": (wrong_key.receipt(Identity.generate()), "receipt_ticket"),
-        "signed with the wrong key": (replace(good, provider_signature=Identity.generate().sign(
-            good.signing_bytes()).hex()), "receipt_signature"),
+        "signed with the wrong key": (
+            replace(good, provider_signature=Identity.generate().sign(good.signing_bytes()).hex()),
+            "receipt_signature",
+        ),
         "tampered units": (replace(good, units=good.units + 1, seq=9), "receipt_signature"),
         "other job's ticket": (replace(pj.receipt(other, 10), job_id=other_job.job.pk), "receipt_ticket"),
         "unknown ticket": (replace(good, ticket_id="no-such-ticket-0001"), "receipt_ticket"),
-        "units beyond the ticket": (pj.receipt(p, pj.ticket(p).max_units + 1, session="session-toomany"),
-                                    "receipt_units"),
-        "forged countersignature": (countersign(pj.receipt(p, 5, session="session-forged", countersigned=False),
-                                                Identity.generate()), "client_signature"),
+        "units beyond the ticket": (
+            pj.receipt(p, pj.ticket(p).max_units + 1, session="session-toomany"),
+            "receipt_units",
+        ),
+        "forged countersignature": (
+            countersign(pj.receipt(p, 5, session="session-forged", countersigned=False), Identity.generate()),
+            "client_signature",
+        ),
     }
     results = upload(pj.client, *(r for r, _ in cases.values()))
     assert [(r["status"], r["code"]) for r in results] == [("rejected", code) for _, code in cases.values()]
@@ -210,7 +227,8 @@ def test_receipts_api_upload_and_listing() -> None:
     for user in (pj.client, p.user):
         listed = api(user).get("/api/receipts/", {"job": pj.job.pk}).json()
         assert [(r["units"], r["countersigned"], r["provider_peer"]) for r in listed["results"]] == [
-            (10, True, p.peer_id)]
+            (10, True, p.peer_id)
+        ]
     assert api(make_user()).get("/api/receipts/").json()["count"] == 0
     bad = api(pj.client).post("/api/receipts/", {"receipts": []}, format="json")
     assert bad.status_code == 400
@@ -232,8 +250,6 @@ def test_receipts_of_closed_jobs_are_refused() -> None:
 # --- the SDK ---------------------------------------------------------------------------------------
 
 
-
-
 def sdk(transport: httpx.BaseTransport, user: User | None) -> Client:
     key = api_key_create(user=user).raw if user is not None else None
     return Client(api_key=key, base_url="http://testserver", transport=transport, max_retries=0)
@@ -245,7 +261,9 @@ def test_sdk_platform_tickets_receipts_and_finish(wsgi: httpx.WSGITransport) -> 
     client = sdk(wsgi, pj.client)
     entries = client.jobs.tickets(pj.job.pk)
     assert [(e.segment, e.role, e.provider_peer) for e in entries] == [
-        (0, "primary", pj.providers[0].peer_id), (0, "backup", pj.backups[0].peer_id)]
+        (0, "primary", pj.providers[0].peer_id),
+        (0, "backup", pj.backups[0].peer_id),
+    ]
     ticket = verify_ticket(entries[0].ticket, platform_key=client.platform.get().public_key_bytes)
     assert ticket.job_id == pj.job.pk
     renewed = client.jobs.renew_tickets(pj.job.pk)
@@ -265,7 +283,7 @@ def test_sdk_platform_tickets_receipts_and_finish(wsgi: httpx.WSGITransport) -> 
 
 
 def test_sdk_settlements_and_provider_payouts(wsgi: httpx.WSGITransport, settings: Any) -> None:
-    from client_sdk.errors import InsufficientCreditsError
+    from hivemart_core.errors import InsufficientCreditsError
     from marketplace.receipts.services import receipts_settle
 
     settings.HIVEMART_PLATFORM_FEE_BPS = 500

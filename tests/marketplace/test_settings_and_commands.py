@@ -24,11 +24,15 @@ PRINT_SETTINGS = (
 
 
 def load_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in {"DATABASE_URL", "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "HIVEMART_PLATFORM_FEE_BPS"}}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "HIVEMART_PLATFORM_FEE_BPS"}
+    }
     clean["HIVEMART_HOME"] = str(tmp_path / "home")
-    return subprocess.run([sys.executable, "-c", PRINT_SETTINGS], env={**clean, **env}, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", PRINT_SETTINGS], env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_defaults_are_sqlite_under_hivemart_home_and_debug_gets_a_random_key(tmp_path: Path) -> None:
@@ -41,20 +45,28 @@ def test_defaults_are_sqlite_under_hivemart_home_and_debug_gets_a_random_key(tmp
 
 
 def test_production_settings_come_from_the_environment(tmp_path: Path) -> None:
-    result = load_settings(tmp_path, DATABASE_URL="postgres://u:p@db.example:5432/market", SECRET_KEY="s3cret",
-                           ALLOWED_HOSTS="market.example, api.example", HIVEMART_PLATFORM_FEE_BPS="250")
+    result = load_settings(
+        tmp_path,
+        DATABASE_URL="postgres://u:p@db.example:5432/market",
+        SECRET_KEY="s3cret",
+        ALLOWED_HOSTS="market.example, api.example",
+        HIVEMART_PLATFORM_FEE_BPS="250",
+    )
     assert result.returncode == 0, result.stderr
     s = json.loads(result.stdout)
     assert (s["engine"], s["name"]) == ("django.db.backends.postgresql", "market")
     assert (s["debug"], s["key"], s["hosts"], s["fee"]) == (False, "s3cret", ["market.example", "api.example"], 250)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({}, "SECRET_KEY"),
-    ({"SECRET_KEY": "x", "HIVEMART_PLATFORM_FEE_BPS": "12.5"}, "not an integer"),
-    ({"SECRET_KEY": "x", "HIVEMART_PLATFORM_FEE_BPS": "10001"}, "outside"),
-    ({"SECRET_KEY": "x", "DEBUG": "maybe"}, "not a boolean"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "SECRET_KEY"),
+        ({"SECRET_KEY": "x", "HIVEMART_PLATFORM_FEE_BPS": "12.5"}, "not an integer"),
+        ({"SECRET_KEY": "x", "HIVEMART_PLATFORM_FEE_BPS": "10001"}, "outside"),
+        ({"SECRET_KEY": "x", "DEBUG": "maybe"}, "not a boolean"),
+    ],
+)
 def test_unsafe_or_malformed_settings_refuse_to_load(tmp_path: Path, env: dict, message: str) -> None:
     result = load_settings(tmp_path, **env)
     assert result.returncode != 0 and message in result.stderr

@@ -18,9 +18,25 @@ KEYS = {"database", "receipts", "receipts_per_s", "consistent"}
 
 def run_bench(env: dict[str, str]) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", "from client_sdk.cli import main; main()", "bench", "settle", "--json",
-         "--receipts", "90", "--jobs", "6", "--workers", "2"],
-        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "from hivemart.cli import main; main()",
+            "bench",
+            "settle",
+            "--json",
+            "--receipts",
+            "90",
+            "--jobs",
+            "6",
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -50,8 +66,22 @@ def test_a_missing_database_is_one_line_that_says_what_to_do() -> None:
     settings = connection.settings_dict
     url = f"postgres://{settings['USER']}@{settings['HOST'] or '127.0.0.1'}:{settings['PORT'] or 5432}/no_such_db_x"
     result = subprocess.run(
-        [sys.executable, "-c", "from client_sdk.cli import main; main()", "bench", "settle", "--receipts", "1",
-         "--jobs", "1"], cwd=REPO, env={**os.environ, "DATABASE_URL": url}, capture_output=True, text=True,
-        timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "from hivemart.cli import main; main()",
+            "bench",
+            "settle",
+            "--receipts",
+            "1",
+            "--jobs",
+            "1",
+        ],
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "createdb" in result.stderr and "Traceback" not in result.stderr

@@ -83,8 +83,7 @@ def test_sessions_share_the_ticket_bound() -> None:
     max_units = pj.ticket(p).max_units
     assert max_units == 10_000_000
     # three countersigned sessions each claiming 60% of the ticket: 180% claimed, 100% payable
-    results = upload(pj, *(pj.receipt(p, max_units * 6 // 10, session=f"session-{i:04d}")
-                           for i in range(3)), by=p.user)
+    results = upload(pj, *(pj.receipt(p, max_units * 6 // 10, session=f"session-{i:04d}") for i in range(3)), by=p.user)
     assert results == ["accepted"] * 3
     summary = receipts_settle()
     assert summary.captured == ticket_cost(max_units, max_units=max_units, price=1_000) == 10_000

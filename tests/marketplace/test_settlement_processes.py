@@ -28,17 +28,34 @@ def test_worker_processes_settling_the_same_receipts_pay_once(settings: Any, tmp
     settings.HIVEMART_PLATFORM_KEY_FILE = key = platform_key_file(tmp_path)
     jobs = [planned_job(segments=2, budget=1_000_000, price=1_000) for _ in range(6)]
     for pj in jobs:
-        receipts = [pj.receipt(p, 1_000_000 * (i + 1), session=f"session-{s:04d}")
-                    for i, p in enumerate(pj.providers) for s in range(5)]
-        assert all(o.status == "accepted" for o in receipts_upload(user=pj.client,
-                                                                    receipts=[r.to_dict() for r in receipts]))
+        receipts = [
+            pj.receipt(p, 1_000_000 * (i + 1), session=f"session-{s:04d}")
+            for i, p in enumerate(pj.providers)
+            for s in range(5)
+        ]
+        assert all(
+            o.status == "accepted" for o in receipts_upload(user=pj.client, receipts=[r.to_dict() for r in receipts])
+        )
     # per job: provider 0 has 5 x 1M units (5,000), provider 1 has 5 x 2M (10,000)
     expected = 6 * (5_000 + 10_000)
-    env = {**os.environ, "DATABASE_URL": child_database_url(), "DJANGO_SETTINGS_MODULE": "marketplace.settings_test",
-           "HIVEMART_PLATFORM_KEY_FILE": str(key)}
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.marketplace.settle_worker", "3"], cwd=REPO, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(4)]
+    env = {
+        **os.environ,
+        "DATABASE_URL": child_database_url(),
+        "DJANGO_SETTINGS_MODULE": "marketplace.settings_test",
+        "HIVEMART_PLATFORM_KEY_FILE": str(key),
+    }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.marketplace.settle_worker", "3"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     try:
         for w in workers:
             assert w.stdout.readline().strip() == "ready", w.stderr.read()
@@ -62,7 +79,6 @@ def test_worker_processes_settling_the_same_receipts_pay_once(settings: Any, tmp
     assert ledger_verify().consistent
 
 
-
 def test_concurrent_uploads_keep_the_newest_receipt(settings: Any, tmp_path: Path) -> None:
     """Client and provider upload overlapping receipts of the same sessions at once, from
     threads with their own database sessions: the stored receipt is always the newest."""
@@ -75,20 +91,22 @@ def test_concurrent_uploads_keep_the_newest_receipt(settings: Any, tmp_path: Pat
     p = pj.providers[0]
     sessions = [pj.counter(p, f"session-{s:04d}") for s in range(4)]
     receipts = [[pj.receipt(p, 100, counter=c) for _ in range(30)] for c in sessions]
-    ordered = [r.to_dict() for step in zip(*receipts) for r in step]
+    ordered = [r.to_dict() for step in zip(*receipts, strict=False) for r in step]
     errors: list[BaseException] = []
 
     def upload(user: Any, batch: list[dict]) -> None:
         try:
             for k in range(0, len(batch), 7):
-                receipts_upload(user=user, receipts=batch[k:k + 7])
+                receipts_upload(user=user, receipts=batch[k : k + 7])
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=upload, args=(pj.client, ordered)),
-               threading.Thread(target=upload, args=(p.user, ordered[::-1]))]
+    threads = [
+        threading.Thread(target=upload, args=(pj.client, ordered)),
+        threading.Thread(target=upload, args=(p.user, ordered[::-1])),
+    ]
     for t in threads:
         t.start()
     for t in threads:

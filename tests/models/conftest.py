@@ -1,15 +1,15 @@
-"""Fixtures for ``client_sdk.models``: tiny real checkpoints written with ``save_pretrained``."""
+"""Fixtures for ``hivemart_core.models``: tiny real checkpoints written with ``save_pretrained``."""
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from client_sdk.models import create_model
+from hivemart_core.models import create_model
 
 # Small enough that a checkpoint takes well under a second; shapes still exercise
 # multi-head, grouped-query attention and (for qwen2) attention biases.

@@ -8,8 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client_sdk.cli import cli
-from client_sdk.models import DIGEST_FILE, compute_digests, load_model_info
+from hivemart.cli import cli
+from hivemart_core.models import DIGEST_FILE, compute_digests, load_model_info
 
 TINY_ARGS = ["--hidden", "64", "--layers", "2", "--heads", "4"]
 
@@ -20,8 +20,21 @@ def run(*args: str):
 
 def test_create_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    result = run("model", "create", *TINY_ARGS, "--arch", "qwen2", "--kv-heads", "2", "--vocab-size", "1024",
-                 "--max-shard-size", "100KB", "--json", str(out))
+    result = run(
+        "model",
+        "create",
+        *TINY_ARGS,
+        "--arch",
+        "qwen2",
+        "--kv-heads",
+        "2",
+        "--vocab-size",
+        "1024",
+        "--max-shard-size",
+        "100KB",
+        "--json",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     info = load_model_info(out)
@@ -33,8 +46,21 @@ def test_create_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
 
 
 def test_create_matches_the_python_api(tmp_path: Path, make_model) -> None:
-    result = run("model", "create", "--hidden", "64", "--layers", "3", "--heads", "4", "--kv-heads", "2",
-                 "--arch", "mistral", str(tmp_path / "m"))
+    result = run(
+        "model",
+        "create",
+        "--hidden",
+        "64",
+        "--layers",
+        "3",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--arch",
+        "mistral",
+        str(tmp_path / "m"),
+    )
     assert result.exit_code == 0, result.output
     api = make_model(arch="mistral", kv_heads=2)
     for name in ("config.json", "model.safetensors", "tokenizer.json", DIGEST_FILE):

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client_sdk.errors import ModelError
-from client_sdk.models import DIGEST_FILE, build_tokenizer, create_model, load_model_info, load_tokenizer
+from hivemart_core.errors import ModelError
+from hivemart_core.models import DIGEST_FILE, build_tokenizer, create_model, load_model_info, load_tokenizer
 from tests.models.conftest import TINY
 
 SAMPLE_TEXT = "The harbour was quiet before dawn; 12 gulls argued over 3.14 crates. Ça va? 東京 — ok!\n"
@@ -27,8 +27,15 @@ def files_of(path: Path) -> dict[str, bytes]:
 def test_identical_arguments_give_identical_bytes(make_model, tmp_path: Path) -> None:
     first = make_model(arch="mistral", kv_heads=2)
     again = create_model(tmp_path / "again", **{**TINY, "arch": "mistral", "kv_heads": 2})
-    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", DIGEST_FILE}
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        DIGEST_FILE,
+    }
     assert set(files_of(first)) == expected
     assert files_of(again) == files_of(first)
 
@@ -37,11 +44,17 @@ def test_identical_bytes_in_a_fresh_process(make_model, tmp_path: Path) -> None:
     # A different process (and hash seed) must not change tokenizer training or weights.
     first = make_model(arch="llama", dtype="bfloat16")
     args = json.dumps({**TINY, "arch": "llama", "dtype": "bfloat16"})
-    code = ("import json, sys; from client_sdk.models import create_model; "
-            "create_model(sys.argv[1], **json.loads(sys.argv[2]))")
+    code = (
+        "import json, sys; from hivemart_core.models import create_model; "
+        "create_model(sys.argv[1], **json.loads(sys.argv[2]))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other"), args], check=True, env=env,
-                   cwd=Path(__file__).resolve().parents[2])
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "other"), args],
+        check=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert files_of(tmp_path / "other") == files_of(first)
 
 
@@ -69,13 +82,31 @@ def test_sharded_and_unsharded_load_and_agree(make_model) -> None:
 
 
 def test_config_reflects_the_options(tmp_path: Path) -> None:
-    path = create_model(tmp_path / "m", arch="mistral", hidden=96, layers=2, heads=6, kv_heads=3, intermediate=128,
-                        vocab_size=1000, max_position=512, dtype="float16", seed=3)
+    path = create_model(
+        tmp_path / "m",
+        arch="mistral",
+        hidden=96,
+        layers=2,
+        heads=6,
+        kv_heads=3,
+        intermediate=128,
+        vocab_size=1000,
+        max_position=512,
+        dtype="float16",
+        seed=3,
+    )
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
-    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"],
-            config["max_position_embeddings"], config["dtype"]) == (96, 2, 6, 3, 128, 1000, 512, "float16")
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["vocab_size"],
+        config["max_position_embeddings"],
+        config["dtype"],
+    ) == (96, 2, 6, 3, 128, 1000, 512, "float16")
     assert config["tie_word_embeddings"] is False
     with safe_open(path / "model.safetensors", framework="pt") as f:
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"F16"}
@@ -116,9 +147,10 @@ def test_greedy_generation_is_not_degenerate(make_model) -> None:
     tokenizer = load_tokenizer(path)
     prompt = tokenizer("The merchants counted their coins", return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out[0, prompt.shape[1]:].tolist()
+        out = model.generate(
+            prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id
+        )
+    new = out[0, prompt.shape[1] :].tolist()
     assert len(new) == 40 and len(set(new)) >= 20
 
 
@@ -130,18 +162,21 @@ def test_tied_checkpoint_has_no_lm_head_tensor(make_model) -> None:
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(arch="gpt2"), "unsupported architecture"),
-    (dict(dtype="int8"), "unsupported dtype"),
-    (dict(hidden=0), "hidden"),
-    (dict(layers=-1), "layers"),
-    (dict(hidden=64, heads=3), "heads"),
-    (dict(hidden=64, heads=4, kv_heads=3), "key/value heads"),
-    (dict(hidden=60, heads=4), "even size"),
-    (dict(vocab_size=100), "vocab_size"),
-    (dict(seed=-1), "seed"),
-    (dict(max_shard_size="lots"), "cannot save"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(arch="gpt2"), "unsupported architecture"),
+        (dict(dtype="int8"), "unsupported dtype"),
+        (dict(hidden=0), "hidden"),
+        (dict(layers=-1), "layers"),
+        (dict(hidden=64, heads=3), "heads"),
+        (dict(hidden=64, heads=4, kv_heads=3), "key/value heads"),
+        (dict(hidden=60, heads=4), "even size"),
+        (dict(vocab_size=100), "vocab_size"),
+        (dict(seed=-1), "seed"),
+        (dict(max_shard_size="lots"), "cannot save"),
+    ],
+)
 def test_invalid_arguments_are_rejected(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         create_model(tmp_path / "m", **{**TINY, **overrides})

@@ -11,12 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import client_sdk.models.checkpoint as checkpoint
-from client_sdk.errors import ModelError
-from client_sdk.models import (
-    DIGEST_FILE, block_digest, client_digest, compute_digests, load_model_info, model_digest, write_digest_file,
+import hivemart_core.models.checkpoint as checkpoint
+from hivemart_core.errors import ModelError
+from hivemart_core.models import (
+    DIGEST_FILE,
+    block_digest,
+    client_digest,
+    compute_digests,
+    load_model_info,
+    model_digest,
+    write_digest_file,
 )
-from client_sdk.models.checkpoint import read_tensors
+from hivemart_core.models.checkpoint import read_tensors
 from tests.models.conftest import flip_byte
 from tests.models.test_loading import SafeOpenSpy
 
@@ -82,7 +88,7 @@ def test_one_byte_in_a_sharded_checkpoint(make_model, copy_model) -> None:
     before = [block_digest(path, i) for i in range(3)]
     flip_byte(path / weight_map[name], name, offset_in_tensor=1001)
     after = [block_digest(path, i) for i in range(3)]
-    assert [a != b for a, b in zip(after, before)] == [False, False, True]
+    assert [a != b for a, b in zip(after, before, strict=False)] == [False, False, True]
 
 
 def test_block_digest_reads_only_that_block(make_model, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,11 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import client_sdk.models.checkpoint as checkpoint
-from client_sdk.errors import ModelError
-from client_sdk.models import (
-    ATTN_IMPLEMENTATION, ClientParts, block_digest, load_block, load_blocks, load_client_parts, load_config,
-    load_model_info, make_rotary_embedding,
+import hivemart_core.models.checkpoint as checkpoint
+from hivemart_core.errors import ModelError
+from hivemart_core.models import (
+    ATTN_IMPLEMENTATION,
+    ClientParts,
+    block_digest,
+    load_block,
+    load_blocks,
+    load_client_parts,
+    load_config,
+    load_model_info,
+    make_rotary_embedding,
 )
 from tests.models.conftest import ARCH_SHAPES
 
@@ -22,8 +29,9 @@ LAYER_CLASSES = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer",
 INPUT_IDS = torch.tensor([[5, 300, 17, 1024, 77, 9, 1500, 42, 8, 640, 3, 1999]])
 
 
-def blockwise_logits(path: Path, input_ids: torch.Tensor, *, dtype: torch.dtype | None = None,
-                     device: str = "cpu") -> torch.Tensor:
+def blockwise_logits(
+    path: Path, input_ids: torch.Tensor, *, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> torch.Tensor:
     """Embed, run every block standalone with rotary position embeddings, norm, LM head."""
     config = load_config(path)
     parts = load_client_parts(path, dtype=dtype, device=device)
@@ -35,8 +43,7 @@ def blockwise_logits(path: Path, input_ids: torch.Tensor, *, dtype: torch.dtype 
         for index in range(config.num_hidden_layers):
             block = load_block(path, index, dtype=dtype, device=device)
             # attention_mask=None: causal attention over the whole sequence, as LlamaModel does with sdpa
-            out = block(hidden, attention_mask=None, position_ids=position_ids,
-                        position_embeddings=position_embeddings)
+            out = block(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         return parts.logits(hidden)
 
@@ -111,8 +118,7 @@ def test_tied_embeddings(make_model) -> None:
     assert "lm_head.weight" not in checkpoint.client_tensor_names(path)
     parts = load_client_parts(path)
     assert isinstance(parts, ClientParts) and parts.tied
-    torch.testing.assert_close(blockwise_logits(path, INPUT_IDS), reference_logits(path, INPUT_IDS),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(blockwise_logits(path, INPUT_IDS), reference_logits(path, INPUT_IDS), rtol=0, atol=1e-5)
 
 
 class SafeOpenSpy:
@@ -180,13 +186,18 @@ def _rewrite(path: Path, change) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"), "missing"),
-    (lambda t: t.__setitem__("model.layers.1.self_attn.extra.weight", torch.zeros(2)), "unexpected"),
-    (lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(3, 64)), "shape"),
-    (lambda t: t.__setitem__("model.layers.1.input_layernorm.weight", torch.zeros(64, dtype=torch.int32)),
-     "floating point"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"), "missing"),
+        (lambda t: t.__setitem__("model.layers.1.self_attn.extra.weight", torch.zeros(2)), "unexpected"),
+        (lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(3, 64)), "shape"),
+        (
+            lambda t: t.__setitem__("model.layers.1.input_layernorm.weight", torch.zeros(64, dtype=torch.int32)),
+            "floating point",
+        ),
+    ],
+)
 def test_tampered_block_is_rejected(make_model, copy_model, tamper, message: str) -> None:
     path = copy_model(make_model(arch="llama"))
     _rewrite(path, tamper)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from hivemind.dht.node import DHTNode
 
-from client_sdk.models import load_model_info
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import MAX_RECORD_TTL_S, ServerState
-from client_sdk.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
+from hivemart_core.models import load_model_info
+from hivemart_core.models.backend import SpanBackend
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.records import MAX_RECORD_TTL_S, ServerState
+from hivemart_core.swarm.dht import SignedRecordValidator, announce_span, fetch_span_records
 from provider_agent.agent import Announcer
-from provider_agent.backend import SpanBackend
 from provider_agent.config import AgentConfig
 from provider_agent.server import ProviderServer
 
@@ -30,8 +30,9 @@ async def with_announcer(model: Path, check) -> None:
         config = AgentConfig(model_path=model, blocks=(0, 2))
         info = load_model_info(model)
         identity = Identity.generate()
-        server = ProviderServer(SpanBackend(model, 0, 2), config, node.p2p, info.model_id, block_digests=[],
-                                identity=identity)
+        server = ProviderServer(
+            SpanBackend(model, 0, 2), config, node.p2p, info.model_id, block_digests=[], identity=identity
+        )
         await check(node, Announcer(node, identity, server, config, 100.0, []), info.model_id)
     finally:
         await node.shutdown()

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import pytest
 import torch
 
 import provider_agent.market as market
-from client_sdk.api import Client
-from client_sdk.protocol.identity import Identity, verify_signature
-from client_sdk.protocol.receipts import WorkReceipt
-from client_sdk.protocol.tickets import issue_ticket
+from hivemart_core.api import Client
+from hivemart_core.protocol.identity import Identity, verify_signature
+from hivemart_core.protocol.receipts import WorkReceipt
+from hivemart_core.protocol.tickets import issue_ticket
 from provider_agent.config import AgentConfig
 from provider_agent.market import MarketLink, Offer
 from provider_agent.metering import TicketBook
@@ -43,31 +43,61 @@ class ScriptedMarket:
         if self.down:
             return httpx.Response(503, json={"code": "unavailable", "message": "down for maintenance"})
         if request.url.path == "/api/platform/":
-            return httpx.Response(200, json={"public_key": PLATFORM.public_key.hex(), "peer_id": PLATFORM.peer_id,
-                                             "fee_bps": 500})
+            return httpx.Response(
+                200, json={"public_key": PLATFORM.public_key.hex(), "peer_id": PLATFORM.peer_id, "fee_bps": 500}
+            )
         if request.url.path == "/api/receipts/":
             receipts = json.loads(request.content)["receipts"]
             self.accepted += receipts
-            return httpx.Response(200, json={"results": [
-                {"status": "accepted", "code": "", "message": "", "ticket_id": r["ticket_id"],
-                 "session_id": r["session_id"], "seq": r["seq"]} for r in receipts]})
+            return httpx.Response(
+                200,
+                json={
+                    "results": [
+                        {
+                            "status": "accepted",
+                            "code": "",
+                            "message": "",
+                            "ticket_id": r["ticket_id"],
+                            "session_id": r["session_id"],
+                            "seq": r["seq"],
+                        }
+                        for r in receipts
+                    ]
+                },
+            )
         return httpx.Response(404, json={"code": "not_found", "message": request.url.path})
 
 
 def link_for(scripted: Callable[[httpx.Request], httpx.Response], book: TicketBook) -> MarketLink:
     config = AgentConfig(model_path=Path("."), market_url="http://market.test", api_key="hm_test", upload_period=0.05)
-    client = Client(api_key="hm_test", base_url="http://market.test", max_retries=1,
-                    transport=httpx.MockTransport(scripted))
+    client = Client(
+        api_key="hm_test", base_url="http://market.test", max_retries=1, transport=httpx.MockTransport(scripted)
+    )
     client._core._sleep = lambda seconds: None  # the SDK's own retry pause; the link's backoff is what we test
     offer = Offer(model_id=MODEL, start=0, end=2, block_digests=("0" * 64,) * 2, price=1000)
     return MarketLink(config, PROVIDER, book, offer=lambda: offer, status=lambda: ("online", 1.0), client=client)
 
 
 def work(book: TicketBook, sessions: int) -> list[WorkReceipt]:
-    ticket = book.check(issue_ticket(PLATFORM, ticket_id="ticket-0001", job_id=1, client_key="11" * 32,
-                                     provider_peer=PROVIDER.peer_id, model_id=MODEL, model_digest="ab" * 32,
-                                     start=0, end=2, max_units=10**6, price=1000, credit_units=10**6,
-                                     expires_at=2_000_000_000).to_dict(), 0, 2)
+    ticket = book.check(
+        issue_ticket(
+            PLATFORM,
+            ticket_id="ticket-0001",
+            job_id=1,
+            client_key="11" * 32,
+            provider_peer=PROVIDER.peer_id,
+            model_id=MODEL,
+            model_digest="ab" * 32,
+            start=0,
+            end=2,
+            max_units=10**6,
+            price=1000,
+            credit_units=10**6,
+            expires_at=2_000_000_000,
+        ).to_dict(),
+        0,
+        2,
+    )
     receipts = []
     for i in range(sessions):
         book.charge(ticket, f"session-{i:04d}", tokens=1, blocks=2).commit([torch.zeros(1, 1, 4)])
@@ -136,28 +166,54 @@ class ScriptedCatalog:
     def __init__(self, block_digests: list[str] | None) -> None:
         self.block_digests = block_digests  # None: MODEL is not catalogued
         self.calls: list[tuple[str, str, dict]] = []
-        self.provider = {"id": 1, "peer_id": PROVIDER.peer_id, "public_key": PROVIDER.public_key.hex(),
-                         "model": MODEL, "block_start": 0, "block_end": 2, "price": 1000, "state": "joining",
-                         "earnings_account": 9, "registered_at": "2026-01-01T00:00:00Z"}
+        self.provider = {
+            "id": 1,
+            "peer_id": PROVIDER.peer_id,
+            "public_key": PROVIDER.public_key.hex(),
+            "model": MODEL,
+            "block_start": 0,
+            "block_end": 2,
+            "price": 1000,
+            "state": "joining",
+            "earnings_account": 9,
+            "registered_at": "2026-01-01T00:00:00Z",
+        }
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else {}
         self.calls.append((request.method, request.url.path, body))
         path = request.url.path
         if path == "/api/providers/challenge/":
-            return httpx.Response(201, json={"challenge": "00" * 32, "expires_at": "2026-01-01T00:00:00Z",
-                                             "message_prefix": "hivemart-register:"})
+            return httpx.Response(
+                201,
+                json={
+                    "challenge": "00" * 32,
+                    "expires_at": "2026-01-01T00:00:00Z",
+                    "message_prefix": "hivemart-register:",
+                },
+            )
         if path == f"/api/models/{MODEL}/":
             if self.block_digests is None:
                 return httpx.Response(404, json={"code": "not_found", "message": "no such model"})
-            return httpx.Response(200, json={"model_id": MODEL, "arch": "llama", "num_blocks": 4, "hidden_size": 64,
-                                             "dtype": "float32", "weights_digest": "ab" * 32, "active": True,
-                                             "block_digests": self.block_digests,
-                                             "created_at": "2026-01-01T00:00:00Z"})
+            return httpx.Response(
+                200,
+                json={
+                    "model_id": MODEL,
+                    "arch": "llama",
+                    "num_blocks": 4,
+                    "hidden_size": 64,
+                    "dtype": "float32",
+                    "weights_digest": "ab" * 32,
+                    "active": True,
+                    "block_digests": self.block_digests,
+                    "created_at": "2026-01-01T00:00:00Z",
+                },
+            )
         if path in ("/api/providers/", "/api/providers/1/", "/api/providers/1/heartbeat/"):
             self.provider.update({k: v for k, v in body.items() if k in ("block_start", "block_end", "price", "state")})
-            return httpx.Response(201 if request.method == "POST" and path == "/api/providers/" else 200,
-                                  json=self.provider)
+            return httpx.Response(
+                201 if request.method == "POST" and path == "/api/providers/" else 200, json=self.provider
+            )
         return httpx.Response(404, json={"code": "not_found", "message": path})
 
 
@@ -171,8 +227,7 @@ def registering_link(scripted: ScriptedCatalog, offers: list[Offer]) -> MarketLi
 
 
 def offer(start: int, end: int, digests: list[str] = DIGESTS) -> Offer:
-    return Offer(model_id=MODEL, start=start, end=end, block_digests=tuple(digests[start:end]), price=1000,
-                 gpu="cpu")
+    return Offer(model_id=MODEL, start=start, end=end, block_digests=tuple(digests[start:end]), price=1000, gpu="cpu")
 
 
 def test_registration_signs_the_challenge_and_a_move_updates_the_offer_before_the_heartbeat():
@@ -192,15 +247,22 @@ def test_registration_signs_the_challenge_and_a_move_updates_the_offer_before_th
     assert PROVIDER.public_key == bytes.fromhex(register["public_key"])
     assert verify_signature(PROVIDER.public_key, message, bytes.fromhex(register["signature"]))
     writes = [(method, path) for method, path, _ in scripted.calls if method in ("PATCH", "POST")]
-    assert writes[-3:] == [("POST", "/api/providers/1/heartbeat/"), ("PATCH", "/api/providers/1/"),
-                           ("POST", "/api/providers/1/heartbeat/")]
+    assert writes[-3:] == [
+        ("POST", "/api/providers/1/heartbeat/"),
+        ("PATCH", "/api/providers/1/"),
+        ("POST", "/api/providers/1/heartbeat/"),
+    ]
     assert (scripted.provider["block_start"], scripted.provider["block_end"]) == (2, 4)
 
 
-@pytest.mark.parametrize("catalogued, message", [
-    (None, "hivemart models register"),
-    ([f"{i + 100:064x}" for i in range(4)], "differ from those the catalog lists"),
-], ids=["not-catalogued", "other-weights"])
+@pytest.mark.parametrize(
+    "catalogued, message",
+    [
+        (None, "hivemart models register"),
+        ([f"{i + 100:064x}" for i in range(4)], "differ from those the catalog lists"),
+    ],
+    ids=["not-catalogued", "other-weights"],
+)
 def test_an_offer_the_catalog_cannot_back_is_a_setup_error_for_the_operator(catalogued, message):
     scripted = ScriptedCatalog(catalogued)
     link = registering_link(scripted, [offer(0, 2)])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import ReceiptCounter, tensor_digest, verify_receipt
-from client_sdk.protocol.tickets import JobTicket, TicketError, issue_ticket
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import ReceiptCounter, tensor_digest, verify_receipt
+from hivemart_core.protocol.tickets import JobTicket, TicketError, issue_ticket
 from provider_agent.metering import TicketBook
 
 NOW = 1_800_000_000
@@ -18,17 +18,28 @@ CLIENT = Identity.from_seed(b"c" * 32)
 
 
 def ticket(**overrides) -> JobTicket:
-    body = dict(ticket_id="ticket-0001", job_id=7, client_key=CLIENT.public_key.hex(), provider_peer=PROVIDER.peer_id,
-                model_id=MODEL, model_digest="ab" * 32, start=0, end=2, max_units=100, price=1000,
-                expires_at=NOW + 3600)
+    body = dict(
+        ticket_id="ticket-0001",
+        job_id=7,
+        client_key=CLIENT.public_key.hex(),
+        provider_peer=PROVIDER.peer_id,
+        model_id=MODEL,
+        model_digest="ab" * 32,
+        start=0,
+        end=2,
+        max_units=100,
+        price=1000,
+        expires_at=NOW + 3600,
+    )
     body.update(overrides)
     body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(PLATFORM, **body)
 
 
 def book(**overrides) -> TicketBook:
-    fields = dict(identity=PROVIDER, model_id=MODEL, platform_key=PLATFORM.public_key, receipt_every=2,
-                  clock=lambda: NOW)
+    fields = dict(
+        identity=PROVIDER, model_id=MODEL, platform_key=PLATFORM.public_key, receipt_every=2, clock=lambda: NOW
+    )
     fields.update(overrides)
     return TicketBook(**fields)
 
@@ -44,16 +55,20 @@ def test_a_valid_ticket_is_verified_once_and_then_recognised():
     assert tickets.check(dict(data), 1, 2).ticket_id == "ticket-0001"
 
 
-@pytest.mark.parametrize("data, blocks, code", [
-    (None, (0, 2), "ticket_required"),
-    ({"ticket_id": "x"}, (0, 2), "bad_ticket"),
-    (issue_ticket(Identity.from_seed(b"x" * 32), **ticket().body()).to_dict(), (0, 2), "ticket_signature"),
-    ({**ticket().to_dict(), "max_units": 10**9}, (0, 2), "ticket_signature"),
-    (ticket(expires_at=NOW - 3600).to_dict(), (0, 2), "ticket_expired"),
-    (ticket(provider_peer=Identity.from_seed(b"o" * 32).peer_id).to_dict(), (0, 2), "ticket_wrong_provider"),
-    (ticket(model_id="llama-4x64-0000000000ff").to_dict(), (0, 2), "ticket_wrong_provider"),
-    (ticket().to_dict(), (1, 3), "ticket_blocks"),
-], ids=["missing", "malformed", "foreign-key", "tampered", "expired", "other-provider", "other-model", "blocks"])
+@pytest.mark.parametrize(
+    "data, blocks, code",
+    [
+        (None, (0, 2), "ticket_required"),
+        ({"ticket_id": "x"}, (0, 2), "bad_ticket"),
+        (issue_ticket(Identity.from_seed(b"x" * 32), **ticket().body()).to_dict(), (0, 2), "ticket_signature"),
+        ({**ticket().to_dict(), "max_units": 10**9}, (0, 2), "ticket_signature"),
+        (ticket(expires_at=NOW - 3600).to_dict(), (0, 2), "ticket_expired"),
+        (ticket(provider_peer=Identity.from_seed(b"o" * 32).peer_id).to_dict(), (0, 2), "ticket_wrong_provider"),
+        (ticket(model_id="llama-4x64-0000000000ff").to_dict(), (0, 2), "ticket_wrong_provider"),
+        (ticket().to_dict(), (1, 3), "ticket_blocks"),
+    ],
+    ids=["missing", "malformed", "foreign-key", "tampered", "expired", "other-provider", "other-model", "blocks"],
+)
 def test_bad_tickets_are_refused_with_their_code(data, blocks, code):
     with pytest.raises(TicketError) as e:
         book().check(data, *blocks)
@@ -178,7 +193,7 @@ def serve(tickets: TicketBook, t: JobTicket, session: str, tokens: int, seed: in
 
 
 def test_work_beyond_the_credit_window_waits_for_the_clients_acknowledgement():
-    from client_sdk.protocol.receipts import countersign
+    from hivemart_core.protocol.receipts import countersign
 
     tickets = book()
     t = tickets.check(ticket(max_units=1_000, credit_units=10).to_dict(), 0, 2)
@@ -201,7 +216,7 @@ def test_work_beyond_the_credit_window_waits_for_the_clients_acknowledgement():
 
 
 def test_an_acknowledgement_must_be_the_clients_countersignature_of_this_providers_receipt():
-    from client_sdk.protocol.receipts import countersign
+    from hivemart_core.protocol.receipts import countersign
 
     tickets = book()
     t = tickets.check(ticket(max_units=1_000, credit_units=10).to_dict(), 0, 2)
@@ -217,7 +232,7 @@ def test_an_acknowledgement_must_be_the_clients_countersignature_of_this_provide
 
 
 def test_an_acknowledged_receipt_is_uploaded_in_its_countersigned_form():
-    from client_sdk.protocol.receipts import countersign
+    from hivemart_core.protocol.receipts import countersign
 
     tickets = book()
     t = tickets.check(ticket(max_units=1_000, credit_units=10).to_dict(), 0, 2)
@@ -246,7 +261,7 @@ def replace_units(receipt, extra: int):
 
 
 def test_an_exhausted_ticket_says_to_raise_the_budget_on_the_provider_and_in_the_sdk():
-    from client_sdk.errors import RemoteError
+    from hivemart_core.errors import RemoteError
 
     tickets = book()
     t = tickets.check(ticket(max_units=10).to_dict(), 0, 2)

@@ -44,8 +44,10 @@ def test_reporting_a_failed_provider_returns_a_replacement_within_the_cap() -> N
     assert refused.status_code == 409 and refused.json()["code"] == "no_plan"
     assert refused.json()["extra"]["gaps"][0]["needed_price"] == 5_000
     # Other users' jobs are invisible.
-    assert client_for(funded_user()).post(f"/api/jobs/{job.pk}/replan/", {"provider": spare.pk},
-                                          format="json").status_code == 404
+    assert (
+        client_for(funded_user()).post(f"/api/jobs/{job.pk}/replan/", {"provider": spare.pk}, format="json").status_code
+        == 404
+    )
     assert client.post(f"/api/jobs/{job.pk}/replan/", {"provider": "x"}, format="json").status_code == 400
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from rest_framework.test import APIClient
 
-from client_sdk.models import compute_digests, create_model, load_model_info
-from client_sdk.protocol.framing import encode_message
+from hivemart_core.models import compute_digests, create_model, load_model_info
+from hivemart_core.models.backend import SpanBackend
+from hivemart_core.protocol.framing import encode_message
 from marketplace.accounts.services import api_key_create
 from marketplace.catalog.models import CatalogModel
 from marketplace.catalog.services import catalog_model_create
@@ -25,7 +26,6 @@ from marketplace.providers.models import Provider
 from marketplace.providers.selectors import offers_for_model
 from marketplace.receipts.models import Audit, Offence, Receipt, Ticket
 from marketplace.receipts.services import audit_create, receipts_settle, receipts_upload
-from provider_agent.backend import SpanBackend
 from scheduler.audit import judge
 from scheduler.services import audit_decide
 from tests.marketplace.factories import make_user, make_wallet
@@ -49,9 +49,15 @@ def model(checkpoint: Path, settings: Any, tmp_path: Path) -> CatalogModel:
     settings.HIVEMART_REPUTATION_PENALTY = 25
     info = load_model_info(checkpoint)
     digests = compute_digests(checkpoint)
-    return catalog_model_create(model_id=info.model_id, arch=info.arch, num_blocks=info.num_blocks,
-                                hidden_size=info.hidden_size, dtype="float32", weights_digest=digests["model"],
-                                block_digests=digests["blocks"])
+    return catalog_model_create(
+        model_id=info.model_id,
+        arch=info.arch,
+        num_blocks=info.num_blocks,
+        hidden_size=info.hidden_size,
+        dtype="float32",
+        weights_digest=digests["model"],
+        block_digests=digests["blocks"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +81,28 @@ def outputs(backend: SpanBackend, *, positions: int = 6, last: int = 2, seed: in
 DEPOSIT = 100_000  # HIVEMART_AUDIT_DEPOSIT's default: audits here carry no evidence
 
 
-def file_audit(pj: PlannedJob, provider: Provider, backup: Provider, inputs: torch.Tensor, claimed: torch.Tensor,
-               reference: torch.Tensor) -> Audit:
-    return audit_create(user=pj.client, job=pj.job, ticket_id=pj.ticket(provider).ticket_id,
-                        session_id="session-0001", start=0, end=3, dtype="float32", inputs=blob(inputs),
-                        claimed=blob(claimed), reference=blob(reference), reference_peer=backup.peer_id,
-                        deposit=DEPOSIT)
+def file_audit(
+    pj: PlannedJob,
+    provider: Provider,
+    backup: Provider,
+    inputs: torch.Tensor,
+    claimed: torch.Tensor,
+    reference: torch.Tensor,
+) -> Audit:
+    return audit_create(
+        user=pj.client,
+        job=pj.job,
+        ticket_id=pj.ticket(provider).ticket_id,
+        session_id="session-0001",
+        start=0,
+        end=3,
+        dtype="float32",
+        inputs=blob(inputs),
+        claimed=blob(claimed),
+        reference=blob(reference),
+        reference_peer=backup.peer_id,
+        deposit=DEPOSIT,
+    )
 
 
 def earnings(provider: Provider) -> int:
@@ -92,15 +114,22 @@ def upload(pj: PlannedJob, *receipts: Any) -> None:
     assert [o.status for o in outcomes] == ["accepted"] * len(receipts)
 
 
-@pytest.mark.parametrize("claimed_ok,reference_ok,verdict", [
-    (False, True, "provider_cheated"), (True, False, "backup_cheated"), (True, True, "reporter_wrong"),
-    (False, False, "inconclusive")])
+@pytest.mark.parametrize(
+    "claimed_ok,reference_ok,verdict",
+    [
+        (False, True, "provider_cheated"),
+        (True, False, "backup_cheated"),
+        (True, True, "reporter_wrong"),
+        (False, False, "inconclusive"),
+    ],
+)
 def test_the_verdict_table(claimed_ok: bool, reference_ok: bool, verdict: str) -> None:
     assert judge(claimed_ok, reference_ok) == verdict
 
 
 def test_a_cheating_provider_is_voided_clawed_back_and_after_two_offences_suspended(
-        model: CatalogModel, backend: SpanBackend) -> None:
+    model: CatalogModel, backend: SpanBackend
+) -> None:
     pj = planned_job(model=model, budget=1_000_000, price=1_000)
     cheater, backup = pj.providers[0], pj.backups[0]
     counter = pj.counter(cheater)
@@ -139,8 +168,14 @@ def test_a_cheating_provider_is_voided_clawed_back_and_after_two_offences_suspen
     assert cheater.reputation == 50 and cheater.is_suspended
     assert cheater.pk not in {o.provider_id for o in offers_for_model(model=model)}
     client = make_wallet(user=make_user(), credits=1_000_000).user
-    job, _ = job_create(user=client, kind="inference", model_id=model.model_id, budget=1_000, max_price=10_000,
-                        idempotency_key="after-suspension")
+    job, _ = job_create(
+        user=client,
+        kind="inference",
+        model_id=model.model_id,
+        budget=1_000,
+        max_price=10_000,
+        idempotency_key="after-suspension",
+    )
     with pytest.raises(ValidationFailed):
         job_plan_store(job=job, segments=[SegmentSpec(block_start=0, block_end=3, provider=cheater)])
     assert ledger_verify().consistent
@@ -152,8 +187,10 @@ def test_honest_providers_are_not_punished(model: CatalogModel, backend: SpanBac
     upload(pj, pj.receipt(provider, 2_000_000))
     receipts_settle()
     x, honest, perturbed = outputs(backend, seed=2)
-    verdicts = [audit_decide(audit_id=file_audit(pj, provider, backup, x, claimed, reference).pk)["verdict"]
-                for claimed, reference in ((honest, honest), (honest, perturbed), (perturbed, perturbed))]
+    verdicts = [
+        audit_decide(audit_id=file_audit(pj, provider, backup, x, claimed, reference).pk)["verdict"]
+        for claimed, reference in ((honest, honest), (honest, perturbed), (perturbed, perturbed))
+    ]
     assert verdicts == ["reporter_wrong", "backup_cheated", "inconclusive"]
     provider.refresh_from_db()
     backup.refresh_from_db()
@@ -163,16 +200,27 @@ def test_honest_providers_are_not_punished(model: CatalogModel, backend: SpanBac
 
 
 def test_malformed_tensors_and_a_missing_checkpoint_are_inconclusive(
-        model: CatalogModel, backend: SpanBackend, settings: Any, tmp_path: Path) -> None:
+    model: CatalogModel, backend: SpanBackend, settings: Any, tmp_path: Path
+) -> None:
     pj = planned_job(model=model)
     provider, backup = pj.providers[0], pj.backups[0]
     x, honest, perturbed = outputs(backend, seed=3)
     wrong_width = file_audit(pj, provider, backup, x[..., :32], perturbed, honest)
     assert audit_decide(audit_id=wrong_width.pk)["verdict"] == "inconclusive"
-    garbage = audit_create(user=pj.client, job=pj.job, ticket_id=pj.ticket(provider).ticket_id,
-                           session_id="session-0001", start=0, end=3, dtype="float32", inputs=b"\x00" * 40,
-                           claimed=blob(perturbed), reference=blob(honest), reference_peer=backup.peer_id,
-                           deposit=DEPOSIT)
+    garbage = audit_create(
+        user=pj.client,
+        job=pj.job,
+        ticket_id=pj.ticket(provider).ticket_id,
+        session_id="session-0001",
+        start=0,
+        end=3,
+        dtype="float32",
+        inputs=b"\x00" * 40,
+        claimed=blob(perturbed),
+        reference=blob(honest),
+        reference_peer=backup.peer_id,
+        deposit=DEPOSIT,
+    )
     assert audit_decide(audit_id=garbage.pk)["verdict"] == "inconclusive"
     assert "malformed" in Audit.objects.get(pk=garbage.pk).detail
     settings.HIVEMART_MODELS_DIR = tmp_path / "empty"
@@ -185,11 +233,19 @@ def test_the_audits_api(model: CatalogModel, backend: SpanBackend) -> None:
     pj = planned_job(model=model)
     provider, backup = pj.providers[0], pj.backups[0]
     x, honest, perturbed = outputs(backend, seed=4)
-    body = {"job": pj.job.pk, "ticket_id": pj.ticket(provider).ticket_id, "session_id": "session-0001", "start": 0,
-            "end": 3, "dtype": "float32", "inputs": base64.b64encode(blob(x)).decode(),
-            "claimed": base64.b64encode(blob(perturbed)).decode(),
-            "reference": base64.b64encode(blob(honest)).decode(), "reference_peer": backup.peer_id,
-            "deposit": DEPOSIT}
+    body = {
+        "job": pj.job.pk,
+        "ticket_id": pj.ticket(provider).ticket_id,
+        "session_id": "session-0001",
+        "start": 0,
+        "end": 3,
+        "dtype": "float32",
+        "inputs": base64.b64encode(blob(x)).decode(),
+        "claimed": base64.b64encode(blob(perturbed)).decode(),
+        "reference": base64.b64encode(blob(honest)).decode(),
+        "reference_peer": backup.peer_id,
+        "deposit": DEPOSIT,
+    }
 
     def api(user: Any) -> APIClient:
         client = APIClient()
@@ -203,10 +259,14 @@ def test_the_audits_api(model: CatalogModel, backend: SpanBackend) -> None:
     assert (created["state"], created["provider"], created["reference_provider"]) == ("open", provider.pk, backup.pk)
     assert api(make_user()).post("/api/audits/", body, format="json").status_code == 404
     assert api(provider.user).post("/api/audits/", body, format="json").status_code == 404
-    bad = [({"reference_peer": provider.peer_id}, "bad_reference"), ({"end": 4}, "invalid"),
-           ({"claimed": "not base64!"}, "invalid"), ({"ticket_id": "nope-nope-nope"}, "not_found"),
-           ({"dtype": "int8"}, "invalid"),
-           ({"inputs": base64.b64encode(b"\0" * (8 * 1024 * 1024 + 1)).decode()}, "invalid")]
+    bad = [
+        ({"reference_peer": provider.peer_id}, "bad_reference"),
+        ({"end": 4}, "invalid"),
+        ({"claimed": "not base64!"}, "invalid"),
+        ({"ticket_id": "nope-nope-nope"}, "not_found"),
+        ({"dtype": "int8"}, "invalid"),
+        ({"inputs": base64.b64encode(b"\0" * (8 * 1024 * 1024 + 1)).decode()}, "invalid"),
+    ]
     for change, code in bad:
         response = owner.post("/api/audits/", {**body, **change}, format="json")
         assert response.json()["code"] == code, (change, response.json())
@@ -224,9 +284,10 @@ def test_the_audits_api(model: CatalogModel, backend: SpanBackend) -> None:
     assert Receipt.objects.count() == 0
 
 
-def test_evidence_proves_the_claimed_output_was_signed_for(model: CatalogModel, backend: SpanBackend,
-                                                           settings: Any) -> None:
-    from client_sdk.protocol.receipts import tensor_digest
+def test_evidence_proves_the_claimed_output_was_signed_for(
+    model: CatalogModel, backend: SpanBackend, settings: Any
+) -> None:
+    from hivemart_core.protocol.receipts import tensor_digest
 
     pj = planned_job(model=model)
     provider, backup = pj.providers[0], pj.backups[0]
@@ -241,15 +302,30 @@ def test_evidence_proves_the_claimed_output_was_signed_for(model: CatalogModel, 
 
     def audit(**evidence: Any) -> Audit:
         proof = {"receipt": receipt.to_dict(), "digests": digests, "step": 1, **evidence}
-        return audit_create(user=pj.client, job=pj.job, ticket_id=pj.ticket(provider).ticket_id,
-                            session_id="session-0001", start=0, end=3, dtype="float32", inputs=blob(x),
-                            claimed=blob(perturbed), reference=blob(honest), reference_peer=backup.peer_id,
-                            evidence=proof)
+        return audit_create(
+            user=pj.client,
+            job=pj.job,
+            ticket_id=pj.ticket(provider).ticket_id,
+            session_id="session-0001",
+            start=0,
+            end=3,
+            dtype="float32",
+            inputs=blob(x),
+            claimed=blob(perturbed),
+            reference=blob(honest),
+            reference_peer=backup.peer_id,
+            evidence=proof,
+        )
 
     assert audit().claimed_proven
     forged_receipt = {**receipt.to_dict(), "units": receipt.units + 1}
-    for change in ({"step": 0}, {"digests": digests[::-1]}, {"digests": digests[:2]}, {"receipt": forged_receipt},
-                   {"step": 3}):
+    for change in (
+        {"step": 0},
+        {"digests": digests[::-1]},
+        {"digests": digests[:2]},
+        {"receipt": forged_receipt},
+        {"step": 3},
+    ):
         with pytest.raises(ValidationFailed) as e:
             audit(**change)
         assert e.value.code == "bad_evidence", change

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from marketplace.scheduling.management.commands.beat import _schedule_file
+from scheduler.app.management.commands.beat import _schedule_file
 
 
 def test_schedule_file_option_forms() -> None:
@@ -26,12 +26,22 @@ def test_schedule_file_option_forms() -> None:
 @pytest.mark.redis
 def test_beat_starts_on_a_fresh_home_with_redis(tmp_path: Path) -> None:
     home = tmp_path / "fresh-home"
-    env = {**os.environ, "HIVEMART_HOME": str(home), "DJANGO_SETTINGS_MODULE": "marketplace.settings",
-           "SECRET_KEY": "test-only", "DATABASE_URL": ""}
+    env = {
+        **os.environ,
+        "HIVEMART_HOME": str(home),
+        "DJANGO_SETTINGS_MODULE": "marketplace.settings",
+        "SECRET_KEY": "test-only",
+        "DATABASE_URL": "",
+    }
     log = tmp_path / "beat.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "marketplace.manage", "beat"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "marketplace.manage", "beat"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         schedule = home / "celery"
         deadline = time.monotonic() + 60

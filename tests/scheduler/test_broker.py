@@ -24,9 +24,15 @@ PAYLOAD_BYTES = 128 * 1024
 
 
 def _connection(folder: Path) -> Connection:
-    return Connection(f"{broker.SCHEME}://", transport_options={
-        "data_folder_in": str(folder), "data_folder_out": str(folder), "control_folder": str(folder / "control"),
-        "polling_interval": 0})
+    return Connection(
+        f"{broker.SCHEME}://",
+        transport_options={
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(folder / "control"),
+            "polling_interval": 0,
+        },
+    )
 
 
 def _queue(folder: Path) -> Queue:
@@ -41,12 +47,15 @@ def _publish(folder: Path, producer_id: int, count: int) -> None:
     with _connection(folder) as conn:
         producer = conn.Producer(serializer="json")
         for i in range(count):
-            producer.publish({"id": f"{producer_id}-{i}", "pad": "x" * PAYLOAD_BYTES}, exchange=queue.exchange,
-                             routing_key=queue.routing_key, declare=[queue])
+            producer.publish(
+                {"id": f"{producer_id}-{i}", "pad": "x" * PAYLOAD_BYTES},
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+            )
 
 
-def _consume(folder: Path, expected: int, got: list[str], errors: list[BaseException],
-             done: threading.Event) -> None:
+def _consume(folder: Path, expected: int, got: list[str], errors: list[BaseException], done: threading.Event) -> None:
     """Take messages into ``got`` until ``expected`` arrived, or none comes once ``done`` is set."""
     queue = _queue(folder)
     try:
@@ -78,10 +87,17 @@ def test_concurrent_publishers_and_consumers_lose_and_corrupt_nothing(tmp_path: 
     consumers = [threading.Thread(target=_consume, args=(folder, expected, got, errors, done)) for _ in range(2)]
     for consumer in consumers:
         consumer.start()
-    other = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                              "from tests.scheduler.test_broker import _publish; "
-                              f"_publish(Path(sys.argv[1]), 99, {per_producer})", str(folder)],
-                             cwd=Path(__file__).resolve().parents[2])
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from tests.scheduler.test_broker import _publish; "
+            f"_publish(Path(sys.argv[1]), 99, {per_producer})",
+            str(folder),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
     producers = [threading.Thread(target=_publish, args=(folder, n, per_producer)) for n in range(threads_n)]
     for producer in producers:
         producer.start()

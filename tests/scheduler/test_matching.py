@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from functools import cache
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.bench import bench_job, random_swarm, run_matching_bench
+from hivemart.bench.matching import bench_job, random_swarm, run_matching_bench
 from scheduler.matching import (
     Gap,
     InvalidJobError,
@@ -54,9 +54,14 @@ def make_job(num_blocks: int = 4, **overrides: object) -> JobRequest:
 
 def eligible(job: JobRequest, offer: Offer, start: int, end: int, exclude: Iterable[str] = ()) -> bool:
     """May ``offer`` serve blocks [start, end) of ``job``? (The module docstring's rules.)"""
-    return (offer.start <= start and end <= offer.end and offer.price <= job.max_price
-            and offer.reliability >= job.reliability_floor and offer.provider_id not in set(exclude)
-            and (job.min_throughput is None or offer.throughput / (end - start) >= job.min_throughput))
+    return (
+        offer.start <= start
+        and end <= offer.end
+        and offer.price <= job.max_price
+        and offer.reliability >= job.reliability_floor
+        and offer.provider_id not in set(exclude)
+        and (job.min_throughput is None or offer.throughput / (end - start) >= job.min_throughput)
+    )
 
 
 def segment_latency(offer: Offer, blocks: int) -> float:
@@ -67,12 +72,13 @@ def objective(kind: str, latency: float, cost: int) -> tuple[float, ...]:
     return (latency, cost) if kind == "inference" else (latency * cost, latency, cost)
 
 
-def brute_force_points(job: JobRequest, offers: Sequence[Offer], start: int, end: int,
-                       exclude: Iterable[str] = ()) -> set[tuple[float, int]]:
+def brute_force_points(
+    job: JobRequest, offers: Sequence[Offer], start: int, end: int, exclude: Iterable[str] = ()
+) -> set[tuple[float, int]]:
     """(latency, cost) of every chain over [start, end), by enumerating them all."""
     excluded = frozenset(exclude)
 
-    @lru_cache(maxsize=None)
+    @cache
     def chains_from(boundary: int) -> frozenset[tuple[float, int]]:
         if boundary == end:
             return frozenset({(0.0, 0)})
@@ -101,8 +107,9 @@ def offers_by_id(offers: Sequence[Offer]) -> dict[str, Offer]:
     return {offer.provider_id: offer for offer in offers}
 
 
-def check_plan(job: JobRequest, offers: Sequence[Offer], plan: Plan, exclude: Iterable[str] = (),
-               exact: bool = True) -> None:
+def check_plan(
+    job: JobRequest, offers: Sequence[Offer], plan: Plan, exclude: Iterable[str] = (), exact: bool = True
+) -> None:
     """Every invariant a plan must satisfy, from its definition. With ``exact`` figures the
     backups must also be exactly the ranking the module promises."""
     by_id = offers_by_id(offers)
@@ -129,8 +136,11 @@ def check_plan(job: JobRequest, offers: Sequence[Offer], plan: Plan, exclude: It
         assert len(set(segment.backups)) == len(segment.backups)
         for backup in segment.backups:
             assert eligible(job, by_id[backup], segment.start, segment.end, exclude), "a backup covers its segment"
-        candidates = {o.provider_id for o in offers
-                      if o.provider_id != segment.primary and eligible(job, o, segment.start, segment.end, exclude)}
+        candidates = {
+            o.provider_id
+            for o in offers
+            if o.provider_id != segment.primary and eligible(job, o, segment.start, segment.end, exclude)
+        }
         assert len(segment.backups) == min(job.backups, len(candidates)), "up to K backups, as many as exist"
         # Providers that are no primary come first; the others only when those run out.
         in_use = [backup in primaries for backup in segment.backups]
@@ -139,9 +149,10 @@ def check_plan(job: JobRequest, offers: Sequence[Offer], plan: Plan, exclude: It
             assert candidates - primaries <= set(segment.backups)
         if exact:
             ranking = sorted(candidates, key=lambda c: (c in primaries, swapped_in(segment, c), c))
-            assert segment.backups == tuple(ranking[:job.backups])
-    assert plan.cost_per_million_tokens == sum(
-        by_id[s.primary].price * s.blocks for s in plan.segments) * PASSES[job.kind]
+            assert segment.backups == tuple(ranking[: job.backups])
+    assert (
+        plan.cost_per_million_tokens == sum(by_id[s.primary].price * s.blocks for s in plan.segments) * PASSES[job.kind]
+    )
     assert plan.latency_ms == pytest.approx(sum(s.latency_ms for s in plan.segments))
     if job.min_throughput is not None:
         assert plan.throughput >= job.min_throughput
@@ -151,8 +162,9 @@ def check_plan(job: JobRequest, offers: Sequence[Offer], plan: Plan, exclude: It
 
 
 @st.composite
-def swarms(draw: st.DrawFn, exact: bool = True, max_blocks: int = 6, max_offers: int = 6,
-           kind: str | None = None) -> tuple[JobRequest, list[Offer]]:
+def swarms(
+    draw: st.DrawFn, exact: bool = True, max_blocks: int = 6, max_offers: int = 6, kind: str | None = None
+) -> tuple[JobRequest, list[Offer]]:
     """A job and its offers. Half the draws are permissive (every offer reliable and under
     the cap, more of them): those usually have plans, and fine-tuning trade-offs."""
     permissive = draw(st.booleans())
@@ -168,14 +180,26 @@ def swarms(draw: st.DrawFn, exact: bool = True, max_blocks: int = 6, max_offers:
         else:
             throughput = draw(st.floats(0.5, 2000.0))
             latency = draw(st.floats(0.0, 200.0))
-        offers.append(Offer(provider_id=f"p{index}", start=start, end=end,
-                            price=draw(st.integers(1 if permissive else 0, 30)), throughput=throughput,
-                            latency_ms=latency, reliability=1.0 if permissive else draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))))
-    job = JobRequest(num_blocks=num_blocks, kind=kind or draw(st.sampled_from(["inference", "finetune"])),  # type: ignore[arg-type]
-                     max_price=30 if permissive else draw(st.integers(0, 30)), budget=10**12,
-                     backups=draw(st.integers(0, 3)),
-                     reliability_floor=0.0 if permissive else draw(st.sampled_from([0.0, 0.5, 0.9])),
-                     min_throughput=draw(st.sampled_from([None, None, 1.0, 5.0, 20.0])))
+        offers.append(
+            Offer(
+                provider_id=f"p{index}",
+                start=start,
+                end=end,
+                price=draw(st.integers(1 if permissive else 0, 30)),
+                throughput=throughput,
+                latency_ms=latency,
+                reliability=1.0 if permissive else draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
+            )
+        )
+    job = JobRequest(
+        num_blocks=num_blocks,
+        kind=kind or draw(st.sampled_from(["inference", "finetune"])),  # type: ignore[arg-type]
+        max_price=30 if permissive else draw(st.integers(0, 30)),
+        budget=10**12,
+        backups=draw(st.integers(0, 3)),
+        reliability_floor=0.0 if permissive else draw(st.sampled_from([0.0, 0.5, 0.9])),
+        min_throughput=draw(st.sampled_from([None, None, 1.0, 5.0, 20.0])),
+    )
     return job, offers
 
 
@@ -243,7 +267,8 @@ def test_plan_does_not_depend_on_the_order_of_offers(case: tuple[JobRequest, lis
 @property_settings
 @given(swarms(), st.data())
 def test_replacement_covers_the_failed_blocks_optimally_without_the_failed_provider(
-        case: tuple[JobRequest, list[Offer]], data: st.DataObject) -> None:
+    case: tuple[JobRequest, list[Offer]], data: st.DataObject
+) -> None:
     job, offers = case
     try:
         plan = match_job(job, offers)
@@ -281,8 +306,11 @@ def test_replacement_covers_the_failed_blocks_optimally_without_the_failed_provi
 
         def key(point: tuple[float, int]) -> tuple[float, ...]:
             latency, cost = point
-            return objective(job.kind, latency, cost) if job.kind == "inference" else objective(
-                job.kind, rest_latency + latency, rest_cost + cost)
+            return (
+                objective(job.kind, latency, cost)
+                if job.kind == "inference"
+                else objective(job.kind, rest_latency + latency, rest_cost + cost)
+            )
 
         found = (sum(s.latency_ms for s in replacement), sum(s.price * s.blocks for s in replacement) * job.passes)
         assert key(found) == min(map(key, points))
@@ -292,17 +320,22 @@ def test_replacement_covers_the_failed_blocks_optimally_without_the_failed_provi
 
 
 def test_inference_takes_the_lowest_latency_chain_even_through_more_hops() -> None:
-    offers = [make_offer("whole", 0, 4, throughput=10.0, latency_ms=5.0),  # 5 + 400 ms
-              make_offer("front", 0, 2, throughput=100.0, latency_ms=20.0),  # 20 + 20 ms
-              make_offer("back", 2, 4, throughput=100.0, latency_ms=20.0)]
+    offers = [
+        make_offer("whole", 0, 4, throughput=10.0, latency_ms=5.0),  # 5 + 400 ms
+        make_offer("front", 0, 2, throughput=100.0, latency_ms=20.0),  # 20 + 20 ms
+        make_offer("back", 2, 4, throughput=100.0, latency_ms=20.0),
+    ]
     plan = match_job(make_job(4, backups=0), offers)
     assert [(s.start, s.end, s.primary) for s in plan.segments] == [(0, 2, "front"), (2, 4, "back")]
     assert plan.latency_ms == 80.0
 
 
 def test_inference_latency_ties_go_to_the_cheaper_provider() -> None:
-    offers = [make_offer("dear", 0, 4, price=300), make_offer("cheap", 0, 4, price=200),
-              make_offer("dearest", 0, 4, price=900)]
+    offers = [
+        make_offer("dear", 0, 4, price=300),
+        make_offer("cheap", 0, 4, price=200),
+        make_offer("dearest", 0, 4, price=900),
+    ]
     plan = match_job(make_job(4), offers)
     assert plan.segments[0].primary == "cheap"
     assert plan.segments[0].backups == ("dear", "dearest")
@@ -316,8 +349,10 @@ def test_exact_ties_in_everything_go_to_the_smallest_provider_id() -> None:
 
 def test_finetune_maximises_throughput_per_credit() -> None:
     # fast: 10 + 4 * 10 = 50 ms at 4 * 100 * 3 = 1200 -> 60,000; slow: 210 ms at 120 -> 25,200.
-    offers = [make_offer("fast", 0, 4, throughput=100.0, latency_ms=10.0, price=100),
-              make_offer("slow", 0, 4, throughput=20.0, latency_ms=10.0, price=10)]
+    offers = [
+        make_offer("fast", 0, 4, throughput=100.0, latency_ms=10.0, price=100),
+        make_offer("slow", 0, 4, throughput=20.0, latency_ms=10.0, price=10),
+    ]
     finetune = match_job(make_job(4, kind="finetune"), offers)
     assert finetune.segments[0].primary == "slow"
     assert finetune.objective == (210.0 * 120, 210.0, 120)
@@ -326,9 +361,11 @@ def test_finetune_maximises_throughput_per_credit() -> None:
 
 def test_finetune_can_pick_neither_the_fastest_nor_the_cheapest() -> None:
     # (latency ms, cost per million tokens): fast (4, 1200), middle (40, 60), cheap (400, 12).
-    offers = [make_offer("fast", 0, 4, throughput=1000.0, latency_ms=0.0, price=100),
-              make_offer("middle", 0, 4, throughput=100.0, latency_ms=0.0, price=5),
-              make_offer("cheap", 0, 4, throughput=10.0, latency_ms=0.0, price=1)]
+    offers = [
+        make_offer("fast", 0, 4, throughput=1000.0, latency_ms=0.0, price=100),
+        make_offer("middle", 0, 4, throughput=100.0, latency_ms=0.0, price=5),
+        make_offer("cheap", 0, 4, throughput=10.0, latency_ms=0.0, price=1),
+    ]
     plan = match_job(make_job(4, kind="finetune"), offers)
     assert plan.segments[0].primary == "middle"
     assert plan.objective == (40.0 * 60, 40.0, 60)
@@ -336,17 +373,22 @@ def test_finetune_can_pick_neither_the_fastest_nor_the_cheapest() -> None:
 
 
 def test_finetune_uses_a_free_provider_where_it_can() -> None:
-    offers = [make_offer("a", 0, 4, throughput=100.0, latency_ms=0.0, price=1),
-              make_offer("b", 0, 4, throughput=25.0, latency_ms=0.0, price=1),
-              make_offer("c", 2, 4, throughput=100.0, latency_ms=0.0, price=0)]
+    offers = [
+        make_offer("a", 0, 4, throughput=100.0, latency_ms=0.0, price=1),
+        make_offer("b", 0, 4, throughput=25.0, latency_ms=0.0, price=1),
+        make_offer("c", 2, 4, throughput=100.0, latency_ms=0.0, price=0),
+    ]
     plan = match_job(make_job(4, kind="finetune"), offers)
     assert plan.objective == brute_force_best(make_job(4, kind="finetune"), offers)
     assert [s.primary for s in plan.segments] == ["a", "c"]
 
 
 def test_free_plans_are_ranked_by_latency() -> None:
-    offers = [make_offer("free-slow", 0, 4, price=0, throughput=10.0), make_offer("free-fast", 0, 4, price=0),
-              make_offer("paid", 0, 4, price=5, throughput=1000.0)]
+    offers = [
+        make_offer("free-slow", 0, 4, price=0, throughput=10.0),
+        make_offer("free-fast", 0, 4, price=0),
+        make_offer("paid", 0, 4, price=5, throughput=1000.0),
+    ]
     plan = match_job(make_job(4, kind="finetune"), offers)
     assert plan.segments[0].primary == "free-fast" and plan.cost_per_million_tokens == 0
     assert plan.max_tokens(10) is None
@@ -364,10 +406,12 @@ def test_min_throughput_caps_how_many_blocks_a_provider_takes() -> None:
 
 
 def test_backups_rank_by_the_objective_and_avoid_primaries_when_the_swarm_allows() -> None:
-    offers = [make_offer("left", 0, 4, throughput=100.0, latency_ms=10.0),  # 30 ms on 0..2, 50 on 0..4
-              make_offer("right", 2, 4, throughput=1000.0, latency_ms=1.0),  # 3 ms on 2..4
-              make_offer("wide", 0, 4, throughput=1000.0, latency_ms=100.0),  # 102 ms on two blocks
-              make_offer("cover", 2, 4, throughput=10.0, latency_ms=0.0)]  # 200 ms on 2..4
+    offers = [
+        make_offer("left", 0, 4, throughput=100.0, latency_ms=10.0),  # 30 ms on 0..2, 50 on 0..4
+        make_offer("right", 2, 4, throughput=1000.0, latency_ms=1.0),  # 3 ms on 2..4
+        make_offer("wide", 0, 4, throughput=1000.0, latency_ms=100.0),  # 102 ms on two blocks
+        make_offer("cover", 2, 4, throughput=10.0, latency_ms=0.0),
+    ]  # 200 ms on 2..4
     plan = match_job(make_job(4, backups=3), offers)
     assert [(s.start, s.end, s.primary) for s in plan.segments] == [(0, 2, "left"), (2, 4, "right")]
     assert plan.segments[0].backups == ("wide",)
@@ -377,9 +421,11 @@ def test_backups_rank_by_the_objective_and_avoid_primaries_when_the_swarm_allows
 
 
 def test_price_cap_and_reliability_floor_exclude_offers() -> None:
-    offers = [make_offer("fast-dear", 0, 4, throughput=1000.0, price=2000),
-              make_offer("fast-flaky", 0, 4, throughput=1000.0, reliability=0.5),
-              make_offer("ok", 0, 4, throughput=10.0, reliability=0.95)]
+    offers = [
+        make_offer("fast-dear", 0, 4, throughput=1000.0, price=2000),
+        make_offer("fast-flaky", 0, 4, throughput=1000.0, reliability=0.5),
+        make_offer("ok", 0, 4, throughput=10.0, reliability=0.95),
+    ]
     plan = match_job(make_job(4, max_price=1000, reliability_floor=0.9), offers)
     assert plan.segments[0].primary == "ok" and plan.segments[0].backups == ()
 
@@ -394,24 +440,41 @@ def test_exclude_keeps_a_provider_out_entirely() -> None:
 
 
 def test_error_names_the_price_that_would_be_needed() -> None:
-    offers = [make_offer("a", 0, 12), make_offer("b", 16, 20), make_offer("dear", 12, 16, price=900),
-              make_offer("dearer", 10, 20, price=1200)]
+    offers = [
+        make_offer("a", 0, 12),
+        make_offer("b", 16, 20),
+        make_offer("dear", 12, 16, price=900),
+        make_offer("dearer", 10, 20, price=1200),
+    ]
     with pytest.raises(NoPlanError) as caught:
         match_job(make_job(20, max_price=500), offers)
     assert caught.value.gaps == (Gap(12, 16, "price", needed_price=900),)
-    assert "blocks 12..16 are served only at >= 900 micro-credits per million units; raise max_price" in str(caught.value)
+    assert "blocks 12..16 are served only at >= 900 micro-credits per million units; raise max_price" in str(
+        caught.value
+    )
     assert caught.value.code == "no_plan" and caught.value.extra["gaps"][0]["needed_price"] == 900
     assert match_job(make_job(20, max_price=900), offers).segments[1].primary == "dear"
 
 
 def test_error_names_every_uncovered_run_and_its_reason() -> None:
-    offers = [make_offer("a", 0, 2), make_offer("flaky", 2, 4, reliability=0.3), make_offer("slow", 4, 5, throughput=1.0),
-              make_offer("b", 5, 6), make_offer("bad", 7, 8, price=5000, reliability=0.1), make_offer("gone", 8, 9)]
+    offers = [
+        make_offer("a", 0, 2),
+        make_offer("flaky", 2, 4, reliability=0.3),
+        make_offer("slow", 4, 5, throughput=1.0),
+        make_offer("b", 5, 6),
+        make_offer("bad", 7, 8, price=5000, reliability=0.1),
+        make_offer("gone", 8, 9),
+    ]
     with pytest.raises(NoPlanError) as caught:
         match_job(make_job(10, reliability_floor=0.9, min_throughput=5.0), offers, exclude={"gone"})
     assert [(g.start, g.end, g.reason) for g in caught.value.gaps] == [
-        (2, 4, "reliability"), (4, 5, "throughput"), (6, 7, "no_offers"), (7, 8, "limits"), (8, 9, "excluded"),
-        (9, 10, "no_offers")]
+        (2, 4, "reliability"),
+        (4, 5, "throughput"),
+        (6, 7, "no_offers"),
+        (7, 8, "limits"),
+        (8, 9, "excluded"),
+        (9, 10, "no_offers"),
+    ]
     message = str(caught.value)
     assert "blocks 2..4 are served only by providers below the reliability floor (best 0.3)" in message
     assert "blocks 4..5 are served only by providers slower than min_throughput (best 1 tokens/s per block)" in message
@@ -438,9 +501,13 @@ def test_a_budget_that_pays_for_no_token_is_refused() -> None:
 
 
 def test_replan_prefers_one_provider_holding_the_same_blocks() -> None:
-    offers = [make_offer("a", 0, 2, throughput=1000.0), make_offer("b", 2, 4, throughput=1000.0),
-              make_offer("b-twin", 2, 4, throughput=500.0), make_offer("pieces", 2, 3, throughput=1000.0),
-              make_offer("pieces2", 3, 4, throughput=1000.0)]
+    offers = [
+        make_offer("a", 0, 2, throughput=1000.0),
+        make_offer("b", 2, 4, throughput=1000.0),
+        make_offer("b-twin", 2, 4, throughput=500.0),
+        make_offer("pieces", 2, 3, throughput=1000.0),
+        make_offer("pieces2", 3, 4, throughput=1000.0),
+    ]
     job = make_job(4, backups=1)
     plan = match_job(job, offers)
     assert [s.primary for s in plan.segments] == ["a", "b"]
@@ -480,39 +547,52 @@ def test_replan_refuses_a_provider_that_is_not_a_primary_and_a_plan_for_another_
 # --- validation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"price": -1}, "price must be a non-negative integer"),
-    ({"price": 1.5}, "price must be a non-negative integer"),
-    ({"end": 0}, "is empty"),
-    ({"start": -1}, "non-negative"),
-    ({"reliability": 1.5}, r"reliability must be in \[0, 1\]"),
-    ({"reliability": float("nan")}, r"reliability must be in \[0, 1\]"),
-    ({"throughput": 0.0}, "throughput must be a positive number"),
-    ({"throughput": float("inf")}, "throughput must be a positive number"),
-    ({"latency_ms": -1.0}, "latency_ms must be a non-negative number"),
-    ({"provider_id": ""}, "provider_id must be a non-empty string"),
-    ({"start": True}, "span must be non-negative integers"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"price": -1}, "price must be a non-negative integer"),
+        ({"price": 1.5}, "price must be a non-negative integer"),
+        ({"end": 0}, "is empty"),
+        ({"start": -1}, "non-negative"),
+        ({"reliability": 1.5}, r"reliability must be in \[0, 1\]"),
+        ({"reliability": float("nan")}, r"reliability must be in \[0, 1\]"),
+        ({"throughput": 0.0}, "throughput must be a positive number"),
+        ({"throughput": float("inf")}, "throughput must be a positive number"),
+        ({"latency_ms": -1.0}, "latency_ms must be a non-negative number"),
+        ({"provider_id": ""}, "provider_id must be a non-empty string"),
+        ({"start": True}, "span must be non-negative integers"),
+    ],
+)
 def test_malformed_offers_are_refused(overrides: dict[str, object], message: str) -> None:
-    fields: dict[str, object] = {"provider_id": "p", "start": 0, "end": 4, "price": 1, "throughput": 1.0,
-                                 "latency_ms": 1.0, "reliability": 1.0}
+    fields: dict[str, object] = {
+        "provider_id": "p",
+        "start": 0,
+        "end": 4,
+        "price": 1,
+        "throughput": 1.0,
+        "latency_ms": 1.0,
+        "reliability": 1.0,
+    }
     fields.update(overrides)
     with pytest.raises(InvalidOfferError, match=message) as caught:
         Offer(**fields)  # type: ignore[arg-type]
     assert isinstance(caught.value, ValueError)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"num_blocks": 0}, "num_blocks must be an integer"),
-    ({"kind": "training"}, "kind must be one of"),
-    ({"max_price": -5}, "max_price must be an integer"),
-    ({"budget": -1}, "budget must be a non-negative integer"),
-    ({"budget": 1.0}, "budget must be a non-negative integer"),
-    ({"min_throughput": 0.0}, "min_throughput must be a positive number"),
-    ({"backups": -1}, "backups must be an integer"),
-    ({"backups": False}, "backups must be an integer"),
-    ({"reliability_floor": 1.01}, r"reliability_floor must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_blocks": 0}, "num_blocks must be an integer"),
+        ({"kind": "training"}, "kind must be one of"),
+        ({"max_price": -5}, "max_price must be an integer"),
+        ({"budget": -1}, "budget must be a non-negative integer"),
+        ({"budget": 1.0}, "budget must be a non-negative integer"),
+        ({"min_throughput": 0.0}, "min_throughput must be a positive number"),
+        ({"backups": -1}, "backups must be an integer"),
+        ({"backups": False}, "backups must be an integer"),
+        ({"reliability_floor": 1.01}, r"reliability_floor must be in \[0, 1\]"),
+    ],
+)
 def test_malformed_jobs_are_refused(overrides: dict[str, object], message: str) -> None:
     fields: dict[str, object] = {"num_blocks": 4, "kind": "inference", "max_price": 1, "budget": 1}
     fields.update(overrides)
@@ -559,10 +639,12 @@ def test_bench_reports_the_median_and_its_swarm_has_a_plan() -> None:
 
 
 def test_bench_command_prints_json_last() -> None:
-    from client_sdk.cli import cli
+    from hivemart.cli import cli
 
-    outcome = CliRunner().invoke(cli, ["bench", "matching", "--json", "--providers", "50", "--blocks", "6",
-                                       "--repeats", "1", "--kind", "finetune"])
+    outcome = CliRunner().invoke(
+        cli,
+        ["bench", "matching", "--json", "--providers", "50", "--blocks", "6", "--repeats", "1", "--kind", "finetune"],
+    )
     assert outcome.exit_code == 0, outcome.output
     last = json.loads(outcome.stdout.strip().splitlines()[-1])
     assert last["providers"] == 50 and last["blocks"] == 6 and last["kind"] == "finetune" and "ms_per_match" in last

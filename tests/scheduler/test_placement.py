@@ -1,4 +1,4 @@
-"""scheduler.placement: Petals' rule on constructed swarms and against brute force."""
+"""hivemart_core.placement: Petals' rule on constructed swarms and against brute force."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.placement import InvalidSpanError, Span, block_throughputs, choose_span, should_move
+from hivemart_core.placement import InvalidSpanError, Span, block_throughputs, choose_span, should_move
 
 
 def spans_with_throughputs(throughputs: list[float]) -> list[Span]:
@@ -45,15 +45,18 @@ def test_block_throughputs_match_the_definition(case: tuple[int, list[Span]]) ->
     assert block_throughputs(num_blocks, spans) == expected
 
 
-@pytest.mark.parametrize("spans, message", [
-    ([(0, 9, 1.0)], "within 0..8"),
-    ([(3, 3, 1.0)], "non-empty"),
-    ([(-1, 2, 1.0)], "within"),
-    ([(0, 2, -1.0)], "non-negative"),
-    ([(0, 2, float("nan"))], "finite"),
-    ([(0, 2)], r"\(start, end, throughput\)"),
-    ([(0.0, 2, 1.0)], "non-empty range"),
-])
+@pytest.mark.parametrize(
+    "spans, message",
+    [
+        ([(0, 9, 1.0)], "within 0..8"),
+        ([(3, 3, 1.0)], "non-empty"),
+        ([(-1, 2, 1.0)], "within"),
+        ([(0, 2, -1.0)], "non-negative"),
+        ([(0, 2, float("nan"))], "finite"),
+        ([(0, 2)], r"\(start, end, throughput\)"),
+        ([(0.0, 2, 1.0)], "non-empty range"),
+    ],
+)
 def test_malformed_spans_are_refused(spans: list[Span], message: str) -> None:
     with pytest.raises(InvalidSpanError, match=message):
         block_throughputs(8, spans)
@@ -97,7 +100,7 @@ def test_choose_span_is_the_lexicographic_argmin(case: tuple[int, list[Span]], n
     length = min(num_to_serve, num_blocks)
     assert end - start == length
     throughputs = block_throughputs(num_blocks, spans)
-    windows = [sorted(throughputs[i:i + length]) for i in range(num_blocks - length + 1)]
+    windows = [sorted(throughputs[i : i + length]) for i in range(num_blocks - length + 1)]
     assert sorted(throughputs[start:end]) == min(windows)
     assert start == windows.index(min(windows))
     holes = [b for b, t in enumerate(throughputs) if t == 0]
@@ -138,8 +141,9 @@ def test_moves_to_fill_holes() -> None:
 
 @settings(max_examples=200)
 @given(swarms(), st.data(), st.sampled_from([1.0, 1.2, 4 / 3, 2.0]))
-def test_moves_are_never_pointless_and_never_undone(case: tuple[int, list[Span]], data: st.DataObject,
-                                                     factor: float) -> None:
+def test_moves_are_never_pointless_and_never_undone(
+    case: tuple[int, list[Span]], data: st.DataObject, factor: float
+) -> None:
     num_blocks, others = case
     start = data.draw(st.integers(0, num_blocks - 1))
     end = data.draw(st.integers(start + 1, num_blocks))

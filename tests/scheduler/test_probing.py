@@ -5,17 +5,17 @@ one that does not answer are degraded, and matching leaves them out."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from client_sdk.models import create_model, load_model_info
-from client_sdk.models.checkpoint import compute_digests, write_digest_file
-from client_sdk.protocol.identity import Identity
 from client_sdk.swarm.local import LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import create_model, load_model_info
+from hivemart_core.models.checkpoint import compute_digests, write_digest_file
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.swarm.runtime import SwarmRuntime
 from marketplace.catalog.services import catalog_model_create
 from marketplace.jobs.models import Job
 from marketplace.jobs.selectors import job_plan_current
@@ -74,18 +74,27 @@ def runtime(swarm: LocalSwarm) -> Iterator[SwarmRuntime]:
         yield rt
 
 
-def test_probe_of_an_honest_provider_is_all_correct(models: dict[str, Path], swarm: LocalSwarm,
-                                                     runtime: SwarmRuntime) -> None:
+def test_probe_of_an_honest_provider_is_all_correct(
+    models: dict[str, Path], swarm: LocalSwarm, runtime: SwarmRuntime
+) -> None:
     references = References(models["references"])
     model_id = load_model_info(models["honest"]).model_id
     honest = next(a for a in swarm.agents if a.name == "honest")
-    result = probe_provider(runtime, ProbeTarget(honest.peer_id, model_id, 0, 4), references.get(model_id),
-                            tokens=8, requests=2, timeout=30, seed=1)
+    result = probe_provider(
+        runtime,
+        ProbeTarget(honest.peer_id, model_id, 0, 4),
+        references.get(model_id),
+        tokens=8,
+        requests=2,
+        timeout=30,
+        seed=1,
+    )
     assert (result.correct, result.requests, result.errors) == (3, 3, ())
     assert result.throughput > 0 and result.latency_ms > 0
     # A registration that does not match what the agent serves is a wrong answer, not a crash.
-    mismatch = probe_provider(runtime, ProbeTarget(honest.peer_id, "llama-4x64-000000000000", 0, 4),
-                              references.get(model_id), timeout=30)
+    mismatch = probe_provider(
+        runtime, ProbeTarget(honest.peer_id, "llama-4x64-000000000000", 0, 4), references.get(model_id), timeout=30
+    )
     assert mismatch.correct == 0 and "serves" in mismatch.errors[0]
     with pytest.raises(ReferenceUnavailable):
         references.get("llama-4x64-000000000000")
@@ -97,23 +106,35 @@ def test_probe_of_an_honest_provider_is_all_correct(models: dict[str, Path], swa
 
 @pytest.mark.django_db
 def test_probes_measure_honest_providers_and_degrade_liars_and_the_silent(
-        models: dict[str, Path], swarm: LocalSwarm, runtime: SwarmRuntime, settings) -> None:  # noqa: ANN001
+    models: dict[str, Path], swarm: LocalSwarm, runtime: SwarmRuntime, settings
+) -> None:  # noqa: ANN001
     settings.HIVEMART_MODELS_DIR = models["references"]
     settings.HIVEMART_PLATFORM_KEY_FILE = swarm.workdir / "platform.key"  # the key the paid agent trusts
     settings.HIVEMART_PROBE_TIMEOUT_S = 5
     settings.HIVEMART_PROBE_TOKENS = 8
     info = load_model_info(models["honest"])
     digests = compute_digests(models["honest"])
-    model = catalog_model_create(model_id=info.model_id, arch=info.arch, num_blocks=info.num_blocks,
-                                 hidden_size=info.hidden_size, dtype="float32", weights_digest=digests["model"],
-                                 block_digests=digests["blocks"])
+    model = catalog_model_create(
+        model_id=info.model_id,
+        arch=info.arch,
+        num_blocks=info.num_blocks,
+        hidden_size=info.hidden_size,
+        dtype="float32",
+        weights_digest=digests["model"],
+        block_digests=digests["blocks"],
+    )
     user = make_user()
     providers = {}
     for name in ("honest", "liar", "silent", "paid"):
-        identity = (Identity.generate() if name == "silent"
-                    else Identity.load(swarm.workdir / f"{name}.key"))
-        provider = register(user=user, identity=identity, model=model, start=0, end=4,
-                            price={"honest": 500, "liar": 10, "silent": 1, "paid": 5_000}[name])
+        identity = Identity.generate() if name == "silent" else Identity.load(swarm.workdir / f"{name}.key")
+        provider = register(
+            user=user,
+            identity=identity,
+            model=model,
+            start=0,
+            end=4,
+            price={"honest": 500, "liar": 10, "silent": 1, "paid": 5_000}[name],
+        )
         # All claim to be fast; only probes tell them apart.
         providers[name] = provider_heartbeat(provider=provider, state="online", throughput=1e6, latency_ms=1.0)
 
@@ -144,4 +165,5 @@ def test_probes_measure_honest_providers_and_degrade_liars_and_the_silent(
     assert job.state == Job.State.PLANNED
     plan = job_plan_current(job=job)
     assert [(s.provider_id, [b.provider_id for b in s.backups.all()]) for s in plan.segments.all()] == [
-        (ids["honest"], [])]
+        (ids["honest"], [])
+    ]

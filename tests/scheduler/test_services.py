@@ -23,8 +23,10 @@ pytestmark = pytest.mark.django_db
 def plan_of(job: Job) -> list[tuple[int, int, int, list[int]]]:
     plan = job_plan_current(job=job)
     assert plan is not None
-    return [(s.block_start, s.block_end, s.provider_id, [b.provider_id for b in s.backups.all()])
-            for s in plan.segments.all()]
+    return [
+        (s.block_start, s.block_end, s.provider_id, [b.provider_id for b in s.backups.all()])
+        for s in plan.segments.all()
+    ]
 
 
 # --- job_match ---------------------------------------------------------------------------------
@@ -134,8 +136,9 @@ def test_jobs_match_pending_requeues_only_old_pending_jobs() -> None:
     queued: list[int] = []
 
     assert services.jobs_match_pending(older_than_s=60, enqueue=queued.append) == []
-    found = services.jobs_match_pending(older_than_s=60, now=timezone.now() + timedelta(minutes=5),
-                                        enqueue=queued.append)
+    found = services.jobs_match_pending(
+        older_than_s=60, now=timezone.now() + timedelta(minutes=5), enqueue=queued.append
+    )
     assert found == queued == [job.pk]
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
@@ -47,15 +48,17 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_uploaded_receipts_are_settled_and_the_finished_job_closed_by_a_real_worker(
-        settle_worker: subprocess.Popen, tmp_path: Path) -> None:
+    settle_worker: subprocess.Popen, tmp_path: Path
+) -> None:
     pj = planned_job(budget=1_000_000, price=1_000)
     p = pj.providers[0]
     provider_api = APIClient()
     provider_api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=p.user).raw}")
     counter = pj.counter(p)
     # the provider uploads the receipt the client acknowledged (countersigned)
-    response = provider_api.post("/api/receipts/", {"receipts": [pj.receipt(p, 2_000_000, counter=counter).to_dict()]},
-                                 format="json")
+    response = provider_api.post(
+        "/api/receipts/", {"receipts": [pj.receipt(p, 2_000_000, counter=counter).to_dict()]}, format="json"
+    )
     assert response.json()["results"][0]["status"] == "accepted"
 
     def earned() -> int:
@@ -79,26 +82,37 @@ def test_uploaded_receipts_are_settled_and_the_finished_job_closed_by_a_real_wor
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_an_audit_filed_through_the_api_is_decided_by_a_real_worker(
-        settle_env: Path, monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path,
-        tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> None:
+    settle_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Any,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> None:
     import base64
 
     import torch
 
-    from client_sdk.models import compute_digests, create_model, load_model_info
-    from client_sdk.protocol.framing import encode_message
+    from hivemart_core.models import compute_digests, create_model, load_model_info
+    from hivemart_core.models.backend import SpanBackend
+    from hivemart_core.protocol.framing import encode_message
     from marketplace.catalog.services import catalog_model_create
     from marketplace.receipts.models import Audit
-    from provider_agent.backend import SpanBackend
 
     checkpoint = create_model(tmp_path_factory.mktemp("models") / "tiny", hidden=64, layers=2, heads=4, seed=3)
     monkeypatch.setenv("HIVEMART_MODELS_DIR", str(checkpoint.parent))
     worker_process = request.getfixturevalue("worker")  # started now, with the models folder in its environment
     info = load_model_info(checkpoint)
     digests = compute_digests(checkpoint)
-    model = catalog_model_create(model_id=info.model_id, arch=info.arch, num_blocks=info.num_blocks,
-                                 hidden_size=info.hidden_size, dtype="float32", weights_digest=digests["model"],
-                                 block_digests=digests["blocks"])
+    model = catalog_model_create(
+        model_id=info.model_id,
+        arch=info.arch,
+        num_blocks=info.num_blocks,
+        hidden_size=info.hidden_size,
+        dtype="float32",
+        weights_digest=digests["model"],
+        block_digests=digests["blocks"],
+    )
     pj = planned_job(model=model)
     x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
     honest = SpanBackend(checkpoint, 0, 2, dtype=torch.float32).forward(x, 0, 2)[:, -1:, :]
@@ -108,10 +122,23 @@ def test_an_audit_filed_through_the_api_is_decided_by_a_real_worker(
 
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=pj.client).raw}")
-    response = client.post("/api/audits/", {
-        "job": pj.job.pk, "ticket_id": pj.ticket(pj.providers[0]).ticket_id, "session_id": "session-0001",
-        "start": 0, "end": 2, "dtype": "float32", "inputs": b64(x), "claimed": b64(honest * 1.05),
-        "reference": b64(honest), "reference_peer": pj.backups[0].peer_id, "deposit": 100_000}, format="json")
+    response = client.post(
+        "/api/audits/",
+        {
+            "job": pj.job.pk,
+            "ticket_id": pj.ticket(pj.providers[0]).ticket_id,
+            "session_id": "session-0001",
+            "start": 0,
+            "end": 2,
+            "dtype": "float32",
+            "inputs": b64(x),
+            "claimed": b64(honest * 1.05),
+            "reference": b64(honest),
+            "reference_peer": pj.backups[0].peer_id,
+            "deposit": 100_000,
+        },
+        format="json",
+    )
     assert response.status_code == 201, response.json()
     audit_id = response.json()["id"]
     wait_for(lambda: Audit.objects.get(pk=audit_id).state == "decided", worker_process, tmp_path, seconds=180)

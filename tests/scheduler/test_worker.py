@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from rest_framework.test import APIClient
 
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.swarm.p2p import die_with_parent
 from marketplace.accounts.services import api_key_create
 from marketplace.jobs.models import Job
 from scheduler.celery import app, beat_schedule
@@ -38,13 +38,38 @@ def queue() -> Iterator[str]:
 
 @pytest.fixture
 def worker(queue: str, tmp_path: Path) -> Iterator[subprocess.Popen]:
-    env = {**os.environ, "DATABASE_URL": child_database_url(), "DJANGO_SETTINGS_MODULE": "marketplace.settings_test",
-           "HIVEMART_CELERY_QUEUE": queue, "HIVEMART_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "DATABASE_URL": child_database_url(),
+        "DJANGO_SETTINGS_MODULE": "marketplace.settings_test",
+        "HIVEMART_CELERY_QUEUE": queue,
+        "HIVEMART_HOME": str(tmp_path),
+    }
     log = open(tmp_path / "worker.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "scheduler", "worker", "--pool", "solo", "--queues", queue,
-         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "scheduler",
+            "worker",
+            "--pool",
+            "solo",
+            "--queues",
+            queue,
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
     )
     try:
         yield process
@@ -67,7 +92,8 @@ def worker_log(tmp_path: Path) -> str:
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_job_created_through_the_api_is_planned_by_a_real_worker(
-        worker: subprocess.Popen, settings, tmp_path: Path) -> None:  # noqa: ANN001
+    worker: subprocess.Popen, settings, tmp_path: Path
+) -> None:  # noqa: ANN001
     settings.HIVEMART_MATCH_ON_CREATE = True
     model = make_model(num_blocks=4)
     front = measured_provider(model=model, start=0, end=2, price=100)
@@ -76,8 +102,12 @@ def test_a_job_created_through_the_api_is_planned_by_a_real_worker(
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=user).raw}")
 
-    response = client.post("/api/jobs/", {"kind": "inference", "model": model.model_id, "budget": 1_000_000,
-                                          "max_price": 1_000}, format="json", HTTP_IDEMPOTENCY_KEY="e2e-1")
+    response = client.post(
+        "/api/jobs/",
+        {"kind": "inference", "model": model.model_id, "budget": 1_000_000, "max_price": 1_000},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="e2e-1",
+    )
     assert response.status_code == 201, response.json()
     job_id = response.json()["id"]
 
@@ -89,7 +119,9 @@ def test_a_job_created_through_the_api_is_planned_by_a_real_worker(
     assert Job.objects.get(pk=job_id).state == Job.State.PLANNED, worker_log(tmp_path)
     plan = client.get(f"/api/jobs/{job_id}/plan/").json()
     assert [(s["block_start"], s["block_end"], s["provider"]) for s in plan["segments"]] == [
-        (0, 2, front.pk), (2, 4, back.pk)]
+        (0, 2, front.pk),
+        (2, 4, back.pk),
+    ]
 
 
 def test_the_beat_schedule_names_registered_tasks() -> None:
@@ -100,4 +132,5 @@ def test_the_beat_schedule_names_registered_tasks() -> None:
     schedule = beat_schedule(settings)
     assert {entry["task"] for entry in schedule.values()} <= set(app.tasks)
     assert {"scheduler.providers_probe", "scheduler.providers_expire", "scheduler.holds_expire"} <= {
-        entry["task"] for entry in schedule.values()}
+        entry["task"] for entry in schedule.values()
+    }

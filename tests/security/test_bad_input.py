@@ -44,8 +44,11 @@ class ExplodingStream:
 
 def test_deeply_nested_json_is_a_400_not_a_recursion_error() -> None:
     user = make_wallet(credits=1_000_000).user
-    for body in ("[" * 50_000 + "]" * 50_000, '{"a":' * 50_000 + "1" + "}" * 50_000,
-                 "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)):
+    for body in (
+        "[" * 50_000 + "]" * 50_000,
+        '{"a":' * 50_000 + "1" + "}" * 50_000,
+        "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1),
+    ):
         response = api(user).post("/api/jobs/", body, content_type="application/json", HTTP_IDEMPOTENCY_KEY="deep")
         assert_error_shape(response, 400, "parse_error")
     assert not Job.objects.exists()
@@ -62,8 +65,9 @@ def test_a_receipt_whose_ticket_id_is_an_object_or_a_list_is_refused() -> None:
     good = pj.receipt(pj.providers[0], 1_000).to_dict()
     for ticket_id in ({"a": 1}, [good["ticket_id"]]):
         for path, extra in (("/api/receipts/", {}), (f"/api/jobs/{pj.job.pk}/finish/", {})):
-            response = api(pj.client).post(path, {"receipts": [{**good, "ticket_id": ticket_id}], **extra},
-                                           format="json")
+            response = api(pj.client).post(
+                path, {"receipts": [{**good, "ticket_id": ticket_id}], **extra}, format="json"
+            )
             assert_error_shape(response, 400, "invalid")
     assert not Receipt.objects.exists()
     assert Job.objects.get(pk=pj.job.pk).state == Job.State.RUNNING
@@ -74,24 +78,39 @@ def test_a_receipt_whose_ticket_id_is_an_object_or_a_list_is_refused() -> None:
 
 def test_unauthenticated_signup_reads_no_large_body() -> None:
     for size in (36 * 1024 * 1024 + 1, BODY_LIMITS["signup"] + 1):
-        response = api().generic("POST", "/api/auth/signup/", b"", content_type="application/json",
-                                 **{"wsgi.input": ExplodingStream(), "CONTENT_LENGTH": str(size)})
+        response = api().generic(
+            "POST",
+            "/api/auth/signup/",
+            b"",
+            content_type="application/json",
+            **{"wsgi.input": ExplodingStream(), "CONTENT_LENGTH": str(size)},
+        )
         body = assert_error_shape(response, 413, "too_large")
         assert body["extra"]["limit"] == BODY_LIMITS["signup"]
 
 
 def test_body_limits_are_per_endpoint() -> None:
     user = make_user()
-    response = api(user).generic("POST", "/api/jobs/", b"", content_type="application/json",
-                                 **{"wsgi.input": ExplodingStream(), "CONTENT_LENGTH": str(DEFAULT_BODY_LIMIT + 1)})
+    response = api(user).generic(
+        "POST",
+        "/api/jobs/",
+        b"",
+        content_type="application/json",
+        **{"wsgi.input": ExplodingStream(), "CONTENT_LENGTH": str(DEFAULT_BODY_LIMIT + 1)},
+    )
     assert_error_shape(response, 413, "too_large")
     # An audit may be that large (its tensors are): the request reaches the view, which answers.
     big = b'{"job": "x", "pad": "' + b"a" * (DEFAULT_BODY_LIMIT + 1) + b'"}'
     response = api(user).post("/api/audits/", big, content_type="application/json")
     assert_error_shape(response, 400, "invalid")
     for bad in ("-1", "12abc", "１２", "9" * 40):
-        response = api(user).generic("POST", "/api/jobs/", b"", content_type="application/json",
-                                     **{"wsgi.input": ExplodingStream(), "CONTENT_LENGTH": bad})
+        response = api(user).generic(
+            "POST",
+            "/api/jobs/",
+            b"",
+            content_type="application/json",
+            **{"wsgi.input": ExplodingStream(), "CONTENT_LENGTH": bad},
+        )
         assert_error_shape(response, 400, "parse_error")
 
 
@@ -99,9 +118,16 @@ def test_body_limits_are_per_endpoint() -> None:
 
 
 @pytest.mark.parametrize("value", ["²", "١", "1²", "+1", " 1", "1.0", "-1", "0", str(TOO_BIG), str(HUGE)])
-@pytest.mark.parametrize("path, name", [("/api/receipts/", "job"), ("/api/ledger/postings/", "account"),
-                                        ("/api/settlements/", "job"), ("/api/settlements/", "provider"),
-                                        ("/api/offences/", "provider")])
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("/api/receipts/", "job"),
+        ("/api/ledger/postings/", "account"),
+        ("/api/settlements/", "job"),
+        ("/api/settlements/", "provider"),
+        ("/api/offences/", "provider"),
+    ],
+)
 def test_query_ids_are_ascii_digits_within_64_bits(path: str, name: str, value: str) -> None:
     pj = planned_job(backups=0)  # job 1 exists, and its owner asks: "١" must not read as 1
     response = api(pj.client).get(path, {name: value})
@@ -116,8 +142,13 @@ def test_path_ids_beyond_64_bits_are_404s_in_json() -> None:
             method = "post" if suffix in ("cancel/", "replan/") else "get"
             response = getattr(api(pj.client), method)(f"/api/jobs/{job_id}/{suffix}", {}, format="json")
             assert_error_shape(response, 404, "not_found")
-    for path in (f"/api/ledger/accounts/{TOO_BIG}/", f"/api/ledger/holds/{HUGE}/", f"/api/providers/{HUGE}/",
-                 f"/api/keys/{TOO_BIG}/", f"/api/audits/{HUGE}/"):
+    for path in (
+        f"/api/ledger/accounts/{TOO_BIG}/",
+        f"/api/ledger/holds/{HUGE}/",
+        f"/api/providers/{HUGE}/",
+        f"/api/keys/{TOO_BIG}/",
+        f"/api/audits/{HUGE}/",
+    ):
         assert_error_shape(api(pj.client).get(path), 404, "not_found")
     # The largest id that fits is well-formed, just absent.
     assert_error_shape(api(pj.client).get(f"/api/jobs/{TOO_BIG - 1}/"), 404, "not_found")
@@ -140,8 +171,13 @@ def test_body_ids_beyond_64_bits_are_400s() -> None:
 
 def test_a_nul_character_in_an_api_url_is_a_400_on_every_database() -> None:
     user = make_user()
-    for path in ("/api/models/a%00b/", "/api/models/a%00/offers/", "/api/jobs/?state=%00",
-                 "/api/receipts/?job=1%00", "/api/me/?x%00=1"):
+    for path in (
+        "/api/models/a%00b/",
+        "/api/models/a%00/offers/",
+        "/api/jobs/?state=%00",
+        "/api/receipts/?job=1%00",
+        "/api/me/?x%00=1",
+    ):
         assert_error_shape(api(user).get(path), 400, "invalid")
 
 
@@ -177,8 +213,7 @@ def test_replan_works_when_the_failed_primary_is_offline() -> None:
 
     assert response.status_code == 200, response.json()
     segments = response.json()["plan"]["segments"]
-    assert [(s["block_start"], s["block_end"], s["provider"]) for s in segments] == [(0, 2, first.pk),
-                                                                                   (2, 4, spare.pk)]
+    assert [(s["block_start"], s["block_end"], s["provider"]) for s in segments] == [(0, 2, first.pk), (2, 4, spare.pk)]
     assert response.json()["replaced"] == [1]
     # With the other primary offline too, reporting it still works (nobody else holds 0..2).
     provider_heartbeat(provider=first, state="offline")

@@ -11,7 +11,6 @@ import hashlib
 import importlib
 
 import pytest
-
 from django.apps import apps as django_apps
 
 from marketplace.jobs.models import Job
@@ -31,8 +30,9 @@ def _balance(account_id: int) -> int:
     return Account.objects.get(pk=account_id).balance
 
 
-def _settlement_key_as_attacker_computes_it(job_id: int, provider_id: int, ticket_id: str, session_id: str,
-                                            units: int, acked_units: int) -> str:
+def _settlement_key_as_attacker_computes_it(
+    job_id: int, provider_id: int, ticket_id: str, session_id: str, units: int, acked_units: int
+) -> str:
     """What settlement derives for one receipt: everything in it (units, and those the client
     countersigned) is known to the provider."""
     digest = hashlib.sha256(f"{ticket_id}/{session_id}/{units}/{acked_units}\n".encode()).hexdigest()[:40]
@@ -43,8 +43,9 @@ def _earn_something(provider: Provider) -> None:
     """Give the attacker's provider earnings of its own (a payout needs a balance to spend)."""
     earlier = planned_job(reuse=[provider], backups=0, model=provider.model)
     receipt = earlier.receipt(provider, 2_000_000)
-    assert api(earlier.client).post("/api/receipts/", {"receipts": [receipt.to_dict()]},
-                                    format="json").status_code == 200
+    assert (
+        api(earlier.client).post("/api/receipts/", {"receipts": [receipt.to_dict()]}, format="json").status_code == 200
+    )
     receipts_settle(job_ids=[earlier.job.pk])
     assert _balance(provider.earnings_account_id) > 0
 
@@ -60,15 +61,23 @@ def test_a_provider_cannot_block_settlement_by_spending_its_key_first(ending: st
     wallet_before = _balance(wallet)
 
     receipt = pj.receipt(provider, 3_000_000)  # countersigned by the client: real, acknowledged work
-    assert api(attacker).post("/api/receipts/", {"receipts": [receipt.to_dict()]},
-                              format="json").json()["results"][0]["status"] == "accepted"
+    assert (
+        api(attacker)
+        .post("/api/receipts/", {"receipts": [receipt.to_dict()]}, format="json")
+        .json()["results"][0]["status"]
+        == "accepted"
+    )
     acked = Receipt.objects.get(ticket__ticket_id=receipt.ticket_id, session_id=receipt.session_id).acked_units
     assert acked == receipt.units  # the client countersigned all of it
-    key = _settlement_key_as_attacker_computes_it(pj.job.pk, provider.pk, receipt.ticket_id, receipt.session_id,
-                                                  receipt.units, acked)
+    key = _settlement_key_as_attacker_computes_it(
+        pj.job.pk, provider.pk, receipt.ticket_id, receipt.session_id, receipt.units, acked
+    )
     for spent in (key, f"system:{key}"):  # the bare key, and the key dressed as the system's
-        response = api(attacker).post("/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 1,
-                                                               "idempotency_key": spent}, format="json")
+        response = api(attacker).post(
+            "/api/ledger/payouts/",
+            {"account": provider.earnings_account_id, "amount": 1, "idempotency_key": spent},
+            format="json",
+        )
         assert response.status_code == 201, response.json()
         assert response.json()["idempotency_key"] == spent
 
@@ -103,8 +112,9 @@ def _provider_with_earnings() -> Provider:
 
 
 def _payout(user: object, account: int, amount: int, key: str) -> object:
-    return api(user).post("/api/ledger/payouts/", {"account": account, "amount": amount, "idempotency_key": key},
-                          format="json")
+    return api(user).post(
+        "/api/ledger/payouts/", {"account": account, "amount": amount, "idempotency_key": key}, format="json"
+    )
 
 
 def test_one_users_payout_key_neither_blocks_nor_reveals_another_users() -> None:
@@ -126,8 +136,9 @@ def test_one_users_payout_key_neither_blocks_nor_reveals_another_users() -> None
     assert again.status_code == 201 and again.json()["id"] == mine.json()["id"]  # a replay, paid once
     assert _balance(alice_provider.earnings_account_id) == alice_before - 5
     # A conflict can only be with one's own movement, and names only that.
-    conflict = assert_error_shape(_payout(mallory, mallory_provider.earnings_account_id, 8, "payout-2026-12-07"),
-                                  409, "idempotency_conflict")
+    conflict = assert_error_shape(
+        _payout(mallory, mallory_provider.earnings_account_id, 8, "payout-2026-12-07"), 409, "idempotency_conflict"
+    )
     assert conflict["extra"] == {"idempotency_key": "payout-2026-12-07", "transaction": first.json()["id"]}
     assert mine.json()["id"] not in str(conflict)
     assert_books_consistent()
@@ -158,5 +169,9 @@ def test_the_migration_moves_existing_keys_into_their_namespaces() -> None:
     migration.forwards(django_apps, None)
     assert Transaction.objects.get(pk=grant.pk).idempotency_key == f"user:{staff.pk}:old-grant"
     # ... so the same request, sent again after the upgrade, is still a replay.
-    assert credit_grant(account=grant.postings.get(amount=10).account, amount=10, granted_by=staff,
-                        idempotency_key="old-grant").pk == grant.pk
+    assert (
+        credit_grant(
+            account=grant.postings.get(amount=10).account, amount=10, granted_by=staff, idempotency_key="old-grant"
+        ).pk
+        == grant.pk
+    )

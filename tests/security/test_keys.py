@@ -4,7 +4,7 @@ enters (issue 13, item 5): registration, job client keys, DHT records, tickets, 
 The forgery that motivated it: public key ``01`` + 31 zero bytes (the identity point) with
 signature ``01`` + 63 zero bytes verifies for every message under plain RFC 8032 checks.
 The small-order points are re-derived here with independent curve arithmetic, so the list
-in ``client_sdk.protocol.identity`` is checked, not trusted.
+in ``hivemart_core.protocol.identity`` is checked, not trusted.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.identity import (
+from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.identity import (
     Identity,
     check_public_key,
     is_valid_public_key,
     peer_id_from_public_key,
     verify_signature,
 )
-from client_sdk.protocol.records import ServerRecord, sign_record, verify_signed_record
-from client_sdk.protocol.receipts import ReceiptError, verify_receipt
-from client_sdk.protocol.tickets import NO_CLIENT_KEY, JobTicket, TicketError, issue_ticket, verify_ticket
+from hivemart_core.protocol.receipts import ReceiptError, verify_receipt
+from hivemart_core.protocol.records import ServerRecord, sign_record, verify_signed_record
+from hivemart_core.protocol.tickets import NO_CLIENT_KEY, JobTicket, TicketError, issue_ticket, verify_ticket
 from marketplace.jobs.models import Job
 from marketplace.providers.models import Provider
 from tests.marketplace.factories import make_model, make_user, make_wallet
@@ -96,7 +96,9 @@ SMALL_ORDER = [_encode(p) for p in _small_order_points()]
 # Non-canonical encodings: y + p for small y (readable as y by a lenient decoder), and the
 # sign bit set on the two points whose x is 0.
 NON_CANONICAL = [(y + P).to_bytes(32, "little") for y in range(0, 19)] + [
-    b"\x01" + bytes(30) + b"\x80", (P - 1).to_bytes(32, "little")[:31] + b"\xff"]
+    b"\x01" + bytes(30) + b"\x80",
+    (P - 1).to_bytes(32, "little")[:31] + b"\xff",
+]
 
 
 def test_the_eight_small_order_points_are_the_known_ones() -> None:
@@ -149,10 +151,20 @@ def test_a_provider_cannot_register_a_small_order_key_over_http() -> None:
     user, model = make_user(), make_model()
     for key in (IDENTITY_KEY, SMALL_ORDER[3], NON_CANONICAL[1]):
         challenge = api(user).post("/api/providers/challenge/", {}, format="json").json()["challenge"]
-        response = api(user).post("/api/providers/", {
-            "peer_id": peer_id_from_public_key(key), "public_key": key.hex(), "challenge": challenge,
-            "signature": FORGED_SIGNATURE.hex(), "model": model.model_id, "block_start": 0,
-            "block_end": model.num_blocks, "price": 1_000}, format="json")
+        response = api(user).post(
+            "/api/providers/",
+            {
+                "peer_id": peer_id_from_public_key(key),
+                "public_key": key.hex(),
+                "challenge": challenge,
+                "signature": FORGED_SIGNATURE.hex(),
+                "model": model.model_id,
+                "block_start": 0,
+                "block_end": model.num_blocks,
+                "price": 1_000,
+            },
+            format="json",
+        )
         body = assert_error_shape(response, 400, "invalid")
         assert body["extra"]["field"] == "public_key"
     assert not Provider.objects.exists()
@@ -163,23 +175,45 @@ def test_a_job_cannot_name_a_small_order_client_key_over_http() -> None:
     user = make_wallet(credits=1_000_000).user
     model = make_model()
     for key in (IDENTITY_KEY, SMALL_ORDER[5], NON_CANONICAL[0]):
-        response = api(user).post("/api/jobs/", {"kind": "inference", "model": model.model_id, "budget": 1_000,
-                                                 "max_price": 1_000, "client_key": key.hex()},
-                                  format="json", HTTP_IDEMPOTENCY_KEY=f"job-{key.hex()[:8]}")
+        response = api(user).post(
+            "/api/jobs/",
+            {
+                "kind": "inference",
+                "model": model.model_id,
+                "budget": 1_000,
+                "max_price": 1_000,
+                "client_key": key.hex(),
+            },
+            format="json",
+            HTTP_IDEMPOTENCY_KEY=f"job-{key.hex()[:8]}",
+        )
         body = assert_error_shape(response, 400, "invalid")
         assert body["extra"]["field"] == "client_key"
     assert not Job.objects.exists()
     good = Identity.generate().public_key.hex()
-    response = api(user).post("/api/jobs/", {"kind": "inference", "model": model.model_id, "budget": 1_000,
-                                             "max_price": 1_000, "client_key": good},
-                              format="json", HTTP_IDEMPOTENCY_KEY="job-good")
+    response = api(user).post(
+        "/api/jobs/",
+        {"kind": "inference", "model": model.model_id, "budget": 1_000, "max_price": 1_000, "client_key": good},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="job-good",
+    )
     assert response.status_code == 201, response.json()
 
 
 def test_a_dht_record_under_a_small_order_peer_id_is_refused() -> None:
     peer_id = peer_id_from_public_key(IDENTITY_KEY)
-    record = ServerRecord(peer_id=peer_id, model_id="m", start=0, end=4, state="online", throughput=1e9,
-                          dtype="float32", cache_tokens_left=1, expires_at=2.0**40, maddrs=("/ip4/127.0.0.1/tcp/1",))
+    record = ServerRecord(
+        peer_id=peer_id,
+        model_id="m",
+        start=0,
+        end=4,
+        state="online",
+        throughput=1e9,
+        dtype="float32",
+        cache_tokens_left=1,
+        expires_at=2.0**40,
+        maddrs=("/ip4/127.0.0.1/tcp/1",),
+    )
     body = msgpack.packb({**asdict(record), "maddrs": list(record.maddrs)}, use_bin_type=True)
     with pytest.raises(ProtocolError, match="not signed"):
         verify_signed_record(body + FORGED_SIGNATURE, subkey=peer_id)
@@ -190,9 +224,20 @@ def test_a_dht_record_under_a_small_order_peer_id_is_refused() -> None:
 
 
 def _ticket_body(**overrides: object) -> dict:
-    body = dict(ticket_id="ticket-0001", job_id=1, client_key=Identity.generate().public_key.hex(),
-                provider_peer=Identity.generate().peer_id, model_id="m", model_digest="ab" * 32, start=0, end=4,
-                max_units=1_000, credit_units=100, price=1_000, expires_at=2**40)
+    body = dict(
+        ticket_id="ticket-0001",
+        job_id=1,
+        client_key=Identity.generate().public_key.hex(),
+        provider_peer=Identity.generate().peer_id,
+        model_id="m",
+        model_digest="ab" * 32,
+        start=0,
+        end=4,
+        max_units=1_000,
+        credit_units=100,
+        price=1_000,
+        expires_at=2**40,
+    )
     body.update(overrides)
     return body
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.swarm.p2p import die_with_parent
 
 NOISE_ENV = "HIVEMART_CHEAT_NOISE"
 
@@ -30,7 +31,7 @@ def perturb(output: torch.Tensor, noise: float, generator: torch.Generator) -> t
 
 def install(noise: float, seed: int = 0) -> None:
     """Make every SpanBackend of this process perturb its outputs."""
-    from provider_agent.backend import SpanBackend
+    from hivemart_core.models.backend import SpanBackend
 
     generator = torch.Generator().manual_seed(seed)
     honest_step, honest_forward = SpanBackend.inference_step, SpanBackend.forward
@@ -58,13 +59,17 @@ class CheatingSwarm(LocalSwarm):
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "tests.swarm.cheating_agent", *args, "--ready-file", str(ready_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
                 cwd=Path(__file__).resolve().parents[2],
             )
         return process, ready_file, log_path
 
-    def start_cheater(self, model_path: str | Path, start: int, end: int, *, name: str,
-                      extra_args: Sequence[str] = ()) -> AgentProcess:
+    def start_cheater(
+        self, model_path: str | Path, start: int, end: int, *, name: str, extra_args: Sequence[str] = ()
+    ) -> AgentProcess:
         self.cheaters = getattr(self, "cheaters", set()) | {name}
         return self.start_agent(model_path, start, end, name=name, extra_args=extra_args)
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import pytest
 
 from client_sdk.swarm.local import LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.swarm.runtime import SwarmRuntime
 
-def start_swarm(model: Path, spans: list[tuple[int, int]], workdir: Path, *,
-                extra_args: Sequence[str] = ()) -> LocalSwarm:
+
+def start_swarm(
+    model: Path, spans: list[tuple[int, int]], workdir: Path, *, extra_args: Sequence[str] = ()
+) -> LocalSwarm:
     """A bootstrap node and one agent per span (with ``extra_args``); all stopped if one fails."""
     swarm = LocalSwarm(workdir=workdir)
     try:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.swarm.p2p import die_with_parent
 
 BREAKS_ENV = "HIVEMART_FLAKY_BREAKS"
 
@@ -23,7 +24,7 @@ BREAKS_ENV = "HIVEMART_FLAKY_BREAKS"
 def install(breaks: set[int]) -> None:
     """Make this process's provider server cut the backward replies numbered in ``breaks``."""
     import provider_agent.server as server
-    from client_sdk.protocol.framing import encode_message
+    from hivemart_core.protocol.framing import encode_message
 
     honest = server.write_message
     count = 0
@@ -55,14 +56,25 @@ class FlakySwarm(LocalSwarm):
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "tests.swarm.flaky_agent", *args, "--ready-file", str(ready_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
                 cwd=Path(__file__).resolve().parents[2],
                 env={**os.environ, BREAKS_ENV: ",".join(map(str, sorted(breaks)))},
             )
         return process, ready_file, log_path
 
-    def start_flaky(self, model_path: str | Path, start: int, end: int, *, name: str, breaks: set[int],
-                    extra_args: Sequence[str] = ()) -> AgentProcess:
+    def start_flaky(
+        self,
+        model_path: str | Path,
+        start: int,
+        end: int,
+        *,
+        name: str,
+        breaks: set[int],
+        extra_args: Sequence[str] = (),
+    ) -> AgentProcess:
         self.flaky = {**getattr(self, "flaky", {}), name: breaks}
         return self.start_agent(model_path, start, end, name=name, extra_args=extra_args)
 

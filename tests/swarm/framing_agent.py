@@ -21,13 +21,14 @@ import dataclasses
 import hashlib
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from client_sdk.swarm.local import AgentProcess
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.swarm.p2p import die_with_parent
 from tests.swarm.cheating_agent import CheatingSwarm, perturb
 
 ADVERSARY_ENV = "HIVEMART_ADVERSARY"
@@ -44,15 +45,21 @@ def install_framer(noise: float, *, signed: bool, seed: int = 0) -> None:
     async def push(self: ProviderServer, session: Any, step: Any, delivered: Any) -> None:
         if isinstance(delivered, torch.Tensor):  # a server without step records pushes the bare output
             return await honest_push(self, session, step, perturb(delivered, noise, generator))
-        from client_sdk.protocol.commitments import digest_hex, sign_step
+        from hivemart_core.protocol.commitments import digest_hex, sign_step
 
         noisy = perturb(delivered.output, noise, generator)
         record = delivered.record
         if signed:
-            record = sign_step(self.identity, session_id=record.session_id, instance=record.instance,
-                               step_id=record.step_id,
-                               position=record.position, input_digest=record.input_digest,
-                               output_digest=digest_hex(noisy), ticket_id=record.ticket_id)
+            record = sign_step(
+                self.identity,
+                session_id=record.session_id,
+                instance=record.instance,
+                step_id=record.step_id,
+                position=record.position,
+                input_digest=record.input_digest,
+                output_digest=digest_hex(noisy),
+                ticket_id=record.ticket_id,
+            )
         await honest_push(self, session, step, dataclasses.replace(delivered, output=noisy, record=record))
 
     ProviderServer._push = push
@@ -60,24 +67,34 @@ def install_framer(noise: float, *, signed: bool, seed: int = 0) -> None:
 
 def install_liar(mode_file: Path) -> None:
     """Make the agent misstate the input of every pushed step (see the module docstring)."""
-    from client_sdk.protocol.commitments import StepRecord, sign_step
+    from hivemart_core.protocol.commitments import StepRecord, sign_step
     from provider_agent.server import ProviderServer
 
     honest_compute = ProviderServer._compute_step
 
-    async def compute_step(self: ProviderServer, session: Any, step: Any, tensors: Any, input_record: Any,
-                           input_digest: Any) -> Any:
+    async def compute_step(
+        self: ProviderServer, session: Any, step: Any, tensors: Any, input_record: Any, input_digest: Any
+    ) -> Any:
         delivered = await honest_compute(self, session, step, tensors, input_record, input_digest)
         if delivered is None or input_record is None:
             return delivered
         mode = mode_file.read_text().strip() if mode_file.exists() else "keep"
         claimed = hashlib.sha256(b"not what I got" + bytes.fromhex(delivered.record.input_digest)).hexdigest()
-        record = sign_step(self.identity, session_id=delivered.record.session_id,
-                           instance=delivered.record.instance, step_id=step.step_id,
-                           position=step.position, input_digest=claimed,
-                           output_digest=delivered.record.output_digest, ticket_id=delivered.record.ticket_id)
-        shown = {"keep": input_record, "drop": None,
-                 "forge": StepRecord(**{**input_record.to_dict(), "output_digest": claimed})}[mode]
+        record = sign_step(
+            self.identity,
+            session_id=delivered.record.session_id,
+            instance=delivered.record.instance,
+            step_id=step.step_id,
+            position=step.position,
+            input_digest=claimed,
+            output_digest=delivered.record.output_digest,
+            ticket_id=delivered.record.ticket_id,
+        )
+        shown = {
+            "keep": input_record,
+            "drop": None,
+            "forge": StepRecord(**{**input_record.to_dict(), "output_digest": claimed}),
+        }[mode]
         delivered = dataclasses.replace(delivered, record=record, input_record=shown)
         session.last_output = delivered
         return delivered
@@ -100,13 +117,26 @@ class AdversarySwarm(CheatingSwarm):
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "tests.swarm.framing_agent", *args, "--ready-file", str(ready_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-                cwd=Path(__file__).resolve().parents[2], env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+                cwd=Path(__file__).resolve().parents[2],
+                env={**os.environ, **env},
             )
         return process, ready_file, log_path
 
-    def start_adversary(self, model_path: str | Path, start: int, end: int, *, name: str, adversary: str,
-                        env: dict[str, str] | None = None, extra_args: Sequence[str] = ()) -> AgentProcess:
+    def start_adversary(
+        self,
+        model_path: str | Path,
+        start: int,
+        end: int,
+        *,
+        name: str,
+        adversary: str,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> AgentProcess:
         self.adversaries = {**getattr(self, "adversaries", {}), name: {ADVERSARY_ENV: adversary, **(env or {})}}
         return self.start_agent(model_path, start, end, name=name, extra_args=extra_args)
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.swarm.p2p import die_with_parent
 
 MODE_ENV = "HIVEMART_HOSTILE"
 MODES = ("bad_request", "silent")
@@ -29,15 +30,16 @@ MODES = ("bad_request", "silent")
 
 def install(mode: str) -> None:
     """Make every ProviderServer of this process answer inference opens as ``mode`` says."""
-    from client_sdk.protocol.framing import read_message, write_message
-    from client_sdk.protocol.rpc import error_header
+    from hivemart_core.protocol.framing import read_message, write_message
+    from hivemart_core.protocol.rpc import error_header
     from provider_agent.server import ProviderServer
 
     if mode not in MODES:
         raise SystemExit(f"{MODE_ENV} must be one of {', '.join(MODES)}, not {mode!r}")
 
-    async def handle_inference(self: ProviderServer, stream_info: Any, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
+    async def handle_inference(
+        self: ProviderServer, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         await read_message(reader, self._limits)
         if mode == "bad_request":
             await write_message(writer, error_header("bad_request", "no"))
@@ -62,13 +64,17 @@ class HostileSwarm(LocalSwarm):
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "tests.swarm.hostile_agent", *args, "--ready-file", str(ready_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
                 cwd=Path(__file__).resolve().parents[2],
             )
         return process, ready_file, log_path
 
-    def start_hostile(self, model_path: str | Path, start: int, end: int, *, name: str,
-                      extra_args: Sequence[str] = ()) -> AgentProcess:
+    def start_hostile(
+        self, model_path: str | Path, start: int, end: int, *, name: str, extra_args: Sequence[str] = ()
+    ) -> AgentProcess:
         self.hostile = getattr(self, "hostile", set()) | {name}
         return self.start_agent(model_path, start, end, name=name, extra_args=extra_args)
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.models import load_model_info, load_tokenizer
-from client_sdk.protocol.identity import Identity
-from client_sdk.errors import ProtocolError
-from client_sdk.protocol.records import ServerRecord, ServerState, block_key, verify_record
-from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.errors import ProtocolError
+from hivemart_core.models import load_model_info, load_tokenizer
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.records import ServerRecord, ServerState, block_key, verify_record
+from hivemart_core.swarm.dht import fetch_span_records
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -40,8 +40,9 @@ def agent_by_peer(swarm: LocalSwarm, peer_id: str):
     return next(a for a in swarm.agents if a.peer_id == peer_id)
 
 
-def generate_killing(model: DistributedModelForCausalLM, swarm: LocalSwarm, prompt: torch.Tensor,
-                     kills: dict[int, tuple[int, int]]) -> tuple[torch.Tensor, list[dict], list[str]]:
+def generate_killing(
+    model: DistributedModelForCausalLM, swarm: LocalSwarm, prompt: torch.Tensor, kills: dict[int, tuple[int, int]]
+) -> tuple[torch.Tensor, list[dict], list[str]]:
     """Generate 100 tokens; after token N, SIGKILL whoever serves blocks ``kills[N]`` now.
     Returns the tokens, the session's failovers and the killed peers."""
     killed: list[str] = []
@@ -110,17 +111,27 @@ def test_a_forged_record_for_a_victims_peer_id_is_ignored(tiny_model, tmp_path):
         victim = swarm.agents[0]
         info = load_model_info(tiny_model)
         attacker = Identity.generate()
-        forged = ServerRecord(peer_id=victim.peer_id, model_id=info.model_id, start=0, end=4,
-                              state=ServerState.OFFLINE, throughput=1e9, dtype="float32", cache_tokens_left=10**6,
-                              expires_at=time.time() + 3600)
+        forged = ServerRecord(
+            peer_id=victim.peer_id,
+            model_id=info.model_id,
+            start=0,
+            end=4,
+            state=ServerState.OFFLINE,
+            throughput=1e9,
+            dtype="float32",
+            cache_tokens_left=10**6,
+            expires_at=time.time() + 3600,
+        )
         body = msgpack.packb({**forged.__dict__, "maddrs": []}, use_bin_type=True)
         forged_value = body + attacker.sign(body)
         with SwarmRuntime(swarm.initial_peers) as runtime:
+
             async def attack() -> dict:
                 from hivemind.utils.timed_storage import get_dht_time
 
-                stored = await runtime.dht.store(block_key(info.model_id, 0), forged_value, get_dht_time() + 3600,
-                                                 subkey=victim.peer_id)
+                stored = await runtime.dht.store(
+                    block_key(info.model_id, 0), forged_value, get_dht_time() + 3600, subkey=victim.peer_id
+                )
                 return {"stored": stored, "records": await fetch_span_records(runtime.dht, info.model_id, range(4))}
 
             result = runtime.run(attack())

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from client_sdk.cli import cli
-from client_sdk.models import load_tokenizer
 from client_sdk.swarm.local import LocalSwarm
+from hivemart.cli import cli
+from hivemart_core.models import load_tokenizer
 
 pytestmark = [pytest.mark.swarm]
 
@@ -21,26 +21,41 @@ def test_generate_streams_the_tokens_of_local_transformers(tiny_model: Path, two
     prompt = "The swarm answers"
     peers = [a for peer in two_provider_swarm.initial_peers for a in ("--initial-peers", peer)]
     runner = CliRunner()
-    result = runner.invoke(cli, ["generate", prompt, "--model", str(tiny_model), *peers, "--max-new-tokens", "6",
-                                 "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        cli,
+        ["generate", prompt, "--model", str(tiny_model), *peers, "--max-new-tokens", "6", "--json"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
     tokenizer = load_tokenizer(tiny_model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     local = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     expected = local.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert out["text"] == tokenizer.decode(expected[0, ids.shape[1]:]) and out["tokens"] == 6
+    assert out["text"] == tokenizer.decode(expected[0, ids.shape[1] :]) and out["tokens"] == 6
     assert out["job"] is None
 
-    streamed = runner.invoke(cli, ["generate", prompt, "--model", str(tiny_model), *peers, "--max-new-tokens", "6"],
-                             catch_exceptions=False)
+    streamed = runner.invoke(
+        cli, ["generate", prompt, "--model", str(tiny_model), *peers, "--max-new-tokens", "6"], catch_exceptions=False
+    )
     assert streamed.exit_code == 0 and streamed.output.startswith(prompt) and out["text"] in streamed.output
 
 
-def test_generate_explains_missing_login_for_paid_jobs(tiny_model: Path, two_provider_swarm: LocalSwarm,
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_explains_missing_login_for_paid_jobs(
+    tiny_model: Path, two_provider_swarm: LocalSwarm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HIVEMART_CONFIG", str(tmp_path / "none.json"))
     monkeypatch.delenv("HIVEMART_API_KEY", raising=False)
-    result = CliRunner().invoke(cli, ["generate", "hi", "--model", str(tiny_model), "--initial-peers",
-                                      two_provider_swarm.initial_peers[0], "--paid"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            "hi",
+            "--model",
+            str(tiny_model),
+            "--initial-peers",
+            two_provider_swarm.initial_peers[0],
+            "--paid",
+        ],
+    )
     assert result.exit_code == 1 and "hivemart login" in result.output

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.models import load_tokenizer
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import load_tokenizer
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
 
 pytestmark = pytest.mark.swarm
@@ -29,8 +29,7 @@ def prompt(tiny_model: Path) -> torch.Tensor:
 
 
 def local_greedy(local_model: AutoModelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    return local_model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
+    return local_model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
 def distributed(tiny_model: Path, runtime: SwarmRuntime, push: bool = True) -> DistributedModelForCausalLM:
@@ -65,7 +64,9 @@ def test_step_logits_match_local_within_1e4(tiny_model, runtime2, local_model, p
         expected = local_model(tokens).logits
     with model.inference_session(max_length=tokens.shape[1]) as session:
         # the prompt as one step, then one token per step, as generation does
-        chunks = [tokens[:, : prompt.shape[1]]] + [tokens[:, i : i + 1] for i in range(prompt.shape[1], tokens.shape[1])]
+        chunks = [tokens[:, : prompt.shape[1]]] + [
+            tokens[:, i : i + 1] for i in range(prompt.shape[1], tokens.shape[1])
+        ]
         got = []
         for chunk in chunks:
             hidden = runtime2.run(session.chain.step(model.parts.embed(chunk)))
@@ -84,8 +85,17 @@ def test_repeated_generate_calls_in_one_session_continue_exactly(tiny_model, run
 
 def test_sampling_is_reproducible_with_a_generator(tiny_model, runtime2, prompt):
     model = distributed(tiny_model, runtime2)
-    runs = [model.generate(prompt, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50,
-                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        model.generate(
+            prompt,
+            max_new_tokens=10,
+            do_sample=True,
+            temperature=1.5,
+            top_k=50,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
     greedy = model.generate(prompt, max_new_tokens=10)
     assert runs[0].shape == greedy.shape

@@ -4,21 +4,21 @@ ticket a free client cannot have), is banned and routed around; free generation 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.models import load_model_info, load_tokenizer
-from client_sdk.protocol.identity import Identity
 from client_sdk.swarm.bans import PeerBans
-from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.routing import RouteHop
-from client_sdk.swarm.runtime import SwarmRuntime
 from client_sdk.swarm.session import ChainSession
+from hivemart_core.models import load_model_info, load_tokenizer
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.swarm.dht import fetch_span_records
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.hostile_agent import MODE_ENV, HostileSwarm
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -54,8 +54,9 @@ def honest_peers(swarm: HostileSwarm) -> set[str]:
     return {a.peer_id for a in swarm.agents if a.name.startswith("honest")}
 
 
-def generate_twice(tiny_model: Path, swarm: HostileSwarm, prompt: torch.Tensor, hostile: str,
-                   expected: torch.Tensor) -> DistributedModelForCausalLM:
+def generate_twice(
+    tiny_model: Path, swarm: HostileSwarm, prompt: torch.Tensor, hostile: str, expected: torch.Tensor
+) -> DistributedModelForCausalLM:
     """Two free generations by one client, both exact, the second never touching ``hostile``."""
     with SwarmRuntime(swarm.initial_peers) as runtime:
         model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
@@ -71,8 +72,7 @@ def generate_twice(tiny_model: Path, swarm: HostileSwarm, prompt: torch.Tensor, 
 
 
 @pytest.mark.parametrize("mode", ["bad_request", "silent"])
-def test_a_peer_failing_every_open_is_banned_and_routed_around(swarm, tiny_model, prompt, expected, mode,
-                                                                monkeypatch):
+def test_a_peer_failing_every_open_is_banned_and_routed_around(swarm, tiny_model, prompt, expected, mode, monkeypatch):
     monkeypatch.setenv(MODE_ENV, mode)
     hostile = swarm.start_hostile(tiny_model, 0, 4, name=f"hostile-{mode}", extra_args=CLAIM)
     try:
@@ -83,8 +83,9 @@ def test_a_peer_failing_every_open_is_banned_and_routed_around(swarm, tiny_model
 
 def test_a_ticket_requiring_peer_is_not_routed_to_by_free_clients(swarm, tiny_model, prompt, expected):
     platform = Identity.generate()
-    paid = swarm.start_agent(tiny_model, 0, 4, name="paid-fast",
-                             extra_args=[*CLAIM, "--platform-key", platform.public_key.hex()])
+    paid = swarm.start_agent(
+        tiny_model, 0, 4, name="paid-fast", extra_args=[*CLAIM, "--platform-key", platform.public_key.hex()]
+    )
     try:
         with SwarmRuntime(swarm.initial_peers) as runtime:
             model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
@@ -101,8 +102,7 @@ def test_a_ticket_requiring_peer_is_not_routed_to_by_free_clients(swarm, tiny_mo
             hop = RouteHop(paid.peer_id, 0, 4, records[paid.peer_id])
 
             async def open_on_paid() -> list[str]:
-                chain = ChainSession(runtime.p2p, [hop], max_length=16, find_route=model._find_route,
-                                     bans=model.bans)
+                chain = ChainSession(runtime.p2p, [hop], max_length=16, find_route=model._find_route, bans=model.bans)
                 await chain.open()
                 try:
                     return [h.peer_id for h in chain.route]
@@ -113,4 +113,3 @@ def test_a_ticket_requiring_peer_is_not_routed_to_by_free_clients(swarm, tiny_mo
             assert paid.peer_id in model.bans.banned()
     finally:
         swarm.stop_agent(paid)
-

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from client_sdk.errors import SwarmError
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
+from hivemart_core.errors import SwarmError
 from provider_agent.cli import cli
 from provider_agent.identity_lock import IdentityInUseError, hold_identity
 
@@ -19,8 +19,17 @@ pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 def start_default(swarm: LocalSwarm, model: Path, name: str, *extra: str) -> AgentProcess:
     """An agent started the way a user would on the second try: no --identity (unless in ``extra``)."""
-    args = ["run", "--model", str(model), "--blocks", "0:4", "--torch-threads", "1",
-            *[a for peer in swarm.initial_peers for a in ("--initial-peers", peer)], *extra]
+    args = [
+        "run",
+        "--model",
+        str(model),
+        "--blocks",
+        "0:4",
+        "--torch-threads",
+        "1",
+        *[a for peer in swarm.initial_peers for a in ("--initial-peers", peer)],
+        *extra,
+    ]
     agent = swarm._spawn(name, args)
     swarm.agents.append(agent)
     return agent

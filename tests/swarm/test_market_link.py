@@ -14,14 +14,14 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from client_sdk.models import compute_digests, load_model_info
-from client_sdk.protocol.framing import Message, read_message, write_message
-from client_sdk.protocol.identity import Identity, public_key_from_peer_id
-from client_sdk.protocol.receipts import ReceiptCounter, tensor_digest, verify_receipt, work_units
-from client_sdk.protocol.rpc import RPC_FORWARD, SpanRequest
-from client_sdk.protocol.tickets import JobTicket
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import compute_digests, load_model_info
+from hivemart_core.protocol.framing import Message, read_message, write_message
+from hivemart_core.protocol.identity import Identity, public_key_from_peer_id
+from hivemart_core.protocol.receipts import ReceiptCounter, tensor_digest, verify_receipt, work_units
+from hivemart_core.protocol.rpc import RPC_FORWARD, SpanRequest
+from hivemart_core.protocol.tickets import JobTicket
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import wait_for
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -29,13 +29,11 @@ pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 HIDDEN = 64
 
 
-
-
-def ticketed_forward(runtime: SwarmRuntime, agent: AgentProcess, ticket: JobTicket | None, session_id: str,
-                     seed: int) -> Message:
+def ticketed_forward(
+    runtime: SwarmRuntime, agent: AgentProcess, ticket: JobTicket | None, session_id: str, seed: int
+) -> Message:
     async def call() -> Message:
-        _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(agent.peer_id),
-                                                                         RPC_FORWARD)
+        _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(agent.peer_id), RPC_FORWARD)
         try:
             header = SpanRequest(0, 4, ticket=ticket and ticket.to_dict(), session_id=session_id).to_header()
             hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(seed))
@@ -48,8 +46,7 @@ def ticketed_forward(runtime: SwarmRuntime, agent: AgentProcess, ticket: JobTick
 
 
 @pytest.mark.django_db(transaction=True)
-def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, tmp_path: Path, live_server,
-                                                             settings):
+def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, tmp_path: Path, live_server, settings):
     from marketplace.accounts.services import api_key_create
     from marketplace.jobs.models import Job
     from marketplace.jobs.services import SegmentSpec, job_create, job_plan_store, job_transition
@@ -60,8 +57,13 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
 
     settings.HIVEMART_PLATFORM_KEY_FILE = platform_key_file(tmp_path)
     info, digests = load_model_info(tiny_model), compute_digests(tiny_model)
-    make_model(model_id=info.model_id, num_blocks=info.num_blocks, hidden_size=info.hidden_size,
-               weights_digest=digests["model"], block_digests=digests["blocks"])
+    make_model(
+        model_id=info.model_id,
+        num_blocks=info.num_blocks,
+        hidden_size=info.hidden_size,
+        weights_digest=digests["model"],
+        block_digests=digests["blocks"],
+    )
     owner = make_user()
     key = api_key_create(user=owner).raw
     market = ["--market", live_server.url, "--api-key", key, "--price", "700", "--heartbeat-period", "1"]
@@ -73,8 +75,9 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
         at_exit = swarm.start_agent(tiny_model, 0, 4, name="at-exit", extra_args=[*market, "--upload-period", "3600"])
 
         def online() -> dict[str, Provider] | None:
-            found = {p.peer_id: p for p in Provider.objects.filter(user=owner, state="online",
-                                                                     reported_throughput__gt=0)}
+            found = {
+                p.peer_id: p for p in Provider.objects.filter(user=owner, state="online", reported_throughput__gt=0)
+            }
             return found if len(found) == 2 else None
 
         providers = wait_for("both agents to register and heartbeat", online)
@@ -85,13 +88,23 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
 
         client_key = Identity.generate()
         client = make_wallet(credits=10**7).user
-        job, _ = job_create(user=client, kind="inference", model_id=info.model_id, budget=10**6, max_price=10**4,
-                            idempotency_key="market-link-test", client_key=client_key.public_key.hex())
-        job_plan_store(job=job, segments=[SegmentSpec(0, 4, providers[periodic.peer_id],
-                                                      backups=[providers[at_exit.peer_id]])])
+        job, _ = job_create(
+            user=client,
+            kind="inference",
+            model_id=info.model_id,
+            budget=10**6,
+            max_price=10**4,
+            idempotency_key="market-link-test",
+            client_key=client_key.public_key.hex(),
+        )
+        job_plan_store(
+            job=job, segments=[SegmentSpec(0, 4, providers[periodic.peer_id], backups=[providers[at_exit.peer_id]])]
+        )
         job_transition(job=job, to_state=Job.State.RUNNING)
-        tickets = {t.provider.peer_id: JobTicket.from_dict(t.signed)
-                   for t in Ticket.objects.filter(job=job).select_related("provider")}
+        tickets = {
+            t.provider.peer_id: JobTicket.from_dict(t.signed)
+            for t in Ticket.objects.filter(job=job).select_related("provider")
+        }
         assert all(t.provider_peer == peer for peer, t in tickets.items())
 
         expected: dict[str, ReceiptCounter] = {}
@@ -107,8 +120,9 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
                     mirror.record(work_units(tokens=3, blocks=4), tensor_digest(reply.tensors[0]))
 
         def stored(agent: AgentProcess) -> Receipt | None:
-            return Receipt.objects.filter(ticket__ticket_id=tickets[agent.peer_id].ticket_id,
-                                          session_id="session-0001", seq=2).first()
+            return Receipt.objects.filter(
+                ticket__ticket_id=tickets[agent.peer_id].ticket_id, session_id="session-0001", seq=2
+            ).first()
 
         receipt = wait_for("the periodic upload", lambda: stored(periodic))
         mirror = expected[periodic.peer_id]
@@ -122,8 +136,7 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
         assert Provider.objects.get(peer_id=at_exit.peer_id).state == "offline"  # said goodbye
 
 
-def test_an_agent_that_cannot_reach_its_marketplace_serves_no_billable_work_for_free(tiny_model: Path,
-                                                                                     tmp_path: Path):
+def test_an_agent_that_cannot_reach_its_marketplace_serves_no_billable_work_for_free(tiny_model: Path, tmp_path: Path):
     with LocalSwarm(workdir=tmp_path) as swarm:
         swarm.start_bootstrap()
         agent = swarm.start_agent(tiny_model, 0, 4, extra_args=["--market", "http://127.0.0.1:9"])

@@ -7,17 +7,17 @@ resident memory (psutil), never how long anything takes.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
 import torch
 
-from client_sdk.protocol.rpc import RPC_FORWARD, SpanRequest, SpanTuning
-from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.protocol.rpc import RPC_FORWARD, SpanRequest, SpanTuning
+from hivemart_core.swarm.connection import ProviderConnection
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm, wait_for
 
 pytestmark = pytest.mark.swarm
@@ -31,8 +31,12 @@ GRAPH_MB, GRAPH_TTL = 40, 2.0
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = start_swarm(tiny_model, [(0, 4)], tmp_path_factory.mktemp("memory"),
-                        extra_args=["--graph-mb", str(GRAPH_MB), "--graph-ttl", str(GRAPH_TTL)])
+    swarm = start_swarm(
+        tiny_model,
+        [(0, 4)],
+        tmp_path_factory.mktemp("memory"),
+        extra_args=["--graph-mb", str(GRAPH_MB), "--graph-ttl", str(GRAPH_TTL)],
+    )
     yield swarm
     swarm.stop()
 

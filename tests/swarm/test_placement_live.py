@@ -9,20 +9,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.models import create_model, load_model_info, load_tokenizer
-from client_sdk.protocol.records import ServerState
-from client_sdk.swarm.dht import fetch_span_records
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import create_model, load_model_info, load_tokenizer
+from hivemart_core.protocol.records import ServerState
+from hivemart_core.swarm.dht import fetch_span_records
+from hivemart_core.swarm.runtime import SwarmRuntime
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def eight_blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return create_model(tmp_path_factory.mktemp("models") / "eight", arch="llama", hidden=64, layers=8, heads=4,
-                        kv_heads=2, seed=1)
+    return create_model(
+        tmp_path_factory.mktemp("models") / "eight", arch="llama", hidden=64, layers=8, heads=4, kv_heads=2, seed=1
+    )
 
 
 def exact(model_path: Path, runtime: SwarmRuntime) -> bool:
@@ -51,8 +52,9 @@ def test_an_agent_moves_to_the_blocks_nobody_serves(eight_blocks: Path, tmp_path
     model_id = load_model_info(eight_blocks).model_id
     with LocalSwarm(workdir=tmp_path) as swarm:
         swarm.start_bootstrap()
-        mover = swarm.start_placed_agent(eight_blocks, 4, extra_args=["--rebalance-period", "1",
-                                                                       "--announce-period", "1"])
+        mover = swarm.start_placed_agent(
+            eight_blocks, 4, extra_args=["--rebalance-period", "1", "--announce-period", "1"]
+        )
         assert (mover.ready["start"], mover.ready["end"]) == (0, 4)
         swarm.start_agent(eight_blocks, 0, 4)  # now 0:4 is served twice and 4:8 by nobody
         with SwarmRuntime(swarm.initial_peers) as runtime:
@@ -83,6 +85,7 @@ def test_an_agent_asks_the_marketplace_where_it_is_needed(eight_blocks: Path, tm
         agent = swarm.start_placed_agent(eight_blocks, 4, extra_args=["--market", live_server.url, "--api-key", key])
         assert (agent.ready["start"], agent.ready["end"]) == (4, 8)
         # An unreachable marketplace is not fatal: the agent falls back to the DHT.
-        fallback = swarm.start_placed_agent(eight_blocks, 4, extra_args=["--market", "http://127.0.0.1:9",
-                                                                          "--api-key", key])
+        fallback = swarm.start_placed_agent(
+            eight_blocks, 4, extra_args=["--market", "http://127.0.0.1:9", "--api-key", key]
+        )
         assert (fallback.ready["start"], fallback.ready["end"]) == (0, 4)

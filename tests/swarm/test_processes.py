@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from client_sdk.swarm.p2p import die_with_parent
+from hivemart_core.swarm.p2p import die_with_parent
 from tests.swarm.conftest import start_swarm
 
 pytestmark = pytest.mark.swarm
@@ -23,7 +23,9 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = pids
     while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
         time.sleep(0.1)
     return alive
 
@@ -49,9 +51,13 @@ def _start_in_own_group(args: list[str], tmp_path: Path, name: str) -> subproces
     systemd starts it), once it wrote its ready file."""
     ready = tmp_path / f"{name}.ready"
     log = open(tmp_path / f"{name}.log", "ab")
-    process = subprocess.Popen([sys.executable, "-m", "provider_agent", "-v", *args, "--ready-file", str(ready)],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=die_with_parent)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "provider_agent", "-v", *args, "--ready-file", str(ready)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     log.close()
     deadline = time.monotonic() + 120
     while not ready.exists():
@@ -85,17 +91,33 @@ def test_sigterm_stops_the_bootstrap_node_and_an_agent_promptly(tiny_model: Path
     dht = _start_in_own_group(["dht"], tmp_path, "dht")
     try:
         peers = json.loads((tmp_path / "dht.ready").read_text())["ready"]["maddrs"]
-        agent = _start_in_own_group(["run", "--model", str(tiny_model), "--blocks", "0:4", "--torch-threads", "1",
-                                     "--identity", str(tmp_path / "agent.key"), "--initial-peers", peers[0]],
-                                    tmp_path, "agent")
+        agent = _start_in_own_group(
+            [
+                "run",
+                "--model",
+                str(tiny_model),
+                "--blocks",
+                "0:4",
+                "--torch-threads",
+                "1",
+                "--identity",
+                str(tmp_path / "agent.key"),
+                "--initial-peers",
+                peers[0],
+            ],
+            tmp_path,
+            "agent",
+        )
         try:
             for process, name in ((agent, "agent"), (dht, "dht")):
                 pids = _signal(process, how)
                 try:
                     assert process.wait(60) == 0, (tmp_path / f"{name}.log").read_text()
                 except subprocess.TimeoutExpired:
-                    pytest.fail(f"{name} still runs 60 s after SIGTERM ({how}):\n"
-                                + (tmp_path / f"{name}.log").read_text()[-3000:])
+                    pytest.fail(
+                        f"{name} still runs 60 s after SIGTERM ({how}):\n"
+                        + (tmp_path / f"{name}.log").read_text()[-3000:]
+                    )
                 assert wait_gone(pids) == []
         finally:
             if agent.poll() is None:

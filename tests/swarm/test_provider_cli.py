@@ -31,11 +31,10 @@ def test_run_rejects_a_missing_model_directory(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-
 def test_agents_pick_their_cpu_threads_from_the_block_size(tiny_model, tmp_path):
-    from client_sdk.models import create_model
     from client_sdk.swarm.local import LocalSwarm
-    from provider_agent.backend import SpanBackend
+    from hivemart_core.models import create_model
+    from hivemart_core.models.backend import SpanBackend
     from provider_agent.threads import auto_threads, usable_cores
 
     wide = create_model(tmp_path / "wide", arch="llama", hidden=512, layers=2, seed=0)
@@ -43,14 +42,18 @@ def test_agents_pick_their_cpu_threads_from_the_block_size(tiny_model, tmp_path)
     assert wide_threads == min(usable_cores(), 3)
     with LocalSwarm(workdir=tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
-        small, large, fixed = swarm.start_agents(tiny_model, [(0, 2)], torch_threads=0) + \
-            swarm.start_agents(wide, [(0, 2)], torch_threads=0) + swarm.start_agents(tiny_model, [(2, 4)], torch_threads=3)
+        small, large, fixed = (
+            swarm.start_agents(tiny_model, [(0, 2)], torch_threads=0)
+            + swarm.start_agents(wide, [(0, 2)], torch_threads=0)
+            + swarm.start_agents(tiny_model, [(2, 4)], torch_threads=3)
+        )
         assert small.ready["torch_threads"] == 1  # 0.1 MiB blocks: threads would cost more than they give
         assert large.ready["torch_threads"] == wide_threads
         assert fixed.ready["torch_threads"] == 3  # the operator's choice wins
 
 
 # --- start-up errors are one line that says what to do (issue 14), run as the user runs them ---
+
 
 def test_an_unsupported_architecture_is_one_line(tiny_model, tmp_path):
     import json
@@ -60,8 +63,9 @@ def test_an_unsupported_architecture_is_one_line(tiny_model, tmp_path):
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    code, stderr = run_cli("provider_agent", "run", "--model", str(model), "--blocks", "0:2",
-                           "--identity", str(tmp_path / "agent.key"))
+    code, stderr = run_cli(
+        "provider_agent", "run", "--model", str(model), "--blocks", "0:2", "--identity", str(tmp_path / "agent.key")
+    )
     line = one_error_line(stderr)
     assert code == 1 and "'gpt2'" in line and "supported: llama" in line
 
@@ -71,17 +75,30 @@ def test_cuda_on_a_cpu_only_torch_is_a_usage_error(tiny_model, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, stderr = run_cli("provider_agent", "run", "--model", str(tiny_model), "--blocks", "0:2",
-                           "--device", "cuda", "--identity", str(tmp_path / "agent.key"))
+    code, stderr = run_cli(
+        "provider_agent",
+        "run",
+        "--model",
+        str(tiny_model),
+        "--blocks",
+        "0:2",
+        "--device",
+        "cuda",
+        "--identity",
+        str(tmp_path / "agent.key"),
+    )
     line = one_error_line(stderr)
     assert code == 2 and "--device" in line and "use --device cpu" in line
 
 
-@pytest.mark.parametrize("peer, says", [
-    ("garbage", "is not a multiaddr like /ip4/"),
-    ("/ip4/127.0.0.1/tcp/31337", "does not end with the peer's id"),
-    ("/ip4/127.0.0.1/tcp/31337/p2p/not-a-peer", "is not a multiaddr like /ip4/"),
-])
+@pytest.mark.parametrize(
+    "peer, says",
+    [
+        ("garbage", "is not a multiaddr like /ip4/"),
+        ("/ip4/127.0.0.1/tcp/31337", "does not end with the peer's id"),
+        ("/ip4/127.0.0.1/tcp/31337/p2p/not-a-peer", "is not a multiaddr like /ip4/"),
+    ],
+)
 @pytest.mark.parametrize("command", ["run", "dht"])
 def test_malformed_initial_peers_are_usage_errors(tiny_model, tmp_path, command, peer, says):
     args = ["run", "--model", str(tiny_model), "--blocks", "0:2"] if command == "run" else ["dht"]
@@ -93,11 +110,20 @@ def test_malformed_initial_peers_are_usage_errors(tiny_model, tmp_path, command,
 @pytest.mark.slow
 def test_unreachable_initial_peers_are_one_line(tiny_model, tmp_path):
     """A well-formed address where nobody listens: p2pd gives up after its dial timeout."""
-    from client_sdk.protocol.identity import Identity
+    from hivemart_core.protocol.identity import Identity
 
     nobody = Identity.load_or_create(tmp_path / "nobody.key").peer_id
-    code, stderr = run_cli("provider_agent", "run", "--model", str(tiny_model), "--blocks", "0:2",
-                           "--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{nobody}",
-                           "--identity", str(tmp_path / "agent.key"))
+    code, stderr = run_cli(
+        "provider_agent",
+        "run",
+        "--model",
+        str(tiny_model),
+        "--blocks",
+        "0:2",
+        "--initial-peers",
+        f"/ip4/127.0.0.1/tcp/9/p2p/{nobody}",
+        "--identity",
+        str(tmp_path / "agent.key"),
+    )
     line = one_error_line(stderr)
     assert code == 1 and "none of the initial peers answered" in line and "is the bootstrap node running" in line

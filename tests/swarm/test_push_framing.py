@@ -8,19 +8,19 @@ Real agents (subprocesses on loopback) that require tickets; adversaries from
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.models import load_tokenizer
-from client_sdk.protocol.commitments import equivocation
-from client_sdk.protocol.identity import Identity
 from client_sdk.swarm.job import SwarmJob
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import load_tokenizer
+from hivemart_core.protocol.commitments import equivocation
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.framing_agent import LIAR_MODE_ENV, AdversarySwarm
 from tests.swarm.test_settlement_e2e import PLATFORM, agent, local_greedy, signed_plan
 
@@ -51,8 +51,15 @@ def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         swarm.start_bootstrap()
         swarm.start_adversary(tiny_model, 0, 2, name="f0", adversary="framer", extra_args=args)
         swarm.start_adversary(tiny_model, 0, 2, name="u0", adversary="framer-unsigned", extra_args=args)
-        swarm.start_adversary(tiny_model, 2, 4, name="l1", adversary="liar",
-                              env={LIAR_MODE_ENV: str(workdir / "liar.mode")}, extra_args=args)
+        swarm.start_adversary(
+            tiny_model,
+            2,
+            4,
+            name="l1",
+            adversary="liar",
+            env={LIAR_MODE_ENV: str(workdir / "liar.mode")},
+            extra_args=args,
+        )
         swarm.start_agents(tiny_model, [(0, 2), (2, 4)], names=["p0", "p1"], extra_args=args)
         yield swarm
     finally:
@@ -65,14 +72,28 @@ def runtime(swarm: AdversarySwarm) -> Iterator[SwarmRuntime]:
         yield runtime
 
 
-def run_job(swarm: AdversarySwarm, tiny_model: Path, runtime: SwarmRuntime, prompt: torch.Tensor,
-            segments: list[list[str]], *, job_id: int, verify_rate: float) -> tuple[SwarmJob, torch.Tensor, list, list]:
+def run_job(
+    swarm: AdversarySwarm,
+    tiny_model: Path,
+    runtime: SwarmRuntime,
+    prompt: torch.Tensor,
+    segments: list[list[str]],
+    *,
+    job_id: int,
+    verify_rate: float,
+) -> tuple[SwarmJob, torch.Tensor, list, list]:
     """Generate through a job planned on ``segments``; returns the job, the tokens, the final
     route, the session's failovers, and what the job filed for audit."""
     client = Identity.generate()
     filed: list = []
-    job = SwarmJob(signed_plan(swarm, tiny_model, client, segments, job_id=job_id), client, job_id=job_id,
-                   verify_rate=verify_rate, rng=random.Random(job_id), file_audit=filed.append)
+    job = SwarmJob(
+        signed_plan(swarm, tiny_model, client, segments, job_id=job_id),
+        client,
+        job_id=job_id,
+        verify_rate=verify_rate,
+        rng=random.Random(job_id),
+        file_audit=filed.append,
+    )
     model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
     job.attach(model)
     with model.inference_session(prompt.shape[1] + NEW_TOKENS) as session:
@@ -84,9 +105,17 @@ def run_job(swarm: AdversarySwarm, tiny_model: Path, runtime: SwarmRuntime, prom
 
 @pytest.mark.parametrize("verify_rate", [1.0, 0.05])
 def test_a_framer_is_caught_excluded_and_reported_and_its_honest_neighbour_is_not(
-        swarm, tiny_model, runtime, local_model, prompt, verify_rate):
-    job, tokens, route, failovers, filed = run_job(swarm, tiny_model, runtime, prompt, [["f0", "p0"], ["p1", "l1"]],
-                                                   job_id=10 + int(verify_rate * 100), verify_rate=verify_rate)
+    swarm, tiny_model, runtime, local_model, prompt, verify_rate
+):
+    job, tokens, route, failovers, filed = run_job(
+        swarm,
+        tiny_model,
+        runtime,
+        prompt,
+        [["f0", "p0"], ["p1", "l1"]],
+        job_id=10 + int(verify_rate * 100),
+        verify_rate=verify_rate,
+    )
     framer, neighbour = agent(swarm, "f0"), agent(swarm, "p1")
     # Caught on the first step, before its noise reached a token.
     assert torch.equal(tokens, local_greedy(local_model, prompt, NEW_TOKENS))
@@ -106,8 +135,9 @@ def test_a_framer_is_caught_excluded_and_reported_and_its_honest_neighbour_is_no
 
 
 def test_a_framer_pushing_an_unsigned_output_is_refused_downstream(swarm, tiny_model, runtime, local_model, prompt):
-    job, tokens, route, failovers, filed = run_job(swarm, tiny_model, runtime, prompt, [["u0", "p0"], ["p1", "l1"]],
-                                                   job_id=20, verify_rate=1.0)
+    job, tokens, route, failovers, filed = run_job(
+        swarm, tiny_model, runtime, prompt, [["u0", "p0"], ["p1", "l1"]], job_id=20, verify_rate=1.0
+    )
     # The neighbour refused the push and said who sent it: the pusher is routed around.
     assert torch.equal(tokens, local_greedy(local_model, prompt, NEW_TOKENS))
     assert [f["peer_id"] for f in failovers] == [agent(swarm, "u0")] and "bad_push" in failovers[0]["reason"]
@@ -116,11 +146,19 @@ def test_a_framer_pushing_an_unsigned_output_is_refused_downstream(swarm, tiny_m
 
 
 @pytest.mark.parametrize("mode", ["keep", "forge", "drop"])
-def test_a_downstream_lying_about_its_input_cannot_frame_its_upstream(swarm, tiny_model, runtime, local_model, prompt,
-                                                                      mode):
+def test_a_downstream_lying_about_its_input_cannot_frame_its_upstream(
+    swarm, tiny_model, runtime, local_model, prompt, mode
+):
     (swarm.workdir / "liar.mode").write_text(mode)
-    job, tokens, route, failovers, filed = run_job(swarm, tiny_model, runtime, prompt, [["p0"], ["l1", "p1"]],
-                                                   job_id=30 + ["keep", "forge", "drop"].index(mode), verify_rate=1.0)
+    job, tokens, route, failovers, filed = run_job(
+        swarm,
+        tiny_model,
+        runtime,
+        prompt,
+        [["p0"], ["l1", "p1"]],
+        job_id=30 + ["keep", "forge", "drop"].index(mode),
+        verify_rate=1.0,
+    )
     liar, upstream = agent(swarm, "l1"), agent(swarm, "p0")
     assert torch.equal(tokens, local_greedy(local_model, prompt, NEW_TOKENS))
     # It cannot show a record the upstream signed for the input it claims: it is the one excluded.

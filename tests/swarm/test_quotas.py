@@ -9,8 +9,8 @@ deadlines on events, never timing assertions.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import msgpack
 import psutil
@@ -18,12 +18,12 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from client_sdk.errors import RemoteError
-from client_sdk.protocol.framing import read_message, write_message
-from client_sdk.protocol.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, OpenSession, SpanRequest
-from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.errors import RemoteError
+from hivemart_core.protocol.framing import read_message, write_message
+from hivemart_core.protocol.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, OpenSession, SpanRequest
+from hivemart_core.swarm.connection import ProviderConnection
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
 
 pytestmark = pytest.mark.swarm
@@ -35,10 +35,23 @@ STREAMS_PER_PEER, IDLE_S, PEER_BUFFER_MB, SESSIONS_PER_PEER, PEER_CACHE_MB = 40,
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = start_swarm(tiny_model, [(0, 4)], tmp_path_factory.mktemp("quotas"), extra_args=[
-        "--max-streams-per-peer", str(STREAMS_PER_PEER), "--stream-idle-timeout", str(IDLE_S),
-        "--peer-buffer-mb", str(PEER_BUFFER_MB), "--max-sessions-per-peer", str(SESSIONS_PER_PEER),
-        "--peer-cache-mb", str(PEER_CACHE_MB)])
+    swarm = start_swarm(
+        tiny_model,
+        [(0, 4)],
+        tmp_path_factory.mktemp("quotas"),
+        extra_args=[
+            "--max-streams-per-peer",
+            str(STREAMS_PER_PEER),
+            "--stream-idle-timeout",
+            str(IDLE_S),
+            "--peer-buffer-mb",
+            str(PEER_BUFFER_MB),
+            "--max-sessions-per-peer",
+            str(SESSIONS_PER_PEER),
+            "--peer-cache-mb",
+            str(PEER_CACHE_MB),
+        ],
+    )
     yield swarm
     swarm.stop()
 
@@ -182,6 +195,7 @@ def test_another_client_is_served_while_one_peer_holds_all_its_streams(attacker,
     try:
         forward_ok(honest, agent)
     finally:
+
         async def close() -> None:
             for _, writer in streams:
                 writer.close()
@@ -189,8 +203,9 @@ def test_another_client_is_served_while_one_peer_holds_all_its_streams(attacker,
         attacker.run(close())
 
 
-async def open_session(runtime: SwarmRuntime, agent: AgentProcess, session_id: str,
-                       **spec: int) -> tuple[dict, asyncio.StreamWriter]:
+async def open_session(
+    runtime: SwarmRuntime, agent: AgentProcess, session_id: str, **spec: int
+) -> tuple[dict, asyncio.StreamWriter]:
     _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(agent.peer_id), RPC_INFERENCE)
     await write_message(writer, OpenSession(session_id=session_id, start=0, end=4, **spec).to_header())
     return (await asyncio.wait_for(read_message(reader), 30)).header, writer
@@ -198,8 +213,10 @@ async def open_session(runtime: SwarmRuntime, agent: AgentProcess, session_id: s
 
 def test_sessions_and_cache_are_bounded_per_peer(attacker, honest, agent):
     async def open_many() -> list[tuple[dict, asyncio.StreamWriter]]:
-        return [await open_session(attacker, agent, f"quota-session-{i}", max_length=16)
-                for i in range(SESSIONS_PER_PEER + 1)]
+        return [
+            await open_session(attacker, agent, f"quota-session-{i}", max_length=16)
+            for i in range(SESSIONS_PER_PEER + 1)
+        ]
 
     async def honest_opens() -> tuple[str, str]:
         # 2048 x 64 tokens over 4 blocks reserve 128 MiB of cache (of 512 MiB): over one peer's 64 MiB.

@@ -10,20 +10,20 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client_sdk.models import load_model_info, load_tokenizer
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import verify_receipt
-from client_sdk.protocol.tickets import issue_ticket
 from client_sdk.swarm.job import JobPlan, SwarmJob
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import load_model_info, load_tokenizer
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import verify_receipt
+from hivemart_core.protocol.tickets import issue_ticket
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.cheating_agent import CheatingSwarm
 from tests.swarm.conftest import wait_for
 
@@ -51,8 +51,9 @@ def ticketed_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     try:
         swarm.start_bootstrap()
         swarm.start_cheater(tiny_model, 0, 2, name="c0", extra_args=args)
-        swarm.start_agents(tiny_model, [(0, 2), (2, 4), (0, 2), (2, 4)], names=["p0", "p1", "b0", "b1"],
-                           extra_args=args)
+        swarm.start_agents(
+            tiny_model, [(0, 2), (2, 4), (0, 2), (2, 4)], names=["p0", "p1", "b0", "b1"], extra_args=args
+        )
         yield swarm
     finally:
         swarm.stop()
@@ -68,8 +69,9 @@ def agent(swarm: CheatingSwarm, name: str) -> str:
     return next(a.peer_id for a in swarm.agents if a.name == name)
 
 
-def signed_plan(swarm: CheatingSwarm, model_path: Path, client: Identity, segments: list[list[str]],
-                job_id: int = 1) -> JobPlan:
+def signed_plan(
+    swarm: CheatingSwarm, model_path: Path, client: Identity, segments: list[list[str]], job_id: int = 1
+) -> JobPlan:
     """Tickets as the marketplace would issue them for ``segments`` (names, primary first)."""
     info = load_model_info(model_path)
     entries = []
@@ -77,14 +79,39 @@ def signed_plan(swarm: CheatingSwarm, model_path: Path, client: Identity, segmen
         start, end = 2 * index, 2 * index + 2
         for rank, name in enumerate(names):
             peer = agent(swarm, name)
-            ticket = issue_ticket(PLATFORM, ticket_id=f"tkt_{job_id}_{index}_{name}", job_id=job_id,
-                                  client_key=client.public_key.hex(), provider_peer=peer, model_id=info.model_id,
-                                  model_digest="0" * 64, start=start, end=end, max_units=1_000_000, price=1000,
-                                  credit_units=1_000_000, expires_at=int(time.time()) + 600)
-            entries.append({"segment": index, "role": "backup" if rank else "primary", "rank": rank,
-                            "provider_peer": peer, "start": start, "end": end, "ticket": ticket.to_dict()})
-    return JobPlan.from_tickets(entries, platform_key=PLATFORM.public_key, job_id=job_id,
-                                client_key=client.public_key.hex(), model_id=info.model_id)
+            ticket = issue_ticket(
+                PLATFORM,
+                ticket_id=f"tkt_{job_id}_{index}_{name}",
+                job_id=job_id,
+                client_key=client.public_key.hex(),
+                provider_peer=peer,
+                model_id=info.model_id,
+                model_digest="0" * 64,
+                start=start,
+                end=end,
+                max_units=1_000_000,
+                price=1000,
+                credit_units=1_000_000,
+                expires_at=int(time.time()) + 600,
+            )
+            entries.append(
+                {
+                    "segment": index,
+                    "role": "backup" if rank else "primary",
+                    "rank": rank,
+                    "provider_peer": peer,
+                    "start": start,
+                    "end": end,
+                    "ticket": ticket.to_dict(),
+                }
+            )
+    return JobPlan.from_tickets(
+        entries,
+        platform_key=PLATFORM.public_key,
+        job_id=job_id,
+        client_key=client.public_key.hex(),
+        model_id=info.model_id,
+    )
 
 
 def local_greedy(local_model: AutoModelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -102,8 +129,9 @@ def test_unticketed_requests_are_refused(tiny_model, runtime, local_model, promp
         model.generate(prompt, max_new_tokens=2)
 
 
-def test_a_job_routes_by_its_plan_and_countersigns_every_receipt(ticketed_swarm, tiny_model, runtime, local_model,
-                                                                  prompt):
+def test_a_job_routes_by_its_plan_and_countersigns_every_receipt(
+    ticketed_swarm, tiny_model, runtime, local_model, prompt
+):
     client = Identity.generate()
     plan = signed_plan(ticketed_swarm, tiny_model, client, [["p0", "b0"], ["p1", "b1"]])
     job = SwarmJob(plan, client, job_id=1, verify_rate=1.0, rng=random.Random(0))
@@ -150,11 +178,17 @@ def test_a_cheater_is_caught_reported_and_replaced(ticketed_swarm, tiny_model, r
     assert job.mismatches == 1 and job.excluded == {cheater}
     [mismatch] = reported
     assert (mismatch.peer_id, mismatch.reference_peer, mismatch.start, mismatch.end) == (
-        cheater, agent(ticketed_swarm, "b0"), 0, 2)
+        cheater,
+        agent(ticketed_swarm, "b0"),
+        0,
+        2,
+    )
     assert mismatch.ticket.provider_peer == cheater and not mismatch.comparison.matches
     [failover] = failovers
-    assert failover["peer_id"] == cheater and failover["replacement"] == [agent(ticketed_swarm, "b0"),
-                                                                          agent(ticketed_swarm, "p1")]
+    assert failover["peer_id"] == cheater and failover["replacement"] == [
+        agent(ticketed_swarm, "b0"),
+        agent(ticketed_swarm, "p1"),
+    ]
     caught_at = caught_at_step(failover, prompt)
     assert caught_at <= 3 / rate  # 95% of cheaters are caught within 3/r steps (here: seeded)
     # From the step that caught it on, the tokens are what honest blocks compute from the same history.
@@ -164,10 +198,12 @@ def test_a_cheater_is_caught_reported_and_replaced(ticketed_swarm, tiny_model, r
     assert torch.equal(tokens[0, first:], logits[0, first - 1 : -1].argmax(-1))
 
 
-def test_failover_moves_to_the_planned_backup_with_its_own_ticket(ticketed_swarm, tiny_model, runtime, local_model,
-                                                                  prompt):
-    doomed = ticketed_swarm.start_agent(tiny_model, 2, 4, name="k1", extra_args=[
-        "--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "4"])
+def test_failover_moves_to_the_planned_backup_with_its_own_ticket(
+    ticketed_swarm, tiny_model, runtime, local_model, prompt
+):
+    doomed = ticketed_swarm.start_agent(
+        tiny_model, 2, 4, name="k1", extra_args=["--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "4"]
+    )
     client = Identity.generate()
     plan = signed_plan(ticketed_swarm, tiny_model, client, [["p0", "b0"], ["k1", "b1"]], job_id=4)
     job = SwarmJob(plan, client, job_id=4, verify_rate=0.0)
@@ -240,8 +276,6 @@ PRIMARY_PRICE = 1_000_000_000  # micro-credits per million units: 1000 per unit,
 BACKUP_PRICE = 1_500_000_000
 
 
-
-
 class Market:
     """The marketplace side of the live test: its rows, read through the ORM; plans stored the
     way the scheduler stores them."""
@@ -254,17 +288,22 @@ class Market:
         from marketplace.jobs.models import Job
         from marketplace.jobs.services import SegmentSpec, job_plan_store
 
-        job_plan_store(job=Job.objects.get(pk=job_id), segments=[
-            SegmentSpec(2 * i, 2 * i + 2, self.providers[primary], backups=[self.providers[b] for b in backups])
-            for i, (primary, backups) in enumerate(segments)])
+        job_plan_store(
+            job=Job.objects.get(pk=job_id),
+            segments=[
+                SegmentSpec(2 * i, 2 * i + 2, self.providers[primary], backups=[self.providers[b] for b in backups])
+                for i, (primary, backups) in enumerate(segments)
+            ],
+        )
 
     def start_job(self, client, model_id: str, segments: list[tuple[str, list[str]]], *, budget: int, **kwargs):
         """A job created over REST with a fresh client key, planned, and opened by the SDK."""
         from client_sdk.swarm.job import MarketJob
 
         identity = Identity.generate()
-        row = client.jobs.create(model=model_id, kind="inference", budget=budget, max_price=2 * BACKUP_PRICE,
-                                 client_key=identity.public_key)
+        row = client.jobs.create(
+            model=model_id, kind="inference", budget=budget, max_price=2 * BACKUP_PRICE, client_key=identity.public_key
+        )
         self.plan(row.id, segments)
         return MarketJob.open(client, row.id, identity, plan_timeout=10, poll_interval=0.1, **kwargs)
 
@@ -304,8 +343,9 @@ def paid_by_name(job, market: Market, units: dict[str, int]) -> dict[str, int]:
     for provider in job.plan.providers():
         if provider.ticket.ticket_id in units:
             name = next(n for n, p in market.providers.items() if p.peer_id == provider.peer_id)
-            cost = ticket_cost(units[provider.ticket.ticket_id], max_units=provider.ticket.max_units,
-                               price=provider.ticket.price)
+            cost = ticket_cost(
+                units[provider.ticket.ticket_id], max_units=provider.ticket.max_units, price=provider.ticket.price
+            )
             owed[name] = owed.get(name, 0) + cost
     return owed
 
@@ -319,12 +359,13 @@ def after_fee(amount: int) -> int:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_model, tmp_path, live_server,
-                                                                           settings, local_model, prompt):
-    from client_sdk.api import Client
-    from client_sdk.errors import RemoteError
-    from client_sdk.models import compute_digests
+def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(
+    tiny_model, tmp_path, live_server, settings, local_model, prompt
+):
     from client_sdk.swarm.job import JobPlanError, wait_for_plan
+    from hivemart_core.api import Client
+    from hivemart_core.errors import RemoteError
+    from hivemart_core.models import compute_digests
     from marketplace.accounts.services import api_key_create
     from marketplace.jobs.models import Job
     from marketplace.ledger.selectors import ledger_verify
@@ -341,25 +382,45 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
     (tmp_path / "validator").mkdir()
     (tmp_path / "validator" / info.model_id).symlink_to(tiny_model)
     settings.HIVEMART_MODELS_DIR = tmp_path / "validator"  # the audit validator's checkpoints
-    make_model(model_id=info.model_id, num_blocks=info.num_blocks, hidden_size=info.hidden_size,
-               weights_digest=digests["model"], block_digests=digests["blocks"])
+    make_model(
+        model_id=info.model_id,
+        num_blocks=info.num_blocks,
+        hidden_size=info.hidden_size,
+        weights_digest=digests["model"],
+        block_digests=digests["blocks"],
+    )
     owner = make_user()
-    market_args = ["--market", live_server.url, "--api-key", api_key_create(user=owner).raw, "--heartbeat-period",
-                   "1", "--upload-period", "1", "--receipt-every", "4"]
+    market_args = [
+        "--market",
+        live_server.url,
+        "--api-key",
+        api_key_create(user=owner).raw,
+        "--heartbeat-period",
+        "1",
+        "--upload-period",
+        "1",
+        "--receipt-every",
+        "4",
+    ]
     client_user = make_wallet(credits=10**9).user
     client = Client(api_key=api_key_create(user=client_user).raw, base_url=live_server.url)
 
     with CheatingSwarm(workdir=tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
         swarm.start_cheater(tiny_model, 0, 2, name="c0", extra_args=[*market_args, "--price", str(PRIMARY_PRICE)])
-        swarm.start_agents(tiny_model, [(0, 2), (2, 4)], names=["p0", "p1"],
-                           extra_args=[*market_args, "--price", str(PRIMARY_PRICE)])
-        swarm.start_agents(tiny_model, [(0, 2), (2, 4)], names=["b0", "b1"],
-                           extra_args=[*market_args, "--price", str(BACKUP_PRICE)])
+        swarm.start_agents(
+            tiny_model, [(0, 2), (2, 4)], names=["p0", "p1"], extra_args=[*market_args, "--price", str(PRIMARY_PRICE)]
+        )
+        swarm.start_agents(
+            tiny_model, [(0, 2), (2, 4)], names=["b0", "b1"], extra_args=[*market_args, "--price", str(BACKUP_PRICE)]
+        )
         peers = {a.name: a.peer_id for a in swarm.agents}
-        registered = wait_for("five agents online", lambda: (
-            lambda found: found if len(found) == 5 else None)(
-            {p.peer_id: p for p in Provider.objects.filter(user=owner, state="online", reported_throughput__gt=0)}))
+        registered = wait_for(
+            "five agents online",
+            lambda: (lambda found: found if len(found) == 5 else None)(
+                {p.peer_id: p for p in Provider.objects.filter(user=owner, state="online", reported_throughput__gt=0)}
+            ),
+        )
         market = Market({name: registered[peer] for name, peer in peers.items()}, client_user)
 
         # A job nobody plans: the SDK says so instead of waiting forever.
@@ -374,8 +435,14 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
 
             # (a) An honest job: receipts countersigned and uploaded, settlement pays cost(units) minus the fee.
             earnings, wallet = market.earnings(), market.wallet()
-            job = market.start_job(client, info.model_id, [("p0", ["b0"]), ("p1", ["b1"])], budget=10_000_000,
-                                   verify_rate=0.5, rng=random.Random(1))
+            job = market.start_job(
+                client,
+                info.model_id,
+                [("p0", ["b0"]), ("p1", ["b1"])],
+                budget=10_000_000,
+                verify_rate=0.5,
+                rng=random.Random(1),
+            )
             job.attach(model)
             assert [h.peer_id for h in model.route()] == [peers["p0"], peers["p1"]]
             assert torch.equal(model.generate(prompt, max_new_tokens=NEW_TOKENS), expected)
@@ -397,8 +464,14 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
 
             # (b) A cheater: caught by shadow verification, the audit finds it cheated, it is not paid.
             earnings, wallet = market.earnings(), market.wallet()
-            job = market.start_job(client, info.model_id, [("c0", ["b0"]), ("p1", ["b1"])], budget=10_000_000,
-                                   verify_rate=0.5, rng=random.Random(7))
+            job = market.start_job(
+                client,
+                info.model_id,
+                [("c0", ["b0"]), ("p1", ["b1"])],
+                budget=10_000_000,
+                verify_rate=0.5,
+                rng=random.Random(7),
+            )
             job.attach(model)
             with model.inference_session(prompt.shape[1] + NEW_TOKENS) as session:
                 model.generate(prompt, max_new_tokens=NEW_TOKENS, session=session)
@@ -415,8 +488,10 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
             # Receipts of the voided ticket are refused from now on (what came before stays, unpaid).
             assert summary["receipts"]["upload_rejected"] == {"receipt_voided": 1}
             counted = {t: u for t, u in units_by_ticket(job).items() if t != cheater_ticket}
-            wait_for("the providers' uploads", lambda: {t: u for t, u in market.stored_units(job.job_id).items()
-                                                        if t != cheater_ticket} == counted)
+            wait_for(
+                "the providers' uploads",
+                lambda: {t: u for t, u in market.stored_units(job.job_id).items() if t != cheater_ticket} == counted,
+            )
             receipts_settle()
             owed = paid_by_name(job, market, counted)
             now = market.earnings()
@@ -432,16 +507,26 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(tiny_
             wallet = market.wallet()
             max_units = 2 * (prompt.shape[1] + 3)  # the prompt and three more tokens through 2 blocks
             share = max_units * PRIMARY_PRICE // 1_000_000
-            job = market.start_job(client, info.model_id, [("p0", ["b0"]), ("p1", ["b1"])], budget=2 * share,
-                                   verify_rate=0.0, upload_receipts=False)
+            job = market.start_job(
+                client,
+                info.model_id,
+                [("p0", ["b0"]), ("p1", ["b1"])],
+                budget=2 * share,
+                verify_rate=0.0,
+                upload_receipts=False,
+            )
             job.attach(model)
             with pytest.raises(RemoteError) as exhausted:
                 model.generate(prompt, max_new_tokens=NEW_TOKENS)
             assert exhausted.value.code == "ticket_exhausted" and "--budget" in str(exhausted.value)
             tickets = {job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).ticket_id: n for i, n in enumerate(["p0", "p1"])}
-            assert all(job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).max_units == max_units
-                       for i, n in enumerate(["p0", "p1"]))
-            wait_for("the providers' uploads", lambda: market.stored_units(job.job_id) == {t: max_units for t in tickets})
+            assert all(
+                job.plan.ticket_for(peers[n], 2 * i, 2 * i + 2).max_units == max_units
+                for i, n in enumerate(["p0", "p1"])
+            )
+            wait_for(
+                "the providers' uploads", lambda: market.stored_units(job.job_id) == {t: max_units for t in tickets}
+            )
             assert Receipt.objects.filter(ticket__job_id=job.job_id).exclude(client_signature="").exists()
             assert job.collector.countersigned > 0 and job.collector.summary()["upload"] == {}
             receipts_settle()

@@ -11,20 +11,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from client_sdk.protocol.framing import Message, read_message, write_message
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, verify_receipt, work_units
-from client_sdk.protocol.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, OpenSession, Relink, SpanRequest, Step
-from client_sdk.protocol.tickets import JobTicket, issue_ticket
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.protocol.framing import Message, read_message, write_message
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, verify_receipt, work_units
+from hivemart_core.protocol.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, OpenSession, Relink, SpanRequest, Step
+from hivemart_core.protocol.tickets import JobTicket, issue_ticket
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
 
 pytestmark = pytest.mark.swarm
@@ -37,8 +38,12 @@ _ids = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def paid_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = start_swarm(tiny_model, [(0, 2), (2, 4)], tmp_path_factory.mktemp("paid"),
-                        extra_args=["--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "2"])
+    swarm = start_swarm(
+        tiny_model,
+        [(0, 2), (2, 4)],
+        tmp_path_factory.mktemp("paid"),
+        extra_args=["--platform-key", PLATFORM.public_key.hex(), "--receipt-every", "2"],
+    )
     yield swarm
     swarm.stop()
 
@@ -60,10 +65,19 @@ def second(paid_swarm: LocalSwarm) -> AgentProcess:
 
 
 def make_ticket(agent: AgentProcess, *, signer: Identity = PLATFORM, **overrides: Any) -> JobTicket:
-    body = dict(ticket_id=f"ticket-{next(_ids):04d}-{time.time_ns() % 10**9}", job_id=1,
-                client_key=CLIENT.public_key.hex(), provider_peer=agent.peer_id, model_id=agent.ready["model_id"],
-                model_digest="ab" * 32, start=agent.ready["start"], end=agent.ready["end"], max_units=10**6,
-                price=1000, expires_at=int(time.time()) + 3600)
+    body = dict(
+        ticket_id=f"ticket-{next(_ids):04d}-{time.time_ns() % 10**9}",
+        job_id=1,
+        client_key=CLIENT.public_key.hex(),
+        provider_peer=agent.peer_id,
+        model_id=agent.ready["model_id"],
+        model_digest="ab" * 32,
+        start=agent.ready["start"],
+        end=agent.ready["end"],
+        max_units=10**6,
+        price=1000,
+        expires_at=int(time.time()) + 3600,
+    )
     body.update(overrides)
     body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
     return issue_ticket(signer, **body)
@@ -73,8 +87,9 @@ def hidden(tokens: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
-async def call(runtime: SwarmRuntime, agent: AgentProcess, rpc: str, header: dict,
-               tensors: tuple[torch.Tensor, ...]) -> Message:
+async def call(
+    runtime: SwarmRuntime, agent: AgentProcess, rpc: str, header: dict, tensors: tuple[torch.Tensor, ...]
+) -> Message:
     _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(agent.peer_id), rpc)
     try:
         await write_message(writer, header, tensors)
@@ -83,9 +98,18 @@ async def call(runtime: SwarmRuntime, agent: AgentProcess, rpc: str, header: dic
         writer.close()
 
 
-def forward(runtime: SwarmRuntime, agent: AgentProcess, ticket: JobTicket | dict | None, *, start: int | None = None,
-            end: int | None = None, tokens: int = 3, session_id: str | None = None, seed: int = 0,
-            ack: dict | None = None) -> Message:
+def forward(
+    runtime: SwarmRuntime,
+    agent: AgentProcess,
+    ticket: JobTicket | dict | None,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    tokens: int = 3,
+    session_id: str | None = None,
+    seed: int = 0,
+    ack: dict | None = None,
+) -> Message:
     start = agent.ready["start"] if start is None else start
     end = agent.ready["end"] if end is None else end
     data = ticket.to_dict() if isinstance(ticket, JobTicket) else ticket
@@ -101,16 +125,19 @@ def assert_serves_ticketed_work(runtime: SwarmRuntime, agent: AgentProcess) -> N
     assert receipt.units == work_units(tokens=3, blocks=2) and receipt.seq == 1
 
 
-@pytest.mark.parametrize("case, code", [
-    ("missing", "ticket_required"),
-    ("malformed", "bad_ticket"),
-    ("foreign-signature", "ticket_signature"),
-    ("tampered-units", "ticket_signature"),
-    ("expired", "ticket_expired"),
-    ("another-provider", "ticket_wrong_provider"),
-    ("blocks-outside", "ticket_blocks"),
-    ("exhausted", "ticket_exhausted"),
-])
+@pytest.mark.parametrize(
+    "case, code",
+    [
+        ("missing", "ticket_required"),
+        ("malformed", "bad_ticket"),
+        ("foreign-signature", "ticket_signature"),
+        ("tampered-units", "ticket_signature"),
+        ("expired", "ticket_expired"),
+        ("another-provider", "ticket_wrong_provider"),
+        ("blocks-outside", "ticket_blocks"),
+        ("exhausted", "ticket_exhausted"),
+    ],
+)
 def test_a_forward_without_a_valid_ticket_is_refused_and_the_agent_keeps_serving(runtime, first, second, case, code):
     ticket: JobTicket | dict | None
     if case == "missing":
@@ -170,7 +197,7 @@ def test_units_are_counted_per_ticket_across_sessions(runtime, first):
 
 
 def test_work_beyond_the_credit_window_waits_for_the_clients_ack(runtime, first):
-    from client_sdk.protocol.receipts import countersign
+    from hivemart_core.protocol.receipts import countersign
 
     ticket = make_ticket(first, credit_units=10)  # a forward of 3 tokens through 2 blocks is 6 units
     session = f"acks-{next(_ids):08d}"
@@ -194,7 +221,8 @@ class Stream:
 
     async def open(self) -> dict:
         _, self.reader, self.writer = await self.runtime.p2p.call_binary_stream_handler(
-            PeerID.from_base58(self.agent.peer_id), RPC_INFERENCE)
+            PeerID.from_base58(self.agent.peer_id), RPC_INFERENCE
+        )
         await write_message(self.writer, self.spec.to_header())
         return (await asyncio.wait_for(read_message(self.reader), 30)).header
 
@@ -232,8 +260,9 @@ class Stream:
 
 def test_inference_without_a_valid_ticket_is_refused(runtime, first, second):
     for ticket, code in ((None, "ticket_required"), (make_ticket(second, start=0, end=2), "ticket_wrong_provider")):
-        spec = OpenSession(session_id=f"refused-{next(_ids):06d}", start=0, end=2, max_length=16,
-                           ticket=ticket and ticket.to_dict())
+        spec = OpenSession(
+            session_id=f"refused-{next(_ids):06d}", start=0, end=2, max_length=16, ticket=ticket and ticket.to_dict()
+        )
         stream = Stream(runtime, first, spec)
         reply = runtime.run(stream.open())
         runtime.run(stream.abort())  # on the loop: its transports are not thread-safe (closing one here crashed uvloop)
@@ -243,8 +272,9 @@ def test_inference_without_a_valid_ticket_is_refused(runtime, first, second):
 
 def test_an_inference_stream_gets_cumulative_receipts_every_n_steps_and_at_close(runtime, first):
     ticket, session_id = make_ticket(first), f"gen-{next(_ids):08d}"
-    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16,
-                                                ticket=ticket.to_dict()))
+    stream = Stream(
+        runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16, ticket=ticket.to_dict())
+    )
     mirror = ReceiptCounter(ticket, session_id)
 
     async def generate() -> list[Message]:
@@ -269,8 +299,9 @@ def test_an_inference_stream_gets_cumulative_receipts_every_n_steps_and_at_close
 
 def test_an_exhausted_ticket_refuses_the_next_step_but_keeps_the_session(runtime, first):
     ticket, session_id = make_ticket(first, max_units=10), f"gen-{next(_ids):08d}"
-    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16,
-                                                ticket=ticket.to_dict()))
+    stream = Stream(
+        runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=16, ticket=ticket.to_dict())
+    )
 
     async def run() -> tuple[dict, dict, dict]:
         await stream.open()
@@ -294,9 +325,17 @@ def test_pushed_steps_count_on_the_receiving_sessions_ticket(runtime, first, sec
     tickets = {first.peer_id: make_ticket(first), second.peer_id: make_ticket(second)}
     sessions = {first.peer_id: f"push-a-{next(_ids):06d}", second.peer_id: f"push-b-{next(_ids):06d}"}
     streams = {
-        agent.peer_id: Stream(runtime, agent, OpenSession(session_id=sessions[agent.peer_id], start=start,
-                                                          end=start + 2, max_length=16,
-                                                          ticket=tickets[agent.peer_id].to_dict()))
+        agent.peer_id: Stream(
+            runtime,
+            agent,
+            OpenSession(
+                session_id=sessions[agent.peer_id],
+                start=start,
+                end=start + 2,
+                max_length=16,
+                ticket=tickets[agent.peer_id].to_dict(),
+            ),
+        )
         for agent, start in ((first, 0), (second, 2))
     }
     mirror = ReceiptCounter(tickets[second.peer_id], sessions[second.peer_id])
@@ -306,12 +345,14 @@ def test_pushed_steps_count_on_the_receiving_sessions_ticket(runtime, first, sec
         await a.open(), await b.open()
         await b.send(Relink(sessions[second.peer_id], prev_peer=first.peer_id).to_header())
         await b.read_until("relinked")
-        await a.send(Relink(sessions[first.peer_id], next_peer=second.peer_id,
-                            next_session=sessions[second.peer_id]).to_header())
+        await a.send(
+            Relink(sessions[first.peer_id], next_peer=second.peer_id, next_session=sessions[second.peer_id]).to_header()
+        )
         await a.read_until("relinked")
         for step_id, tokens in enumerate((3, 1)):
-            await a.send(Step(sessions[first.peer_id], step_id, 3 * min(step_id, 1)).to_header(),
-                         (hidden(tokens, step_id),))
+            await a.send(
+                Step(sessions[first.peer_id], step_id, 3 * min(step_id, 1)).to_header(), (hidden(tokens, step_id),)
+            )
             await a.read_until("output")  # the first hop returns its output too
             output = await b.read_until("output")  # the pushed step's output, from the second agent
             assert output.header["type"] == "output", output.header
@@ -338,11 +379,20 @@ def test_free_mode_agents_ask_for_no_ticket_and_send_no_receipt(tiny_model: Path
 
 def test_adapters_need_a_ticket_for_their_blocks(runtime: SwarmRuntime, first: AgentProcess) -> None:
     """An adapter holds provider memory for a job: without a ticket of that job, no adapter."""
-    from client_sdk.protocol.rpc import RPC_ADAPTER, AdapterRequest
+    from hivemart_core.protocol.rpc import RPC_ADAPTER, AdapterRequest
 
     def create(ticket: JobTicket | None, start: int = 0, end: int = 2) -> Message:
-        request = AdapterRequest("create", f"adapter-{next(_ids):04d}", start, end, 4, 8.0, ("q_proj", "v_proj"),
-                                 seed=1, ticket=ticket.to_dict() if ticket else None)
+        request = AdapterRequest(
+            "create",
+            f"adapter-{next(_ids):04d}",
+            start,
+            end,
+            4,
+            8.0,
+            ("q_proj", "v_proj"),
+            seed=1,
+            ticket=ticket.to_dict() if ticket else None,
+        )
         return runtime.run(call(runtime, first, RPC_ADAPTER, request.to_header(), ()))
 
     assert create(None).header["code"] == "ticket_required"
@@ -364,11 +414,13 @@ def _head_only(header: dict, shapes: list[list[int]]) -> bytes:
 def test_requests_without_a_ticket_are_refused_before_their_tensors_are_read(runtime, first):
     """A peer without a ticket gets its refusal from the head alone: it cannot make the agent
     wait for (and hold) tensors it declares."""
-    from client_sdk.protocol.rpc import RPC_ADAPTER, AdapterRequest
+    from hivemart_core.protocol.rpc import RPC_ADAPTER, AdapterRequest
 
     adapter = AdapterRequest("create", f"adapter-{next(_ids):04d}", 0, 2, 64, 8.0, ("q_proj", "v_proj")).to_header()
-    heads = {RPC_FORWARD: _head_only(SpanRequest(0, 2).to_header(), [[1, 1024, HIDDEN]]),
-             RPC_ADAPTER: _head_only(adapter, [[2, 4096 * 64]])}
+    heads = {
+        RPC_FORWARD: _head_only(SpanRequest(0, 2).to_header(), [[1, 1024, HIDDEN]]),
+        RPC_ADAPTER: _head_only(adapter, [[2, 4096 * 64]]),
+    }
 
     async def send(rpc: str, frame: bytes) -> dict:
         _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(first.peer_id), rpc)
@@ -387,15 +439,24 @@ def test_requests_without_a_ticket_are_refused_before_their_tensors_are_read(run
 
 def test_a_session_reserves_no_more_cache_than_its_ticket_pays_for(runtime, first):
     """Opening charges nothing, so the cache it reserves is bounded by what the ticket can pay."""
-    from client_sdk.swarm.connection import ProviderConnection
+    from hivemart_core.swarm.connection import ProviderConnection
 
     def tokens_left() -> int:
         return runtime.run(ProviderConnection(runtime.p2p, first.peer_id).info())["cache_tokens_left"]
 
     before = tokens_left()
-    greedy = Stream(runtime, first, OpenSession(session_id=f"greedy-{next(_ids):06d}", start=0, end=2,
-                                                max_length=2048, batch_size=64,
-                                                ticket=make_ticket(first, max_units=1).to_dict()))
+    greedy = Stream(
+        runtime,
+        first,
+        OpenSession(
+            session_id=f"greedy-{next(_ids):06d}",
+            start=0,
+            end=2,
+            max_length=2048,
+            batch_size=64,
+            ticket=make_ticket(first, max_units=1).to_dict(),
+        ),
+    )
     reply = runtime.run(greedy.open())
     runtime.run(greedy.abort())
     assert (reply["type"], reply["code"]) == ("error", "ticket_exhausted"), reply
@@ -403,13 +464,13 @@ def test_a_session_reserves_no_more_cache_than_its_ticket_pays_for(runtime, firs
 
     # 64 units pay for 32 tokens through 2 blocks: a session asking for 2048 reserves 32.
     ticket, session_id = make_ticket(first, max_units=64), f"capped-{next(_ids):06d}"
-    stream = Stream(runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=2048,
-                                                ticket=ticket.to_dict()))
+    stream = Stream(
+        runtime, first, OpenSession(session_id=session_id, start=0, end=2, max_length=2048, ticket=ticket.to_dict())
+    )
 
     async def run() -> tuple[int, dict, dict]:
         assert (await stream.open())["type"] == "opened"
-        tokens_left_async = before - (await ProviderConnection(runtime.p2p, first.peer_id).info())[
-            "cache_tokens_left"]
+        tokens_left_async = before - (await ProviderConnection(runtime.p2p, first.peer_id).info())["cache_tokens_left"]
         await stream.send(Step(session_id, 0, 0).to_header(), (hidden(32),))
         ok = (await stream.read_until("output")).header
         await stream.send(Step(session_id, 1, 32).to_header(), (hidden(1),))

@@ -8,13 +8,13 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from client_sdk.errors import RemoteError
-from client_sdk.protocol.commitments import StepRecord, digest_hex, equivocation
-from client_sdk.protocol.framing import read_message, write_message
-from client_sdk.protocol.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Step
-from client_sdk.swarm.connection import ProviderConnection
 from client_sdk.swarm.local import LocalSwarm
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.errors import RemoteError
+from hivemart_core.protocol.commitments import StepRecord, digest_hex, equivocation
+from hivemart_core.protocol.framing import read_message, write_message
+from hivemart_core.protocol.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH, OpenSession, Step
+from hivemart_core.swarm.connection import ProviderConnection
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import wait_for
 
 pytestmark = pytest.mark.swarm
@@ -31,8 +31,9 @@ def hidden(tokens: int = 3, *, size: int = HIDDEN, dtype: torch.dtype = torch.fl
     return torch.randn(batch, tokens, size, generator=torch.Generator().manual_seed(tokens)).to(dtype)
 
 
-async def raw_exchange(runtime: SwarmRuntime, peer_id: str, rpc: str, frames: list[bytes],
-                       replies: int = 1) -> list[dict]:
+async def raw_exchange(
+    runtime: SwarmRuntime, peer_id: str, rpc: str, frames: list[bytes], replies: int = 1
+) -> list[dict]:
     """Write raw bytes on a fresh stream and read the reply headers."""
     _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), rpc)
     try:
@@ -71,15 +72,19 @@ def test_info_describes_the_span(runtime2, first_agent):
     assert info["cache_tokens_left"] > 0 and info["max_session_length"] > 0
 
 
-@pytest.mark.parametrize("tensor, blocks, code", [
-    (hidden(size=HIDDEN + 1), (0, 2), "bad_shape"),
-    (hidden(dtype=torch.float16), (0, 2), "bad_dtype"),
-    (hidden()[0], (0, 2), "bad_shape"),
-    (hidden(), (1, 3), "bad_span"),
-    (hidden(), (2, 4), "bad_span"),
-    (hidden(tokens=20000), (0, 2), "too_large"),
-    (torch.full((1, 2, HIDDEN), float("nan")), (0, 2), "bad_value"),
-], ids=["hidden-size", "dtype", "rank", "span-overlap", "span-outside", "too-many-tokens", "nan"])
+@pytest.mark.parametrize(
+    "tensor, blocks, code",
+    [
+        (hidden(size=HIDDEN + 1), (0, 2), "bad_shape"),
+        (hidden(dtype=torch.float16), (0, 2), "bad_dtype"),
+        (hidden()[0], (0, 2), "bad_shape"),
+        (hidden(), (1, 3), "bad_span"),
+        (hidden(), (2, 4), "bad_span"),
+        (hidden(tokens=20000), (0, 2), "too_large"),
+        (torch.full((1, 2, HIDDEN), float("nan")), (0, 2), "bad_value"),
+    ],
+    ids=["hidden-size", "dtype", "rank", "span-overlap", "span-outside", "too-many-tokens", "nan"],
+)
 def test_bad_forward_requests_are_refused(runtime2, first_agent, tensor, blocks, code):
     connection = ProviderConnection(runtime2.p2p, first_agent.peer_id)
     with pytest.raises(RemoteError) as error:
@@ -88,11 +93,15 @@ def test_bad_forward_requests_are_refused(runtime2, first_agent, tensor, blocks,
     assert_still_serves(runtime2, first_agent.peer_id)
 
 
-@pytest.mark.parametrize("frames, code", [
-    ([b"\x00\x00\x00\x00\x00\x00\x00\x05hello"], "bad_request"),
-    ([b"\xff" * 8], "too_large"),
-    ([b"\x00\x00\x00\x00\x00\x00\x00\x03\x81\xa1h"], "bad_request"),
-], ids=["garbage-msgpack", "huge-length", "truncated-map"])
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([b"\x00\x00\x00\x00\x00\x00\x00\x05hello"], "bad_request"),
+        ([b"\xff" * 8], "too_large"),
+        ([b"\x00\x00\x00\x00\x00\x00\x00\x03\x81\xa1h"], "bad_request"),
+    ],
+    ids=["garbage-msgpack", "huge-length", "truncated-map"],
+)
 def test_garbage_bytes_get_an_error(runtime2, first_agent, frames, code):
     (reply,) = runtime2.run(raw_exchange(runtime2, first_agent.peer_id, RPC_FORWARD, frames))
     assert reply["type"] == "error" and reply["code"] == code
@@ -104,20 +113,25 @@ def test_bad_session_openings_are_refused(runtime2, first_agent):
     assert runtime2.run(_open(runtime2, peer, "too-long-session", max_length=10**6))["code"] == "too_long"
     assert runtime2.run(_open(runtime2, peer, "outside-span-1", start=1, end=3))["code"] == "bad_span"
     assert runtime2.run(_open(runtime2, peer, "huge-batch-1", batch_size=10**6))["code"] == "too_large"
-    (reply,) = runtime2.run(raw_exchange(runtime2, peer, RPC_INFERENCE,
-                                         [_frames({"type": "open", "session_id": "x"})]))
+    (reply,) = runtime2.run(raw_exchange(runtime2, peer, RPC_INFERENCE, [_frames({"type": "open", "session_id": "x"})]))
     assert reply["code"] == "bad_request"
     assert_still_serves(runtime2, peer)
 
 
 def _frames(header: dict, tensors: tuple = ()) -> bytes:
-    from client_sdk.protocol.framing import encode_message
+    from hivemart_core.protocol.framing import encode_message
 
     return b"".join(bytes(f) for f in encode_message(header, tensors))
 
 
-async def _session_steps(runtime: SwarmRuntime, peer_id: str, steps: list[tuple[dict, torch.Tensor]], *,
-                         session_id: str = "steps-session-1", with_tensors: bool = False) -> list:
+async def _session_steps(
+    runtime: SwarmRuntime,
+    peer_id: str,
+    steps: list[tuple[dict, torch.Tensor]],
+    *,
+    session_id: str = "steps-session-1",
+    with_tensors: bool = False,
+) -> list:
     """Open a session, send each (step header, tensor), return each reply header (or message)."""
     _, reader, writer = await runtime.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), RPC_INFERENCE)
     try:
@@ -139,21 +153,37 @@ def test_bad_steps_are_refused_and_the_session_goes_on(runtime2, first_agent):
     def step(step_id: int, position: int, session_id: str = "steps-session-1") -> dict:
         return {"type": "step", "session_id": session_id, "step_id": step_id, "position": position}
 
-    replies = runtime2.run(_session_steps(runtime2, first_agent.peer_id, [
-        (step(0, 0), hidden(3)),                       # fine: positions 0..2
-        (step(1, 5), hidden(1)),                       # skips positions 3 and 4
-        ({**step(2, 0), "position": -1}, hidden(1)),   # negative position
-        (step(3, 3), hidden(6)),                       # beyond max_length 8
-        (step(4, 3), hidden(1, size=HIDDEN - 1)),      # wrong hidden size
-        (step(5, 3), hidden(1, dtype=torch.bfloat16)),  # wrong dtype
-        (step(6, 3, session_id="another-session"), hidden(1)),  # a session this stream does not serve
-        (step(7, 3), hidden(1)),                       # fine: position 3
-        (step(7, 3), hidden(1)),                       # re-sent: answered again, not applied twice
-        (step(8, 1), hidden(1)),                       # rollback to position 1: fine
-    ]))
+    replies = runtime2.run(
+        _session_steps(
+            runtime2,
+            first_agent.peer_id,
+            [
+                (step(0, 0), hidden(3)),  # fine: positions 0..2
+                (step(1, 5), hidden(1)),  # skips positions 3 and 4
+                ({**step(2, 0), "position": -1}, hidden(1)),  # negative position
+                (step(3, 3), hidden(6)),  # beyond max_length 8
+                (step(4, 3), hidden(1, size=HIDDEN - 1)),  # wrong hidden size
+                (step(5, 3), hidden(1, dtype=torch.bfloat16)),  # wrong dtype
+                (step(6, 3, session_id="another-session"), hidden(1)),  # a session this stream does not serve
+                (step(7, 3), hidden(1)),  # fine: position 3
+                (step(7, 3), hidden(1)),  # re-sent: answered again, not applied twice
+                (step(8, 1), hidden(1)),  # rollback to position 1: fine
+            ],
+        )
+    )
     codes = [r.get("code", r["type"]) for r in replies]
-    assert codes == ["output", "bad_position", "bad_request", "too_long", "bad_shape", "bad_dtype",
-                     "unknown_session", "output", "output", "output"]
+    assert codes == [
+        "output",
+        "bad_position",
+        "bad_request",
+        "too_long",
+        "bad_shape",
+        "bad_dtype",
+        "unknown_session",
+        "output",
+        "output",
+        "output",
+    ]
     assert replies[7]["step_id"] == replies[8]["step_id"] == 7
     assert_still_serves(runtime2, first_agent.peer_id)
 
@@ -165,17 +195,30 @@ def test_every_output_carries_a_signed_record_and_a_step_is_never_computed_twice
         return {"type": "step", "session_id": session, "step_id": step_id, "position": position}
 
     sent = [hidden(3), hidden(1), hidden(1), hidden(1)]
-    replies = runtime2.run(_session_steps(runtime2, first_agent.peer_id, [
-        (step(10, 0), sent[0]),
-        (step(11, 3), sent[1]),
-        (step(11, 3), sent[2]),  # re-sent (with other contents): answered as first computed
-        (step(9, 1), sent[3]),   # an older id, never computed: refused, it would sign a second record
-    ], session_id=session, with_tensors=True))
+    replies = runtime2.run(
+        _session_steps(
+            runtime2,
+            first_agent.peer_id,
+            [
+                (step(10, 0), sent[0]),
+                (step(11, 3), sent[1]),
+                (step(11, 3), sent[2]),  # re-sent (with other contents): answered as first computed
+                (step(9, 1), sent[3]),  # an older id, never computed: refused, it would sign a second record
+            ],
+            session_id=session,
+            with_tensors=True,
+        )
+    )
     assert [r.header.get("code", r.header["type"]) for r in replies] == ["output", "output", "output", "stale_step"]
-    for reply, tensor in zip(replies[:2], sent):
+    for reply, tensor in zip(replies[:2], sent, strict=False):
         record = StepRecord.from_dict(reply.header["record"]).verify()
-        record.check_about(peer=first_agent.peer_id, session_id=session, step_id=reply.header["step_id"],
-                           position=reply.header["position"], output_digest=digest_hex(reply.tensors[0]))
+        record.check_about(
+            peer=first_agent.peer_id,
+            session_id=session,
+            step_id=reply.header["step_id"],
+            position=reply.header["position"],
+            output_digest=digest_hex(reply.tensors[0]),
+        )
         assert record.input_digest == digest_hex(tensor) and "input_record" not in reply.header
     assert replies[2].header["record"] == replies[1].header["record"]
     assert_still_serves(runtime2, first_agent.peer_id)
@@ -187,8 +230,11 @@ def test_a_session_reopened_under_its_old_id_signs_records_that_prove_nothing(ru
 
     def run_once(offset: float) -> dict | None:
         try:
-            return runtime2.run(_session_steps(runtime2, first_agent.peer_id, [(step, hidden(3) + offset)],
-                                               session_id="reopened-session"))[0]
+            return runtime2.run(
+                _session_steps(
+                    runtime2, first_agent.peer_id, [(step, hidden(3) + offset)], session_id="reopened-session"
+                )
+            )[0]
         except RemoteError as e:  # the agent has not yet seen the first stream close
             if e.code != "session_exists":
                 raise

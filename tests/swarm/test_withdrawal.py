@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from hivemind.utils.timed_storage import get_dht_time
 
-from client_sdk.models import load_model_info
-from client_sdk.protocol.identity import Identity
-from client_sdk.protocol.records import ServerRecord, ServerState, block_key, sign_record
-from client_sdk.swarm.dht import announce_span, fetch_span_records
-from client_sdk.swarm.runtime import SwarmRuntime
+from hivemart_core.models import load_model_info
+from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.records import ServerRecord, ServerState, block_key, sign_record
+from hivemart_core.swarm.dht import announce_span, fetch_span_records
+from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.conftest import start_swarm
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -28,6 +28,7 @@ def test_sigterm_replaces_the_online_record_with_an_offline_one_at_once(tiny_mod
         info = load_model_info(tiny_model)
         leaving, staying = swarm.agents
         with SwarmRuntime(swarm.initial_peers) as runtime:
+
             def live() -> dict[str, ServerRecord]:
                 return runtime.run(fetch_span_records(runtime.dht, info.model_id, range(info.num_blocks)))
 
@@ -43,8 +44,17 @@ def test_sigterm_replaces_the_online_record_with_an_offline_one_at_once(tiny_mod
 
 
 def year_long(identity: Identity, model_id: str) -> ServerRecord:
-    return ServerRecord(peer_id=identity.peer_id, model_id=model_id, start=0, end=4, state=ServerState.ONLINE,
-                        throughput=1.0, dtype="float32", cache_tokens_left=10**6, expires_at=time.time() + YEAR)
+    return ServerRecord(
+        peer_id=identity.peer_id,
+        model_id=model_id,
+        start=0,
+        end=4,
+        state=ServerState.ONLINE,
+        throughput=1.0,
+        dtype="float32",
+        cache_tokens_left=10**6,
+        expires_at=time.time() + YEAR,
+    )
 
 
 def test_a_record_cannot_make_itself_live_for_a_year(tiny_model: Path, tmp_path: Path):
@@ -54,9 +64,14 @@ def test_a_record_cannot_make_itself_live_for_a_year(tiny_model: Path, tmp_path:
         signer = Identity.generate()
         record = year_long(signer, info.model_id)
         with SwarmRuntime(swarm.initial_peers) as runtime:
+
             async def attack() -> tuple[bool, dict[str, ServerRecord]]:
-                stored = await runtime.dht.store(block_key(info.model_id, 0), sign_record(record, signer),
-                                                 get_dht_time() + YEAR, subkey=signer.peer_id)
+                stored = await runtime.dht.store(
+                    block_key(info.model_id, 0),
+                    sign_record(record, signer),
+                    get_dht_time() + YEAR,
+                    subkey=signer.peer_id,
+                )
                 return stored, await fetch_span_records(runtime.dht, info.model_id, range(info.num_blocks))
 
             stored, records = runtime.run(attack())

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -75,9 +76,9 @@ def test_sign_up_create_a_key_and_watch_a_job_settle(live_server, settings, tmp_
     from django.utils import timezone
     from playwright.sync_api import expect, sync_playwright
 
-    from client_sdk.protocol.identity import Identity
-    from client_sdk.protocol.receipts import ReceiptCounter, countersign
-    from client_sdk.protocol.tickets import JobTicket
+    from hivemart_core.protocol.identity import Identity
+    from hivemart_core.protocol.receipts import ReceiptCounter, countersign
+    from hivemart_core.protocol.tickets import JobTicket
     from marketplace.accounts.models import User
     from marketplace.accounts.services import api_key_authenticate
     from marketplace.jobs.services import SegmentSpec, job_create, job_plan_store, job_transition
@@ -140,12 +141,19 @@ def test_sign_up_create_a_key_and_watch_a_job_settle(live_server, settings, tmp_
                 user = User.objects.get(username="browser-user")
                 credit_grant(account=wallet_get_or_create(user=user), amount=GRANT, memo="browser test grant")
                 model = make_model(num_blocks=4)
-                provider = register(user=make_user(), identity=provider_identity, model=model, price=PRICE,
-                                    name="browser-gpu")
+                provider = register(
+                    user=make_user(), identity=provider_identity, model=model, price=PRICE, name="browser-gpu"
+                )
                 provider_heartbeat(provider=provider, state="online", throughput=1000.0, latency_ms=20.0)
-                job, _ = job_create(user=user, kind="inference", model_id=model.model_id, budget=BUDGET,
-                                    max_price=PRICE, idempotency_key="browser-job",
-                                    client_key=client_identity.public_key.hex())
+                job, _ = job_create(
+                    user=user,
+                    kind="inference",
+                    model_id=model.model_id,
+                    budget=BUDGET,
+                    max_price=PRICE,
+                    idempotency_key="browser-job",
+                    client_key=client_identity.public_key.hex(),
+                )
                 job_plan_store(job=job, segments=[SegmentSpec(block_start=0, block_end=4, provider=provider)])
                 job_transition(job=job, to_state="running", reason="client started")
                 return job.pk, provider.pk

@@ -27,7 +27,9 @@ def test_api_docs_and_pages_render_under_the_csp_from_this_site_only(live_server
             page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
             page.on("pageerror", lambda e: violations.append(str(e)))
             # A response from elsewhere: a request that left the site (the policy blocks before sending).
-            page.on("response", lambda r: None if r.url.startswith((base, "data:", "blob:")) else elsewhere.append(r.url))
+            page.on(
+                "response", lambda r: None if r.url.startswith((base, "data:", "blob:")) else elsewhere.append(r.url)
+            )
 
             page.goto(f"{base}/api/docs/")
             expect(page.locator(".swagger-ui .info .title")).to_contain_text("Hivemart marketplace API")
@@ -40,7 +42,7 @@ def test_api_docs_and_pages_render_under_the_csp_from_this_site_only(live_server
                 page.goto(f"{base}{path}")
                 expect(page.locator("main, body").first).to_be_visible()
                 # The one stylesheet applied (a blocked style-src would leave the default font).
-                assert page.evaluate("getComputedStyle(document.body).fontFamily") != "\"Times New Roman\""
+                assert page.evaluate("getComputedStyle(document.body).fontFamily") != '"Times New Roman"'
             # ReDoc's footer always asks for Redocly's logo from their CDN: the policy blocks it (no
             # request leaves the site) and ReDoc hides the broken image. Nothing else may be blocked.
             assert not [v for v in violations if "cdn.redoc.ly/redoc/logo-mini.svg" not in v], violations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,7 +10,7 @@ from marketplace.web.charts import coverage_chart
 from marketplace.web.selectors import online_fraction
 from marketplace.web.templatetags.web_format import credits, figure, percent
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def at(hours: float) -> datetime:
@@ -59,10 +59,17 @@ def test_uptime_without_any_known_state_is_unknown() -> None:
     assert online_fraction([], initial_state="online", start=at(0), end=at(10)) == 1.0
 
 
-@pytest.mark.parametrize("micro, text", [
-    (0, "0.00"), (1, "0.000001"), (1_500_000, "1.50"), (1_234_567_890, "1,234.56789"), (-7, "-0.000007"),
-    (None, "–"),
-])
+@pytest.mark.parametrize(
+    "micro, text",
+    [
+        (0, "0.00"),
+        (1, "0.000001"),
+        (1_500_000, "1.50"),
+        (1_234_567_890, "1,234.56789"),
+        (-7, "-0.000007"),
+        (None, "–"),
+    ],
+)
 def test_credits_are_formatted_without_floats(micro: int | None, text: str) -> None:
     assert credits(micro) == text
 

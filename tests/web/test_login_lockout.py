@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -39,8 +39,9 @@ def fresh_counts() -> Iterator[None]:
 
 
 def post_login(client: Client, username: str, password: str, address: str = "203.0.113.7") -> int:
-    return client.post(reverse("web:login"), {"username": username, "password": password},
-                       REMOTE_ADDR=address).status_code
+    return client.post(
+        reverse("web:login"), {"username": username, "password": password}, REMOTE_ADDR=address
+    ).status_code
 
 
 @pytest.mark.django_db
@@ -49,8 +50,7 @@ def test_wrong_passwords_lock_the_pair_and_then_the_right_password_is_refused(se
     user_create(username="victim", password=PASSWORD)
     client = Client()
     assert [post_login(client, "victim", f"guess-{i}") for i in range(6)] == [200] * 4 + [429] * 2
-    locked = client.post(reverse("web:login"), {"username": "victim", "password": PASSWORD},
-                         REMOTE_ADDR="203.0.113.7")
+    locked = client.post(reverse("web:login"), {"username": "victim", "password": PASSWORD}, REMOTE_ADDR="203.0.113.7")
     assert locked.status_code == 429 and b"Too many failed log-ins" in locked.content
     assert "_auth_user_id" not in client.session
     # Case variants of the name are the same account's counter, not a way around it.
@@ -85,11 +85,18 @@ def test_the_admin_login_is_behind_the_same_lockout(settings) -> None:  # noqa: 
     for _ in range(2):
         post_login(Client(), "boss", "wrong")
     admin = Client()
-    response = admin.post("/admin/login/", {"username": "boss", "password": PASSWORD, "next": "/admin/"},
-                          REMOTE_ADDR="203.0.113.7")
+    response = admin.post(
+        "/admin/login/", {"username": "boss", "password": PASSWORD, "next": "/admin/"}, REMOTE_ADDR="203.0.113.7"
+    )
     assert response.status_code == 200 and "_auth_user_id" not in admin.session  # refused, form shown again
-    assert Client().post("/admin/login/", {"username": "boss", "password": PASSWORD, "next": "/admin/"},
-                         REMOTE_ADDR="198.51.100.3").status_code == 302
+    assert (
+        Client()
+        .post(
+            "/admin/login/", {"username": "boss", "password": PASSWORD, "next": "/admin/"}, REMOTE_ADDR="198.51.100.3"
+        )
+        .status_code
+        == 302
+    )
 
 
 # --- shared across processes ----------------------------------------------------------------------
@@ -105,10 +112,22 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
     """Production settings on plain loopback HTTP, behind one (simulated) proxy hop so each test
     can name its own client address in X-Forwarded-For."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HIVEMART_", "DJANGO_"))}
-    env.update({"DJANGO_SETTINGS_MODULE": "marketplace.settings", "SECRET_KEY": secrets.token_urlsafe(50),
-                "DEBUG": "false", "HIVEMART_HTTPS": "false", "HIVEMART_HOME": str(home), "DATABASE_URL": "",
-                "REDIS_URL": "", "HIVEMART_PROXY_HOPS": "1", "HIVEMART_LOGIN_FAILURES": "5",
-                "HIVEMART_SIGNUP_RATE": "2/hour", "HIVEMART_MATCH_ON_CREATE": "false", **extra})
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "marketplace.settings",
+            "SECRET_KEY": secrets.token_urlsafe(50),
+            "DEBUG": "false",
+            "HIVEMART_HTTPS": "false",
+            "HIVEMART_HOME": str(home),
+            "DATABASE_URL": "",
+            "REDIS_URL": "",
+            "HIVEMART_PROXY_HOPS": "1",
+            "HIVEMART_LOGIN_FAILURES": "5",
+            "HIVEMART_SIGNUP_RATE": "2/hour",
+            "HIVEMART_MATCH_ON_CREATE": "false",
+            **extra,
+        }
+    )
     return env
 
 
@@ -140,24 +159,56 @@ def two_servers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list
         redis_cache_clean(extra["REDIS_URL"])
         request.addfinalizer(lambda: redis_cache_clean(extra["REDIS_URL"]))
     env = server_env(tmp_path / "home", **extra)
-    migrate = subprocess.run([sys.executable, "-m", "marketplace.manage", "migrate", "--no-input"], env=env,
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    migrate = subprocess.run(
+        [sys.executable, "-m", "marketplace.manage", "migrate", "--no-input"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
-    create = subprocess.run([sys.executable, "-m", "marketplace.manage", "shell", "-c",
-                             f"from marketplace.accounts.services import user_create; "
-                             f"user_create(username='shared', password={PASSWORD!r})"],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    create = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "marketplace.manage",
+            "shell",
+            "-c",
+            f"from marketplace.accounts.services import user_create; "
+            f"user_create(username='shared', password={PASSWORD!r})",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert create.returncode == 0, create.stderr[-3000:]
     procs, urls = [], []
     try:
         for i in range(2):
             port = free_port()
             log = (tmp_path / f"web{i}.log").open("w")
-            procs.append(subprocess.Popen(
-                [str(BIN / "gunicorn"), "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers",
-                 "1"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "gunicorn"),
+                        "marketplace.wsgi:application",
+                        "--bind",
+                        f"127.0.0.1:{port}",
+                        "--workers",
+                        "1",
+                    ],
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             urls.append(f"http://127.0.0.1:{port}")
-        for proc, url in zip(procs, urls):
+        for proc, url in zip(procs, urls, strict=False):
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
                 assert proc.poll() is None, (tmp_path / "web0.log").read_text()[-3000:]
@@ -191,15 +242,23 @@ def form_post(url: str, path: str, data: dict[str, str], address: str) -> httpx.
 def shared_lockout_and_signup(urls: list[str]) -> None:
     address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250)}"
     # Five wrong passwords, alternating between the servers: the fifth locks, wherever it lands.
-    statuses = [form_post(urls[i % 2], "/login/", {"username": "shared", "password": f"no-{i}"}, address).status_code
-                for i in range(6)]
+    statuses = [
+        form_post(urls[i % 2], "/login/", {"username": "shared", "password": f"no-{i}"}, address).status_code
+        for i in range(6)
+    ]
     assert statuses == [200] * 4 + [429] * 2
     for url in urls:
         assert form_post(url, "/login/", {"username": "shared", "password": PASSWORD}, address).status_code == 429
     # The sign-up throttle (2/hour here) counts across the servers too.
-    signups = [form_post(urls[i % 2], "/signup/", {"username": f"new-{address}-{i}".replace(".", "-"),
-                                                   "password1": PASSWORD, "password2": PASSWORD}, address).status_code
-               for i in range(3)]
+    signups = [
+        form_post(
+            urls[i % 2],
+            "/signup/",
+            {"username": f"new-{address}-{i}".replace(".", "-"), "password1": PASSWORD, "password2": PASSWORD},
+            address,
+        ).status_code
+        for i in range(3)
+    ]
     assert signups == [302, 302, 429]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.test import Client
@@ -40,8 +40,14 @@ def settled_job(user, *, charge: int = 300_000):  # noqa: ANN001,ANN201
     """A job of ``user`` planned on one provider, charged ``charge`` and settled (done)."""
     model = make_model(num_blocks=4)
     provider = make_provider(model=model, price=1_000, name="gpu-box")
-    job, _ = job_create(user=user, kind="inference", model_id=model.model_id, budget=1_000_000, max_price=5_000,
-                        idempotency_key=f"web-{user.pk}-{model.pk}")
+    job, _ = job_create(
+        user=user,
+        kind="inference",
+        model_id=model.model_id,
+        budget=1_000_000,
+        max_price=5_000,
+        idempotency_key=f"web-{user.pk}-{model.pk}",
+    )
     job_plan_store(job=job, segments=[SegmentSpec(block_start=0, block_end=4, provider=provider)])
     job_transition(job=job, to_state="running", reason="client started")
     job_charge(job=job, provider=provider, amount=charge, idempotency_key="receipt-1")
@@ -52,6 +58,7 @@ def settled_job(user, *, charge: int = 300_000):  # noqa: ANN001,ANN201
 
 
 # --- public pages ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["web:overview", "web:providers", "web:sell", "web:signup", "web:login"])
 def test_public_pages_render_for_anyone(name: str) -> None:
@@ -89,7 +96,7 @@ def test_provider_list_and_page_show_price_throughput_and_uptime() -> None:
     model = make_model(num_blocks=4)
     provider = make_provider(model=model, price=2_500_000, name="rtx-4090", gpu="NVIDIA RTX 4090")
     offline = make_provider(model=model, price=1, name="gone")
-    providers_mark_stale(now=datetime.now(dt_timezone.utc) + timedelta(hours=1))  # both go offline
+    providers_mark_stale(now=datetime.now(UTC) + timedelta(hours=1))  # both go offline
     provider_heartbeat(provider=provider, state="online")  # one comes back
     offline.refresh_from_db()
     assert offline.state == "offline"
@@ -149,21 +156,27 @@ def test_sell_page_fills_in_this_sites_address(settings) -> None:  # noqa: ANN00
 
 # --- sign-up, login, logout -----------------------------------------------------------------
 
+
 def test_signup_creates_a_user_logs_in_and_lands_on_keys() -> None:
     client = Client()
-    response = client.post(reverse("web:signup"), {"username": "newbie", "email": "n@example.org",
-                                                   "password1": PASSWORD, "password2": PASSWORD})
+    response = client.post(
+        reverse("web:signup"),
+        {"username": "newbie", "email": "n@example.org", "password1": PASSWORD, "password2": PASSWORD},
+    )
     assert response.status_code == 302 and response["Location"] == reverse("web:keys")
     assert client.get(reverse("web:wallet")).status_code == 200  # logged in
     assert client.session.get("_auth_user_id")
 
 
-@pytest.mark.parametrize("data, field, message", [
-    ({"username": "bob", "password1": PASSWORD, "password2": PASSWORD + "x"}, "password2", "differ"),
-    ({"username": "bob", "password1": "123", "password2": "123"}, "password1", "too short"),
-    ({"username": "bad name!", "password1": PASSWORD, "password2": PASSWORD}, "username", "letters, digits"),
-    ({"username": "bob", "email": "not-an-email", "password1": PASSWORD, "password2": PASSWORD}, "email", "valid"),
-])
+@pytest.mark.parametrize(
+    "data, field, message",
+    [
+        ({"username": "bob", "password1": PASSWORD, "password2": PASSWORD + "x"}, "password2", "differ"),
+        ({"username": "bob", "password1": "123", "password2": "123"}, "password1", "too short"),
+        ({"username": "bad name!", "password1": PASSWORD, "password2": PASSWORD}, "username", "letters, digits"),
+        ({"username": "bob", "email": "not-an-email", "password1": PASSWORD, "password2": PASSWORD}, "email", "valid"),
+    ],
+)
 def test_signup_rejects_bad_input_and_creates_nobody(data: dict, field: str, message: str) -> None:
     response = Client().post(reverse("web:signup"), data)
     assert response.status_code == 200
@@ -171,13 +184,13 @@ def test_signup_rejects_bad_input_and_creates_nobody(data: dict, field: str, mes
     assert field in errors and any(message in e for e in errors[field])
     assert not ApiKey.objects.exists()
     from marketplace.accounts.models import User
+
     assert not User.objects.filter(username=data["username"]).exists()
 
 
 def test_signup_refuses_a_taken_username() -> None:
     web_user("taken")
-    response = Client().post(reverse("web:signup"), {"username": "taken", "password1": PASSWORD,
-                                                     "password2": PASSWORD})
+    response = Client().post(reverse("web:signup"), {"username": "taken", "password1": PASSWORD, "password2": PASSWORD})
     assert response.status_code == 200
     assert "is taken" in response.context["form"].errors["username"][0]
 
@@ -186,8 +199,12 @@ def test_signup_closed_is_403(settings) -> None:  # noqa: ANN001
     settings.HIVEMART_OPEN_SIGNUP = False
     client = Client()
     assert client.get(reverse("web:signup")).status_code == 403
-    assert client.post(reverse("web:signup"), {"username": "x" * 5, "password1": PASSWORD,
-                                               "password2": PASSWORD}).status_code == 403
+    assert (
+        client.post(
+            reverse("web:signup"), {"username": "x" * 5, "password1": PASSWORD, "password2": PASSWORD}
+        ).status_code
+        == 403
+    )
 
 
 def test_login_then_logout() -> None:
@@ -206,6 +223,7 @@ def test_login_then_logout() -> None:
 
 
 # --- pages for signed-in clients --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["/wallet/", "/jobs/", "/jobs/1/", "/keys/"])
 def test_client_pages_redirect_anonymous_visitors_to_login(path: str) -> None:
@@ -320,6 +338,7 @@ def test_forms_need_the_csrf_token() -> None:
 
 # --- health -----------------------------------------------------------------------------------
 
+
 def test_healthz_reports_database_and_broker() -> None:
     response = Client().get("/healthz")
     assert response.status_code == 200
@@ -341,6 +360,7 @@ def test_healthz_is_503_when_the_broker_is_down(monkeypatch: pytest.MonkeyPatch)
 
 
 # --- settlement: receipts, settlements, reputation, audits -----------------------------------
+
 
 def settings_fee_bps() -> int:
     from django.conf import settings
@@ -386,7 +406,7 @@ def test_job_page_shows_receipts_and_settlements(platform_key) -> None:  # noqa:
 def test_provider_pages_show_reputation() -> None:
     provider = make_provider(name="trusted")
     listing = Client().get(reverse("web:providers")).content.decode()
-    assert "Reputation" in listing and "<td class=\"num\">100</td>" in listing
+    assert "Reputation" in listing and '<td class="num">100</td>' in listing
     page = Client().get(reverse("web:provider", args=[provider.pk])).content.decode()
     assert 'id="reputation">100 / 100<' in page and 'id="offences"' in page
 
@@ -398,9 +418,20 @@ def make_audit():  # noqa: ANN201
 
     pj = planned_job()
     ticket = pj.ticket(pj.providers[0])
-    audit = audit_create(user=pj.client, job=pj.job, ticket_id=ticket.ticket_id, session_id="session-0001",
-                         start=0, end=4, dtype="float32", inputs=b"in", claimed=b"claimed", reference=b"reference",
-                         reference_peer=pj.backups[0].peer_id, deposit=100_000)
+    audit = audit_create(
+        user=pj.client,
+        job=pj.job,
+        ticket_id=ticket.ticket_id,
+        session_id="session-0001",
+        start=0,
+        end=4,
+        dtype="float32",
+        inputs=b"in",
+        claimed=b"claimed",
+        reference=b"reference",
+        reference_peer=pj.backups[0].peer_id,
+        deposit=100_000,
+    )
     return audit_verdict_record(audit_id=audit.pk, verdict="provider_cheated", detail="outputs differ by 3.2")
 
 
@@ -442,25 +473,27 @@ def test_signup_shares_the_apis_rate_limit(monkeypatch: pytest.MonkeyPatch) -> N
     bad = {"username": "x", "password1": "a", "password2": "b"}  # invalid attempts count too
     assert client.post(reverse("web:signup"), bad).status_code == 200
     # One sign-up through the API from the same address uses up the shared budget.
-    api = client.post("/api/auth/signup/", {"username": "via-api", "password": PASSWORD},
-                      content_type="application/json")
+    api = client.post(
+        "/api/auth/signup/", {"username": "via-api", "password": PASSWORD}, content_type="application/json"
+    )
     assert api.status_code == 201
-    refused = client.post(reverse("web:signup"), {"username": "late", "password1": PASSWORD,
-                                                  "password2": PASSWORD})
+    refused = client.post(reverse("web:signup"), {"username": "late", "password1": PASSWORD, "password2": PASSWORD})
     assert refused.status_code == 429 and b"Too many sign-ups" in refused.content
     from marketplace.accounts.models import User
+
     assert not User.objects.filter(username="late").exists()
     cache.clear()
 
 
 def test_uptime_counts_the_state_from_before_the_window() -> None:
-    from client_sdk.protocol.identity import Identity
+    from hivemart_core.protocol.identity import Identity
     from marketplace.web.selectors import UPTIME_WINDOW, provider_card_get
     from tests.marketplace.factories import make_user, register
 
-    now = datetime.now(dt_timezone.utc)
-    provider = register(user=make_user(), identity=Identity.generate(), model=make_model(),
-                        now=now - timedelta(days=10))
+    now = datetime.now(UTC)
+    provider = register(
+        user=make_user(), identity=Identity.generate(), model=make_model(), now=now - timedelta(days=10)
+    )
     provider_heartbeat(provider=provider, state="online", now=now - timedelta(days=9))  # online before the window
     providers_mark_stale(now=now - UPTIME_WINDOW / 2)  # offline for the second half of it
     card = provider_card_get(provider_id=provider.pk, now=now)

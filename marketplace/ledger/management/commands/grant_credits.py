@@ -20,8 +20,9 @@ class Command(BaseCommand):
         parser.add_argument("--memo", default="granted from the command line")
         parser.add_argument("--idempotency-key", default=None, help="grant at most once under this key")
 
-    def handle(self, *args: Any, username: str, amount: int, memo: str, idempotency_key: str | None,
-               **options: Any) -> None:
+    def handle(
+        self, *args: Any, username: str, amount: int, memo: str, idempotency_key: str | None, **options: Any
+    ) -> None:
         user = User.objects.filter(username=username).first()
         if user is None:
             raise CommandError(f"no user {username!r}")

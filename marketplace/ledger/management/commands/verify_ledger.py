@@ -13,20 +13,28 @@ from marketplace.ledger.selectors import ledger_verify
 
 
 class Command(BaseCommand):
-    help = ("Check that every transaction balances, every account's balance equals its postings and none is "
-            "negative; print the totals per account kind.")
+    help = (
+        "Check that every transaction balances, every account's balance equals its postings and none is "
+        "negative; print the totals per account kind."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def handle(self, *args: Any, json: bool = False, **options: Any) -> None:  # noqa: A002 - Django passes --json
         report = ledger_verify()
-        totals = {row["kind"]: row["total"] for row in
-                  Account.objects.values("kind").annotate(total=Sum("balance")).order_by("kind")}
-        result = {"consistent": report.consistent, "postings_total": report.postings_total,
-                  "unbalanced_transactions": report.unbalanced_transactions,
-                  "balance_mismatches": {str(k): list(v) for k, v in report.balance_mismatches.items()},
-                  "negative_accounts": report.negative_accounts, "balances_by_kind": totals}
+        totals = {
+            row["kind"]: row["total"]
+            for row in Account.objects.values("kind").annotate(total=Sum("balance")).order_by("kind")
+        }
+        result = {
+            "consistent": report.consistent,
+            "postings_total": report.postings_total,
+            "unbalanced_transactions": report.unbalanced_transactions,
+            "balance_mismatches": {str(k): list(v) for k, v in report.balance_mismatches.items()},
+            "negative_accounts": report.negative_accounts,
+            "balances_by_kind": totals,
+        }
         if json:
             self.stdout.write(_dumps(result))
         else:

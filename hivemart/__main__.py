@@ -1,0 +1,5 @@
+"""``python -m hivemart``: the ``hivemart`` command line."""
+
+from hivemart.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""``hivemart bench train``: seconds per optimizer step, locally and through the swarm.
+
+Creates a model, then times the same fine-tuning step (batch ``batch_size x seq_len``,
+AdamW on the trainable parts) with local ``transformers`` (+ PEFT for LoRA, hooks for deep
+prompts) and through providers on loopback with :class:`client_sdk.finetune.FineTuner`.
+Both start from the same weights; ``grad_match`` says whether the first step's gradients
+agree (max abs difference within ``1e-3`` of the largest local gradient, plus ``1e-6``).
+Medians over ``repeats`` steps of each after ``warmup`` steps, local and swarm steps taken in
+turns (so that other load on the machine hits both alike).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from client_sdk.finetune.peft_export import peft_state_dict
+from client_sdk.finetune.trainer import FineTuner, TrainConfig
+from client_sdk.swarm.local import LocalSwarm
+from client_sdk.swarm.model import DistributedModelForCausalLM
+from hivemart.bench.inference import _in_workdir, split_blocks
+from hivemart_core.models import create_model
+from hivemart_core.models.lora import module_path
+from hivemart_core.swarm.runtime import SwarmRuntime
+
+__all__ = ["run_train_bench"]
+
+
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class _LocalStep:
+    """The fine-tuning step of :class:`FineTuner`, on a local ``transformers`` model."""
+
+    def __init__(self, model_path: Path, tuner: FineTuner, lr: float) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.tuner = tuner
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.prefix = 0
+        if tuner.lora is not None:
+            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+            spec = tuner.lora.spec
+            self.model = get_peft_model(
+                self.model,
+                LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0),
+            )
+            set_peft_model_state_dict(self.model, peft_state_dict(spec, tuner.lora.shapes, tuner.lora.weights))
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            self.model.requires_grad_(False)
+            self.prompts = torch.nn.Parameter(tuner.prompts.detach().clone())
+            self.prefix = self.prompts.shape[0]
+            self.params = [self.prompts]
+            if tuner.deep_prompts is not None:
+                self.deep = torch.nn.Parameter(tuner.deep_prompts.detach().clone())
+                self.params.append(self.deep)
+                self._add_deep_prompt_hooks()
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+
+    def _add_deep_prompt_hooks(self) -> None:
+        def hook(index: int) -> Callable:
+            def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                hidden = args[0]
+                prompts = self.deep[index]
+                hidden = torch.cat([hidden[:, : self.prefix] + prompts, hidden[:, self.prefix :]], dim=1)
+                return (hidden, *args[1:]), kwargs
+
+            return pre
+
+        for i, layer in enumerate(self.model.model.layers):
+            layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.prefix == 0:
+            return _lm_loss(self.model(input_ids=ids).logits, ids)
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds = torch.cat([self.prompts[None].expand(ids.shape[0], -1, -1), embeds], dim=1)
+        return _lm_loss(self.model(inputs_embeds=embeds).logits[:, self.prefix :], ids)
+
+    def step(self, ids: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss(ids).backward()
+        self.optimizer.step()
+
+    def grads(self) -> torch.Tensor:
+        """The gradients of the trainable parts in the layout of ``FineTuner.parameters()``."""
+        if self.tuner.lora is None:
+            return torch.cat([p.grad.flatten() for p in self.params])
+        lora, modules = self.tuner.lora, dict(self.model.named_modules())
+        parts = []
+        for block in range(lora.num_blocks):
+            for target in lora.spec.targets:
+                layer = modules[f"base_model.model.model.layers.{block}.{module_path(target)}"]
+                parts += [layer.lora_A["default"].weight.grad.flatten(), layer.lora_B["default"].weight.grad.flatten()]
+        return torch.cat(parts)
+
+
+def _interleaved_medians(steps: list[Callable[[], None]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each step, timing them in turns so that a change in the machine's
+    load (other processes) hits all of them alike."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, record in zip(steps, times, strict=False):
+            started = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - started)
+    return [statistics.median(record) for record in times]
+
+
+@_in_workdir
+def run_train_bench(
+    *,
+    mode: str = "lora",
+    hidden: int = 512,
+    layers: int = 8,
+    providers: int = 2,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    chunk_tokens: int = 512,
+    provider_threads: int = 1,
+    workdir: Path | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    progress(f"creating a llama model: hidden {hidden}, {layers} layers")
+    model_path = create_model(
+        workdir / f"bench-llama-{hidden}x{layers}", arch="llama", hidden=hidden, layers=layers, seed=0
+    )
+    ids = torch.randint(3, 2048, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(
+        mode=mode,
+        steps=1,
+        lr=1e-4,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        prefix_len=16,
+        rank=8,
+        alpha=16.0,
+        targets=("q_proj", "v_proj"),
+    )
+    spans = split_blocks(layers, providers)
+    progress(f"starting {providers} providers on loopback: {spans}")
+    with LocalSwarm(workdir=workdir / "swarm") as swarm:
+        swarm.start_bootstrap()
+        swarm.start_agents(model_path, spans, torch_threads=provider_threads)
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime)
+            model.remote.max_chunk_tokens = chunk_tokens
+            tuner = FineTuner(model, config)
+            local = _LocalStep(model_path, tuner, config.lr)
+
+            progress("comparing the first step's gradients")
+            local.optimizer.zero_grad(set_to_none=True)
+            local.loss(ids).backward()
+            expected = local.grads()
+            tuner.optimizer.zero_grad(set_to_none=True)
+            tuner.loss(ids).backward()
+            actual = torch.cat([p.grad.flatten() for p in tuner.parameters()])
+            error = float((actual - expected).abs().max())
+            scale = float(expected.abs().max())
+            grad_match = scale > 0 and error <= 1e-3 * scale + 1e-6  # all-zero gradients prove nothing
+
+            progress(f"timing {repeats} local and {repeats} swarm steps, in turns")
+            local_s, swarm_s = _interleaved_medians(
+                [lambda: local.step(ids), lambda: tuner.train_step(ids)], warmup, repeats
+            )
+            tuner.close()
+    return {
+        "hidden": hidden,
+        "layers": layers,
+        "providers": providers,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "chunk_tokens": chunk_tokens,
+        "max_grad_error": error,
+        "mode": mode,
+        "local_s_per_step": round(local_s, 6),
+        "swarm_s_per_step": round(swarm_s, 6),
+        "ratio": round(swarm_s / local_s, 3),
+        "grad_match": grad_match,
+    }

@@ -1,0 +1,396 @@
+"""Headers of the swarm RPCs, as small dataclasses with explicit validation.
+
+Every request a provider reads from the network goes through ``from_header``, which checks
+types, ranges and lengths and raises :class:`ProtocolError` with a message fit to send back.
+Tensor checks that need the server's state (hidden size, dtype, span) happen in the server.
+
+RPC names (libp2p protocol handlers):
+- ``hivemart.info``      request ``{}`` -> ``ServerInfo`` header
+- ``hivemart.forward``   ``SpanRequest`` + hidden[b, t, h] -> hidden[b, t, h]
+- ``hivemart.backward``  ``SpanRequest`` + hidden, grad_output -> grad_input
+- ``hivemart.inference`` bidirectional: ``OpenSession``, then ``Step`` + hidden per step
+- ``hivemart.push``      provider to provider: ``Step`` + hidden for the next span of a chain
+- ``hivemart.adapter``   ``AdapterRequest`` (+ weights) -> ``{"type": "adapter", ...}`` (+ weights)
+Forward and backward take fine-tuning fields (``SpanTuning``): deep prompts and a LoRA adapter.
+Errors come back as ``{"type": "error", "code": ..., "message": ..., "step_id": ...}``.
+
+Billing: with a marketplace, ``OpenSession`` and ``SpanRequest`` carry a job ``ticket``
+(``hivemart_core.protocol.tickets``); the provider answers with signed cumulative receipts
+(``hivemart_core.protocol.receipts``): ``{"type": "receipt", "receipt": {...}}`` messages on
+an inference stream, a ``"receipt"`` entry in forward/backward reply headers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hivemart_core.errors import ProtocolError
+
+__all__ = [
+    "RPC_INFO",
+    "RPC_FORWARD",
+    "RPC_BACKWARD",
+    "RPC_INFERENCE",
+    "RPC_PUSH",
+    "RPC_ADAPTER",
+    "OpenSession",
+    "Step",
+    "Relink",
+    "SpanRequest",
+    "SpanTuning",
+    "AdapterRequest",
+    "error_header",
+    "receipt_ack",
+]
+
+RPC_INFO = "hivemart.info"
+RPC_FORWARD = "hivemart.forward"
+RPC_BACKWARD = "hivemart.backward"
+RPC_INFERENCE = "hivemart.inference"
+RPC_PUSH = "hivemart.push"
+RPC_ADAPTER = "hivemart.adapter"
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_MAX_TICKET_FIELDS = 16
+_PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # base58btc
+_MAX_INT = 2**31 - 1
+
+
+def _int(header: dict[str, Any], key: str, *, low: int = 0, high: int = _MAX_INT) -> int:
+    value = header.get(key)
+    if type(value) is not int:  # bool is an int subclass: reject it too
+        raise ProtocolError(f"'{key}' must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ProtocolError(f"'{key}' must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _optional_str(header: dict[str, Any], key: str, pattern: re.Pattern[str], what: str) -> str | None:
+    value = header.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ProtocolError(f"'{key}' must be {what}")
+    return value
+
+
+def _session_id(header: dict[str, Any], key: str = "session_id") -> str:
+    value = _optional_str(header, key, _SESSION_ID, "8 to 64 characters of [A-Za-z0-9_-]")
+    if value is None:
+        raise ProtocolError(f"'{key}' is required")
+    return value
+
+
+def _span(header: dict[str, Any]) -> tuple[int, int]:
+    start, end = _int(header, "start"), _int(header, "end")
+    if end <= start:
+        raise ProtocolError(f"empty block range {start}:{end}")
+    return start, end
+
+
+def _ticket(header: dict[str, Any]) -> dict[str, Any] | None:
+    """The job ticket a billable request carries, as a map; checked by the provider against
+    the platform key (``hivemart_core.protocol.tickets.verify_ticket``)."""
+    value = header.get("ticket")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > _MAX_TICKET_FIELDS:
+        raise ProtocolError("'ticket' must be a map of ticket fields")
+    return value
+
+
+def receipt_ack(header: dict[str, Any]) -> dict[str, Any] | None:
+    """The client's acknowledgement a request or an ``ack`` message carries: its countersigned
+    copy of the provider's latest receipt, as a map (checked by the provider's ``TicketBook``)."""
+    value = header.get("ack")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > _MAX_TICKET_FIELDS:
+        raise ProtocolError("'ack' must be a map of receipt fields")
+    return value
+
+
+def error_header(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+@dataclass(frozen=True)
+class SpanRequest:
+    """A forward or backward over blocks [start, end) of the provider's span.
+
+    A billable request carries its job ``ticket``; ``session_id`` names the client's run
+    (a training loop, say) whose work one cumulative receipt counts; ``ack`` is the client's
+    countersignature of the latest receipt it got for that run (the payment channel).
+    """
+
+    start: int
+    end: int
+    ticket: dict[str, Any] | None = None
+    session_id: str | None = None
+    # Fine-tuning (see SpanTuning): deep prompts travel as an extra tensor, the adapter by id.
+    tuning: SpanTuning | None = None
+    ack: dict[str, Any] | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        header = {"type": "span", "start": self.start, "end": self.end}
+        if self.ticket is not None:
+            header["ticket"] = self.ticket
+        if self.ack is not None:
+            header["ack"] = self.ack
+        if self.session_id is not None:
+            header["session_id"] = self.session_id
+        if self.tuning is not None:
+            header.update(self.tuning.to_header())
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> SpanRequest:
+        start, end = _span(header)
+        session_id = None if header.get("session_id") is None else _session_id(header)
+        return cls(
+            start,
+            end,
+            ticket=_ticket(header),
+            session_id=session_id,
+            tuning=SpanTuning.from_header(header),
+            ack=receipt_ack(header),
+        )
+
+
+@dataclass(frozen=True)
+class SpanTuning:
+    """Fine-tuning fields of a forward or backward.
+
+    ``prompts``: the request carries, after its hidden states (and output gradients), deep
+    prompts ``[blocks, batch or 1, prefix, hidden]`` added to the first ``prefix`` positions
+    of each block's input; a backward then also returns their gradient. ``adapter_id``: run
+    with that LoRA adapter (see ``AdapterRequest``); ``lora_grads`` asks a backward to return
+    the adapter's weight gradient too, as one flat float32 tensor ``[blocks, per_block]``.
+    ``graph_id``: a forward keeps its autograd graph under this id (for a while, within a
+    memory budget) and a backward with the same id and the same inputs uses it instead of
+    recomputing the forward; a backward whose graph is gone recomputes it.
+    """
+
+    prompts: bool = False
+    adapter_id: str | None = None
+    lora_grads: bool = False
+    graph_id: str | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {}
+        if self.prompts:
+            header["prompts"] = True
+        if self.adapter_id is not None:
+            header["adapter_id"] = self.adapter_id
+        if self.lora_grads:
+            header["lora_grads"] = True
+        if self.graph_id is not None:
+            header["graph_id"] = self.graph_id
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> SpanTuning | None:
+        prompts, lora_grads = header.get("prompts", False), header.get("lora_grads", False)
+        if not isinstance(prompts, bool) or not isinstance(lora_grads, bool):
+            raise ProtocolError("'prompts' and 'lora_grads' must be booleans")
+        adapter_id = _optional_str(header, "adapter_id", _SESSION_ID, "8 to 64 characters of [A-Za-z0-9_-]")
+        if lora_grads and adapter_id is None:
+            raise ProtocolError("'lora_grads' needs an 'adapter_id'")
+        graph_id = _optional_str(header, "graph_id", _SESSION_ID, "8 to 64 characters of [A-Za-z0-9_-]")
+        if not prompts and adapter_id is None and graph_id is None:
+            return None
+        return cls(prompts=prompts, adapter_id=adapter_id, lora_grads=lora_grads, graph_id=graph_id)
+
+
+_ADAPTER_OPS = ("create", "set", "get", "delete")
+_MAX_TARGETS = 7
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """``hivemart.adapter``: manage one LoRA adapter kept on the provider for a job.
+
+    - ``create``: a new adapter ``adapter_id`` for blocks ``[start, end)`` with ``rank``,
+      ``alpha`` and ``targets``; its weights come from ``seed`` (PEFT's initialisation,
+      ``hivemart_core.models.lora.init_weights``) or, without a seed, from one tensor
+      ``[blocks, per_block]`` sent along.
+    - ``set``: replace its weights with the tensor sent along (the client's optimizer step).
+    - ``get``: answer with its weights. ``delete``: forget it.
+    Only the peer that created an adapter may use it. A provider that requires job tickets
+    also requires one covering ``[start, end)`` to ``create`` (an adapter holds its memory).
+    """
+
+    op: str
+    adapter_id: str
+    start: int = 0
+    end: int = 0
+    rank: int = 0
+    alpha: float = 0.0
+    targets: tuple[str, ...] = ()
+    seed: int | None = None
+    ticket: dict[str, Any] | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {"type": "adapter", "op": self.op, "adapter_id": self.adapter_id}
+        if self.op == "create":
+            header.update(
+                start=self.start,
+                end=self.end,
+                rank=self.rank,
+                alpha=self.alpha,
+                targets=list(self.targets),
+                seed=self.seed,
+            )
+            if self.ticket is not None:
+                header["ticket"] = self.ticket
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> AdapterRequest:
+        if header.get("type") != "adapter":
+            raise ProtocolError(f"expected an 'adapter' message, got {header.get('type')!r}")
+        op = header.get("op")
+        if op not in _ADAPTER_OPS:
+            raise ProtocolError(f"'op' must be one of {', '.join(_ADAPTER_OPS)}")
+        adapter_id = _session_id(header, "adapter_id")
+        if op != "create":
+            return cls(op=op, adapter_id=adapter_id)
+        start, end = _span(header)
+        alpha, targets = header.get("alpha"), header.get("targets")
+        if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
+            raise ProtocolError("'alpha' must be a number in (0, 1e6)")
+        if (
+            not isinstance(targets, list)
+            or not 0 < len(targets) <= _MAX_TARGETS
+            or not all(isinstance(t, str) and len(t) <= 32 for t in targets)
+        ):
+            raise ProtocolError(f"'targets' must be a list of 1 to {_MAX_TARGETS} module names")
+        seed = None if header.get("seed") is None else _int(header, "seed")
+        return cls(
+            op=op,
+            adapter_id=adapter_id,
+            start=start,
+            end=end,
+            rank=_int(header, "rank", low=1, high=4096),
+            alpha=float(alpha),
+            targets=tuple(targets),
+            seed=seed,
+            ticket=_ticket(header),
+        )
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """First message of an inference stream.
+
+    ``next_peer``/``next_session`` name the provider of the following span: the server
+    pushes each step's output there directly instead of through the client. ``prev_peer``
+    is the only peer allowed to push steps into this session. ``return_outputs`` asks for
+    every step's output on this stream too (the last span of a chain always returns it).
+    ``ticket`` is the job ticket that pays for the session (required by providers that
+    trust a marketplace); the provider answers with signed ``receipt`` messages.
+    """
+
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int = 1
+    prev_peer: str | None = None
+    next_peer: str | None = None
+    next_session: str | None = None
+    return_outputs: bool = True
+    ticket: dict[str, Any] | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        header = {"type": "open", **asdict(self)}
+        if self.ticket is None:
+            del header["ticket"]
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> OpenSession:
+        if header.get("type") != "open":
+            raise ProtocolError("an inference stream must start with an 'open' message")
+        start, end = _span(header)
+        next_peer = _optional_str(header, "next_peer", _PEER_ID, "a base58 peer id")
+        next_session = None if next_peer is None else _session_id(header, "next_session")
+        return_outputs = header.get("return_outputs", True)
+        if not isinstance(return_outputs, bool):
+            raise ProtocolError("'return_outputs' must be a boolean")
+        return cls(
+            session_id=_session_id(header),
+            start=start,
+            end=end,
+            max_length=_int(header, "max_length", low=1),
+            batch_size=_int(header, "batch_size", low=1),
+            prev_peer=_optional_str(header, "prev_peer", _PEER_ID, "a base58 peer id"),
+            next_peer=next_peer,
+            next_session=next_session,
+            return_outputs=return_outputs or next_peer is None,
+            ticket=_ticket(header),
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One inference step: hidden states for positions ``position ..`` of a session.
+
+    ``step_id`` identifies the step so that a step delivered twice (pushed by the previous
+    provider and re-sent by the client) is applied once. A ``position`` below the session's
+    length rolls the cache back to it first; one above it is an error.
+    """
+
+    session_id: str
+    step_id: int
+    position: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": "step", **asdict(self)}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> Step:
+        if header.get("type") != "step":
+            raise ProtocolError(f"expected a 'step' message, got {header.get('type')!r}")
+        return cls(
+            session_id=_session_id(header),
+            step_id=_int(header, "step_id", high=2**62),
+            position=_int(header, "position"),
+        )
+
+
+@dataclass(frozen=True)
+class Relink:
+    """Re-wires an open session after a neighbour in the chain was replaced.
+
+    Sent by the session's client on its own stream: ``prev_peer`` becomes the only peer
+    allowed to push steps here; ``next_peer``/``next_session`` (both or neither) become
+    where outputs are pushed. A field left out keeps its value; ``clear_next`` stops pushing.
+    """
+
+    session_id: str
+    prev_peer: str | None = None
+    next_peer: str | None = None
+    next_session: str | None = None
+    clear_next: bool = False
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": "relink", **asdict(self)}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> Relink:
+        if header.get("type") != "relink":
+            raise ProtocolError(f"expected a 'relink' message, got {header.get('type')!r}")
+        next_peer = _optional_str(header, "next_peer", _PEER_ID, "a base58 peer id")
+        clear_next = header.get("clear_next", False)
+        if not isinstance(clear_next, bool) or (clear_next and next_peer is not None):
+            raise ProtocolError("'clear_next' must be a boolean and excludes 'next_peer'")
+        return cls(
+            session_id=_session_id(header),
+            prev_peer=_optional_str(header, "prev_peer", _PEER_ID, "a base58 peer id"),
+            next_peer=next_peer,
+            next_session=None if next_peer is None else _session_id(header, "next_session"),
+            clear_next=clear_next,
+        )

@@ -1,8 +1,0 @@
-from django.urls import path
-
-from marketplace.scheduling import api
-
-urlpatterns = [
-    path("jobs/<id:job_id>/replan/", api.JobReplan.as_view(), name="job-replan"),
-    path("placement/", api.Placement.as_view(), name="placement"),
-]
