@@ -403,8 +403,8 @@ def provider_is_degraded(provider: Provider) -> bool:
 
 def receipts_settle(*, job_ids: Sequence[int] | None = None, now: datetime | None = None) -> dict[str, object]:
     """Pay providers for their unsettled receipts and close finished settling jobs
-    (``marketplace.receipts.services.receipts_settle``); a summary for the task result."""
-    from marketplace.receipts.services import receipts_settle as settle
+    (``marketplace.receipts.services.settlement.receipts_settle``); a summary for the task result."""
+    from marketplace.receipts.services.settlement import receipts_settle as settle
 
     return settle(job_ids=job_ids, now=now).to_dict()
 
@@ -430,7 +430,7 @@ def audit_decide(*, audit_id: int, references: object | None = None) -> dict[str
     (``scheduler.audit``); a decided audit is left alone. Without a checkpoint for the model
     the verdict is ``inconclusive`` (the validator cannot tell)."""
     from marketplace.receipts.models import Audit
-    from marketplace.receipts.services import audit_verdict_record
+    from marketplace.receipts.services.audits import audit_verdict_record
     from scheduler.audit import Verdict, audit_span
     from scheduler.probing import ReferenceUnavailable
 
@@ -473,7 +473,7 @@ def audits_open(*, older_than_s: float, now: datetime | None = None) -> list[int
 
 def _probe_offence(provider: Provider, result: object) -> None:
     from marketplace.receipts.models import Offence
-    from marketplace.receipts.services import provider_offence_record
+    from marketplace.receipts.services.offences import provider_offence_record
 
     errors = "; ".join(result.errors)  # type: ignore[attr-defined]
     provider_offence_record(
@@ -506,7 +506,7 @@ def providers_probe(*, runtime: object | None = None, references: object | None 
     Returns ``{"probed": [...], "degraded": [...], "skipped": [...]}`` (provider ids); a
     provider is skipped when the prober has no reference checkpoint for its model.
     """
-    from marketplace.receipts.services import ticket_issue_for_probe
+    from marketplace.receipts.services.tickets import ticket_issue_for_probe
     from scheduler.probing import ProbeTarget, References, ReferenceUnavailable, probe_provider
 
     summary: dict[str, list[int]] = {"probed": [], "degraded": [], "skipped": []}

@@ -56,7 +56,8 @@ def _worker(batches: list[list[dict[str, Any]]], user_id: int, job_ids: list[int
     from django.db import connection
 
     from marketplace.accounts.models import User
-    from marketplace.receipts.services import receipts_settle, receipts_upload
+    from marketplace.receipts.services.settlement import receipts_settle
+    from marketplace.receipts.services.uploads import receipts_upload
 
     user = User.objects.get(pk=user_id)
     connection.ensure_connection()
@@ -109,7 +110,7 @@ def run_settle_bench(
     from marketplace.ledger.services import credit_grant, fee_for, wallet_get_or_create
     from marketplace.providers.services import OfferSpec, challenge_issue, provider_register, registration_message
     from marketplace.receipts.models import Receipt, Ticket
-    from marketplace.receipts.services import ticket_cost
+    from marketplace.receipts.services.pricing import ticket_cost
 
     progress(f"migrating the {connection.vendor} database")
     call_command("migrate", verbosity=0, interactive=False)

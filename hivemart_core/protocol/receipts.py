@@ -7,7 +7,9 @@ ones and a lost receipt loses nothing. The client checks a receipt against its o
 and its own copy of the outputs, then countersigns it; the marketplace settles the increase
 since the last receipt it settled for that (ticket, session).
 
-Work units (DESIGN.md): one token through one block; a backward counts double.
+Work units (docs/protocol.md, "Tickets and receipts"): one token through one block; a backward
+counts ``BACKWARD_WORK_FACTOR`` (2) times, since it computes about twice a forward's work (the
+gradient with respect to the input and the recomputed forward it needs).
 
 Signed bytes:
 - provider: ``RECEIPT_DOMAIN`` + canonical JSON of the body (every field but the two signatures);
@@ -49,6 +51,8 @@ __all__ = [
     "ReceiptError",
     "ReceiptCounter",
     "work_units",
+    "BACKWARD_WORK_FACTOR",
+    "MAX_RECEIPTS_PER_UPLOAD",
     "tensor_digest",
     "chain_start",
     "chain_next",
@@ -58,6 +62,14 @@ __all__ = [
 
 RECEIPT_DOMAIN = b"hivemart-receipt/1\n"
 CLIENT_DOMAIN = b"hivemart-receipt-client/1\n"
+# Work units a backward costs per token and block, relative to a forward's one. Providers
+# charge by it (``work_units``), clients mirror the count, and the scheduler prices a
+# fine-tuning token (a forward and a backward) at ``1 + BACKWARD_WORK_FACTOR`` per block.
+BACKWARD_WORK_FACTOR = 2
+# The most receipts one upload (POST /api/receipts/) may carry: the marketplace refuses more
+# (400), and serves the figure in its platform info (``limits.receipts_per_upload``) so that
+# uploaders split their batches by what the server they talk to accepts.
+MAX_RECEIPTS_PER_UPLOAD = 500
 CHAIN_DOMAIN = b"hivemart-chain/1\n"
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
@@ -76,7 +88,7 @@ class ReceiptError(ProtocolError):
 
 def work_units(*, tokens: int, blocks: int, backward: bool = False) -> int:
     """Work units of ``tokens`` token positions (batch x length) through ``blocks`` blocks."""
-    return tokens * blocks * (2 if backward else 1)
+    return tokens * blocks * (BACKWARD_WORK_FACTOR if backward else 1)
 
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:

@@ -44,7 +44,7 @@ class Provider(models.Model):
     suspended_at = models.DateTimeField(null=True, blank=True)
     suspension_reason = models.CharField(max_length=200, blank=True)
     # 0..100: starts at 100 and falls with every offence (a failed audit, a wrong probe
-    # answer); see marketplace.receipts.services.provider_offence_record.
+    # answer); see marketplace.receipts.services.offences.provider_offence_record.
     reputation = models.PositiveSmallIntegerField(default=100)
 
     earnings_account = models.OneToOneField("ledger.Account", on_delete=models.PROTECT, related_name="provider")

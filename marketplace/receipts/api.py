@@ -17,6 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD
 from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
@@ -33,19 +34,16 @@ from marketplace.receipts.selectors import (
     receipts_visible_to,
     settlements_visible_to,
 )
-from marketplace.receipts.services import (
+from marketplace.receipts.services.audits import (
     AUDIT_DTYPES,
-    DISPUTE_CODES,
     MAX_AUDIT_TENSOR_BYTES,
-    MAX_RECEIPTS_PER_UPLOAD,
     audit_create,
     audit_equivocation_create,
-    dispute_verdict_record,
-    job_finish,
-    receipt_dispute,
-    receipts_upload,
-    tickets_renew,
 )
+from marketplace.receipts.services.disputes import DISPUTE_CODES, dispute_verdict_record, receipt_dispute
+from marketplace.receipts.services.finishing import job_finish
+from marketplace.receipts.services.tickets import tickets_renew
+from marketplace.receipts.services.uploads import receipts_upload
 
 
 class PlatformOutput(serializers.Serializer):

@@ -31,7 +31,8 @@ class SchedulingConfig(AppConfig):
 
     def ready(self) -> None:
         from marketplace.jobs.services import job_created_hook_register
-        from marketplace.receipts.services import audit_created_hook_register, receipts_uploaded_hook_register
+        from marketplace.receipts.services.audits import audit_created_hook_register
+        from marketplace.receipts.services.uploads import receipts_uploaded_hook_register
         from marketplace.web.health import health_check_register
         from scheduler.app.health import broker_check
 
