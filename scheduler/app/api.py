@@ -12,7 +12,8 @@ from marketplace.catalog.selectors import catalog_model_for_use
 from marketplace.common.api import StrictIntegerField, parse
 from marketplace.jobs.api import PlanOutput
 from marketplace.jobs.selectors import job_get
-from scheduler.services import job_replan, placement_suggest
+from scheduler.services.placement import placement_suggest
+from scheduler.services.replanning import job_replan
 
 
 class ReplanInput(serializers.Serializer):
