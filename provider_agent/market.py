@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from hivemind.utils.logging import get_logger
 
 from hivemart_core.api import Client
-from hivemart_core.api.types import ReceiptResult
+from hivemart_core.api.types import PlatformInfo, ReceiptResult
 from hivemart_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -38,7 +38,7 @@ from hivemart_core.errors import (
     ValidationError,
 )
 from hivemart_core.protocol.identity import Identity, is_valid_public_key
-from hivemart_core.protocol.receipts import WorkReceipt
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD, WorkReceipt
 from hivemart_core.protocol.tickets import HEX64_PATTERN
 from provider_agent.config import AgentConfig
 from provider_agent.metering import TicketBook
@@ -49,7 +49,6 @@ logger = get_logger(__name__)
 
 T = TypeVar("T")
 
-_MAX_UPLOAD_BATCH = 500  # the marketplace's limit per request
 _BACKOFF_FIRST_S = 1.0
 _BACKOFF_MAX_S = 60.0
 # A setup problem only the operator can fix (model not catalogued, digests differ): retry slowly.
@@ -87,7 +86,12 @@ def hardware(device: str) -> tuple[str, int]:
 
 def fetch_platform_key(client: Client) -> bytes:
     """The marketplace's platform public key (``GET /api/platform/``, no authentication)."""
-    key = client.platform.get().public_key
+    return platform_key_of(client.platform.get())
+
+
+def platform_key_of(info: PlatformInfo) -> bytes:
+    """``info``'s platform public key, checked (it decides which tickets the agent trusts)."""
+    key = info.public_key
     if not isinstance(key, str) or not HEX64_PATTERN.match(key) or not is_valid_public_key(bytes.fromhex(key)):
         raise HivemartError(f"the marketplace answered a malformed platform key: {key!r}")
     return bytes.fromhex(key)
@@ -118,6 +122,8 @@ class MarketLink:
         self.provider_id: int | None = None
         self.registered: Offer | None = None
         self.uploaded: dict[str, int] = {"accepted": 0, "stale": 0, "rejected": 0}
+        # Receipts per upload: the shared default until the marketplace's platform info says.
+        self.upload_limit = MAX_RECEIPTS_PER_UPLOAD
         self._http = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-market")
         self._tasks: list[asyncio.Task] = []
 
@@ -185,7 +191,9 @@ class MarketLink:
     # --- platform key and registration ---------------------------------------------------------
 
     async def _learn_platform_key(self) -> None:
-        key = await self._call(fetch_platform_key, self.client)
+        info = await self._call(self.client.platform.get)
+        key = platform_key_of(info)
+        self.upload_limit = info.receipts_per_upload
         self.book.platform_key = key
         logger.info(f"trusting tickets signed by the marketplace's platform key {key.hex()[:16]}...")
 
@@ -282,9 +290,9 @@ class MarketLink:
 
     async def _upload_all(self) -> None:
         """Upload every pending receipt, in batches; a failed batch goes back to the queue."""
-        while batch := self.book.take_pending(_MAX_UPLOAD_BATCH):
+        while batch := self.book.take_pending(self.upload_limit):
             try:
-                results = await self._call(self.client.receipts.upload, batch)
+                results = await self._call(self.client.receipts.upload, batch, batch_size=self.upload_limit)
             except ValidationError as e:
                 # The batch itself is malformed in the marketplace's eyes: resending cannot help.
                 logger.error(f"the marketplace refused a batch of {len(batch)} receipts: {e}")

@@ -17,7 +17,8 @@ blocks served by offer ``o``:
   tokens per second the segment sustains.
 - cost = ``o.price * b * passes`` micro-credits per million tokens, where ``passes`` is
   the work units one token costs per block: 1 for inference, 3 for fine-tuning (a
-  forward, and a backward that counts double). Integers: no float touches money.
+  forward, and a backward that counts ``BACKWARD_WORK_FACTOR`` = 2 times, as providers
+  charge it: ``hivemart_core.protocol.receipts.work_units``). Integers: no float touches money.
 
 A chain's latency ``x`` and cost ``y`` are the sums over its segments; its throughput
 is its bottleneck, the minimum over segments of ``o.throughput / b``.
@@ -90,6 +91,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hivemart_core.protocol.receipts import BACKWARD_WORK_FACTOR
+
 __all__ = [
     "JobRequest",
     "Offer",
@@ -111,8 +114,9 @@ __all__ = [
 
 Kind = Literal["inference", "finetune"]
 KINDS: tuple[str, ...] = ("inference", "finetune")
-# Work units per token per block: a backward counts double (see DESIGN.md, Units).
-_PASSES = {"inference": 1, "finetune": 3}
+# Work units per token per block, as providers charge them (``work_units``): a fine-tuning
+# token is a forward and a backward, which counts BACKWARD_WORK_FACTOR times.
+_PASSES = {"inference": 1, "finetune": 1 + BACKWARD_WORK_FACTOR}
 # Bounds that keep every cost sum below 2**53, so the float64 arrays compare costs exactly.
 MAX_BLOCKS = 1000
 MAX_PRICE = 10**12

@@ -42,6 +42,7 @@ from hivemart_core.errors import (
 )
 from hivemart_core.protocol.framing import encode_message
 from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD
 from hivemart_core.protocol.records import ServerRecord
 from hivemart_core.protocol.tickets import JobTicket, verify_ticket
 from hivemart_core.swarm.connection import SpanBilling
@@ -248,9 +249,16 @@ class SwarmJob:
         receipt_batch: int = 64,
         rng: random.Random | None = None,
         dispute: DisputeReceipt | None = None,
+        upload_limit: int = MAX_RECEIPTS_PER_UPLOAD,
     ) -> None:
         self.plan, self.identity, self.job_id = plan, identity, job_id
-        self.collector = ReceiptCollector(identity, upload=upload, batch_size=receipt_batch, dispute=dispute)
+        self.collector = ReceiptCollector(
+            identity,
+            upload=upload,
+            batch_size=min(receipt_batch, upload_limit),
+            dispute=dispute,
+            upload_limit=upload_limit,
+        )
         self.excluded: set[str] = set()  # caught returning wrong outputs: never used again by this job
         self.equivocations: list[Equivocation] = []  # providers caught pushing one output and returning another
         self.audits: list[Any] = []  # what file_audit returned for each mismatch
@@ -474,10 +482,13 @@ class MarketJob(SwarmJob):
         job = wait_for_plan(client, job_id, timeout=plan_timeout, poll_interval=poll_interval)
         if job.client_key and job.client_key != identity.public_key.hex():
             raise JobPlanError(f"job {job_id} was created with another client key; open it with that identity")
-        platform_key = client.platform.get().public_key_bytes
+        platform = client.platform.get()
+        platform_key = platform.public_key_bytes
         plan = JobPlan.from_tickets(
             client.jobs.tickets(job_id), platform_key=platform_key, job_id=job_id, client_key=identity.public_key.hex()
         )
+        # Uploads are split by what this marketplace takes per request, as it serves it.
+        kwargs.setdefault("upload_limit", platform.receipts_per_upload)
         return cls(client, job, plan, identity, platform_key=platform_key, **kwargs)
 
     async def find_route(self, start: int, end: int, avoid: frozenset[str] = frozenset()) -> list[RouteHop]:
@@ -539,7 +550,8 @@ class MarketJob(SwarmJob):
 
     def _upload(self, receipts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
-            {"status": r.status, "code": r.code, "message": r.message} for r in self.client.receipts.upload(receipts)
+            {"status": r.status, "code": r.code, "message": r.message}
+            for r in self.client.receipts.upload(receipts, batch_size=self.collector.upload_limit)
         ]
 
     def _dispute(self, receipt: dict[str, Any], code: str, message: str) -> Any:

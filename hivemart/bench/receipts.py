@@ -27,12 +27,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD
+
 __all__ = ["run_settle_bench"]
 
 _PROVIDERS = 4
 _PRICE = 1_000  # micro-credits per million work units
 _BUDGET = 10_000_000  # per job: far more than its receipts cost, so nothing falls short
-_BATCH = 500
+_BATCH = MAX_RECEIPTS_PER_UPLOAD  # the marketplace's limit per upload
 
 
 def _setup_django() -> None:

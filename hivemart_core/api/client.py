@@ -40,6 +40,7 @@ from hivemart_core.api.types import (
     User,
 )
 from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD
 
 __all__ = ["Client", "Signer", "SegmentPlan"]
 
@@ -59,8 +60,9 @@ def _new_key() -> str:
     return uuid.uuid4().hex
 
 
-# The marketplace takes at most this many receipts per upload; longer lists are sent in batches.
-RECEIPT_BATCH = 500
+# The marketplace takes at most this many receipts per upload (unless its platform info serves
+# another ``receipts_per_upload``); longer lists are sent in batches.
+RECEIPT_BATCH = MAX_RECEIPTS_PER_UPLOAD
 
 
 def _receipt_dict(receipt: Any) -> dict[str, Any]:
@@ -496,17 +498,21 @@ class Platform(_Resource):
 
 
 class Receipts(_Resource):
-    def upload(self, receipts: Iterable[Any]) -> list[ReceiptResult]:
+    def upload(self, receipts: Iterable[Any], *, batch_size: int = RECEIPT_BATCH) -> list[ReceiptResult]:
         """Upload signed work receipts (``WorkReceipt`` objects or their dicts), in batches of at
-        most 500; one result per receipt, in order. Uploading the same receipt again is
-        harmless (``stale``), so failed requests are retried."""
+        most ``batch_size`` (pass ``client.platform.get().receipts_per_upload`` when the
+        marketplace may take another number than the shared default); one result per receipt,
+        in order. Uploading the same receipt again is harmless (``stale``), so failed requests
+        are retried."""
+        if type(batch_size) is not int or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         items = [_receipt_dict(r) for r in receipts]
         results: list[ReceiptResult] = []
-        for offset in range(0, len(items), RECEIPT_BATCH):
+        for offset in range(0, len(items), batch_size):
             body = self._core.request(
                 "POST",
                 "/api/receipts/",
-                json={"receipts": items[offset : offset + RECEIPT_BATCH]},
+                json={"receipts": items[offset : offset + batch_size]},
                 idempotency_key=_new_key(),
             )
             results += [ReceiptResult.from_json(r) for r in body["results"]]

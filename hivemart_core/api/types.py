@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from hivemart_core.errors import HivemartError
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD
+
 __all__ = [
     "User",
     "ApiKey",
@@ -499,12 +502,17 @@ class Transaction:
 
 @dataclass(frozen=True)
 class PlatformInfo:
-    """The marketplace's platform key (signs job tickets) and its fee."""
+    """The marketplace's platform key (signs job tickets), its fee, and its limits.
+
+    ``receipts_per_upload`` is the most receipts one upload may carry on this marketplace
+    (``limits.receipts_per_upload``); a marketplace too old to serve it takes the shared
+    default, ``hivemart_core.protocol.receipts.MAX_RECEIPTS_PER_UPLOAD``."""
 
     public_key: str  # hex Ed25519
     peer_id: str
     fee_bps: int
     audit_deposit: int = 0  # micro-credits an audit without evidence must put down
+    receipts_per_upload: int = MAX_RECEIPTS_PER_UPLOAD
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -517,7 +525,24 @@ class PlatformInfo:
             peer_id=d["peer_id"],
             fee_bps=d["fee_bps"],
             audit_deposit=d.get("audit_deposit", 0),
+            receipts_per_upload=_served_limit(d, "receipts_per_upload", MAX_RECEIPTS_PER_UPLOAD),
         )
+
+
+def _served_limit(d: dict[str, Any], name: str, default: int) -> int:
+    """``d["limits"][name]``: a positive integer, ``default`` when the server serves no limits
+    (an older marketplace); a malformed value is the server's error, not a reason to guess."""
+    limits = d.get("limits")
+    if limits is None:
+        return default
+    if not isinstance(limits, dict):
+        raise HivemartError(f"the marketplace answered malformed limits: {limits!r}")
+    if name not in limits:
+        return default
+    value = limits[name]
+    if type(value) is not int or value < 1:
+        raise HivemartError(f"the marketplace answered a malformed limit {name}: {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,14 @@ from hivemind.utils.logging import get_logger
 
 from hivemart_core.errors import HivemartError, ProtocolError
 from hivemart_core.protocol.identity import Identity
-from hivemart_core.protocol.receipts import ReceiptCounter, WorkReceipt, countersign, tensor_digest, verify_receipt
+from hivemart_core.protocol.receipts import (
+    MAX_RECEIPTS_PER_UPLOAD,
+    ReceiptCounter,
+    WorkReceipt,
+    countersign,
+    tensor_digest,
+    verify_receipt,
+)
 from hivemart_core.protocol.tickets import JobTicket
 
 if TYPE_CHECKING:
@@ -48,8 +55,6 @@ DisputeReceipt = Callable[[dict[str, Any], str, str], Any]
 # Refusals worth a dispute: the provider signed for work or outputs the client did not get.
 # (Replays and receipts of another session are harmless duplicates.)
 _DISPUTED = ("receipt_units", "receipt_chain")
-
-_MAX_UPLOAD_BATCH = 500  # the marketplace's limit per request
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,16 @@ class ReceiptCollector:
         upload: UploadReceipts | None = None,
         batch_size: int = 64,
         dispute: DisputeReceipt | None = None,
+        upload_limit: int = MAX_RECEIPTS_PER_UPLOAD,
     ) -> None:
-        if not 1 <= batch_size <= _MAX_UPLOAD_BATCH:
-            raise ValueError(f"batch_size must be in [1, {_MAX_UPLOAD_BATCH}]")
+        # upload_limit: the most receipts one upload may carry, as the marketplace serves it
+        # (``PlatformInfo.receipts_per_upload``); pending receipts are sent in batches of it.
+        if type(upload_limit) is not int or upload_limit < 1:
+            raise ValueError(f"upload_limit must be a positive integer, not {upload_limit!r}")
+        if not 1 <= batch_size <= upload_limit:
+            raise ValueError(f"batch_size must be in [1, {upload_limit}]")
         self.identity, self.upload, self.batch_size = identity, upload, batch_size
+        self.upload_limit = upload_limit
         self.dispute = dispute
         self.disputed = 0
         self._lock = threading.Lock()
@@ -247,8 +258,8 @@ class ReceiptCollector:
 
     def _upload_pending(self) -> None:
         batch = self._take_pending()
-        for begin in range(0, len(batch), _MAX_UPLOAD_BATCH):
-            self._upload_batch(batch[begin : begin + _MAX_UPLOAD_BATCH])
+        for begin in range(0, len(batch), self.upload_limit):
+            self._upload_batch(batch[begin : begin + self.upload_limit])
 
     def _upload_batch(self, batch: list[WorkReceipt]) -> None:
         try:

@@ -35,7 +35,7 @@ class RequestIdMiddleware:
 KIB, MIB = 1024, 1024 * 1024
 # Request body limits per endpoint (URL name); every other path gets DEFAULT_BODY_LIMIT.
 # Sign-up is open to anyone, so it reads next to nothing; audits carry three tensors of up to
-# 8 MiB each, base64-encoded; receipt batches hold up to 500 receipts.
+# 8 MiB each, base64-encoded; receipt batches hold up to MAX_RECEIPTS_PER_UPLOAD (500) receipts.
 BODY_LIMITS: dict[str, int] = {
     "signup": 16 * KIB,
     "provider-challenge": 16 * KIB,

@@ -46,11 +46,16 @@ from marketplace.receipts.services.tickets import tickets_renew
 from marketplace.receipts.services.uploads import receipts_upload
 
 
+class PlatformLimitsOutput(serializers.Serializer):
+    receipts_per_upload = serializers.IntegerField(help_text="the most receipts one POST /api/receipts/ may carry")
+
+
 class PlatformOutput(serializers.Serializer):
     public_key = serializers.CharField(help_text="the platform's Ed25519 public key (hex); it signs job tickets")
     peer_id = serializers.CharField()
     fee_bps = serializers.IntegerField(help_text="platform fee on settled work, basis points")
     audit_deposit = serializers.IntegerField(help_text="micro-credits an audit without evidence must put down")
+    limits = PlatformLimitsOutput(help_text="what one request may carry; clients split their work by these")
 
 
 class TicketOutput(serializers.ModelSerializer):
@@ -300,7 +305,7 @@ class DisputeOutput(serializers.ModelSerializer):
 
 
 class Platform(APIView):
-    """The platform's public key (which signs job tickets) and fee. No authentication."""
+    """The platform's public key (which signs job tickets), fee and limits. No authentication."""
 
     permission_classes = [AllowAny]
     authentication_classes: list[Any] = []
@@ -314,6 +319,7 @@ class Platform(APIView):
                 "peer_id": identity.peer_id,
                 "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS,
                 "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT,
+                "limits": {"receipts_per_upload": MAX_RECEIPTS_PER_UPLOAD},
             }
         )
 

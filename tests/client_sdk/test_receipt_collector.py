@@ -175,6 +175,27 @@ def test_full_batches_upload_in_the_background_and_failures_are_retried() -> Non
     assert collector.summary()["upload"] == {"accepted": 4}
 
 
+def test_uploads_are_split_by_the_marketplace_limit() -> None:
+    # A marketplace that serves receipts_per_upload=2: no upload carries more, even the one
+    # that resends a failed batch together with newer receipts.
+    market = Market(fail=1)
+    collector = ReceiptCollector(CLIENT, upload=market, batch_size=2, upload_limit=2)
+    tickets = [make_ticket(f"tkt_{i:04d}abcd") for i in range(5)]
+    for ticket in tickets:
+        provider = Provider(ticket)
+        run(collector, provider, ticket, [torch.randn(1, 1, 8)])
+        assert collector.receive(provider.receipt(), ticket=ticket, session_id=SESSION) is not None
+    collector.close()
+    assert max(len(batch) for batch in market.batches) == 2
+    assert sorted(r["ticket_id"] for batch in market.batches for r in batch) == sorted(t.ticket_id for t in tickets)
+
+
+@pytest.mark.parametrize(("batch_size", "upload_limit"), [(3, 2), (1, 0), (1, True)])
+def test_a_batch_beyond_the_upload_limit_is_refused(batch_size: int, upload_limit: int) -> None:
+    with pytest.raises(ValueError):
+        ReceiptCollector(CLIENT, upload=Market(), batch_size=batch_size, upload_limit=upload_limit)
+
+
 def test_marketplace_rejections_are_kept_for_the_summary() -> None:
     ticket = make_ticket()
 

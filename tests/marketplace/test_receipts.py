@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 from hivemart_core.api import Client
 from hivemart_core.errors import NotFoundError
 from hivemart_core.protocol.identity import Identity
-from hivemart_core.protocol.receipts import countersign
+from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD, countersign
 from hivemart_core.protocol.tickets import TicketError, verify_ticket
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
@@ -115,6 +115,7 @@ def test_the_platform_endpoint_needs_no_key_and_publishes_the_ticket_key(setting
         "peer_id": platform().peer_id,
         "fee_bps": settings.HIVEMART_PLATFORM_FEE_BPS,
         "audit_deposit": settings.HIVEMART_AUDIT_DEPOSIT,
+        "limits": {"receipts_per_upload": MAX_RECEIPTS_PER_UPLOAD},
     }
 
 
@@ -232,7 +233,9 @@ def test_receipts_api_upload_and_listing() -> None:
     assert api(make_user()).get("/api/receipts/").json()["count"] == 0
     bad = api(pj.client).post("/api/receipts/", {"receipts": []}, format="json")
     assert bad.status_code == 400
-    too_many = api(pj.client).post("/api/receipts/", {"receipts": [receipt.to_dict()] * 501}, format="json")
+    too_many = api(pj.client).post(
+        "/api/receipts/", {"receipts": [receipt.to_dict()] * (MAX_RECEIPTS_PER_UPLOAD + 1)}, format="json"
+    )
     assert too_many.status_code == 400
     malformed = api(pj.client).post("/api/receipts/", {"receipts": [{"ticket_id": 5}]}, format="json").json()
     assert malformed["results"][0]["code"] == "receipt_ticket"
