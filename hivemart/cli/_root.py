@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
@@ -21,3 +22,24 @@ def initial_peers_callback(ctx: click.Context, param: click.Parameter, value: tu
         return check_initial_peers(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+# What the commands that run the marketplace on this machine (demo, bench ledger/settle/chaos)
+# import first; ``pip install hivemart`` (the SDK and CLI) leaves them out.
+SERVER_STACK = ("django", "rest_framework", "celery", "psycopg")
+
+
+def require_server_stack(command: str, extra: str) -> None:
+    """Stop ``command`` with one line naming the extra to install when the marketplace's server
+    stack is missing, instead of a traceback from deep inside Django's setup."""
+    missing = []
+    for module in SERVER_STACK:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise click.ClickException(
+            f"`hivemart {command}` runs the marketplace on this machine, which needs {', '.join(missing)}: "
+            f"pip install 'hivemart[{extra}]'"
+        )

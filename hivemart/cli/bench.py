@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from hivemart.cli._root import cli
+from hivemart.cli._root import cli, require_server_stack
 
 
 @cli.group()
@@ -88,6 +88,7 @@ def inference(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def ledger(captures: int, workers: int, as_json: bool) -> None:
     """Concurrent hold captures against the configured database (DATABASE_URL; migrated first)."""
+    require_server_stack("bench ledger", "market")
     from hivemart.bench.ledger import run_ledger_bench
 
     with _database_errors():
@@ -115,6 +116,7 @@ def ledger(captures: int, workers: int, as_json: bool) -> None:
 def settle(receipts: int, jobs: int, workers: int, as_json: bool) -> None:
     """Receipt uploads (signature checks included) and settlement on the configured database
     (DATABASE_URL; migrated first)."""
+    require_server_stack("bench settle", "market")
     from hivemart.bench.receipts import run_settle_bench
 
     with _database_errors():
@@ -330,6 +332,7 @@ def chaos(
     import sys
     import tempfile
 
+    require_server_stack("bench chaos", "all")
     from hivemart.demo.chaos import ChaosError, ChaosOptions, run_chaos
     from hivemart_core.errors import HivemartError
 

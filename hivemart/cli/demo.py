@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hivemart.cli._root import cli
+from hivemart.cli._root import cli, require_server_stack
 
 
 def _data_dir(path: Path | None) -> Path:
@@ -45,6 +45,7 @@ def _data_dir(path: Path | None) -> Path:
 def demo(data_dir: Path | None, new_tokens: int, finetune_steps: int, keep: bool, as_json: bool) -> None:
     """Run the marketplace, scheduler, a swarm of providers, a paid inference job with a failover, a LoRA
     fine-tuning job and settlement, all on this machine; then print what happened."""
+    require_server_stack("demo", "all")
     from hivemart.demo.scenario import DemoError, DemoOptions, run_demo
     from hivemart_core.errors import HivemartError
 
