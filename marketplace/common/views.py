@@ -30,9 +30,9 @@ from marketplace.common.idempotency import (
 logger = logging.getLogger(__name__)
 
 
+# No docstrings on these classes: drf-spectacular would take them for every view's description.
+# APIView: DRF's, on which a POST with an ``Idempotency-Key`` runs at most once per key and user.
 class APIView(drf_views.APIView):
-    """DRF's APIView; a POST with an ``Idempotency-Key`` runs at most once per key and user."""
-
     _idempotency_claim: Claim | None = None
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -71,5 +71,6 @@ class APIView(drf_views.APIView):
                 idempotency_release(claim)
 
 
+# DRF's ListAPIView on the idempotent APIView above.
 class ListAPIView(APIView, generics.ListAPIView):
-    """DRF's ListAPIView on the idempotent ``APIView``."""
+    pass
