@@ -385,6 +385,12 @@ HIVEMART_PLAN_BACKUPS = env_int("HIVEMART_PLAN_BACKUPS", 2, minimum=0, maximum=1
 # A provider whose latest measured success rate is below this (percent) is degraded: never planned.
 HIVEMART_RELIABILITY_FLOOR_PCT = env_int("HIVEMART_RELIABILITY_FLOOR_PCT", 90, minimum=0, maximum=100)
 HIVEMART_HOUSEKEEPING_INTERVAL_S = env_int("HIVEMART_HOUSEKEEPING_INTERVAL_S", 30, minimum=1)
+# How long the API remembers an Idempotency-Key and its response (marketplace.common.idempotency):
+# a retry within this window replays the first answer; after it the key may be used afresh.
+HIVEMART_IDEMPOTENCY_RETENTION_S = env_int("HIVEMART_IDEMPOTENCY_RETENTION_S", 24 * 3600, minimum=60)
+# A request that has held its key this long without answering is presumed dead (a killed worker;
+# gunicorn's timeout is 60 s), and a retry with the same key may run it again.
+HIVEMART_IDEMPOTENCY_LOCK_S = env_int("HIVEMART_IDEMPOTENCY_LOCK_S", 120, minimum=1)
 HIVEMART_PROBE_INTERVAL_S = env_int("HIVEMART_PROBE_INTERVAL_S", 300, minimum=5)
 HIVEMART_PROBE_TOKENS = env_int("HIVEMART_PROBE_TOKENS", 16, minimum=1, maximum=4096)
 HIVEMART_PROBE_REQUESTS = env_int("HIVEMART_PROBE_REQUESTS", 2, minimum=1, maximum=100)

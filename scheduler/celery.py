@@ -69,6 +69,7 @@ def beat_schedule(settings: Any) -> dict[str, dict[str, Any]]:
         "holds-expire": {"task": "scheduler.holds_expire", "schedule": housekeeping},
         "jobs-match-pending": {"task": "scheduler.jobs_match_pending", "schedule": housekeeping},
         "audits-decide-open": {"task": "scheduler.audits_decide_open", "schedule": housekeeping},
+        "idempotency-records-purge": {"task": "scheduler.idempotency_records_purge", "schedule": timedelta(hours=1)},
         "receipts-settle": {
             "task": "scheduler.receipts_settle",
             "schedule": timedelta(seconds=settings.HIVEMART_SETTLE_INTERVAL_S),

@@ -17,6 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 
+from marketplace.common.idempotency import idempotency_records_purge as purge_idempotency_records
 from scheduler.celery import app
 from scheduler.services import audits, housekeeping, placement, planning, probes, settlement
 
@@ -48,6 +49,12 @@ def providers_expire() -> int:
 def holds_expire() -> list[int]:
     """Fail jobs idle past their deadline, releasing their holds."""
     return housekeeping.holds_expire()
+
+
+@app.task(name="scheduler.idempotency_records_purge", autoretry_for=TRANSIENT, **_RETRY)
+def idempotency_records_purge() -> int:
+    """Forget the API's Idempotency-Keys older than their retention period."""
+    return purge_idempotency_records()
 
 
 # A probe round holds a swarm connection for a while; no point in queueing a second one behind it.

@@ -42,6 +42,21 @@ or `idempotency_key` in a body; at most 175 characters for ledger movements) are
 alone: another user's key never collides with yours, nor with the keys the marketplace
 derives for its own movements (settlement, holds), and a conflict (409
 `idempotency_conflict`) only ever names your own earlier request.
+
+### Idempotency
+
+Every authenticated POST honours an `Idempotency-Key` header (1 to 255 printable ASCII
+characters; otherwise a 400 `invalid` with `extra.header`). Send one key per logical request
+and the same key on each retry: a retry gets the first answer again (same status and JSON
+body, plus `Idempotent-Replayed: true`) and nothing runs twice, so a renewal, upload or job
+created after a lost reply happens once. Keys are scoped to your user. The same key with a
+different request (method, path, query or body bytes) is a 409 `idempotency_key_reused`;
+while the first request with a key still runs, another is a 409 `idempotency_in_progress`
+at once (retry after a short wait). Stored and replayed: 2xx answers and the 4xx decided by
+the request alone (400, 404, 405, 413, 415, 422); not stored, so a retry runs again: 5xx,
+401, 402, 403, 409, 429. A key is remembered for 24 hours (`HIVEMART_IDEMPOTENCY_RETENTION_S`),
+then counts as new. Anonymous POSTs (sign-up) are not keyed. The Python client sets a key on
+every authenticated POST it sends and reuses it across its own retries.
 """
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -45,11 +46,30 @@ _ERRORS_BY_STATUS: dict[int, type[APIError]] = {
 }
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 # Methods that may be repeated without changing the outcome. A POST is retried only when it
-# carries an idempotency key (or never reached the server), so a retry cannot act twice.
+# carries an idempotency key (or never reached the server), so a retry cannot act twice: the
+# marketplace replays the first answer to a key (``marketplace.common.idempotency``).
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# The 409 the marketplace answers while the first request with a key still runs: worth a retry.
+_IN_PROGRESS_CODE = "idempotency_in_progress"
 _BACKOFF_BASE_S = 0.5
 _BACKOFF_MAX_S = 8.0
 _RETRY_AFTER_MAX_S = 60.0
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one logical POST (random: two calls never share one by accident)."""
+    return uuid.uuid4().hex
+
+
+def _in_progress(response: httpx.Response) -> bool:
+    """Whether the answer is the marketplace's "a request with this key is still running"."""
+    if response.status_code != 409:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("code") == _IN_PROGRESS_CODE
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -127,7 +147,13 @@ class HTTPCore:
         idempotency_key: str | None = None,
         auth: bool = True,
     ) -> Any:
-        """Send one API request (retrying as documented) and return the decoded JSON body."""
+        """Send one API request (retrying as documented) and return the decoded JSON body.
+
+        Every authenticated POST carries an ``Idempotency-Key``: ``idempotency_key`` when
+        given, else a new random one, made once here and sent unchanged on every retry of this
+        call (as Stripe's client does). That is what makes the POST safe to retry. An
+        unauthenticated POST (sign-up) gets none, as the marketplace keys requests per user;
+        it is resent only when the connection never reached the server."""
         headers: dict[str, str] = {}
         if auth:
             if not self.api_key:
@@ -135,6 +161,8 @@ class HTTPCore:
                     "no API key: pass Client(api_key=...) or set HIVEMART_API_KEY", code="no_api_key"
                 )
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if idempotency_key is None and method == "POST" and auth:
+            idempotency_key = new_idempotency_key()
         if idempotency_key is not None:
             headers[IDEMPOTENCY_HEADER] = idempotency_key
         params = {k: v for k, v in (params or {}).items() if v is not None}
@@ -158,7 +186,9 @@ class HTTPCore:
 
             if response.is_success:
                 return response.json() if response.content else None
-            retryable = response.status_code == 429 or (response.status_code in _RETRY_STATUSES and retry_safe)
+            retryable = response.status_code == 429 or (
+                retry_safe and (response.status_code in _RETRY_STATUSES or _in_progress(response))
+            )
             if retryable and attempt < self.max_retries:
                 delay = self._backoff(attempt, _retry_after(response))
                 logger.info(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol, Required, TypedDict, TypeVar
 
 import httpx
 
-from hivemart_core.api._client import DEFAULT_BASE_URL, HTTPCore, env_api_key
+from hivemart_core.api._client import DEFAULT_BASE_URL, HTTPCore, env_api_key, new_idempotency_key
 from hivemart_core.api.types import (
     Account,
     ApiKey,
@@ -54,10 +53,6 @@ class Signer(Protocol):
     public_key: bytes
 
     def sign(self, message: bytes) -> bytes: ...
-
-
-def _new_key() -> str:
-    return uuid.uuid4().hex
 
 
 # The marketplace takes at most this many receipts per upload (unless its platform info serves
@@ -292,10 +287,10 @@ class Providers(_Resource):
         """Pay ``amount`` micro-credits of the provider's settled earnings out of the platform
         (your provider; idempotent by key, generated unless given)."""
         account = self.get(provider_id).earnings_account
-        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
-        return Transaction.from_json(
-            self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=body["idempotency_key"])
-        )
+        # The key goes in the body too: the ledger keeps it for good, past the API's retention.
+        key = idempotency_key or new_idempotency_key()
+        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": key}
+        return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=key))
 
     def offences(self, provider_id: int, *, page: int = 1, page_size: int | None = None) -> Page[Offence]:
         """What the provider was found doing (failed audits, wrong probe answers), newest first."""
@@ -343,9 +338,7 @@ class Jobs(_Resource):
         }
         if client_key is not None:
             body["client_key"] = client_key.hex() if isinstance(client_key, bytes) else client_key
-        return Job.from_json(
-            self._core.request("POST", "/api/jobs/", json=body, idempotency_key=idempotency_key or _new_key())
-        )
+        return Job.from_json(self._core.request("POST", "/api/jobs/", json=body, idempotency_key=idempotency_key))
 
     def get(self, job_id: int) -> Job:
         return Job.from_json(self._core.request("GET", f"/api/jobs/{int(job_id)}/"))
@@ -379,9 +372,7 @@ class Jobs(_Resource):
         """Report that ``provider`` (a primary of the plan) failed: the scheduler stores a new plan
         whose segments replace it (ConflictError ``no_plan`` when nobody else serves its
         blocks); fetch the new plan's tickets with :meth:`tickets`. Reporting it again is harmless."""
-        body = self._core.request(
-            "POST", f"/api/jobs/{int(job_id)}/replan/", json={"provider": int(provider)}, idempotency_key=_new_key()
-        )
+        body = self._core.request("POST", f"/api/jobs/{int(job_id)}/replan/", json={"provider": int(provider)})
         return Plan.from_json(body["plan"])
 
     def store_plan(self, job_id: int, *, segments: Sequence[SegmentPlan], reason: str = "") -> Plan:
@@ -401,8 +392,7 @@ class Jobs(_Resource):
     def renew_tickets(self, job_id: int) -> list[JobTicketEntry]:
         """New tickets (new ids, a later expiry) for the current plan, e.g. before the old ones expire."""
         return [
-            JobTicketEntry.from_json(t)
-            for t in self._core.request("POST", f"/api/jobs/{int(job_id)}/tickets/renew/", idempotency_key=_new_key())
+            JobTicketEntry.from_json(t) for t in self._core.request("POST", f"/api/jobs/{int(job_id)}/tickets/renew/")
         ]
 
     def finish(self, job_id: int, *, receipts: Iterable[Any] = ()) -> FinishResult:
@@ -414,9 +404,7 @@ class Jobs(_Resource):
             batch = batch[-RECEIPT_BATCH:]
         # Finishing twice is harmless (settling -> settling is a no-op), so the POST may be retried.
         return FinishResult.from_json(
-            self._core.request(
-                "POST", f"/api/jobs/{int(job_id)}/finish/", json={"receipts": batch}, idempotency_key=_new_key()
-            )
+            self._core.request("POST", f"/api/jobs/{int(job_id)}/finish/", json={"receipts": batch})
         )
 
 
@@ -513,7 +501,6 @@ class Receipts(_Resource):
                 "POST",
                 "/api/receipts/",
                 json={"receipts": items[offset : offset + batch_size]},
-                idempotency_key=_new_key(),
             )
             results += [ReceiptResult.from_json(r) for r in body["results"]]
         return results
@@ -539,7 +526,6 @@ class Receipts(_Resource):
             "POST",
             f"/api/jobs/{int(job_id)}/disputes/",
             json={"receipt": _receipt_dict(receipt), "code": code, "message": message[:300]},
-            idempotency_key=_new_key(),
         )
         return Dispute.from_json(body)
 
@@ -569,17 +555,17 @@ class Ledger(_Resource):
 
     def grant(self, *, username: str, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
         """Staff: grant ``amount`` micro-credits to a user (idempotent by key, generated unless given)."""
-        body = {"username": username, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
-        return Transaction.from_json(
-            self._core.request("POST", "/api/ledger/grants/", json=body, idempotency_key=body["idempotency_key"])
-        )
+        # The key goes in the body too: the ledger keeps it for good, past the API's retention.
+        key = idempotency_key or new_idempotency_key()
+        body = {"username": username, "amount": amount, "memo": memo, "idempotency_key": key}
+        return Transaction.from_json(self._core.request("POST", "/api/ledger/grants/", json=body, idempotency_key=key))
 
     def payout(self, *, account: int, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
         """Pay ``amount`` micro-credits out of one of your providers' earnings accounts."""
-        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
-        return Transaction.from_json(
-            self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=body["idempotency_key"])
-        )
+        # The key goes in the body too: the ledger keeps it for good, past the API's retention.
+        key = idempotency_key or new_idempotency_key()
+        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": key}
+        return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=key))
 
 
 class Client:

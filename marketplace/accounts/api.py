@@ -6,18 +6,17 @@ from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
-from rest_framework.views import APIView
 
 from marketplace.accounts.models import ApiKey
 from marketplace.accounts.selectors import api_key_get, api_keys_visible_to
 from marketplace.accounts.services import api_key_create, api_key_revoke, user_signup
 from marketplace.common.api import parse
 from marketplace.common.errors import PermissionDenied
+from marketplace.common.views import APIView, ListAPIView
 from marketplace.ledger.selectors import wallet_balance
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from marketplace.catalog.models import CatalogModel
 from marketplace.catalog.selectors import catalog_model_get, catalog_models
 from marketplace.catalog.services import MAX_BLOCKS, MAX_HIDDEN_SIZE, catalog_model_create, catalog_model_set_active
 from marketplace.common.api import IsStaff, StrictIntegerField, parse
 from marketplace.common.errors import PermissionDenied
+from marketplace.common.views import APIView, ListAPIView
 
 
 class CatalogModelOutput(serializers.ModelSerializer):

@@ -5,13 +5,13 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from marketplace.common.api import StrictFloatField, StrictIntegerField, parse
 from marketplace.common.errors import NotFound, PermissionDenied, ValidationFailed
+from marketplace.common.idempotency import HEADER
+from marketplace.common.views import APIView, ListAPIView
 from marketplace.jobs.models import Job, JobTransition, Plan
 from marketplace.jobs.selectors import job_get, job_plan_current, job_transitions, jobs_visible_to
 from marketplace.jobs.services import (
@@ -25,7 +25,7 @@ from marketplace.jobs.services import (
 from marketplace.ledger.services import MAX_AMOUNT
 from marketplace.providers.services import MAX_PRICE
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_HEADER = HEADER  # read by every POST (marketplace.common.idempotency); job creation needs one
 
 
 class HoldSummary(serializers.Serializer):

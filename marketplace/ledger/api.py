@@ -5,14 +5,13 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from marketplace.accounts.models import User
 from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
 from marketplace.common.errors import PermissionDenied, ValidationFailed
+from marketplace.common.views import APIView, ListAPIView
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
 from marketplace.ledger.selectors import (
     account_get,

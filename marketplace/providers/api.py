@@ -5,15 +5,14 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
-from rest_framework.views import APIView
 
 from marketplace.catalog.selectors import catalog_model_for_use, catalog_model_get
 from marketplace.common.api import HexBytesField, IsStaff, StrictFloatField, StrictIntegerField, parse
 from marketplace.common.errors import PermissionDenied
+from marketplace.common.views import APIView, ListAPIView
 from marketplace.providers.models import Provider, ProviderMeasurement
 from marketplace.providers.selectors import (
     offers_for_model,

@@ -11,14 +11,13 @@ from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
-from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from hivemart_core.protocol.receipts import MAX_RECEIPTS_PER_UPLOAD
 from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
+from marketplace.common.views import APIView, ListAPIView
 from marketplace.jobs.api import JobOutput
 from marketplace.jobs.selectors import job_get
 from marketplace.ledger.services import MAX_AMOUNT

@@ -6,10 +6,10 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from marketplace.catalog.selectors import catalog_model_for_use
 from marketplace.common.api import StrictIntegerField, parse
+from marketplace.common.views import APIView
 from marketplace.jobs.api import PlanOutput
 from marketplace.jobs.selectors import job_get
 from scheduler.services.placement import placement_suggest

@@ -131,7 +131,7 @@ def test_errors_from_the_real_server_carry_status_code_and_request_id(wsgi: http
         client.jobs.create(
             model="llama-4x64-000000000001", kind="inference", budget=2, max_price=1, idempotency_key="x"
         )
-    assert e.value.code == "idempotency_conflict"
+    assert e.value.code == "idempotency_key_reused"  # the API refuses it before the job service sees it
     with pytest.raises(NotFoundError):
         client.jobs.get(10**9)
     with pytest.raises(PermissionDeniedError):

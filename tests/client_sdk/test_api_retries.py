@@ -112,35 +112,67 @@ def test_timeouts_raise_a_timeout_error() -> None:
     assert isinstance(e.value.__cause__, httpx.ReadTimeout)
 
 
-def test_unsafe_posts_are_not_retried_after_reaching_the_server() -> None:
-    # A key creation has no idempotency key: a 500 or a broken read may have created it already.
+SIGNUP = {
+    "user": {"id": 1, "username": "u", "email": "", "is_staff": False, "wallet_balance": 0},
+    "api_key": {
+        "id": 1,
+        "name": "x",
+        "prefix": "p",
+        "username": "u",
+        "active": True,
+        "created_at": "2026-01-01T00:00:00Z",
+        "last_used_at": None,
+        "revoked_at": None,
+        "key": "hm_secret",
+    },
+}
+
+
+def test_every_authenticated_post_is_retried_under_one_key() -> None:
+    # A key creation carries a key the transport made: a lost reply is retried, and the
+    # marketplace answers the retry with the first answer (the same key, not a second one).
+    client, requests, _ = scripted(
+        error(500, "server_error"), httpx.ReadError("reset"), httpx.Response(201, json=SIGNUP["api_key"])
+    )
+    assert client.keys.create(name="x").key == "hm_secret"
+    keys = {r.headers["Idempotency-Key"] for r in requests}
+    assert len(requests) == 3 and len(keys) == 1
+    # Two calls are two logical requests: two keys.
+    client, requests, _ = scripted(
+        httpx.Response(201, json=SIGNUP["api_key"]), httpx.Response(201, json=SIGNUP["api_key"])
+    )
+    client.keys.create(name="x")
+    client.keys.create(name="x")
+    assert requests[0].headers["Idempotency-Key"] != requests[1].headers["Idempotency-Key"]
+
+
+def test_a_post_still_running_under_its_key_is_retried() -> None:
+    client, requests, sleeps = scripted(error(409, "idempotency_in_progress"), httpx.Response(200, json=[]))
+    assert client.jobs.renew_tickets(7) == []
+    assert len(requests) == 2 and len(sleeps) == 1
+    assert requests[0].headers["Idempotency-Key"] == requests[1].headers["Idempotency-Key"]
+    # Any other conflict is an answer, not a reason to retry.
+    client, requests, _ = scripted(error(409, "idempotency_key_reused"))
+    with pytest.raises(ConflictError):
+        client.jobs.renew_tickets(7)
+    assert len(requests) == 1
+
+
+def test_unkeyed_posts_are_not_retried_after_reaching_the_server() -> None:
+    # Sign-up is anonymous, so the marketplace does not key it and the transport sends none:
+    # a 500 or a broken read may have created the account already.
+    signup = {"username": "u", "password": "p" * 12}
     client, requests, _ = scripted(error(500, "server_error"))
     with pytest.raises(ServerError):
-        client.keys.create(name="x")
-    assert len(requests) == 1
+        client.accounts.signup(**signup)
+    assert len(requests) == 1 and "Idempotency-Key" not in requests[0].headers
     client, requests, _ = scripted(httpx.ReadError("reset"))
     with pytest.raises(APIConnectionError):
-        client.keys.create(name="x")
+        client.accounts.signup(**signup)
     assert len(requests) == 1
     # ... but one that never connected is safe to send again.
-    client, requests, _ = scripted(
-        httpx.ConnectError("refused"),
-        httpx.Response(
-            201,
-            json={
-                "id": 1,
-                "name": "x",
-                "prefix": "p",
-                "username": "u",
-                "active": True,
-                "created_at": "2026-01-01T00:00:00Z",
-                "last_used_at": None,
-                "revoked_at": None,
-                "key": "hm_secret",
-            },
-        ),
-    )
-    assert client.keys.create(name="x").key == "hm_secret" and len(requests) == 2
+    client, requests, _ = scripted(httpx.ConnectError("refused"), httpx.Response(201, json=SIGNUP))
+    assert client.accounts.signup(**signup).api_key.key == "hm_secret" and len(requests) == 2
 
 
 def test_rate_limits_are_retried_after_the_servers_delay() -> None:

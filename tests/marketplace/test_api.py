@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 from hivemart_core.protocol.identity import Identity
 from marketplace.accounts.models import User
 from marketplace.accounts.services import api_key_create
+from marketplace.common.models import IdempotencyRecord
 from marketplace.jobs.services import SegmentSpec, job_charge, job_create, job_plan_store, job_transition
 from marketplace.ledger.models import Account
 from marketplace.providers.services import registration_message
@@ -419,14 +420,26 @@ def test_job_creation_is_idempotent_by_header(alice: User) -> None:
     assert first.status_code == 201, first.content
     job = first.json()
     assert (job["state"], job["hold"]["amount"], job["hold"]["left"]) == ("pending", 1_000_000, 1_000_000)
+    # Within the retention period the API replays its first answer (marketplace.common.idempotency) ...
     again = client.post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="job-1")
-    assert again.status_code == 200 and again.json()["id"] == job["id"]
+    assert again.status_code == 201 and again.json() == job and again["Idempotent-Replayed"] == "true"
     assert client.get("/api/me/").json()["wallet_balance"] == 9_000_000
+    assert_error(
+        client.post("/api/jobs/", job_body(model.model_id, budget=2), format="json", HTTP_IDEMPOTENCY_KEY="job-1"),
+        409,
+        "idempotency_key_reused",
+    )
+    # ... after it, the job's own key still finds the job (200) or refuses another one.
+    IdempotencyRecord.objects.all().delete()
+    later = client.post("/api/jobs/", job_body(model.model_id), format="json", HTTP_IDEMPOTENCY_KEY="job-1")
+    assert later.status_code == 200 and later.json()["id"] == job["id"]
+    IdempotencyRecord.objects.all().delete()
     assert_error(
         client.post("/api/jobs/", job_body(model.model_id, budget=2), format="json", HTTP_IDEMPOTENCY_KEY="job-1"),
         409,
         "idempotency_conflict",
     )
+    assert client.get("/api/me/").json()["wallet_balance"] == 9_000_000
     body_key = client.post("/api/jobs/", job_body(model.model_id, idempotency_key="in-body"), format="json")
     assert body_key.status_code == 201
     assert_error(client.post("/api/jobs/", job_body(model.model_id), format="json"), 400, "invalid")
