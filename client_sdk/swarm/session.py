@@ -65,7 +65,7 @@ __all__ = ["ChainSession", "FindRoute", "SessionJob"]
 logger = get_logger(__name__)
 
 # find_route(start, end, avoid) -> hops covering [start, end) without the avoided peers
-FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
+FindRoute = Callable[[int, int, frozenset[str]], Awaitable[list[RouteHop]]]
 
 # Error codes after which another provider may well succeed; anything else is the caller's
 # mistake (bad shapes, too long, ...) and is raised as it is. ``ack_overdue``: the provider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
@@ -167,7 +168,7 @@ class Models(_Resource):
         """Staff: withdraw a model (``active=False``) or return it to the marketplace."""
         return CatalogModel.from_json(self._core.request("PATCH", f"/api/models/{model_id}/", json={"active": active}))
 
-    def offers(self, model_id: str) -> list[Offer]:
+    def offers(self, model_id: str) -> builtins.list[Offer]:
         """Offers of online providers for the model, by span then price."""
         return [Offer.from_json(o) for o in self._core.request("GET", f"/api/models/{model_id}/offers/")]
 
@@ -290,7 +291,12 @@ class Providers(_Resource):
         """Pay ``amount`` micro-credits of the provider's settled earnings out of the platform
         (your provider; idempotent by key, generated unless given)."""
         account = self.get(provider_id).earnings_account
-        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
+        body: dict[str, Any] = {
+            "account": account,
+            "amount": amount,
+            "memo": memo,
+            "idempotency_key": idempotency_key or _new_key(),
+        }
         return Transaction.from_json(
             self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=body["idempotency_key"])
         )
@@ -366,7 +372,7 @@ class Jobs(_Resource):
             )
         )
 
-    def transitions(self, job_id: int) -> list[JobTransition]:
+    def transitions(self, job_id: int) -> builtins.list[JobTransition]:
         return [JobTransition.from_json(t) for t in self._core.request("GET", f"/api/jobs/{int(job_id)}/transitions/")]
 
     def plan(self, job_id: int) -> Plan:
@@ -391,12 +397,12 @@ class Jobs(_Resource):
             )
         )
 
-    def tickets(self, job_id: int) -> list[JobTicketEntry]:
+    def tickets(self, job_id: int) -> builtins.list[JobTicketEntry]:
         """The signed tickets of the job's current plan, one per segment and provider (primaries
         and backups); attach ``entry.ticket`` to the requests sent to ``entry.provider_peer``."""
         return [JobTicketEntry.from_json(t) for t in self._core.request("GET", f"/api/jobs/{int(job_id)}/tickets/")]
 
-    def renew_tickets(self, job_id: int) -> list[JobTicketEntry]:
+    def renew_tickets(self, job_id: int) -> builtins.list[JobTicketEntry]:
         """New tickets (new ids, a later expiry) for the current plan, e.g. before the old ones expire."""
         return [
             JobTicketEntry.from_json(t)
@@ -563,14 +569,24 @@ class Ledger(_Resource):
 
     def grant(self, *, username: str, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
         """Staff: grant ``amount`` micro-credits to a user (idempotent by key, generated unless given)."""
-        body = {"username": username, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
+        body: dict[str, Any] = {
+            "username": username,
+            "amount": amount,
+            "memo": memo,
+            "idempotency_key": idempotency_key or _new_key(),
+        }
         return Transaction.from_json(
             self._core.request("POST", "/api/ledger/grants/", json=body, idempotency_key=body["idempotency_key"])
         )
 
     def payout(self, *, account: int, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
         """Pay ``amount`` micro-credits out of one of your providers' earnings accounts."""
-        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": idempotency_key or _new_key()}
+        body: dict[str, Any] = {
+            "account": account,
+            "amount": amount,
+            "memo": memo,
+            "idempotency_key": idempotency_key or _new_key(),
+        }
         return Transaction.from_json(
             self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=body["idempotency_key"])
         )
