@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["log_tail", "stop_processes"]
 
@@ -19,7 +20,7 @@ def log_tail(path: Path, lines: int) -> str:
         return ""
 
 
-def stop_processes(processes: Sequence[subprocess.Popen], *, grace: float = 15.0) -> None:
+def stop_processes(processes: Sequence[subprocess.Popen[Any]], *, grace: float = 15.0) -> None:
     """SIGTERM every process still running, in the order given, and SIGKILL those still
     running ``grace`` seconds later (the whole group shares one deadline)."""
     running = [p for p in processes if p.poll() is None]

@@ -51,7 +51,7 @@ def save_peft_adapter(
     out.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int but scales by alpha / r, any number
         target_modules=list(spec.targets),
         lora_dropout=0.0,
         bias="none",

@@ -108,7 +108,8 @@ class FineTuner:
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in (self.prompts, self.deep_prompts, self.lora and self.lora.weights) if p is not None]
+        lora = None if self.lora is None else self.lora.weights
+        return [p for p in (self.prompts, self.deep_prompts, lora) if p is not None]
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         named = {

@@ -28,7 +28,7 @@ class PeerBans:
         count = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = count
         self._served.discard(peer_id)
-        duration = min(self.max_s, self.base_s * 2 ** (count - 1))
+        duration: float = min(self.max_s, self.base_s * 2 ** (count - 1))
         self._until[peer_id] = (time.monotonic() if now is None else now) + duration
         return duration
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from client_sdk.processes import log_tail, stop_processes
 from hivemart_core.errors import SwarmError
@@ -28,18 +29,20 @@ __all__ = ["LocalSwarm", "AgentProcess"]
 class AgentProcess:
     """A running ``hivemart-provider`` subprocess and what it reported when ready."""
 
-    process: subprocess.Popen
-    ready: dict
+    process: subprocess.Popen[bytes]
+    ready: dict[str, Any]
     log_path: Path
     name: str
 
     @property
     def peer_id(self) -> str:
-        return self.ready["peer_id"]
+        peer_id: str = self.ready["peer_id"]
+        return peer_id
 
     @property
     def maddrs(self) -> list[str]:
-        return self.ready["maddrs"]
+        maddrs: list[str] = self.ready["maddrs"]
+        return maddrs
 
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.log_path, lines)
@@ -61,7 +64,7 @@ class LocalSwarm:
             raise SwarmError("the local swarm has no bootstrap node yet; call start_bootstrap()")
         return self.bootstrap.maddrs
 
-    def _launch(self, name: str, args: Sequence[str]) -> tuple[subprocess.Popen, Path, Path]:
+    def _launch(self, name: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path, Path]:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready_file = self.workdir / f"{name}.ready"
         log_path = self.workdir / f"{name}.log"
@@ -76,7 +79,9 @@ class LocalSwarm:
             )
         return process, ready_file, log_path
 
-    def _wait_ready(self, name: str, process: subprocess.Popen, ready_file: Path, log_path: Path) -> AgentProcess:
+    def _wait_ready(
+        self, name: str, process: subprocess.Popen[bytes], ready_file: Path, log_path: Path
+    ) -> AgentProcess:
         deadline = time.monotonic() + self.startup_timeout
         while not ready_file.exists():
             if process.poll() is not None:

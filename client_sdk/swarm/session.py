@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from hivemind.p2p import P2P
@@ -54,7 +54,7 @@ from hivemart_core.protocol.framing import Message
 from hivemart_core.protocol.receipts import work_units
 from hivemart_core.protocol.rpc import OpenSession, Relink
 from hivemart_core.protocol.tickets import JobTicket
-from hivemart_core.swarm.connection import InferenceStream, ProviderConnection
+from hivemart_core.swarm.connection import InferenceStream, ProviderConnection, Reply
 
 if TYPE_CHECKING:
     from client_sdk.swarm.verify import Equivocation, ShadowVerifier
@@ -65,7 +65,7 @@ __all__ = ["ChainSession", "FindRoute", "SessionJob"]
 logger = get_logger(__name__)
 
 # find_route(start, end, avoid) -> hops covering [start, end) without the avoided peers
-FindRoute = Callable[[int, int, frozenset], Awaitable[list[RouteHop]]]
+FindRoute = Callable[[int, int, frozenset[str]], Awaitable[list[RouteHop]]]
 
 # Error codes after which another provider may well succeed; anything else is the caller's
 # mistake (bad shapes, too long, ...) and is raised as it is. ``ack_overdue``: the provider
@@ -217,11 +217,11 @@ class ChainSession:
         self.step_timeout, self.min_timeout = step_timeout, min_timeout
         self.job, self.close_timeout, self.open_timeout = job, close_timeout, open_timeout
         self.position = 0  # tokens processed so far
-        self.failovers: list[dict] = []  # what happened, for callers that report it
+        self.failovers: list[dict[str, Any]] = []  # what happened, for callers that report it
         self._initial_route = list(route)
         self.hops: list[_Hop] = []
         self._next_step_id = 0
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._inbox: asyncio.Queue[Reply] = asyncio.Queue()
         self._boundaries: dict[int, _Boundary] = {}
         # (session id, step id) -> the provider's own signed record / the raw record of its pushed input
         self._records: dict[tuple[str, int], StepRecord] = {}
@@ -259,8 +259,8 @@ class ChainSession:
                 return
             for hop in hops:
                 hop.stream.close()
-            for hop, error in failed:
-                self._open_failed(hop, error, skipped)
+            for failed_hop, error in failed:
+                self._open_failed(failed_hop, error, skipped)
             try:
                 route = await self._reroute(route, [hop for hop, _ in failed], skipped)
             except NoProvidersError as e:
@@ -372,24 +372,35 @@ class ChainSession:
     def _boundary(self, block: int) -> _Boundary:
         return self._boundaries.setdefault(block, _Boundary())
 
+    def _arrived(self, block: int, step_id: int) -> Callable[[], bool]:
+        """Whether the step's hidden states entered ``block`` (for :meth:`_pump_until`)."""
+        return lambda: self._boundary(block).get(step_id) is not None
+
+    def _last_output(self, step_id: int) -> torch.Tensor:
+        """The chain's output of a step that :meth:`_pump_until` waited for."""
+        output = self._boundary(self.hops[-1].end).get(step_id)
+        assert output is not None  # the pump returned only once it was there
+        return output
+
     async def _run_step(self, step_id: int, position: int, tokens: int, resume: int) -> torch.Tensor:
         hops = self.hops[resume:] if not self.push else self.hops[resume : resume + 1]
         for hop in hops:
             hidden = self._boundary(hop.start).get(step_id)
             if hidden is None:  # the previous hop's output has not arrived yet
                 await self._pump_until(
-                    lambda hop=hop: self._boundary(hop.start).get(step_id) is not None,
+                    self._arrived(hop.start, step_id),
                     self._deadline(tokens, resume),
                     first_hop=resume,
                 )
                 hidden = self._boundary(hop.start).get(step_id)
+                assert hidden is not None  # the pump returned only once it was there
             try:
                 await hop.stream.send_step(step_id, position, hidden.to(getattr(torch, hop.route.record.dtype)))
             except ProviderUnavailableError as e:
                 raise _HopFailed(hop, str(e)) from e
             if not self.push:
                 await self._pump_until(
-                    lambda hop=hop: self._boundary(hop.end).get(step_id) is not None,
+                    self._arrived(hop.end, step_id),
                     self._deadline(tokens, self.hops.index(hop)),
                     first_hop=self.hops.index(hop),
                 )
@@ -399,7 +410,7 @@ class ChainSession:
             self._deadline(tokens, resume),
             first_hop=resume,
         )
-        output = self._boundary(self.hops[-1].end).get(step_id)
+        output = self._last_output(step_id)
         if output.shape[:2] != (self.batch_size, tokens):
             raise ProtocolError(f"provider {self.hops[-1].peer_id} returned shape {list(output.shape)}")
         return output
@@ -469,7 +480,7 @@ class ChainSession:
 
     # --- step records ----------------------------------------------------------------------------
 
-    def _keep_records(self, hop: _Hop, header: dict, step_id: int, output: torch.Tensor) -> None:
+    def _keep_records(self, hop: _Hop, header: dict[str, Any], step_id: int, output: torch.Tensor) -> None:
         """Check and keep the provider's record of an output (a bad one fails the hop) and the
         record of its pushed input as it came (checked only if the input is disputed)."""
         session_id = hop.stream.spec.session_id
@@ -510,7 +521,7 @@ class ChainSession:
             if record.input_digest == digest_hex(held.to(getattr(torch, hop.route.record.dtype))):
                 continue
             await self._settle_divergence(index, hop, record, step_id)
-            return self._boundary(self.hops[-1].end).get(step_id)
+            return self._last_output(step_id)
         return output
 
     async def _settle_divergence(self, index: int, hop: _Hop, record: StepRecord, step_id: int) -> None:
@@ -597,7 +608,7 @@ class ChainSession:
         units = work_units(tokens=output.shape[0] * output.shape[1], blocks=hop.end - hop.start)
         self.job.collector.record(hop.ticket, hop.stream.spec.session_id, units, output)
 
-    def _receive_receipt(self, hop: _Hop, header: dict) -> None:
+    def _receive_receipt(self, hop: _Hop, header: dict[str, Any]) -> None:
         if hop.ticket is None or self.job is None:
             logger.debug(f"ignoring a receipt from {hop.peer_id}: this session is not billed")
             return
@@ -672,6 +683,7 @@ class ChainSession:
     async def _verify_step(self, step_id: int, output: torch.Tensor) -> torch.Tensor:
         """Check the step's hops that the verifier picks; after a mismatch, the step's output
         as recomputed without the provider that was caught."""
+        assert self.job is not None and self.job.verifier is not None  # step() calls this only then
         verifier = self.job.verifier
         for index, hop in enumerate(self.hops):
             if not verifier.due():
@@ -693,7 +705,7 @@ class ChainSession:
                     )
                 finally:
                     await verifier.report(mismatch)
-                return self._boundary(self.hops[-1].end).get(step_id)
+                return self._last_output(step_id)
         return output
 
     async def _replace_from(self, index: int, step_id: int, *, reason: str, exclude: str | None) -> None:

@@ -46,7 +46,7 @@ logger = get_logger(__name__)
 
 # find_references(start, end, avoid) -> providers holding blocks [start, end), each with the
 # billing of its ticket (None without a market), best first.
-FindReferences = Callable[[int, int, frozenset], Awaitable[list[tuple[RouteHop, SpanBilling | None]]]]
+FindReferences = Callable[[int, int, frozenset[str]], Awaitable[list[tuple[RouteHop, SpanBilling | None]]]]
 
 
 @dataclass(frozen=True)

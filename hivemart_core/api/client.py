@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import builtins
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol, Required, TypedDict, TypeVar
@@ -164,7 +165,7 @@ class Models(_Resource):
         """Staff: withdraw a model (``active=False``) or return it to the marketplace."""
         return CatalogModel.from_json(self._core.request("PATCH", f"/api/models/{model_id}/", json={"active": active}))
 
-    def offers(self, model_id: str) -> list[Offer]:
+    def offers(self, model_id: str) -> builtins.list[Offer]:
         """Offers of online providers for the model, by span then price."""
         return [Offer.from_json(o) for o in self._core.request("GET", f"/api/models/{model_id}/offers/")]
 
@@ -361,7 +362,7 @@ class Jobs(_Resource):
             )
         )
 
-    def transitions(self, job_id: int) -> list[JobTransition]:
+    def transitions(self, job_id: int) -> builtins.list[JobTransition]:
         return [JobTransition.from_json(t) for t in self._core.request("GET", f"/api/jobs/{int(job_id)}/transitions/")]
 
     def plan(self, job_id: int) -> Plan:
@@ -384,12 +385,12 @@ class Jobs(_Resource):
             )
         )
 
-    def tickets(self, job_id: int) -> list[JobTicketEntry]:
+    def tickets(self, job_id: int) -> builtins.list[JobTicketEntry]:
         """The signed tickets of the job's current plan, one per segment and provider (primaries
         and backups); attach ``entry.ticket`` to the requests sent to ``entry.provider_peer``."""
         return [JobTicketEntry.from_json(t) for t in self._core.request("GET", f"/api/jobs/{int(job_id)}/tickets/")]
 
-    def renew_tickets(self, job_id: int) -> list[JobTicketEntry]:
+    def renew_tickets(self, job_id: int) -> builtins.list[JobTicketEntry]:
         """New tickets (new ids, a later expiry) for the current plan, e.g. before the old ones expire."""
         return [
             JobTicketEntry.from_json(t) for t in self._core.request("POST", f"/api/jobs/{int(job_id)}/tickets/renew/")

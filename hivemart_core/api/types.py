@@ -56,6 +56,11 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _at(value: str) -> datetime:
+    """A timestamp the API always sends (the field is not nullable in its schema)."""
+    return datetime.fromisoformat(value)
+
+
 @dataclass(frozen=True)
 class User:
     id: int
@@ -94,7 +99,7 @@ class ApiKey:
             prefix=d["prefix"],
             username=d["username"],
             active=d["active"],
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
             last_used_at=_dt(d.get("last_used_at")),
             revoked_at=_dt(d.get("revoked_at")),
         )
@@ -152,7 +157,7 @@ class CatalogModel:
             client_digest=d.get("client_digest", ""),
             block_digests=list(d.get("block_digests", [])),
             active=d["active"],
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
         )
 
 
@@ -175,7 +180,7 @@ class Measurement:
             latency_ms=d["latency_ms"],
             success_rate=d["success_rate"],
             samples=d["samples"],
-            measured_at=_dt(d["measured_at"]),
+            measured_at=_at(d["measured_at"]),
         )
 
 
@@ -225,7 +230,7 @@ class Provider:
             suspended=d.get("suspended", False),
             suspension_reason=d.get("suspension_reason", ""),
             earnings_account=d["earnings_account"],
-            registered_at=_dt(d["registered_at"]),
+            registered_at=_at(d["registered_at"]),
             reputation=d.get("reputation", 100),
         )
 
@@ -283,7 +288,7 @@ class Challenge:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Challenge:
-        return cls(challenge=d["challenge"], expires_at=_dt(d["expires_at"]), message_prefix=d["message_prefix"])
+        return cls(challenge=d["challenge"], expires_at=_at(d["expires_at"]), message_prefix=d["message_prefix"])
 
 
 @dataclass(frozen=True)
@@ -325,8 +330,8 @@ class Job:
             min_throughput=d.get("min_throughput"),
             idempotency_key=d["idempotency_key"],
             hold=HoldSummary.from_json(d["hold"]) if d.get("hold") else None,
-            created_at=_dt(d["created_at"]),
-            updated_at=_dt(d["updated_at"]),
+            created_at=_at(d["created_at"]),
+            updated_at=_at(d["updated_at"]),
             client_key=d.get("client_key", ""),
         )
 
@@ -348,7 +353,7 @@ class JobTransition:
             to_state=d["to_state"],
             reason=d.get("reason", ""),
             actor=d.get("actor"),
-            at=_dt(d["at"]),
+            at=_at(d["at"]),
         )
 
 
@@ -401,7 +406,7 @@ class Plan:
             job=d["job"],
             version=d["version"],
             reason=d.get("reason", ""),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
             segments=[PlanSegment.from_json(s) for s in d["segments"]],
         )
 
@@ -417,7 +422,7 @@ class Account:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Account:
         return cls(
-            id=d["id"], kind=d["kind"], label=d.get("label", ""), balance=d["balance"], created_at=_dt(d["created_at"])
+            id=d["id"], kind=d["kind"], label=d.get("label", ""), balance=d["balance"], created_at=_at(d["created_at"])
         )
 
 
@@ -442,7 +447,7 @@ class Posting:
             account_kind=d["account_kind"],
             amount=d["amount"],
             memo=d.get("memo", ""),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
         )
 
 
@@ -468,7 +473,7 @@ class Hold:
             payer=d["payer"],
             escrow=d["escrow"],
             memo=d.get("memo", ""),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
             closed_at=_dt(d.get("closed_at")),
         )
 
@@ -495,7 +500,7 @@ class Transaction:
             kind=d["kind"],
             idempotency_key=d.get("idempotency_key"),
             memo=d.get("memo", ""),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
             postings=[TransactionLeg(account=p["account"], amount=p["amount"]) for p in d["postings"]],
         )
 
@@ -633,7 +638,7 @@ class StoredReceipt:
             settled_units=d["settled_units"],
             countersigned=d["countersigned"],
             voided=d["voided"],
-            updated_at=_dt(d["updated_at"]),
+            updated_at=_at(d["updated_at"]),
         )
 
 
@@ -661,7 +666,7 @@ class Settlement:
             amount=d["amount"],
             shortfall=d["shortfall"],
             transaction=d.get("transaction"),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
         )
 
 
@@ -713,7 +718,7 @@ class Audit:
             state=d["state"],
             verdict=d.get("verdict", ""),
             detail=d.get("detail", ""),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
             decided_at=_dt(d.get("decided_at")),
             claimed_proven=d.get("claimed_proven", False),
             deposit=d.get("deposit", 0),
@@ -751,7 +756,7 @@ class Dispute:
             code=d["code"],
             state=d["state"],
             verdict=d.get("verdict", ""),
-            created_at=_dt(d["created_at"]),
+            created_at=_at(d["created_at"]),
         )
 
 
@@ -777,7 +782,7 @@ class Offence:
             job=d.get("job"),
             audit=d.get("audit"),
             detail=d.get("detail", ""),
-            at=_dt(d["at"]),
+            at=_at(d["at"]),
         )
 
 

@@ -20,6 +20,7 @@ does not import it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hivemart_core.models.checkpoint import (
     ATTN_IMPLEMENTATION,
@@ -37,6 +38,9 @@ from hivemart_core.models.checkpoint import (
 )
 from hivemart_core.models.create import DTYPES, build_tokenizer, create_model
 from hivemart_core.models.modules import ClientParts, load_block, load_blocks, load_client_parts, make_rotary_embedding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "SUPPORTED_ARCHS",
@@ -63,7 +67,7 @@ __all__ = [
 ]
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer (a ``transformers.PreTrainedTokenizerFast``)."""
     from transformers import AutoTokenizer
 
@@ -76,6 +80,7 @@ def load_tokenizer(path: str | Path):
             f"it (`hivemart model create` writes them with the checkpoint)"
         )
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        return tokenizer
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ModelError(f"cannot load the tokenizer of {path}: {e}") from e

@@ -85,7 +85,7 @@ class AdaptableLinear(torch.nn.Module):
         self.base, self.block, self.target = base, block, target
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out: torch.Tensor = self.base(x)
         lora: ActiveLora | None = getattr(_local, "lora", None)
         if lora is None:
             return out

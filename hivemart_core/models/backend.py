@@ -15,12 +15,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hivemart_core.models import ModelInfo, load_blocks, load_config, load_model_info, make_rotary_embedding
 from hivemart_core.models.adapters import ActiveLora, active_lora, adaptable_copies
 from hivemart_core.models.lora import TARGET_MODULES, LoraSpec, target_shapes
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["SpanBackend", "SpanKVCache", "LoraWeights", "SpanGrads", "KeptGraph", "KeptGraphs"]
 
@@ -170,7 +174,11 @@ class SpanKVCache:
         return 2 * num_layers * batch_size * num_kv_heads * max_length * head_dim * dtype.itemsize
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: dict | None = None
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.length
         end = start + key_states.shape[-2]
@@ -216,8 +224,10 @@ class SpanBackend:
         self.lora_shapes = target_shapes(load_config(model_path))
         self.adaptable_layers = adaptable_copies(self.layers, start, list(TARGET_MODULES))
         self._weight_storages = {p.untyped_storage().data_ptr() for layer in self.layers for p in layer.parameters()}
-        self.rotary = make_rotary_embedding(self.layers[0].self_attn.config, device=self.device)
-        self._rope_table = self._build_rope_table(self.layers[0].self_attn.config)
+        attention: Any = self.layers[0].self_attn  # transformers' attention; torch types it Tensor | Module
+        config: PretrainedConfig = attention.config
+        self.rotary = make_rotary_embedding(config, device=self.device)
+        self._rope_table = self._build_rope_table(config)
 
     def _build_rope_table(self, config: object, max_positions: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos/sin for every position, computed once by the model's own rotary module.
@@ -240,7 +250,8 @@ class SpanBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         table = self._rope_table
         if table is None or int(position_ids.max()) >= table[0].shape[0]:
-            return self.rotary(hidden, position_ids)
+            cos_sin: tuple[torch.Tensor, torch.Tensor] = self.rotary(hidden, position_ids)
+            return cos_sin
         return table[0][position_ids].to(hidden.dtype), table[1][position_ids].to(hidden.dtype)
 
     @property
@@ -399,7 +410,7 @@ class SpanBackend:
     def grads(graph: KeptGraph, grad_output: torch.Tensor) -> SpanGrads:
         """Backpropagate ``grad_output`` through a graph (which cannot be used again)."""
         leaves = [graph.inputs] + [t for t in (graph.prompts,) if t is not None]
-        if graph.lora_grads:
+        if graph.lora_grads and graph.weights is not None:  # lora_grads implies weights
             leaves.append(graph.weights)
         grads = torch.autograd.grad(graph.outputs, leaves, grad_output.to(graph.outputs.device, graph.outputs.dtype))
         grad_prompts = grads[1] if graph.prompts is not None else None

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -109,7 +110,7 @@ def _positive_int(config: PretrainedConfig, key: str, path: Path) -> int:
 @lru_cache(maxsize=64)
 def _load_config_cached(path: Path, stat: tuple[int, int]) -> PretrainedConfig:
     try:
-        config = AutoConfig.from_pretrained(path)
+        config: PretrainedConfig = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ModelError(f"cannot read the config of {path}: {e}") from e
     if config.model_type not in SUPPORTED_ARCHS:
@@ -228,7 +229,7 @@ def digest_tensors(tensors: dict[str, torch.Tensor], *, tag: str, strip: str = "
         dtype = str(tensor.dtype).removeprefix("torch.")
         shape = ",".join(str(d) for d in tensor.shape)
         digest.update(f"{name.removeprefix(strip)}\t{dtype}\t{shape}\t{raw.nbytes}\n".encode())
-        digest.update(memoryview(raw))
+        digest.update(raw.data)
     return digest.hexdigest()
 
 
@@ -271,7 +272,7 @@ _ESSENTIALS = (
 )
 
 
-def _config_essentials(config: PretrainedConfig) -> dict:
+def _config_essentials(config: PretrainedConfig) -> dict[str, Any]:
     """What changes a model's outputs, beyond its weights."""
     return {k: getattr(config, k, None) for k in _ESSENTIALS}
 
@@ -324,7 +325,15 @@ def _stat_fingerprint(path: Path) -> str:
     return json.dumps({name: _stat_key(path / name) for name in _weight_files(path)}, sort_keys=True)
 
 
-def compute_digests(path: str | Path) -> dict:
+class Digests(TypedDict):
+    """A checkpoint's digests, as :func:`compute_digests` returns them (hex strings)."""
+
+    model: str
+    client: str
+    blocks: list[str]
+
+
+def compute_digests(path: str | Path) -> Digests:
     """Every digest of the checkpoint, computed from its weights (reads all of them).
 
     Returns ``{"model": hex, "client": hex, "blocks": [hex, ...]}``.
@@ -336,7 +345,7 @@ def compute_digests(path: str | Path) -> dict:
     return {"model": _combine(config, blocks, client), "client": client, "blocks": blocks}
 
 
-def write_digest_file(path: str | Path, digests: dict | None = None) -> Path:
+def write_digest_file(path: str | Path, digests: Digests | None = None) -> Path:
     """Write ``hivemart-digests.json`` (computing the digests unless given) and return its path."""
     path = Path(path).resolve()
     digests = digests or compute_digests(path)

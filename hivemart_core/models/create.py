@@ -56,7 +56,8 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    return tokenizer.to_str()
+    text: str = tokenizer.to_str()
+    return text
 
 
 def build_tokenizer(vocab_size: int = DEFAULT_VOCAB, *, model_max_length: int = 2048) -> PreTrainedTokenizerFast:

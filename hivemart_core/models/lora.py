@@ -18,8 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = [
     "TARGET_MODULES",
@@ -73,7 +77,7 @@ def module_path(target: str) -> str:
     return f"{TARGET_MODULES[target]}.{target}"
 
 
-def target_shapes(config: object) -> dict[str, tuple[int, int]]:
+def target_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     """``{target: (in_features, out_features)}`` of a Llama-family config."""
     hidden = config.hidden_size
     heads = config.num_attention_heads

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import PretrainedConfig
@@ -43,6 +44,9 @@ from hivemart_core.models.checkpoint import (
 
 __all__ = ["load_block", "load_blocks", "make_rotary_embedding", "ClientParts", "load_client_parts"]
 
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
 # model_type -> (modeling module, class-name prefix)
 _CLASSES = {
     "llama": ("transformers.models.llama.modeling_llama", "Llama"),
@@ -51,11 +55,12 @@ _CLASSES = {
 }
 
 
-def _arch_class(config: PretrainedConfig, suffix: str) -> type:
+def _arch_class(config: PretrainedConfig, suffix: str) -> type[torch.nn.Module]:
     if config.model_type not in _CLASSES:
         raise ModelError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(_CLASSES)}")
     module_name, prefix = _CLASSES[config.model_type]
-    return getattr(importlib.import_module(module_name), prefix + suffix)
+    cls: type[torch.nn.Module] = getattr(importlib.import_module(module_name), prefix + suffix)
+    return cls
 
 
 def _check_dtype(dtype: torch.dtype | None) -> None:
@@ -64,12 +69,12 @@ def _check_dtype(dtype: torch.dtype | None) -> None:
 
 
 def _materialise(
-    module: torch.nn.Module,
+    module: _M,
     state: dict[str, torch.Tensor],
     what: str,
     dtype: torch.dtype | None,
     device: str | torch.device,
-) -> torch.nn.Module:
+) -> _M:
     """Give a meta-device ``module`` the tensors ``state``, strictly, then cast and move it."""
     expected = {name: t for name, t in module.state_dict().items()}
     if set(state) != set(expected):
@@ -171,11 +176,13 @@ class ClientParts(torch.nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[batch, seq]`` -> hidden states ``[batch, seq, hidden]``."""
-        return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
+        hidden: torch.Tensor = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden states -> logits ``[batch, seq, vocab]``."""
-        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.device, self.dtype)))
+        logits: torch.Tensor = self.lm_head(self.norm(hidden.to(self.lm_head.weight.device, self.dtype)))
+        return logits
 
 
 def _padding_idx(config: PretrainedConfig) -> int | None:

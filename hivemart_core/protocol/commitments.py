@@ -131,7 +131,7 @@ class StepRecord:
         *,
         peer: str,
         step_id: int,
-        position: int,
+        position: int | None,
         output_digest: str | None = None,
         session_id: str | None = None,
         ticket_id: str | None = None,

@@ -77,7 +77,8 @@ class Message:
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    return getattr(torch, name)
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 def _wire_dtype(tensor: torch.Tensor) -> str:
@@ -98,7 +99,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(b"")
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move its bits as int16
         tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")
+    return tensor.numpy().data.cast("B")  # .data: numpy types ndarray as a Buffer only on Python >= 3.12
 
 
 def encode_message(header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> list[bytes | memoryview]:

@@ -124,7 +124,7 @@ class ServerRecord:
 def sign_record(record: ServerRecord, identity: Identity) -> bytes:
     if record.peer_id != identity.peer_id:
         raise ProtocolError("a record can only be signed by the peer it describes")
-    body = msgpack.packb({**asdict(record), "maddrs": list(record.maddrs)}, use_bin_type=True)
+    body: bytes = msgpack.packb({**asdict(record), "maddrs": list(record.maddrs)}, use_bin_type=True)
     return body + identity.sign(body)
 
 

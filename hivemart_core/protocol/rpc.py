@@ -258,6 +258,7 @@ class AdapterRequest:
         if op != "create":
             return cls(op=op, adapter_id=adapter_id)
         start, end = _span(header)
+        alpha: Any  # checked by type() below, which mypy does not narrow on
         alpha, targets = header.get("alpha"), header.get("targets")
         if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
             raise ProtocolError("'alpha' must be a number in (0, 1e6)")

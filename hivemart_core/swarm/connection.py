@@ -39,6 +39,9 @@ logger = get_logger(__name__)
 
 _CLIENT_LIMITS = Limits(max_tensors=4, max_tensor_bytes=2**32)
 
+# What an inference stream puts on its chain's inbox: a reply, or the error that broke the stream.
+Reply = tuple["InferenceStream", Message | BaseException]
+
 
 def _raise_if_error(message: Message, peer_id: str) -> Message:
     header = message.header
@@ -175,7 +178,7 @@ class ProviderConnection:
         return reply.tensors[0]
 
     async def open_inference(
-        self, spec: OpenSession, inbox: asyncio.Queue, timeout: float | None = 10.0
+        self, spec: OpenSession, inbox: asyncio.Queue[Reply], timeout: float | None = 10.0
     ) -> InferenceStream:
         """Open an inference session; its replies are put on ``inbox`` as ``(stream, message)``.
 
@@ -201,6 +204,7 @@ class ProviderConnection:
             if isinstance(e, asyncio.TimeoutError):
                 raise ProviderUnavailableError(self.peer_id, f"no answer to an open within {timeout} s") from e
             raise
+        assert writer is not None  # handshake() set it before returning
         return InferenceStream(self.peer_id, spec, reader, writer, inbox)
 
 
@@ -213,7 +217,7 @@ class InferenceStream:
     spec: OpenSession
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    inbox: asyncio.Queue
+    inbox: asyncio.Queue[Reply]
 
     def __post_init__(self) -> None:
         self._reader_task = asyncio.ensure_future(self._read_replies())

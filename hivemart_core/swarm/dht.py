@@ -31,7 +31,7 @@ logger = get_logger(__name__)
 _MAX_SPAN_BLOCKS = 1024
 
 
-class SignedRecordValidator(RecordValidatorBase):
+class SignedRecordValidator(RecordValidatorBase):  # type: ignore[misc]  # hivemind is untyped: its base class is Any
     """Makes every DHT node of the swarm refuse to store or return a server record that is
     not signed by the peer id it is stored under, that describes another key, or that asks
     to live longer than it says or than :data:`MAX_RECORD_TTL_S`. Without it, anyone could

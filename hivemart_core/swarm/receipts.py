@@ -116,7 +116,7 @@ class ReceiptCollector:
         self.countersigned = 0
         self.upload_statuses: Counter[str] = Counter()
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: list[Future] = []
+        self._inflight: list[Future[None]] = []
 
     # --- mirroring -----------------------------------------------------------------------------
 
