@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from hivemind.utils.logging import get_logger
 
 from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol import error_codes as codes
 
 __all__ = ["RequestError", "PeerQuotas", "Quotas", "BufferLease", "widen_accept_backlog"]
 
@@ -138,7 +139,7 @@ class PeerQuotas:
                 f"this peer already has {self.buffered[peer]} bytes of requests in flight here, "
                 f"the limit is {self.quotas.peer_buffer_bytes}; wait for replies before sending "
                 f"more",
-                code="busy",
+                code=codes.BUSY,
             )
         if self.buffered_total + nbytes > self.quotas.buffer_bytes:
             self._pressure(
@@ -149,7 +150,7 @@ class PeerQuotas:
             )
             raise ProtocolError(
                 "this provider is receiving as much as it may buffer; retry shortly or use another provider",
-                code="busy",
+                code=codes.BUSY,
             )
         self.buffered[peer] += nbytes
         self.buffered_total += nbytes
@@ -171,7 +172,7 @@ class PeerQuotas:
                 f"peer {peer} holds {self.sessions[peer]} sessions, the most one peer may (--max-sessions-per-peer)",
             )
             raise RequestError(
-                "busy",
+                codes.BUSY,
                 f"this peer already has {self.sessions[peer]} sessions open here, the most "
                 f"one peer may; close one or use another provider",
             )
@@ -180,7 +181,7 @@ class PeerQuotas:
                 "cache", peer, f"peer {peer} asked for more than its share of the KV cache (--peer-cache-mb)"
             )
             raise RequestError(
-                "cache_full",
+                codes.CACHE_FULL,
                 f"the session needs {cache_bytes} bytes of cache; this peer already "
                 f"holds {self.cache[peer]} of the {self.quotas.peer_cache_bytes} one "
                 f"peer may; ask for a shorter max_length or a smaller batch",

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol import error_codes as codes
 from hivemart_core.protocol.identity import Identity
 from hivemart_core.protocol.receipts import ReceiptCounter, WorkReceipt, tensor_digest, verify_receipt, work_units
 from hivemart_core.protocol.tickets import CLOCK_SKEW_S, JobTicket, TicketError, verify_ticket
@@ -145,13 +146,13 @@ class TicketBook:
             raise TicketError(
                 "this provider has not yet learnt the marketplace's platform key, so it cannot "
                 "check tickets; try another provider or retry shortly",
-                code="not_accepting",
+                code=codes.NOT_ACCEPTING,
             )
         if data is None:
             raise TicketError(
                 "this provider sells its work through a marketplace: billable requests need the "
                 "job ticket the marketplace issued for this provider",
-                code="ticket_required",
+                code=codes.TICKET_REQUIRED,
             )
         ticket_id = data.get("ticket_id") if isinstance(data, dict) else None
         state = self._tickets.get(ticket_id) if isinstance(ticket_id, str) else None
@@ -167,11 +168,13 @@ class TicketBook:
             if state is not None:
                 raise TicketError(
                     f"ticket {ticket.ticket_id} differs from the ticket of that id this provider already holds",
-                    code="bad_ticket",
+                    code=codes.BAD_TICKET,
                 )
             state = self._add_ticket(ticket, data, now)
         elif state.ticket.expires_at + CLOCK_SKEW_S < now:
-            raise TicketError(f"ticket {ticket_id} expired; ask the marketplace for a new plan", code="ticket_expired")
+            raise TicketError(
+                f"ticket {ticket_id} expired; ask the marketplace for a new plan", code=codes.TICKET_EXPIRED
+            )
         state.ticket.check_covers(start, end)
         if state.used >= state.ticket.max_units:
             raise self._exhausted(state, 1)
@@ -182,7 +185,7 @@ class TicketBook:
             self.prune(now)
             if len(self._tickets) >= self.max_tickets:
                 raise TicketError(
-                    "this provider holds too many live tickets; try another provider", code="not_accepting"
+                    "this provider holds too many live tickets; try another provider", code=codes.NOT_ACCEPTING
                 )
         state = _TicketState(ticket, dict(data))
         self._tickets[ticket.ticket_id] = state
@@ -195,7 +198,7 @@ class TicketBook:
             f"ticket {state.ticket.ticket_id} has {left} of its {state.ticket.max_units} work units "
             f"left; this request needs {units}. The job's budget for these blocks is spent: the client "
             f"needs a job with a larger --budget",
-            code="ticket_exhausted",
+            code=codes.TICKET_EXHAUSTED,
         )
 
     def units_used(self, ticket_id: str) -> int:
@@ -218,7 +221,7 @@ class TicketBook:
                 f"the client has not countersigned {lag} work units on ticket {ticket.ticket_id}; its "
                 f"credit window is {ticket.credit_units} units: send the countersigned receipts "
                 f"(acks) before more work",
-                code="ack_overdue",
+                code=codes.ACK_OVERDUE,
             )
         state.used += units
         return Charge(self, ticket, session_id, units)
@@ -232,7 +235,8 @@ class TicketBook:
             receipt = verify_receipt(data, ticket, require_client_signature=True)
         except ProtocolError as e:
             raise TicketError(
-                f"the acknowledgement is not a countersigned receipt of ticket {ticket.ticket_id}: {e}", code="bad_ack"
+                f"the acknowledgement is not a countersigned receipt of ticket {ticket.ticket_id}: {e}",
+                code=codes.BAD_ACK,
             ) from None
         state = self._tickets[ticket.ticket_id]
         previous = state.acked.get(receipt.session_id, 0)

@@ -36,11 +36,14 @@ from hivemart_core.errors import ProtocolError
 from hivemart_core.models.adapters import Adapter, AdapterError, AdapterStore
 from hivemart_core.models.backend import KeptGraphs, LoraWeights, SpanBackend, SpanKVCache
 from hivemart_core.models.lora import LoraSpec, block_numel, init_weights
+from hivemart_core.protocol import error_codes as codes
 from hivemart_core.protocol.commitments import StepRecord, StepRecordError, digest_hex, sign_step
 from hivemart_core.protocol.framing import Head, Limits, Message, read_head, read_message, read_tensors, write_message
 from hivemart_core.protocol.identity import Identity
 from hivemart_core.protocol.receipts import work_units
 from hivemart_core.protocol.rpc import (
+    LEGACY_RPC_NAMES,
+    PROTOCOL_VERSION,
     RPC_ADAPTER,
     RPC_BACKWARD,
     RPC_FORWARD,
@@ -48,6 +51,7 @@ from hivemart_core.protocol.rpc import (
     RPC_INFO,
     RPC_PUSH,
     AdapterRequest,
+    ErrorReply,
     OpenSession,
     Relink,
     SpanRequest,
@@ -183,6 +187,8 @@ class ProviderServer:
         }
         for name, handler in handlers.items():
             await self.p2p.add_binary_stream_handler(name, self._guard(name, handler))
+        for name in LEGACY_RPC_NAMES:  # older clients get a clear refusal, not "protocol not supported"
+            await self.p2p.add_binary_stream_handler(name, self._guard(name, self._handle_old_version))
         listen_path = self.p2p._client_listen_maddr.value_for_protocol(protocols.P_UNIX)  # noqa: SLF001
         if not widen_accept_backlog(listen_path):
             logger.warning(
@@ -218,7 +224,7 @@ class ProviderServer:
                 await self._try_send(
                     writer,
                     error_header(
-                        "busy",
+                        codes.BUSY,
                         "this peer has as many streams open here as one peer may; finish some before opening more",
                     ),
                 )
@@ -242,7 +248,7 @@ class ProviderServer:
                 await self._discard_rest(reader)
             except Exception as e:  # never let one request take the server down
                 logger.exception(f"{name} from {stream_info.peer_id} failed: {e}")
-                await self._try_send(writer, error_header("internal", f"{type(e).__name__}: {e}"))
+                await self._try_send(writer, error_header(codes.INTERNAL, f"{type(e).__name__}: {e}"))
             finally:
                 self.quotas.close_stream(peer)
                 writer.close()
@@ -309,6 +315,7 @@ class ProviderServer:
         info = self.backend.info
         return {
             "type": "info",
+            "protocol_version": PROTOCOL_VERSION,
             "peer_id": str(self.p2p.peer_id),
             "model_id": self.model_id,
             "start": self.backend.start,
@@ -342,6 +349,21 @@ class ProviderServer:
         )
         return self.cache_bytes_left // per_token
 
+    async def _handle_old_version(
+        self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A request on an RPC name of an older protocol version: refused, naming both versions."""
+        name = getattr(stream_info, "proto", "")
+        version = LEGACY_RPC_NAMES.get(str(name), 1)
+        await write_message(
+            writer,
+            error_header(
+                codes.UNSUPPORTED_VERSION,
+                f"this provider speaks protocol v{PROTOCOL_VERSION}, the request came on v{version}; upgrade the client",
+            ),
+        )
+        await self._discard_rest(reader)
+
     async def _handle_info(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._first_head(reader, self._no_tensors)
         await write_message(writer, self.info())
@@ -351,7 +373,7 @@ class ProviderServer:
     def _check_span(self, start: int, end: int) -> None:
         if not (self.backend.start <= start < end <= self.backend.end):
             raise RequestError(
-                "bad_span",
+                codes.BAD_SPAN,
                 f"blocks {start}:{end} are outside this provider's span {self.backend.start}:{self.backend.end}",
             )
 
@@ -359,25 +381,26 @@ class ProviderServer:
         hidden_size = self.backend.info.hidden_size
         if tensor.ndim != 3 or tensor.shape[2] != hidden_size or tensor.shape[1] == 0 or tensor.shape[0] == 0:
             raise RequestError(
-                "bad_shape",
+                codes.BAD_SHAPE,
                 f"{what} must have shape [batch, tokens, {hidden_size}] with "
                 f"batch, tokens >= 1; got {list(tensor.shape)}",
             )
         if tensor.dtype != self.backend.dtype:
             raise RequestError(
-                "bad_dtype", f"{what} must be {self.backend.dtype} (this provider's dtype); got {tensor.dtype}"
+                codes.BAD_DTYPE, f"{what} must be {self.backend.dtype} (this provider's dtype); got {tensor.dtype}"
             )
         if batch_size is not None and tensor.shape[0] != batch_size:
             raise RequestError(
-                "bad_shape", f"{what} has batch {tensor.shape[0]}; the session was opened for {batch_size}"
+                codes.BAD_SHAPE, f"{what} has batch {tensor.shape[0]}; the session was opened for {batch_size}"
             )
         if tensor.shape[0] > self.config.max_batch_size:
             raise RequestError(
-                "too_large", f"batch {tensor.shape[0]} exceeds this provider's limit of {self.config.max_batch_size}"
+                codes.TOO_LARGE,
+                f"batch {tensor.shape[0]} exceeds this provider's limit of {self.config.max_batch_size}",
             )
         if tensor.shape[0] * tensor.shape[1] > self.config.max_request_tokens:
             raise RequestError(
-                "too_large",
+                codes.TOO_LARGE,
                 f"{tensor.shape[0] * tensor.shape[1]} tokens exceed this provider's "
                 f"limit of {self.config.max_request_tokens} per request",
             )
@@ -387,7 +410,7 @@ class ProviderServer:
     @staticmethod
     def _check_finite(tensor: torch.Tensor, what: str) -> None:
         if not torch.isfinite(tensor).all():
-            raise RequestError("bad_value", f"{what} contains NaN or infinite values")
+            raise RequestError(codes.BAD_VALUE, f"{what} contains NaN or infinite values")
 
     async def _run_compute(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
         if tokens <= _INLINE_TOKENS:
@@ -405,7 +428,7 @@ class ProviderServer:
         with_prompts = request.tuning is not None and request.tuning.prompts
         names = tensor_names + (("deep prompts",) if with_prompts else ())
         if len(head.descriptors) != len(names):
-            raise RequestError("bad_request", f"expected {len(names)} tensors: {', '.join(names)}")
+            raise RequestError(codes.BAD_REQUEST, f"expected {len(names)} tensors: {', '.join(names)}")
         # Shape-only stand-ins: the checks below read shapes and dtypes, never data.
         declared = [torch.empty(shape, dtype=_wire_torch_dtype(dtype), device="meta") for dtype, shape in head.shapes()]
         tensors = declared[: len(tensor_names)]
@@ -413,7 +436,7 @@ class ProviderServer:
             self._check_hidden(tensor, name)
         if any(t.shape != tensors[0].shape for t in tensors):
             raise RequestError(
-                "bad_shape",
+                codes.BAD_SHAPE,
                 f"{' and '.join(tensor_names)} must have the same shape; got {[list(t.shape) for t in tensors]}",
             )
         if with_prompts:
@@ -430,12 +453,12 @@ class ProviderServer:
             or prompts.shape[3] != hidden_size
         ):
             raise RequestError(
-                "bad_shape",
+                codes.BAD_SHAPE,
                 f"deep prompts must have shape [{blocks}, 1 or {batch}, prefix, "
                 f"{hidden_size}] with 1 <= prefix <= {tokens}; got {list(prompts.shape)}",
             )
         if prompts.dtype != self.backend.dtype:
-            raise RequestError("bad_dtype", f"deep prompts must be {self.backend.dtype}; got {prompts.dtype}")
+            raise RequestError(codes.BAD_DTYPE, f"deep prompts must be {self.backend.dtype}; got {prompts.dtype}")
         if prompts.device.type != "meta":
             self._check_finite(prompts, "deep prompts")
 
@@ -446,7 +469,7 @@ class ProviderServer:
         adapter = self.adapters.get(request.tuning.adapter_id, owner)
         if not adapter.start <= request.start < request.end <= adapter.end:
             raise RequestError(
-                "bad_span",
+                codes.BAD_SPAN,
                 f"adapter {adapter.adapter_id} covers blocks {adapter.start}:"
                 f"{adapter.end}, not {request.start}:{request.end}",
             )
@@ -632,7 +655,7 @@ class ProviderServer:
             try:
                 spec = LoraSpec(request.rank, request.alpha, request.targets)
             except ValueError as e:
-                raise RequestError("bad_request", str(e)) from None
+                raise RequestError(codes.BAD_REQUEST, str(e)) from None
             shape = (request.end - request.start, block_numel(spec, self.backend.lora_shapes))
             self.adapters.check_new(request.adapter_id, spec, shape[0] * shape[1] * self.backend.dtype.itemsize)
             expected = [] if request.seed is not None else [shape]
@@ -642,7 +665,7 @@ class ProviderServer:
             expected = []
         declared = [shape for _, shape in head.shapes()]
         if declared != expected:
-            code = "bad_shape" if len(declared) == len(expected) else "bad_request"
+            code = codes.BAD_SHAPE if len(declared) == len(expected) else codes.BAD_REQUEST
             raise RequestError(
                 code,
                 f"an adapter {request.op} carries tensors of shapes "
@@ -672,7 +695,7 @@ class ProviderServer:
         try:
             spec = LoraSpec(request.rank, request.alpha, request.targets)
         except ValueError as e:
-            raise RequestError("bad_request", str(e)) from None
+            raise RequestError(codes.BAD_REQUEST, str(e)) from None
         shape = (request.end - request.start, block_numel(spec, self.backend.lora_shapes))
         # Check the budget before building anything.
         self.adapters.check_new(request.adapter_id, spec, shape[0] * shape[1] * self.backend.dtype.itemsize)
@@ -682,23 +705,23 @@ class ProviderServer:
         elif request.seed is None:
             weights = self._adapter_weights(tensors, shape)
         else:
-            raise RequestError("bad_request", "send either a seed or the weights, not both")
+            raise RequestError(codes.BAD_REQUEST, "send either a seed or the weights, not both")
         adapter = Adapter(request.adapter_id, owner, request.start, request.end, spec, weights)
         self.adapters.add(adapter)
         return adapter
 
     def _adapter_weights(self, tensors: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         if len(tensors) != 1:
-            raise RequestError("bad_request", "expected one tensor: the adapter weights")
+            raise RequestError(codes.BAD_REQUEST, "expected one tensor: the adapter weights")
         (weights,) = tensors
         if tuple(weights.shape) != shape or not weights.is_floating_point():
             raise RequestError(
-                "bad_shape",
+                codes.BAD_SHAPE,
                 f"adapter weights must be a floating-point tensor of shape {list(shape)}; "
                 f"got {weights.dtype} {list(weights.shape)}",
             )
         if not torch.isfinite(weights).all():
-            raise RequestError("bad_value", "adapter weights contain NaN or infinite values")
+            raise RequestError(codes.BAD_VALUE, "adapter weights contain NaN or infinite values")
         # A fresh tensor, never an in-place copy: a request computing now keeps the old weights.
         return weights.to(self.backend.device, self.backend.dtype)
 
@@ -713,33 +736,34 @@ class ProviderServer:
 
     def _check_accepting(self) -> None:
         if not self.accepting:
-            raise RequestError("not_accepting", "this provider is shutting down or moving; use another")
+            raise RequestError(codes.NOT_ACCEPTING, "this provider is shutting down or moving; use another")
 
     def _open_session(self, spec: OpenSession, client: asyncio.StreamWriter, peer: str) -> Session:
         self._check_accepting()
         self._check_span(spec.start, spec.end)
         ticket = None if self.tickets is None else self.tickets.check(spec.ticket, spec.start, spec.end)
         if spec.session_id in self.sessions:
-            raise RequestError("session_exists", f"session {spec.session_id} is already open here")
+            raise RequestError(codes.SESSION_EXISTS, f"session {spec.session_id} is already open here")
         if spec.max_length > self.config.max_session_length:
             raise RequestError(
-                "too_long",
+                codes.TOO_LONG,
                 f"max_length {spec.max_length} exceeds this provider's limit of "
                 f"{self.config.max_session_length} tokens",
             )
         if spec.batch_size > self.config.max_batch_size:
             raise RequestError(
-                "too_large", f"batch {spec.batch_size} exceeds this provider's limit of {self.config.max_batch_size}"
+                codes.TOO_LARGE,
+                f"batch {spec.batch_size} exceeds this provider's limit of {self.config.max_batch_size}",
             )
         if len(self.sessions) >= self.config.max_sessions:
-            raise RequestError("busy", f"this provider already serves {len(self.sessions)} sessions; try another")
+            raise RequestError(codes.BUSY, f"this provider already serves {len(self.sessions)} sessions; try another")
         length = spec.max_length if ticket is None else self._paid_length(ticket, spec)
         needed = self.backend.cache_bytes(
             num_layers=spec.end - spec.start, batch_size=spec.batch_size, max_length=length
         )
         if needed > self.cache_bytes_left:
             raise RequestError(
-                "cache_full",
+                codes.CACHE_FULL,
                 f"the session needs {needed} bytes of cache, {self.cache_bytes_left} "
                 f"are free; ask for a shorter max_length or another provider",
             )
@@ -763,7 +787,7 @@ class ProviderServer:
             raise TicketError(
                 f"ticket {ticket.ticket_id} has too few work units left to pay for one token of a "
                 f"session of batch {spec.batch_size} over {spec.end - spec.start} blocks",
-                code="ticket_exhausted",
+                code=codes.TICKET_EXHAUSTED,
             )
         return min(spec.max_length, affordable)
 
@@ -828,7 +852,7 @@ class ProviderServer:
             await write_message(
                 writer,
                 error_header(
-                    "unknown_session",
+                    codes.UNKNOWN_SESSION,
                     f"this stream serves session {session.spec.session_id}, not {step.session_id}",
                     step_id=step.step_id,
                 ),
@@ -863,14 +887,14 @@ class ProviderServer:
             ack = receipt_ack(header)
             if session.ticket is None or ack is None:
                 raise RequestError(
-                    "bad_ack",
+                    codes.BAD_ACK,
                     "this session is not billed"
                     if session.ticket is None
                     else "an ack message carries 'ack': the countersigned receipt",
                 )
             self.tickets.acknowledge(session.ticket, ack)
         except (ProtocolError, RequestError) as e:
-            await self._try_send(session.client, error_header(getattr(e, "code", "bad_ack"), str(e)))
+            await self._try_send(session.client, error_header(getattr(e, "code", codes.BAD_ACK), str(e)))
 
     async def _relink(self, session: Session, header: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         try:
@@ -880,7 +904,7 @@ class ProviderServer:
             return
         if relink.session_id != session.spec.session_id:
             await write_message(
-                writer, error_header("unknown_session", f"this stream serves session {session.spec.session_id}")
+                writer, error_header(codes.UNKNOWN_SESSION, f"this stream serves session {session.spec.session_id}")
             )
             return
         async with session.lock:  # never re-wire in the middle of a step
@@ -945,23 +969,23 @@ class ProviderServer:
         if step.step_id <= session.last_step_id:
             # Computing it again could sign a second, different record for the same step id.
             raise RequestError(
-                "stale_step",
+                codes.STALE_STEP,
                 f"step {step.step_id} is older than step {session.last_step_id}, "
                 f"the last this session computed; give each step a new, higher id",
             )
         if len(tensors) != 1:
-            raise RequestError("bad_request", "a step carries exactly one tensor: hidden states")
+            raise RequestError(codes.BAD_REQUEST, "a step carries exactly one tensor: hidden states")
         (hidden,) = tensors
         self._check_hidden(hidden, "hidden states", batch_size=spec.batch_size)
         if step.position > session.cache.length:
             raise RequestError(
-                "bad_position",
+                codes.BAD_POSITION,
                 f"step starts at position {step.position} but the session holds "
                 f"{session.cache.length} tokens; positions cannot be skipped",
             )
         if step.position + hidden.shape[1] > spec.max_length:
             raise RequestError(
-                "too_long",
+                codes.TOO_LONG,
                 f"positions {step.position}..{step.position + hidden.shape[1]} exceed "
                 f"the session's max_length of {spec.max_length}",
             )
@@ -969,7 +993,7 @@ class ProviderServer:
             raise TicketError(
                 f"ticket {session.ticket.ticket_id} pays for {session.cache.max_length} tokens of this "
                 f"session; positions {step.position}..{step.position + hidden.shape[1]} exceed them",
-                code="ticket_exhausted",
+                code=codes.TICKET_EXHAUSTED,
             )
         charge = (
             None
@@ -1024,7 +1048,7 @@ class ProviderServer:
             await self._try_send(
                 session.client,
                 error_header(
-                    "next_hop_failed",
+                    codes.NEXT_HOP_FAILED,
                     f"could not push to the next provider {spec.next_peer}: {e!r}",
                     step_id=step.step_id,
                     peer_id=spec.next_peer,
@@ -1050,15 +1074,15 @@ class ProviderServer:
         try:
             while True:
                 message = await read_message(reader, Limits(max_tensors=0))
-                session = self._by_next_session.get(str(message.header.get("session_id")))
+                error = ErrorReply.from_header(message.header)  # a push is answered with errors only
+                session = self._by_next_session.get(str(error.session_id))
                 if session is not None:
                     await self._try_send(
                         session.client,
                         error_header(
-                            "next_hop_failed",
-                            f"the next provider {peer_id} refused a step: "
-                            f"{message.header.get('code')}: {message.header.get('message')}",
-                            step_id=message.header.get("step_id"),
+                            codes.NEXT_HOP_FAILED,
+                            f"the next provider {peer_id} refused a step: {error.code}: {error.message}",
+                            step_id=error.step_id,
                             peer_id=peer_id,
                         ),
                     )
@@ -1094,7 +1118,7 @@ class ProviderServer:
             await write_message(
                 writer,
                 error_header(
-                    "unknown_session",
+                    codes.UNKNOWN_SESSION,
                     f"no session {step.session_id} expects steps from {sender}",
                     session_id=step.session_id,
                     step_id=step.step_id,
@@ -1110,7 +1134,7 @@ class ProviderServer:
             await self._try_send(
                 session.client,
                 error_header(
-                    "bad_push",
+                    codes.BAD_PUSH,
                     f"the previous provider {sender} pushed step {step.step_id} without a valid step record: {e}",
                     step_id=step.step_id,
                     peer_id=sender,

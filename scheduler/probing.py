@@ -180,27 +180,22 @@ def probe_provider(
     unanswered = ProbeResult(target.peer_id, total, 0, 0.0, timeout * 1000.0)
     connection = ProviderConnection(runtime.p2p, target.peer_id)
     try:
-        info = runtime.run(connection.info(timeout=timeout), timeout=timeout + 5)
-    except (HivemartError, TimeoutError, OSError) as e:
+        info = runtime.run(connection.info_reply(timeout=timeout), timeout=timeout + 5)
+    except (HivemartError, TimeoutError, OSError) as e:  # a malformed reply is a ProtocolError, a HivemartError
         return ProbeResult(**{**unanswered.__dict__, "errors": (f"info: {e}",)})
-    if info.get("model_id") != target.model_id or not (
-        isinstance(info.get("start"), int)
-        and isinstance(info.get("end"), int)
-        and info["start"] <= target.start
-        and target.end <= info["end"]
-    ):
+    if info.model_id != target.model_id or not (info.start <= target.start and target.end <= info.end):
         return ProbeResult(
             **{
                 **unanswered.__dict__,
                 "errors": (
-                    f"serves {info.get('model_id')!r} blocks {info.get('start')}:{info.get('end')}, registered "
+                    f"serves {info.model_id!r} blocks {info.start}:{info.end}, registered "
                     f"{target.model_id} blocks {target.start}:{target.end}",
                 ),
             }
         )
-    dtype = _DTYPES.get(str(info.get("dtype")))
+    dtype = _DTYPES.get(info.dtype)
     if dtype is None:
-        return ProbeResult(**{**unanswered.__dict__, "errors": (f"unsupported dtype {info.get('dtype')!r}",)})
+        return ProbeResult(**{**unanswered.__dict__, "errors": (f"unsupported dtype {info.dtype!r}",)})
 
     generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % 2**63)
     hidden_size = reference.info.hidden_size

@@ -48,6 +48,7 @@ from hivemart_core.errors import (
     SwarmError,
 )
 from hivemart_core.models.lora import LoraSpec, block_numel, init_weights
+from hivemart_core.protocol.error_codes import Retry, retry_for
 from hivemart_core.protocol.framing import Message
 from hivemart_core.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, AdapterRequest, SpanRequest, SpanTuning
 from hivemart_core.swarm.connection import ProviderConnection, SpanBilling
@@ -58,10 +59,6 @@ __all__ = ["RemoteBlocks", "RemoteLora"]
 logger = get_logger(__name__)
 
 FindRoute = Callable[[int, int, frozenset[str]], Awaitable[list[RouteHop]]]
-
-# Error codes after which another provider may well succeed; anything else (bad shapes, a
-# rank over the limit, ...) is the caller's mistake and is raised as it is.
-_RETRYABLE = {"internal", "busy", "not_accepting", "timeout", "adapter_memory_full"}
 
 
 class RemoteLora:
@@ -305,10 +302,11 @@ class RemoteBlocks:
                 sent = tensors + ((prompts,) if prompts is not None else ())
                 return await connection.call(rpc, header, sent, self.timeout)
             except RemoteError as e:
-                if e.code == "unknown_adapter" and lora is not None:
+                # Which codes are worth another try, and where: hivemart_core.protocol.error_codes.
+                if retry_for(e.code) is Retry.SAME_PROVIDER and lora is not None:
                     lora.forget(hop.peer_id, hop.start, hop.end)
                     continue
-                if e.code in _RETRYABLE:
+                if retry_for(e.code) is Retry.OTHER_PROVIDER:
                     raise _SpanFailed(hop.peer_id, e) from e
                 raise
             except ProviderUnavailableError as e:

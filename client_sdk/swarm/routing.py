@@ -19,14 +19,19 @@ from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
+from hivemind.utils.logging import get_logger
+
 from hivemart_core.errors import NoProvidersError
 from hivemart_core.protocol.records import ServerRecord
+from hivemart_core.protocol.rpc import PROTOCOL_VERSION, SUPPORTED_VERSIONS, version_mismatch
 
 __all__ = ["RouteHop", "find_route", "trusted_throughputs", "DEFAULT_HOP_COST_S"]
 
 # Measured on loopback: one hop of a pushed inference step costs about a millisecond of
 # messaging beside the compute. Real networks cost more; callers may pass their estimate.
 DEFAULT_HOP_COST_S = 0.002
+
+logger = get_logger(__name__)
 
 _PAID_ONLY_HINT = (
     "their providers serve paid jobs only (they require a job ticket); run this as a marketplace "
@@ -69,7 +74,8 @@ def find_route(
     ``verified``: peers whose throughput claims count in full (they served this client).
     ``free``: the client has no job tickets, so providers that require one are skipped.
     """
-    candidates = [r for r in records if r.peer_id not in avoid and r.end > start and r.start < end]
+    overlapping = [r for r in records if r.peer_id not in avoid and r.end > start and r.start < end]
+    candidates = _speaking_our_version(overlapping)
     servers = [r for r in candidates if not (free and r.requires_ticket)]
     throughputs = trusted_throughputs(servers, verified)
     best: dict[int, float] = {start: 0.0}
@@ -96,7 +102,13 @@ def find_route(
         reached = max(best)
         uncovered_to = min((r.start for r in servers if r.start > reached), default=end)
         paid_only = any(r.start <= reached < r.end for r in candidates if r.requires_ticket)
-        raise NoProvidersError(model_id, reached, uncovered_to, hint=_PAID_ONLY_HINT if free and paid_only else None)
+        other_version = next(
+            (r.protocol_version for r in overlapping if r.start <= reached < r.end and r not in candidates), None
+        )
+        hint = _PAID_ONLY_HINT if free and paid_only else None
+        if hint is None and other_version is not None:
+            hint = f"their providers speak protocol v{other_version}, this client v{PROTOCOL_VERSION}"
+        raise NoProvidersError(model_id, reached, uncovered_to, hint=hint)
     hops: list[RouteHop] = []
     boundary = end
     while boundary != start:
@@ -104,3 +116,15 @@ def find_route(
         hops.append(RouteHop(server.peer_id, previous, boundary, server))
         boundary = previous
     return hops[::-1]
+
+
+def _speaking_our_version(records: list[ServerRecord]) -> list[ServerRecord]:
+    """The records of providers that speak a protocol version this client speaks; the others
+    are skipped (an older provider refuses our RPC names, a newer one may refuse ours)."""
+    usable = []
+    for record in records:
+        if record.protocol_version in SUPPORTED_VERSIONS:
+            usable.append(record)
+        else:
+            logger.info(f"not routing to {record.peer_id}: {version_mismatch(record.protocol_version)}")
+    return usable

@@ -50,11 +50,18 @@ from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.routing import RouteHop
 from hivemart_core.errors import NoProvidersError, ProtocolError, ProviderUnavailableError, RemoteError, SwarmError
 from hivemart_core.protocol.commitments import StepRecord, StepRecordError, digest_hex, equivocation
-from hivemart_core.protocol.framing import Message
+from hivemart_core.protocol.error_codes import (
+    BAD_PUSH,
+    NEXT_HOP_FAILED,
+    Retry,
+    is_provider_limit,
+    is_ticket_error,
+    retry_for,
+)
 from hivemart_core.protocol.receipts import work_units
-from hivemart_core.protocol.rpc import OpenSession, Relink
+from hivemart_core.protocol.rpc import OpenSession, ReceiptReply, Relink, RelinkedReply, StepOutputReply
 from hivemart_core.protocol.tickets import JobTicket
-from hivemart_core.swarm.connection import InferenceStream, ProviderConnection, Reply
+from hivemart_core.swarm.connection import InferenceStream, ProviderConnection, Reply, StreamMessage
 
 if TYPE_CHECKING:
     from client_sdk.swarm.verify import Equivocation, ShadowVerifier
@@ -67,32 +74,13 @@ logger = get_logger(__name__)
 # find_route(start, end, avoid) -> hops covering [start, end) without the avoided peers
 FindRoute = Callable[[int, int, frozenset[str]], Awaitable[list[RouteHop]]]
 
-# Error codes after which another provider may well succeed; anything else is the caller's
-# mistake (bad shapes, too long, ...) and is raised as it is. ``ack_overdue``: the provider
-# waits for acknowledgements this client withholds (it refused the provider's receipts), so
-# the session moves to another planned provider.
-_RETRYABLE = {
-    "internal",
-    "busy",
-    "not_accepting",
-    "next_hop_failed",
-    "unknown_session",
-    "cache_full",
-    "timeout",
-    "ack_overdue",
-    "bad_push",
-}
+# Which errors fail over to another provider, which are raised, and which refusals (over a
+# provider's own limits) skip to another one at open: ``hivemart_core.protocol.error_codes``.
 # Errors a provider reports about another one (named by the error's peer_id).
-_NEIGHBOUR_ERRORS = {"next_hop_failed", "bad_push"}
+_NEIGHBOUR_ERRORS = {NEXT_HOP_FAILED, BAD_PUSH}
 _MAX_FAILOVERS_PER_STEP = 5
-# Refusals of a session over the provider's own limits: another provider may accept it.
-_PROVIDER_LIMITS = {"too_long", "too_large"}
 # Step records kept per session, counted in steps back from the newest (a check looks at the current step).
 _RECORDS_KEPT_STEPS = 8
-
-
-def _is_ticket_error(code: str) -> bool:
-    return code.startswith("ticket_") or code == "bad_ticket"
 
 
 def new_session_id() -> str:
@@ -272,9 +260,9 @@ class ChainSession:
         raise ``error`` when no other provider would do better."""
         if not isinstance(error, (RemoteError, ProviderUnavailableError, ProtocolError)):
             raise error  # not something the provider did (a bug here, a cancellation)
-        if isinstance(error, RemoteError) and self.job is not None and _is_ticket_error(error.code):
+        if isinstance(error, RemoteError) and self.job is not None and is_ticket_error(error.code):
             raise error
-        if isinstance(error, RemoteError) and error.code in _PROVIDER_LIMITS:
+        if isinstance(error, RemoteError) and is_provider_limit(error.code):
             logger.info(f"provider {hop.peer_id} cannot hold this session ({error}); trying others")
             skipped.add(hop.peer_id)
             return
@@ -448,50 +436,47 @@ class ChainSession:
                 return hop
         return self.hops[first_hop]
 
-    def _dispatch(self, stream: InferenceStream, message: Message | BaseException) -> None:
+    def _dispatch(self, stream: InferenceStream, message: StreamMessage | BaseException) -> None:
         hop = next((h for h in self.hops if h.stream is stream), None)
         if hop is None:
             return  # a reply from a provider we already replaced
         if isinstance(message, BaseException):
             raise _HopFailed(hop, f"stream closed: {message!r}")
-        header = message.header
-        kind = header.get("type")
-        if kind == "output":
+        reply = message.reply
+        if isinstance(reply, StepOutputReply):
             if len(message.tensors) != 1 or message.tensors[0].ndim != 3:
                 raise ProtocolError(f"provider {hop.peer_id} sent a malformed step output")
             hop.outputs += 1
-            step_id = int(header.get("step_id", -1))
-            self._keep_records(hop, header, step_id, message.tensors[0])
-            self._bill_output(hop, step_id, message.tensors[0])
-            self._boundary(hop.end).record(step_id, int(header.get("position", 0)), message.tensors[0])
-        elif kind == "relinked":
+            self._keep_records(hop, reply, message.tensors[0])
+            self._bill_output(hop, reply.step_id, message.tensors[0])
+            self._boundary(hop.end).record(reply.step_id, reply.position, message.tensors[0])
+        elif isinstance(reply, RelinkedReply):
             hop.relinked += 1
-        elif kind == "receipt":
-            self._receive_receipt(hop, header)
-        elif kind == "error":
-            code = str(header.get("code"))
-            error = RemoteError(code, str(header.get("message")), peer_id=str(header.get("peer_id") or hop.peer_id))
-            if code not in _RETRYABLE:
+        elif isinstance(reply, ReceiptReply):
+            self._receive_receipt(hop, reply)
+        else:
+            error = RemoteError(reply.code, reply.message, peer_id=reply.peer_id or hop.peer_id)
+            if retry_for(reply.code) is not Retry.OTHER_PROVIDER:
                 raise error
             culprit = hop
-            if code in _NEIGHBOUR_ERRORS:
-                culprit = next((h for h in self.hops if h.peer_id == header.get("peer_id")), hop)
+            if reply.code in _NEIGHBOUR_ERRORS:
+                culprit = next((h for h in self.hops if h.peer_id == reply.peer_id), hop)
             raise _HopFailed(culprit, str(error))
 
     # --- step records ----------------------------------------------------------------------------
 
-    def _keep_records(self, hop: _Hop, header: dict[str, Any], step_id: int, output: torch.Tensor) -> None:
+    def _keep_records(self, hop: _Hop, reply: StepOutputReply, output: torch.Tensor) -> None:
         """Check and keep the provider's record of an output (a bad one fails the hop) and the
         record of its pushed input as it came (checked only if the input is disputed)."""
-        session_id = hop.stream.spec.session_id
+        session_id, step_id = hop.stream.spec.session_id, reply.step_id
         try:
             record = (
-                StepRecord.from_dict(header.get("record"))
+                StepRecord.from_dict(reply.record)
                 .check_about(
                     peer=hop.peer_id,
                     session_id=session_id,
                     step_id=step_id,
-                    position=header.get("position"),
+                    position=reply.position,
                     output_digest=digest_hex(output),
                     ticket_id="" if hop.ticket is None else hop.ticket.ticket_id,
                 )
@@ -500,8 +485,8 @@ class ChainSession:
         except StepRecordError as e:
             raise _HopFailed(hop, f"its step record is not valid: {e}") from None
         self._records.setdefault((session_id, step_id), record)
-        if header.get("input_record") is not None:
-            self._input_records.setdefault((session_id, step_id), header["input_record"])
+        if reply.input_record is not None:
+            self._input_records.setdefault((session_id, step_id), reply.input_record)
 
     def _forget_records(self, before_step: int) -> None:
         for records in (self._records, self._input_records):
@@ -608,13 +593,11 @@ class ChainSession:
         units = work_units(tokens=output.shape[0] * output.shape[1], blocks=hop.end - hop.start)
         self.job.collector.record(hop.ticket, hop.stream.spec.session_id, units, output)
 
-    def _receive_receipt(self, hop: _Hop, header: dict[str, Any]) -> None:
+    def _receive_receipt(self, hop: _Hop, reply: ReceiptReply) -> None:
         if hop.ticket is None or self.job is None:
             logger.debug(f"ignoring a receipt from {hop.peer_id}: this session is not billed")
             return
-        signed = self.job.collector.receive(
-            header.get("receipt"), ticket=hop.ticket, session_id=hop.stream.spec.session_id
-        )
+        signed = self.job.collector.receive(reply.receipt, ticket=hop.ticket, session_id=hop.stream.spec.session_id)
         if signed is not None:  # acknowledge it: the provider serves only a credit window beyond its last ack
             hop.stream.send_ack_nowait(signed.to_dict())
 
@@ -791,5 +774,5 @@ class ChainSession:
                 logger.info("some providers did not end their sessions in time; closing without their last receipts")
                 return
             hop = by_stream.get(stream)
-            if hop is not None and not isinstance(message, BaseException) and message.header.get("type") == "receipt":
-                self._receive_receipt(hop, message.header)
+            if hop is not None and isinstance(message, StreamMessage) and isinstance(message.reply, ReceiptReply):
+                self._receive_receipt(hop, message.reply)

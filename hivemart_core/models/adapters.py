@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hivemart_core.models.lora import LoraSpec, module_path, split_block
+from hivemart_core.protocol import error_codes as codes
 
 __all__ = [
     "AdapterError",
@@ -157,15 +158,15 @@ class AdapterStore:
     def check_new(self, adapter_id: str, spec: LoraSpec, nbytes: int) -> None:
         """Refuse an adapter that exists, is too large, or does not fit the budget."""
         if adapter_id in self._adapters:
-            raise AdapterError("adapter_exists", f"adapter {adapter_id} already exists here; choose another id")
+            raise AdapterError(codes.ADAPTER_EXISTS, f"adapter {adapter_id} already exists here; choose another id")
         if spec.rank > self.max_rank:
-            raise AdapterError("too_large", f"rank {spec.rank} exceeds this provider's limit of {self.max_rank}")
+            raise AdapterError(codes.TOO_LARGE, f"rank {spec.rank} exceeds this provider's limit of {self.max_rank}")
         if len(self._adapters) >= self.max_adapters:
-            raise AdapterError("adapter_memory_full", f"this provider already holds {len(self._adapters)} adapters")
+            raise AdapterError(codes.ADAPTER_MEMORY_FULL, f"this provider already holds {len(self._adapters)} adapters")
         free = self.budget_bytes - self.used_bytes
         if nbytes > free:
             raise AdapterError(
-                "adapter_memory_full",
+                codes.ADAPTER_MEMORY_FULL,
                 f"the adapter needs {nbytes} bytes, {max(free, 0)} of this "
                 f"provider's adapter memory are free; use a smaller rank, "
                 f"fewer targets, or another provider",
@@ -181,7 +182,7 @@ class AdapterStore:
         adapter = self._adapters.get(adapter_id)
         if adapter is None or adapter.owner != owner:
             raise AdapterError(
-                "unknown_adapter",
+                codes.UNKNOWN_ADAPTER,
                 f"no adapter {adapter_id} of yours here (it may have expired "
                 f"after {self.ttl:.0f} s unused); create it again",
             )

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 
 from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol import error_codes as codes
 
 if TYPE_CHECKING:
     import torch
@@ -155,7 +156,8 @@ async def _read_exactly(reader: asyncio.StreamReader, nbytes: int, timeout: floa
             return await reader.readexactly(nbytes)
     except TimeoutError:
         raise ProtocolError(
-            f"no data for {timeout:g} s in the middle of a message; send each message without pausing", code="timeout"
+            f"no data for {timeout:g} s in the middle of a message; send each message without pausing",
+            code=codes.TIMEOUT,
         ) from None
 
 
@@ -166,7 +168,7 @@ async def _read_frame(
     # between steps); once it has begun, every read has a deadline.
     length = int.from_bytes(await _read_exactly(reader, HEADER_LEN, None if first else timeout), "big")
     if length > max_bytes:
-        raise ProtocolError(f"{what} frame of {length} bytes exceeds the limit of {max_bytes}", code="too_large")
+        raise ProtocolError(f"{what} frame of {length} bytes exceeds the limit of {max_bytes}", code=codes.TOO_LARGE)
     return await _read_exactly(reader, length, timeout)
 
 
@@ -189,7 +191,7 @@ def _parse_descriptors(raw: Any, limits: Limits) -> list[tuple[str, tuple[int, .
         nbytes = numel * _torch_dtype(dtype).itemsize
         if nbytes > limits.max_tensor_bytes:
             raise ProtocolError(
-                f"tensor of {nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}", code="too_large"
+                f"tensor of {nbytes} bytes exceeds the limit of {limits.max_tensor_bytes}", code=codes.TOO_LARGE
             )
         parsed.append((dtype, tuple(shape), nbytes))
     return parsed

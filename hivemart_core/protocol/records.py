@@ -19,6 +19,7 @@ import msgpack
 
 from hivemart_core.errors import ProtocolError
 from hivemart_core.protocol.identity import Identity, public_key_from_peer_id, verify_signature
+from hivemart_core.protocol.rpc import PROTOCOL_VERSION
 
 __all__ = [
     "ServerRecord",
@@ -60,7 +61,9 @@ class ServerRecord:
     """What a provider says about itself. ``throughput`` is tokens per second through one
     block; ``expires_at`` is wall-clock seconds, also enforced by the DHT, at most
     :data:`MAX_RECORD_TTL_S` ahead. ``requires_ticket``: the provider serves only paid jobs
-    (a job ticket on every session), so free clients route around it."""
+    (a job ticket on every session), so free clients route around it. ``protocol_version``:
+    the wire protocol the provider speaks (signed with the rest; a record without it is from
+    a version 1 agent); clients route only to versions they speak."""
 
     peer_id: str
     model_id: str
@@ -73,6 +76,7 @@ class ServerRecord:
     expires_at: float
     maddrs: tuple[str, ...] = ()
     requires_ticket: bool = False
+    protocol_version: int = PROTOCOL_VERSION
 
     def is_live(self, now: float | None = None) -> bool:
         return self.state == ServerState.ONLINE and self.expires_at > (time.time() if now is None else now)
@@ -99,6 +103,7 @@ class ServerRecord:
                 expires_at=raw["expires_at"],
                 maddrs=tuple(str(m) for m in raw.get("maddrs", ())[:8]),
                 requires_ticket=raw.get("requires_ticket", False),  # absent in records of older agents
+                protocol_version=raw.get("protocol_version", 1),  # absent in records of version 1 agents
             )
         except (KeyError, TypeError) as e:
             raise ProtocolError(f"a server record is missing or mistypes a field: {e}") from e
@@ -114,6 +119,8 @@ class ServerRecord:
             raise ProtocolError("a server record's expires_at must be a number")
         if type(record.requires_ticket) is not bool:
             raise ProtocolError("a server record's requires_ticket must be a boolean")
+        if type(record.protocol_version) is not int or not 1 <= record.protocol_version <= 2**16:
+            raise ProtocolError("a server record's protocol_version must be a positive integer")
         if type(record.cache_tokens_left) is not int or record.cache_tokens_left < 0:
             raise ProtocolError("a server record's cache_tokens_left must be a non-negative integer")
         if not MODEL_ID_PATTERN.match(record.model_id):

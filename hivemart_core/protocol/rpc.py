@@ -4,15 +4,25 @@ Every request a provider reads from the network goes through ``from_header``, wh
 types, ranges and lengths and raises :class:`ProtocolError` with a message fit to send back.
 Tensor checks that need the server's state (hidden size, dtype, span) happen in the server.
 
-RPC names (libp2p protocol handlers):
-- ``hivemart.info``      request ``{}`` -> ``ServerInfo`` header
-- ``hivemart.forward``   ``SpanRequest`` + hidden[b, t, h] -> hidden[b, t, h]
-- ``hivemart.backward``  ``SpanRequest`` + hidden, grad_output -> grad_input
-- ``hivemart.inference`` bidirectional: ``OpenSession``, then ``Step`` + hidden per step
-- ``hivemart.push``      provider to provider: ``Step`` + hidden for the next span of a chain
-- ``hivemart.adapter``   ``AdapterRequest`` (+ weights) -> ``{"type": "adapter", ...}`` (+ weights)
+RPC names (libp2p protocol handlers) carry the protocol version, ``hivemart.v{N}.<name>``:
+- ``info``      request ``{}`` -> ``InfoReply``
+- ``forward``   ``SpanRequest`` + hidden[b, t, h] -> ``OutputReply`` + hidden[b, t, h]
+- ``backward``  ``SpanRequest`` + hidden, grad_output -> ``GradReply`` + grad_input
+- ``inference`` bidirectional: ``OpenSession`` -> ``OpenedReply``, then ``Step`` + hidden per step
+  -> ``StepOutputReply``, ``RelinkedReply``, ``ReceiptReply``, ``ErrorReply``
+- ``push``      provider to provider: ``Step`` + hidden for the next span of a chain -> errors only
+- ``adapter``   ``AdapterRequest`` (+ weights) -> ``AdapterReply`` (+ weights)
 Forward and backward take fine-tuning fields (``SpanTuning``): deep prompts and a LoRA adapter.
-Errors come back as ``{"type": "error", "code": ..., "message": ..., "step_id": ...}``.
+Errors come back as ``ErrorReply``: ``{"type": "error", "code": ..., "message": ..., "step_id": ...}``
+with a code of ``hivemart_core.protocol.error_codes``.
+
+Replies are parsed as strictly as requests: a reply with a missing or mistyped field, or of an
+unexpected type, raises :class:`ProtocolError` naming the field (a faulty provider is then
+failed over like one that broke its stream, never a ``KeyError`` or ``ValueError`` in the client).
+
+Versions (see docs/protocol.md): :data:`PROTOCOL_VERSION` is in every ``info`` reply, in the
+provider's signed DHT record and in the RPC names. A provider also answers the names of older
+versions, with ``unsupported_version``; a client routes only to records of a version it speaks.
 
 Billing: with a marketplace, ``OpenSession`` and ``SpanRequest`` carry a job ``ticket``
 (``hivemart_core.protocol.tickets``); the provider answers with signed cumulative receipts
@@ -29,6 +39,10 @@ from typing import Any
 from hivemart_core.errors import ProtocolError
 
 __all__ = [
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "LEGACY_RPC_NAMES",
+    "rpc_name",
     "RPC_INFO",
     "RPC_FORWARD",
     "RPC_BACKWARD",
@@ -43,14 +57,42 @@ __all__ = [
     "AdapterRequest",
     "error_header",
     "receipt_ack",
+    "ErrorReply",
+    "InfoReply",
+    "OutputReply",
+    "GradReply",
+    "AdapterReply",
+    "OpenedReply",
+    "StepOutputReply",
+    "RelinkedReply",
+    "ReceiptReply",
+    "StreamReply",
+    "parse_stream_reply",
+    "version_mismatch",
 ]
 
-RPC_INFO = "hivemart.info"
-RPC_FORWARD = "hivemart.forward"
-RPC_BACKWARD = "hivemart.backward"
-RPC_INFERENCE = "hivemart.inference"
-RPC_PUSH = "hivemart.push"
-RPC_ADAPTER = "hivemart.adapter"
+# The wire protocol this code speaks. Version 1 had unversioned RPC names ("hivemart.info"),
+# no version in info replies or records; version 2 is version 1 with versioned names, the
+# version in info and records, and the ``unsupported_version`` error for older names.
+PROTOCOL_VERSION = 2
+# The versions a client of this code plans routes over (records of others are skipped).
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
+_RPCS = ("info", "forward", "backward", "inference", "push", "adapter")
+
+
+def rpc_name(name: str, version: int = PROTOCOL_VERSION) -> str:
+    """The libp2p handler name of RPC ``name`` in protocol ``version`` (1 had no version in it)."""
+    return f"hivemart.{name}" if version == 1 else f"hivemart.v{version}.{name}"
+
+
+RPC_INFO = rpc_name("info")
+RPC_FORWARD = rpc_name("forward")
+RPC_BACKWARD = rpc_name("backward")
+RPC_INFERENCE = rpc_name("inference")
+RPC_PUSH = rpc_name("push")
+RPC_ADAPTER = rpc_name("adapter")
+# Names of older versions a provider still registers, to refuse them with a clear error.
+LEGACY_RPC_NAMES: dict[str, int] = {rpc_name(n, v): v for v in range(1, PROTOCOL_VERSION) for n in _RPCS}
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _MAX_TICKET_FIELDS = 16
@@ -260,7 +302,7 @@ class AdapterRequest:
         start, end = _span(header)
         alpha: Any  # checked by type() below, which mypy does not narrow on
         alpha, targets = header.get("alpha"), header.get("targets")
-        if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1e6:
             raise ProtocolError("'alpha' must be a number in (0, 1e6)")
         if (
             not isinstance(targets, list)
@@ -395,3 +437,335 @@ class Relink:
             next_session=None if next_peer is None else _session_id(header, "next_session"),
             clear_next=clear_next,
         )
+
+
+# --- replies ---------------------------------------------------------------------------------
+# Parsed by clients, the marketplace's probes and providers relaying a next hop's errors. Each
+# ``from_header`` raises ProtocolError naming the field; fields a newer provider adds are ignored.
+
+_MAX_CODE_LEN = 64
+_MAX_MESSAGE_LEN = 4096
+_MAX_DIGESTS = 4096
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _reply_type(header: Any, expected: str) -> dict[str, Any]:
+    if not isinstance(header, dict):
+        raise ProtocolError(f"a reply must be a map, got {type(header).__name__}")
+    kind = header.get("type")
+    if kind != expected:
+        raise ProtocolError(f"reply field 'type' must be {expected!r}, got {kind!r}")
+    return header
+
+
+def _reply_int(header: dict[str, Any], key: str, *, high: int = 2**62) -> int:
+    try:
+        return _int(header, key, high=high)
+    except ProtocolError as e:
+        raise ProtocolError(f"reply field {e}") from None
+
+
+def _reply_optional_int(header: dict[str, Any], key: str) -> int | None:
+    return None if header.get(key) is None else _reply_int(header, key)
+
+
+def _reply_bool(header: dict[str, Any], key: str, default: bool | None = None) -> bool:
+    value = header.get(key, default)
+    if type(value) is not bool:
+        raise ProtocolError(f"reply field '{key}' must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _reply_str(header: dict[str, Any], key: str, *, max_len: int = 256) -> str:
+    value = header.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"reply field '{key}' must be a string of at most {max_len} characters")
+    return value
+
+
+def _reply_map(header: dict[str, Any], key: str, *, required: bool) -> dict[str, Any] | None:
+    value = header.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, dict) or len(value) > _MAX_TICKET_FIELDS:
+        raise ProtocolError(f"reply field '{key}' must be a map of at most {_MAX_TICKET_FIELDS} fields")
+    return value
+
+
+def _reply_session_id(header: dict[str, Any], key: str = "session_id", *, required: bool = True) -> str | None:
+    if header.get(key) is None and not required:
+        return None
+    try:
+        return _session_id(header, key)
+    except ProtocolError as e:
+        raise ProtocolError(f"reply field {e}") from None
+
+
+def version_mismatch(theirs: int, ours: int = PROTOCOL_VERSION) -> str:
+    """What to tell a user whose peer speaks another protocol version."""
+    upgrade = "the provider" if theirs < ours else "this client (pip install -U hivemart)"
+    return f"provider speaks protocol v{theirs}, this client v{ours}; upgrade {upgrade}"
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """``{"type": "error", "code", "message", step_id?, peer_id?, session_id?}``. ``peer_id``
+    names the provider at fault when it is not the one answering (``next_hop_failed``)."""
+
+    code: str
+    message: str
+    step_id: int | None = None
+    peer_id: str | None = None
+    session_id: str | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        fields = {"step_id": self.step_id, "peer_id": self.peer_id, "session_id": self.session_id}
+        return {k: v for k, v in fields.items() if v is not None}
+
+    @classmethod
+    def from_header(cls, header: Any) -> ErrorReply:
+        header = _reply_type(header, "error")
+        code = _reply_str(header, "code", max_len=_MAX_CODE_LEN)
+        if not code:
+            raise ProtocolError("reply field 'code' must not be empty")
+        peer_id = header.get("peer_id")
+        if peer_id is not None and (not isinstance(peer_id, str) or not _PEER_ID.match(peer_id)):
+            raise ProtocolError("reply field 'peer_id' must be a base58 peer id")
+        return cls(
+            code=code,
+            message=_reply_str(header, "message", max_len=_MAX_MESSAGE_LEN),
+            step_id=_reply_optional_int(header, "step_id"),
+            peer_id=peer_id,
+            session_id=_reply_session_id(header, required=False),
+        )
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    """What a provider says about itself on ``info`` (``ProviderServer.info``)."""
+
+    protocol_version: int
+    peer_id: str
+    model_id: str
+    start: int
+    end: int
+    dtype: str
+    hidden_size: int
+    block_digests: tuple[str, ...]
+    accepting: bool
+    sessions: int
+    max_sessions: int
+    cache_bytes_left: int
+    cache_tokens_left: int
+    max_session_length: int
+    max_batch_size: int
+    max_request_tokens: int
+    adapter_bytes_left: int
+    max_adapter_rank: int
+    graphs_kept: int
+    graph_bytes_used: int
+    graph_bytes: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"type": "info", **asdict(self), "block_digests": list(self.block_digests)}
+
+    @classmethod
+    def from_header(cls, header: Any) -> InfoReply:
+        """Parse an info reply; one of another protocol version (absent: version 1) raises
+        ProtocolError ``unsupported_version`` saying which side to upgrade."""
+        header = _reply_type(header, "info")
+        version = 1 if header.get("protocol_version") is None else _reply_int(header, "protocol_version", high=2**16)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"reply field 'protocol_version': {version_mismatch(version)}", code="unsupported_version"
+            )
+        start, end = _reply_int(header, "start"), _reply_int(header, "end")
+        if end <= start:
+            raise ProtocolError(f"reply fields 'start' and 'end' must be a non-empty span, got {start}:{end}")
+        digests = header.get("block_digests")
+        if (
+            not isinstance(digests, list)
+            or len(digests) > _MAX_DIGESTS
+            or not all(isinstance(d, str) and len(d) <= 128 for d in digests)
+        ):
+            raise ProtocolError("reply field 'block_digests' must be a list of digest strings")
+        dtype = _reply_str(header, "dtype", max_len=16)
+        if dtype not in _DTYPES:
+            raise ProtocolError(f"reply field 'dtype' must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        counts = {
+            key: _reply_int(header, key)
+            for key in (
+                "hidden_size",
+                "sessions",
+                "max_sessions",
+                "cache_bytes_left",
+                "cache_tokens_left",
+                "max_session_length",
+                "max_batch_size",
+                "max_request_tokens",
+                "adapter_bytes_left",
+                "max_adapter_rank",
+                "graphs_kept",
+                "graph_bytes_used",
+                "graph_bytes",
+            )
+        }
+        peer_id = _reply_str(header, "peer_id", max_len=128)
+        if not _PEER_ID.match(peer_id):
+            raise ProtocolError("reply field 'peer_id' must be a base58 peer id")
+        return cls(
+            protocol_version=version,
+            peer_id=peer_id,
+            model_id=_reply_str(header, "model_id", max_len=128),
+            start=start,
+            end=end,
+            dtype=dtype,
+            block_digests=tuple(digests),
+            accepting=_reply_bool(header, "accepting"),
+            **counts,
+        )
+
+
+@dataclass(frozen=True)
+class OutputReply:
+    """A forward's reply: ``kept`` whether a training forward's graph was kept (None when
+    none was asked for); ``receipt`` the provider's signed receipt (billed requests)."""
+
+    kept: bool | None = None
+    receipt: dict[str, Any] | None = None
+
+    @classmethod
+    def from_header(cls, header: Any) -> OutputReply:
+        header = _reply_type(header, "output")
+        kept = None if header.get("kept") is None else _reply_bool(header, "kept")
+        return cls(kept=kept, receipt=_reply_map(header, "receipt", required=False))
+
+
+@dataclass(frozen=True)
+class GradReply:
+    """A backward's reply: which extra gradients follow ``grad_input`` (``prompts``, then
+    ``lora_grads``) and whether the forward was recomputed (its graph was not kept)."""
+
+    prompts: bool = False
+    lora_grads: bool = False
+    recomputed: bool = True
+    receipt: dict[str, Any] | None = None
+
+    @classmethod
+    def from_header(cls, header: Any) -> GradReply:
+        header = _reply_type(header, "grad")
+        return cls(
+            prompts=_reply_bool(header, "prompts", False),
+            lora_grads=_reply_bool(header, "lora_grads", False),
+            recomputed=_reply_bool(header, "recomputed", True),
+            receipt=_reply_map(header, "receipt", required=False),
+        )
+
+
+@dataclass(frozen=True)
+class AdapterReply:
+    """An adapter operation's reply; ``create`` also says the adapter's span and size."""
+
+    op: str
+    adapter_id: str
+    start: int | None = None
+    end: int | None = None
+    numel: int | None = None
+
+    @classmethod
+    def from_header(cls, header: Any) -> AdapterReply:
+        header = _reply_type(header, "adapter")
+        op = header.get("op")
+        if op not in _ADAPTER_OPS:
+            raise ProtocolError(f"reply field 'op' must be one of {', '.join(_ADAPTER_OPS)}, got {op!r}")
+        adapter_id = _reply_session_id(header, "adapter_id")
+        assert adapter_id is not None  # required=True
+        return cls(
+            op=op,
+            adapter_id=adapter_id,
+            start=_reply_optional_int(header, "start"),
+            end=_reply_optional_int(header, "end"),
+            numel=_reply_optional_int(header, "numel"),
+        )
+
+
+@dataclass(frozen=True)
+class OpenedReply:
+    """The provider opened the session (and reserved its cache)."""
+
+    session_id: str
+    cache_tokens_left: int
+
+    @classmethod
+    def from_header(cls, header: Any) -> OpenedReply:
+        header = _reply_type(header, "opened")
+        session_id = _reply_session_id(header)
+        assert session_id is not None  # required=True
+        return cls(session_id=session_id, cache_tokens_left=_reply_int(header, "cache_tokens_left"))
+
+
+@dataclass(frozen=True)
+class StepOutputReply:
+    """One step's output on an inference stream (one tensor follows): ``record`` is the
+    provider's signed step record, ``input_record`` the pusher's record of its input."""
+
+    step_id: int
+    position: int
+    record: dict[str, Any]
+    input_record: dict[str, Any] | None = None
+
+    @classmethod
+    def from_header(cls, header: Any) -> StepOutputReply:
+        header = _reply_type(header, "output")
+        record = _reply_map(header, "record", required=True)
+        assert record is not None  # required=True
+        return cls(
+            step_id=_reply_int(header, "step_id"),
+            position=_reply_int(header, "position", high=_MAX_INT),
+            record=record,
+            input_record=_reply_map(header, "input_record", required=False),
+        )
+
+
+@dataclass(frozen=True)
+class RelinkedReply:
+    session_id: str
+
+    @classmethod
+    def from_header(cls, header: Any) -> RelinkedReply:
+        session_id = _reply_session_id(_reply_type(header, "relinked"))
+        assert session_id is not None  # required=True
+        return cls(session_id=session_id)
+
+
+@dataclass(frozen=True)
+class ReceiptReply:
+    """A signed cumulative receipt on an inference stream (checked by the receipt collector)."""
+
+    receipt: dict[str, Any]
+
+    @classmethod
+    def from_header(cls, header: Any) -> ReceiptReply:
+        receipt = _reply_map(_reply_type(header, "receipt"), "receipt", required=True)
+        assert receipt is not None  # required=True
+        return cls(receipt=receipt)
+
+
+StreamReply = StepOutputReply | RelinkedReply | ReceiptReply | ErrorReply
+_STREAM_REPLIES: dict[str, Any] = {
+    "output": StepOutputReply,
+    "relinked": RelinkedReply,
+    "receipt": ReceiptReply,
+    "error": ErrorReply,
+}
+
+
+def parse_stream_reply(header: Any) -> StreamReply:
+    """A message a provider sends on an open inference stream; any other type is a ProtocolError."""
+    kind = header.get("type") if isinstance(header, dict) else None
+    parser = _STREAM_REPLIES.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ProtocolError(f"reply field 'type' must be one of {', '.join(_STREAM_REPLIES)}, got {kind!r}")
+    reply: StreamReply = parser.from_header(header)
+    return reply

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from hivemart_core.errors import ProtocolError
+from hivemart_core.protocol import error_codes as codes
 from hivemart_core.protocol.identity import Identity, is_valid_public_key, verify_signature
 
 __all__ = [
@@ -139,17 +140,18 @@ class JobTicket:
     def check_covers(self, start: int, end: int) -> None:
         if not self.covers(start, end):
             raise TicketError(
-                f"blocks {start}:{end} are outside the ticket's blocks {self.start}:{self.end}", code="ticket_blocks"
+                f"blocks {start}:{end} are outside the ticket's blocks {self.start}:{self.end}",
+                code=codes.TICKET_BLOCKS,
             )
 
     @classmethod
     def from_dict(cls, data: Any) -> JobTicket:
         """Parse and type-check a ticket (no signature check: see :func:`verify_ticket`)."""
         if not isinstance(data, dict):
-            raise TicketError("a ticket must be a map", code="bad_ticket")
+            raise TicketError("a ticket must be a map", code=codes.BAD_TICKET)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
-            raise TicketError(f"unknown ticket fields: {sorted(unknown)}", code="bad_ticket")
+            raise TicketError(f"unknown ticket fields: {sorted(unknown)}", code=codes.BAD_TICKET)
         start = field_int(data, "start")
         end = field_int(data, "end", low=start + 1)
         max_units = field_int(data, "max_units", low=1)
@@ -173,7 +175,7 @@ class JobTicket:
 def _client_key(data: dict[str, Any]) -> str:
     key = field_str(data, "client_key", HEX64_PATTERN, "a hex Ed25519 public key")
     if key != NO_CLIENT_KEY and not is_valid_public_key(bytes.fromhex(key)):
-        raise TicketError("the ticket's client_key is of small order or not canonical", code="bad_ticket")
+        raise TicketError("the ticket's client_key is of small order or not canonical", code=codes.BAD_TICKET)
     return key
 
 
@@ -198,21 +200,21 @@ def verify_ticket(
     ticket = JobTicket.from_dict(data)
     if not verify_signature(platform_key, ticket.signing_bytes(), bytes.fromhex(ticket.signature)):
         raise TicketError(
-            f"ticket {ticket.ticket_id} is not signed by the marketplace's platform key", code="ticket_signature"
+            f"ticket {ticket.ticket_id} is not signed by the marketplace's platform key", code=codes.TICKET_SIGNATURE
         )
     if provider_peer is not None and ticket.provider_peer != provider_peer:
         raise TicketError(
             f"ticket {ticket.ticket_id} was issued to {ticket.provider_peer}, not to this provider",
-            code="ticket_wrong_provider",
+            code=codes.TICKET_WRONG_PROVIDER,
         )
     if model_id is not None and ticket.model_id != model_id:
         raise TicketError(
             f"ticket {ticket.ticket_id} is for model {ticket.model_id}, this provider serves {model_id}",
-            code="ticket_wrong_provider",
+            code=codes.TICKET_WRONG_PROVIDER,
         )
     current = time.time() if now is None else now
     if ticket.expires_at + CLOCK_SKEW_S < current:
         raise TicketError(
-            f"ticket {ticket.ticket_id} expired; ask the marketplace for a new plan", code="ticket_expired"
+            f"ticket {ticket.ticket_id} expired; ask the marketplace for a new plan", code=codes.TICKET_EXPIRED
         )
     return ticket

@@ -21,37 +21,65 @@ from hivemart_core.errors import ProtocolError, ProviderUnavailableError, Remote
 from hivemart_core.protocol.framing import Limits, Message, encode_message, read_message, write_message
 from hivemart_core.protocol.receipts import work_units
 from hivemart_core.protocol.rpc import (
+    RPC_ADAPTER,
     RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    AdapterReply,
+    ErrorReply,
+    GradReply,
+    InfoReply,
+    OpenedReply,
     OpenSession,
+    OutputReply,
     Relink,
     SpanRequest,
     Step,
+    StreamReply,
+    parse_stream_reply,
 )
 from hivemart_core.protocol.tickets import JobTicket
 from hivemart_core.swarm.receipts import ReceiptCollector
 
-__all__ = ["ProviderConnection", "InferenceStream", "SpanBilling"]
+__all__ = ["ProviderConnection", "InferenceStream", "SpanBilling", "StreamMessage", "Reply"]
 
 logger = get_logger(__name__)
 
 _CLIENT_LIMITS = Limits(max_tensors=4, max_tensor_bytes=2**32)
 
 # What an inference stream puts on its chain's inbox: a reply, or the error that broke the stream.
-Reply = tuple["InferenceStream", Message | BaseException]
+Reply = tuple["InferenceStream", "StreamMessage | BaseException"]
+
+
+# How each one-request RPC's reply is parsed (a malformed one raises ProtocolError).
+_REPLY_PARSERS: dict[str, Callable[[Any], object]] = {
+    RPC_INFO: InfoReply.from_header,
+    RPC_FORWARD: OutputReply.from_header,
+    RPC_BACKWARD: GradReply.from_header,
+    RPC_ADAPTER: AdapterReply.from_header,
+}
 
 
 def _raise_if_error(message: Message, peer_id: str) -> Message:
-    header = message.header
-    if header.get("type") == "error":
-        raise RemoteError(
-            str(header.get("code")),
-            str(header.get("message")),
-            peer_id=peer_id,
-            extra={k: v for k, v in header.items() if k not in ("type", "code", "message")},
-        )
+    """``message`` unless it is an error reply, which raises RemoteError (a malformed error
+    reply: ProtocolError)."""
+    if message.header.get("type") == "error":
+        error = ErrorReply.from_header(message.header)
+        raise RemoteError(error.code, error.message, peer_id=peer_id, extra=error.extra)
+    return message
+
+
+def _checked_reply(rpc: str, message: Message, peer_id: str) -> Message:
+    """``message`` once its header parsed as ``rpc``'s reply type; raises RemoteError for an
+    error reply and ProtocolError (naming the provider) for a malformed one."""
+    _raise_if_error(message, peer_id)
+    parse = _REPLY_PARSERS.get(rpc)
+    if parse is not None:
+        try:
+            parse(message.header)
+        except ProtocolError as e:
+            raise ProtocolError(f"provider {peer_id} answered {rpc} with a malformed reply: {e}", code=e.code) from e
     return message
 
 
@@ -90,7 +118,8 @@ class SpanBilling:
             backward=rpc == RPC_BACKWARD,
         )
         self.collector.record(self.ticket, self.session_id, units, reply.tensors[0])
-        receipt = reply.header.get("receipt")
+        parsed = GradReply.from_header(reply.header) if rpc == RPC_BACKWARD else OutputReply.from_header(reply.header)
+        receipt = parsed.receipt
         if receipt is None:
             self.collector.missing_receipt(self.ticket, self.session_id)
         else:
@@ -153,10 +182,16 @@ class ProviderConnection:
             raise ProviderUnavailableError(self.peer_id, f"no answer to {rpc} within {timeout} s") from e
         finally:
             writer.close()
-        return _raise_if_error(reply, self.peer_id)
+        return _checked_reply(rpc, reply, self.peer_id)
 
     async def info(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The provider's info reply as a map (checked: see :meth:`info_reply`)."""
         return (await self.call(RPC_INFO, {}, timeout=timeout)).header
+
+    async def info_reply(self, timeout: float | None = 10.0) -> InfoReply:
+        """The provider's info; one of another protocol version raises ProtocolError
+        ``unsupported_version`` saying which side to upgrade."""
+        return InfoReply.from_header((await self.call(RPC_INFO, {}, timeout=timeout)).header)
 
     async def forward(self, start: int, end: int, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         """Hidden states after blocks [start, end) (billed when the connection has a ticket)."""
@@ -191,7 +226,13 @@ class ProviderConnection:
             nonlocal writer
             reader, writer = await self._open(RPC_INFERENCE)
             await write_message(writer, spec.to_header())
-            _raise_if_error(await read_message(reader, _CLIENT_LIMITS), self.peer_id)
+            opened = OpenedReply.from_header(
+                _raise_if_error(await read_message(reader, _CLIENT_LIMITS), self.peer_id).header
+            )
+            if opened.session_id != spec.session_id:
+                raise ProtocolError(
+                    f"reply field 'session_id': opened {opened.session_id}, asked for {spec.session_id}"
+                )
             return reader
 
         try:
@@ -208,10 +249,19 @@ class ProviderConnection:
         return InferenceStream(self.peer_id, spec, reader, writer, inbox)
 
 
+@dataclass(frozen=True)
+class StreamMessage:
+    """A reply on an inference stream, parsed (``reply``), with its tensors."""
+
+    reply: StreamReply
+    tensors: list[torch.Tensor]
+
+
 @dataclass(eq=False)
 class InferenceStream:
     """An open inference session on one provider. A reader task forwards every reply to
-    the chain's shared inbox; a broken stream shows up there as a ``None`` message."""
+    the chain's shared inbox as a :class:`StreamMessage`; a broken stream, or a malformed
+    reply (ProtocolError), shows up there as the exception, after which nothing more is read."""
 
     peer_id: str
     spec: OpenSession
@@ -226,7 +276,8 @@ class InferenceStream:
         try:
             while True:
                 message = await read_message(self.reader, _CLIENT_LIMITS)
-                self.inbox.put_nowait((self, message))
+                reply = parse_stream_reply(message.header)
+                self.inbox.put_nowait((self, StreamMessage(reply, message.tensors)))
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
             self.inbox.put_nowait((self, e))
 

@@ -54,7 +54,8 @@ class FakeProvider:
         if self.lose_next:  # computed and counted, but the reply never reaches the client
             self.lose_next = False
             raise ProviderUnavailableError(PROVIDER.peer_id, "stream broke")
-        return Message({"type": "output", "receipt": counter.receipt(PROVIDER).to_dict()}, [output])
+        reply_type = "grad" if rpc == RPC_BACKWARD else "output"  # as a real provider answers
+        return Message({"type": reply_type, "receipt": counter.receipt(PROVIDER).to_dict()}, [output])
 
 
 def hop() -> RouteHop:

@@ -5,7 +5,9 @@ real agent (real record, real p2p daemon), except that every inference ``open`` 
 answered according to ``HIVEMART_HOSTILE`` (read from its environment):
 
 - ``bad_request``: an immediate ``bad_request`` error, whatever the client sent;
-- ``silent``: nothing at all; the stream is held open and never answered.
+- ``silent``: nothing at all; the stream is held open and never answered;
+- ``malformed``: an ``opened`` reply whose session id is a number (a malformed reply: the
+  client must see a ProtocolError, not a KeyError or ValueError).
 
 Started with ``--throughput 1e12`` over every block, its validly self-signed record is the
 best route on paper, which is how one peer could capture a swarm's routing. Never import
@@ -25,7 +27,7 @@ from client_sdk.swarm.local import AgentProcess, LocalSwarm
 from hivemart_core.swarm.p2p import die_with_parent
 
 MODE_ENV = "HIVEMART_HOSTILE"
-MODES = ("bad_request", "silent")
+MODES = ("bad_request", "silent", "malformed")
 
 
 def install(mode: str) -> None:
@@ -43,6 +45,9 @@ def install(mode: str) -> None:
         await read_message(reader, self._limits)
         if mode == "bad_request":
             await write_message(writer, error_header("bad_request", "no"))
+            return
+        if mode == "malformed":
+            await write_message(writer, {"type": "opened", "session_id": 12345678, "cache_tokens_left": 1})
             return
         await asyncio.Event().wait()  # silent: hold the stream open, answer nothing, ever
 

@@ -1,9 +1,10 @@
 """One peer must not break routing: a provider whose validly signed record claims every block
 at an absurd throughput, but which fails every session it is offered (an error, silence, or a
-ticket a free client cannot have), is banned and routed around; free generation still works."""
+ticket a free client cannot have, a malformed reply), is banned and routed around; free generation still works."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from client_sdk.swarm.routing import RouteHop
 from client_sdk.swarm.session import ChainSession
+from hivemart_core.errors import ProtocolError
 from hivemart_core.models import load_model_info, load_tokenizer
 from hivemart_core.protocol.identity import Identity
+from hivemart_core.protocol.rpc import OpenSession
+from hivemart_core.swarm.connection import ProviderConnection
 from hivemart_core.swarm.dht import fetch_span_records
 from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.hostile_agent import MODE_ENV, HostileSwarm
@@ -71,11 +75,17 @@ def generate_twice(
         return model
 
 
-@pytest.mark.parametrize("mode", ["bad_request", "silent"])
+@pytest.mark.parametrize("mode", ["bad_request", "silent", "malformed"])
 def test_a_peer_failing_every_open_is_banned_and_routed_around(swarm, tiny_model, prompt, expected, mode, monkeypatch):
     monkeypatch.setenv(MODE_ENV, mode)
     hostile = swarm.start_hostile(tiny_model, 0, 4, name=f"hostile-{mode}", extra_args=CLAIM)
     try:
+        if mode == "malformed":  # its malformed reply is a ProtocolError naming the field
+            with SwarmRuntime(swarm.initial_peers) as runtime:
+                spec = OpenSession(session_id="malformed-01", start=0, end=4, max_length=8)
+                connection = ProviderConnection(runtime.p2p, hostile.peer_id)
+                with pytest.raises(ProtocolError, match="'session_id'"):
+                    runtime.run(connection.open_inference(spec, asyncio.Queue()))
         generate_twice(tiny_model, swarm, prompt, hostile.peer_id, expected)
     finally:
         swarm.stop_agent(hostile)
