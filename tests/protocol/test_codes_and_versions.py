@@ -21,7 +21,7 @@ from hivemart_core.protocol.rpc import LEGACY_RPC_NAMES, PROTOCOL_VERSION, RPC_F
 
 ROOT = Path(__file__).resolve().parents[2]
 SENDERS = [
-    *sorted((ROOT / "provider_agent").glob("*.py")),
+    *sorted((ROOT / "provider_agent").rglob("*.py")),  # server/ included
     ROOT / "hivemart_core/models/adapters.py",
     ROOT / "hivemart_core/protocol/tickets.py",
     ROOT / "hivemart_core/protocol/framing.py",
@@ -69,7 +69,7 @@ def test_callers_keep_no_retry_lists_of_their_own(module: str) -> None:
 def test_rpc_names_carry_the_version_and_old_names_are_refused() -> None:
     assert RPC_INFO == f"hivemart.v{PROTOCOL_VERSION}.info" and RPC_FORWARD == rpc_name("forward")
     assert LEGACY_RPC_NAMES["hivemart.forward"] == 1 and RPC_FORWARD not in LEGACY_RPC_NAMES
-    assert "LEGACY_RPC_NAMES" in (ROOT / "provider_agent/server.py").read_text()  # registered to refuse them
+    assert "LEGACY_RPC_NAMES" in (ROOT / "provider_agent/server/lifecycle.py").read_text()  # registered to refuse them
 
 
 IDENTITY = Identity.generate()

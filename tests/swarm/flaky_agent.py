@@ -23,7 +23,7 @@ BREAKS_ENV = "HIVEMART_FLAKY_BREAKS"
 
 def install(breaks: set[int]) -> None:
     """Make this process's provider server cut the backward replies numbered in ``breaks``."""
-    import provider_agent.server as server
+    import provider_agent.server.span_rpcs as server  # the part that writes forward and backward replies
     from hivemart_core.protocol.framing import encode_message
 
     honest = server.write_message
