@@ -153,6 +153,12 @@ class _Boundary:
                 return entry.hidden
         return None
 
+    def position_of(self, step_id: int) -> int | None:
+        for entry in reversed(self.entries):
+            if entry.step_id == step_id:
+                return entry.position
+        return None
+
     def record(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
         if self.get(step_id) is None:
             self.entries.append(_Entry(step_id, position, hidden))
@@ -446,6 +452,13 @@ class ChainSession:
         if isinstance(reply, StepOutputReply):
             if len(message.tensors) != 1 or message.tensors[0].ndim != 3:
                 raise ProtocolError(f"provider {hop.peer_id} sent a malformed step output")
+            # Every hop computes a step at the position the client sent it at (the first boundary
+            # holds it): a signed record for another position would vouch for work not asked for.
+            sent_at = self._boundary(self.hops[0].start).position_of(reply.step_id)
+            if sent_at is not None and reply.position != sent_at:
+                raise _HopFailed(
+                    hop, f"it answered step {reply.step_id} at position {reply.position}, sent at {sent_at}"
+                )
             hop.outputs += 1
             self._keep_records(hop, reply, message.tensors[0])
             self._bill_output(hop, reply.step_id, message.tensors[0])

@@ -294,14 +294,18 @@ def test_create_sends_the_client_key_waits_for_the_plan_and_verifies_its_tickets
     jobs.create = lambda **body: created.update(body) or SimpleNamespace(id=JOB, state="pending")
     jobs.tickets = lambda job_id: ENTRIES
     client = SimpleNamespace(
-        jobs=jobs, platform=SimpleNamespace(get=lambda: SimpleNamespace(public_key_bytes=PLATFORM.public_key))
+        jobs=jobs,
+        platform=SimpleNamespace(
+            get=lambda: SimpleNamespace(public_key_bytes=PLATFORM.public_key, receipts_per_upload=100)
+        ),
     )
     job = MarketJob.create(
         client, model=MODEL, budget=1000, max_price=10, identity=CLIENT, poll_interval=0, verify_rate=0.0
     )
     assert created["client_key"] == CLIENT.public_key and created["model"] == MODEL
     assert job.job_id == JOB and [c[0].peer_id for c in job.plan.segments] == [PEERS[0], PEERS[1]]
-    forged = SimpleNamespace(public_key_bytes=Identity.generate().public_key)
+    assert job.collector.upload_limit == 100  # uploads are split by what the marketplace serves
+    forged = SimpleNamespace(public_key_bytes=Identity.generate().public_key, receipts_per_upload=100)
     client.platform = SimpleNamespace(get=lambda: forged)
     jobs.states = ["planned"]
     with pytest.raises(TicketError):  # tickets not signed by the platform key the marketplace states

@@ -9,8 +9,9 @@ real agent with one change, chosen by ``HIVEMART_ADVERSARY``:
 - ``framer-unsigned``: the same noise, pushed with the record of the honest output;
 - ``liar``: computes honestly, but the record it returns for a pushed step claims another
   input than it received, backed by the pushed record as received (``keep``), altered
-  (``forge``) or left out (``drop``): the mode is read from the file ``HIVEMART_LIAR_MODE_FILE``
-  at every step, so one agent serves every mode.
+  (``forge``) or left out (``drop``); or (``position``) answers every step, pushed or not, at
+  another position than it was sent at, in its reply and in the record it signs. The mode is
+  read from the file ``HIVEMART_LIAR_MODE_FILE`` at every step, so one agent serves every mode.
 
 Never import this from product code.
 """
@@ -76,9 +77,11 @@ def install_liar(mode_file: Path) -> None:
         self: ProviderServer, session: Any, step: Any, tensors: Any, input_record: Any, input_digest: Any
     ) -> Any:
         delivered = await honest_compute(self, session, step, tensors, input_record, input_digest)
+        mode = mode_file.read_text().strip() if mode_file.exists() else "keep"
+        if delivered is not None and mode == "position":
+            return _shifted(self, session, delivered)
         if delivered is None or input_record is None:
             return delivered
-        mode = mode_file.read_text().strip() if mode_file.exists() else "keep"
         claimed = hashlib.sha256(b"not what I got" + bytes.fromhex(delivered.record.input_digest)).hexdigest()
         record = sign_step(
             self.identity,
@@ -100,6 +103,26 @@ def install_liar(mode_file: Path) -> None:
         return delivered
 
     ProviderServer._compute_step = compute_step
+
+
+def _shifted(server: Any, session: Any, delivered: Any) -> Any:
+    """``delivered`` claimed one position later, consistently signed."""
+    from hivemart_core.protocol.commitments import sign_step
+
+    old = delivered.record
+    record = sign_step(
+        server.identity,
+        session_id=old.session_id,
+        instance=old.instance,
+        step_id=old.step_id,
+        position=old.position + 1,
+        input_digest=old.input_digest,
+        output_digest=old.output_digest,
+        ticket_id=old.ticket_id,
+    )
+    delivered = dataclasses.replace(delivered, position=delivered.position + 1, record=record)
+    session.last_output = delivered
+    return delivered
 
 
 class AdversarySwarm(CheatingSwarm):

@@ -166,3 +166,19 @@ def test_a_downstream_lying_about_its_input_cannot_frame_its_upstream(
     assert job.equivocations == [] and filed == [] and job.mismatches == 0
     assert [f["peer_id"] for f in failovers] == [liar]
     assert route == [upstream, agent(swarm, "p1")]
+
+
+def test_a_provider_answering_at_another_position_than_asked_is_failed_over(
+    swarm, tiny_model, runtime, local_model, prompt
+):
+    # Its outputs are right and its records are validly signed, but they say it computed each
+    # step at another position than the client sent it at: the client must not keep them.
+    (swarm.workdir / "liar.mode").write_text("position")
+    job, tokens, route, failovers, filed = run_job(
+        swarm, tiny_model, runtime, prompt, [["p0"], ["l1", "p1"]], job_id=40, verify_rate=0.0
+    )
+    liar = agent(swarm, "l1")
+    assert torch.equal(tokens, local_greedy(local_model, prompt, NEW_TOKENS))
+    assert [f["peer_id"] for f in failovers] == [liar]
+    assert "position" in failovers[0]["reason"]
+    assert route == [agent(swarm, "p0"), agent(swarm, "p1")]
