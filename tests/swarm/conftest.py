@@ -27,13 +27,8 @@ def start_swarm(
     return swarm
 
 
-@pytest.fixture(scope="module")
-def two_provider_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = start_swarm(tiny_model, [(0, 2), (2, 4)], tmp_path_factory.mktemp("swarm2"))
-    yield swarm
-    swarm.stop()
-
-
+# ``two_provider_swarm`` (tests/conftest.py) is shared by the whole session; each module gets its own
+# client runtime (its own peer id) into it.
 @pytest.fixture(scope="module")
 def runtime2(two_provider_swarm: LocalSwarm) -> Iterator[SwarmRuntime]:
     with SwarmRuntime(two_provider_swarm.initial_peers) as runtime:
