@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from client_sdk.swarm.local import LocalSwarm
 
 # The model the swarm and fine-tuning tests serve: small enough that agents start in seconds.
 TINY = dict(arch="llama", hidden=64, layers=4, seed=0, heads=4, kv_heads=2)
@@ -24,6 +28,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hivemart_core.models import create_model
 
     return create_model(tmp_path_factory.mktemp("models") / "tiny-llama", **TINY)
+
+
+@pytest.fixture(scope="session")
+def two_provider_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
+    """A bootstrap node and two agents serving ``tiny_model``'s blocks 0:2 and 2:4, started once for the
+    whole session: starting agents is most of a swarm test's time. Tests that use it only send it
+    requests (never stop or reconfigure its agents); one that needs to do that starts its own swarm."""
+    from tests.swarm.conftest import start_swarm
+
+    swarm = start_swarm(tiny_model, [(0, 2), (2, 4)], tmp_path_factory.mktemp("swarm2"))
+    yield swarm
+    swarm.stop()
 
 
 @pytest.fixture(autouse=True)

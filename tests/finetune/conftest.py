@@ -16,15 +16,13 @@ from client_sdk.swarm.remote import RemoteLora
 from hivemart_core.models import load_config
 from hivemart_core.models.lora import LoraSpec, module_path, target_shapes
 from hivemart_core.swarm.runtime import SwarmRuntime
-from tests.swarm.conftest import start_swarm
 
 
-# One swarm for the whole directory: starting agents is most of these tests' time.
+# The session's shared swarm (tests/conftest.py), also used by the swarm tests: starting agents is
+# most of these tests' time.
 @pytest.fixture(scope="session")
-def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = start_swarm(tiny_model, [(0, 2), (2, 4)], tmp_path_factory.mktemp("swarm"))
-    yield swarm
-    swarm.stop()
+def swarm(two_provider_swarm: LocalSwarm) -> LocalSwarm:
+    return two_provider_swarm
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,9 @@ from provider_agent.identity_lock import IdentityInUseError, hold_identity
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 
-def start_default(swarm: LocalSwarm, model: Path, name: str, *extra: str) -> AgentProcess:
-    """An agent started the way a user would on the second try: no --identity (unless in ``extra``)."""
+def launch_default(swarm: LocalSwarm, model: Path, name: str, *extra: str) -> tuple[AgentProcess, Path]:
+    """An agent launched the way a user would on the second try: no --identity (unless in ``extra``).
+    It joins ``swarm.agents`` at once, so the swarm stops it whether or not it became ready."""
     args = [
         "run",
         "--model",
@@ -30,9 +31,21 @@ def start_default(swarm: LocalSwarm, model: Path, name: str, *extra: str) -> Age
         *[a for peer in swarm.initial_peers for a in ("--initial-peers", peer)],
         *extra,
     ]
-    agent = swarm._spawn(name, args)
+    process, ready_file, log_path = swarm._launch(name, args)
+    agent = AgentProcess(process, {}, log_path, name)
     swarm.agents.append(agent)
+    return agent, ready_file
+
+
+def ready(swarm: LocalSwarm, launched: tuple[AgentProcess, Path]) -> AgentProcess:
+    """Wait until a launched agent is ready; :class:`SwarmError` if it exits first."""
+    agent, ready_file = launched
+    agent.ready = swarm._wait_ready(agent.name, agent.process, ready_file, agent.log_path).ready
     return agent
+
+
+def start_default(swarm: LocalSwarm, model: Path, name: str, *extra: str) -> AgentProcess:
+    return ready(swarm, launch_default(swarm, model, name, *extra))
 
 
 def test_a_second_agent_on_the_default_identity_refuses_to_start(tiny_model, tmp_path, monkeypatch):
@@ -41,8 +54,12 @@ def test_a_second_agent_on_the_default_identity_refuses_to_start(tiny_model, tmp
     with LocalSwarm(workdir=tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
         first = start_default(swarm, tiny_model, "first")
+        # The second (default key) and the third (a key of its own) start side by side: start-up is
+        # most of this test's time.
+        second = launch_default(swarm, tiny_model, "second")
+        third = launch_default(swarm, tiny_model, "third", "--identity", str(tmp_path / "third.key"))
         with pytest.raises(SwarmError) as refused:
-            start_default(swarm, tiny_model, "second")
+            ready(swarm, second)
         log = (tmp_path / "swarm" / "second.log").read_text()
         assert "Traceback" not in log
         error = [line for line in log.splitlines() if line.startswith("Error:")]
@@ -50,7 +67,7 @@ def test_a_second_agent_on_the_default_identity_refuses_to_start(tiny_model, tmp
         assert str(home / "provider.key") in error[0] and "exited with code 1" in str(refused.value)
 
         # With its own key file, a second agent starts beside the first, under another peer id.
-        other = start_default(swarm, tiny_model, "third", "--identity", str(tmp_path / "third.key"))
+        other = ready(swarm, third)
         assert other.peer_id != first.peer_id
 
         # The lock dies with its holder, even a SIGKILLed one: the default identity is free again.

@@ -22,7 +22,7 @@ from hivemart_core.protocol.receipts import ReceiptCounter, tensor_digest, verif
 from hivemart_core.protocol.rpc import RPC_FORWARD, SpanRequest
 from hivemart_core.protocol.tickets import JobTicket
 from hivemart_core.swarm.runtime import SwarmRuntime
-from tests.swarm.conftest import wait_for
+from tests.swarm.conftest import Agent, start_agents_each, wait_for
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -71,8 +71,13 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
     with LocalSwarm(workdir=tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
         # One agent uploads every second; the other only at its clean shutdown.
-        periodic = swarm.start_agent(tiny_model, 0, 4, name="periodic", extra_args=[*market, "--upload-period", "1"])
-        at_exit = swarm.start_agent(tiny_model, 0, 4, name="at-exit", extra_args=[*market, "--upload-period", "3600"])
+        periodic, at_exit = start_agents_each(
+            swarm,
+            [
+                Agent("periodic", tiny_model, 0, 4, [*market, "--upload-period", "1"]),
+                Agent("at-exit", tiny_model, 0, 4, [*market, "--upload-period", "3600"]),
+            ],
+        )
 
         def online() -> dict[str, Provider] | None:
             found = {

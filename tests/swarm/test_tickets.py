@@ -367,14 +367,11 @@ def test_pushed_steps_count_on_the_receiving_sessions_ticket(runtime, first, sec
     assert first_receipts[-1].units == 8 and first_receipts[-1].provider_peer == first.peer_id
 
 
-def test_free_mode_agents_ask_for_no_ticket_and_send_no_receipt(tiny_model: Path, tmp_path: Path):
-    swarm = start_swarm(tiny_model, [(0, 2)], tmp_path)
-    try:
-        with SwarmRuntime(swarm.initial_peers) as free_runtime:
-            reply = forward(free_runtime, swarm.agents[0], None)
-            assert reply.header == {"type": "output"} and reply.tensors[0].shape == (1, 3, HIDDEN)
-    finally:
-        swarm.stop()
+def test_free_mode_agents_ask_for_no_ticket_and_send_no_receipt(two_provider_swarm: LocalSwarm):
+    # The session's shared swarm runs in free mode (no --platform-key, no --market).
+    with SwarmRuntime(two_provider_swarm.initial_peers) as free_runtime:
+        reply = forward(free_runtime, two_provider_swarm.agents[0], None)
+        assert reply.header == {"type": "output"} and reply.tensors[0].shape == (1, 3, HIDDEN)
 
 
 def test_adapters_need_a_ticket_for_their_blocks(runtime: SwarmRuntime, first: AgentProcess) -> None:

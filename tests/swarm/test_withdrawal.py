@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hivemind.utils.timed_storage import get_dht_time
 
+from client_sdk.swarm.local import LocalSwarm
 from hivemart_core.models import load_model_info
 from hivemart_core.protocol.identity import Identity
 from hivemart_core.protocol.records import ServerRecord, ServerState, block_key, sign_record
@@ -57,27 +58,24 @@ def year_long(identity: Identity, model_id: str) -> ServerRecord:
     )
 
 
-def test_a_record_cannot_make_itself_live_for_a_year(tiny_model: Path, tmp_path: Path):
-    swarm = start_swarm(tiny_model, [(0, 4)], tmp_path)
-    try:
-        info = load_model_info(tiny_model)
-        signer = Identity.generate()
-        record = year_long(signer, info.model_id)
-        with SwarmRuntime(swarm.initial_peers) as runtime:
+def test_a_record_cannot_make_itself_live_for_a_year(tiny_model: Path, two_provider_swarm: LocalSwarm):
+    swarm = two_provider_swarm  # the session's: the attack is refused, so nothing in it changes
+    info = load_model_info(tiny_model)
+    signer = Identity.generate()
+    record = year_long(signer, info.model_id)
+    with SwarmRuntime(swarm.initial_peers) as runtime:
 
-            async def attack() -> tuple[bool, dict[str, ServerRecord]]:
-                stored = await runtime.dht.store(
-                    block_key(info.model_id, 0),
-                    sign_record(record, signer),
-                    get_dht_time() + YEAR,
-                    subkey=signer.peer_id,
-                )
-                return stored, await fetch_span_records(runtime.dht, info.model_id, range(info.num_blocks))
+        async def attack() -> tuple[bool, dict[str, ServerRecord]]:
+            stored = await runtime.dht.store(
+                block_key(info.model_id, 0),
+                sign_record(record, signer),
+                get_dht_time() + YEAR,
+                subkey=signer.peer_id,
+            )
+            return stored, await fetch_span_records(runtime.dht, info.model_id, range(info.num_blocks))
 
-            stored, records = runtime.run(attack())
-            assert stored is False  # every DHT node refused it
-            assert signer.peer_id not in records and swarm.agents[0].peer_id in records
-            with pytest.raises(ValueError, match="at most"):  # and an agent will not announce one
-                runtime.run(announce_span(runtime.dht, signer, record))
-    finally:
-        swarm.stop()
+        stored, records = runtime.run(attack())
+        assert stored is False  # every DHT node refused it
+        assert signer.peer_id not in records and swarm.agents[0].peer_id in records
+        with pytest.raises(ValueError, match="at most"):  # and an agent will not announce one
+            runtime.run(announce_span(runtime.dht, signer, record))
