@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from client_sdk.swarm.local import AgentProcess, LocalSwarm
+from client_sdk.swarm.local import LocalSwarm
 from hivemart_core.swarm.p2p import die_with_parent
 
 NOISE_ENV = "HIVEMART_CHEAT_NOISE"
@@ -46,7 +46,8 @@ def install(noise: float, seed: int = 0) -> None:
 
 
 class CheatingSwarm(LocalSwarm):
-    """A LocalSwarm whose agents named in ``cheaters`` run this module instead of the real agent."""
+    """A LocalSwarm whose agents named in ``cheaters`` (set before they start) run this module
+    instead of the real agent."""
 
     cheaters: set[str]
 
@@ -66,12 +67,6 @@ class CheatingSwarm(LocalSwarm):
                 cwd=Path(__file__).resolve().parents[2],
             )
         return process, ready_file, log_path
-
-    def start_cheater(
-        self, model_path: str | Path, start: int, end: int, *, name: str, extra_args: Sequence[str] = ()
-    ) -> AgentProcess:
-        self.cheaters = getattr(self, "cheaters", set()) | {name}
-        return self.start_agent(model_path, start, end, name=name, extra_args=extra_args)
 
 
 if __name__ == "__main__":
