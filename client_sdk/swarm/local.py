@@ -16,13 +16,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from client_sdk.processes import log_tail, stop_processes
 from hivemart_core.errors import SwarmError
 from hivemart_core.swarm.p2p import die_with_parent
 
 __all__ = ["LocalSwarm", "AgentProcess"]
+
+
+class AgentSpec(NamedTuple):
+    """One agent for :meth:`LocalSwarm.start_each`: its name, what it serves, its own arguments."""
+
+    name: str
+    model: Path
+    start: int
+    end: int
+    extra_args: Sequence[str] = ()
+    torch_threads: int = 1
 
 
 @dataclass
@@ -161,24 +172,40 @@ class LocalSwarm:
     ) -> list[AgentProcess]:
         """Start one agent per span at once (start-up is mostly imports and loading) and wait
         until all of them announced themselves."""
+        return self.start_each(
+            [
+                AgentSpec(
+                    names[i] if names else f"agent{len(self.agents) + i}-{start}-{end}",
+                    Path(model_path),
+                    start,
+                    end,
+                    extra_args,
+                    torch_threads,
+                )
+                for i, (start, end) in enumerate(spans)
+            ]
+        )
+
+    def start_each(self, specs: Sequence[AgentSpec]) -> list[AgentProcess]:
+        """Start agents side by side, each with a model and arguments of its own: all are
+        launched, then waited for; all are killed if one fails to start."""
         launched = []
         try:
-            for i, (start, end) in enumerate(spans):
-                name = names[i] if names else f"agent{len(self.agents) + i}-{start}-{end}"
+            for spec in specs:
                 args = [
                     "run",
                     "--model",
-                    str(model_path),
+                    str(spec.model),
                     "--blocks",
-                    f"{start}:{end}",
+                    f"{spec.start}:{spec.end}",
                     "--identity",
-                    str(self.workdir / f"{name}.key"),
+                    str(self.workdir / f"{spec.name}.key"),
                     "--torch-threads",
-                    str(torch_threads),
+                    str(spec.torch_threads),
                     *[a for peer in self.initial_peers for a in ("--initial-peers", peer)],
-                    *extra_args,
+                    *spec.extra_args,
                 ]
-                launched.append((name, *self._launch(name, args)))
+                launched.append((spec.name, *self._launch(spec.name, args)))
             agents = [self._wait_ready(*entry) for entry in launched]
         except BaseException:
             for _, process, _, _ in launched:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from client_sdk.swarm.local import AgentProcess, LocalSwarm
+from client_sdk.swarm.local import AgentProcess, AgentSpec, LocalSwarm
 from hivemart_core.models import compute_digests, load_model_info
 from hivemart_core.protocol.framing import Message, read_message, write_message
 from hivemart_core.protocol.identity import Identity, public_key_from_peer_id
@@ -22,7 +22,7 @@ from hivemart_core.protocol.receipts import ReceiptCounter, tensor_digest, verif
 from hivemart_core.protocol.rpc import RPC_FORWARD, SpanRequest
 from hivemart_core.protocol.tickets import JobTicket
 from hivemart_core.swarm.runtime import SwarmRuntime
-from tests.swarm.conftest import Agent, start_agents_each, wait_for
+from tests.swarm.conftest import wait_for
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -71,11 +71,10 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
     with LocalSwarm(workdir=tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
         # One agent uploads every second; the other only at its clean shutdown.
-        periodic, at_exit = start_agents_each(
-            swarm,
+        periodic, at_exit = swarm.start_each(
             [
-                Agent("periodic", tiny_model, 0, 4, [*market, "--upload-period", "1"]),
-                Agent("at-exit", tiny_model, 0, 4, [*market, "--upload-period", "3600"]),
+                AgentSpec("periodic", tiny_model, 0, 4, [*market, "--upload-period", "1"]),
+                AgentSpec("at-exit", tiny_model, 0, 4, [*market, "--upload-period", "3600"]),
             ],
         )
 

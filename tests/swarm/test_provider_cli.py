@@ -32,23 +32,21 @@ def test_run_rejects_a_missing_model_directory(tmp_path):
 
 
 def test_agents_pick_their_cpu_threads_from_the_block_size(tiny_model, tmp_path):
-    from client_sdk.swarm.local import LocalSwarm
+    from client_sdk.swarm.local import AgentSpec, LocalSwarm
     from hivemart_core.models import create_model
     from hivemart_core.models.backend import SpanBackend
     from provider_agent.threads import auto_threads, usable_cores
-    from tests.swarm.conftest import Agent, start_agents_each
 
     wide = create_model(tmp_path / "wide", arch="llama", hidden=512, layers=2, seed=0)
     wide_threads = auto_threads(SpanBackend(wide, 0, 1).block_bytes)  # 12.5 MiB a block
     assert wide_threads == min(usable_cores(), 3)
     with LocalSwarm(workdir=tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
-        small, large, fixed = start_agents_each(  # side by side: start-up is most of this test's time
-            swarm,
+        small, large, fixed = swarm.start_each(  # side by side: start-up is most of this test's time
             [
-                Agent("small", tiny_model, 0, 2, torch_threads=0),
-                Agent("large", wide, 0, 2, torch_threads=0),
-                Agent("fixed", tiny_model, 2, 4, torch_threads=3),
+                AgentSpec("small", tiny_model, 0, 2, torch_threads=0),
+                AgentSpec("large", wide, 0, 2, torch_threads=0),
+                AgentSpec("fixed", tiny_model, 2, 4, torch_threads=3),
             ],
         )
         assert small.ready["torch_threads"] == 1  # 0.1 MiB blocks: threads would cost more than they give

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client_sdk.swarm.job import JobPlan, SwarmJob
+from client_sdk.swarm.local import AgentSpec
 from client_sdk.swarm.model import DistributedModelForCausalLM
 from hivemart_core.models import load_model_info, load_tokenizer
 from hivemart_core.protocol.identity import Identity
@@ -25,7 +26,7 @@ from hivemart_core.protocol.receipts import verify_receipt
 from hivemart_core.protocol.tickets import issue_ticket
 from hivemart_core.swarm.runtime import SwarmRuntime
 from tests.swarm.cheating_agent import CheatingSwarm
-from tests.swarm.conftest import Agent, start_agents_each, wait_for
+from tests.swarm.conftest import wait_for
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -412,14 +413,13 @@ def test_paid_jobs_settle_exactly_cheaters_go_unpaid_and_the_books_balance(
         swarm.start_bootstrap()
         swarm.cheaters = {"c0"}
         primary, backup = [*market_args, "--price", str(PRIMARY_PRICE)], [*market_args, "--price", str(BACKUP_PRICE)]
-        start_agents_each(
-            swarm,
+        swarm.start_each(
             [
-                Agent("c0", tiny_model, 0, 2, primary),
-                Agent("p0", tiny_model, 0, 2, primary),
-                Agent("p1", tiny_model, 2, 4, primary),
-                Agent("b0", tiny_model, 0, 2, backup),
-                Agent("b1", tiny_model, 2, 4, backup),
+                AgentSpec("c0", tiny_model, 0, 2, primary),
+                AgentSpec("p0", tiny_model, 0, 2, primary),
+                AgentSpec("p1", tiny_model, 2, 4, primary),
+                AgentSpec("b0", tiny_model, 0, 2, backup),
+                AgentSpec("b1", tiny_model, 2, 4, backup),
             ],
         )
         peers = {a.name: a.peer_id for a in swarm.agents}
