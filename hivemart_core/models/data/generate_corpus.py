@@ -1,6 +1,6 @@
 """Regenerates ``corpus.txt``, the text the generated models' tokenizers are trained on.
 
-Run ``python client_sdk/models/data/generate_corpus.py`` from the repository root. The
+Run ``python hivemart_core/models/data/generate_corpus.py`` from the repository root. The
 output is a pure function of this file: hand-written prose first, then sentences composed
 from the word lists below by a seeded ``random.Random``. Nothing is downloaded; every word
 here was written for Hivemart.
