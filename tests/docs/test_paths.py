@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("hivemart_core", "client_sdk", "provider_agent", "marketplace", "scheduler", "hivemart")
 DOCS = sorted([ROOT / "README.md", *ROOT.glob("docs/*.md"), *(ROOT / p / "README.md" for p in PACKAGES)])
 # `provider_agent/metering.py`, `scheduler/app/`, `hivemart_core.protocol.rpc`, in backticks
-_PATH = re.compile(r"`((?:%s)/[\w/.-]*)`" % "|".join(PACKAGES))
+_PATH = re.compile(r"`((?:" + "|".join(PACKAGES) + r")/[\w/.-]*)`")
 # Dotted names of ``hivemart.`` and ``scheduler.`` are mostly RPC names (``hivemart.v2.info``), Celery
 # task names (``scheduler.job_match``) and files (``hivemart.env``): only the other packages' are checked.
 _MODULE = re.compile(r"`((?:hivemart_core|client_sdk|provider_agent|marketplace)(?:\.\w+)+)`")
