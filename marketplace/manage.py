@@ -9,6 +9,12 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; runs a Django management command."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+    try:
+        import django  # noqa: F401 - only to learn whether the marketplace's extra is installed
+    except ImportError:
+        # `pip install hivemart` (the SDK) installs this command too, without the server stack.
+        sys.stderr.write("Error: hivemart-market needs the marketplace's packages: pip install 'hivemart[market]'\n")
+        sys.exit(2)
     from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 

@@ -87,3 +87,18 @@ def test_commands_that_need_the_marketplace_say_which_extra_to_install() -> None
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, (args, result.stderr)  # one line, no traceback
         assert f"pip install 'hivemart[{extra}]'" in lines[0] and "django" in lines[0]
+
+
+def test_the_marketplace_command_says_which_extra_to_install() -> None:
+    # `pip install hivemart` installs the hivemart-market script too; without the extra it must
+    # say what to install, not end in an ImportError from Django's import.
+    result = _run(
+        """
+        from marketplace.manage import main
+        main(["hivemart-market", "migrate"])
+        """
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: hivemart-market needs the marketplace's packages: pip install 'hivemart[market]'"
+    ]
