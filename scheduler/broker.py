@@ -8,7 +8,9 @@ an empty file, raised ``JSONDecodeError`` and stopped ("Unrecoverable error"), t
 after some minutes of beat traffic. Here a message becomes visible only once complete (it is
 written under a name consumers ignore and renamed into place, atomically on one filesystem),
 a consumer claims it with an atomic rename as well, and a file that still does not decode is
-logged and skipped rather than fatal.
+logged and skipped rather than fatal. Exchange tables (which queues an exchange routes to) are
+rewritten the same way, one binder at a time: kombu creates the table file empty and writes it
+afterwards, so a publisher routing at that moment read an empty table and raised.
 
 Select it with ``broker_url="hivemartfs://"`` (see :func:`scheduler.celery.broker_config`).
 """
@@ -76,6 +78,28 @@ class Channel(filesystem.Channel):
             except ValueError as exc:
                 logger.error("dropped an undecodable message %s from the embedded broker: %s", filename, exc)
         raise Empty()
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        table_file = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        # One binder at a time, across processes: two of them would each write a table without
+        # the other's queue.
+        with open(self.control_folder / ".bindings.lock", "a+b") as guard:
+            filesystem.lock(guard, filesystem.LOCK_EX)
+            try:
+                table = self.get_table(exchange)
+                if entry in table:
+                    return
+                partial = table_file.with_name(f".{table_file.name}.{uuid.uuid4()}.part")
+                try:
+                    partial.write_bytes(str_to_bytes(dumps([entry, *table])))
+                    os.replace(partial, table_file)  # readers see the old table or the new, whole
+                except OSError as exc:
+                    partial.unlink(missing_ok=True)
+                    raise ChannelError(f"cannot bind {queue} to {exchange} in {self.control_folder}: {exc}") from exc
+            finally:
+                filesystem.unlock(guard)
 
 
 class Transport(filesystem.Transport):

@@ -112,6 +112,37 @@ def test_concurrent_publishers_and_consumers_lose_and_corrupt_nothing(tmp_path: 
     assert not [p for p in folder.iterdir() if p.is_file()]  # nothing half-written left behind
 
 
+def _bind_and_route(folder: Path, queues: list[str], errors: list[BaseException]) -> None:
+    try:
+        with _connection(folder) as conn:
+            channel = conn.default_channel
+            channel.exchange_declare("shared", "direct")
+            for name in queues:
+                channel.queue_declare(name)
+                channel.queue_bind(name, "shared", name)
+                channel.get_table("shared")  # what a publisher reads to route
+    except BaseException as e:  # reported to the test thread
+        errors.append(e)
+
+
+def test_queues_bound_at_once_are_all_routed_and_never_read_half_written(tmp_path: Path):
+    # Kombu writes an exchange's table into a file it first creates empty: a publisher reading it
+    # at that moment raised, and two binders at once kept only one's queues.
+    folder = tmp_path / "queue"
+    (folder / "control").mkdir(parents=True)
+    errors: list[BaseException] = []
+    names = [[f"q{t}-{i}" for i in range(10)] for t in range(6)]
+    threads = [threading.Thread(target=_bind_and_route, args=(folder, queues, errors)) for queues in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    with _connection(folder) as conn:
+        routed = {entry.queue for entry in conn.default_channel.get_table("shared")}
+    assert routed == {name for queues in names for name in queues}
+
+
 def test_an_undecodable_message_file_is_skipped_not_fatal(tmp_path: Path):
     folder = tmp_path / "queue"
     (folder / "control").mkdir(parents=True)
