@@ -10,7 +10,9 @@ written under a name consumers ignore and renamed into place, atomically on one 
 a consumer claims it with an atomic rename as well, and a file that still does not decode is
 logged and skipped rather than fatal. Exchange tables (which queues an exchange routes to) are
 rewritten the same way, one binder at a time: kombu creates the table file empty and writes it
-afterwards, so a publisher routing at that moment read an empty table and raised.
+afterwards, so a publisher routing at that moment read an empty table and raised; and
+another thread of the same process could route by the table before the binding it had just
+seen declared was in it, so that its message went to no queue.
 
 Select it with ``broker_url="hivemartfs://"`` (see :func:`scheduler.celery.broker_config`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +41,9 @@ SCHEME = "hivemartfs"
 # Consumers take only files named like "<stamp>_<uuid>.<queue>.msg": names starting with a dot
 # (files being written, the claim folder) are never mistaken for messages.
 _CLAIMED = ".claimed"
+# kombu records a binding in the process's state before it writes the exchange's table file: a
+# second thread that saw the binding routed by the file without it, and its message went nowhere.
+_BINDING = threading.Lock()
 
 
 class Channel(filesystem.Channel):
@@ -78,6 +84,10 @@ class Channel(filesystem.Channel):
             except ValueError as exc:
                 logger.error("dropped an undecodable message %s from the embedded broker: %s", filename, exc)
         raise Empty()
+
+    def queue_bind(self, *args: Any, **kwargs: Any) -> None:
+        with _BINDING:  # see _BINDING
+            super().queue_bind(*args, **kwargs)
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         table_file = self._exchange_file(exchange)
