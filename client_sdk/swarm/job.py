@@ -615,6 +615,16 @@ class MarketJob(SwarmJob):
         return {**self.summary(), "state": self.job.state}
 
 
+def _why(client: Client, job_id: int) -> str:
+    """``: <reason>`` of the job's last transition (what the scheduler said), or nothing."""
+    try:
+        transitions = client.jobs.transitions(job_id)
+    except APIError:
+        return ""  # the state alone still says what happened
+    reason = transitions[-1].reason if transitions else ""
+    return f": {reason}" if reason else ""
+
+
 def wait_for_plan(client: Client, job_id: int, *, timeout: float = 120.0, poll_interval: float = 0.5) -> Job:
     """Poll the job until the scheduler planned it; :class:`JobPlanError` after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -623,7 +633,7 @@ def wait_for_plan(client: Client, job_id: int, *, timeout: float = 120.0, poll_i
         if job.state in _PLANNED_STATES:
             return job
         if job.state in _DEAD_STATES:
-            raise JobPlanError(f"job {job_id} is {job.state}; it will not be planned")
+            raise JobPlanError(f"job {job_id} is {job.state}; it will not be planned{_why(client, job_id)}")
         if time.monotonic() >= deadline:
             raise JobPlanError(
                 f"job {job_id} has no plan after {timeout:.0f} s (state {job.state}): no online "

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemart_core.api._client import DEFAULT_BASE_URL
+from hivemart_core.api._client import DEFAULT_BASE_URL, normalize_base_url
 
 __all__ = ["CliConfig", "config_path", "load_config", "save_config"]
 
@@ -48,7 +48,9 @@ def load_config(*, base_url: str | None = None, api_key: str | None = None) -> C
     url = base_url or os.environ.get("HIVEMART_URL") or stored.get("base_url") or DEFAULT_BASE_URL
     key = api_key or os.environ.get("HIVEMART_API_KEY") or stored.get("api_key")
     username = stored.get("username") if isinstance(stored.get("username"), str) else None
-    return CliConfig(base_url=str(url).rstrip("/"), api_key=key if isinstance(key, str) else None, username=username)
+    return CliConfig(
+        base_url=normalize_base_url(str(url)), api_key=key if isinstance(key, str) else None, username=username
+    )
 
 
 def save_config(config: CliConfig) -> Path:

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import Any
 
 import click
+
+from hivemart_core.errors import APIError, ValidationError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,3 +46,21 @@ def require_server_stack(command: str, extra: str) -> None:
             f"`hivemart {command}` runs the marketplace on this machine, which needs {', '.join(missing)}: "
             f"pip install 'hivemart[{extra}]'"
         )
+
+
+def api_error_text(error: APIError) -> str:
+    """An API error as the CLI prints it: for a rejected request, each bad field and why
+    (``budget: Ensure this value is greater than or equal to 1.``), not "see extra.fields"."""
+    fields = error.extra.get("fields") if isinstance(error, ValidationError) else None
+    if not isinstance(fields, dict) or not fields:
+        return str(error)
+    problems = "; ".join(f"{name}: {_field_messages(messages)}" for name, messages in fields.items())
+    return f"invalid input: {problems} ({error.code}, HTTP {error.status})"
+
+
+def _field_messages(messages: Any) -> str:
+    if isinstance(messages, list):
+        return " ".join(_field_messages(m) for m in messages)
+    if isinstance(messages, dict):  # a nested object's fields
+        return "; ".join(f"{k}: {_field_messages(v)}" for k, v in messages.items())
+    return str(messages)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from hivemart.cli._config import load_config
-from hivemart.cli._root import cli, initial_peers_callback
+from hivemart.cli._root import api_error_text, cli, initial_peers_callback
 
 
 @cli.command()
@@ -108,7 +108,9 @@ def generate(
         )
         elapsed = time.perf_counter() - started
         summary = job.finish() if job is not None else None
-    except (HivemartError, APIError) as e:
+    except APIError as e:
+        raise click.ClickException(api_error_text(e)) from e
+    except HivemartError as e:
         raise click.ClickException(str(e)) from e
     finally:
         if job is not None:
@@ -142,11 +144,19 @@ def _write(text: str) -> None:
 def _open_job(model: object, *, base_url: str | None, budget: int, max_price: int):  # -> MarketJob
     from client_sdk.swarm.job import MarketJob
     from hivemart_core.api import Client
+    from hivemart_core.errors import InsufficientCreditsError
 
     config = load_config(base_url=base_url)
     if not config.api_key:
         raise click.ClickException("--paid needs an API key: run `hivemart login` or set HIVEMART_API_KEY")
     client = Client(api_key=config.api_key, base_url=config.base_url)
-    job = MarketJob.create(client, model=model.info.model_id, budget=budget, max_price=max_price)
+    try:
+        job = MarketJob.create(client, model=model.info.model_id, budget=budget, max_price=max_price)
+    except InsufficientCreditsError as e:
+        client.close()
+        raise click.ClickException(
+            f"{e}: a paid job holds its --budget ({budget} micro-credits) up front; lower --budget, or get "
+            f"credits (`hivemart balance` shows what you have)"
+        ) from e
     job.attach(model)
     return job

@@ -20,7 +20,7 @@ import click
 
 from client_sdk.money import format_credits
 from hivemart.cli._config import CliConfig, config_path, load_config, save_config
-from hivemart.cli._root import cli
+from hivemart.cli._root import api_error_text, cli
 from hivemart_core.api import Client
 from hivemart_core.errors import (
     APIConnectionError,
@@ -29,6 +29,7 @@ from hivemart_core.errors import (
     InsufficientCreditsError,
     NotFoundError,
     PermissionDeniedError,
+    ValidationError,
 )
 
 
@@ -54,6 +55,8 @@ def _hint(error: APIError, config: CliConfig) -> str:
         return f"{error} Log in with `hivemart login --url {config.base_url} --api-key KEY` or set HIVEMART_API_KEY."
     if isinstance(error, InsufficientCreditsError):
         return f"{error} Check `hivemart balance`; ask an operator for credits or lower --budget."
+    if isinstance(error, ValidationError):
+        return api_error_text(error)
     if isinstance(error, PermissionDeniedError):
         return f"{error} This needs another account's key (a staff key for catalog changes)."
     if isinstance(error, NotFoundError):

@@ -56,6 +56,18 @@ _BACKOFF_MAX_S = 8.0
 _RETRY_AFTER_MAX_S = 60.0
 
 
+def normalize_base_url(url: str) -> str:
+    """The marketplace's root URL as the client joins paths to it: ``https://m.example/api/``
+    and ``https://m.example/`` both become ``https://m.example`` (every path the client sends
+    starts with ``/api/``, so a base ending in ``/api`` would ask for ``/api/api/...``)."""
+    root = url.strip().rstrip("/")
+    if not root.startswith(("http://", "https://")) or len(root.split("://", 1)[1]) == 0:
+        raise ValueError(
+            f"the marketplace URL must start with http:// or https://, e.g. {DEFAULT_BASE_URL}; got {url!r}"
+        )
+    return root.removesuffix("/api").rstrip("/")
+
+
 def new_idempotency_key() -> str:
     """A fresh key for one logical POST (random: two calls never share one by accident)."""
     return uuid.uuid4().hex
@@ -123,7 +135,11 @@ class HTTPCore:
         self.max_retries = max_retries
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout, headers=headers, transport=transport, follow_redirects=False
+            base_url=normalize_base_url(base_url),
+            timeout=timeout,
+            headers=headers,
+            transport=transport,
+            follow_redirects=False,
         )
         # Replaceable in tests so that backoff does not slow them down.
         self._sleep: Callable[[float], None] = time.sleep

@@ -73,6 +73,55 @@ def test_errors_say_what_to_do(runner: CliRunner, live_server) -> None:
     assert "no API key" in out
 
 
+def test_a_rejected_request_names_each_bad_field(runner: CliRunner, live_server) -> None:
+    user = user_create(username="carol")
+    key = api_key_create(user=user).raw
+    out = run(
+        runner,
+        *("jobs", "create", "--model", "m", "--budget", "-5", "--max-price", "10"),
+        *("--url", live_server.url, "--api-key", key),
+        ok=False,
+    )
+    assert "budget:" in out and "see extra.fields" not in out
+
+
+@pytest.mark.parametrize("suffix", ["/", "/api", "/api/", "//api//"])
+def test_the_marketplace_url_may_end_in_api(runner: CliRunner, live_server, suffix: str) -> None:
+    # `--url https://m.example/api/` is what people paste from the API docs; it must not ask for /api/api/me/.
+    user = user_create(username="dave")
+    key = api_key_create(user=user).raw
+    assert (
+        json.loads(run(runner, "whoami", "--url", live_server.url + suffix, "--api-key", key, "--json"))["username"]
+        == "dave"
+    )
+
+
+def test_a_url_without_a_scheme_is_refused_in_one_line(runner: CliRunner) -> None:
+    out = run(runner, "whoami", "--url", "market.example", "--api-key", "x", ok=False)
+    assert "must start with http:// or https://" in out
+
+
+def test_paid_generation_without_the_credits_names_the_budget_flag(
+    live_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    import click
+
+    from hivemart.cli.generate import _open_job
+    from tests.marketplace.factories import make_model
+
+    model = make_model()
+    key = api_key_create(user=user_create(username="erin")).raw  # an empty wallet
+    monkeypatch.setenv("HIVEMART_CONFIG", str(tmp_path / "config.json"))
+    monkeypatch.setenv("HIVEMART_API_KEY", key)
+    swarm_model = SimpleNamespace(info=SimpleNamespace(model_id=model.model_id))
+    with pytest.raises(click.ClickException) as caught:
+        _open_job(swarm_model, base_url=live_server.url, budget=5_000_000, max_price=10)
+    message = caught.value.message
+    assert "insufficient_credits" in message and "--budget (5000000 micro-credits)" in message
+
+
 def test_models_register_and_show(runner: CliRunner, live_server, tmp_path: Path) -> None:
     from hivemart_core.models import create_model, load_model_info
 

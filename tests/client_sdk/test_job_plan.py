@@ -190,6 +190,10 @@ class FakeJobs:
             client_key=CLIENT.public_key.hex(),
         )
 
+    def transitions(self, job_id: int) -> list[SimpleNamespace]:
+        # what the scheduler wrote when it gave up on the job, as the API lists it
+        return [SimpleNamespace(to_state="failed", reason="served only at >= 500000; raise max_price")]
+
 
 def test_tickets_about_to_expire_are_renewed() -> None:
     client = SimpleNamespace(jobs=FakeJobs())
@@ -230,6 +234,9 @@ def test_waiting_for_a_plan() -> None:
     )
     with pytest.raises(JobPlanError, match="cancelled"):
         wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending", "cancelled"])), JOB, timeout=5, poll_interval=0)
+    # A failed job says why, in the scheduler's words, not only that it will not be planned.
+    with pytest.raises(JobPlanError, match="is failed; it will not be planned: served only at >= 500000; raise"):
+        wait_for_plan(SimpleNamespace(jobs=FakeJobs(["failed"])), JOB, timeout=5, poll_interval=0)
     with pytest.raises(JobPlanError, match="no plan after"):
         wait_for_plan(SimpleNamespace(jobs=FakeJobs(["pending"])), JOB, timeout=0, poll_interval=0)
 
