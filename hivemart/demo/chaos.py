@@ -55,7 +55,7 @@ from client_sdk.processes import log_tail
 from client_sdk.swarm.local import AgentProcess, LocalSwarm
 from hivemart.demo.phases import FINETUNE_TEXTS, new_password
 from hivemart.demo.scenario import market_env
-from hivemart.demo.stack import LocalMarket, MarketProcess
+from hivemart.demo.stack import LocalMarket, MarketProcess, catalog_checkpoint, market_provider_args
 from hivemart_core.api import Client
 
 __all__ = ["ChaosOptions", "ChaosError", "FAULT_KINDS", "RUN_ENV", "run_chaos", "find_tagged_processes"]
@@ -426,8 +426,7 @@ class ChaosRun:
     # --- set-up ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from hivemart_core.errors import ConflictError
-        from hivemart_core.models import compute_digests, create_model, load_model_info
+        from hivemart_core.models import create_model, load_model_info
 
         o = self.options
         path = o.home / "models" / f"chaos-llama-{o.hidden}x{o.layers}"
@@ -452,39 +451,12 @@ class ChaosRun:
         self.swarm.start_bootstrap()
         self.market.start_scheduler()
         self.operator = Client(api_key=operator_key, base_url=self.market.url)
-        digests = compute_digests(path)
-        try:
-            self.operator.models.create(
-                model_id=info.model_id,
-                arch=info.arch,
-                num_blocks=info.num_blocks,
-                hidden_size=info.hidden_size,
-                dtype=info.torch_dtype,
-                weights_digest=digests["model"],
-                block_digests=digests["blocks"],
-                client_digest=digests["client"],
-                name="Hivemart chaos llama",
-            )
-        except ConflictError:
-            pass  # catalogued by an earlier run in this data directory
+        catalog_checkpoint(self.operator, path, name="Hivemart chaos llama")
         self._start_providers(info.num_blocks)
         self._fund_client()
 
     def _provider_args(self) -> list[str]:
-        return [
-            "--market",
-            self.market.url,
-            "--api-key",
-            self.provider_key,
-            "--heartbeat-period",
-            "2",
-            "--upload-period",
-            "1",
-            "--receipt-every",
-            "4",
-            "--price",
-            str(PRICE),
-        ]
+        return [*market_provider_args(self.market.url, self.provider_key), "--price", str(PRICE)]
 
     def _start_providers(self, num_blocks: int) -> None:
         half = num_blocks // 2

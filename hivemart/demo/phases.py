@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from client_sdk.money import MICRO_PER_CREDIT, format_credits
+from hivemart.demo.stack import catalog_checkpoint, market_provider_args
 from hivemart_core.api import Client
 from hivemart_core.errors import HivemartError
 
@@ -82,42 +83,13 @@ class Demo:
     # --- 4: providers ----------------------------------------------------------------------
 
     def start_providers(self, *, phase: int) -> None:
-        from hivemart_core.errors import ConflictError
-        from hivemart_core.models import compute_digests, load_model_info
-
         o = self.options
         o.say(
             f"[{phase}/9] adding {self.state.model_id} to the catalog; starting 3 providers that register "
             f"with the marketplace"
         )
-        info = load_model_info(self.state.model_path)
-        digests = compute_digests(self.state.model_path)
-        try:
-            self.operator.models.create(
-                model_id=info.model_id,
-                arch=info.arch,
-                num_blocks=info.num_blocks,
-                hidden_size=info.hidden_size,
-                dtype=info.torch_dtype,
-                weights_digest=digests["model"],
-                block_digests=digests["blocks"],
-                client_digest=digests["client"],
-                name="Hivemart demo llama",
-            )
-        except ConflictError:
-            pass  # a previous run of the demo in this data directory catalogued it already
-        common = [
-            "--market",
-            self.market.url,
-            "--api-key",
-            self.provider_key,
-            "--heartbeat-period",
-            "2",
-            "--upload-period",
-            "1",
-            "--receipt-every",
-            "4",
-        ]
+        catalog_checkpoint(self.operator, self.state.model_path, name="Hivemart demo llama")
+        common = market_provider_args(self.market.url, self.provider_key)
         for name, ((start, end), price) in SPANS.items():
             agent = self.swarm.start_agent(
                 self.state.model_path, start, end, name=name, extra_args=[*common, "--price", str(price)]

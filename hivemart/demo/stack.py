@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -248,3 +249,38 @@ def _read_from(path: Path, offset: int) -> bytes:
             return f.read()
     except FileNotFoundError:
         return b""
+
+
+def market_provider_args(market_url: str, provider_key: str) -> list[str]:
+    """``hivemart-provider run`` arguments for an agent selling through a local marketplace at
+    demo pace: heartbeats every 2 s (the demo's market marks a provider offline after 6 s),
+    receipts uploaded every second and signed every 4 steps."""
+    return [
+        *("--market", market_url, "--api-key", provider_key),
+        *("--heartbeat-period", "2", "--upload-period", "1", "--receipt-every", "4"),
+    ]
+
+
+def catalog_checkpoint(operator: Any, path: Path, *, name: str) -> None:
+    """Add the checkpoint at ``path`` to the catalog through ``operator`` (a staff
+    :class:`~hivemart_core.api.Client`); already catalogued (an earlier run in the same data
+    directory) is fine."""
+    from hivemart_core.errors import ConflictError
+    from hivemart_core.models import compute_digests, load_model_info
+
+    info = load_model_info(path)
+    digests = compute_digests(path)
+    try:
+        operator.models.create(
+            model_id=info.model_id,
+            arch=info.arch,
+            num_blocks=info.num_blocks,
+            hidden_size=info.hidden_size,
+            dtype=info.torch_dtype,
+            weights_digest=digests["model"],
+            block_digests=digests["blocks"],
+            client_digest=digests["client"],
+            name=name,
+        )
+    except ConflictError:
+        pass
