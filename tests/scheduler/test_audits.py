@@ -88,7 +88,11 @@ def file_audit(
     inputs: torch.Tensor,
     claimed: torch.Tensor,
     reference: torch.Tensor,
+    *,
+    evidence: dict[str, Any] | None = None,
 ) -> Audit:
+    """An audit of blocks 0:3 of the client's session; with ``evidence`` (a proof of the claimed
+    output) instead of the deposit."""
     return audit_create(
         user=pj.client,
         job=pj.job,
@@ -101,7 +105,8 @@ def file_audit(
         claimed=blob(claimed),
         reference=blob(reference),
         reference_peer=backup.peer_id,
-        deposit=DEPOSIT,
+        evidence=evidence,
+        deposit=0 if evidence else DEPOSIT,
     )
 
 
@@ -302,20 +307,7 @@ def test_evidence_proves_the_claimed_output_was_signed_for(
 
     def audit(**evidence: Any) -> Audit:
         proof = {"receipt": receipt.to_dict(), "digests": digests, "step": 1, **evidence}
-        return audit_create(
-            user=pj.client,
-            job=pj.job,
-            ticket_id=pj.ticket(provider).ticket_id,
-            session_id="session-0001",
-            start=0,
-            end=3,
-            dtype="float32",
-            inputs=blob(x),
-            claimed=blob(perturbed),
-            reference=blob(honest),
-            reference_peer=backup.peer_id,
-            evidence=proof,
-        )
+        return file_audit(pj, provider, backup, x, perturbed, honest, evidence=proof)
 
     assert audit().claimed_proven
     forged_receipt = {**receipt.to_dict(), "units": receipt.units + 1}
