@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from typing import Any
 
 import click
@@ -64,3 +65,25 @@ def _field_messages(messages: Any) -> str:
     if isinstance(messages, dict):  # a nested object's fields
         return "; ".join(f"{k}: {_field_messages(v)}" for k, v in messages.items())
     return str(messages)
+
+
+# What a scheduler's failure reason asks the client to change, and the flag that changes it.
+_NEEDED_PRICE = re.compile(r">= (\d+) micro-credits per million units; raise max_price")
+_NEEDED_BUDGET = re.compile(r"raise budget to >= (\d+)")
+
+
+def failure_hint(reason: str) -> str:
+    """For a failed job's ``reason``, what to run differently, naming the flag; "" when the
+    reason asks for nothing a flag can change."""
+    hints = []
+    if price := _NEEDED_PRICE.search(reason):
+        hints.append(f"create the job again with --max-price {price.group(1)} or more")
+    elif "raise max_price" in reason:
+        hints.append("create the job again with a higher --max-price")
+    if budget := _NEEDED_BUDGET.search(reason):
+        hints.append(f"create the job again with --budget {budget.group(1)} or more")
+    if "lower min_throughput" in reason:
+        hints.append("create the job again with a lower min_throughput (or none)")
+    if "no provider offers" in reason:
+        hints.append("`hivemart providers list` shows which blocks are served; until one serves them, no job can run")
+    return "; ".join(hints)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hivemart.cli._config import load_config
-from hivemart.cli._root import api_error_text, cli, initial_peers_callback
+from hivemart.cli._root import api_error_text, cli, failure_hint, initial_peers_callback
+from hivemart_core.figures import format_credits
+
+if TYPE_CHECKING:
+    from hivemart_core.api import Job
 
 
 @cli.command()
@@ -108,10 +114,12 @@ def generate(
         )
         elapsed = time.perf_counter() - started
         summary = job.finish() if job is not None else None
+        marketplace_job = job.client.jobs.get(job.job_id) if job is not None else None
     except APIError as e:
         raise click.ClickException(api_error_text(e)) from e
     except HivemartError as e:
-        raise click.ClickException(str(e)) from e
+        hint = failure_hint(str(e))
+        raise click.ClickException(f"{e}" + (f" (hint: {hint})" if hint else "")) from e
     finally:
         if job is not None:
             job.detach()
@@ -127,13 +135,38 @@ def generate(
                     "tokens_per_s": round(new.numel() / elapsed, 2),
                     "job": summary["job"] if summary else None,
                     "receipts": summary["receipts"] if summary else None,
+                    "cost": summary["receipts"]["cost"] if summary else None,
+                    "job_cost": dataclasses.asdict(marketplace_job.cost)
+                    if marketplace_job and marketplace_job.cost
+                    else None,
                 }
             )
         )
     else:
         _write("\n")
         if summary:
-            click.echo(f"job {summary['job']}: receipts {summary['receipts']}", err=True)
+            click.echo(paid_summary(summary, marketplace_job), err=True)
+
+
+def paid_summary(summary: dict[str, Any], job: Job | None) -> str:
+    """What a paid run did and cost, for a person: the work received and its price in credits,
+    what the marketplace has charged so far and what it still holds, and where to look next."""
+    receipts = summary["receipts"]
+    refused = sum(receipts.get("refused", {}).values())
+    lines = [
+        f"job {summary['job']} ({summary.get('state', '?')}): {receipts['units_received']} work units in "
+        f"{receipts['sessions']} session(s), {receipts['countersigned']} receipt(s) countersigned"
+        + (f", {refused} refused" if refused else "")
+        + (f", {receipts['disputed']} disputed" if receipts.get("disputed") else ""),
+        f"cost: {format_credits(receipts['cost'])} credits at the plan's prices",
+    ]
+    if job is not None and job.cost is not None:
+        lines.append(
+            f"charged so far {format_credits(job.cost.spent)}, still held {format_credits(job.cost.held)}, "
+            f"refunded {format_credits(job.cost.refunded)} credits; the rest of the hold returns when the job "
+            f"settles (`hivemart jobs show {summary['job']}`)"
+        )
+    return "\n".join(lines)
 
 
 def _write(text: str) -> None:

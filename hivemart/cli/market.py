@@ -18,9 +18,8 @@ from typing import Any
 
 import click
 
-from client_sdk.money import format_credits
 from hivemart.cli._config import CliConfig, config_path, load_config, save_config
-from hivemart.cli._root import api_error_text, cli
+from hivemart.cli._root import api_error_text, cli, failure_hint
 from hivemart_core.api import Client
 from hivemart_core.errors import (
     APIConnectionError,
@@ -30,6 +29,16 @@ from hivemart_core.errors import (
     NotFoundError,
     PermissionDeniedError,
     ValidationError,
+)
+from hivemart_core.figures import (
+    cheapest_price_per_million_tokens,
+    format_credits,
+    format_latency,
+    format_percent,
+    format_price,
+    format_price_per_million_tokens,
+    format_throughput,
+    price_per_million_tokens,
 )
 
 
@@ -228,17 +237,30 @@ def models() -> None:
     """Models in the marketplace's catalog."""
 
 
+def _cheapest(model: Any, offers: Sequence[Any]) -> str:
+    """What a million tokens cost through the whole model at the cheapest online offers."""
+    micro = cheapest_price_per_million_tokens(model.num_blocks, [(o.block_start, o.block_end, o.price) for o in offers])
+    return "not every block is served" if micro is None else format_price_per_million_tokens(micro)
+
+
 @models.command("list")
 @market_command
 def models_list(client: Client, config: CliConfig) -> Output:
     items = list(client.models.iter())
+    cheapest = {m.model_id: _cheapest(m, client.models.offers(m.model_id)) for m in items}
     return Output(
         items,
         table(
-            ((m.model_id, m.arch, m.num_blocks, m.hidden_size, m.dtype) for m in items),
-            ("model", "arch", "blocks", "hidden", "dtype"),
+            ((m.model_id, m.arch, m.num_blocks, m.hidden_size, m.dtype, cheapest[m.model_id]) for m in items),
+            ("model", "arch", "blocks", "hidden", "dtype", "whole model from"),
         ),
     )
+
+
+def _offer_figures(offer: Any) -> tuple[str, str, str]:
+    """Throughput and latency with units, and where they come from."""
+    source = "probe" if offer.measured else "self-reported" if offer.throughput is not None else ""
+    return format_throughput(offer.throughput), format_latency(offer.latency_ms), source
 
 
 @models.command("show")
@@ -248,9 +270,19 @@ def models_show(client: Client, config: CliConfig, model_id: str) -> Output:
     model = client.models.get(model_id)
     offers = client.models.offers(model_id)
     text = "\n".join(f"{k:<15} {v}" for k, v in _jsonable(model).items() if k != "block_digests")
-    text += "\n\noffers\n" + table(
-        ((o.peer_id[-12:], f"{o.block_start}:{o.block_end}", o.price, o.throughput) for o in offers),
-        ("provider", "blocks", "price/M units", "throughput"),
+    text += f"\n{'whole model from':<15} {_cheapest(model, offers)}"
+    text += "\n\noffers (prices in credits)\n" + table(
+        (
+            (
+                o.peer_id[-12:],
+                f"{o.block_start}:{o.block_end}",
+                format_credits(o.price),
+                format_credits(price_per_million_tokens(o.price, o.block_end - o.block_start)),
+                *_offer_figures(o),
+            )
+            for o in offers
+        ),
+        ("provider", "blocks", "per M units", "span per M tokens", "throughput", "latency", "figures from"),
     )
     return Output({"model": model, "offers": offers}, text)
 
@@ -287,25 +319,33 @@ def providers() -> None:
     """Providers selling compute."""
 
 
-def _throughput(provider: Any) -> str:
-    """Measured work units per second when the scheduler has probed it, else self-reported (marked)."""
-    if provider.measurement is not None:
-        return f"{provider.measurement.throughput:.0f}"
-    return "" if provider.reported_throughput is None else f"{provider.reported_throughput:.0f} (self-reported)"
-
-
 @providers.command("list")
+@click.option("--model", "model_id", help="Only providers of this model.")
+@click.option("--online", is_flag=True, help="Only online, unsuspended providers.")
+@click.option("--mine", is_flag=True, help="Only your own providers.")
 @market_command
-def providers_list(client: Client, config: CliConfig) -> Output:
-    items = list(client.providers.iter())
+def providers_list(client: Client, config: CliConfig, model_id: str | None, online: bool, mine: bool) -> Output:
+    """Every provider in the market (public fields, as on the web's providers page), online first."""
+    items = [p for p in client.providers.iter_market(model=model_id, online=online) if p.mine or not mine]
     return Output(
         items,
         table(
             (
-                (p.id, p.peer_id[-12:], p.model, f"{p.block_start}:{p.block_end}", p.price, p.state, _throughput(p))
+                (
+                    p.id,
+                    (p.name or p.peer_id[-12:]) + (" (yours)" if p.mine else ""),
+                    p.model,
+                    f"{p.block_start}:{p.block_end}",
+                    format_credits(p.price),
+                    format_credits(p.price_per_million_tokens),
+                    p.state + (", suspended" if p.suspended else ""),
+                    format_throughput(p.throughput)
+                    + ("" if p.measured or p.throughput is None else " (self-reported)"),
+                    p.uptime.text,
+                )
                 for p in items
             ),
-            ("id", "peer", "model", "blocks", "price/M units", "state", "throughput"),
+            ("id", "provider", "model", "blocks", "per M units", "span per M tokens", "state", "throughput", "uptime"),
         ),
     )
 
@@ -314,8 +354,44 @@ def providers_list(client: Client, config: CliConfig) -> Output:
 @click.argument("provider_id", type=int)
 @market_command
 def providers_show(client: Client, config: CliConfig, provider_id: int) -> Output:
-    provider = client.providers.get(provider_id)
-    return Output(provider, "\n".join(f"{k:<22} {v}" for k, v in _jsonable(provider).items()))
+    """Any provider's public fields; for your own, also its account and self-reported figures."""
+    public = client.providers.get_public(provider_id)
+    rows = [
+        ("id", public.id),
+        ("peer id", public.peer_id),
+        ("name", public.name or "–"),
+        ("model", f"{public.model}, blocks {public.block_start}:{public.block_end}"),
+        ("price", f"{format_price(public.price)} ({format_price_per_million_tokens(public.price_per_million_tokens)})"),
+        ("state", public.state + (", suspended" if public.suspended else "")),
+        ("throughput", format_throughput(public.throughput)),
+        ("latency", format_latency(public.latency_ms)),
+        ("figures from", f"probe at {public.measured_at:%Y-%m-%d %H:%M:%S}" if public.measured_at else "self-reported"),
+        ("probe success", format_percent(public.success_rate)),
+        ("uptime", public.uptime.text),
+        ("reputation", f"{public.reputation} / 100"),
+        (
+            "hardware",
+            ", ".join(
+                x
+                for x in (public.gpu, f"{public.gpu_memory_mb} MiB" if public.gpu_memory_mb else "", public.region)
+                if x
+            )
+            or "–",
+        ),
+        ("last heartbeat", f"{public.last_heartbeat_at:%Y-%m-%d %H:%M:%S}" if public.last_heartbeat_at else "never"),
+        ("registered", f"{public.registered_at:%Y-%m-%d %H:%M:%S}"),
+    ]
+    data: dict[str, Any] = {"provider": public, "own": None}
+    if public.mine:
+        own = client.providers.get(provider_id)
+        data["own"] = own
+        rows += [
+            ("yours", "yes"),
+            ("earnings account", own.earnings_account),
+            ("reported throughput", format_throughput(own.reported_throughput)),
+            ("suspension reason", own.suspension_reason or "–"),
+        ]
+    return Output(data, "\n".join(f"{k:<20} {v}" for k, v in rows))
 
 
 # --- jobs ---------------------------------------------------------------------------------
@@ -327,35 +403,57 @@ def jobs() -> None:
 
 
 def _job_row(job: Any) -> tuple:
-    held = format_credits(job.hold.amount) if job.hold else ""
+    cost = job.cost
     return (
         job.id,
         job.kind,
         job.model,
         job.state,
         format_credits(job.budget),
-        held,
+        format_credits(cost.held) if cost else "",
+        format_credits(cost.spent) if cost else "",
+        format_credits(cost.refunded) if cost else "",
         job.created_at.strftime("%Y-%m-%d %H:%M"),
     )
 
 
-_JOB_HEADERS = ("id", "kind", "model", "state", "budget", "held", "created")
+# held/spent/refunded are the marketplace's one computation (the web's job page shows the same).
+_JOB_HEADERS = ("id", "kind", "model", "state", "budget", "held", "spent", "refunded", "created")
+
+
+def _failure_lines(jobs: Iterable[Any]) -> str:
+    """A line per failed job: why, and the flag that would change it."""
+    lines = []
+    for job in jobs:
+        if job.state == "failed":
+            hint = failure_hint(job.failure_reason)
+            lines.append(f"job {job.id} failed: {job.failure_reason or 'no reason recorded'}")
+            if hint:
+                lines.append(f"  hint: {hint}")
+    return "\n".join(lines)
 
 
 @jobs.command("list")
 @click.option("--state", help="Only jobs in this state.")
 @market_command
 def jobs_list(client: Client, config: CliConfig, state: str | None) -> Output:
+    """Your jobs, newest first, with what each holds and spent (credits); why failed ones failed."""
     items = list(client.jobs.iter(state=state))
-    return Output(items, table(map(_job_row, items), _JOB_HEADERS))
+    text = table(map(_job_row, items), _JOB_HEADERS)
+    if failures := _failure_lines(items):
+        text += "\n\n" + failures
+    return Output(items, text)
 
 
 @jobs.command("show")
 @click.argument("job_id", type=int)
 @market_command
 def jobs_show(client: Client, config: CliConfig, job_id: int) -> Output:
+    """A job: its money (credits), why it failed if it did, and its plan."""
     job = client.jobs.get(job_id)
     text = table([_job_row(job)], _JOB_HEADERS)
+    if failures := _failure_lines([job]):
+        text += "\n\n" + failures
     plan = None
     if job.state not in ("pending", "cancelled"):
         try:
@@ -363,18 +461,18 @@ def jobs_show(client: Client, config: CliConfig, job_id: int) -> Output:
         except NotFoundError:
             plan = None
     if plan is not None:
-        text += f"\n\nplan v{plan.version}\n" + table(
+        text += f"\n\nplan v{plan.version}: {plan.reason}\n" + table(
             (
                 (
                     s.index,
                     f"{s.block_start}:{s.block_end}",
                     s.peer_id[-12:],
-                    s.price,
+                    format_credits(s.price),
                     ", ".join(b.peer_id[-8:] for b in s.backups),
                 )
                 for s in plan.segments
             ),
-            ("segment", "blocks", "provider", "price/M units", "backups"),
+            ("segment", "blocks", "provider", "credits per M units", "backups"),
         )
     return Output({"job": job, "plan": plan}, text)
 

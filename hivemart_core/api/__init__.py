@@ -22,8 +22,10 @@ from hivemart_core.api.types import (
     Hold,
     HoldSummary,
     Job,
+    JobCost,
     JobTicketEntry,
     JobTransition,
+    MarketProvider,
     Measurement,
     Offence,
     Offer,
@@ -40,6 +42,7 @@ from hivemart_core.api.types import (
     StoredReceipt,
     Transaction,
     TransactionLeg,
+    Uptime,
     User,
 )
 from hivemart_core.errors import (
@@ -68,6 +71,9 @@ __all__ = [
     "Hold",
     "HoldSummary",
     "Job",
+    "JobCost",
+    "MarketProvider",
+    "Uptime",
     "JobTransition",
     "Measurement",
     "Offer",

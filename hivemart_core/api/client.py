@@ -24,6 +24,7 @@ from hivemart_core.api.types import (
     Job,
     JobTicketEntry,
     JobTransition,
+    MarketProvider,
     Measurement,
     Offence,
     Offer,
@@ -223,7 +224,27 @@ class Providers(_Resource):
         return self._iter("/api/providers/", Provider.from_json, page_size)
 
     def get(self, provider_id: int) -> Provider:
+        """One of your own providers (staff: any), with its account and self-reported figures."""
         return Provider.from_json(self._core.request("GET", f"/api/providers/{int(provider_id)}/"))
+
+    def market(
+        self, *, model: str | None = None, online: bool = False, page: int = 1, page_size: int | None = None
+    ) -> Page[MarketProvider]:
+        """Every provider in the market, public fields only, online first then by price."""
+        return self._page(
+            "/api/market/providers/", MarketProvider.from_json, page, page_size, model=model, online=int(online)
+        )
+
+    def iter_market(
+        self, *, model: str | None = None, online: bool = False, page_size: int = 100
+    ) -> Iterator[MarketProvider]:
+        return self._iter(
+            "/api/market/providers/", MarketProvider.from_json, page_size, model=model, online=int(online)
+        )
+
+    def get_public(self, provider_id: int) -> MarketProvider:
+        """Any provider's public fields."""
+        return MarketProvider.from_json(self._core.request("GET", f"/api/market/providers/{int(provider_id)}/"))
 
     def update_offer(
         self,

@@ -24,10 +24,13 @@ __all__ = [
     "CatalogModel",
     "Measurement",
     "Provider",
+    "MarketProvider",
+    "Uptime",
     "Offer",
     "Challenge",
     "HoldSummary",
     "Job",
+    "JobCost",
     "JobTransition",
     "PlanBackup",
     "PlanSegment",
@@ -236,6 +239,79 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Uptime:
+    """Share of ``observed_s`` a provider spent online; ``observed_s`` is ``window_s``, or less
+    for a provider younger than the window. ``text`` states both ("97.0% over the last 24 h")."""
+
+    fraction: float | None
+    observed_s: float
+    window_s: float
+    text: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Uptime:
+        return cls(fraction=d.get("fraction"), observed_s=d["observed_s"], window_s=d["window_s"], text=d["text"])
+
+
+@dataclass(frozen=True)
+class MarketProvider:
+    """Any provider in the market, as anyone may see it (``GET /api/market/providers/``): no
+    owner, key or account. ``mine`` is True for the caller's own (``providers.get`` has more)."""
+
+    id: int
+    peer_id: str
+    name: str
+    gpu: str
+    gpu_memory_mb: int
+    region: str
+    model: str
+    block_start: int
+    block_end: int  # exclusive
+    price: int  # micro-credits per million work units
+    price_per_million_tokens: int  # micro-credits per million tokens through the whole span
+    state: str
+    suspended: bool
+    reputation: int
+    throughput: float | None  # work units (tokens through one block) per second
+    latency_ms: float | None
+    success_rate: float | None
+    measured: bool  # figures from the marketplace's probes, not self-reported
+    measured_at: datetime | None
+    uptime: Uptime
+    last_heartbeat_at: datetime | None
+    registered_at: datetime
+    mine: bool
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MarketProvider:
+        return cls(
+            id=d["id"],
+            peer_id=d["peer_id"],
+            name=d.get("name", ""),
+            gpu=d.get("gpu", ""),
+            gpu_memory_mb=d.get("gpu_memory_mb", 0),
+            region=d.get("region", ""),
+            model=d["model"],
+            block_start=d["block_start"],
+            block_end=d["block_end"],
+            price=d["price"],
+            price_per_million_tokens=d["price_per_million_tokens"],
+            state=d["state"],
+            suspended=d.get("suspended", False),
+            reputation=d.get("reputation", 100),
+            throughput=d.get("throughput"),
+            latency_ms=d.get("latency_ms"),
+            success_rate=d.get("success_rate"),
+            measured=d.get("measured", False),
+            measured_at=_dt(d.get("measured_at")),
+            uptime=Uptime.from_json(d["uptime"]),
+            last_heartbeat_at=_dt(d.get("last_heartbeat_at")),
+            registered_at=_at(d["registered_at"]),
+            mine=d.get("mine", False),
+        )
+
+
+@dataclass(frozen=True)
 class Offer:
     """A provider's offer; figures are measured when ``measured``, else self-reported."""
 
@@ -304,6 +380,21 @@ class HoldSummary:
 
 
 @dataclass(frozen=True)
+class JobCost:
+    """Where a job's hold is, in micro-credits: the marketplace's one computation, which its
+    web pages show too. ``held + spent + refunded + forfeited`` is what was placed."""
+
+    held: int
+    spent: int
+    refunded: int
+    forfeited: int = 0
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> JobCost:
+        return cls(held=d["held"], spent=d["spent"], refunded=d["refunded"], forfeited=d.get("forfeited", 0))
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
     kind: str  # inference or finetune
@@ -317,6 +408,8 @@ class Job:
     created_at: datetime
     updated_at: datetime
     client_key: str = ""  # hex Ed25519 public key that countersigns receipts; empty when none
+    cost: JobCost | None = None  # None for a job without a hold (or from an older marketplace)
+    failure_reason: str = ""  # why the job failed (the scheduler's reason); empty unless it did
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Job:
@@ -333,6 +426,8 @@ class Job:
             created_at=_at(d["created_at"]),
             updated_at=_at(d["updated_at"]),
             client_key=d.get("client_key", ""),
+            cost=JobCost.from_json(d["cost"]) if d.get("cost") else None,
+            failure_reason=d.get("failure_reason") or "",
         )
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from hivemind.utils.logging import get_logger
 
 from hivemart_core.errors import HivemartError, ProtocolError
+from hivemart_core.figures import cost_of_units
 from hivemart_core.protocol.identity import Identity
 from hivemart_core.protocol.receipts import (
     MAX_RECEIPTS_PER_UPLOAD,
@@ -318,4 +319,7 @@ class ReceiptCollector:
                 "upload_rejected": dict(rejected),
                 "sessions": len(self._mirrors),
                 "units_received": sum(m.units for m in self._mirrors.values()),
+                # What the received work costs at the tickets' prices (micro-credits, rounded up
+                # per ticket and session like settlement); settlement may charge less, never more.
+                "cost": sum(cost_of_units(m.units, m.ticket.price) for m in self._mirrors.values()),
             }

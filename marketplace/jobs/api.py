@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -13,7 +13,13 @@ from marketplace.common.errors import NotFound, PermissionDenied, ValidationFail
 from marketplace.common.idempotency import HEADER
 from marketplace.common.views import APIView, ListAPIView
 from marketplace.jobs.models import Job, JobTransition, Plan
-from marketplace.jobs.selectors import job_get, job_plan_current, job_transitions, jobs_visible_to
+from marketplace.jobs.selectors import (
+    job_failure_reason,
+    job_get,
+    job_plan_current,
+    job_transitions,
+    jobs_visible_to,
+)
 from marketplace.jobs.services import (
     MAX_THROUGHPUT,
     SegmentSpec,
@@ -22,6 +28,7 @@ from marketplace.jobs.services import (
     job_plan_store,
     job_transition_request,
 )
+from marketplace.ledger.selectors import hold_money
 from marketplace.ledger.services import MAX_AMOUNT
 from marketplace.providers.services import MAX_PRICE
 
@@ -35,9 +42,30 @@ class HoldSummary(serializers.Serializer):
     state = serializers.CharField()
 
 
+class CostOutput(serializers.Serializer):
+    """Where the job's hold is (``marketplace.ledger.selectors.hold_money``); all micro-credits."""
+
+    held = serializers.IntegerField(help_text="still held for the job")
+    spent = serializers.IntegerField(help_text="paid to providers and fees (less clawbacks)")
+    refunded = serializers.IntegerField(help_text="returned to the wallet")
+    forfeited = serializers.IntegerField(help_text="taken as a penalty (rare)")
+
+
 class JobOutput(serializers.ModelSerializer):
     model = serializers.CharField(source="model.model_id")
     hold = HoldSummary(allow_null=True)
+    cost = serializers.SerializerMethodField(help_text="held/spent/refunded; null for a job without a hold")
+    failure_reason = serializers.SerializerMethodField(help_text="why the job failed; empty unless it did")
+
+    @extend_schema_field(CostOutput(allow_null=True))
+    def get_cost(self, job: Job) -> dict | None:
+        money = getattr(job, "money", None)
+        if money is None and job.hold is not None:
+            money = hold_money(holds=[job.hold])[job.hold.pk]
+        return None if money is None else CostOutput(money).data
+
+    def get_failure_reason(self, job: Job) -> str:
+        return job_failure_reason(job)
 
     class Meta:
         model = Job
@@ -52,6 +80,8 @@ class JobOutput(serializers.ModelSerializer):
             "idempotency_key",
             "client_key",
             "hold",
+            "cost",
+            "failure_reason",
             "created_at",
             "updated_at",
         ]
@@ -135,6 +165,14 @@ class JobListCreate(ListAPIView):
     """Your jobs (staff: all), newest first; ``?state=`` filters. POST creates one and holds its budget."""
 
     serializer_class = JobOutput
+
+    def paginate_queryset(self, queryset: QuerySet[Job]) -> list[Job] | None:
+        page = super().paginate_queryset(queryset)
+        if page is not None:  # one query for the whole page's held/spent/refunded
+            money = hold_money(holds=[job.hold for job in page])
+            for job in page:
+                job.money = money.get(job.hold_id) if job.hold_id else None
+        return page
 
     def get_queryset(self) -> QuerySet[Job]:
         jobs = jobs_visible_to(user=self.request.user)

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 
 from marketplace.accounts.models import User
 from marketplace.common.errors import NotFound
 from marketplace.jobs.models import Job, JobTransition, Plan, PlanSegment
 
 
+def _with_failure_reason(jobs: QuerySet[Job]) -> QuerySet[Job]:
+    """``jobs`` annotated with ``failure_reason``: why the job failed (the reason of its latest
+    transition to failed, e.g. the scheduler's "blocks 0..6 are served only at >= 500000 ...;
+    raise max_price"), or None for a job that did not fail."""
+    reason = JobTransition.objects.filter(job=OuterRef("pk"), to_state=Job.State.FAILED).order_by("-id")
+    return jobs.annotate(failure_reason=Subquery(reason.values("reason")[:1]))
+
+
 def jobs_visible_to(*, user: User) -> QuerySet[Job]:
-    """A user's own jobs; staff see all of them."""
-    jobs = Job.objects.select_related("model", "hold__escrow")
+    """A user's own jobs (staff: all), each with its ``failure_reason`` (see :func:`job_failure_reason`)."""
+    jobs = _with_failure_reason(Job.objects.select_related("model", "hold__escrow"))
     return jobs if user.is_staff else jobs.filter(user=user)
+
+
+def job_failure_reason(job: Job) -> str:
+    """Why ``job`` failed ("" unless it did): the annotation when the job came from
+    :func:`jobs_visible_to`, else read from its transitions."""
+    if job.state != Job.State.FAILED:
+        return ""
+    if hasattr(job, "failure_reason"):
+        return job.failure_reason or ""
+    transition = job.transitions.filter(to_state=Job.State.FAILED).order_by("-id").first()
+    return transition.reason if transition else ""
 
 
 def job_get(*, user: User, job_id: int) -> Job:

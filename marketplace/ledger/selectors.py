@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.db.models import Q, QuerySet, Sum
@@ -59,6 +60,60 @@ def hold_captured(*, hold: Hold) -> int:
         transaction__hold=hold, transaction__kind=Transaction.Kind.CAPTURE, account_id=hold.escrow_id
     ).aggregate(s=Sum("amount"))["s"]
     return -(total or 0)
+
+
+@dataclass(frozen=True)
+class HoldMoney:
+    """Where a hold's credits are: the one computation of a job's held/spent/refunded that
+    the API, the CLI (through the API) and the web pages all show.
+
+    ``placed == held + spent + refunded + forfeited`` always: credits enter the escrow when
+    the hold is placed (and when a clawback returns some while it is open) and leave it only
+    as captures, releases and forfeits.
+    """
+
+    placed: int  # the hold's amount when placed
+    held: int  # still in escrow (0 once the hold is closed)
+    spent: int  # captured for providers and fees, less what audits clawed back
+    refunded: int  # released to the payer's wallet, and clawbacks after the hold closed
+    forfeited: int  # taken as a penalty (an audit deposit its owner lost)
+
+
+def hold_money(*, holds: Iterable[Hold]) -> dict[int, HoldMoney]:
+    """:class:`HoldMoney` of each hold, by hold id, in one query however many holds."""
+    holds = [h for h in holds if h is not None]
+    if not holds:
+        return {}
+    sums: dict[tuple[int, str, int], int] = {}
+    for hold_id, kind, account_id, total in (
+        Posting.objects.filter(
+            transaction__hold_id__in=[h.pk for h in holds],
+            transaction__kind__in=[
+                Transaction.Kind.CAPTURE,
+                Transaction.Kind.RELEASE,
+                Transaction.Kind.CLAWBACK,
+                Transaction.Kind.FORFEIT,
+            ],
+        )
+        .values("transaction__hold_id", "transaction__kind", "account_id")
+        .annotate(total=Sum("amount"))
+        .values_list("transaction__hold_id", "transaction__kind", "account_id", "total")
+    ):
+        sums[(hold_id, kind, account_id)] = total or 0
+    balances = dict(Account.objects.filter(pk__in=[h.escrow_id for h in holds]).values_list("pk", "balance"))
+    result = {}
+    for hold in holds:
+        on_escrow = lambda kind, h=hold: sums.get((h.pk, kind, h.escrow_id), 0)  # noqa: E731
+        on_payer = lambda kind, h=hold: sums.get((h.pk, kind, h.payer_id), 0)  # noqa: E731
+        clawed_back = on_escrow(Transaction.Kind.CLAWBACK) + on_payer(Transaction.Kind.CLAWBACK)
+        result[hold.pk] = HoldMoney(
+            placed=hold.amount,
+            held=balances[hold.escrow_id],
+            spent=-on_escrow(Transaction.Kind.CAPTURE) - clawed_back,
+            refunded=on_payer(Transaction.Kind.RELEASE) + on_payer(Transaction.Kind.CLAWBACK),
+            forfeited=-on_escrow(Transaction.Kind.FORFEIT),
+        )
+    return result
 
 
 @dataclass

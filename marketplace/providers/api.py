@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 
+from hivemart_core.figures import price_per_million_tokens
 from marketplace.catalog.selectors import catalog_model_for_use, catalog_model_get
 from marketplace.common.api import HexBytesField, IsStaff, StrictFloatField, StrictIntegerField, parse
 from marketplace.common.errors import PermissionDenied
 from marketplace.common.views import APIView, ListAPIView
 from marketplace.providers.models import Provider, ProviderMeasurement
 from marketplace.providers.selectors import (
+    ProviderOffer,
+    Uptime,
     offers_for_model,
     provider_get,
     provider_measurements,
+    provider_offer,
+    provider_public_get,
+    provider_uptimes,
+    providers_public,
     providers_visible_to,
 )
 from marketplace.providers.services import (
@@ -81,6 +89,83 @@ class ProviderOutput(serializers.ModelSerializer):
         ]
 
 
+class UptimeOutput(serializers.Serializer):
+    fraction = serializers.FloatField(allow_null=True, help_text="share of `observed_s` spent online")
+    observed_s = serializers.SerializerMethodField(
+        help_text="seconds of record: the window, or less for a newer provider"
+    )
+    window_s = serializers.SerializerMethodField(help_text="the nominal window, seconds")
+    text = serializers.CharField(source="__str__", help_text='e.g. "97.0% over the last 24 h"')
+
+    def get_observed_s(self, uptime: Uptime) -> float:
+        return uptime.observed.total_seconds()
+
+    def get_window_s(self, uptime: Uptime) -> float:
+        return uptime.window.total_seconds()
+
+
+class PublicProviderOutput(serializers.Serializer):
+    """What anyone in the market may see of a provider, as on the web's providers page: its
+    offer, figures and record. Never its owner, API keys, accounts or suspension details;
+    ``mine`` tells its owner to ask ``/api/providers/<id>/`` for the rest."""
+
+    id = serializers.IntegerField(source="pk")
+    peer_id = serializers.CharField()
+    name = serializers.CharField()
+    gpu = serializers.CharField()
+    gpu_memory_mb = serializers.IntegerField()
+    region = serializers.CharField()
+    model = serializers.CharField(source="model.model_id")
+    block_start = serializers.IntegerField()
+    block_end = serializers.IntegerField()
+    price = serializers.IntegerField(help_text="micro-credits per million work units")
+    price_per_million_tokens = serializers.SerializerMethodField(
+        help_text="micro-credits per million tokens through the whole span (price x blocks)"
+    )
+    state = serializers.CharField()
+    suspended = serializers.BooleanField(source="is_suspended")
+    reputation = serializers.IntegerField()
+    throughput = serializers.SerializerMethodField(help_text="work units (tokens through one block) per second")
+    latency_ms = serializers.SerializerMethodField(help_text="one hop and one block, ms per token")
+    success_rate = serializers.SerializerMethodField()
+    measured = serializers.SerializerMethodField(help_text="figures from the scheduler's probes, not self-reported")
+    measured_at = serializers.SerializerMethodField()
+    uptime = serializers.SerializerMethodField()
+    last_heartbeat_at = serializers.DateTimeField(allow_null=True)
+    registered_at = serializers.DateTimeField()
+    mine = serializers.SerializerMethodField(help_text="the caller owns it")
+
+    def _offer(self, provider: Provider) -> ProviderOffer:
+        return provider_offer(provider=provider)
+
+    def get_price_per_million_tokens(self, provider: Provider) -> int:
+        return price_per_million_tokens(provider.price, provider.block_end - provider.block_start)
+
+    def get_throughput(self, provider: Provider) -> float | None:
+        return self._offer(provider).throughput
+
+    def get_latency_ms(self, provider: Provider) -> float | None:
+        return self._offer(provider).latency_ms
+
+    def get_success_rate(self, provider: Provider) -> float | None:
+        return self._offer(provider).success_rate
+
+    def get_measured(self, provider: Provider) -> bool:
+        return self._offer(provider).measured
+
+    @extend_schema_field(serializers.DateTimeField(allow_null=True))
+    def get_measured_at(self, provider: Provider) -> str | None:
+        at = self._offer(provider).measured_at
+        return None if at is None else serializers.DateTimeField().to_representation(at)
+
+    @extend_schema_field(UptimeOutput)
+    def get_uptime(self, provider: Provider) -> dict:
+        return UptimeOutput(self.context["uptimes"][provider.pk]).data
+
+    def get_mine(self, provider: Provider) -> bool:
+        return provider.user_id == self.context["request"].user.pk
+
+
 class OfferOutput(serializers.Serializer):
     provider_id = serializers.IntegerField()
     peer_id = serializers.CharField()
@@ -88,6 +173,9 @@ class OfferOutput(serializers.Serializer):
     block_start = serializers.IntegerField()
     block_end = serializers.IntegerField()
     price = serializers.IntegerField(help_text="micro-credits per million work units")
+    price_per_million_tokens = serializers.SerializerMethodField(
+        help_text="micro-credits per million tokens through the whole span (price x blocks)"
+    )
     throughput = serializers.FloatField(allow_null=True, help_text="work units per second")
     latency_ms = serializers.FloatField(allow_null=True)
     success_rate = serializers.FloatField(allow_null=True)
@@ -96,6 +184,9 @@ class OfferOutput(serializers.Serializer):
     region = serializers.CharField()
     state = serializers.CharField()
     last_heartbeat_at = serializers.DateTimeField(allow_null=True)
+
+    def get_price_per_million_tokens(self, offer: ProviderOffer) -> int:
+        return price_per_million_tokens(offer.price, offer.block_end - offer.block_start)
 
 
 class ChallengeOutput(serializers.Serializer):
@@ -267,6 +358,43 @@ class ReinstateView(APIView):
     def post(self, request: Request, provider_id: int) -> Response:
         provider = provider_reinstate(provider=provider_get(user=request.user, provider_id=provider_id))
         return Response(ProviderOutput(provider).data)
+
+
+class MarketProviderList(ListAPIView):
+    """Every provider in the market with its public fields (``?model=`` filters, ``?online=1``
+    keeps online, unsuspended ones), online first, then by price: what the web's providers
+    page shows. Your own providers carry ``mine: true``; ``/api/providers/`` has their details."""
+
+    serializer_class = PublicProviderOutput
+
+    def get_queryset(self) -> QuerySet[Provider]:
+        online = self.request.query_params.get("online", "") in ("1", "true", "yes")
+        return providers_public(model_id=self.request.query_params.get("model") or None, online_only=online)
+
+    def paginate_queryset(self, queryset: QuerySet[Provider]) -> list[Provider] | None:
+        page = super().paginate_queryset(queryset)
+        self._uptimes = provider_uptimes(page if page is not None else queryset, now=timezone.now())
+        return page
+
+    def get_serializer_context(self) -> dict:
+        return {**super().get_serializer_context(), "uptimes": getattr(self, "_uptimes", {})}
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("model", str, description="only providers of this catalogued model"),
+            OpenApiParameter("online", bool, description="only online, unsuspended providers"),
+        ]
+    )
+    def get(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002,ANN003
+        return super().get(request, *args, **kwargs)
+
+
+class MarketProviderDetail(APIView):
+    @extend_schema(responses=PublicProviderOutput, description="Any provider's public fields.")
+    def get(self, request: Request, provider_id: int) -> Response:
+        provider = provider_public_get(provider_id=provider_id)
+        uptimes = provider_uptimes([provider], now=timezone.now())
+        return Response(PublicProviderOutput(provider, context={"request": request, "uptimes": uptimes}).data)
 
 
 class OffersView(APIView):

@@ -7,25 +7,36 @@ writes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from django.db.models import Case, OuterRef, QuerySet, Subquery, Value, When
+from django.db.models import QuerySet
 from django.utils import timezone
 
+from hivemart_core.figures import cheapest_price_per_million_tokens, price_per_million_tokens
 from hivemart_core.placement import block_throughputs
 from marketplace.accounts.models import ApiKey, User
 from marketplace.accounts.selectors import api_keys_visible_to
 from marketplace.catalog.models import CatalogModel
 from marketplace.catalog.selectors import catalog_models
-from marketplace.common.errors import NotFound
-from marketplace.jobs.models import Job
+from marketplace.jobs.models import Job, Plan, PlanSegment
 from marketplace.jobs.selectors import jobs_visible_to
 from marketplace.ledger.models import Hold, Posting, Transaction
-from marketplace.ledger.selectors import hold_captured, hold_left
+from marketplace.ledger.selectors import HoldMoney, hold_money
 from marketplace.providers.models import Provider, ProviderEvent, ProviderMeasurement
-from marketplace.providers.selectors import ProviderOffer, offers_for_model, provider_offer, providers_visible_to
+from marketplace.providers.selectors import (
+    UPTIME_WINDOW,
+    ProviderOffer,
+    Uptime,
+    offers_for_model,
+    online_fraction,
+    provider_offer,
+    provider_public_get,
+    provider_uptimes,
+    providers_public,
+    providers_visible_to,
+)
 from marketplace.receipts.models import Audit, Offence, Receipt, Settlement
 from marketplace.receipts.selectors import (
     audits_visible_to,
@@ -34,8 +45,8 @@ from marketplace.receipts.selectors import (
     settlements_visible_to,
 )
 
-# Uptime is the share of this window (or of the time since registration, if shorter) spent online.
-UPTIME_WINDOW = timedelta(days=7)
+# Re-exported: the pages' uptime is the providers app's (the API shows the same).
+REEXPORTED = (UPTIME_WINDOW, online_fraction)
 
 
 # --- overview -----------------------------------------------------------------------------
@@ -55,6 +66,13 @@ class ModelCoverage:
     def holes(self) -> list[int]:
         """Blocks no online provider serves: a job on this model cannot be planned."""
         return [i for i, n in enumerate(self.block_providers) if n == 0]
+
+    @property
+    def cheapest_per_million_tokens(self) -> int | None:
+        """Micro-credits a million tokens cost through the whole model at the cheapest online offers."""
+        return cheapest_price_per_million_tokens(
+            self.model.num_blocks, [(o.block_start, o.block_end, o.price) for o in self.offers]
+        )
 
     @property
     def weakest(self) -> float:
@@ -92,90 +110,34 @@ class ProviderCard:
 
     provider: Provider
     offer: ProviderOffer
-    uptime: float | None  # fraction of UPTIME_WINDOW online; None before any state is known
+    uptime: Uptime  # over UPTIME_WINDOW, or the provider's life when shorter (stated)
 
+    @property
+    def blocks(self) -> int:
+        return self.provider.block_end - self.provider.block_start
 
-def online_fraction(
-    transitions: Sequence[tuple[datetime, str]], *, initial_state: str | None, start: datetime, end: datetime
-) -> float | None:
-    """The share of ``[start, end)`` spent in the ``online`` state.
-
-    ``transitions`` are ``(at, to_state)`` in time order, all within the interval;
-    ``initial_state`` is the state at ``start`` (None: the provider did not exist yet, which
-    counts as not observed, so the interval effectively starts at the first transition).
-    None when nothing at all was observed.
-    """
-    state, since = initial_state, start
-    observed = online = timedelta(0)
-    for at, to_state in transitions:
-        if state is not None:
-            observed += at - since
-            online += at - since if state == Provider.State.ONLINE else timedelta(0)
-        state, since = to_state, at
-    if state is not None:
-        observed += end - since
-        online += end - since if state == Provider.State.ONLINE else timedelta(0)
-    if observed <= timedelta(0):
-        return None
-    return online / observed
-
-
-def _uptimes(providers: Iterable[Provider], *, now: datetime) -> dict[int, float | None]:
-    """Uptime over the window for each provider, from its state-changing events (two queries)."""
-    ids = [p.pk for p in providers]
-    start = now - UPTIME_WINDOW
-    events = (
-        ProviderEvent.objects.filter(provider_id__in=ids, at__gte=start, at__lte=now)
-        .exclude(to_state="")
-        .order_by("at", "id")
-        .values_list("provider_id", "at", "to_state")
-    )
-    per_provider: dict[int, list[tuple[datetime, str]]] = {pk: [] for pk in ids}
-    for pk, at, to_state in events:
-        per_provider[pk].append((at, to_state))
-    # The state each provider was in when the window opened: its last state change before then
-    # (one correlated subquery, so old history is never loaded).
-    before = (
-        ProviderEvent.objects.filter(provider_id=OuterRef("pk"), at__lt=start)
-        .exclude(to_state="")
-        .order_by("-at", "-id")
-        .values("to_state")[:1]
-    )
-    initial = dict(
-        Provider.objects.filter(pk__in=ids).annotate(state_then=Subquery(before)).values_list("pk", "state_then")
-    )
-    return {pk: online_fraction(per_provider[pk], initial_state=initial.get(pk), start=start, end=now) for pk in ids}
-
-
-def _public_providers() -> QuerySet[Provider]:
-    return Provider.objects.select_related("model", "latest_measurement")
+    @property
+    def price_per_million_tokens(self) -> int:
+        """Micro-credits a million tokens cost through this provider's whole span."""
+        return price_per_million_tokens(self.provider.price, self.blocks)
 
 
 def providers_listed(*, model_id: str | None = None, online_only: bool = False) -> QuerySet[Provider]:
-    """Every provider, online ones first (they are the ones a job can be planned on), then by
-    price; optionally of one model, or online and unsuspended only."""
-    providers = _public_providers()
-    if model_id:
-        providers = providers.filter(model__model_id=model_id)
-    if online_only:
-        providers = providers.filter(state=Provider.State.ONLINE, suspended_at__isnull=True)
-    online_first = Case(When(state=Provider.State.ONLINE, then=Value(0)), default=Value(1))
-    return providers.order_by(online_first, "price", "pk")
+    """Every provider, online ones first, then by price (:func:`providers_public`)."""
+    return providers_public(model_id=model_id, online_only=online_only)
 
 
 def provider_cards(providers: Iterable[Provider], *, now: datetime | None = None) -> list[ProviderCard]:
     """Public cards (offer, figures, uptime) for ``providers``, e.g. one page of :func:`providers_listed`."""
     rows = list(providers)
-    uptimes = _uptimes(rows, now=now or timezone.now())
+    uptimes = provider_uptimes(rows, now=now or timezone.now())
     return [ProviderCard(provider=p, offer=provider_offer(provider=p), uptime=uptimes[p.pk]) for p in rows]
 
 
 def provider_card_get(*, provider_id: int, now: datetime | None = None) -> ProviderCard:
     """One provider's public card; NotFound when there is no such provider."""
-    provider = _public_providers().filter(pk=provider_id).first()
-    if provider is None:
-        raise NotFound(f"no provider {provider_id}")
-    uptime = _uptimes([provider], now=now or timezone.now())[provider.pk]
+    provider = provider_public_get(provider_id=provider_id)
+    uptime = provider_uptimes([provider], now=now or timezone.now())[provider.pk]
     return ProviderCard(provider=provider, offer=provider_offer(provider=provider), uptime=uptime)
 
 
@@ -237,11 +199,15 @@ class Charge:
 
 @dataclass(frozen=True)
 class JobCost:
-    budget: int
-    captured: int  # paid to providers and fees so far
-    left: int  # still held
-    released: int  # returned to the wallet
+    """A job's money: the totals are :func:`marketplace.ledger.selectors.hold_money`'s (the
+    same computation the API and the CLI show), with the charges that make up ``spent``."""
+
+    money: HoldMoney
     charges: list[Charge]
+
+    @property
+    def budget(self) -> int:
+        return self.money.placed
 
 
 def job_cost(*, job: Job) -> JobCost | None:
@@ -249,27 +215,80 @@ def job_cost(*, job: Job) -> JobCost | None:
     hold = job.hold
     if hold is None:
         return None
-    transactions = Transaction.objects.filter(hold=hold).prefetch_related("postings__account").order_by("created_at")
-    charges, released = [], 0
+    transactions = (
+        Transaction.objects.filter(hold=hold, kind=Transaction.Kind.CAPTURE)
+        .prefetch_related("postings__account")
+        .order_by("created_at")
+    )
+    charges = []
     for tx in transactions:
         postings = list(tx.postings.all())
-        if tx.kind == Transaction.Kind.CAPTURE:
-            amount = -sum(p.amount for p in postings if p.account_id == hold.escrow_id)
-            fee = sum(p.amount for p in postings if p.account.kind == "fees")
-            payee = next((p.account for p in postings if p.account.kind == "earnings"), None)
-            provider = Provider.objects.filter(earnings_account=payee).first() if payee else None
-            charges.append(
-                Charge(transaction=tx, amount=amount, provider_share=amount - fee, fee=fee, provider=provider)
+        amount = -sum(p.amount for p in postings if p.account_id == hold.escrow_id)
+        fee = sum(p.amount for p in postings if p.account.kind == "fees")
+        payee = next((p.account for p in postings if p.account.kind == "earnings"), None)
+        provider = Provider.objects.filter(earnings_account=payee).first() if payee else None
+        charges.append(Charge(transaction=tx, amount=amount, provider_share=amount - fee, fee=fee, provider=provider))
+    return JobCost(money=hold_money(holds=[hold])[hold.pk], charges=charges)
+
+
+def jobs_money(jobs: Iterable[Job]) -> dict[int, HoldMoney]:
+    """Held/spent/refunded of each job with a hold, by job id (one query for a page of jobs)."""
+    rows = [job for job in jobs if job.hold is not None]
+    money = hold_money(holds=[job.hold for job in rows])
+    return {job.pk: money[job.hold_id] for job in rows}
+
+
+@dataclass(frozen=True)
+class SegmentSpeed:
+    """One plan segment's per-token time from its provider's latest *probe* (never from
+    self-reported figures or the matcher's stand-in for unmeasured providers)."""
+
+    segment: PlanSegment
+    latency_ms: float | None  # the probe's 1-token round trip through one block
+    throughput: float | None  # the probe's tokens/s through one block
+    measured_at: datetime | None
+
+    @property
+    def ms_per_token(self) -> float | None:
+        """A hop plus one block (the probe's latency) plus the span's other blocks at the
+        measured rate; None when the provider was never probed."""
+        if self.latency_ms is None or not self.throughput:
+            return None
+        blocks = self.segment.block_end - self.segment.block_start
+        return self.latency_ms + (blocks - 1) * 1000.0 / self.throughput
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    segments: list[SegmentSpeed]
+
+    @property
+    def ms_per_token(self) -> float | None:
+        """The chain's per-token latency, or None unless every segment was measured."""
+        times = [s.ms_per_token for s in self.segments]
+        return None if not times or None in times else sum(t for t in times if t is not None)
+
+    @property
+    def unmeasured(self) -> list[SegmentSpeed]:
+        return [s for s in self.segments if s.ms_per_token is None]
+
+
+def plan_speed(*, plan: Plan | None) -> SpeedEstimate | None:
+    """The per-token latency a plan's chain should reach, from its providers' probes."""
+    if plan is None:
+        return None
+    speeds = []
+    for segment in plan.segments.all():
+        m = ProviderMeasurement.objects.filter(provider_id=segment.provider_id).order_by("-measured_at", "-id").first()
+        speeds.append(
+            SegmentSpeed(
+                segment=segment,
+                latency_ms=m.latency_ms if m else None,
+                throughput=m.throughput if m else None,
+                measured_at=m.measured_at if m else None,
             )
-        elif tx.kind == Transaction.Kind.RELEASE:
-            released += sum(p.amount for p in postings if p.account_id == hold.payer_id)
-    return JobCost(
-        budget=hold.amount,
-        captured=hold_captured(hold=hold),
-        left=hold_left(hold=hold),
-        released=released,
-        charges=charges,
-    )
+        )
+    return SpeedEstimate(segments=speeds)
 
 
 # --- settlement -----------------------------------------------------------------------------

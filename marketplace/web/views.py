@@ -25,7 +25,7 @@ from rest_framework.throttling import SimpleRateThrottle
 from marketplace.accounts.selectors import api_key_get
 from marketplace.accounts.services import api_key_create, api_key_revoke, user_create
 from marketplace.common.errors import ApplicationError, NotFound
-from marketplace.jobs.selectors import job_get, job_plan_current, job_transitions
+from marketplace.jobs.selectors import job_failure_reason, job_get, job_plan_current, job_transitions
 from marketplace.ledger.selectors import wallet_balance
 from marketplace.web import selectors
 from marketplace.web.charts import coverage_chart
@@ -171,7 +171,8 @@ def wallet(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def jobs(request: HttpRequest) -> HttpResponse:
-    return render(request, "web/jobs.html", {"page": _page(request, selectors.own_jobs(user=request.user))})
+    page = _page(request, selectors.own_jobs(user=request.user))
+    return render(request, "web/jobs.html", {"page": page, "money_by_job": selectors.jobs_money(page.object_list)})
 
 
 @login_required
@@ -181,12 +182,15 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         job = job_get(user=request.user, job_id=job_id)  # another user's job is a 404, not a 403: no probing
     except NotFound:
         raise Http404("no such job") from None
+    plan = job_plan_current(job=job)
     return render(
         request,
         "web/job_detail.html",
         {
             "job": job,
-            "plan": job_plan_current(job=job),
+            "failure_reason": job_failure_reason(job),
+            "plan": plan,
+            "speed": selectors.plan_speed(plan=plan),
             "transitions": job_transitions(job=job),
             "cost": selectors.job_cost(job=job),
             "receipts": selectors.job_receipts(user=request.user, job=job),

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from hivemart_core.figures import format_price_per_million_tokens
 from marketplace.common.errors import ValidationFailed
 from marketplace.jobs.models import Job
 from marketplace.jobs.selectors import jobs_in_state
@@ -67,8 +68,11 @@ def job_match(*, job_id: int) -> MatchOutcome:
                 row = job_plan_store(
                     job=job,
                     segments=segment_specs(plan.segments),
+                    # No latency here: the matcher's figure stands in a pessimistic constant for
+                    # unmeasured providers; the job page estimates speed from measured figures.
                     reason=reason_clip(
-                        f"matched: {len(plan.segments)} segments, {plan.latency_ms:.1f} ms/token, price {plan.price}"
+                        f"matched: {len(plan.segments)} segment(s), "
+                        f"{format_price_per_million_tokens(plan.cost_per_million_tokens)}"
                     ),
                 )
         except ValidationFailed as e:

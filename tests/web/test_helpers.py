@@ -62,10 +62,11 @@ def test_uptime_without_any_known_state_is_unknown() -> None:
 @pytest.mark.parametrize(
     "micro, text",
     [
-        (0, "0.00"),
+        (0, "0.000000"),
         (1, "0.000001"),
-        (1_500_000, "1.50"),
-        (1_234_567_890, "1,234.56789"),
+        (1_500_000, "1.500000"),
+        (-10_000_000, "-10.000000"),  # the same six decimals as 9.999274: never "-10.00" beside it
+        (1_234_567_890, "1234.567890"),
         (-7, "-0.000007"),
         (None, "–"),
     ],
@@ -80,6 +81,6 @@ def test_credits_refuse_floats() -> None:
 
 
 def test_figures_and_percentages() -> None:
-    assert figure(None) == "–" and figure(12_345.0) == "12.3k" and figure(2_500_000.0) == "2.5M"
-    assert figure(0.5) == "0.5" and figure(2000.0) == "2,000"
-    assert percent(None) == "–" and percent(0.987) == "98.7 %"
+    assert figure(None) == "–" and figure(12_345.0) == "12,345" and figure(2_500_000.0) == "2,500,000"
+    assert figure(0.5) == "0.5" and figure(2000.0) == "2,000" and figure(886.5452454739941) == "886.5"
+    assert percent(None) == "–" and percent(0.987) == "98.7%"

@@ -77,7 +77,7 @@ def test_overview_draws_coverage_per_block_and_lists_online_providers() -> None:
     # Blocks 0..2 have bars (block 0: one provider, blocks 1-2: two), blocks 3..5 are holes.
     assert body.count('class="bar"') == 3
     assert body.count('class="hole"') == 3
-    assert "block 1: 2,000 units/s, 2 providers" in body
+    assert "block 1: 2,000 tokens/s/block, 2 providers" in body
     assert "blocks 3, 4, 5 have no provider" in body
     assert "first-half" in body and "middle" in body
     online_section = body.split("Online providers", 1)[1]
@@ -89,7 +89,7 @@ def test_overview_uses_measured_throughput_over_self_reported() -> None:
     provider = make_provider(model=model)  # self-reports 1000
     provider_measurement_record(provider=provider, throughput=250.0, latency_ms=30.0, success_rate=1.0)
     body = Client().get(reverse("web:overview")).content.decode()
-    assert "block 0: 250 units/s, 1 provider" in body
+    assert "block 0: 250.0 tokens/s/block, 1 provider" in body
 
 
 def test_provider_list_and_page_show_price_throughput_and_uptime() -> None:
@@ -103,7 +103,8 @@ def test_provider_list_and_page_show_price_throughput_and_uptime() -> None:
     provider_measurement_record(provider=provider, throughput=12_345.0, latency_ms=18.0, success_rate=0.98)
 
     listing = Client().get(reverse("web:providers")).content.decode()
-    assert "rtx-4090" in listing and "2.50" in listing and "12.3k" in listing
+    assert "rtx-4090" in listing and "2.500000" in listing and "12,345 tokens/s/block" in listing
+    assert "10.000000" in listing  # per million tokens through its 4 blocks: 2.5 x 4
     # Online providers come first even when an offline one is cheaper.
     assert listing.index("rtx-4090") < listing.index("gone")
 
@@ -111,8 +112,10 @@ def test_provider_list_and_page_show_price_throughput_and_uptime() -> None:
     assert page.status_code == 200
     body = page.content.decode()
     assert provider.peer_id in body and "NVIDIA RTX 4090" in body
-    assert "98.0 %" in body  # probe success rate
-    assert re.search(r"Uptime \(7 days\)</dt><dd>\d+\.\d %", body)
+    assert "98.0%" in body  # probe success rate
+    assert "18 ms/token" in body and "10.000000 credits per million tokens" in body
+    # Registered moments ago: its uptime is over its own life, and says so, never "over the last 24 h".
+    assert re.search(r'id="uptime">\d+\.\d% over the last \d+ (s|min) \(since it registered\)', body)
     # The owner's username is not published.
     assert provider.user.username not in body
 
@@ -497,4 +500,5 @@ def test_uptime_counts_the_state_from_before_the_window() -> None:
     provider_heartbeat(provider=provider, state="online", now=now - timedelta(days=9))  # online before the window
     providers_mark_stale(now=now - UPTIME_WINDOW / 2)  # offline for the second half of it
     card = provider_card_get(provider_id=provider.pk, now=now)
-    assert card.uptime == pytest.approx(0.5)
+    assert card.uptime.fraction == pytest.approx(0.5)
+    assert str(card.uptime) == "50.0% over the last 24 h"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from hivemart_core.figures import cost_of_units
 from marketplace.jobs.models import Job
 from marketplace.ledger.services import (
     fee_for,
@@ -23,7 +24,7 @@ def ticket_cost(units: int, *, max_units: int, price: int) -> int:
     work the client pays for pays its provider at least one micro-credit. Computed on
     cumulative units, so however a stream of receipts is split into settlements, the total
     is the same (docs/protocol.md, "Rounding")."""
-    return -(-min(units, max_units) * price // 1_000_000)
+    return cost_of_units(min(units, max_units), price)
 
 
 def ticket_fee(amount: int) -> int:
