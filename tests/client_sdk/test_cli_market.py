@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -139,3 +140,73 @@ def test_models_register_and_show(runner: CliRunner, live_server, tmp_path: Path
     user_key = api_key_create(user=user_create(username="bob")).raw
     out = run(runner, "models", "register", str(path), "--url", live_server.url, "--api-key", user_key, ok=False)
     assert "staff" in out
+
+
+def test_providers_list_and_show_cover_the_whole_market(runner: CliRunner, live_server) -> None:
+    from marketplace.providers.services import provider_measurement_record
+    from tests.marketplace.factories import make_model, make_provider
+
+    alice = user_create(username="alice")
+    key = api_key_create(user=alice).raw
+    model = make_model(num_blocks=6)
+    theirs = make_provider(model=model, price=1_500, name="bobs-gpu", start=0, end=4)
+    provider_measurement_record(provider=theirs, throughput=886.5452454739941, latency_ms=17.23, success_rate=1.0)
+    mine = make_provider(model=model, user=alice, price=2_000, name="alices-gpu")
+    auth = ("--url", live_server.url, "--api-key", key)
+
+    listing = run(runner, "providers", "list", *auth)  # not "(none)": everyone's providers, as on the web
+    assert "bobs-gpu" in listing and "alices-gpu (yours)" in listing
+    assert "886.5 tokens/s/block" in listing and "886.545" not in listing
+    assert "0.006000" in listing  # 1500 per M units x 4 blocks, in credits per million tokens
+    assert "since it registered" in listing  # uptime over its real age, with the window stated
+    assert "bobs-gpu" not in run(runner, "providers", "list", "--mine", *auth)
+
+    shown = run(runner, "providers", "show", str(theirs.pk), *auth)  # another's provider: no 404
+    assert "17.2 ms/token" in shown and "0.001500 credits/M units" in shown and "earnings account" not in shown
+    own = run(runner, "providers", "show", str(mine.pk), *auth)
+    assert f"earnings account     {mine.earnings_account_id}" in own
+
+    models = run(runner, "models", "show", model.model_id, *auth)
+    # Blocks 0-3 at bob's 1500, blocks 4-5 only at alice's 2000 per million units.
+    assert "whole model from 0.010000 credits/M tokens" in models and "886.5 tokens/s/block" in models
+    assert "0.010000 credits/M tokens" in run(runner, "models", "list", *auth)
+
+
+def test_jobs_show_the_marketplaces_money_and_why_a_job_failed(runner: CliRunner, live_server) -> None:
+    from marketplace.jobs.services import job_transition
+    from tests.marketplace.test_job_money_and_public_providers import NO_PLAN, failed_job, running_job
+
+    done, _ = running_job(charge=300_000)
+    job_transition(job=done, to_state="settling")
+    job_transition(job=done, to_state="done")
+    key = api_key_create(user=done.user).raw
+    shown = run(runner, "jobs", "show", str(done.pk), "--url", live_server.url, "--api-key", key)
+    header, row = shown.splitlines()[0], shown.splitlines()[2]
+    assert header.split() == ["id", "kind", "model", "state", "budget", "held", "spent", "refunded", "created"]
+    # Held 0 on a done job (it said "held 5.000000", the placed amount), as the web's job page says.
+    assert row.split()[3:8] == ["done", "1.000000", "0.000000", "0.300000", "0.700000"]
+
+    failed = failed_job()
+    key = api_key_create(user=failed.user).raw
+    auth = ("--url", live_server.url, "--api-key", key)
+    shown = run(runner, "jobs", "show", str(failed.pk), *auth)
+    assert f"job {failed.pk} failed: {NO_PLAN}" in shown
+    assert "hint: create the job again with --max-price 500000 or more" in shown
+    assert NO_PLAN in run(runner, "jobs", "list", *auth)
+    assert json.loads(run(runner, "jobs", "show", str(failed.pk), "--json", *auth))["job"]["failure_reason"] == NO_PLAN
+
+
+def test_a_paid_runs_summary_reads_in_credits() -> None:
+    from hivemart.cli.generate import paid_summary
+    from hivemart_core.api import JobCost
+
+    summary = {
+        "job": 7,
+        "state": "settling",
+        "receipts": {"countersigned": 4, "refused": {}, "disputed": 0, "sessions": 2, "units_received": 96, "cost": 3},
+    }
+    job = SimpleNamespace(cost=JobCost(held=4_999_997, spent=0, refunded=0))
+    text = paid_summary(summary, job)  # type: ignore[arg-type]
+    assert "{" not in text and "'upload'" not in text  # not a Python dict
+    assert "96 work units in 2 session(s), 4 receipt(s) countersigned" in text
+    assert "cost: 0.000003 credits" in text and "still held 4.999997" in text and "hivemart jobs show 7" in text
