@@ -86,7 +86,7 @@ def test_the_api_and_the_web_job_page_show_the_same_figures() -> None:
     web.force_login(job.user)
     page = web.get(reverse("web:job", args=[job.pk])).content.decode()
     assert 'id="cost-held" data-micro="0"' in page
-    assert 'id="cost-spent" data-micro="300000"' in page and "0.300000 credits" in page
+    assert 'id="cost-captured" data-micro="300000"' in page and "0.300000 credits" in page
     assert 'id="cost-refunded" data-micro="700000"' in page and "0.700000 credits" in page
     listing = web.get(reverse("web:jobs")).content.decode()
     assert "0.300000" in listing and "1.000000" in listing  # spent, and the budget with the same six decimals
