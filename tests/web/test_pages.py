@@ -502,3 +502,13 @@ def test_uptime_counts_the_state_from_before_the_window() -> None:
     card = provider_card_get(provider_id=provider.pk, now=now)
     assert card.uptime.fraction == pytest.approx(0.5)
     assert str(card.uptime) == "50.0% over the last 24 h"
+
+
+def test_overview_prices_a_million_tokens_through_the_whole_model() -> None:
+    model = make_model(num_blocks=4)
+    make_provider(model=model, start=0, end=2, price=1_000)
+    make_provider(model=model, start=2, end=4, price=3_000)
+    make_provider(model=model, start=0, end=4, price=2_000)
+    body = Client().get(reverse("web:overview")).content.decode()
+    # Each block where it is cheapest: blocks 0-1 at 1000, blocks 2-3 at 2000 per million units.
+    assert "from 0.006000 credits per million tokens" in body
