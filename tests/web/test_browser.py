@@ -194,6 +194,9 @@ def test_sign_up_create_a_key_and_watch_a_job_settle(live_server, settings, tmp_
             assert captured == CHARGE
             expect(page.locator("#job-state")).to_have_text("done", timeout=WAIT_MS)
             assert int(page.locator("#cost-captured").get_attribute("data-micro")) == CHARGE
+            # The same held/spent/refunded as the API's (and so `hivemart jobs show`): nothing held once done.
+            assert int(page.locator("#cost-held").get_attribute("data-micro")) == 0
+            assert int(page.locator("#cost-refunded").get_attribute("data-micro")) == BUDGET - CHARGE
             expect(page.locator("#receipts")).to_contain_text(str(UNITS))
             expect(page.locator("#settlements")).to_contain_text("browser-gpu")
             expect(page.locator("#charges")).to_contain_text("browser-gpu")
