@@ -22,6 +22,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from rest_framework.throttling import SimpleRateThrottle
 
+from hivemart_core.figures import price_per_million_tokens
 from marketplace.accounts.selectors import api_key_get
 from marketplace.accounts.services import api_key_create, api_key_revoke, user_create
 from marketplace.common.errors import ApplicationError, NotFound
@@ -189,6 +190,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         {
             "job": job,
             "failure_reason": job_failure_reason(job),
+            "max_price_per_million_tokens": price_per_million_tokens(job.max_price, job.model.num_blocks),
             "plan": plan,
             "speed": selectors.plan_speed(plan=plan),
             "transitions": job_transitions(job=job),

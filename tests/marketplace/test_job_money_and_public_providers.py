@@ -90,6 +90,7 @@ def test_the_api_and_the_web_job_page_show_the_same_figures() -> None:
     assert 'id="cost-refunded" data-micro="700000"' in page and "0.700000 credits" in page
     listing = web.get(reverse("web:jobs")).content.decode()
     assert "0.300000" in listing and "1.000000" in listing  # spent, and the budget with the same six decimals
+    assert "0.005000 credits per million work units (0.020000 per million tokens through all 4 blocks)" in page
 
 
 def failed_job() -> Job:
