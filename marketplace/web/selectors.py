@@ -26,11 +26,9 @@ from marketplace.ledger.models import Hold, Posting, Transaction
 from marketplace.ledger.selectors import HoldMoney, hold_money
 from marketplace.providers.models import Provider, ProviderEvent, ProviderMeasurement
 from marketplace.providers.selectors import (
-    UPTIME_WINDOW,
     ProviderOffer,
     Uptime,
     offers_for_model,
-    online_fraction,
     provider_offer,
     provider_public_get,
     provider_uptimes,
@@ -44,10 +42,6 @@ from marketplace.receipts.selectors import (
     receipts_visible_to,
     settlements_visible_to,
 )
-
-# Re-exported: the pages' uptime is the providers app's (the API shows the same).
-REEXPORTED = (UPTIME_WINDOW, online_fraction)
-
 
 # --- overview -----------------------------------------------------------------------------
 
@@ -110,7 +104,7 @@ class ProviderCard:
 
     provider: Provider
     offer: ProviderOffer
-    uptime: Uptime  # over UPTIME_WINDOW, or the provider's life when shorter (stated)
+    uptime: Uptime  # over providers.selectors.UPTIME_WINDOW, or the provider's life when shorter (stated)
 
     @property
     def blocks(self) -> int:

@@ -50,6 +50,10 @@ def test_job_match_stores_the_fastest_plan_within_the_price_cap() -> None:
     # The slow whole-model provider backs up both segments; the over-priced one never appears.
     assert all(backups == [whole_slow.pk] for *_, backups in segments)
     assert too_dear.pk not in {p for _, _, p, b in segments for p in [p, *b]}
+    # The plan's reason prices the chain in credits per million tokens (100 x 4 blocks) and
+    # states no latency: the matcher's stands in a constant for unmeasured providers (#20).
+    reason = job.plans.get().reason
+    assert reason == "matched: 2 segment(s), 0.000400 credits/M tokens" and "ms/token" not in reason
 
 
 def test_job_match_is_idempotent() -> None:

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from marketplace.providers.selectors import online_fraction
 from marketplace.web.charts import coverage_chart
-from marketplace.web.selectors import online_fraction
 from marketplace.web.templatetags.web_format import credits, figure, percent
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -490,7 +490,8 @@ def test_signup_shares_the_apis_rate_limit(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_uptime_counts_the_state_from_before_the_window() -> None:
     from hivemart_core.protocol.identity import Identity
-    from marketplace.web.selectors import UPTIME_WINDOW, provider_card_get
+    from marketplace.providers.selectors import UPTIME_WINDOW
+    from marketplace.web.selectors import provider_card_get
     from tests.marketplace.factories import make_user, register
 
     now = datetime.now(UTC)
