@@ -95,6 +95,8 @@ def test_a_receipt_that_matches_the_mirror_is_countersigned_and_uploaded() -> No
     collector.flush()
     assert market.batches == [[signed.to_dict()]]
     assert collector.summary()["upload"] == {"accepted": 1}
+    # 24 units at 2 credits per million units: 48 micro-credits, what `generate --paid` prints.
+    assert collector.summary()["cost"] == 24 * 2_000_000 // 1_000_000
     assert collector.problems == []
 
 
