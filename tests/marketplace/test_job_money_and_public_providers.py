@@ -170,3 +170,10 @@ def test_public_listing_reports_measured_figures_and_needs_a_key() -> None:
     p = client_for(make_user()).get(f"/api/market/providers/{provider.pk}/").json()
     assert p["measured"] and p["throughput"] == pytest.approx(886.5452454739941) and p["latency_ms"] == 17.23
     assert Client().get("/api/market/providers/").status_code == 401
+
+
+def test_offers_carry_the_price_per_million_tokens_through_their_span() -> None:
+    model = make_model(num_blocks=6)
+    make_provider(model=model, start=1, end=4, price=2_500)
+    offers = client_for(make_user()).get(f"/api/models/{model.model_id}/offers/").json()
+    assert [(o["price"], o["price_per_million_tokens"]) for o in offers] == [(2_500, 7_500)]
