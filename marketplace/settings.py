@@ -390,6 +390,10 @@ if HIVEMART_STRIPE_SECRET_KEY and not HIVEMART_STRIPE_WEBHOOK_SECRET:
         "HIVEMART_STRIPE_SECRET_KEY is set without HIVEMART_STRIPE_WEBHOOK_SECRET: paid top-ups could never be "
         "credited (set the webhook endpoint's signing secret, see docs/operators.md)"
     )
+if HIVEMART_STRIPE_SECRET_KEY:
+    # The top-up form's answer redirects to Stripe's checkout page, and browsers hold a form's
+    # redirects to form-action too.
+    HIVEMART_CSP = HIVEMART_CSP.replace("form-action 'self'", "form-action 'self' https://checkout.stripe.com")
 # The test payment provider (a button on this site pays, no money moves in): on for a developer
 # machine without Stripe, never in production unless an operator sets it (the demo does).
 HIVEMART_TEST_TOPUPS = env_bool("HIVEMART_TEST_TOPUPS", DEBUG and not HIVEMART_STRIPE_SECRET_KEY)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from django.conf import settings
 from django.db.models import QuerySet
 
 from marketplace.accounts.models import User
 from marketplace.common.errors import NotFound
+from marketplace.payments.gateways import PaymentsUnavailable, gateway_for_new_topups
 from marketplace.payments.models import PayoutRequest, TopUp
 
 
@@ -39,4 +43,36 @@ def payout_requests_waiting() -> QuerySet[PayoutRequest]:
         PayoutRequest.objects.select_related("provider", "user")
         .filter(state__in=[PayoutRequest.State.REQUESTED, PayoutRequest.State.APPROVED])
         .order_by("id")
+    )
+
+
+def own_topups(*, user: User, limit: int = 10) -> QuerySet[TopUp]:
+    """The user's latest top-ups (pending, paid or expired), newest first."""
+    return TopUp.objects.filter(user=user).order_by("-id")[:limit]
+
+
+@dataclass(frozen=True)
+class TopUpOffer:
+    """What a top-up form offers: through which provider, at what price, in what range."""
+
+    provider: str  # "stripe", "test", or "" when top-ups are off here
+    currency: str  # upper case, for people
+    credits_per_unit: int
+    minor_per_unit: int
+    min_credits: int
+    max_credits: int
+
+
+def topup_offer() -> TopUpOffer:
+    try:
+        provider = gateway_for_new_topups().name
+    except PaymentsUnavailable:
+        provider = ""
+    return TopUpOffer(
+        provider=provider,
+        currency=settings.HIVEMART_TOPUP_CURRENCY.upper(),
+        credits_per_unit=settings.HIVEMART_TOPUP_CREDITS_PER_UNIT,
+        minor_per_unit=settings.HIVEMART_TOPUP_MINOR_PER_UNIT,
+        min_credits=settings.HIVEMART_TOPUP_MIN_CREDITS,
+        max_credits=settings.HIVEMART_TOPUP_MAX_CREDITS,
     )
