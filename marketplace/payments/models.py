@@ -56,6 +56,21 @@ class TopUp(models.Model):
     def __str__(self) -> str:
         return f"top-up #{self.pk} ({self.state}, {self.credits})"
 
+    @property
+    def price_text(self) -> str:
+        """The price for people: ``500`` cents -> ``"5.00 USD"`` (exact, integer arithmetic)."""
+        return money_text(self.amount_minor, self.currency)
+
+
+def money_text(minor: int, currency: str) -> str:
+    """An amount in a currency's smallest unit as people write it, per HIVEMART_TOPUP_MINOR_PER_UNIT."""
+    per_unit = settings.HIVEMART_TOPUP_MINOR_PER_UNIT
+    digits = len(str(per_unit)) - 1 if str(per_unit).strip("0") == "1" else 0
+    if digits == 0:
+        return f"{minor:,} {currency.upper()}" + ("" if per_unit == 1 else " minor units")
+    whole, fraction = divmod(minor, per_unit)
+    return f"{whole:,}.{fraction:0{digits}d} {currency.upper()}"
+
 
 class PaymentEvent(models.Model):
     """A payment provider's event (a webhook delivery), recorded once: a replayed event id is

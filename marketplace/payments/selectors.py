@@ -10,7 +10,7 @@ from django.db.models import QuerySet
 from marketplace.accounts.models import User
 from marketplace.common.errors import NotFound
 from marketplace.payments.gateways import PaymentsUnavailable, gateway_for_new_topups
-from marketplace.payments.models import PayoutRequest, TopUp
+from marketplace.payments.models import PayoutRequest, TopUp, money_text
 
 
 def topups_visible_to(*, user: User) -> QuerySet[TopUp]:
@@ -61,6 +61,15 @@ class TopUpOffer:
     minor_per_unit: int
     min_credits: int
     max_credits: int
+
+    @property
+    def rate_text(self) -> str:
+        """``"100 credits cost 1.00 USD"``."""
+        return f"{self.credits_per_unit:,} credits cost {money_text(self.minor_per_unit, self.currency)}"
+
+    @property
+    def range_text(self) -> str:
+        return f"{self.min_credits:,} to {self.max_credits:,} credits"
 
 
 def topup_offer() -> TopUpOffer:

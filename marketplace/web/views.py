@@ -176,6 +176,7 @@ def wallet(request: HttpRequest) -> HttpResponse:
             "topups": own_topups(user=user),
             "topup": topup_offer(),
             "payouts": payout_requests_visible_to(user=user).filter(user=user)[:PAGE_SIZE],
+            "payable": selectors.own_providers(user=user).filter(earnings_account__balance__gt=0),
         },
     )
 

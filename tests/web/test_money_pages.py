@@ -37,11 +37,12 @@ def test_a_test_top_up_from_the_wallet_page(test_topups: None) -> None:
     page = logged_in(user)
     wallet = page.get("/wallet/").content.decode()
     assert 'id="topup-credits"' in wallet and "test payment provider" in wallet
+    assert "100 credits cost 1.00 USD; 100 to 1,000,000 credits at a time" in wallet
     response = page.post("/wallet/topups/", {"credits": "300"})
     topup = TopUp.objects.get(user=user)
     assert response.status_code == 302 and response["Location"] == f"/wallet/topups/{topup.pk}/pay/"
     checkout = page.get(response["Location"]).content.decode()
-    assert "Pay (test)" in checkout and "300.00" in checkout
+    assert "Pay (test)" in checkout and "300.00" in checkout and "3.00 USD" in checkout
     assert wallet_balance(user=user) == 0
     paid = page.post(response["Location"], follow=True)
     assert wallet_balance(user=user) == 300 * MICRO
