@@ -53,7 +53,9 @@ def wallet_topup(client: Client, config: CliConfig, credits: int, test_pay: bool
     price = f"{topup.amount_minor} {topup.currency.upper()} minor units"
     if test_pay:
         topup = client.payments.test_pay(topup.id)
-        return Output(topup, f"top-up #{topup.id}: {format_credits(topup.credits)} credits {topup.state} (test payment)")
+        return Output(
+            topup, f"top-up #{topup.id}: {format_credits(topup.credits)} credits {topup.state} (test payment)"
+        )
     return Output(
         topup,
         f"top-up #{topup.id}: {format_credits(topup.credits)} credits for {price} ({topup.provider}).\n"

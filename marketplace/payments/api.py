@@ -38,7 +38,17 @@ class TopUpOutput(serializers.ModelSerializer):
 
     class Meta:
         model = TopUp
-        fields = ["id", "state", "provider", "credits", "amount_minor", "currency", "checkout_url", "created_at", "paid_at"]
+        fields = [
+            "id",
+            "state",
+            "provider",
+            "credits",
+            "amount_minor",
+            "currency",
+            "checkout_url",
+            "created_at",
+            "paid_at",
+        ]
 
     def get_checkout_url(self, obj: TopUp) -> str:
         request = self.context.get("request")
@@ -53,13 +63,13 @@ class TopUpInput(serializers.Serializer):
     )
 
 
-class PayoutOutput(serializers.ModelSerializer):
+class PayoutRequestOutput(serializers.ModelSerializer):
     class Meta:
         model = PayoutRequest
         fields = ["id", "state", "provider", "amount", "memo", "note", "created_at", "decided_at", "paid_at"]
 
 
-class PayoutInput(serializers.Serializer):
+class PayoutRequestInput(serializers.Serializer):
     provider = StrictIntegerField(min_value=1, help_text="one of your providers")
     amount = StrictIntegerField(min_value=1, max_value=MAX_AMOUNT, help_text="micro-credits of its earnings")
     memo = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
@@ -138,16 +148,16 @@ class StripeWebhook(APIView):
 class PayoutList(ListAPIView):
     """Your payout requests, newest first (staff: all)."""
 
-    serializer_class = PayoutOutput
+    serializer_class = PayoutRequestOutput
 
     def get_queryset(self) -> QuerySet[PayoutRequest]:
         return payout_requests_visible_to(user=self.request.user)
 
-    @extend_schema(request=PayoutInput, responses={201: PayoutOutput})
+    @extend_schema(request=PayoutRequestInput, responses={201: PayoutRequestOutput})
     def post(self, request: Request) -> Response:
         """Ask for earnings of one of your providers to be paid out; the amount is held until
         staff decide."""
-        data = parse(PayoutInput, request.data)
+        data = parse(PayoutRequestInput, request.data)
         payout = payout_request_create(
             user=request.user,
             provider_id=data["provider"],
@@ -155,13 +165,13 @@ class PayoutList(ListAPIView):
             memo=data["memo"],
             idempotency_key=data["idempotency_key"],
         )
-        return Response(PayoutOutput(payout).data, status=status.HTTP_201_CREATED)
+        return Response(PayoutRequestOutput(payout).data, status=status.HTTP_201_CREATED)
 
 
 class PayoutDetail(APIView):
-    @extend_schema(responses=PayoutOutput)
+    @extend_schema(responses=PayoutRequestOutput)
     def get(self, request: Request, request_id: int) -> Response:
-        return Response(PayoutOutput(payout_request_get(user=request.user, request_id=request_id)).data)
+        return Response(PayoutRequestOutput(payout_request_get(user=request.user, request_id=request_id)).data)
 
 
 class PayoutApprove(APIView):
@@ -169,10 +179,10 @@ class PayoutApprove(APIView):
 
     permission_classes = [IsStaff]
 
-    @extend_schema(request=DecisionInput, responses=PayoutOutput)
+    @extend_schema(request=DecisionInput, responses=PayoutRequestOutput)
     def post(self, request: Request, request_id: int) -> Response:
         note = parse(DecisionInput, request.data)["note"]
-        return Response(PayoutOutput(payout_approve(request_id=request_id, by=request.user, note=note)).data)
+        return Response(PayoutRequestOutput(payout_approve(request_id=request_id, by=request.user, note=note)).data)
 
 
 class PayoutReject(APIView):
@@ -180,10 +190,10 @@ class PayoutReject(APIView):
 
     permission_classes = [IsStaff]
 
-    @extend_schema(request=DecisionInput, responses=PayoutOutput)
+    @extend_schema(request=DecisionInput, responses=PayoutRequestOutput)
     def post(self, request: Request, request_id: int) -> Response:
         note = parse(DecisionInput, request.data)["note"]
-        return Response(PayoutOutput(payout_reject(request_id=request_id, by=request.user, note=note)).data)
+        return Response(PayoutRequestOutput(payout_reject(request_id=request_id, by=request.user, note=note)).data)
 
 
 class PayoutPaid(APIView):
@@ -191,9 +201,9 @@ class PayoutPaid(APIView):
 
     permission_classes = [IsStaff]
 
-    @extend_schema(request=PaidInput, responses=PayoutOutput)
+    @extend_schema(request=PaidInput, responses=PayoutRequestOutput)
     def post(self, request: Request, request_id: int) -> Response:
         reference = parse(PaidInput, request.data)["reference"]
         return Response(
-            PayoutOutput(payout_mark_paid(request_id=request_id, by=request.user, reference=reference)).data
+            PayoutRequestOutput(payout_mark_paid(request_id=request_id, by=request.user, reference=reference)).data
         )

@@ -155,7 +155,11 @@ class StripeCheckout(PaymentGateway):
             event = json.loads(payload)
         except ValueError:
             raise ValidationFailed("the webhook body is not a Stripe event") from None
-        if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+        if (
+            not isinstance(event, dict)
+            or not isinstance(event.get("id"), str)
+            or not isinstance(event.get("type"), str)
+        ):
             raise ValidationFailed("the webhook body is not a Stripe event")
         data = event.get("data")
         obj = data.get("object") if isinstance(data, dict) else None

@@ -112,9 +112,7 @@ class PayoutRequest(models.Model):
     amount = models.BigIntegerField(help_text="micro-credits")
     state = models.CharField(max_length=10, choices=State.choices, default=State.REQUESTED)
     # The escrow account the requested credits wait in until staff decide.
-    hold_account = models.OneToOneField(
-        "ledger.Account", on_delete=models.PROTECT, related_name="payout_request"
-    )
+    hold_account = models.OneToOneField("ledger.Account", on_delete=models.PROTECT, related_name="payout_request")
     memo = models.CharField(max_length=200, blank=True)
     # Staff's note: why it was rejected, or the outside payment's reference.
     note = models.CharField(max_length=200, blank=True)

@@ -208,10 +208,13 @@ def payment_notice_apply(*, gateway_name: str, notice: PaymentNotice) -> str:
         .first()
     )
     if topup is None:
-        raise PaymentMismatch(f"no top-up has the checkout {notice.external_id}", extra={"checkout": notice.external_id})
+        raise PaymentMismatch(
+            f"no top-up has the checkout {notice.external_id}", extra={"checkout": notice.external_id}
+        )
     if notice.reference != str(topup.pk):
         raise PaymentMismatch(
-            "the checkout's reference does not name the top-up it was created for", extra={"checkout": topup.external_id}
+            "the checkout's reference does not name the top-up it was created for",
+            extra={"checkout": topup.external_id},
         )
     event.topup = topup
     if notice.paid:

@@ -27,8 +27,7 @@ from marketplace.accounts.services import api_key_create, api_key_revoke, user_c
 from marketplace.common.errors import ApplicationError, NotFound
 from marketplace.jobs.selectors import job_get, job_plan_current, job_transitions
 from marketplace.ledger.selectors import wallet_balance
-from marketplace.web import selectors
-from marketplace.web.charts import coverage_chart
+from marketplace.payments import services as payments
 from marketplace.payments.selectors import (
     own_topups,
     payout_requests_visible_to,
@@ -36,8 +35,9 @@ from marketplace.payments.selectors import (
     topup_get,
     topup_offer,
 )
-from marketplace.payments import services as payments
 from marketplace.payments.services import payout_approve, payout_mark_paid, payout_reject
+from marketplace.web import selectors
+from marketplace.web.charts import coverage_chart
 from marketplace.web.forms import ApiKeyCreateForm, PayoutDecisionForm, PayoutRequestForm, SignupForm, TopUpForm
 from marketplace.web.health import health_checks
 

@@ -242,7 +242,9 @@ def test_a_stripe_refusal_is_a_502_that_charges_nothing_and_a_retry_works(stripe
 def test_a_key_reused_for_another_amount_is_a_conflict(stripe_api: StripeStandIn) -> None:
     user = make_user()
     buy(user, 300, idempotency_key="same")
-    response = client_for(user).post("/api/payments/topups/", {"credits": 301, "idempotency_key": "same"}, format="json")
+    response = client_for(user).post(
+        "/api/payments/topups/", {"credits": 301, "idempotency_key": "same"}, format="json"
+    )
     assert_error(response, 409, "idempotency_conflict")
 
 
@@ -297,6 +299,9 @@ def test_test_top_ups_are_off_in_production_unless_explicitly_enabled() -> None:
     assert _settings_in_a_fresh_process() == {"test": False, "stripe": False}
     assert _settings_in_a_fresh_process(DEBUG="true") == {"test": True, "stripe": False}
     assert _settings_in_a_fresh_process(HIVEMART_TEST_TOPUPS="true") == {"test": True, "stripe": False}
+    from hivemart.demo.scenario import market_env
+
+    assert _settings_in_a_fresh_process(**market_env())["test"] is True  # the embedded demo needs no account anywhere
     stripe_env = {"HIVEMART_STRIPE_SECRET_KEY": "sk_x", "HIVEMART_STRIPE_WEBHOOK_SECRET": "whsec_x", "DEBUG": "true"}
     assert _settings_in_a_fresh_process(**stripe_env) == {"test": False, "stripe": True}
 
@@ -310,7 +315,9 @@ def earning_provider(amount: int) -> Provider:
     payer = wallet_get_or_create(user=make_user())
     credit_grant(account=payer, amount=amount, memo="test funds")
     hold = hold_place(account=payer, amount=amount)
-    hold_capture(hold=hold, amount=amount, payee=provider.earnings_account, idempotency_key=f"earn-{provider.pk}", fee=0)
+    hold_capture(
+        hold=hold, amount=amount, payee=provider.earnings_account, idempotency_key=f"earn-{provider.pk}", fee=0
+    )
     provider.earnings_account.refresh_from_db()
     return provider
 
@@ -366,7 +373,9 @@ def test_rejecting_returns_the_credits_and_cannot_be_approved_after(staff: User)
     provider = earning_provider(1_000_000)
     request = payout_request_create(user=provider.user, provider_id=provider.pk, amount=600_000)
     assert balance(provider.earnings_account_id) == 400_000
-    response = client_for(staff).post(f"/api/payouts/{request.pk}/reject/", {"note": "bank details missing"}, format="json")
+    response = client_for(staff).post(
+        f"/api/payouts/{request.pk}/reject/", {"note": "bank details missing"}, format="json"
+    )
     assert response.json()["state"] == "rejected" and response.json()["note"] == "bank details missing"
     payout_reject(request_id=request.pk, by=staff)  # again: nothing more moves
     assert balance(provider.earnings_account_id) == 1_000_000
@@ -396,7 +405,9 @@ def test_a_payout_beyond_the_earnings_is_refused_and_moves_nothing() -> None:
 @pytest.mark.parametrize("amount", [0, -1, 10**16, "5", 1.5, True])
 def test_payout_amounts_that_are_not_positive_micro_credits_are_refused(amount: Any) -> None:
     provider = earning_provider(1_000_000)
-    response = client_for(provider.user).post("/api/payouts/", {"provider": provider.pk, "amount": amount}, format="json")
+    response = client_for(provider.user).post(
+        "/api/payouts/", {"provider": provider.pk, "amount": amount}, format="json"
+    )
     assert_error(response, 400, "invalid")
     assert balance(provider.earnings_account_id) == 1_000_000
 

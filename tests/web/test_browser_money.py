@@ -69,8 +69,8 @@ def test_sign_up_top_up_run_a_job_and_see_receipt_and_wallet(live_server: Any, s
     from hivemart_core.protocol.tickets import JobTicket
     from marketplace.accounts.models import User
     from marketplace.jobs.services import SegmentSpec, job_create, job_plan_store, job_transition
-    from marketplace.receipts.services import job_finish, receipts_settle
     from marketplace.providers.services import provider_heartbeat
+    from marketplace.receipts.services import job_finish, receipts_settle
     from tests.marketplace.factories import make_model, make_user, register
     from tests.marketplace.settlement import platform_key_file
 

@@ -92,9 +92,15 @@ def test_a_payout_request_from_the_wallet_and_its_decision_on_the_staff_page() -
     request = PayoutRequest.objects.get()
     assert request.amount == 1_500_000 and "Payout request #" in done and "payout-requested" in done
     # Beyond the earnings, or someone else's provider: a message, nothing held.
-    assert "available" in owner.post("/wallet/payouts/", {"provider": provider.pk, "amount": "5"}, follow=True).content.decode()
+    assert (
+        "available"
+        in owner.post("/wallet/payouts/", {"provider": provider.pk, "amount": "5"}, follow=True).content.decode()
+    )
     stranger = logged_in(make_user())
-    assert "no provider" in stranger.post("/wallet/payouts/", {"provider": provider.pk, "amount": "1"}, follow=True).content.decode()
+    assert (
+        "no provider"
+        in stranger.post("/wallet/payouts/", {"provider": provider.pk, "amount": "1"}, follow=True).content.decode()
+    )
     assert PayoutRequest.objects.count() == 1
 
     # Only staff see the staff page or decide.
