@@ -286,14 +286,12 @@ class Providers(_Resource):
 
     def payout(
         self, provider_id: int, *, amount: int, memo: str = "", idempotency_key: str | None = None
-    ) -> Transaction:
-        """Pay ``amount`` micro-credits of the provider's settled earnings out of the platform
-        (your provider; idempotent by key, generated unless given)."""
-        account = self.get(provider_id).earnings_account
-        # The key goes in the body too: the ledger keeps it for good, past the API's retention.
+    ) -> PayoutRequest:
+        """Ask for ``amount`` micro-credits of the provider's settled earnings to be paid out (your
+        provider): held at once, paid when staff approve (``client.payouts``)."""
         key = idempotency_key or new_idempotency_key()
-        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": key}
-        return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=key))
+        body = {"provider": int(provider_id), "amount": amount, "memo": memo, "idempotency_key": key}
+        return PayoutRequest.from_json(self._core.request("POST", "/api/payouts/", json=body, idempotency_key=key))
 
     def offences(self, provider_id: int, *, page: int = 1, page_size: int | None = None) -> Page[Offence]:
         """What the provider was found doing (failed audits, wrong probe answers), newest first."""
@@ -564,7 +562,8 @@ class Ledger(_Resource):
         return Transaction.from_json(self._core.request("POST", "/api/ledger/grants/", json=body, idempotency_key=key))
 
     def payout(self, *, account: int, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
-        """Pay ``amount`` micro-credits out of one of your providers' earnings accounts."""
+        """Staff: pay ``amount`` micro-credits out of a provider's earnings account at once (a payout
+        made outside the request flow; providers use ``client.payouts.request``)."""
         # The key goes in the body too: the ledger keeps it for good, past the API's retention.
         key = idempotency_key or new_idempotency_key()
         body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": key}
