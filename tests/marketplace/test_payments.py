@@ -465,3 +465,37 @@ def test_concurrent_payout_requests_cannot_take_the_same_earnings_twice() -> Non
     assert all(isinstance(r, InsufficientCredits) for r in results if r not in made)
     assert balance(provider.earnings_account_id) == 400_000
     assert ledger_verify().consistent
+
+
+# --- the ledger movements underneath -------------------------------------------------------------
+
+
+def test_ledger_money_movements_are_keyed_and_refuse_a_second_different_use() -> None:
+    from marketplace.common.errors import Conflict, IdempotencyConflict
+    from marketplace.ledger.services import payout_hold_pay, payout_hold_place, payout_hold_release, topup_credit
+
+    wallet = wallet_get_or_create(user=make_user())
+    first = topup_credit(account=wallet, amount=500, idempotency_key="topup:x")
+    assert topup_credit(account=wallet, amount=500, idempotency_key="topup:x").pk == first.pk
+    with pytest.raises(IdempotencyConflict):
+        topup_credit(account=wallet, amount=501, idempotency_key="topup:x")
+    assert balance(wallet.pk) == 500
+
+    provider = earning_provider(1_000)
+    escrow, held = payout_hold_place(
+        source=provider.earnings_account, amount=600, idempotency_key="h", requested_by=provider.user
+    )
+    again, held_again = payout_hold_place(
+        source=provider.earnings_account, amount=600, idempotency_key="h", requested_by=provider.user
+    )
+    assert (again.pk, held_again.pk) == (escrow.pk, held.pk) and balance(provider.earnings_account_id) == 400
+    with pytest.raises(IdempotencyConflict):
+        payout_hold_place(source=provider.earnings_account, amount=1, idempotency_key="h", requested_by=provider.user)
+    paid = payout_hold_pay(escrow=escrow, idempotency_key="p", decided_by=None)
+    assert payout_hold_pay(escrow=escrow, idempotency_key="p", decided_by=None).pk == paid.pk
+    with pytest.raises(Conflict):  # emptied: nothing left to pay again or to give back
+        payout_hold_release(escrow=escrow, to=provider.earnings_account, idempotency_key="r", decided_by=None)
+    with pytest.raises(Conflict):
+        payout_hold_pay(escrow=escrow, idempotency_key="p2", decided_by=None)
+    assert balance(escrow.pk) == 0 and balance(provider.earnings_account_id) == 400
+    assert ledger_verify().consistent
