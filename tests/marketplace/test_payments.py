@@ -74,9 +74,11 @@ def stripe_api(settings: Any) -> Iterator[StripeStandIn]:
 
 
 def deliver(payload: bytes, signature: str | None = None) -> Any:
-    """POST ``payload`` to the webhook as Stripe does (signed with the endpoint's secret unless told)."""
+    """POST ``payload`` to the webhook as Stripe does (signed with the endpoint's secret unless
+    told): no session, no CSRF token, no API key."""
     headers = {"HTTP_STRIPE_SIGNATURE": stripe_signature(payload) if signature is None else signature}
-    return client_for().post(WEBHOOK, data=payload, content_type="application/json", **headers)
+    client = APIClient(enforce_csrf_checks=True)
+    return client.post(WEBHOOK, data=payload, content_type="application/json", **headers)
 
 
 def buy(user: User, credits: int = 500, **extra: Any) -> dict:
@@ -302,6 +304,12 @@ def test_test_top_ups_are_off_in_production_unless_explicitly_enabled() -> None:
     from hivemart.demo.scenario import market_env
 
     assert _settings_in_a_fresh_process(**market_env())["test"] is True  # the embedded demo needs no account anywhere
+    # A Stripe key without the webhook's secret could never credit a payment: refused at start-up.
+    code = "import marketplace.settings"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HIVEMART_", "DEBUG"))}
+    env.update(PYTHONPATH=str(ROOT), SECRET_KEY="x" * 50, HIVEMART_STRIPE_SECRET_KEY="sk_x")
+    refused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "HIVEMART_STRIPE_WEBHOOK_SECRET" in refused.stderr
     stripe_env = {"HIVEMART_STRIPE_SECRET_KEY": "sk_x", "HIVEMART_STRIPE_WEBHOOK_SECRET": "whsec_x", "DEBUG": "true"}
     assert _settings_in_a_fresh_process(**stripe_env) == {"test": False, "stripe": True}
 
@@ -499,3 +507,26 @@ def test_ledger_money_movements_are_keyed_and_refuse_a_second_different_use() ->
         payout_hold_pay(escrow=escrow, idempotency_key="p2", decided_by=None)
     assert balance(escrow.pk) == 0 and balance(provider.earnings_account_id) == 400
     assert ledger_verify().consistent
+
+
+def test_staff_decide_payout_requests_in_the_admin(staff: User) -> None:
+    from django.test import Client
+
+    provider = earning_provider(2_000_000)
+    keep = payout_request_create(user=provider.user, provider_id=provider.pk, amount=500_000)
+    drop = payout_request_create(user=provider.user, provider_id=provider.pk, amount=700_000)
+    admin = Client()
+    staff.is_superuser = True
+    staff.save()
+    admin.force_login(staff)
+    url = "/admin/payments/payoutrequest/"
+    assert admin.get(url).status_code == 200
+    admin.post(url, {"action": "approve", "_selected_action": [keep.pk]})
+    admin.post(url, {"action": "reject", "_selected_action": [drop.pk]})
+    admin.post(url, {"action": "reject", "_selected_action": [keep.pk]})  # too late: approved; an error message
+    states = dict(PayoutRequest.objects.values_list("pk", "state"))
+    assert states == {keep.pk: "approved", drop.pk: "rejected"}
+    assert balance(provider.earnings_account_id) == 1_500_000
+    # Nothing in the admin edits a request or a top-up by hand.
+    assert admin.get(f"{url}add/").status_code == 403
+    assert admin.post(f"{url}{keep.pk}/change/", {"state": "requested"}).status_code == 403
