@@ -30,6 +30,14 @@
 | ``HIVEMART_AUDIT_DEPOSIT`` | ``100000`` | micro-credits an audit without evidence puts down; forfeited when it proves nothing |
 | ``HIVEMART_AUDIT_QUOTA_BYTES`` | 64 MiB | audit tensors one user may have stored at once |
 | ``HIVEMART_SETTLE_GRACE_S`` | ``30`` | a settling job waits this long for late receipts before it is done |
+| ``HIVEMART_STRIPE_SECRET_KEY`` | empty (no Stripe) | Stripe secret key: top-ups through Stripe Checkout |
+| ``HIVEMART_STRIPE_WEBHOOK_SECRET`` | empty | the signing secret of the webhook endpoint ``/api/payments/stripe/webhook/`` |
+| ``HIVEMART_STRIPE_API_BASE`` | ``https://api.stripe.com`` | where Stripe's API is reached (tests point it at a loopback stand-in) |
+| ``HIVEMART_TEST_TOPUPS`` | ``true`` only when ``DEBUG`` and no Stripe key | the test payment provider: top-ups paid on a button, no money; never on in production unless set |
+| ``HIVEMART_TOPUP_CURRENCY`` | ``usd`` | the currency top-ups are charged in |
+| ``HIVEMART_TOPUP_CREDITS_PER_UNIT`` | ``100`` | whole credits one currency unit buys (100: a credit costs a cent) |
+| ``HIVEMART_TOPUP_MINOR_PER_UNIT`` | ``100`` | the currency's smallest units per unit (cents per dollar; 1 for yen) |
+| ``HIVEMART_TOPUP_MIN_CREDITS``, ``HIVEMART_TOPUP_MAX_CREDITS`` | ``100``, ``1000000`` | the range of one top-up, whole credits |
 | ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
 To add an app (``receipts``, ``web``, ...): append it to ``HIVEMART_APPS`` and include its
@@ -110,6 +118,7 @@ HIVEMART_APPS = [
     "scheduler.app",
     "marketplace.web",
     "marketplace.receipts",
+    "marketplace.payments",
 ]
 
 INSTALLED_APPS = [
@@ -370,6 +379,33 @@ HIVEMART_AUDIT_DEPOSIT = env_int("HIVEMART_AUDIT_DEPOSIT", 100_000, minimum=1)
 # tensors are dropped once it is decided.
 HIVEMART_AUDIT_QUOTA_BYTES = env_int("HIVEMART_AUDIT_QUOTA_BYTES", 64 * 1024 * 1024, minimum=0)
 HIVEMART_SETTLE_INTERVAL_S = env_int("HIVEMART_SETTLE_INTERVAL_S", 10, minimum=1)
+
+# Money in and out (marketplace.payments; docs/operators.md). Top-ups go through Stripe Checkout
+# when a secret key is set; the webhook's signing secret authenticates what Stripe reports.
+HIVEMART_STRIPE_SECRET_KEY = os.environ.get("HIVEMART_STRIPE_SECRET_KEY", "").strip()
+HIVEMART_STRIPE_WEBHOOK_SECRET = os.environ.get("HIVEMART_STRIPE_WEBHOOK_SECRET", "").strip()
+HIVEMART_STRIPE_API_BASE = os.environ.get("HIVEMART_STRIPE_API_BASE", "").strip() or "https://api.stripe.com"
+if HIVEMART_STRIPE_SECRET_KEY and not HIVEMART_STRIPE_WEBHOOK_SECRET:
+    raise ImproperlyConfigured(
+        "HIVEMART_STRIPE_SECRET_KEY is set without HIVEMART_STRIPE_WEBHOOK_SECRET: paid top-ups could never be "
+        "credited (set the webhook endpoint's signing secret, see docs/operators.md)"
+    )
+if HIVEMART_STRIPE_SECRET_KEY:
+    # The top-up form's answer redirects to Stripe's checkout page, and browsers hold a form's
+    # redirects to form-action too.
+    HIVEMART_CSP = HIVEMART_CSP.replace("form-action 'self'", "form-action 'self' https://checkout.stripe.com")
+# The test payment provider (a button on this site pays, no money moves in): on for a developer
+# machine without Stripe, never in production unless an operator sets it (the demo does).
+HIVEMART_TEST_TOPUPS = env_bool("HIVEMART_TEST_TOPUPS", DEBUG and not HIVEMART_STRIPE_SECRET_KEY)
+HIVEMART_TOPUP_CURRENCY = (os.environ.get("HIVEMART_TOPUP_CURRENCY", "").strip() or "usd").lower()
+if len(HIVEMART_TOPUP_CURRENCY) != 3 or not HIVEMART_TOPUP_CURRENCY.isalpha():
+    raise ImproperlyConfigured("HIVEMART_TOPUP_CURRENCY is a three-letter ISO 4217 code such as usd or eur")
+HIVEMART_TOPUP_CREDITS_PER_UNIT = env_int("HIVEMART_TOPUP_CREDITS_PER_UNIT", 100, minimum=1, maximum=10**9)
+HIVEMART_TOPUP_MINOR_PER_UNIT = env_int("HIVEMART_TOPUP_MINOR_PER_UNIT", 100, minimum=1, maximum=1000)
+HIVEMART_TOPUP_MIN_CREDITS = env_int("HIVEMART_TOPUP_MIN_CREDITS", 100, minimum=1, maximum=10**9)
+HIVEMART_TOPUP_MAX_CREDITS = env_int(
+    "HIVEMART_TOPUP_MAX_CREDITS", 1_000_000, minimum=HIVEMART_TOPUP_MIN_CREDITS, maximum=10**9
+)
 
 # --- scheduler (Celery; see scheduler/celery.py and scheduler/README.md) ------------------
 

@@ -10,7 +10,10 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 API_URLCONFS = [
-    *(f"marketplace.{app}.api_urls" for app in ("accounts", "catalog", "providers", "jobs", "ledger", "receipts")),
+    *(
+        f"marketplace.{app}.api_urls"
+        for app in ("accounts", "catalog", "providers", "jobs", "ledger", "receipts", "payments")
+    ),
     "scheduler.app.api_urls",
 ]
 

@@ -9,7 +9,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from client_sdk.money import MICRO_PER_CREDIT, format_credits
+from client_sdk.money import format_credits
 from hivemart.demo.stack import catalog_checkpoint, market_provider_args
 from hivemart_core.api import Client
 from hivemart_core.errors import HivemartError
@@ -29,7 +29,8 @@ FINETUNE_TEXTS = [
     "A backup takes over when a provider fails, and the tokens stay the same.",
     "Credits move from the hold to the provider only for receipted work.",
 ]
-CLIENT_GRANT = 50 * MICRO_PER_CREDIT
+# What the demo's client buys with a test top-up (the marketplace's smallest by default).
+CLIENT_TOPUP_CREDITS = 100
 # Two providers split the model; the third, dearer, holds the first half again and is the plan's
 # backup for it: the one the client fails over to when the first hop is killed.
 SPANS = {"provider-a": ((0, 3), 1_000_000), "provider-b": ((3, 6), 1_000_000), "provider-c": ((0, 3), 1_200_000)}
@@ -113,9 +114,12 @@ class Demo:
         signup = anonymous.accounts.signup(username=self.username, password=self.password)
         anonymous.close()
         self.client = Client(api_key=signup.api_key.key, base_url=self.market.url)
-        self.operator.ledger.grant(username=self.username, amount=CLIENT_GRANT, memo="demo credits")
+        # Bought as a user would, through the test payment provider (no account anywhere).
+        topup = self.client.payments.topup(credits=CLIENT_TOPUP_CREDITS)
+        topup = self.client.payments.test_pay(topup.id)
         self.options.say(
-            f"[{phase}/9] client {self.username} signed up and received {format_credits(CLIENT_GRANT)} credits"
+            f"[{phase}/9] client {self.username} signed up and bought {format_credits(topup.credits)} credits "
+            f"(test top-up #{topup.id}, {topup.state})"
         )
         self.results["client_start_balance"] = self.client.accounts.me().wallet_balance
         self.results["books_before"] = self._books()

@@ -121,4 +121,7 @@ def market_env() -> dict[str, str]:
         "HIVEMART_SETTLE_GRACE_S": "2",
         "HIVEMART_MATCH_ON_CREATE": "true",
         "HIVEMART_SETTLE_ON_UPLOAD": "true",
+        # The wallet's "buy credits" works with no payment account anywhere: the test payment
+        # provider (off in production unless set; docs/operators.md).
+        "HIVEMART_TEST_TOPUPS": "true",
     }

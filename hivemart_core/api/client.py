@@ -29,6 +29,7 @@ from hivemart_core.api.types import (
     Offence,
     Offer,
     Page,
+    PayoutRequest,
     Plan,
     PlatformInfo,
     Posting,
@@ -37,6 +38,7 @@ from hivemart_core.api.types import (
     Settlement,
     SignupResult,
     StoredReceipt,
+    TopUp,
     Transaction,
     User,
 )
@@ -305,14 +307,12 @@ class Providers(_Resource):
 
     def payout(
         self, provider_id: int, *, amount: int, memo: str = "", idempotency_key: str | None = None
-    ) -> Transaction:
-        """Pay ``amount`` micro-credits of the provider's settled earnings out of the platform
-        (your provider; idempotent by key, generated unless given)."""
-        account = self.get(provider_id).earnings_account
-        # The key goes in the body too: the ledger keeps it for good, past the API's retention.
+    ) -> PayoutRequest:
+        """Ask for ``amount`` micro-credits of the provider's settled earnings to be paid out (your
+        provider): held at once, paid when staff approve (``client.payouts``)."""
         key = idempotency_key or new_idempotency_key()
-        body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": key}
-        return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=key))
+        body = {"provider": int(provider_id), "amount": amount, "memo": memo, "idempotency_key": key}
+        return PayoutRequest.from_json(self._core.request("POST", "/api/payouts/", json=body, idempotency_key=key))
 
     def offences(self, provider_id: int, *, page: int = 1, page_size: int | None = None) -> Page[Offence]:
         """What the provider was found doing (failed audits, wrong probe answers), newest first."""
@@ -583,11 +583,67 @@ class Ledger(_Resource):
         return Transaction.from_json(self._core.request("POST", "/api/ledger/grants/", json=body, idempotency_key=key))
 
     def payout(self, *, account: int, amount: int, memo: str = "", idempotency_key: str | None = None) -> Transaction:
-        """Pay ``amount`` micro-credits out of one of your providers' earnings accounts."""
+        """Staff: pay ``amount`` micro-credits out of a provider's earnings account at once (a payout
+        made outside the request flow; providers use ``client.payouts.request``)."""
         # The key goes in the body too: the ledger keeps it for good, past the API's retention.
         key = idempotency_key or new_idempotency_key()
         body = {"account": account, "amount": amount, "memo": memo, "idempotency_key": key}
         return Transaction.from_json(self._core.request("POST", "/api/ledger/payouts/", json=body, idempotency_key=key))
+
+
+class Payments(_Resource):
+    """Buying credits: a top-up is paid on its ``checkout_url``, then credited."""
+
+    def topup(self, *, credits: int, idempotency_key: str | None = None) -> TopUp:
+        """Start buying ``credits`` whole credits; open ``checkout_url`` to pay."""
+        key = idempotency_key or new_idempotency_key()
+        body = {"credits": credits, "idempotency_key": key}
+        return TopUp.from_json(self._core.request("POST", "/api/payments/topups/", json=body, idempotency_key=key))
+
+    def topups(self, *, page: int = 1, page_size: int | None = None) -> Page[TopUp]:
+        return self._page("/api/payments/topups/", TopUp.from_json, page, page_size)
+
+    def get(self, topup_id: int) -> TopUp:
+        return TopUp.from_json(self._core.request("GET", f"/api/payments/topups/{int(topup_id)}/"))
+
+    def test_pay(self, topup_id: int) -> TopUp:
+        """Pay one of your test top-ups (only where the marketplace runs the test payment provider)."""
+        return TopUp.from_json(self._core.request("POST", f"/api/payments/topups/{int(topup_id)}/test-pay/"))
+
+
+class Payouts(_Resource):
+    """Payout requests: providers ask, staff approve (or reject) and mark paid."""
+
+    def request(
+        self, *, provider: int, amount: int, memo: str = "", idempotency_key: str | None = None
+    ) -> PayoutRequest:
+        """Ask for ``amount`` micro-credits of your provider's earnings to be paid out (held until decided)."""
+        key = idempotency_key or new_idempotency_key()
+        body = {"provider": provider, "amount": amount, "memo": memo, "idempotency_key": key}
+        return PayoutRequest.from_json(self._core.request("POST", "/api/payouts/", json=body, idempotency_key=key))
+
+    def list(self, *, page: int = 1, page_size: int | None = None) -> Page[PayoutRequest]:
+        return self._page("/api/payouts/", PayoutRequest.from_json, page, page_size)
+
+    def get(self, request_id: int) -> PayoutRequest:
+        return PayoutRequest.from_json(self._core.request("GET", f"/api/payouts/{int(request_id)}/"))
+
+    def approve(self, request_id: int, *, note: str = "") -> PayoutRequest:
+        """Staff: pay the request's held credits out of the platform."""
+        return self._decide(request_id, "approve", {"note": note})
+
+    def reject(self, request_id: int, *, note: str = "") -> PayoutRequest:
+        """Staff: return the request's held credits to the provider's earnings."""
+        return self._decide(request_id, "reject", {"note": note})
+
+    def mark_paid(self, request_id: int, *, reference: str) -> PayoutRequest:
+        """Staff: record the outside payment's reference for an approved request."""
+        return self._decide(request_id, "paid", {"reference": reference})
+
+    def _decide(self, request_id: int, action: str, body: dict[str, str]) -> PayoutRequest:
+        return PayoutRequest.from_json(
+            self._core.request("POST", f"/api/payouts/{int(request_id)}/{action}/", json=body)
+        )
 
 
 class Client:
@@ -630,6 +686,8 @@ class Client:
         self.platform = Platform(self._core)
         self.receipts = Receipts(self._core)
         self.audits = Audits(self._core)
+        self.payments = Payments(self._core)
+        self.payouts = Payouts(self._core)
 
     @property
     def api_key(self) -> str | None:

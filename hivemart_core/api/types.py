@@ -50,6 +50,8 @@ __all__ = [
     "Audit",
     "Offence",
     "Dispute",
+    "TopUp",
+    "PayoutRequest",
 ]
 
 T = TypeVar("T")
@@ -903,4 +905,64 @@ class Page(Generic[T]):
             count=d["count"],
             page=page,
             has_next=d.get("next") is not None,
+        )
+
+
+@dataclass(frozen=True)
+class TopUp:
+    """Credits being bought: pay at ``checkout_url``; the wallet is credited when the payment
+    provider reports the payment (``state`` becomes ``paid``)."""
+
+    id: int
+    state: str  # pending, paid, expired
+    provider: str  # stripe, test
+    credits: int  # micro-credits bought
+    amount_minor: int  # the price, in the currency's smallest unit
+    currency: str
+    checkout_url: str
+    created_at: datetime
+    paid_at: datetime | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TopUp:
+        return cls(
+            id=d["id"],
+            state=d["state"],
+            provider=d["provider"],
+            credits=d["credits"],
+            amount_minor=d["amount_minor"],
+            currency=d["currency"],
+            checkout_url=d.get("checkout_url", ""),
+            created_at=_at(d["created_at"]),
+            paid_at=_dt(d.get("paid_at")),
+        )
+
+
+@dataclass(frozen=True)
+class PayoutRequest:
+    """A request to pay out a provider's earnings: ``requested`` (held), ``approved`` (paid out of
+    the platform), ``paid`` (sent; ``note`` is the reference) or ``rejected`` (returned)."""
+
+    id: int
+    state: str
+    provider: int
+    amount: int  # micro-credits
+    memo: str
+    note: str
+    created_at: datetime
+    decided_at: datetime | None
+    paid_at: datetime | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PayoutRequest:
+        return cls(
+            id=d["id"],
+            state=d["state"],
+            provider=d["provider"],
+            amount=d["amount"],
+            memo=d.get("memo", ""),
+            note=d.get("note", ""),
+            created_at=_at(d["created_at"]),
+            decided_at=_dt(d.get("decided_at")),
+            paid_at=_dt(d.get("paid_at")),
         )

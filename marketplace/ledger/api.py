@@ -1,4 +1,8 @@
-"""API: accounts, postings and holds (read), staff grants, provider payouts."""
+"""API: accounts, postings and holds (read), staff grants and staff-recorded payouts.
+
+Providers ask for payouts with ``POST /api/payouts/`` (``marketplace.payments``): a request held
+until staff approve it. ``POST /api/ledger/payouts/`` is staff recording a payout made outside
+that flow."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from rest_framework.response import Response
 
 from marketplace.accounts.models import User
 from marketplace.common.api import IsStaff, StrictIntegerField, parse, query_id
-from marketplace.common.errors import PermissionDenied, ValidationFailed
+from marketplace.common.errors import ValidationFailed
 from marketplace.common.views import APIView, ListAPIView
 from marketplace.ledger.models import Account, Hold, Posting, Transaction
 from marketplace.ledger.selectors import (
@@ -146,13 +150,14 @@ class GrantView(APIView):
 
 
 class PayoutView(APIView):
-    """Pay credits out of one of your providers' earnings accounts."""
+    """Staff: pay credits out of a provider's earnings account at once (a payout made outside the
+    request flow). Providers ask with ``POST /api/payouts/``, which staff approve."""
+
+    permission_classes = [IsStaff]
 
     @extend_schema(request=PayoutInput, responses={201: TransactionOutput})
     def post(self, request: Request) -> Response:
         data = parse(PayoutInput, request.data)
         account = account_get(user=request.user, account_id=data.pop("account"))
-        if account.user_id != request.user.pk and not request.user.is_staff:
-            raise PermissionDenied("this is not your account")
         tx = payout(account=account, requested_by=request.user, **data)
         return Response(TransactionOutput(tx).data, status=status.HTTP_201_CREATED)

@@ -113,6 +113,11 @@ class Transaction(models.Model):
         PAYOUT = "payout"
         CLAWBACK = "clawback"
         FORFEIT = "forfeit"
+        # Money in and out (marketplace.payments): a paid top-up, and a payout request's
+        # credits set aside from earnings, then paid out (PAYOUT) or returned (PAYOUT_RELEASE).
+        TOPUP = "topup"
+        PAYOUT_HOLD = "payout_hold"
+        PAYOUT_RELEASE = "payout_release"
 
     # Chosen by the service before the postings are written (they reference it; the header
     # row comes last), hence a UUID rather than a database sequence.

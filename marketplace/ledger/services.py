@@ -64,6 +64,10 @@ __all__ = [
     "clawback",
     "hold_forfeit",
     "fee_for",
+    "topup_credit",
+    "payout_hold_place",
+    "payout_hold_pay",
+    "payout_hold_release",
 ]
 
 # No single movement may exceed 10^15 micro-credits (a billion credits); bounding amounts
@@ -520,3 +524,113 @@ def hold_forfeit(*, hold: Hold, memo: str = "") -> Transaction | None:
     hold.state, hold.closed_at = Hold.State.CLOSED, timezone.now()
     hold.save(update_fields=["state", "closed_at"])
     return tx
+
+
+# --- money in and out (marketplace.payments) ------------------------------------------------
+
+
+@transaction.atomic
+def topup_credit(*, account: Account, amount: int, idempotency_key: str, memo: str = "") -> Transaction:
+    """A paid top-up: credits from the external account into a wallet. ``idempotency_key`` is a
+    system key derived from the payment (one per checkout session), so that a payment that is
+    reported twice credits once."""
+    _check_amount(amount)
+    if idempotency_key is None:
+        raise ValidationFailed("a top-up needs an idempotency key", extra={"field": "idempotency_key"})
+    key = _scoped_key(idempotency_key, None)
+    _check_kind(account, Account.Kind.WALLET, role="top-up's recipient")
+    external = platform_account(Account.Kind.EXTERNAL)
+    if (previous := _existing(key, Transaction.Kind.TOPUP, {external.pk: -amount, account.pk: amount})) is not None:
+        return previous
+    return _record(
+        kind=Transaction.Kind.TOPUP,
+        entries=[(external, -amount), (account, amount)],
+        idempotency_key=key,
+        memo=memo or "top-up",
+    )
+
+
+@transaction.atomic
+def payout_hold_place(
+    *, source: Account, amount: int, idempotency_key: str, requested_by: User, memo: str = ""
+) -> tuple[Account, Transaction]:
+    """Set ``amount`` aside from an earnings account into a new escrow account of its own, for a
+    payout request that staff have yet to decide: what is held cannot be paid out twice nor
+    taken back by a clawback. InsufficientCredits when the earnings lack it (the guarded
+    debit decides, so two concurrent requests cannot both take the same credits)."""
+    _check_amount(amount)
+    if idempotency_key is None:
+        raise ValidationFailed("a payout hold needs an idempotency key", extra={"field": "idempotency_key"})
+    _check_kind(source, Account.Kind.EARNINGS, role="payout's source")
+    key = _scoped_key(idempotency_key, None)
+    previous = Transaction.objects.filter(idempotency_key=key).first()
+    if previous is not None:
+        postings = dict(previous.postings.values_list("account_id", "amount"))
+        if previous.kind != Transaction.Kind.PAYOUT_HOLD or postings.get(source.pk) != -amount:
+            raise _conflict(key, previous.pk)
+        escrow_id = next(pk for pk, d in postings.items() if pk != source.pk)
+        return Account.objects.get(pk=escrow_id), previous
+    escrow = Account.objects.create(kind=Account.Kind.ESCROW, user=requested_by, label=(memo or "payout hold")[:200])
+    tx = _record(
+        kind=Transaction.Kind.PAYOUT_HOLD,
+        entries=[(source, -amount), (escrow, amount)],
+        idempotency_key=key,
+        memo=memo or "payout requested",
+        created_by=requested_by,
+    )
+    escrow.balance = amount
+    return escrow, tx
+
+
+def _escrow_locked(escrow: Account) -> int:
+    """Lock a payout hold's escrow account and return its balance (the lock orders deciders)."""
+    return Account.objects.select_for_update().filter(pk=escrow.pk).values_list("balance", flat=True).get()
+
+
+@transaction.atomic
+def payout_hold_pay(*, escrow: Account, idempotency_key: str, decided_by: User | None, memo: str = "") -> Transaction:
+    """Pay a payout hold out of the platform: all of its escrow to the external account.
+    Idempotent by ``idempotency_key`` (a system key); paying an emptied hold again is a Conflict."""
+    _check_kind(escrow, Account.Kind.ESCROW, role="payout hold")
+    key = _scoped_key(idempotency_key, None)
+    left = _escrow_locked(escrow)
+    previous = Transaction.objects.filter(idempotency_key=key).first()
+    if previous is not None:
+        if previous.kind != Transaction.Kind.PAYOUT or not previous.postings.filter(account=escrow).exists():
+            raise _conflict(key, previous.pk)
+        return previous
+    if left <= 0:
+        raise Conflict(f"payout hold #{escrow.pk} holds nothing", extra={"account": escrow.pk}, code="hold_closed")
+    return _record(
+        kind=Transaction.Kind.PAYOUT,
+        entries=[(escrow, -left), (platform_account(Account.Kind.EXTERNAL), left)],
+        idempotency_key=key,
+        memo=memo or "payout",
+        created_by=decided_by,
+    )
+
+
+@transaction.atomic
+def payout_hold_release(
+    *, escrow: Account, to: Account, idempotency_key: str, decided_by: User | None, memo: str = ""
+) -> Transaction:
+    """Return a payout hold to the earnings account it came from (a rejected request).
+    Idempotent by ``idempotency_key`` (a system key); releasing an emptied hold is a Conflict."""
+    _check_kind(escrow, Account.Kind.ESCROW, role="payout hold")
+    _check_kind(to, Account.Kind.EARNINGS, role="release's recipient")
+    key = _scoped_key(idempotency_key, None)
+    left = _escrow_locked(escrow)
+    previous = Transaction.objects.filter(idempotency_key=key).first()
+    if previous is not None:
+        if previous.kind != Transaction.Kind.PAYOUT_RELEASE or not previous.postings.filter(account=escrow).exists():
+            raise _conflict(key, previous.pk)
+        return previous
+    if left <= 0:
+        raise Conflict(f"payout hold #{escrow.pk} holds nothing", extra={"account": escrow.pk}, code="hold_closed")
+    return _record(
+        kind=Transaction.Kind.PAYOUT_RELEASE,
+        entries=[(escrow, -left), (to, left)],
+        idempotency_key=key,
+        memo=memo or "payout rejected: credits returned",
+        created_by=decided_by,
+    )

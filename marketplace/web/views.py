@@ -28,9 +28,18 @@ from marketplace.accounts.services import api_key_create, api_key_revoke, user_c
 from marketplace.common.errors import ApplicationError, NotFound
 from marketplace.jobs.selectors import job_failure_reason, job_get, job_plan_current, job_transitions
 from marketplace.ledger.selectors import wallet_balance
+from marketplace.payments import services as payments
+from marketplace.payments.selectors import (
+    own_topups,
+    payout_requests_visible_to,
+    payout_requests_waiting,
+    topup_get,
+    topup_offer,
+)
+from marketplace.payments.services import payout_approve, payout_mark_paid, payout_reject
 from marketplace.web import selectors
 from marketplace.web.charts import coverage_chart
-from marketplace.web.forms import ApiKeyCreateForm, SignupForm
+from marketplace.web.forms import ApiKeyCreateForm, PayoutDecisionForm, PayoutRequestForm, SignupForm, TopUpForm
 from marketplace.web.health import health_checks
 
 PAGE_SIZE = 50
@@ -165,8 +174,76 @@ def wallet(request: HttpRequest) -> HttpResponse:
             "holds": selectors.open_holds(user=user),
             "providers": selectors.own_providers(user=user),
             "page": _page(request, selectors.wallet_postings(user=user)),
+            "topups": own_topups(user=user),
+            "topup": topup_offer(),
+            "payouts": payout_requests_visible_to(user=user).filter(user=user)[:PAGE_SIZE],
+            "payable": selectors.own_providers(user=user).filter(earnings_account__balance__gt=0),
         },
     )
+
+
+@login_required
+@require_POST
+def topup(request: HttpRequest) -> HttpResponse:
+    """Start buying credits: off to the payment provider's checkout page (Stripe's, or the test
+    provider's page on this site)."""
+    form = TopUpForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Top-up: give a whole number of credits.")
+        return redirect("web:wallet")
+    wallet_url = request.build_absolute_uri(reverse("web:wallet"))
+    try:
+        created = payments.topup_create(
+            user=request.user,
+            credits=form.cleaned_data["credits"],
+            success_url=f"{wallet_url}?topup=done",
+            cancel_url=f"{wallet_url}?topup=cancelled",
+        )
+    except ApplicationError as e:
+        messages.error(request, f"Top-up: {e.message}")
+        return redirect("web:wallet")
+    return redirect(created.checkout_url)
+
+
+@never_cache
+@login_required
+@require_http_methods(["GET", "POST"])
+def topup_test_pay(request: HttpRequest, topup_id: int) -> HttpResponse:
+    """The test payment provider's checkout page: one button pays (no money moves)."""
+    try:
+        found = topup_get(user=request.user, topup_id=topup_id)
+        if found.user_id != request.user.pk or found.provider != "test":
+            raise NotFound(f"no test top-up {topup_id}")
+        if request.method == "POST":
+            paid = payments.topup_test_pay(user=request.user, topup_id=topup_id)
+            messages.success(request, f"Test payment done: top-up #{paid.pk} added to your wallet.")
+            return redirect("web:wallet")
+    except NotFound:
+        raise Http404("no such top-up") from None
+    except ApplicationError as e:
+        messages.error(request, f"Top-up: {e.message}")
+        return redirect("web:wallet")
+    return render(request, "web/topup_test_pay.html", {"topup": found})
+
+
+@login_required
+@require_POST
+def payout_request(request: HttpRequest) -> HttpResponse:
+    """Ask for a payout of one of your providers' earnings (held until staff decide)."""
+    form = PayoutRequestForm(request.POST)
+    if not form.is_valid():
+        reasons = "; ".join(e for errors in form.errors.values() for e in errors)
+        messages.error(request, f"Payout: {reasons}")
+        return redirect("web:wallet")
+    try:
+        made = payments.payout_request_create(
+            user=request.user, provider_id=form.cleaned_data["provider"], amount=form.cleaned_data["amount"]
+        )
+    except ApplicationError as e:
+        messages.error(request, f"Payout: {e.message}")
+        return redirect("web:wallet")
+    messages.success(request, f"Payout request #{made.pk} sent: the amount is held until staff approve it.")
+    return redirect(reverse("web:wallet") + "#payouts")
 
 
 @login_required
@@ -249,6 +326,39 @@ def audits(request: HttpRequest) -> HttpResponse:
     if not request.user.is_staff:
         raise PermissionDenied("staff only")
     return render(request, "web/audits.html", {"page": _page(request, selectors.audits_for_staff(user=request.user))})
+
+
+@login_required
+@require_GET
+def staff_payouts(request: HttpRequest) -> HttpResponse:
+    """Staff only: payout requests to decide (requested) or to pay (approved)."""
+    if not request.user.is_staff:
+        raise PermissionDenied("staff only")
+    return render(request, "web/staff_payouts.html", {"waiting": payout_requests_waiting()[:PAGE_SIZE]})
+
+
+_DECISIONS = {"approve": payout_approve, "reject": payout_reject}
+
+
+@login_required
+@require_POST
+def staff_payout_decide(request: HttpRequest, request_id: int, action: str) -> HttpResponse:
+    """Staff only: approve, reject or mark paid one payout request (the services check staff too)."""
+    if not request.user.is_staff:
+        raise PermissionDenied("staff only")
+    note = PayoutDecisionForm(request.POST).data.get("note", "")[:200]
+    try:
+        if action == "paid":
+            payout_mark_paid(request_id=request_id, by=request.user, reference=note)
+        elif action in _DECISIONS:
+            _DECISIONS[action](request_id=request_id, by=request.user, note=note)
+        else:
+            raise Http404("no such action")
+    except ApplicationError as e:
+        messages.error(request, f"Payout request #{request_id}: {e.message}")
+    else:
+        messages.success(request, f"Payout request #{request_id}: {action} done.")
+    return redirect("web:staff-payouts")
 
 
 @never_cache

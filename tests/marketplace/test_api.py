@@ -609,7 +609,7 @@ def test_grants_are_staff_only(alice: User, staff: User) -> None:
         assert_error(client_for(staff).post("/api/ledger/grants/", bad, format="json"), 400, "invalid")
 
 
-def test_payouts_from_own_earnings_only(alice: User) -> None:
+def test_direct_payouts_are_staff_only(alice: User, staff: User) -> None:
     model = make_model(num_blocks=4)
     provider = make_provider(user=alice, model=model)
     payer = make_wallet(user=make_user(), credits=10_000).user
@@ -622,7 +622,16 @@ def test_payouts_from_own_earnings_only(alice: User) -> None:
     earned = Account.objects.get(pk=provider.earnings_account_id).balance
     assert earned == 9_500
 
-    client = client_for(alice)
+    # The provider's owner asks through POST /api/payouts/ (a request staff approve), never here.
+    assert_error(
+        client_for(alice).post(
+            "/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 9_000}, format="json"
+        ),
+        403,
+        "permission_denied",
+    )
+    assert Account.objects.get(pk=provider.earnings_account_id).balance == 9_500
+    client = client_for(staff)
     paid = client.post(
         "/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 9_000}, format="json"
     )
@@ -640,8 +649,8 @@ def test_payouts_from_own_earnings_only(alice: User) -> None:
         client_for(payer).post(
             "/api/ledger/payouts/", {"account": provider.earnings_account_id, "amount": 1}, format="json"
         ),
-        404,
-        "not_found",
+        403,
+        "permission_denied",
     )
 
 

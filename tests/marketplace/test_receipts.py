@@ -301,10 +301,10 @@ def test_sdk_settlements_and_provider_payouts(wsgi: httpx.WSGITransport, setting
     assert sdk(wsgi, make_user()).receipts.settlements().items == []
     assert operator.providers.get(p.pk).reputation == 100
     assert operator.providers.offences(p.pk).items == []
-    tx = operator.providers.payout(p.pk, amount=3_000)
-    assert tx.kind == "payout"
+    request = operator.providers.payout(p.pk, amount=3_000)
+    assert (request.state, request.amount, request.provider) == ("requested", 3_000, p.pk)
     with pytest.raises(InsufficientCreditsError):
-        operator.providers.payout(p.pk, amount=1_000)  # 3,800 earned, 3,000 paid out
+        operator.providers.payout(p.pk, amount=1_000)  # 3,800 earned, 3,000 held for the request
     assert operator.ledger.account(p.earnings_account_id).balance == 800
 
 

@@ -168,7 +168,9 @@ def test_body_ids_beyond_64_bits_are_400s() -> None:
         plan = {"segments": [{"block_start": 0, "block_end": 4, "provider": value, "backups": [value]}]}
         assert_error_shape(api(staff).post(f"/api/jobs/{pj.job.pk}/plan/", plan, format="json"), 400, "invalid")
         payout = {"account": value, "amount": 1}
-        assert_error_shape(api(provider.user).post("/api/ledger/payouts/", payout, format="json"), 400, "invalid")
+        assert_error_shape(api(staff).post("/api/ledger/payouts/", payout, format="json"), 400, "invalid")
+        request = {"provider": value, "amount": 1}
+        assert_error_shape(api(provider.user).post("/api/payouts/", request, format="json"), 400, "invalid")
     assert pj.job.plans.count() == 1
     assert_books_consistent()
 

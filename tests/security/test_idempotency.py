@@ -1,8 +1,8 @@
 """Idempotency keys are scoped to their owner (issue 13, item 4).
 
 (a) A provider's owner computes the key settlement will use for its receipts and spends it
-first on a payout of its own; (b) one user's payout key is reused by another user. Neither
-may block anyone's movement or show anyone else's transaction.
+first on a payout request of its own; (b) one user's payout request key is reused by another
+user. Neither may block anyone's movement or show anyone else's request.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from django.apps import apps as django_apps
 from marketplace.jobs.models import Job
 from marketplace.ledger.models import Account, Transaction
 from marketplace.ledger.services import credit_grant
+from marketplace.payments.models import PayoutRequest
 from marketplace.providers.models import Provider
 from marketplace.receipts.models import Receipt, Settlement
 from marketplace.receipts.services import receipts_settle
@@ -74,12 +75,10 @@ def test_a_provider_cannot_block_settlement_by_spending_its_key_first(ending: st
     )
     for spent in (key, f"system:{key}"):  # the bare key, and the key dressed as the system's
         response = api(attacker).post(
-            "/api/ledger/payouts/",
-            {"account": provider.earnings_account_id, "amount": 1, "idempotency_key": spent},
-            format="json",
+            "/api/payouts/", {"provider": provider.pk, "amount": 1, "idempotency_key": spent}, format="json"
         )
         assert response.status_code == 201, response.json()
-        assert response.json()["idempotency_key"] == spent
+        assert PayoutRequest.objects.get(pk=response.json()["id"]).idempotency_key == spent
 
     if ending == "cancel":
         response = api(pj.client).post(f"/api/jobs/{pj.job.pk}/cancel/", {}, format="json")
@@ -111,9 +110,9 @@ def _provider_with_earnings() -> Provider:
     return pj.providers[0]
 
 
-def _payout(user: object, account: int, amount: int, key: str) -> object:
+def _payout(user: object, provider: int, amount: int, key: str) -> object:
     return api(user).post(
-        "/api/ledger/payouts/", {"account": account, "amount": amount, "idempotency_key": key}, format="json"
+        "/api/payouts/", {"provider": provider, "amount": amount, "idempotency_key": key}, format="json"
     )
 
 
@@ -122,25 +121,25 @@ def test_one_users_payout_key_neither_blocks_nor_reveals_another_users() -> None
     alice, mallory = alice_provider.user, mallory_provider.user
     alice_before = _balance(alice_provider.earnings_account_id)
 
-    first = _payout(mallory, mallory_provider.earnings_account_id, 7, "payout-2026-12-07")
+    first = _payout(mallory, mallory_provider.pk, 7, "payout-2026-12-07")
     assert first.status_code == 201
-    # Alice's own payout under the same key goes through; Mallory learns nothing about it.
-    mine = _payout(alice, alice_provider.earnings_account_id, 5, "payout-2026-12-07")
+    # Alice's own request under the same key goes through; Mallory learns nothing about it.
+    mine = _payout(alice, alice_provider.pk, 5, "payout-2026-12-07")
     assert mine.status_code == 201, mine.json()
     assert mine.json()["id"] != first.json()["id"]
     assert _balance(alice_provider.earnings_account_id) == alice_before - 5
     # Keys dressed as another owner's namespace stay the sender's own.
     for dressed in (f"user:{alice.pk}:payout-2026-12-07", "system:payout-2026-12-07"):
-        assert _payout(mallory, mallory_provider.earnings_account_id, 3, dressed).status_code == 201
-    again = _payout(alice, alice_provider.earnings_account_id, 5, "payout-2026-12-07")
-    assert again.status_code == 201 and again.json()["id"] == mine.json()["id"]  # a replay, paid once
+        assert _payout(mallory, mallory_provider.pk, 3, dressed).status_code == 201
+    again = _payout(alice, alice_provider.pk, 5, "payout-2026-12-07")
+    assert again.status_code == 201 and again.json()["id"] == mine.json()["id"]  # a replay, held once
     assert _balance(alice_provider.earnings_account_id) == alice_before - 5
-    # A conflict can only be with one's own movement, and names only that.
+    # A conflict can only be with one's own request, and names only the key.
     conflict = assert_error_shape(
-        _payout(mallory, mallory_provider.earnings_account_id, 8, "payout-2026-12-07"), 409, "idempotency_conflict"
+        _payout(mallory, mallory_provider.pk, 8, "payout-2026-12-07"), 409, "idempotency_conflict"
     )
-    assert conflict["extra"] == {"idempotency_key": "payout-2026-12-07", "transaction": first.json()["id"]}
-    assert mine.json()["id"] not in str(conflict)
+    assert conflict["extra"] == {"idempotency_key": "payout-2026-12-07"}
+    assert str(mine.json()["id"]) not in conflict["message"]
     assert_books_consistent()
 
 
