@@ -7,6 +7,7 @@ import random
 import secrets
 import signal
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from client_sdk.money import MICRO_PER_CREDIT, format_credits
@@ -76,6 +77,7 @@ class Demo:
         self.runtime: Any = None
         self.results: dict[str, Any] = {}
         self.jobs: list[int] = []
+        self.provider_ids: list[int] = []
 
     def say(self, text: str) -> None:
         self.options.say(text)
@@ -104,6 +106,26 @@ class Demo:
             return len([x for x in offers if x.state == "online"]) >= len(SPANS)
 
         _wait("the providers to come online in the marketplace", online, timeout=60)
+        self.provider_ids = [x.provider_id for x in self.operator.models.offers(self.state.model_id)]
+        self._wait_probed()
+
+    def _wait_probed(self) -> None:
+        """Until the scheduler's probes have measured every provider: from then on the pages
+        show, and the plans use, measured throughput, latency and success rate."""
+
+        def measured() -> list[Any]:
+            offers = self.operator.models.offers(self.state.model_id)
+            return [x for x in offers if x.measured] if all(x.measured for x in offers) else []
+
+        offers = _wait("the scheduler's probes to measure every provider", measured, timeout=120)
+        self.say(
+            "      probed: "
+            + "; ".join(
+                f"{x.peer_id[-8:]} {x.throughput or 0:.0f} units/s, {x.latency_ms or 0:.0f} ms, "
+                f"{(x.success_rate or 0):.0%} correct"
+                for x in offers
+            )
+        )
 
     # --- 5: client -------------------------------------------------------------------------
 
@@ -214,7 +236,7 @@ class Demo:
             return {}
         self.options.write(f" [SIGKILL {victim.name}] ")
         victim.process.send_signal(signal.SIGKILL)
-        return {"peer_id": victim.peer_id, "name": victim.name}
+        return {"peer_id": victim.peer_id, "name": victim.name, "at": datetime.now(UTC)}
 
     def _matches_local(self, prompt: torch.Tensor, tokens: torch.Tensor) -> bool:
         import torch
@@ -304,11 +326,30 @@ class Demo:
             "audits": len(audits),
             "audit_verdicts": sorted(a.verdict for a in audits),
             "steps_verified": self.results["inference_job"]["verification"]["checked"],
+            **self._probe_counts(),
             "exact_match": self.results["exact_match"],
             "jobs": self.jobs,
             "web": self.market.url,
             "seconds": round(seconds, 1),
         }
+
+    def _probe_counts(self) -> dict[str, int]:
+        """``providers_probed``: providers with at least one measurement; ``probe_failures``:
+        measurements with a request unanswered or wrong, except of the provider the demo
+        killed once it was dead (its silence then is the point)."""
+        killed = self.results.get("killed") or {}
+        probed = failures = 0
+        for provider_id in self.provider_ids:
+            provider = self.operator.providers.get(provider_id)
+            measurements = list(self.operator.providers.measurements(provider_id, page_size=100).items)
+            probed += bool(measurements)
+            failures += sum(
+                1
+                for m in measurements
+                if m.success_rate < 1.0
+                and not (provider.peer_id == killed.get("peer_id") and m.measured_at >= killed["at"])
+            )
+        return {"providers_probed": probed, "probe_failures": failures}
 
     def print_summary(self, s: dict[str, Any]) -> None:
         lines = [
@@ -317,6 +358,8 @@ class Demo:
             f"fine-tuning           loss {s['finetune_loss_drop']:.0%} lower",
             f"receipts settled      {s['receipts']}; {s['steps_verified']} steps shadow-verified; "
             f"{s['audits']} audits {s['audit_verdicts'] or ''}",
+            f"probes                {s['providers_probed']} providers measured by the scheduler; "
+            f"{s['probe_failures']} failed probes",
             f"client spent          {format_credits(s['client_spent'])} credits",
             f"providers earned      {format_credits(s['providers_earned'])} credits",
             f"platform fees         {format_credits(s['fees'])} credits",
