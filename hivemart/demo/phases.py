@@ -72,7 +72,7 @@ class Demo:
         self.operator = Client(api_key=operator_key, base_url=market.url)
         self.provider_key = provider_key
         self.client: Client | None = None
-        self.username = self.password = ""
+        self.username = self.password = self.api_key = ""
         self.model: Any = None
         self.runtime: Any = None
         self.results: dict[str, Any] = {}
@@ -134,7 +134,8 @@ class Demo:
         anonymous = Client(base_url=self.market.url)
         signup = anonymous.accounts.signup(username=self.username, password=self.password)
         anonymous.close()
-        self.client = Client(api_key=signup.api_key.key, base_url=self.market.url)
+        self.api_key = signup.api_key.key
+        self.client = Client(api_key=self.api_key, base_url=self.market.url)
         self.operator.ledger.grant(username=self.username, amount=CLIENT_GRANT, memo="demo credits")
         self.options.say(
             f"[{phase}/9] client {self.username} signed up and received {format_credits(CLIENT_GRANT)} credits"
@@ -329,7 +330,11 @@ class Demo:
             **self._probe_counts(),
             "exact_match": self.results["exact_match"],
             "jobs": self.jobs,
+            "model": self.state.model_id,
             "web": self.market.url,
+            "swarm": self.swarm.initial_peers[0],
+            # for `hivemart login` against the kept demo (a local, throwaway account)
+            "client_api_key": self.api_key,
             "seconds": round(seconds, 1),
         }
 
@@ -365,6 +370,8 @@ class Demo:
             f"platform fees         {format_credits(s['fees'])} credits",
             f"ledger balanced       {s['ledger_balanced']}",
             f"web                   {s['web']}  (log in as {self.username} / {self.password})",
+            f"swarm                 {s['swarm']}",
+            f"client API key        {s['client_api_key']}  (hivemart login --url {s['web']} --api-key ...)",
             f"took                  {s['seconds']} s",
         ]
         self.say("\n".join(lines))
