@@ -70,3 +70,20 @@ def test_documented_commands_run_against_the_demo(kept_demo: KeptDemo) -> None:
         ran.append(written)
     assert len(ran) == sum(1 for how, _ in COMMANDS.values() if how == RUN)
     assert "ID" in values  # `jobs create` printed the id the next command runs
+
+
+def test_generate_without_paid_against_market_providers_says_what_to_do(kept_demo: KeptDemo) -> None:
+    """The demo's providers sell through the marketplace: a free run is refused by them
+    (ticket_required), and the CLI names the flags that make it a paid one."""
+    model = kept_demo.home / "models" / "demo-llama"
+    result = subprocess.run(
+        [sys.executable, "-m", "hivemart", "generate", "Hello", "--model", str(model)]
+        + ["--initial-peers", kept_demo.summary["swarm"], "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "HIVEMART_API_KEY"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "ticket_required" in result.stderr and "add --paid" in result.stderr, result.stderr[-3000:]
