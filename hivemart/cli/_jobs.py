@@ -109,11 +109,11 @@ def _saved_identity(base_url: str, job_id: int) -> Identity:
         raise click.ClickException(str(e)) from e
 
 
-def ticket_hint(message: str) -> str:
+def ticket_hint(message: str, command: str) -> str:
     """``message``, plus what to do when the providers would serve only paid jobs."""
-    if "ticket_required" in message or "serves paid jobs only" in message:
+    if "ticket_required" in message or "paid jobs only" in message:
         return (
-            f"{message}\nthese providers sell through a marketplace: add --paid (after `hivemart login`) to run "
-            f"this as a paid job, or --job ID for a job made with `hivemart jobs create`"
+            f"{message}\nthese providers sell through a marketplace: run `hivemart {command}` with --paid (after "
+            f"`hivemart login`) for a new paid job, or with --job ID for a job made with `hivemart jobs create`"
         )
     return message

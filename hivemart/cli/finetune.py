@@ -188,7 +188,7 @@ def finetune(
     except APIError as e:
         raise click.ClickException(api_error_text(e)) from e
     except (HivemartError, DataError) as e:
-        raise click.ClickException(ticket_hint(str(e))) from e
+        raise click.ClickException(ticket_hint(str(e), "finetune")) from e
     finally:
         if job is not None:
             if job_summary is None and job.job.state not in ("failed", "cancelled", "done", "settling"):

@@ -122,7 +122,7 @@ def generate(
     except APIError as e:
         raise click.ClickException(api_error_text(e)) from e
     except HivemartError as e:
-        raise click.ClickException(ticket_hint(str(e))) from e
+        raise click.ClickException(ticket_hint(str(e), "generate")) from e
     finally:
         if job is not None:
             job.detach()

@@ -178,3 +178,12 @@ def test_models_register_and_show(runner: CliRunner, live_server, tmp_path: Path
     user_key = api_key_create(user=user_create(username="bob")).raw
     out = run(runner, "models", "register", str(path), "--url", live_server.url, "--api-key", user_key, ok=False)
     assert "staff" in out
+
+
+def test_a_refusal_for_want_of_a_ticket_names_the_flags_of_that_command() -> None:
+    from hivemart.cli._jobs import ticket_hint
+
+    refused = "provider 12D3 refused: ticket_required (the provider serves paid jobs only)"
+    assert "`hivemart finetune` with --paid" in ticket_hint(refused, "finetune")
+    assert "--job ID" in ticket_hint(refused, "generate")
+    assert ticket_hint("connection refused", "generate") == "connection refused"

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,9 @@ def test_documented_commands_run_against_the_demo(kept_demo: KeptDemo) -> None:
             continue
         command = _PLACEHOLDER.sub(lambda m: values[m.group(1)], written)
         env = market_env if written.startswith("hivemart-market") else cli_env
+        started = time.monotonic()
         result = _shell(command, cwd=kept_demo.cwd, env=env)
+        print(f"{time.monotonic() - started:6.1f} s  {command}")  # shown with -rA: where the time goes
         assert result.returncode == 0, (
             f"`{command}` failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         )
@@ -74,7 +77,7 @@ def test_documented_commands_run_against_the_demo(kept_demo: KeptDemo) -> None:
 
 def test_generate_without_paid_against_market_providers_says_what_to_do(kept_demo: KeptDemo) -> None:
     """The demo's providers sell through the marketplace: a free run is refused by them
-    (ticket_required), and the CLI names the flags that make it a paid one."""
+    (ticket_required), and the CLI names the flag that make it a paid one."""
     model = kept_demo.home / "models" / "demo-llama"
     result = subprocess.run(
         [sys.executable, "-m", "hivemart", "generate", "Hello", "--model", str(model)]
@@ -86,4 +89,4 @@ def test_generate_without_paid_against_market_providers_says_what_to_do(kept_dem
         env={k: v for k, v in os.environ.items() if k != "HIVEMART_API_KEY"},
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "ticket_required" in result.stderr and "add --paid" in result.stderr, result.stderr[-3000:]
+    assert "paid jobs only" in result.stderr and "--paid" in result.stderr, result.stderr[-3000:]
