@@ -17,7 +17,8 @@
 | ``HIVEMART_LOGIN_FAILURES`` | ``5`` | failed web logins per (username, address) before a lockout |
 | ``HIVEMART_LOGIN_LOCKOUT_S`` | ``900`` | how long failures count and a lockout lasts |
 | ``HIVEMART_PLATFORM_FEE_BPS`` | ``500`` (5 %) | platform fee on captured credits, basis points |
-| ``HIVEMART_HEARTBEAT_TIMEOUT_S`` | ``60`` | a provider silent this long is marked offline |
+| ``HIVEMART_HEARTBEAT_PERIOD_S`` | ``15`` | seconds between a provider's heartbeats: the Sell page's command tells agents to use it |
+| ``HIVEMART_HEARTBEAT_TIMEOUT_S`` | 4 x the period (``60``) | a provider silent this long is marked offline; at least 3 x the period |
 | ``HIVEMART_CHALLENGE_TTL_S`` | ``300`` | how long a registration challenge stays valid |
 | ``HIVEMART_OPEN_SIGNUP`` | ``true`` | whether ``POST /api/auth/signup/`` is open to anyone |
 | ``HIVEMART_SWARM_PEERS`` | empty (no probes) | bootstrap multiaddrs the scheduler's prober joins |
@@ -350,7 +351,17 @@ SPECTACULAR_SETTINGS = {
 # --- Hivemart -----------------------------------------------------------------------------
 
 HIVEMART_PLATFORM_FEE_BPS = env_int("HIVEMART_PLATFORM_FEE_BPS", 500, minimum=0, maximum=10_000)
-HIVEMART_HEARTBEAT_TIMEOUT_S = env_int("HIVEMART_HEARTBEAT_TIMEOUT_S", 60, minimum=1)
+# Agents heartbeat every HIVEMART_HEARTBEAT_PERIOD_S (the Sell page's command says so); one
+# silent for HIVEMART_HEARTBEAT_TIMEOUT_S is offline. The timeout must allow a couple of lost or
+# late heartbeats, or a healthy provider flaps online/offline.
+HIVEMART_HEARTBEAT_PERIOD_S = env_int("HIVEMART_HEARTBEAT_PERIOD_S", 15, minimum=1)
+HIVEMART_HEARTBEAT_TIMEOUT_S = env_int("HIVEMART_HEARTBEAT_TIMEOUT_S", 4 * HIVEMART_HEARTBEAT_PERIOD_S, minimum=1)
+if HIVEMART_HEARTBEAT_TIMEOUT_S < 3 * HIVEMART_HEARTBEAT_PERIOD_S:
+    raise ImproperlyConfigured(
+        f"HIVEMART_HEARTBEAT_TIMEOUT_S={HIVEMART_HEARTBEAT_TIMEOUT_S} is less than 3 x "
+        f"HIVEMART_HEARTBEAT_PERIOD_S={HIVEMART_HEARTBEAT_PERIOD_S}: providers would be marked offline "
+        f"between heartbeats; raise the timeout or lower the period"
+    )
 HIVEMART_CHALLENGE_TTL_S = env_int("HIVEMART_CHALLENGE_TTL_S", 300, minimum=10)
 HIVEMART_OPEN_SIGNUP = env_bool("HIVEMART_OPEN_SIGNUP", True)
 # Settlement (marketplace.receipts): the platform key signs job tickets; tickets expire after

@@ -62,6 +62,10 @@ async def _serve(
         line = json.dumps({"ready": {"peer_id": str(p2p.peer_id), "maddrs": maddrs}})
         if ready_file is not None:
             await asyncio.to_thread(_write_atomically, ready_file, line + "\n")
+            # Also in the log (`docker compose logs dht`, journalctl): it is how an operator
+            # learns the multiaddrs to hand out, whatever the log level.
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
         else:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()

@@ -57,6 +57,8 @@ def _parse_peers(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 def _parse_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     import torch
 
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(value)
     except RuntimeError:
@@ -183,7 +185,11 @@ def cli(verbose: int) -> None:
 )
 @click.option("--announce-maddrs", multiple=True, help="Multiaddrs to announce instead of the listening ones.")
 @click.option(
-    "--device", default="cpu", show_default=True, callback=_parse_device, help="torch device: cpu, cuda, cuda:1, ..."
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=_parse_device,
+    help="torch device: cpu, cuda, cuda:1, ..., or auto (cuda when torch sees a GPU, else cpu)",
 )
 @click.option(
     "--dtype",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from hivemart.cli._root import cli, initial_peers_callback
+from hivemart.cli._jobs import open_paid_job, paid_options_check, ticket_hint
+from hivemart.cli._root import api_error_text, cli, initial_peers_callback
 
 _MODES = ("ptune", "deep_ptune", "lora")
 
@@ -82,6 +83,33 @@ _MODES = ("ptune", "deep_ptune", "lora")
     type=click.IntRange(min=1),
     help="Most tokens per request; larger batches are split into chunks run concurrently.",
 )
+@click.option(
+    "--paid",
+    is_flag=True,
+    help="Run as a marketplace fine-tuning job (uses `hivemart login`'s key): the plan's providers, "
+    "tickets, receipts and settlement.",
+)
+@click.option(
+    "--job",
+    "job_id",
+    type=click.IntRange(min=1),
+    help="Run the existing finetune job ID (made with `hivemart jobs create --kind finetune`).",
+)
+@click.option(
+    "--budget",
+    default=20_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --paid: micro-credits to hold.",
+)
+@click.option(
+    "--max-price",
+    default=2_000_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="With --paid: highest price, micro-credits per million work units.",
+)
+@click.option("--url", "base_url", help="With --paid or --job: the marketplace (default: saved, or HIVEMART_URL).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 def finetune(
@@ -103,15 +131,22 @@ def finetune(
     resume: bool,
     out_dir: Path | None,
     max_chunk_tokens: int,
+    paid: bool,
+    job_id: int | None,
+    budget: int,
+    max_price: int,
+    base_url: str | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Fine-tune a model served by the swarm; the trained parts stay on this machine."""
+    """Fine-tune a model served by the swarm; the trained parts stay on this machine. Free
+    providers serve it as is; with --paid or --job it runs as a marketplace job."""
     from client_sdk.finetune.data import DataError, load_texts
     from client_sdk.finetune.trainer import TrainConfig, train
     from client_sdk.swarm.model import DistributedModelForCausalLM
-    from hivemart_core.errors import HivemartError
+    from hivemart_core.errors import APIError, HivemartError
 
+    paid_options_check(paid, job_id)
     if resume and checkpoint_dir is None:
         raise click.BadParameter("--resume needs --checkpoint", param_hint="--resume")
     try:
@@ -138,14 +173,28 @@ def finetune(
         model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers)
     except HivemartError as e:
         raise click.ClickException(str(e)) from e
+    job = None
+    job_summary = None
     try:
+        if paid or job_id is not None:
+            job = open_paid_job(
+                model, base_url=base_url, budget=budget, max_price=max_price, kind="finetune", job_id=job_id
+            )
         model.remote.max_chunk_tokens = max_chunk_tokens
         result = train(
             model, texts, config, checkpoint_dir=checkpoint_dir, resume=resume, out_dir=out_dir, progress=not quiet
         )
+        job_summary = job.finish() if job is not None else None
+    except APIError as e:
+        raise click.ClickException(api_error_text(e)) from e
     except (HivemartError, DataError) as e:
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(ticket_hint(str(e), "finetune")) from e
     finally:
+        if job is not None:
+            if job_summary is None and job.job.state not in ("failed", "cancelled", "done", "settling"):
+                _finish_quietly(job)  # what was done is paid; the rest of the hold comes back
+            job.detach()
+            job.client.close()
         model.close()
     summary = {
         "mode": mode,
@@ -156,9 +205,20 @@ def finetune(
         "out": result.out_dir,
         "checkpoint": None if checkpoint_dir is None else str(checkpoint_dir),
         "failovers": len(model.remote.failovers),
+        "job": job_summary["job"] if job_summary else None,
+        "job_state": job_summary["state"] if job_summary else None,
     }
     if as_json:
         click.echo(json.dumps(summary))
     else:
         for key, value in summary.items():
             click.echo(f"{key:<16}  {value}")
+
+
+def _finish_quietly(job: object) -> None:
+    from hivemart_core.errors import HivemartError
+
+    try:
+        job.finish()  # type: ignore[attr-defined]
+    except HivemartError:
+        pass  # the job times out on the marketplace instead; its hold is released then

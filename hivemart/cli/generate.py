@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hivemart.cli._config import load_config
+from hivemart.cli._jobs import open_paid_job, paid_options_check, ticket_hint
 from hivemart.cli._root import api_error_text, cli, failure_hint, initial_peers_callback
 from hivemart_core.figures import format_credits
 
@@ -49,6 +49,12 @@ if TYPE_CHECKING:
     "providers, tickets, receipts and settlement.",
 )
 @click.option(
+    "--job",
+    "job_id",
+    type=click.IntRange(min=1),
+    help="Run the existing inference job ID (made with `hivemart jobs create`) instead of a new one.",
+)
+@click.option(
     "--budget",
     default=5_000_000,
     show_default=True,
@@ -62,7 +68,7 @@ if TYPE_CHECKING:
     type=click.IntRange(min=0),
     help="With --paid: highest price, micro-credits per million work units.",
 )
-@click.option("--url", "base_url", help="With --paid: the marketplace (default: saved, or HIVEMART_URL).")
+@click.option("--url", "base_url", help="With --paid or --job: the marketplace (default: saved, or HIVEMART_URL).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(
     prompt: str,
@@ -75,18 +81,21 @@ def generate(
     top_p: float | None,
     seed: int | None,
     paid: bool,
+    job_id: int | None,
     budget: int,
     max_price: int,
     base_url: str | None,
     as_json: bool,
 ) -> None:
-    """Generate a completion of PROMPT through the swarm's providers."""
+    """Generate a completion of PROMPT through the swarm's providers (free ones; with --paid or
+    --job, the providers of a marketplace job)."""
     import torch
 
     from client_sdk.swarm.model import DistributedModelForCausalLM
     from hivemart_core.errors import APIError, HivemartError
     from hivemart_core.models import load_tokenizer
 
+    paid_options_check(paid, job_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     job = None
     try:
@@ -96,8 +105,10 @@ def generate(
     except HivemartError as e:
         raise click.ClickException(str(e)) from e
     try:
-        if paid:
-            job = _open_job(model, base_url=base_url, budget=budget, max_price=max_price)
+        if paid or job_id is not None:
+            job = open_paid_job(
+                model, base_url=base_url, budget=budget, max_price=max_price, kind="inference", job_id=job_id
+            )
         stream = (lambda token: None) if as_json else (lambda token: _write(tokenizer.decode(token[:1])))
         if not as_json:
             _write(prompt)
@@ -118,8 +129,9 @@ def generate(
     except APIError as e:
         raise click.ClickException(api_error_text(e)) from e
     except HivemartError as e:
+        text = ticket_hint(str(e), "generate")
         hint = failure_hint(str(e))
-        raise click.ClickException(f"{e}" + (f" (hint: {hint})" if hint else "")) from e
+        raise click.ClickException(text + (f" (hint: {hint})" if hint else "")) from e
     finally:
         if job is not None:
             job.detach()
@@ -172,24 +184,3 @@ def paid_summary(summary: dict[str, Any], job: Job | None) -> str:
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def _open_job(model: object, *, base_url: str | None, budget: int, max_price: int):  # -> MarketJob
-    from client_sdk.swarm.job import MarketJob
-    from hivemart_core.api import Client
-    from hivemart_core.errors import InsufficientCreditsError
-
-    config = load_config(base_url=base_url)
-    if not config.api_key:
-        raise click.ClickException("--paid needs an API key: run `hivemart login` or set HIVEMART_API_KEY")
-    client = Client(api_key=config.api_key, base_url=config.base_url)
-    try:
-        job = MarketJob.create(client, model=model.info.model_id, budget=budget, max_price=max_price)
-    except InsufficientCreditsError as e:
-        client.close()
-        raise click.ClickException(
-            f"{e}: a paid job holds its --budget ({budget} micro-credits) up front; lower --budget, or get "
-            f"credits (`hivemart balance` shows what you have)"
-        ) from e
-    job.attach(model)
-    return job

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from hivemart.cli._config import CliConfig, config_path, load_config, save_config
+from hivemart.cli._jobs import new_job_identity, save_job_identity
 from hivemart.cli._root import api_error_text, cli, failure_hint
 from hivemart_core.api import Client
 from hivemart_core.errors import (
@@ -484,9 +485,19 @@ def jobs_show(client: Client, config: CliConfig, job_id: int) -> Output:
 @click.option("--max-price", type=int, required=True, help="Highest price, micro-credits per million work units.")
 @market_command
 def jobs_create(client: Client, config: CliConfig, model_id: str, kind: str, budget: int, max_price: int) -> Output:
-    """Create a job and hold its budget."""
-    job = client.jobs.create(model=model_id, kind=kind, budget=budget, max_price=max_price)
-    return Output(job, f"job {job.id} created ({job.state}); {format_credits(budget)} credits held")
+    """Create a job and hold its budget; run it with `hivemart generate --job ID` (inference) or
+    `hivemart finetune --job ID` (finetune). Its client key is kept on this machine for that."""
+    identity = new_job_identity()
+    job = client.jobs.create(
+        model=model_id, kind=kind, budget=budget, max_price=max_price, client_key=identity.public_key
+    )
+    key = save_job_identity(identity, config.base_url, job.id)
+    run = "generate PROMPT" if kind == "inference" else "finetune --data FILE"
+    return Output(
+        job,
+        f"job {job.id} created ({job.state}); {format_credits(budget)} credits held\n"
+        f"run it: hivemart {run} --model PATH --initial-peers MADDR --job {job.id}  (client key: {key})",
+    )
 
 
 @jobs.command("cancel")

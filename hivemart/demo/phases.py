@@ -7,6 +7,7 @@ import random
 import secrets
 import signal
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from client_sdk.money import format_credits
@@ -72,11 +73,12 @@ class Demo:
         self.operator = Client(api_key=operator_key, base_url=market.url)
         self.provider_key = provider_key
         self.client: Client | None = None
-        self.username = self.password = ""
+        self.username = self.password = self.api_key = ""
         self.model: Any = None
         self.runtime: Any = None
         self.results: dict[str, Any] = {}
         self.jobs: list[int] = []
+        self.provider_ids: list[int] = []
 
     def say(self, text: str) -> None:
         self.options.say(text)
@@ -105,6 +107,26 @@ class Demo:
             return len([x for x in offers if x.state == "online"]) >= len(SPANS)
 
         _wait("the providers to come online in the marketplace", online, timeout=60)
+        self.provider_ids = [x.provider_id for x in self.operator.models.offers(self.state.model_id)]
+        self._wait_probed()
+
+    def _wait_probed(self) -> None:
+        """Until the scheduler's probes have measured every provider: from then on the pages
+        show, and the plans use, measured throughput, latency and success rate."""
+
+        def measured() -> list[Any]:
+            offers = self.operator.models.offers(self.state.model_id)
+            return [x for x in offers if x.measured] if all(x.measured for x in offers) else []
+
+        offers = _wait("the scheduler's probes to measure every provider", measured, timeout=120)
+        self.say(
+            "      probed: "
+            + "; ".join(
+                f"{x.peer_id[-8:]} {x.throughput or 0:.0f} units/s, {x.latency_ms or 0:.0f} ms, "
+                f"{(x.success_rate or 0):.0%} correct"
+                for x in offers
+            )
+        )
 
     # --- 5: client -------------------------------------------------------------------------
 
@@ -113,7 +135,8 @@ class Demo:
         anonymous = Client(base_url=self.market.url)
         signup = anonymous.accounts.signup(username=self.username, password=self.password)
         anonymous.close()
-        self.client = Client(api_key=signup.api_key.key, base_url=self.market.url)
+        self.api_key = signup.api_key.key
+        self.client = Client(api_key=self.api_key, base_url=self.market.url)
         # Bought as a user would, through the test payment provider (no account anywhere).
         topup = self.client.payments.topup(credits=CLIENT_TOPUP_CREDITS)
         topup = self.client.payments.test_pay(topup.id)
@@ -218,7 +241,7 @@ class Demo:
             return {}
         self.options.write(f" [SIGKILL {victim.name}] ")
         victim.process.send_signal(signal.SIGKILL)
-        return {"peer_id": victim.peer_id, "name": victim.name}
+        return {"peer_id": victim.peer_id, "name": victim.name, "at": datetime.now(UTC)}
 
     def _matches_local(self, prompt: torch.Tensor, tokens: torch.Tensor) -> bool:
         import torch
@@ -308,11 +331,34 @@ class Demo:
             "audits": len(audits),
             "audit_verdicts": sorted(a.verdict for a in audits),
             "steps_verified": self.results["inference_job"]["verification"]["checked"],
+            **self._probe_counts(),
             "exact_match": self.results["exact_match"],
             "jobs": self.jobs,
+            "model": self.state.model_id,
             "web": self.market.url,
+            "swarm": self.swarm.initial_peers[0],
+            # for `hivemart login` against the kept demo (a local, throwaway account)
+            "client_api_key": self.api_key,
             "seconds": round(seconds, 1),
         }
+
+    def _probe_counts(self) -> dict[str, int]:
+        """``providers_probed``: providers with at least one measurement; ``probe_failures``:
+        measurements with a request unanswered or wrong, except of the provider the demo
+        killed once it was dead (its silence then is the point)."""
+        killed = self.results.get("killed") or {}
+        probed = failures = 0
+        for provider_id in self.provider_ids:
+            provider = self.operator.providers.get(provider_id)
+            measurements = list(self.operator.providers.measurements(provider_id, page_size=100).items)
+            probed += bool(measurements)
+            failures += sum(
+                1
+                for m in measurements
+                if m.success_rate < 1.0
+                and not (provider.peer_id == killed.get("peer_id") and m.measured_at >= killed["at"])
+            )
+        return {"providers_probed": probed, "probe_failures": failures}
 
     def print_summary(self, s: dict[str, Any]) -> None:
         lines = [
@@ -321,11 +367,15 @@ class Demo:
             f"fine-tuning           loss {s['finetune_loss_drop']:.0%} lower",
             f"receipts settled      {s['receipts']}; {s['steps_verified']} steps shadow-verified; "
             f"{s['audits']} audits {s['audit_verdicts'] or ''}",
+            f"probes                {s['providers_probed']} providers measured by the scheduler; "
+            f"{s['probe_failures']} failed probes",
             f"client spent          {format_credits(s['client_spent'])} credits",
             f"providers earned      {format_credits(s['providers_earned'])} credits",
             f"platform fees         {format_credits(s['fees'])} credits",
             f"ledger balanced       {s['ledger_balanced']}",
             f"web                   {s['web']}  (log in as {self.username} / {self.password})",
+            f"swarm                 {s['swarm']}",
+            f"client API key        {s['client_api_key']}  (hivemart login --url {s['web']} --api-key ...)",
             f"took                  {s['seconds']} s",
         ]
         self.say("\n".join(lines))

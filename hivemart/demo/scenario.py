@@ -3,9 +3,11 @@
 Phases (each prints a numbered progress line):
  1. generate the demo model (a real checkpoint and tokenizer) in the data directory;
  2. migrate the marketplace's database and start its web server;
- 3. start a bootstrap DHT node and the scheduler (worker and beat);
+ 3. start the scheduler (worker and beat); the bootstrap DHT node started before the web
+    server, whose Sell page shows its address and whose probes join the swarm through it;
  4. add the model to the catalog; start three provider agents that register with the
-    marketplace, heartbeat and require job tickets;
+    marketplace, heartbeat and require job tickets; wait until the scheduler's probes have
+    measured each of them (the plans then use measured figures);
  5. sign up a client and fund it;
  6. run a paid inference job: the plan's providers generate, tokens stream to the terminal,
     one provider is SIGKILLed midway and the client fails over to its backup; the tokens are
@@ -76,7 +78,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     _generate_model(options, state)
     with ExitStack() as stack:
         swarm = stack.enter_context(LocalSwarm(workdir=options.home / "swarm"))
-        market = stack.enter_context(LocalMarket(options.home, extra_env=market_env()))
+        market = stack.enter_context(LocalMarket(options.home, extra_env=demo_market_env()))
         _phase(
             options,
             2,
@@ -87,10 +89,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         market.manage("migrate", "--no-input")
         operator_key = market.manage("create_api_key", "demo-operator", "--create", "--staff", "--name", "demo").strip()
         provider_key = market.manage("create_api_key", "demo-provider", "--create", "--name", "demo").strip()
+        # The bootstrap node first: the marketplace shows its address on the Sell page and the
+        # scheduler's probes join the swarm through it (HIVEMART_SWARM_PEERS).
+        swarm.start_bootstrap()
+        market.extra_env["HIVEMART_SWARM_PEERS"] = ",".join(swarm.initial_peers)
         market.start_web()
 
-        _phase(options, 3, "starting a bootstrap DHT node and the scheduler (worker and beat)")
-        swarm.start_bootstrap()
+        _phase(options, 3, f"started a bootstrap DHT node at {swarm.initial_peers[0]}; starting the scheduler")
         market.start_scheduler()
 
         demo = Demo(options, state, market, swarm, operator_key=operator_key, provider_key=provider_key)
@@ -109,13 +114,19 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     return summary
 
 
+# Agents heartbeat this often in the demo (and in the Sell page's command the demo's market shows).
+DEMO_HEARTBEAT_PERIOD_S = 2
+
+
 def market_env() -> dict[str, str]:
     """Scheduler knobs for a demo that should settle in seconds rather than minutes."""
     # The demo's web site is plain HTTP on loopback (LocalMarket sets HIVEMART_HTTPS=false).
-    # Agents heartbeat every 2 s here, so a provider silent for 6 s is gone: the one the
-    # inference job kills is offline (and out of later plans) within seconds.
+    # Agents heartbeat every 2 s here and a provider silent for 3 periods is gone: the one the
+    # inference job kills is offline (and out of later plans) within seconds, and a provider
+    # started from the Sell page's command (which says --heartbeat-period 2) stays online.
     return {
-        "HIVEMART_HEARTBEAT_TIMEOUT_S": "6",
+        "HIVEMART_HEARTBEAT_PERIOD_S": str(DEMO_HEARTBEAT_PERIOD_S),
+        "HIVEMART_HEARTBEAT_TIMEOUT_S": str(3 * DEMO_HEARTBEAT_PERIOD_S),
         "HIVEMART_HOUSEKEEPING_INTERVAL_S": "2",
         "HIVEMART_SETTLE_INTERVAL_S": "2",
         "HIVEMART_SETTLE_GRACE_S": "2",
@@ -125,3 +136,10 @@ def market_env() -> dict[str, str]:
         # provider (off in production unless set; docs/operators.md).
         "HIVEMART_TEST_TOPUPS": "true",
     }
+
+
+def demo_market_env() -> dict[str, str]:
+    """:func:`market_env` plus probes every few seconds, so the pages and matching use measured
+    figures within the demo's first minute (the scheduler joins the swarm through
+    ``HIVEMART_SWARM_PEERS``, which :func:`run_demo` sets once the bootstrap node runs)."""
+    return {**market_env(), "HIVEMART_PROBE_INTERVAL_S": "5"}

@@ -251,13 +251,14 @@ def _read_from(path: Path, offset: int) -> bytes:
         return b""
 
 
-def market_provider_args(market_url: str, provider_key: str) -> list[str]:
+def market_provider_args(market_url: str, provider_key: str, *, heartbeat_period: int = 2) -> list[str]:
     """``hivemart-provider run`` arguments for an agent selling through a local marketplace at
-    demo pace: heartbeats every 2 s (the demo's market marks a provider offline after 6 s),
-    receipts uploaded every second and signed every 4 steps."""
+    demo pace: heartbeats every ``heartbeat_period`` s (the market's HIVEMART_HEARTBEAT_PERIOD_S;
+    the demo's market marks a provider offline after three), receipts uploaded every second and
+    signed every 4 steps."""
     return [
         *("--market", market_url, "--api-key", provider_key),
-        *("--heartbeat-period", "2", "--upload-period", "1", "--receipt-every", "4"),
+        *("--heartbeat-period", str(heartbeat_period), "--upload-period", "1", "--receipt-every", "4"),
     ]
 
 

@@ -41,6 +41,7 @@ from marketplace.web import selectors
 from marketplace.web.charts import coverage_chart
 from marketplace.web.forms import ApiKeyCreateForm, PayoutDecisionForm, PayoutRequestForm, SignupForm, TopUpForm
 from marketplace.web.health import health_checks
+from marketplace.web.sell import sell_command
 
 PAGE_SIZE = 50
 # A job page reloads itself this often until the job ends, so its owner can watch it (no JavaScript).
@@ -126,10 +127,23 @@ def provider_detail(request: HttpRequest, provider_id: int) -> HttpResponse:
 @require_GET
 def sell(request: HttpRequest) -> HttpResponse:
     models = [c.model for c in selectors.catalog_coverage()]
+    first = models[0] if models else None
+    command = sell_command(
+        market_url=_market_url(request),
+        model_id=first.model_id if first else None,
+        num_blocks=first.num_blocks if first else None,
+        swarm_peers=settings.HIVEMART_SWARM_PEERS,
+        heartbeat_period=settings.HIVEMART_HEARTBEAT_PERIOD_S,
+    )
     return render(
         request,
         "web/sell.html",
-        {"market_url": _market_url(request), "models": models, "swarm_peers": settings.HIVEMART_SWARM_PEERS},
+        {
+            "models": models,
+            "command": command,
+            "heartbeat_period": settings.HIVEMART_HEARTBEAT_PERIOD_S,
+            "heartbeat_timeout": settings.HIVEMART_HEARTBEAT_TIMEOUT_S,
+        },
     )
 
 

@@ -109,7 +109,7 @@ def test_paid_generation_without_the_credits_names_the_budget_flag(
 
     import click
 
-    from hivemart.cli.generate import _open_job
+    from hivemart.cli._jobs import open_paid_job
     from tests.marketplace.factories import make_model
 
     model = make_model()
@@ -118,9 +118,48 @@ def test_paid_generation_without_the_credits_names_the_budget_flag(
     monkeypatch.setenv("HIVEMART_API_KEY", key)
     swarm_model = SimpleNamespace(info=SimpleNamespace(model_id=model.model_id))
     with pytest.raises(click.ClickException) as caught:
-        _open_job(swarm_model, base_url=live_server.url, budget=5_000_000, max_price=10)
+        open_paid_job(
+            swarm_model, base_url=live_server.url, budget=5_000_000, max_price=10, kind="inference", job_id=None
+        )
     message = caught.value.message
     assert "insufficient_credits" in message and "--budget (5000000 micro-credits)" in message
+
+
+def test_jobs_create_keeps_the_client_key_that_job_runs_need(
+    runner: CliRunner, live_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`jobs create` binds a fresh client key into the job and keeps it (0600) where
+    `generate --job` / `finetune --job` look; a job without a kept key, or of the other kind,
+    is refused with what to do instead."""
+    from types import SimpleNamespace
+
+    import click
+
+    from hivemart.cli._jobs import job_key_path, open_paid_job, paid_options_check
+    from hivemart_core.protocol.identity import Identity
+    from marketplace.jobs.models import Job
+    from tests.marketplace.factories import make_model
+
+    model = make_model()
+    user = user_create(username="jobber")
+    credit_grant(account=wallet_get_or_create(user=user), amount=50_000_000)
+    key = api_key_create(user=user).raw
+    run(runner, "login", "--url", live_server.url, "--api-key", key)
+    out = run(runner, "jobs", "create", "--model", model.model_id, "--budget", "1000000", "--max-price", "10")
+    job = Job.objects.get(user=user)
+    assert f"job {job.pk} created" in out and f"--job {job.pk}" in out
+    path = job_key_path(live_server.url, job.pk)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Identity.load(path).public_key.hex() == job.client_key
+
+    swarm_model = SimpleNamespace(info=SimpleNamespace(model_id=model.model_id))
+    path.unlink()  # as on another machine
+    with pytest.raises(click.ClickException) as caught:
+        open_paid_job(swarm_model, base_url=None, budget=1, max_price=1, kind="inference", job_id=job.pk)
+    assert "no client key for job" in caught.value.message and "--paid" in caught.value.message
+
+    with pytest.raises(click.UsageError, match="give one of them"):
+        paid_options_check(True, job.pk)
 
 
 def test_models_register_and_show(runner: CliRunner, live_server, tmp_path: Path) -> None:
@@ -210,3 +249,12 @@ def test_a_paid_runs_summary_reads_in_credits() -> None:
     assert "{" not in text and "'upload'" not in text  # not a Python dict
     assert "96 work units in 2 session(s), 4 receipt(s) countersigned" in text
     assert "cost: 0.000003 credits" in text and "still held 4.999997" in text and "hivemart jobs show 7" in text
+
+
+def test_a_refusal_for_want_of_a_ticket_names_the_flags_of_that_command() -> None:
+    from hivemart.cli._jobs import ticket_hint
+
+    refused = "provider 12D3 refused: ticket_required (the provider serves paid jobs only)"
+    assert "`hivemart finetune` with --paid" in ticket_hint(refused, "finetune")
+    assert "--job ID" in ticket_hint(refused, "generate")
+    assert ticket_hint("connection refused", "generate") == "connection refused"

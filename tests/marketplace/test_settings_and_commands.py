@@ -19,7 +19,7 @@ from tests.marketplace.factories import make_user
 PRINT_SETTINGS = (
     "import json, marketplace.settings as s; db = s.DATABASES['default'];"
     "print(json.dumps({'engine': db['ENGINE'], 'name': str(db['NAME']), 'debug': s.DEBUG, 'hosts': s.ALLOWED_HOSTS,"
-    " 'fee': s.HIVEMART_PLATFORM_FEE_BPS, 'key': s.SECRET_KEY}))"
+    " 'fee': s.HIVEMART_PLATFORM_FEE_BPS, 'key': s.SECRET_KEY, 'heartbeat_timeout': s.HIVEMART_HEARTBEAT_TIMEOUT_S}))"
 )
 
 
@@ -28,6 +28,7 @@ def load_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
         k: v
         for k, v in os.environ.items()
         if k not in {"DATABASE_URL", "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "HIVEMART_PLATFORM_FEE_BPS"}
+        and not k.startswith("HIVEMART_HEARTBEAT_")
     }
     clean["HIVEMART_HOME"] = str(tmp_path / "home")
     return subprocess.run(
@@ -65,11 +66,18 @@ def test_production_settings_come_from_the_environment(tmp_path: Path) -> None:
         ({"SECRET_KEY": "x", "HIVEMART_PLATFORM_FEE_BPS": "12.5"}, "not an integer"),
         ({"SECRET_KEY": "x", "HIVEMART_PLATFORM_FEE_BPS": "10001"}, "outside"),
         ({"SECRET_KEY": "x", "DEBUG": "maybe"}, "not a boolean"),
+        # a timeout shorter than three heartbeat periods makes healthy providers flap offline
+        ({"SECRET_KEY": "x", "HIVEMART_HEARTBEAT_PERIOD_S": "15", "HIVEMART_HEARTBEAT_TIMEOUT_S": "6"}, "3 x"),
+        ({"SECRET_KEY": "x", "HIVEMART_HEARTBEAT_PERIOD_S": "30"}, None),
     ],
 )
-def test_unsafe_or_malformed_settings_refuse_to_load(tmp_path: Path, env: dict, message: str) -> None:
+def test_unsafe_or_malformed_settings_refuse_to_load(tmp_path: Path, env: dict, message: str | None) -> None:
     result = load_settings(tmp_path, **env)
-    assert result.returncode != 0 and message in result.stderr
+    if message is None:  # the default timeout follows the period (4 x)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["heartbeat_timeout"] == 120
+    else:
+        assert result.returncode != 0 and message in result.stderr
 
 
 @pytest.mark.django_db

@@ -16,6 +16,7 @@ from marketplace.jobs.services import SegmentSpec, job_charge, job_create, job_p
 from marketplace.ledger.services import credit_grant, wallet_get_or_create
 from marketplace.providers.services import provider_heartbeat, provider_measurement_record, providers_mark_stale
 from tests.marketplace.factories import make_model, make_provider
+from tests.web.sell_page import sell_argv, sell_env
 
 pytestmark = pytest.mark.django_db
 
@@ -146,15 +147,50 @@ def test_providers_filter_by_model() -> None:
     assert "serves-a" in body and "serves-b" not in body
 
 
-def test_sell_page_fills_in_this_sites_address(settings) -> None:  # noqa: ANN001
-    settings.HIVEMART_SWARM_PEERS = ["/ip4/10.0.0.1/tcp/31337/p2p/QmBootstrap"]
+def _flags(argv: list[str]) -> dict[str, list[str]]:
+    flags: dict[str, list[str]] = {}
+    for flag, value in zip(argv[2::2], argv[3::2], strict=True):
+        flags.setdefault(flag, []).append(value)
+    return flags
+
+
+def test_sell_page_command_is_complete_for_this_market(settings) -> None:  # noqa: ANN001
+    settings.HIVEMART_SWARM_PEERS = ["/ip4/10.0.0.1/tcp/31337/p2p/QmBootstrap", "/dns4/b.example/tcp/31337/p2p/QmB"]
+    settings.HIVEMART_HEARTBEAT_PERIOD_S = 7
     settings.ALLOWED_HOSTS = ["market.example"]
-    model = make_model()
+    model = make_model(num_blocks=6)
     body = Client().get(reverse("web:sell"), HTTP_HOST="market.example").content.decode()
-    assert "--market http://market.example" in body
-    assert "hivemart-provider run" in body and "--api-key" in body
-    assert "--initial-peers /ip4/10.0.0.1/tcp/31337/p2p/QmBootstrap" in body
-    assert model.model_id in body
+    argv = sell_argv(body)
+    assert argv[:2] == [".venv/bin/hivemart-provider", "run"]
+    flags = _flags(argv)
+    assert flags["--market"] == ["http://market.example"]
+    assert flags["--initial-peers"] == settings.HIVEMART_SWARM_PEERS  # the real bootstrap addresses
+    assert flags["--num-blocks"] == ["6"]  # no more blocks than the model has
+    assert flags["--heartbeat-period"] == ["7"]  # what this market's timeout is set for
+    assert flags["--host-maddrs"] == ["/ip4/0.0.0.0/tcp/31338"]
+    assert flags["--announce-maddrs"] == ["/ip4/$PUBLIC_IP/tcp/31338"]
+    env = sell_env(body)
+    assert env["HIVEMART_MODEL"] == f"/path/to/{model.model_id}" and env["HIVEMART_API_KEY"].startswith("hm_")
+    assert "PUBLIC_IP" in env and "HIVEMART_INITIAL_PEERS" not in env
+
+
+def test_sell_page_command_for_a_swarm_on_loopback_listens_there() -> None:
+    from django.test import override_settings
+
+    make_model(num_blocks=32)
+    with override_settings(HIVEMART_SWARM_PEERS=["/ip4/127.0.0.1/tcp/4001/p2p/QmLocal"]):
+        body = Client().get(reverse("web:sell")).content.decode()
+    flags = _flags(sell_argv(body))
+    assert flags["--num-blocks"] == ["8"]
+    assert flags["--host-maddrs"] == ["/ip4/127.0.0.1/tcp/0"] and "--announce-maddrs" not in flags
+    assert "PUBLIC_IP" not in sell_env(body)
+
+
+def test_sell_page_without_a_published_swarm_says_to_ask_the_operator(settings) -> None:  # noqa: ANN001
+    settings.HIVEMART_SWARM_PEERS = []
+    body = Client().get(reverse("web:sell")).content.decode()
+    assert "--initial-peers" not in sell_argv(body)
+    assert "HIVEMART_INITIAL_PEERS" in sell_env(body) and "ask its operator" in body
 
 
 # --- sign-up, login, logout -----------------------------------------------------------------
