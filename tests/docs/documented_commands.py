@@ -26,6 +26,7 @@ _BENCH = "a benchmark (it measures time); tests/bench runs each on a small scale
 _DOCKER = "needs docker, which test machines do not have; tests/deploy checks compose.yaml and the images"
 _SYSTEMD = "administers a provider host (root, systemd); tests/deploy checks the unit files"
 _INSTALL = "installs packages from an index; scripts/test and the CI run it"
+_MONEY = "needs a provider with earnings and a staff key; tests/client_sdk/test_cli_money.py runs each"
 _SYNTAX = "reference syntax ([optional] parts, placeholders); the same command runs in README's walkthrough"
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -77,6 +78,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart bench ledger --json": (HELP, _BENCH),
     "hivemart bench chaos --json [--minutes N]": (HELP, _BENCH),
     "hivemart demo": (DEMO, ""),
+    # Money in and out (README table, docs/operators.md, docs/providers.md)
+    "hivemart wallet topup CREDITS": (
+        HELP,
+        _SYNTAX.replace("README's walkthrough", "tests/client_sdk/test_cli_money.py"),
+    ),
+    "hivemart payouts request --provider ID CREDITS": (HELP, _MONEY),
+    "hivemart payouts list": (HELP, _MONEY),
+    "hivemart payouts approve ID": (HELP, _MONEY),
+    "hivemart payouts reject ID": (HELP, _MONEY),
+    "hivemart payouts paid ID --reference REF": (HELP, _MONEY),
+    # docs/providers.md: the market-wide providers
+    "hivemart providers list": (RUN, ""),
     # docs/api.md, docs/operators.md
     "hivemart-market create_api_key": (HELP, "named in a sentence; it runs in operators.md's day-to-day block"),
     "hivemart-market createsuperuser": (HELP, "interactive (asks for a password)"),
