@@ -331,6 +331,7 @@ class _LineProgress:
         self.started = self.last_line = time.monotonic()
         self.last_tenth = self._tenth()
         self.closed = False
+        self.lines = 0
         self.logger = logging.getLogger(PROGRESS_LOGGER)
 
     def _tenth(self) -> int:
@@ -357,6 +358,7 @@ class _LineProgress:
         return done + "".join(f", {key}={value}" for key, value in self.postfix.items())
 
     def _line(self, text: str) -> None:
+        self.lines += 1
         message = f"{self.desc}: {text}"
         if self.logger.hasHandlers() and self.logger.isEnabledFor(logging.INFO):
             self.logger.info(message)
@@ -369,6 +371,8 @@ class _LineProgress:
             return
         self.closed = True
         elapsed = time.monotonic() - self.started
+        if not self.lines and elapsed < self.min_gap_s:
+            return  # quick work: the caller's own lines say enough
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         extra = "".join(f", {key}={value}" for key, value in self.postfix.items())
         self._line(f"done, {done} {self.unit} in {elapsed:.1f} s{extra}")
