@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 __all__ = [
@@ -91,7 +91,7 @@ def _level_name(record: logging.LogRecord) -> str:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    when = datetime.fromtimestamp(record.created, tz=timezone.utc)
+    when = datetime.fromtimestamp(record.created, tz=UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z"
 
 

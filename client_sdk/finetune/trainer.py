@@ -157,9 +157,7 @@ class FineTuner:
         config = self.config
         durations = []
         # A bar on a terminal; plain periodic lines in a log file or a pipe.
-        bar = show_progress(
-            config.steps, f"finetune {config.mode}", unit="step", initial=self.step, enabled=progress
-        )
+        bar = show_progress(config.steps, f"finetune {config.mode}", unit="step", initial=self.step, enabled=progress)
         try:
             while self.step < config.steps:
                 batch = dataset.batch(self.step, config.batch_size)

@@ -10,7 +10,9 @@ from hivemart_core.logs import LOG_FORMATS, configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug with HTTP and hivemind chatter).")
+@click.option(
+    "-v", "--verbose", count=True, help="More log output (-v info, -vv debug with HTTP and hivemind chatter)."
+)
 @click.option(
     "--log-format",
     type=click.Choice(LOG_FORMATS, case_sensitive=False),
