@@ -82,6 +82,7 @@ def test_demo_runs_end_to_end_keeps_running_and_stops_on_ctrl_c(tmp_path: Path) 
         assert summary["client_spent"] == summary["providers_earned"] + summary["fees"]
         assert summary["fees"] == summary["client_spent"] - summary["providers_earned"] >= 0
         assert summary["finetune_loss_drop"] > 0
+        _assert_readable_progress((tmp_path / "demo.err").read_text())
 
         page = httpx.get(summary["web"] + "/", timeout=10)
         assert page.status_code == 200 and "Hivemart" in page.text
@@ -100,3 +101,15 @@ def test_demo_runs_end_to_end_keeps_running_and_stops_on_ctrl_c(tmp_path: Path) 
         time.sleep(0.5)
     left = [p for p in _processes_using(home) if p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [p.cmdline() for p in left]
+
+
+def _assert_readable_progress(text: str) -> None:
+    """Off a terminal (here a file) progress is plain lines, not a bar's carriage returns, and no
+    log line (the failover's) lands inside the streamed text: it waits for the end of its line."""
+    from hivemart.demo.phases import DEMO_PROMPT
+
+    assert "\r" not in text
+    streamed = [line for line in text.splitlines() if line.startswith(DEMO_PROMPT)]
+    assert len(streamed) == 1, text[-4000:]
+    assert " INFO " not in streamed[0] and " WARNING " not in streamed[0] and "WARN" not in streamed[0], streamed
+    assert "hivemart.progress: finetune" in text  # the fine-tuning steps, as log lines
