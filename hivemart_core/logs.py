@@ -76,6 +76,8 @@ _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
 _HANDLER_MARK = "_hivemart_console"
 
 _current_format = "text"
+# The level configure_logging gave the chatty libraries (hivemind's loggers get it when adopted).
+_chatty_level = logging.WARNING
 
 
 def parse_log_format(value: str) -> str:
@@ -151,7 +153,7 @@ def configure_logging(
     them itself, in its own format); it imports hivemind, so pass it only where hivemind is used.
     It happens anyway when hivemind is already imported.
     """
-    global _current_format
+    global _current_format, _chatty_level
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(_formatter(fmt))
     setattr(handler, _HANDLER_MARK, True)
@@ -160,10 +162,10 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     _current_format = parse_log_format(fmt)
+    quiet = _chatty_level = logging.DEBUG if verbosity >= 2 else logging.WARNING
     if hivemind or "hivemind.utils.logging" in sys.modules:
         adopt_hivemind_logging()
 
-    quiet = logging.DEBUG if verbosity >= 2 else logging.WARNING
     own = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
     for name in OWN_LOGGERS:
@@ -197,13 +199,16 @@ def logging_config(level: str = "INFO", fmt: str = "text") -> dict[str, Any]:
     }
 
 
-def adopt_hivemind_logging() -> None:
+def adopt_hivemind_logging(level: int | None = None) -> None:
     """Route hivemind's loggers through the root logger's handlers: hivemind gives them a handler
     of its own (another format, colours) that does not propagate, so they would bypass the
-    format chosen here and write to stderr in the middle of anything."""
+    format chosen here and write to stderr in the middle of anything. Their level becomes
+    ``level`` (default: what :func:`configure_logging` chose for chatty libraries)."""
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("nowhere")
+    # Importing hivemind set its level, and handing its handler back reset it: set it again.
+    logging.getLogger("hivemind").setLevel(_chatty_level if level is None else level)
 
 
 class _Held(logging.Handler):

@@ -96,7 +96,7 @@ def cli(verbose: int, log_format: str) -> None:
     """Hivemart provider agent: sell your GPU by serving transformer blocks."""
     # The agent's own start-up steps and state changes show at the default level: an operator
     # watching a provider load wants to see what it is doing.
-    configure_logging(verbose, log_format.lower(), info_loggers=("provider_agent",), hivemind=True)
+    configure_logging(verbose, log_format.lower(), info_loggers=("provider_agent",))
 
 
 @cli.command()
@@ -337,6 +337,9 @@ def run(
 ) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
     from hivemart_core.errors import HivemartError
+    from hivemart_core.logs import adopt_hivemind_logging
+
+    adopt_hivemind_logging()  # hivemind's lines in the agent's format (here: `--help` need not import it)
     from provider_agent.agent import serve_forever
 
     config = AgentConfig(
@@ -421,6 +424,9 @@ def dht(
     host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers: list[str], ready_file: Path | None
 ) -> None:
     """Run a bootstrap DHT node: the swarm's well-known entry point."""
+    from hivemart_core.logs import adopt_hivemind_logging
+
+    adopt_hivemind_logging()
     from provider_agent.bootstrap import run_bootstrap
     from provider_agent.signals import install_stop_signals
 

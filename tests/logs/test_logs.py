@@ -173,3 +173,21 @@ def test_configuring_twice_replaces_the_handler() -> None:
     configure_logging(0, "json", stream=second)
     logging.getLogger("hivemart.x").warning("once")
     assert first.getvalue() == "" and json.loads(second.getvalue())["message"] == "once"
+
+
+def test_hivemind_lines_take_the_configured_format_and_stay_quiet_below_vv() -> None:
+    import hivemind.utils.logging as hivemind_logging
+
+    before = hivemind_logging._current_mode
+    try:
+        out = io.StringIO()
+        configure_logging(1, "json", stream=out)
+        # As when hivemind is imported after logging is configured: its own handler, its own level...
+        hivemind_logging.use_hivemind_log_handler("in_hivemind")
+        logs.adopt_hivemind_logging()  # ...until `hivemart-provider run` adopts its loggers
+        hivemind = logging.getLogger("hivemind.dht.node")
+        hivemind.info("per-request chatter")
+        hivemind.warning("a real problem")
+    finally:
+        hivemind_logging.use_hivemind_log_handler(before)
+    assert [json.loads(line)["message"] for line in out.getvalue().splitlines()] == ["a real problem"]
