@@ -30,6 +30,11 @@ def test_the_provider_refuses_an_unknown_log_format(args: list[str], env: dict[s
     assert "--log-format" in line and "'xml' is not one of 'text', 'json'" in line
 
 
+def test_the_command_line_refuses_an_unknown_log_format() -> None:
+    code, stderr = run_cli("hivemart", "--log-format", "yaml", "models", "--help")
+    assert code == 2 and "'yaml' is not one of 'text', 'json'" in one_error_line(stderr)
+
+
 def _market_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {
         "PATH": "/usr/bin:/bin",
