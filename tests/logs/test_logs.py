@@ -26,6 +26,7 @@ def restore_logging() -> Iterator[None]:
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     logs._current_format = fmt
+    logging.captureWarnings(False)
 
 
 class Tty(io.StringIO):
