@@ -39,6 +39,8 @@
 | ``HIVEMART_TOPUP_CREDITS_PER_UNIT`` | ``100`` | whole credits one currency unit buys (100: a credit costs a cent) |
 | ``HIVEMART_TOPUP_MINOR_PER_UNIT`` | ``100`` | the currency's smallest units per unit (cents per dollar; 1 for yen) |
 | ``HIVEMART_TOPUP_MIN_CREDITS``, ``HIVEMART_TOPUP_MAX_CREDITS`` | ``100``, ``1000000`` | the range of one top-up, whole credits |
+| ``HIVEMART_LOG_LEVEL`` | ``INFO`` | log level of the web, worker and beat processes |
+| ``HIVEMART_LOG_FORMAT`` | ``text`` | ``text`` (``TIME LEVEL logger: message``) or ``json`` (one object per line) |
 | ``HIVEMART_*`` scheduler knobs | see the scheduler section below | intervals, probe size, reliability floor, job deadlines |
 
 To add an app (``receipts``, ``web``, ...): append it to ``HIVEMART_APPS`` and include its
@@ -54,6 +56,8 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from hivemart_core.logs import logging_config, parse_log_format
 
 BASE_DIR = Path(__file__).resolve().parent
 
@@ -451,12 +455,14 @@ HIVEMART_JOB_IDLE_TIMEOUT_S = env_int("HIVEMART_JOB_IDLE_TIMEOUT_S", 3600, minim
 # Running jobs fail this long after they started running.
 HIVEMART_JOB_RUN_TIMEOUT_S = env_int("HIVEMART_JOB_RUN_TIMEOUT_S", 86400, minimum=1)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {
-        "marketplace": {"handlers": ["console"], "level": os.environ.get("HIVEMART_LOG_LEVEL", "INFO")},
-    },
-}
+# One line per record on stderr, for every logger (Django's, the scheduler's, Celery's; the
+# worker and beat use this too, scheduler.celery): text ("TIME LEVEL logger: message") or, with
+# HIVEMART_LOG_FORMAT=json, one JSON object per line (a traceback stays in its record).
+try:
+    HIVEMART_LOG_FORMAT = parse_log_format(os.environ.get("HIVEMART_LOG_FORMAT") or "text")
+except ValueError as e:
+    raise ImproperlyConfigured(f"HIVEMART_LOG_FORMAT: {e}") from None
+try:
+    LOGGING = logging_config(os.environ.get("HIVEMART_LOG_LEVEL") or "INFO", HIVEMART_LOG_FORMAT)
+except ValueError as e:
+    raise ImproperlyConfigured(f"HIVEMART_LOG_LEVEL: {e}") from None

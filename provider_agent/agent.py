@@ -16,6 +16,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.logging import get_logger
 
 from hivemart_core.errors import HivemartError
+from hivemart_core.logs import progress
 from hivemart_core.models import block_digest, load_model_info
 from hivemart_core.models.backend import SpanBackend
 from hivemart_core.placement import Span, choose_span, should_move
@@ -205,11 +206,28 @@ def start_market_link(
 def load_span(config: AgentConfig, start: int, end: int) -> tuple[SpanBackend, list[str]]:
     """Load blocks [start, end) and the digests of exactly the weights loaded. Slow (disk and
     hashing): coroutines call it through ``asyncio.to_thread``, so the DHT keeps answering."""
-    backend = SpanBackend(
-        config.model_path, start, end, dtype=resolve_dtype(config.dtype, config.device), device=config.device
+    dtype = resolve_dtype(config.dtype, config.device)
+    logger.info(
+        f"loading blocks {start}:{end} of {config.model_path.name} onto {config.device} "
+        f"({str(dtype).removeprefix('torch.') if dtype else 'checkpoint dtype'})..."
     )
+    started = time.perf_counter()
+    backend = SpanBackend(config.model_path, start, end, dtype=dtype, device=config.device)
     # Digests of the weights as stored on disk, so clients can check what we serve.
-    return backend, [block_digest(config.model_path, i) for i in range(start, end)]
+    digests = []
+    with progress(end - start, "hashing the served weights", unit="block") as bar:
+        for i in range(start, end):
+            digests.append(block_digest(config.model_path, i))
+            bar.update()
+    logger.info(f"loaded blocks {start}:{end} in {time.perf_counter() - started:.1f} s")
+    return backend, digests
+
+
+def _measured_throughput(backend: SpanBackend) -> float:
+    logger.info("measuring throughput (--throughput skips this)...")
+    throughput = measure_throughput(backend)
+    logger.info(f"measured {throughput:.1f} tokens/s per block")
+    return throughput
 
 
 def configure_torch_threads(config: AgentConfig, backend: SpanBackend) -> None:
@@ -291,8 +309,15 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
 
 
 async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Event) -> None:
+    logger.info(f"reading {config.model_path}...")
     info = load_model_info(config.model_path)
     identity = Identity.load_or_create(identity_path)
+    peers = len(config.initial_peers)
+    logger.info(
+        f"joining the swarm through {peers} initial peer{'s' if peers != 1 else ''} as {identity.peer_id}..."
+        if peers
+        else f"starting a new swarm as {identity.peer_id} (no --initial-peers)..."
+    )
     p2p = await start_p2p(
         initial_peers=config.initial_peers,
         identity_path=identity_path,
@@ -312,7 +337,7 @@ async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Eve
         start, end = config.blocks or await choose_blocks(config, info.model_id, info.num_blocks, node, identity)
         backend, digests = await asyncio.to_thread(load_span, config, start, end)
         configure_torch_threads(config, backend)
-        throughput = config.throughput or measure_throughput(backend)
+        throughput = config.throughput or _measured_throughput(backend)
         book = ticket_book(config, identity, info.model_id)
         server = ProviderServer(
             backend, config, p2p, info.model_id, block_digests=digests, identity=identity, tickets=book
@@ -339,7 +364,10 @@ async def _run_agent(config: AgentConfig, identity_path: Path, stop: asyncio.Eve
                 "torch_threads": torch.get_num_threads(),
             },
         )
-        logger.info(f"serving blocks {start}:{end} of {info.model_id} as {identity.peer_id}")
+        logger.info(
+            f"serving blocks {start}:{end} of {info.model_id} as {identity.peer_id} at {' '.join(maddrs)} "
+            f"({throughput:.1f} tokens/s/block, {'tickets required' if book is not None else 'free mode'})"
+        )
         await stop.wait()
         logger.info("shutting down: withdrawing our record")
         for task in tasks:

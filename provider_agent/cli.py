@@ -7,12 +7,11 @@ Every flag can also come from a ``HIVEMART_*`` environment variable (``--model``
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from pathlib import Path
 
 import click
 
+from hivemart_core.logs import LOG_FORMATS, configure_logging
 from hivemart_core.protocol.identity import is_valid_public_key
 from hivemart_core.protocol.tickets import HEX64_PATTERN as HEX64
 from provider_agent.config import AgentConfig
@@ -80,13 +79,26 @@ def _parse_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "HIVEMART"})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More log output: -v info of every Hivemart component, -vv debug (with HTTP and hivemind chatter). "
+    "Without it: start-up steps, state changes, warnings and errors.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="text",
+    show_default=True,
+    help="text: one 'TIME LEVEL logger: message' line per record; json: one JSON object per line "
+    "(env HIVEMART_LOG_FORMAT).",
+)
+def cli(verbose: int, log_format: str) -> None:
     """Hivemart provider agent: sell your GPU by serving transformer blocks."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.getLogger().setLevel(level)
-    logging.getLogger("hivemind").setLevel(max(level, logging.INFO) if verbose < 2 else logging.DEBUG)
-    logging.getLogger("provider_agent").setLevel(level)
+    # The agent's own start-up steps and state changes show at the default level: an operator
+    # watching a provider load wants to see what it is doing.
+    configure_logging(verbose, log_format.lower(), info_loggers=("provider_agent",))
 
 
 @cli.command()
@@ -331,6 +343,9 @@ def run(
 ) -> None:
     """Serve blocks of a model to the swarm until interrupted."""
     from hivemart_core.errors import HivemartError
+    from hivemart_core.logs import adopt_hivemind_logging
+
+    adopt_hivemind_logging()  # hivemind's lines in the agent's format (here: `--help` need not import it)
     from provider_agent.agent import serve_forever
 
     config = AgentConfig(
@@ -415,6 +430,9 @@ def dht(
     host_maddrs: tuple[str, ...], identity_path: Path | None, initial_peers: list[str], ready_file: Path | None
 ) -> None:
     """Run a bootstrap DHT node: the swarm's well-known entry point."""
+    from hivemart_core.logs import adopt_hivemind_logging
+
+    adopt_hivemind_logging()
     from provider_agent.bootstrap import run_bootstrap
     from provider_agent.signals import install_stop_signals
 
@@ -441,9 +459,7 @@ def dht(
 def main() -> None:
     """Console-script entry point for ``hivemart-provider``."""
     limit_openmp_spinning()  # before anything loads torch (and with it libgomp)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(0)  # until the group's options say otherwise (usage errors are printed by click)
     cli(prog_name="hivemart-provider")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,6 +126,10 @@ class MarketLink:
         # Receipts per upload: the shared default until the marketplace's platform info says.
         self.upload_limit = MAX_RECEIPTS_PER_UPLOAD
         self._http = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-market")
+        # Heartbeat state, for logging its changes only: accepted once, failing since, failures.
+        self._heartbeat_seen = False
+        self._failing_since: float | None = None
+        self._heartbeat_failures = 0
         self._tasks: list[asyncio.Task] = []
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -258,10 +263,34 @@ class MarketLink:
             except MarketSetupError as e:
                 logger.error(f"the marketplace refuses our new offer: {e}")
             except Exception as e:
-                logger.warning(
-                    f"heartbeat failed ({e!r}); still serving, next try in {self.config.heartbeat_period:.0f} s"
-                )
+                self._heartbeat_failed(e)
+            else:
+                self._heartbeat_ok()
             await asyncio.sleep(self.config.heartbeat_period)
+
+    # A heartbeat is logged only when the link changes state (first accepted, failing, recovered):
+    # one line per period would bury everything else in the log of a provider that runs for weeks.
+
+    def _heartbeat_ok(self) -> None:
+        if self._failing_since is not None:
+            logger.info(
+                f"heartbeats recovered after {self._heartbeat_failures} failed "
+                f"({time.monotonic() - self._failing_since:.0f} s)"
+            )
+        elif not self._heartbeat_seen:
+            logger.info(f"online at the marketplace: heartbeat every {self.config.heartbeat_period:g} s")
+        self._heartbeat_seen, self._failing_since, self._heartbeat_failures = True, None, 0
+
+    def _heartbeat_failed(self, error: Exception) -> None:
+        self._heartbeat_failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.warning(
+                f"heartbeat failed ({error!r}); still serving, retrying every {self.config.heartbeat_period:g} s "
+                f"(logged again when it recovers)"
+            )
+        else:
+            logger.debug(f"heartbeat failed again ({self._heartbeat_failures} in a row): {error!r}")
 
     async def heartbeat(self) -> None:
         """Report state and throughput; first move the offer if the agent changed blocks."""

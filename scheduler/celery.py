@@ -17,12 +17,15 @@ Configured from Django settings (``marketplace.settings``):
 
 from __future__ import annotations
 
+import logging
+import logging.config
 import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging, worker_init
 
 from scheduler import broker
 
@@ -106,3 +109,45 @@ def configure(celery_app: Celery) -> None:
 
 
 configure(app)
+
+
+def log_level() -> str:
+    """``HIVEMART_LOG_LEVEL`` as the settings read it."""
+    from django.conf import settings
+
+    level: str = settings.LOGGING["root"]["level"]
+    return level
+
+
+def celery_argv(command: str, args: list[str]) -> list[str]:
+    """argv for ``celery COMMAND ARGS`` (worker, beat): the level of ``HIVEMART_LOG_LEVEL`` unless
+    ``args`` say ``--loglevel`` (the last one counts); no banners when the logs are JSON lines,
+    which must all parse."""
+    from django.conf import settings
+
+    quiet = ["--quiet"] if settings.HIVEMART_LOG_FORMAT == "json" else []
+    return [*quiet, command, "--loglevel", log_level(), *args]
+
+
+@setup_logging.connect
+def _log_like_the_web_process(loglevel: Any = None, **kwargs: Any) -> None:
+    """Worker and beat log as the web process does (``settings.LOGGING``: one line per record,
+    text or JSON by ``HIVEMART_LOG_FORMAT``), not in Celery's own format; ``--loglevel`` (the
+    commands pass ``HIVEMART_LOG_LEVEL``) sets the level."""
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)
+    if loglevel:
+        logging.getLogger().setLevel(loglevel)
+
+
+@worker_init.connect
+def _route_hivemind_logs(**kwargs: Any) -> None:
+    """Probes run the swarm client in the worker: its hivemind lines take the same format too."""
+    from django.conf import settings
+
+    if settings.HIVEMART_SWARM_PEERS:  # no probes, no hivemind (importing it takes seconds)
+        from hivemart_core.logs import adopt_hivemind_logging
+
+        # settings.LOGGING keeps hivemind's per-request INFO out unless the level is DEBUG.
+        adopt_hivemind_logging(logging.DEBUG if log_level() == "DEBUG" else logging.WARNING)

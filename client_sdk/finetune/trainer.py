@@ -152,13 +152,12 @@ class FineTuner:
         self, dataset: PackedDataset, *, checkpoint_dir: str | Path | None = None, progress: bool = True
     ) -> TrainResult:
         """Train until ``config.steps`` steps are done, checkpointing on the way."""
-        from tqdm.auto import tqdm
+        from hivemart_core.logs import progress as show_progress
 
         config = self.config
         durations = []
-        bar = tqdm(
-            total=config.steps, initial=self.step, disable=not progress, desc=f"finetune {config.mode}", unit="step"
-        )
+        # A bar on a terminal; plain periodic lines in a log file or a pipe.
+        bar = show_progress(config.steps, f"finetune {config.mode}", unit="step", initial=self.step, enabled=progress)
         try:
             while self.step < config.steps:
                 batch = dataset.batch(self.step, config.batch_size)

@@ -1,26 +1,38 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import re
 from typing import Any
 
 import click
 
 from hivemart_core.errors import APIError, ValidationError
+from hivemart_core.logs import LOG_FORMATS, configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option(
+    "-v", "--verbose", count=True, help="More log output (-v info, -vv debug with HTTP and hivemind chatter)."
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="text",
+    show_default=True,
+    envvar="HIVEMART_LOG_FORMAT",
+    help="Log lines on stderr: text ('TIME LEVEL logger: message') or json (one object per line).",
+)
+def cli(verbose: int, log_format: str) -> None:
     """Hivemart: run and fine-tune language models on other people's GPUs."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose, log_format.lower())
 
 
 def initial_peers_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
     """``--initial-peers`` as a list of checked multiaddrs (entries may hold several, space-separated)."""
+    from hivemart_core.logs import adopt_hivemind_logging
     from hivemart_core.swarm.p2p import check_initial_peers  # imports hivemind: only for the swarm commands
+
+    adopt_hivemind_logging()  # hivemind's own log lines in this CLI's format, not hivemind's
 
     try:
         return check_initial_peers(value)

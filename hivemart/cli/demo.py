@@ -48,6 +48,11 @@ def demo(data_dir: Path | None, new_tokens: int, finetune_steps: int, keep: bool
     require_server_stack("demo", "all")
     from hivemart.demo.scenario import DemoError, DemoOptions, run_demo
     from hivemart_core.errors import HivemartError
+    from hivemart_core.logs import adopt_hivemind_logging
+
+    # The in-process client's hivemind lines go through this CLI's handler, which the demo holds
+    # back while it streams generated text (hivemart_core.logs.logs_held).
+    adopt_hivemind_logging()
 
     out = sys.stderr if as_json else sys.stdout
 

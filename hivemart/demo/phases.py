@@ -14,6 +14,7 @@ from client_sdk.money import format_credits
 from hivemart.demo.stack import catalog_checkpoint, market_provider_args
 from hivemart_core.api import Client
 from hivemart_core.errors import HivemartError
+from hivemart_core.logs import logs_held
 
 if TYPE_CHECKING:
     import torch
@@ -192,12 +193,16 @@ class Demo:
                 if len(stamps) == o.kill_at:
                     killed.update(self._kill_first_hop(session))
 
-            o.write(DEMO_PROMPT)
-            started = time.perf_counter()
-            tokens = model.generate(prompt, max_new_tokens=o.new_tokens, session=session, on_token=on_token)
-            elapsed = time.perf_counter() - started
+            # Log lines (the failover's, above all) wait until the streamed text has ended its line.
+            with logs_held():
+                o.write(DEMO_PROMPT)
+                try:
+                    started = time.perf_counter()
+                    tokens = model.generate(prompt, max_new_tokens=o.new_tokens, session=session, on_token=on_token)
+                    elapsed = time.perf_counter() - started
+                finally:
+                    o.write("\n")
             failovers = list(session.chain.failovers)
-        o.write("\n")
         summary = job.finish()
         exact = self._matches_local(prompt, tokens)
         failover_ok = bool(killed) and any(f["peer_id"] == killed["peer_id"] for f in failovers) and exact

@@ -59,3 +59,19 @@ def test_demo_probes_its_providers_and_shows_measured_figures(kept_demo: KeptDem
     for page in pages:
         detail = httpx.get(summary["web"] + page, timeout=10).text
         assert "Not probed yet" not in detail
+
+
+def test_demo_output_is_readable_off_a_terminal(kept_demo: KeptDemo) -> None:
+    _assert_readable_progress(kept_demo.stderr.read_text())
+
+
+def _assert_readable_progress(text: str) -> None:
+    """Off a terminal (here a file) progress is plain lines, not a bar's carriage returns, and no
+    log line (the failover's) lands inside the streamed text: it waits for the end of its line."""
+    from hivemart.demo.phases import DEMO_PROMPT
+
+    assert "\r" not in text
+    streamed = [line for line in text.splitlines() if line.startswith(DEMO_PROMPT)]
+    assert len(streamed) == 1, text[-4000:]
+    assert " INFO " not in streamed[0] and " WARNING " not in streamed[0] and "WARN" not in streamed[0], streamed
+    assert "hivemart.progress: finetune" in text  # the fine-tuning steps, as log lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -269,3 +270,47 @@ def test_an_offer_the_catalog_cannot_back_is_a_setup_error_for_the_operator(cata
     with pytest.raises(market.MarketSetupError, match=message):
         asyncio.run(link._register())
     assert ("POST", "/api/providers/") not in [(m, p) for m, p, _ in scripted.calls]
+
+
+class FlakyHeartbeats(ScriptedCatalog):
+    """Heartbeat requests 3 to 6 answer 503 (an outage: two heartbeats, each tried twice by the
+    client); the rest as usual."""
+
+    def __init__(self) -> None:
+        super().__init__(DIGESTS)
+        self.heartbeats = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/providers/1/heartbeat/":
+            self.heartbeats += 1
+            if 3 <= self.heartbeats <= 6:
+                return httpx.Response(503, json={"code": "unavailable", "message": "down for maintenance"})
+        return super().__call__(request)
+
+
+def test_heartbeats_are_logged_only_when_the_link_changes_state(caplog: pytest.LogCaptureFixture):
+    scripted = FlakyHeartbeats()
+    link = registering_link(scripted, [offer(0, 2)])
+    link.config.heartbeat_period = 0.001
+
+    async def scenario() -> None:
+        loop = asyncio.ensure_future(link._heartbeat_loop())
+        while scripted.heartbeats < 12:
+            await asyncio.sleep(0.001)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+    with caplog.at_level("DEBUG", logger="provider_agent.market"):
+        asyncio.run(scenario())
+    heartbeat_lines = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "provider_agent.market" and "heartbeat" in r.getMessage()
+    ]
+    shown = [(level, message) for level, message in heartbeat_lines if level > logging.DEBUG]
+    # 10 heartbeats, 2 of them failed: one line when the first is accepted, one when they start
+    # failing, one when they recover; the repeated failure only at DEBUG.
+    assert [level for level, _ in shown] == [logging.INFO, logging.WARNING, logging.INFO], shown
+    assert shown[0][1].startswith("online at the marketplace")
+    assert "still serving" in shown[1][1] and shown[2][1].startswith("heartbeats recovered after 2 failed")
+    assert sum(level == logging.DEBUG for level, _ in heartbeat_lines) == 1

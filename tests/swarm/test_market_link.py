@@ -138,6 +138,21 @@ def test_agents_register_heartbeat_and_upload_their_receipts(tiny_model: Path, t
         receipt = stored(at_exit)  # uploaded during the clean shutdown, before the process exited
         assert receipt is not None and (receipt.units, receipt.chain) == (24, expected[at_exit.peer_id].chain)
         assert Provider.objects.get(peer_id=at_exit.peer_id).state == "offline"  # said goodbye
+        assert_default_logs(periodic)
+
+
+def assert_default_logs(agent: AgentProcess) -> None:
+    """An agent at the default verbosity (as started here, without -v) says what it does while it
+    starts, says once that the marketplace sees it, and writes nothing per heartbeat."""
+    log = agent.log_path.read_text()
+    assert "\r" not in log
+    for step in ("reading ", "joining the swarm through 1 initial peer", "loading blocks 0:4 of ", "loaded blocks 0:4"):
+        assert step in log, (step, log)
+    assert "measuring throughput" in log
+    serving = next(line for line in log.splitlines() if "serving blocks 0:4 of" in line)
+    assert agent.peer_id in serving and agent.maddrs[0] in serving
+    assert log.count("online at the marketplace") == 1
+    assert "HTTP Request" not in log and "heartbeat/" not in log, log  # httpx's line per heartbeat
 
 
 def test_an_agent_that_cannot_reach_its_marketplace_serves_no_billable_work_for_free(tiny_model: Path, tmp_path: Path):

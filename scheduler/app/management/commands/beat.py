@@ -23,12 +23,12 @@ class Command(BaseCommand):
         self.handle(celery_args=argv[2:])
 
     def handle(self, *args: Any, celery_args: list[str], **options: Any) -> None:
-        from scheduler.celery import app
+        from scheduler.celery import app, celery_argv
 
         # Beat keeps its schedule in a file; make its folder (with Redis as the broker nothing
         # else creates $HIVEMART_HOME/celery).
         Path(_schedule_file(celery_args) or app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
-        app.start(["beat", "--loglevel", "INFO", *celery_args])
+        app.start(celery_argv("beat", celery_args))
 
 
 def _schedule_file(celery_args: list[str]) -> str | None:

@@ -22,6 +22,6 @@ class Command(BaseCommand):
         self.handle(celery_args=argv[2:])
 
     def handle(self, *args: Any, celery_args: list[str], **options: Any) -> None:
-        from scheduler.celery import app
+        from scheduler.celery import app, celery_argv
 
-        app.worker_main(["worker", "--loglevel", "INFO", *celery_args])
+        app.worker_main(celery_argv("worker", celery_args))
