@@ -56,10 +56,33 @@ class FastLocalGenerator:
         self.parts: ClientParts = load_client_parts(model_path, dtype=dtype, device=device)
         blocks = load_model_info(model_path).num_blocks
         self.backend = SpanBackend(model_path, 0, blocks, dtype=dtype, device=device)
+        self.threads = torch.get_num_threads()  # torch threads while generating (see tune_threads)
 
-    @torch.inference_mode()
+    def tune_threads(self, prompt: torch.Tensor, new_tokens: int, sync: Callable[[], None] = lambda: None) -> int:
+        """Use the fastest torch thread count, 1 up to the process's: on a small CPU shared
+        with other processes, threads that spin between operations can cost more than they
+        save, and the baseline must not be slowed by a poor choice."""
+        timings = {}
+        for threads in range(1, torch.get_num_threads() + 1):
+            self.threads = threads
+            self.generate(prompt, new_tokens)  # warm-up at this count
+            timings[threads] = min(
+                _ms_per_token(lambda: self.generate(prompt, new_tokens), new_tokens, sync)[0] for _ in range(2)
+            )
+        self.threads = min(timings, key=lambda t: timings[t])
+        return self.threads
+
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """The prompt followed by ``new_tokens`` greedy tokens, like ``transformers``."""
+        process_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._generate(prompt, new_tokens)
+        finally:
+            torch.set_num_threads(process_threads)
+
+    @torch.inference_mode()
+    def _generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         backend, parts = self.backend, self.parts
         end = backend.end
         batch, length = prompt.shape
@@ -133,6 +156,9 @@ def run_inference_bench(
             ).cpu()
 
     fast = FastLocalGenerator(model_path, dtype=torch_dtype, device=device)
+    if not device.startswith("cuda"):
+        progress("choosing the fast baseline's torch thread count")
+        fast.tune_threads(prompt, new_tokens)
 
     spans = split_blocks(layers, providers)
     progress(f"starting {providers} providers on loopback: {spans}")
@@ -185,6 +211,7 @@ def run_inference_bench(
         "ratio_fast": round(swarm_ms / fast_ms, 3),
         "overhead_fast_ms_per_hop": round((swarm_ms - fast_ms) / providers, 3),
         "exact_match_fast": exact_fast,
+        "local_fast_threads": fast.threads,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "device": device,
