@@ -7,6 +7,13 @@ Both start from the same weights; ``grad_match`` says whether the first step's g
 agree (max abs difference within ``1e-3`` of the largest local gradient, plus ``1e-6``).
 Medians over ``repeats`` steps of each after ``warmup`` steps, local and swarm steps taken in
 turns (so that other load on the machine hits both alike).
+
+Under load (``hivemart bench train --jobs 2,4``, :func:`run_train_load_bench`): for each count,
+that many LoRA jobs at once, each in its own process with its own p2p daemon (as separate
+clients would be), while an inference client in this process generates the same tokens over
+and over: aggregate optimizer steps/s, and the client's median ms/token over the generations
+that began while the jobs trained, beside its ms/token alone. The client's tokens are checked
+equal to those it generates alone, and every job's losses finite.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from client_sdk.finetune.peft_export import peft_state_dict
 from client_sdk.finetune.trainer import FineTuner, TrainConfig
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from hivemart.bench.inference import _in_workdir, split_blocks
-from hivemart_core.models import create_model
+from hivemart.bench.inference import PROMPT, _in_workdir, split_blocks
+from hivemart_core.models import create_model, load_tokenizer
 from hivemart_core.models.lora import module_path
 from hivemart_core.swarm.runtime import SwarmRuntime
 
@@ -246,9 +253,6 @@ class _Inference:
     """The concurrent inference client: greedy generation of the same tokens, timed."""
 
     def __init__(self, model_path: Path, runtime: SwarmRuntime, new_tokens: int) -> None:
-        from hivemart.bench.inference import PROMPT
-        from hivemart_core.models import load_tokenizer
-
         self.model = DistributedModelForCausalLM.from_pretrained(model_path, runtime=runtime)
         self.prompt = load_tokenizer(model_path)(PROMPT, return_tensors="pt").input_ids
         self.new_tokens = new_tokens
