@@ -1,10 +1,18 @@
-"""``hivemart bench inference``: local ``transformers`` generation versus the swarm's.
+"""``hivemart bench inference``: local generation versus the swarm's.
 
 Creates a model, starts a bootstrap node and providers on loopback, and times greedy
-generation of the same tokens locally and through the swarm, in push mode (the default)
-and in round-trip mode, after a warm-up of each. The three are timed in turn, round after
-round, so that the machine's drifting load hits all of them alike; medians over
-``repeats`` rounds.
+generation of the same tokens through the swarm, in push mode (the default) and in
+round-trip mode, against two local baselines in this process:
+
+- ``local``: ``transformers``' ``generate`` (its per-step overhead is large, and varies
+  between versions, so a ratio against it flatters the swarm);
+- ``local_fast``: every block in one :class:`~hivemart_core.models.backend.SpanBackend`, the
+  step code providers run, with its KV cache, and the client's embeddings, norm and head as
+  :class:`client_sdk.swarm.model.DistributedModelForCausalLM` uses them; no network, nothing
+  signed or hashed. It is the limit the swarm is compared against (``ratio_fast``).
+
+All are timed in turn after a warm-up of each, round after round, so that the machine's
+drifting load hits them alike; medians over ``repeats`` rounds.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ import torch
 
 from client_sdk.swarm.local import LocalSwarm
 from client_sdk.swarm.model import DistributedModelForCausalLM
-from hivemart_core.models import create_model, load_tokenizer
+from hivemart_core.models import ClientParts, create_model, load_client_parts, load_model_info, load_tokenizer
+from hivemart_core.models.backend import SpanBackend
 from hivemart_core.swarm.runtime import SwarmRuntime
 
-__all__ = ["run_inference_bench", "split_blocks"]
+__all__ = ["run_inference_bench", "split_blocks", "FastLocalGenerator"]
 
 PROMPT = "A marketplace for compute lets strangers trade GPU time safely"
 
@@ -35,6 +44,59 @@ def split_blocks(layers: int, providers: int) -> list[tuple[int, int]]:
         raise ValueError(f"need between 1 and {layers} providers for {layers} blocks, got {providers}")
     bounds = [round(i * layers / providers) for i in range(providers + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=False))
+
+
+class FastLocalGenerator:
+    """Greedy generation with every block in one process, through the providers' own step
+    code: embeddings -> ``SpanBackend.inference_step`` over all blocks -> final norm and head
+    -> argmax, one token per step after the prompt. The same computation, in the same order,
+    as a swarm session, so the tokens are the swarm's bit for bit."""
+
+    def __init__(self, model_path: Path, *, dtype: torch.dtype, device: str) -> None:
+        self.parts: ClientParts = load_client_parts(model_path, dtype=dtype, device=device)
+        blocks = load_model_info(model_path).num_blocks
+        self.backend = SpanBackend(model_path, 0, blocks, dtype=dtype, device=device)
+        self.threads = torch.get_num_threads()  # torch threads while generating (see tune_threads)
+
+    def tune_threads(self, prompt: torch.Tensor, new_tokens: int, sync: Callable[[], None] = lambda: None) -> int:
+        """Use the fastest torch thread count, 1 up to the process's: on a small CPU shared
+        with other processes, threads that spin between operations can cost more than they
+        save, and the baseline must not be slowed by a poor choice."""
+        timings = {}
+        for threads in range(1, torch.get_num_threads() + 1):
+            self.threads = threads
+            self.generate(prompt, new_tokens)  # warm-up at this count
+            timings[threads] = min(
+                _ms_per_token(lambda: self.generate(prompt, new_tokens), new_tokens, sync)[0] for _ in range(2)
+            )
+        self.threads = min(timings, key=lambda t: timings[t])
+        return self.threads
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """The prompt followed by ``new_tokens`` greedy tokens, like ``transformers``."""
+        process_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._generate(prompt, new_tokens)
+        finally:
+            torch.set_num_threads(process_threads)
+
+    @torch.inference_mode()
+    def _generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        backend, parts = self.backend, self.parts
+        end = backend.end
+        batch, length = prompt.shape
+        cache = backend.new_cache(start=0, end=end, batch_size=batch, max_length=length + new_tokens)
+        # Tokens stay on the device until the end: no synchronisation per step.
+        tokens = torch.empty(batch, length + new_tokens, dtype=prompt.dtype, device=backend.device)
+        tokens[:, :length] = prompt
+        feed, position = tokens[:, :length], 0
+        for i in range(length, length + new_tokens):
+            hidden = backend.inference_step(cache, parts.embed(feed), position, 0, end)
+            position += feed.shape[1]
+            feed = parts.logits(hidden[:, -1:]).argmax(dim=-1)
+            tokens[:, i] = feed[:, 0]
+        return tokens.cpu()
 
 
 def _ms_per_token(
@@ -93,6 +155,11 @@ def run_inference_bench(
                 local_prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
             ).cpu()
 
+    fast = FastLocalGenerator(model_path, dtype=torch_dtype, device=device)
+    if not device.startswith("cuda"):
+        progress("choosing the fast baseline's torch thread count")
+        fast.tune_threads(prompt, new_tokens)
+
     spans = split_blocks(layers, providers)
     progress(f"starting {providers} providers on loopback: {spans}")
     with LocalSwarm(workdir=workdir / "swarm") as swarm:
@@ -102,7 +169,10 @@ def run_inference_bench(
         )
         threads = sorted({agent.ready.get("torch_threads") for agent in agents})
         with SwarmRuntime(swarm.initial_peers) as runtime:
-            runs: dict[str, Callable[[], torch.Tensor]] = {"local": local_generate}
+            runs: dict[str, Callable[[], torch.Tensor]] = {
+                "local": local_generate,
+                "local_fast": functools.partial(fast.generate, prompt, new_tokens),
+            }
             for mode, push in (("push", True), ("round_trip", False)):
                 model = DistributedModelForCausalLM.from_pretrained(
                     model_path, runtime=runtime, push=push, dtype=torch_dtype, device=device
@@ -114,9 +184,10 @@ def run_inference_bench(
             times: dict[str, list[float]] = {name: [] for name in runs}
             tokens: dict[str, torch.Tensor] = {}
             for repeat in range(repeats):
-                progress(f"timing round {repeat + 1}/{repeats}: local, swarm (push), swarm (round trip)")
+                progress(f"timing round {repeat + 1}/{repeats}: {', '.join(runs)}")
                 for name, run in runs.items():
-                    ms, tokens[name] = _ms_per_token(run, new_tokens, sync if name == "local" else lambda: None)
+                    local_run = name.startswith("local")
+                    ms, tokens[name] = _ms_per_token(run, new_tokens, sync if local_run else lambda: None)
                     times[name].append(ms)
     local_ms = statistics.median(times["local"])
     local_tokens = tokens["local"]
@@ -124,6 +195,8 @@ def run_inference_bench(
     swarm_tokens = {name: tokens[name] for name in ("push", "round_trip")}
     swarm_ms = results["push"]
     exact = all(torch.equal(t, local_tokens) for t in swarm_tokens.values())
+    exact_fast = all(torch.equal(t, tokens["local_fast"]) for t in swarm_tokens.values())
+    fast_ms = results["local_fast"]
     return {
         "hidden": hidden,
         "layers": layers,
@@ -134,6 +207,11 @@ def run_inference_bench(
         "overhead_ms_per_hop": round((swarm_ms - local_ms) / providers, 3),
         "exact_match": exact,
         "round_trip_ms_per_token": round(results["round_trip"], 3),
+        "local_fast_ms_per_token": round(fast_ms, 3),
+        "ratio_fast": round(swarm_ms / fast_ms, 3),
+        "overhead_fast_ms_per_hop": round((swarm_ms - fast_ms) / providers, 3),
+        "exact_match_fast": exact_fast,
+        "local_fast_threads": fast.threads,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "device": device,

@@ -199,6 +199,19 @@ def matching(providers: int, blocks: int, repeats: int, seed: int, kind: str, as
     emit(result, as_json)
 
 
+def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """A comma-separated list of positive integers (``2,4``), or None when not given."""
+    if value is None:
+        return None
+    try:
+        counts = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected positive integers separated by commas, like 2,4; got {value!r}") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"every count must be at least 1; got {value!r}")
+    return counts
+
+
 @bench.command()
 @click.option(
     "--mode",
@@ -226,6 +239,27 @@ def matching(providers: int, blocks: int, repeats: int, seed: int, kind: str, as
     type=click.IntRange(min=0),
     help="torch threads per provider (0: the agent's automatic choice from the block size).",
 )
+@click.option(
+    "--jobs",
+    "job_counts",
+    callback=_positive_ints,
+    help="Measure under load instead: for each count (e.g. 2,4), that many concurrent LoRA jobs, each its "
+    "own process, while an inference client generates; aggregate steps/s and the client's ms/token.",
+)
+@click.option(
+    "--load-steps",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --jobs: timed steps per job (after a warm-up step).",
+)
+@click.option(
+    "--new-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --jobs: tokens per generation of the inference client.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def train(
     mode: str,
@@ -237,9 +271,35 @@ def train(
     repeats: int,
     chunk_tokens: int,
     provider_threads: int,
+    job_counts: list[int] | None,
+    load_steps: int,
+    new_tokens: int,
     as_json: bool,
 ) -> None:
-    """Seconds per fine-tuning step: local transformers (+PEFT) versus through providers on loopback."""
+    """Seconds per fine-tuning step: local transformers (+PEFT) versus through providers on loopback.
+
+    With --jobs: training throughput under load, one JSON object per job count, then a summary
+    object last (jobs, steps_per_s, inference_ms_per_token_idle, inference_ms_per_token, ...)."""
+    if job_counts is not None:
+        if mode != "lora":
+            raise click.BadParameter("training under load runs LoRA jobs; leave --mode at lora", param_hint="--mode")
+        from hivemart.bench.finetune import TrainLoad, run_train_load_bench
+
+        summary = run_train_load_bench(
+            jobs=job_counts,
+            hidden=hidden,
+            layers=layers,
+            providers=providers,
+            load=TrainLoad(batch_size=batch_size, seq_len=seq_len, steps=load_steps, chunk_tokens=chunk_tokens),
+            new_tokens=new_tokens,
+            repeats=repeats,
+            provider_threads=provider_threads,
+            progress=lambda msg: click.echo(msg, err=True),
+        )
+        for report in summary.pop("per_count"):
+            emit(report, as_json)
+        emit(summary, as_json)
+        return
     from hivemart.bench.finetune import run_train_bench
 
     result = run_train_bench(

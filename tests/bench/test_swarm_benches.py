@@ -50,9 +50,17 @@ def test_bench_inference_reports_an_exact_match(tmp_path, monkeypatch):
         "ratio",
         "overhead_ms_per_hop",
         "exact_match",
+        "local_fast_ms_per_token",
+        "ratio_fast",
+        "exact_match_fast",
     }
     assert (report["hidden"], report["layers"], report["providers"]) == (64, 2, 2)
     assert report["exact_match"] is True
+    # The fast baseline runs the providers' step code in one process: the swarm's tokens, bit for bit.
+    assert report["exact_match_fast"] is True
+    assert report["ratio_fast"] == pytest.approx(
+        report["swarm_ms_per_token"] / report["local_fast_ms_per_token"], rel=0.01
+    )
     assert report["provider_threads"] == 1  # chosen by the agents: hidden-64 blocks are too small to split
     assert report["ratio"] == pytest.approx(report["swarm_ms_per_token"] / report["local_ms_per_token"], rel=0.01)
 
