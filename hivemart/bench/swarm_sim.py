@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from hivemart_core.placement import choose_span, should_move
+from hivemart_core.placement import best_span, should_move
 from scheduler.matching import JobRequest, NoPlanError, Offer, Plan, match_job, replan_segment
 
 __all__ = [
     "GPU_MIX",
     "Trace",
     "make_trace",
+    "petals_cannot_gain",
     "petals_choose_best_start",
     "petals_should_choose_other_blocks",
     "simulate",
@@ -104,7 +105,7 @@ def _hold(blocks: int, reference: int) -> int:
 
 
 def make_trace(
-    providers: int, blocks: int, hours: int, *, seed: int = 0, checks_per_hour: int = 4, jobs_per_hour: int = 20
+    providers: int, blocks: int, hours: int, *, seed: int = 0, checks_per_hour: int = 60, jobs_per_hour: int = 20
 ) -> Trace:
     """Draw the swarm's churn, the rebalancing checks and the jobs from ``seed``."""
     if providers < 1 or blocks < 1 or hours < 1:
@@ -133,8 +134,9 @@ def make_trace(
                 events.append((end, 0, CRASH if crashed else LEAVE, pid))
             t = end + rng.lognormvariate(math.log(_DOWNTIME_MEDIAN_S), _DOWNTIME_SIGMA)
     # Rebalancing checks: Petals servers check about every 2 minutes each; simulating that for
-    # every one of 10,000 providers is out of reach, so a sample of providers check, the same
-    # ones at the same times in both arms (a check of a provider offline then is skipped).
+    # every one of 10,000 providers is out of reach (a Petals check may simulate every server
+    # re-choosing), so a sample of providers check, the same ones at the same times in both
+    # arms (a check of a provider offline or reloading then is skipped).
     for _ in range(checks_per_hour * hours):
         events.append((rng.uniform(0.0, horizon), 0, CHECK, rng.randrange(providers)))
     for _ in range(jobs_per_hour * hours):
@@ -170,12 +172,24 @@ def petals_choose_best_start(throughputs: np.ndarray, length: int) -> int:
     return int(tied[np.lexsort(ordered.T[::-1])[0]])
 
 
+def petals_cannot_gain(
+    weakest: float, total: float, num_blocks: int, balance_quality: float = PETALS_BALANCE_QUALITY
+) -> bool:
+    """Whether Petals' check must answer no, without simulating. Moves never change the sum
+    over blocks, so no rebalancing lifts the weakest block above the mean: when even the
+    mean is not ``1 / balance_quality`` times today's weakest, no server moves (what makes
+    checks in a balanced swarm of 10,000 servers cheap)."""
+    return weakest > total / num_blocks * (balance_quality - _EPS) * (1 + 1e-9)
+
+
 def petals_should_choose_other_blocks(
     me: int,
     spans: dict[int, tuple[int, int, float]],
     num_blocks: int,
     rng: np.random.Generator,
     balance_quality: float = PETALS_BALANCE_QUALITY,
+    *,
+    use_bound: bool = True,
 ) -> bool:
     """Petals' ``should_choose_other_blocks`` for server ``me`` among ``spans`` (server ->
     ``(start, end, throughput)``, every server not offline): move if, after this server
@@ -191,6 +205,8 @@ def petals_should_choose_other_blocks(
         throughputs[start:end] += tput
         starts[server] = start
     initial = float(throughputs.min())
+    if use_bound and petals_cannot_gain(initial, float(throughputs.sum()), num_blocks, balance_quality):
+        return False
     start, end, tput = spans[me]
     length = end - start
     throughputs[start:end] -= tput * (1 + _EPS)
@@ -237,6 +253,7 @@ class _Job:
     job: JobRequest
     plan: Plan
     done: float
+    replaced: set[str] = field(default_factory=set)  # never chosen again for this job (as job_replan)
 
 
 class _Arm:
@@ -283,13 +300,14 @@ class _Arm:
         if self.rule == "petals":
             start = petals_choose_best_start(np.array(self.view), hold)
             return start, start + hold
-        # Per-block sums as one-block spans: block_throughputs gives back exactly these sums,
-        # so choose_span decides as it would from every provider's span, in O(blocks).
-        return choose_span(self.blocks, hold, [(b, b + 1, t) for b, t in enumerate(self.view)])
+        # choose_span's decision from the per-block sums it would compute from every span.
+        return best_span(self.view, hold)
 
     def wants_to_move(self, pid: int) -> tuple[int, int] | None:
         p, span = self.trace.providers[pid], self.span[pid]
         if self.rule == "petals":
+            if petals_cannot_gain(min(self.view), sum(self.view), self.blocks):
+                return None
             spans = {
                 q: (s, e, self.trace.providers[q].throughput)
                 for q, (s, e) in self.span.items()
@@ -297,9 +315,9 @@ class _Arm:
             }
             if not petals_should_choose_other_blocks(pid, spans, self.blocks, self.rng):
                 return None
-            others = np.array(self.view)
-            others[span[0] : span[1]] -= p.throughput  # it announces itself offline first
-            start = petals_choose_best_start(others, p.hold)
+            vacated = np.array(self.view)
+            vacated[span[0] : span[1]] -= p.throughput  # it announces itself offline first
+            start = petals_choose_best_start(vacated, p.hold)
             return (start, start + p.hold) if start != span[0] else None
         others = list(self.view)
         self._remove(others, pid, span)
@@ -378,7 +396,7 @@ class _Arm:
         self._track(jid, plan)
         # A plan onto a crashed provider whose record lingers fails at once: the client fails over.
         for primary in sorted(plan.primaries):
-            if jid in self.jobs and int(primary) not in self.alive:
+            if jid in self.jobs and primary in self.jobs[jid].plan.primaries and int(primary) not in self.alive:
                 self._replace(jid, int(primary))
         if jid in self.jobs:
             self.push(self.jobs[jid].done, DONE, jid)
@@ -404,7 +422,8 @@ class _Arm:
         plan, bad = state.plan, str(failed)
         for _ in range(8):
             self.failovers += 1
-            offers = [o for o in self.offers.values() if o.provider_id != bad]
+            state.replaced.add(bad)
+            offers = [o for o in self.offers.values() if o.provider_id not in state.replaced]
             try:
                 new = replan_segment(plan, bad, offers, state.job)
             except NoPlanError:
@@ -485,7 +504,7 @@ def run_swarm_sim(
     blocks: int = 80,
     hours: int = 24,
     seed: int = 0,
-    checks_per_hour: int = 4,
+    checks_per_hour: int = 60,
     jobs_per_hour: int = 20,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, object]:

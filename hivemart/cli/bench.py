@@ -210,7 +210,7 @@ def matching(providers: int, blocks: int, repeats: int, seed: int, kind: str, as
 @click.option("--seed", default=0, show_default=True, help="Seed of the trace (churn, GPUs, checks, jobs).")
 @click.option(
     "--checks-per-hour",
-    default=4,
+    default=60,
     show_default=True,
     type=click.IntRange(min=0),
     help="Rebalancing checks per simulated hour, each by a provider drawn at random (the same in both arms).",

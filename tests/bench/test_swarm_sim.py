@@ -189,3 +189,21 @@ def test_bench_cli_prints_the_json_line():
     expected = {"providers", "blocks", "hours", "weakest_throughput", "petals_weakest_throughput", "moves"}
     assert expected | {"petals_moves", "jobs_served", "petals_jobs_served"} <= set(line)
     assert (line["providers"], line["blocks"], line["hours"]) == (200, 16, 2)
+
+
+def test_the_mean_bound_never_changes_petals_answer():
+    rng = np.random.default_rng(7)
+    answers = []
+    for trial in range(150):
+        blocks = int(rng.integers(2, 9))
+        spans = {}
+        for server in range(int(rng.integers(2, 9))):
+            length = int(rng.integers(1, blocks + 1))
+            start = int(rng.integers(0, blocks - length + 1))
+            spans[server] = (start, start + length, float(rng.integers(1, 20)))
+        me = int(rng.integers(0, len(spans)))
+        fast = petals_should_choose_other_blocks(me, spans, blocks, np.random.default_rng(trial))
+        full = petals_should_choose_other_blocks(me, spans, blocks, np.random.default_rng(trial), use_bound=False)
+        assert fast == full
+        answers.append(full)
+    assert True in answers and False in answers  # both answers were exercised
