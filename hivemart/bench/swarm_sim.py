@@ -20,8 +20,9 @@ Jobs are matched in both arms by the real :func:`scheduler.matching.match_job` (
 measured throughput and latency, with ranked backups), and a primary that leaves, crashes
 or moves mid-job is replaced by the real :func:`scheduler.matching.replan_segment` (one
 failover). A crashed provider's record stays visible to placement and matching for
-``RECORD_TTL_S`` (DHT records and heartbeats expire, they are not withdrawn), so joins can
-be placed by stale figures and jobs planned onto a dead provider, in both arms alike. A
+``RECORD_TTL_S`` (DHT records and heartbeats expire, they are not withdrawn: 240 s for
+Petals' DHT records, 90 s for the marketplace's heartbeat timeout and sweep), so joins can
+be placed by stale figures and jobs planned onto a dead provider, in both arms. A
 moving provider serves nothing while it reloads weights (``_load_seconds``).
 
 Reported per hour: the weakest block's throughput (sum of the per-block throughputs of the
@@ -65,7 +66,12 @@ GPU_MIX: tuple[tuple[str, float, int, int, int], ...] = (
     ("A100 80GB", 0.05, 160, 54, 1500),
 )
 _REFERENCE_BLOCKS = 80
-RECORD_TTL_S = 240.0  # Petals: records expire after about two 120 s update periods
+# How long a crashed provider still looks online. Petals: its DHT records expire after about
+# two 120 s update periods. Hivemart: joining agents ask the marketplace where to go and jobs
+# are matched there, and it marks a provider offline once its heartbeats (every 15 s) have
+# been silent for HIVEMART_HEARTBEAT_TIMEOUT_S (60 s), at the next housekeeping sweep
+# (HIVEMART_HOUSEKEEPING_INTERVAL_S, 30 s): 90 s at worst, the figure used.
+RECORD_TTL_S = {"hivemart": 90.0, "petals": 240.0}
 PETALS_BALANCE_QUALITY = 0.75
 _EPS = 1e-3  # Petals' eps in should_choose_other_blocks
 # Sessions online: Pareto(alpha) * scale seconds (median scale * 2**(1/alpha), about 40 min;
@@ -346,7 +352,7 @@ class _Arm:
             self.alive.discard(pid)
             self._remove(self.true, pid, self.span[pid])
         if crashed:
-            self.push(now + RECORD_TTL_S, EXPIRE, pid)
+            self.push(now + RECORD_TTL_S[self.rule], EXPIRE, pid)
         elif pid in self.span:
             self._remove(self.view, pid, self.span.pop(pid))
             self.offers.pop(pid, None)

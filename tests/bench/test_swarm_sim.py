@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from hivemart.bench.swarm_sim import (
     CRASH,
+    EXPIRE,
     JOIN,
     LEAVE,
     Provider,
@@ -207,3 +208,14 @@ def test_the_mean_bound_never_changes_petals_answer():
         assert fast == full
         answers.append(full)
     assert True in answers and False in answers  # both answers were exercised
+
+
+@pytest.mark.parametrize(("rule", "ttl"), [("hivemart", 90.0), ("petals", 240.0)])
+def test_a_crashed_provider_looks_online_until_its_rule_would_notice(rule, ttl):
+    # Petals' DHT records outlive a crash by two update periods; the marketplace notices
+    # missed heartbeats (60 s) at its next sweep (30 s).
+    arm = _Arm(_tiny_trace(), rule, 0)
+    arm.join(0, 0.0)
+    arm.depart(0, 100.0, crashed=True)
+    assert arm.true == [0.0] * 4 and arm.view != arm.true
+    assert [(when, kind, who) for when, _, kind, who in arm.heap] == [(100.0 + ttl, EXPIRE, 0)]
