@@ -19,6 +19,7 @@ __all__ = [
     "Span",
     "InvalidSpanError",
     "block_throughputs",
+    "best_span",
     "choose_span",
     "should_move",
     "DEFAULT_MIN_IMPROVEMENT",
@@ -103,10 +104,17 @@ def choose_span(num_blocks: int, num_to_serve: int, spans: Sequence[Span]) -> tu
     """The blocks ``[start, end)`` a provider able to serve ``num_to_serve`` blocks should
     take, given the ``spans`` already served. A provider that can hold more blocks than
     the model has serves all of them."""
+    return best_span(block_throughputs(num_blocks, spans), num_to_serve)
+
+
+def best_span(throughputs: Sequence[float], num_to_serve: int) -> tuple[int, int]:
+    """:func:`choose_span` from the per-block throughputs (:func:`block_throughputs`)
+    rather than the spans: for a caller that keeps the sums up to date as providers come
+    and go (the swarm simulation), in O(blocks) rather than O(spans)."""
     if isinstance(num_to_serve, bool) or not isinstance(num_to_serve, int) or num_to_serve < 1:
         raise InvalidSpanError(f"num_to_serve must be a positive integer, got {num_to_serve!r}")
-    throughputs = block_throughputs(num_blocks, spans)
-    length = min(num_to_serve, num_blocks)
+    _check_blocks(len(throughputs))
+    length = min(num_to_serve, len(throughputs))
     start = _best_start(throughputs, length)
     return start, start + length
 

@@ -212,6 +212,49 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
     return counts
 
 
+@bench.command("swarm-sim")
+@click.option(
+    "--providers", default=10_000, show_default=True, type=click.IntRange(min=1), help="Providers in the trace."
+)
+@click.option(
+    "--blocks", default=80, show_default=True, type=click.IntRange(min=1, max=1000), help="The model's blocks."
+)
+@click.option("--hours", default=24, show_default=True, type=click.IntRange(min=1), help="Simulated hours.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the trace (churn, GPUs, checks, jobs).")
+@click.option(
+    "--checks-per-hour",
+    default=60,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rebalancing checks per simulated hour, each by a provider drawn at random (the same in both arms).",
+)
+@click.option(
+    "--jobs-per-hour",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Inference jobs per simulated hour, matched by scheduler.matching (the same in both arms).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def swarm_sim(
+    providers: int, blocks: int, hours: int, seed: int, checks_per_hour: int, jobs_per_hour: int, as_json: bool
+) -> None:
+    """Hivemart's placement, matching and failover rules against Petals' placement rule on one
+    simulated day of churn (hivemart/bench/swarm_sim.py)."""
+    from hivemart.bench.swarm_sim import run_swarm_sim
+
+    result = run_swarm_sim(
+        providers=providers,
+        blocks=blocks,
+        hours=hours,
+        seed=seed,
+        checks_per_hour=checks_per_hour,
+        jobs_per_hour=jobs_per_hour,
+        progress=lambda msg: click.echo(msg, err=True),
+    )
+    emit(result, as_json)
+
+
 @bench.command()
 @click.option(
     "--mode",

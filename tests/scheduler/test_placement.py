@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hivemart_core.placement import InvalidSpanError, Span, block_throughputs, choose_span, should_move
+from hivemart_core.placement import InvalidSpanError, Span, best_span, block_throughputs, choose_span, should_move
 
 
 def spans_with_throughputs(throughputs: list[float]) -> list[Span]:
@@ -106,6 +106,20 @@ def test_choose_span_is_the_lexicographic_argmin(case: tuple[int, list[Span]], n
     holes = [b for b, t in enumerate(throughputs) if t == 0]
     if holes:
         assert any(start <= b < end for b in holes), "a hole is filled first"
+
+
+@settings(max_examples=100)
+@given(swarms(), st.integers(1, 12))
+def test_best_span_from_the_sums_decides_as_choose_span(case: tuple[int, list[Span]], num_to_serve: int) -> None:
+    num_blocks, spans = case
+    assert best_span(block_throughputs(num_blocks, spans), num_to_serve) == choose_span(num_blocks, num_to_serve, spans)
+
+
+def test_best_span_refuses_nonsense() -> None:
+    with pytest.raises(InvalidSpanError, match="num_to_serve"):
+        best_span([1.0, 2.0], 0)
+    with pytest.raises(InvalidSpanError, match="num_blocks"):
+        best_span([], 1)
 
 
 # --- moving --------------------------------------------------------------------------------
