@@ -77,6 +77,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart bench matching --json": (HELP, _BENCH),
     "hivemart bench ledger --json": (HELP, _BENCH),
     "hivemart bench chaos --json [--minutes N]": (HELP, _BENCH),
+    "hivemart bench swarm-sim --json [--providers 10000] [--blocks 80] [--hours 24] [--seed N]": (HELP, _BENCH),
+    "hivemart bench train --json --jobs 2,4 [--load-steps 3]": (HELP, _BENCH),
+    "hivemart bench train --json [--mode lora]": (HELP, _BENCH),
     "hivemart demo": (DEMO, ""),
     # Money in and out (README table, docs/operators.md, docs/providers.md)
     "hivemart wallet topup CREDITS": (
@@ -129,5 +132,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cp deploy/systemd/hivemart-provider.service /etc/systemd/system/": (HOST, _SYSTEMD),
     "systemctl daemon-reload && systemctl enable --now hivemart-provider": (HOST, _SYSTEMD),
     "journalctl -u hivemart-provider -f": (HOST, _SYSTEMD),
+    "journalctl -u hivemart-provider": (HOST, _SYSTEMD),
     "systemctl stop": (HOST, _SYSTEMD),
 }
