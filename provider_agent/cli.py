@@ -203,6 +203,19 @@ def cli(verbose: int) -> None:
 @click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")
 @click.option("--cache-mb", default=512, show_default=True, help="KV cache memory for all sessions, MiB.")
 @click.option(
+    "--batching/--no-batching",
+    default=True,
+    show_default=True,
+    help="Run the decode steps of concurrent inference sessions as one batched forward.",
+)
+@click.option(
+    "--batch-max-sessions",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most sessions whose decode steps one batched forward runs.",
+)
+@click.option(
     "--max-sessions-per-peer",
     default=16,
     show_default=True,
@@ -307,6 +320,8 @@ def run(
     max_session_length: int,
     max_sessions: int,
     cache_mb: int,
+    batching: bool,
+    batch_max_sessions: int,
     max_sessions_per_peer: int,
     peer_cache_mb: float | None,
     max_streams_per_peer: int,
@@ -350,6 +365,8 @@ def run(
         max_session_length=max_session_length,
         max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024,
+        batching=batching,
+        batch_max_sessions=batch_max_sessions,
         max_sessions_per_peer=max_sessions_per_peer,
         peer_cache_bytes=None if peer_cache_mb is None else int(peer_cache_mb * 1024 * 1024),
         max_streams_per_peer=max_streams_per_peer,

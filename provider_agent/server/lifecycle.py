@@ -95,6 +95,7 @@ class ProviderServer(RelayRPCs, SpanRPCs, AdapterRPCs):
         if self.sessions:
             raise RuntimeError("drain the server before replacing its blocks")
         self.backend, self.block_digests = backend, block_digests
+        self._yield_training_to_inference(backend)
         self.adapters.clear()  # they were for the old span; their clients create them again elsewhere
         self.graphs.clear()
         self.accepting = True
@@ -126,6 +127,7 @@ class ProviderServer(RelayRPCs, SpanRPCs, AdapterRPCs):
             "graphs_kept": len(self.graphs),
             "graph_bytes_used": self.graphs.used_bytes,
             "graph_bytes": self.config.graph_bytes,
+            "batching": {"enabled": self.batcher.enabled, **self.batcher.stats.to_dict()},
         }
 
     async def _handle_old_version(

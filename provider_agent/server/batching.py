@@ -1,0 +1,199 @@
+"""Decode steps of concurrent inference sessions gathered into one batched forward.
+
+A decode step (one token per session) costs a span of blocks about as much for 16 sessions
+as for one: the weights are read once either way. So the provider queues each decode step
+and runs everything queued for the same blocks as one forward
+(:meth:`hivemart_core.models.backend.SpanBackend.inference_steps`).
+
+When to run a queue (all on the event loop thread, so no locks):
+
+- at once when every session that stepped on these blocks within ``_ACTIVE_S`` is queued:
+  a lone session, or a cohort whose steps all arrived, never waits;
+- else after ``window_s`` (1 ms by default), for the stragglers of the cohort;
+- at once when ``max_sessions`` steps are queued.
+
+Prefill chunks (more than one token), failover replays and steps with batching off take
+the unbatched path, through the same queue accounting (so that training still yields to
+them). Each session's step keeps everything per session: its cache (and rollback
+position), its charge, its signed record; a batch only shares the matrix products.
+Inference sessions carry no LoRA adapter (adapters serve forwards and backwards of
+fine-tuning jobs), so all sessions on the same blocks batch together; the batch key holds
+the blocks, and would hold an adapter id if sessions ever carry one.
+
+Training forwards wait before each block while inference steps are queued or running
+(:meth:`StepBatcher.wait_for_inference`, at most ``_TRAINING_WAIT_S`` per block so that
+training is slowed, never starved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from hivemart_core.models.backend import SpanBackend, SpanKVCache
+
+__all__ = ["BatchStats", "StepBatcher"]
+
+_T = TypeVar("_T")
+# A session that stepped within this many seconds is expected to step again soon: a queue
+# waits (at most the window) for it rather than run without it.
+_ACTIVE_S = 1.0
+# Longest a training forward waits before one block for inference steps to finish.
+_TRAINING_WAIT_S = 0.1
+
+BatchKey = tuple[int, int]  # the blocks [start, end) of the steps batched together
+
+
+@dataclass
+class _Queued:
+    session_id: str
+    cache: SpanKVCache
+    hidden: torch.Tensor
+    position: int
+    future: asyncio.Future[torch.Tensor]
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did: reported by the provider's ``info`` RPC."""
+
+    steps: int = 0  # decode steps run through the batcher
+    batches: int = 0  # forwards that ran them
+    unbatched: int = 0  # steps that took the unbatched path (prefill, replay, batching off)
+    sizes: Counter[int] = field(default_factory=Counter)  # batch size -> forwards of that size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "batches": self.batches,
+            "unbatched": self.unbatched,
+            "max_batch": max(self.sizes, default=0),
+            "sizes": {str(size): count for size, count in sorted(self.sizes.items())},
+        }
+
+
+class StepBatcher:
+    """Queues inference steps and runs the decode steps of sessions on the same blocks together."""
+
+    def __init__(
+        self,
+        run: Callable[[Callable[[], Any], int], Awaitable[Any]],
+        *,
+        enabled: bool = True,
+        max_sessions: int = 64,
+        window_s: float = 0.001,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        if window_s < 0:
+            raise ValueError("window_s must not be negative")
+        self._run = run  # the server's _run_compute: inline when small, else its compute thread
+        self.enabled, self.max_sessions, self.window_s = enabled, max_sessions, window_s
+        self.stats = BatchStats()
+        self._queues: dict[BatchKey, list[_Queued]] = {}
+        self._timers: dict[BatchKey, asyncio.TimerHandle] = {}
+        self._last_step: dict[str, tuple[BatchKey, float]] = {}
+        self._busy = 0  # steps queued or being computed
+        self._idle = threading.Event()  # set while _busy == 0 (training threads wait for it)
+        self._idle.set()
+
+    # --- inference side (event loop thread) ------------------------------------------------
+
+    async def step(
+        self,
+        backend: SpanBackend,
+        session_id: str,
+        cache: SpanKVCache,
+        hidden: torch.Tensor,
+        position: int,
+        span: BatchKey,
+    ) -> torch.Tensor:
+        """The output of one session's step: batched with other sessions' decode steps on
+        the same blocks when batching is on and this is a decode step, else on its own."""
+        start, end = span
+        self._enter()
+        try:
+            if not self.enabled or hidden.shape[1] != 1:
+                self.stats.unbatched += 1
+                tokens = hidden.shape[0] * hidden.shape[1]
+                output: torch.Tensor = await self._run(
+                    lambda: backend.inference_step(cache, hidden, position, start, end), tokens
+                )
+                return output
+            future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+            queue = self._queues.setdefault(span, [])
+            queue.append(_Queued(session_id, cache, hidden, position, future))
+            now = time.monotonic()
+            self._last_step[session_id] = (span, now)
+            if len(queue) >= min(self._expected(span, now), self.max_sessions):
+                await self._flush(backend, span)
+            elif span not in self._timers:
+                self._timers[span] = asyncio.get_running_loop().call_later(
+                    self.window_s, self._flush_later, backend, span
+                )
+            return await future
+        finally:
+            self._leave()
+
+    def forget(self, session_id: str) -> None:
+        """A session closed: no queue waits for it any more."""
+        self._last_step.pop(session_id, None)
+
+    def _expected(self, span: BatchKey, now: float) -> int:
+        """Sessions on ``span`` that stepped recently: how many steps a full queue holds."""
+        return sum(1 for key, at in self._last_step.values() if key == span and now - at <= _ACTIVE_S)
+
+    def _flush_later(self, backend: SpanBackend, span: BatchKey) -> None:
+        self._timers.pop(span, None)
+        if self._queues.get(span):
+            asyncio.ensure_future(self._flush(backend, span))
+
+    async def _flush(self, backend: SpanBackend, span: BatchKey) -> None:
+        """Run up to ``max_sessions`` queued steps on ``span`` as one forward, and answer each."""
+        timer = self._timers.pop(span, None)
+        if timer is not None:
+            timer.cancel()
+        queue = self._queues.pop(span, [])
+        batch, rest = queue[: self.max_sessions], queue[self.max_sessions :]
+        if rest:  # more than one forward's worth: the rest go next, without waiting
+            self._queues[span] = rest
+            asyncio.get_running_loop().call_soon(self._flush_later, backend, span)
+        if not batch:
+            return
+        steps = [(q.cache, q.hidden, q.position) for q in batch]
+        rows = sum(q.hidden.shape[0] for q in batch)
+        self.stats.steps += len(batch)
+        self.stats.batches += 1
+        self.stats.sizes[len(batch)] += 1
+        try:
+            outputs = await self._run(lambda: backend.inference_steps(steps, *span), rows)
+        except Exception as e:  # every session of the batch gets the error (the server reports it per session)
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(e)
+            return
+        for q, output in zip(batch, outputs, strict=True):
+            if not q.future.done():
+                q.future.set_result(output)
+
+    def _enter(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    # --- training side (compute thread) ----------------------------------------------------
+
+    def wait_for_inference(self) -> None:
+        """Before a training forward's next block: let queued inference steps go first."""
+        self._idle.wait(_TRAINING_WAIT_S)
