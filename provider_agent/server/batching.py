@@ -5,12 +5,15 @@ as for one: the weights are read once either way. So the provider queues each de
 and runs everything queued for the same blocks as one forward
 (:meth:`hivemart_core.models.backend.SpanBackend.inference_steps`).
 
-When to run a queue (all on the event loop thread, so no locks):
+When to run a queue (decided on the event loop thread, so no locks):
 
-- at once when every session that stepped on these blocks within ``_ACTIVE_S`` is queued:
-  a lone session, or a cohort whose steps all arrived, never waits;
-- else after ``window_s`` (1 ms by default), for the stragglers of the cohort;
-- at once when ``max_sessions`` steps are queued.
+- a lone session (no other session stepped on these blocks within ``_ACTIVE_S``) runs its
+  step at once on the unbatched path, exactly as without batching;
+- while a batched forward on these blocks is in flight (in the batcher's own thread, so
+  that the loop keeps reading), steps queue; when it ends, everything queued by then goes
+  as the next forward, at once;
+- otherwise a queue goes at once when every recently active session is in it or it holds
+  ``max_sessions`` steps, else after ``window_s`` (1 ms by default) for the stragglers.
 
 Prefill chunks (more than one token), failover replays and steps with batching off take
 the unbatched path, through the same queue accounting (so that training still yields to
@@ -32,6 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -43,8 +47,11 @@ __all__ = ["BatchStats", "StepBatcher"]
 
 _T = TypeVar("_T")
 # A session that stepped within this many seconds is expected to step again soon: a queue
-# waits (at most the window) for it rather than run without it.
-_ACTIVE_S = 1.0
+# waits (at most the window) for it rather than run without it, and a step is not taken
+# for a lone session's. Generous: under load a session's steps come seconds apart, and
+# taking them for lone ones would run them one by one; a session idle this long (a person
+# reading) costs the others at most the window per step meanwhile.
+_ACTIVE_S = 10.0
 # Longest a training forward waits before one block for inference steps to finish.
 _TRAINING_WAIT_S = 0.1
 
@@ -94,15 +101,24 @@ class StepBatcher:
             raise ValueError("max_sessions must be at least 1")
         if window_s < 0:
             raise ValueError("window_s must not be negative")
-        self._run = run  # the server's _run_compute: inline when small, else its compute thread
+        self._run = run  # the server's _run_compute (unbatched steps): inline when small, else its compute thread
         self.enabled, self.max_sessions, self.window_s = enabled, max_sessions, window_s
         self.stats = BatchStats()
         self._queues: dict[BatchKey, list[_Queued]] = {}
         self._timers: dict[BatchKey, asyncio.TimerHandle] = {}
+        self._running: set[BatchKey] = set()  # blocks with a batched forward in flight
+        self._tasks: set[asyncio.Task[None]] = set()
         self._last_step: dict[str, tuple[BatchKey, float]] = {}
+        # Batches run in a thread of their own, so that the event loop reads the next steps
+        # meanwhile (they form the next batch), and never behind a training forward queued
+        # in the server's compute thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemart-batch")
         self._busy = 0  # steps queued or being computed
         self._idle = threading.Event()  # set while _busy == 0 (training threads wait for it)
         self._idle.set()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- inference side (event loop thread) ------------------------------------------------
 
@@ -118,25 +134,35 @@ class StepBatcher:
         """The output of one session's step: batched with other sessions' decode steps on
         the same blocks when batching is on and this is a decode step, else on its own."""
         start, end = span
+        tokens = hidden.shape[0] * hidden.shape[1]
         self._enter()
         try:
             if not self.enabled or hidden.shape[1] != 1:
                 self.stats.unbatched += 1
-                tokens = hidden.shape[0] * hidden.shape[1]
                 output: torch.Tensor = await self._run(
                     lambda: backend.inference_step(cache, hidden, position, start, end), tokens
                 )
                 return output
-            future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-            queue = self._queues.setdefault(span, [])
-            queue.append(_Queued(session_id, cache, hidden, position, future))
             now = time.monotonic()
             self._last_step[session_id] = (span, now)
-            if len(queue) >= min(self._expected(span, now), self.max_sessions):
-                await self._flush(backend, span)
+            expected = self._expected(span, now)
+            queue = self._queues.setdefault(span, [])
+            if expected <= 1 and not queue and span not in self._running:
+                # A lone session: its step at once, on the unbatched path (inline when small).
+                self._count(1)
+                alone: torch.Tensor = await self._run(
+                    lambda: backend.inference_step(cache, hidden, position, start, end), tokens
+                )
+                return alone
+            future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+            queue.append(_Queued(session_id, cache, hidden, position, future))
+            if span in self._running:
+                pass  # taken, with whatever else queued, when the forward in flight ends
+            elif len(queue) >= min(expected, self.max_sessions):
+                self._start(backend, span)
             elif span not in self._timers:
                 self._timers[span] = asyncio.get_running_loop().call_later(
-                    self.window_s, self._flush_later, backend, span
+                    self.window_s, self._window_over, backend, span
                 )
             return await future
         finally:
@@ -150,38 +176,50 @@ class StepBatcher:
         """Sessions on ``span`` that stepped recently: how many steps a full queue holds."""
         return sum(1 for key, at in self._last_step.values() if key == span and now - at <= _ACTIVE_S)
 
-    def _flush_later(self, backend: SpanBackend, span: BatchKey) -> None:
-        self._timers.pop(span, None)
-        if self._queues.get(span):
-            asyncio.ensure_future(self._flush(backend, span))
+    def _count(self, size: int) -> None:
+        self.stats.steps += size
+        self.stats.batches += 1
+        self.stats.sizes[size] += 1
 
-    async def _flush(self, backend: SpanBackend, span: BatchKey) -> None:
-        """Run up to ``max_sessions`` queued steps on ``span`` as one forward, and answer each."""
+    def _window_over(self, backend: SpanBackend, span: BatchKey) -> None:
+        self._timers.pop(span, None)
+        if self._queues.get(span) and span not in self._running:
+            self._start(backend, span)
+
+    def _start(self, backend: SpanBackend, span: BatchKey) -> None:
+        """Take up to ``max_sessions`` queued steps on ``span`` into one forward, in its own
+        task (so that a step whose stream goes away cannot cancel the others' forward)."""
         timer = self._timers.pop(span, None)
         if timer is not None:
             timer.cancel()
         queue = self._queues.pop(span, [])
         batch, rest = queue[: self.max_sessions], queue[self.max_sessions :]
-        if rest:  # more than one forward's worth: the rest go next, without waiting
-            self._queues[span] = rest
-            asyncio.get_running_loop().call_soon(self._flush_later, backend, span)
-        if not batch:
-            return
+        if rest:
+            self._queues[span] = rest  # they go as soon as this forward ends
+        self._running.add(span)
+        task = asyncio.ensure_future(self._compute(backend, span, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _compute(self, backend: SpanBackend, span: BatchKey, batch: list[_Queued]) -> None:
         steps = [(q.cache, q.hidden, q.position) for q in batch]
-        rows = sum(q.hidden.shape[0] for q in batch)
-        self.stats.steps += len(batch)
-        self.stats.batches += 1
-        self.stats.sizes[len(batch)] += 1
+        self._count(len(batch))
         try:
-            outputs = await self._run(lambda: backend.inference_steps(steps, *span), rows)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: backend.inference_steps(steps, *span)
+            )
         except Exception as e:  # every session of the batch gets the error (the server reports it per session)
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(e)
-            return
-        for q, output in zip(batch, outputs, strict=True):
-            if not q.future.done():
-                q.future.set_result(output)
+        else:
+            for q, output in zip(batch, outputs, strict=True):
+                if not q.future.done():
+                    q.future.set_result(output)
+        finally:
+            self._running.discard(span)
+            if self._queues.get(span):  # what queued meanwhile: at once, no window
+                self._start(backend, span)
 
     def _enter(self) -> None:
         self._busy += 1

@@ -75,6 +75,7 @@ class ProviderServer(RelayRPCs, SpanRPCs, AdapterRPCs):
         self.adapters.clear()
         self.graphs.clear()
         self._compute.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
     async def drain(self, timeout: float) -> int:
         """Refuse new work and wait up to ``timeout`` s for open sessions to end; then close
