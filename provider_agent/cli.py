@@ -216,6 +216,14 @@ def cli(verbose: int) -> None:
     help="Most sessions whose decode steps one batched forward runs.",
 )
 @click.option(
+    "--batch-window-ms",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=100),
+    help="Longest a decode step waits for other active sessions' steps to join its forward "
+    "(a lone session never waits).",
+)
+@click.option(
     "--max-sessions-per-peer",
     default=16,
     show_default=True,
@@ -322,6 +330,7 @@ def run(
     cache_mb: int,
     batching: bool,
     batch_max_sessions: int,
+    batch_window_ms: float,
     max_sessions_per_peer: int,
     peer_cache_mb: float | None,
     max_streams_per_peer: int,
@@ -367,6 +376,7 @@ def run(
         cache_bytes=cache_mb * 1024 * 1024,
         batching=batching,
         batch_max_sessions=batch_max_sessions,
+        batch_window=batch_window_ms / 1000,
         max_sessions_per_peer=max_sessions_per_peer,
         peer_cache_bytes=None if peer_cache_mb is None else int(peer_cache_mb * 1024 * 1024),
         max_streams_per_peer=max_streams_per_peer,

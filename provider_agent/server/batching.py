@@ -52,6 +52,9 @@ _T = TypeVar("_T")
 # taking them for lone ones would run them one by one; a session idle this long (a person
 # reading) costs the others at most the window per step meanwhile.
 _ACTIVE_S = 10.0
+# A partial queue waits for the rest of the active sessions' steps up to this share of the
+# last batched forward's duration (or the window, when longer).
+_WAIT_SHARE = 0.25
 # Longest a training forward waits before one block for inference steps to finish.
 _TRAINING_WAIT_S = 0.1
 
@@ -107,6 +110,7 @@ class StepBatcher:
         self._queues: dict[BatchKey, list[_Queued]] = {}
         self._timers: dict[BatchKey, asyncio.TimerHandle] = {}
         self._running: set[BatchKey] = set()  # blocks with a batched forward in flight
+        self._last_forward_s: dict[BatchKey, float] = {}  # how long the last batched forward took
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_step: dict[str, tuple[BatchKey, float]] = {}
         # Batches run in a thread of their own, so that the event loop reads the next steps
@@ -156,14 +160,8 @@ class StepBatcher:
                 return alone
             future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
             queue.append(_Queued(session_id, cache, hidden, position, future))
-            if span in self._running:
-                pass  # taken, with whatever else queued, when the forward in flight ends
-            elif len(queue) >= min(expected, self.max_sessions):
-                self._start(backend, span)
-            elif span not in self._timers:
-                self._timers[span] = asyncio.get_running_loop().call_later(
-                    self.window_s, self._window_over, backend, span
-                )
+            if span not in self._running:  # else taken when the forward in flight ends
+                self._start_or_wait(backend, span, expected)
             return await future
         finally:
             self._leave()
@@ -180,6 +178,17 @@ class StepBatcher:
         self.stats.steps += size
         self.stats.batches += 1
         self.stats.sizes[size] += 1
+
+    def _start_or_wait(self, backend: SpanBackend, span: BatchKey, expected: int) -> None:
+        """Start the queue's forward if every expected step is in it, else wait for the rest:
+        for ``window_s``, or a quarter of the last forward on these blocks when that is longer
+        (a forward costs about as much for a few sessions as for one, so a short wait that
+        fills it serves more sessions for the same compute)."""
+        if len(self._queues.get(span, ())) >= min(expected, self.max_sessions):
+            self._start(backend, span)
+        elif span not in self._timers:
+            wait = max(self.window_s, _WAIT_SHARE * self._last_forward_s.get(span, 0.0))
+            self._timers[span] = asyncio.get_running_loop().call_later(wait, self._window_over, backend, span)
 
     def _window_over(self, backend: SpanBackend, span: BatchKey) -> None:
         self._timers.pop(span, None)
@@ -204,6 +213,7 @@ class StepBatcher:
     async def _compute(self, backend: SpanBackend, span: BatchKey, batch: list[_Queued]) -> None:
         steps = [(q.cache, q.hidden, q.position) for q in batch]
         self._count(len(batch))
+        started = time.monotonic()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: backend.inference_steps(steps, *span)
@@ -217,9 +227,10 @@ class StepBatcher:
                 if not q.future.done():
                     q.future.set_result(output)
         finally:
+            self._last_forward_s[span] = time.monotonic() - started
             self._running.discard(span)
-            if self._queues.get(span):  # what queued meanwhile: at once, no window
-                self._start(backend, span)
+            if self._queues.get(span):  # what queued meanwhile: at once when complete, else waits for the rest
+                self._start_or_wait(backend, span, self._expected(span, time.monotonic()))
 
     def _enter(self) -> None:
         self._busy += 1

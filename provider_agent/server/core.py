@@ -93,7 +93,12 @@ class ServerCore:
         )
         self._tasks: set[asyncio.Task] = set()
         self.accepting = True
-        self.batcher = StepBatcher(self._run_compute, enabled=config.batching, max_sessions=config.batch_max_sessions)
+        self.batcher = StepBatcher(
+            self._run_compute,
+            enabled=config.batching,
+            max_sessions=config.batch_max_sessions,
+            window_s=config.batch_window,
+        )
         self._yield_training_to_inference(backend)
 
     def _yield_training_to_inference(self, backend: SpanBackend) -> None:
