@@ -5,6 +5,7 @@ that very tensor; errors the next provider reports about our pushes go to the cl
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from hivemind.p2p import PeerID
@@ -20,6 +21,12 @@ from provider_agent.server.sessions import SessionRPCs
 from provider_agent.server.state import Delivered, Session
 
 logger = get_logger(__name__)
+
+
+def _forget_if_last(last: dict[str, asyncio.Task[None]], session_id: str, task: asyncio.Task[None]) -> None:
+    """A session's latest pushed step is applied: later ones need not wait for it."""
+    if last.get(session_id) is task:
+        del last[session_id]
 
 
 class RelayRPCs(SessionRPCs):
@@ -108,7 +115,7 @@ class RelayRPCs(SessionRPCs):
                 self._push_in_order(last.get(step.session_id), sender, step, message, writer, lease)
             )
             last[step.session_id] = task
-            task.add_done_callback(lambda t, key=step.session_id: last.pop(key) if last.get(key) is t else None)
+            task.add_done_callback(functools.partial(_forget_if_last, last, step.session_id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
