@@ -151,6 +151,8 @@ def _measure(
                     "max_batch": max((a.get("max_batch", 0) for a in after), default=0),
                 }
             )
+            shown = {k: round(v, 2) for k, v in results[-1].items() if k != "tokens"}
+            progress(f"{count} clients: {shown}")
     return results
 
 
