@@ -221,6 +221,27 @@ def cli(verbose: int, log_format: str) -> None:
 @click.option("--max-sessions", default=64, show_default=True, help="Inference sessions open at once.")
 @click.option("--cache-mb", default=512, show_default=True, help="KV cache memory for all sessions, MiB.")
 @click.option(
+    "--batching/--no-batching",
+    default=True,
+    show_default=True,
+    help="Run the decode steps of concurrent inference sessions as one batched forward.",
+)
+@click.option(
+    "--batch-max-sessions",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most sessions whose decode steps one batched forward runs.",
+)
+@click.option(
+    "--batch-window-ms",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=100),
+    help="Longest a decode step waits for other active sessions' steps to join its forward "
+    "(a lone session never waits).",
+)
+@click.option(
     "--max-sessions-per-peer",
     default=16,
     show_default=True,
@@ -325,6 +346,9 @@ def run(
     max_session_length: int,
     max_sessions: int,
     cache_mb: int,
+    batching: bool,
+    batch_max_sessions: int,
+    batch_window_ms: float,
     max_sessions_per_peer: int,
     peer_cache_mb: float | None,
     max_streams_per_peer: int,
@@ -371,6 +395,9 @@ def run(
         max_session_length=max_session_length,
         max_sessions=max_sessions,
         cache_bytes=cache_mb * 1024 * 1024,
+        batching=batching,
+        batch_max_sessions=batch_max_sessions,
+        batch_window=batch_window_ms / 1000,
         max_sessions_per_peer=max_sessions_per_peer,
         peer_cache_bytes=None if peer_cache_mb is None else int(peer_cache_mb * 1024 * 1024),
         max_streams_per_peer=max_streams_per_peer,

@@ -36,6 +36,13 @@ class AgentConfig:
     max_request_tokens: int = 16384
     # Open inference sessions allowed at once.
     max_sessions: int = 64
+    # Run the decode steps of concurrent sessions on the same blocks as one batched forward
+    # (provider_agent.server.batching), at most this many sessions a forward.
+    batching: bool = True
+    batch_max_sessions: int = 64
+    # Longest a decode step waits for the other active sessions' steps to join its forward
+    # (a lone session never waits).
+    batch_window: float = 0.001
     # Bytes of KV cache all sessions together may hold.
     cache_bytes: int = 512 * 1024 * 1024
     # Seconds an inference session may stay idle before it is closed and its cache freed.

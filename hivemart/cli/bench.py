@@ -163,6 +163,75 @@ def failover(hidden: int, layers: int, new_tokens: int, kill_at: int, as_json: b
     emit(result, as_json)
 
 
+def _client_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        counts = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected counts of at least 1 separated by commas (1,4,16), got {value!r}")
+    return counts
+
+
+@bench.command()
+@click.option("--hidden", default=512, show_default=True, help="Hidden size of the generated llama model.")
+@click.option("--layers", default=8, show_default=True, help="Transformer blocks.")
+@click.option("--providers", default=2, show_default=True, help="Providers the blocks are split between.")
+@click.option(
+    "--clients",
+    default="1,4,16,64",
+    show_default=True,
+    callback=_client_counts,
+    help="Client counts to measure, separated by commas; each count's sessions generate at once.",
+)
+@click.option(
+    "--new-tokens", default=64, show_default=True, type=click.IntRange(min=2), help="Tokens each session generates."
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (providers and local model).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option(
+    "--provider-threads",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="torch threads per provider (0: the agent's automatic choice from the block size).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per client count, then the summary.")
+def load(
+    hidden: int,
+    layers: int,
+    providers: int,
+    clients: list[int],
+    new_tokens: int,
+    device: str,
+    dtype: str,
+    provider_threads: int,
+    as_json: bool,
+) -> None:
+    """Many sessions generating at once through the same providers, with batching on and off:
+    aggregate tokens/s, p50/p99 per-token latency and exactness against local generation."""
+    from hivemart.bench.load import run_load_bench
+
+    lines: list[dict] = []
+    result = run_load_bench(
+        hidden=hidden,
+        layers=layers,
+        providers=providers,
+        clients=clients,
+        new_tokens=new_tokens,
+        device=device,
+        dtype=dtype,
+        provider_threads=provider_threads,
+        progress=lambda msg: click.echo(msg, err=True),
+        emit=lines.append,
+    )
+    for line in lines:
+        emit(line, as_json)
+        if not as_json:
+            click.echo()
+    emit(result, as_json)
+
+
 @bench.command()
 @click.option(
     "--providers", default=10_000, show_default=True, type=click.IntRange(min=1), help="Offers in the random swarm."

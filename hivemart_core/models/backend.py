@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from hivemart_core.models.lora import TARGET_MODULES, LoraSpec, target_shapes
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["SpanBackend", "SpanKVCache", "LoraWeights", "SpanGrads", "KeptGraph", "KeptGraphs"]
+__all__ = ["SpanBackend", "SpanKVCache", "BatchedKVCache", "LoraWeights", "SpanGrads", "KeptGraph", "KeptGraphs"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,51 @@ class SpanKVCache:
         return self.length
 
 
+class BatchedKVCache:
+    """The caches of several sessions seen by the decoder layers as one batch, for one step of
+    one token per session (:meth:`SpanBackend.inference_steps`).
+
+    Row group ``i`` (``rows[i]`` rows: the session's own batch) is at ``positions[i]``. Each
+    ``update`` writes every session's new key and value into its own :class:`SpanKVCache`
+    (so the session goes on alone or in any other batch afterwards), then returns all
+    sessions' keys and values padded with zeros to the longest; the attention mask hides
+    the padding from each row.
+    """
+
+    def __init__(self, caches: Sequence[SpanKVCache], rows: Sequence[int], positions: Sequence[int]) -> None:
+        firsts = {cache.first_layer for cache in caches}
+        if len(firsts) != 1:
+            raise ValueError("a batched step needs sessions over the same blocks")
+        self.first_layer = firsts.pop()
+        self.caches, self.rows, self.positions = list(caches), list(rows), list(positions)
+        self.total = max(self.positions) + 1
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        index = layer_idx - self.first_layer
+        batch, heads, _, head_dim = key_states.shape
+        # Zeros, not empty memory: a masked score is still computed, and NaN garbage times 0 is NaN.
+        keys = key_states.new_zeros(batch, heads, self.total, head_dim)
+        values = value_states.new_zeros(batch, heads, self.total, head_dim)
+        row = 0
+        for cache, count, position in zip(self.caches, self.rows, self.positions, strict=True):
+            own_keys, own_values = cache.keys[index], cache.values[index]
+            own_keys[:, :, position : position + 1] = key_states[row : row + count]
+            own_values[:, :, position : position + 1] = value_states[row : row + count]
+            keys[row : row + count, :, : position + 1] = own_keys[:, :, : position + 1]
+            values[row : row + count, :, : position + 1] = own_values[:, :, : position + 1]
+            row += count
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.total - 1
+
+
 def _count_storage(storages: dict[int, int], tensor: torch.Tensor, excluded: set[int]) -> None:
     """Record the storage behind ``tensor`` (once per storage) unless it is in ``excluded``."""
     storage = tensor.untyped_storage()
@@ -200,6 +246,10 @@ def _count_storage(storages: dict[int, int], tensor: torch.Tensor, excluded: set
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _nothing() -> None:
+    return None
 
 
 class SpanBackend:
@@ -228,6 +278,9 @@ class SpanBackend:
         config: PretrainedConfig = attention.config
         self.rotary = make_rotary_embedding(config, device=self.device)
         self._rope_table = self._build_rope_table(config)
+        # Called before each block of a run without a cache (forwards and the forward of a
+        # backward): a provider makes training wait there while inference steps are due.
+        self.between_layers: Callable[[], None] = _nothing
 
     def _build_rope_table(self, config: object, max_positions: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos/sin for every position, computed once by the model's own rotary module.
@@ -299,14 +352,28 @@ class SpanBackend:
         seq_len = hidden.shape[1]
         cache_position = torch.arange(position, position + seq_len, device=self.device)
         position_ids = cache_position.unsqueeze(0).expand(hidden.shape[0], -1)
-        position_embeddings = self.position_embeddings(hidden, position_ids)
         mask = None
         if seq_len > 1 and position > 0:
             # A chunk after cached tokens: sdpa's is_causal would align the triangle top-left,
             # so spell the causal mask out (True = may attend).
             total = position + seq_len
             mask = torch.ones(seq_len, total, dtype=torch.bool, device=self.device).tril(diagonal=position)[None, None]
+        return self._run_layers(layers, hidden, position_ids, cache_position, mask, cache, prompts)
+
+    def _run_layers(
+        self,
+        layers: list[torch.nn.Module],
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_position: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: SpanKVCache | BatchedKVCache | None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        position_embeddings = self.position_embeddings(hidden, position_ids)
         for index, layer in enumerate(layers):
+            if cache is None:
+                self.between_layers()
             if prompts is not None:
                 prefix = prompts.shape[2]
                 hidden = torch.cat([hidden[:, :prefix] + prompts[index], hidden[:, prefix:]], dim=1)
@@ -340,6 +407,54 @@ class SpanBackend:
         output = self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), position, cache)
         cache.length = position + hidden.shape[1]
         return output
+
+    @torch.inference_mode()
+    def inference_steps(
+        self, steps: Sequence[tuple[SpanKVCache, torch.Tensor, int]], start: int, end: int
+    ) -> list[torch.Tensor]:
+        """Decode steps of several sessions over blocks ``[start, end)`` as one batched forward.
+
+        ``steps``: (the session's cache, its hidden states ``[batch, 1, hidden]``, its position)
+        per session, each session at most once. Each session may be at its own position
+        (and rolls back to it, as in :meth:`inference_step`); its rows attend only to its
+        own cache. Returns each session's output, in order. One step alone takes
+        :meth:`inference_step`'s path unchanged. Results equal the unbatched ones up to
+        float rounding (a batched matrix product may sum in another order).
+        """
+        if len(steps) == 1:
+            cache, hidden, position = steps[0]
+            return [self.inference_step(cache, hidden, position, start, end)]
+        if len({id(cache) for cache, _, _ in steps}) != len(steps):
+            raise ValueError("a session can have only one step in a batch")
+        hiddens = [hidden.to(self.device, self.dtype) for _, hidden, _ in steps]
+        if any(h.ndim != 3 or h.shape[1] != 1 for h in hiddens):
+            raise ValueError("a batched step takes one token per session: hidden states [batch, 1, hidden]")
+        rows = [h.shape[0] for h in hiddens]
+        positions = [position for _, _, position in steps]
+        for (cache, _, position), count in zip(steps, rows, strict=True):  # all checked before any cache changes
+            if not 0 <= position <= cache.length or position + 1 > cache.max_length or cache.keys[0].shape[0] != count:
+                raise ValueError(f"a step at position {position} of batch {count} does not fit its cache")
+            if cache.first_layer != start:
+                raise ValueError("a batched step needs sessions over the same blocks")
+        for cache, _, position in steps:
+            cache.length = position  # a rollback, as in inference_step
+        row_positions = torch.tensor(
+            [p for p, count in zip(positions, rows, strict=True) for _ in range(count)], device=self.device
+        )
+        batched = BatchedKVCache([cache for cache, _, _ in steps], rows, positions)
+        # Row r may attend to its own session's positions 0..position_r only (True = may attend).
+        mask = torch.arange(batched.total, device=self.device)[None] <= row_positions[:, None]
+        output = self._run_layers(
+            self.layers_for(start, end),
+            torch.cat(hiddens),
+            row_positions[:, None],
+            None,
+            mask[:, None, None, :],
+            batched,
+        )
+        for cache, _, position in steps:
+            cache.length = position + 1
+        return list(output.split(rows))
 
     @torch.inference_mode()
     def forward(

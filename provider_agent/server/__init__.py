@@ -24,6 +24,7 @@ One idea a module, each a part of :class:`ProviderServer` (composed in ``lifecyc
     relay       pushes between providers, and the errors the next one reports
     lifecycle   start, stop, drain, info: the RPCs registered, the parts composed
     state       what is kept about a session (shared by sessions and relay)
+    batching    decode steps of concurrent sessions gathered into one batched forward (used by core)
 
 Each part sees only ``core`` and the parts below it; the one call upwards (a session's step
 pushed on by the relay) is an abstract method, so no module imports one above it.

@@ -23,6 +23,7 @@ from hivemart_core.protocol.rpc import RPC_ADAPTER, RPC_BACKWARD, RPC_FORWARD, R
 from provider_agent.config import AgentConfig
 from provider_agent.limits import PeerQuotas, Quotas
 from provider_agent.metering import TicketBook
+from provider_agent.server.batching import StepBatcher
 from provider_agent.server.state import Session
 
 logger = get_logger(__name__)
@@ -92,6 +93,17 @@ class ServerCore:
         )
         self._tasks: set[asyncio.Task] = set()
         self.accepting = True
+        self.batcher = StepBatcher(
+            self._run_compute,
+            enabled=config.batching,
+            max_sessions=config.batch_max_sessions,
+            window_s=config.batch_window,
+        )
+        self._yield_training_to_inference(backend)
+
+    def _yield_training_to_inference(self, backend: SpanBackend) -> None:
+        """Training forwards on ``backend`` wait before each block while inference steps are due."""
+        backend.between_layers = self.batcher.wait_for_inference
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -75,6 +75,7 @@ class ProviderServer(RelayRPCs, SpanRPCs, AdapterRPCs):
         self.adapters.clear()
         self.graphs.clear()
         self._compute.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
     async def drain(self, timeout: float) -> int:
         """Refuse new work and wait up to ``timeout`` s for open sessions to end; then close
@@ -95,6 +96,7 @@ class ProviderServer(RelayRPCs, SpanRPCs, AdapterRPCs):
         if self.sessions:
             raise RuntimeError("drain the server before replacing its blocks")
         self.backend, self.block_digests = backend, block_digests
+        self._yield_training_to_inference(backend)
         self.adapters.clear()  # they were for the old span; their clients create them again elsewhere
         self.graphs.clear()
         self.accepting = True
@@ -126,6 +128,7 @@ class ProviderServer(RelayRPCs, SpanRPCs, AdapterRPCs):
             "graphs_kept": len(self.graphs),
             "graph_bytes_used": self.graphs.used_bytes,
             "graph_bytes": self.config.graph_bytes,
+            "batching": {"enabled": self.batcher.enabled, **self.batcher.stats.to_dict()},
         }
 
     async def _handle_old_version(

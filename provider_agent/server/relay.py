@@ -5,6 +5,7 @@ that very tensor; errors the next provider reports about our pushes go to the cl
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from hivemind.p2p import PeerID
@@ -15,10 +16,17 @@ from hivemart_core.protocol import error_codes as codes
 from hivemart_core.protocol.commitments import StepRecord, StepRecordError, digest_hex
 from hivemart_core.protocol.framing import Limits, Message, read_head, read_message, read_tensors, write_message
 from hivemart_core.protocol.rpc import RPC_PUSH, ErrorReply, Step, error_header
+from provider_agent.limits import BufferLease
 from provider_agent.server.sessions import SessionRPCs
 from provider_agent.server.state import Delivered, Session
 
 logger = get_logger(__name__)
+
+
+def _forget_if_last(last: dict[str, asyncio.Task[None]], session_id: str, task: asyncio.Task[None]) -> None:
+    """A session's latest pushed step is applied: later ones need not wait for it."""
+    if last.get(session_id) is task:
+        del last[session_id]
 
 
 class RelayRPCs(SessionRPCs):
@@ -82,8 +90,13 @@ class RelayRPCs(SessionRPCs):
                 del self._push_links[peer_id]
 
     async def _handle_push(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read a pusher's link. One link carries the steps of all the sessions the pusher
+        pushes here: each step is applied in a task of its own, so that the steps of other
+        sessions go on meanwhile (and batch together, see ``batching``), while the steps of
+        one session are applied in the order they came."""
         sender = str(stream_info.peer_id)
         first = True
+        last: dict[str, asyncio.Task[None]] = {}  # session id -> the task applying its latest step
         while True:
             lease = self.quotas.lease(sender)
             try:
@@ -91,16 +104,51 @@ class RelayRPCs(SessionRPCs):
                 head = await (self._first_head(reader, self._limits) if first else read_head(reader, self._limits))
                 first = False
                 message = Message(head.header, await read_tensors(reader, head, self._limits, lease))
-                await self._push_step(sender, message, writer)
+                step = Step.from_header(message.header)
             except asyncio.IncompleteReadError:
-                return
-            finally:
                 lease.release()
+                return
+            except BaseException:
+                lease.release()
+                raise
+            task = asyncio.ensure_future(
+                self._push_in_order(last.get(step.session_id), sender, step, message, writer, lease)
+            )
+            last[step.session_id] = task
+            task.add_done_callback(functools.partial(_forget_if_last, last, step.session_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _push_step(self, sender: str, message: Message, writer: asyncio.StreamWriter) -> None:
+    async def _push_in_order(
+        self,
+        previous: asyncio.Task[None] | None,
+        sender: str,
+        step: Step,
+        message: Message,
+        writer: asyncio.StreamWriter,
+        lease: BufferLease,
+    ) -> None:
+        """Apply a pushed step once its session's previous pushed step is applied."""
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # its outcome is its own; only the order matters here
+            await self._push_step(sender, step, message, writer)
+        except (ConnectionError, BrokenPipeError):
+            pass  # the pusher went away; nothing to answer
+        except Exception as e:  # one step's failure never ends the link or the server
+            logger.exception(f"push from {sender} failed: {e}")
+            await self._try_send(
+                writer,
+                error_header(
+                    codes.INTERNAL, f"{type(e).__name__}: {e}", session_id=step.session_id, step_id=step.step_id
+                ),
+            )
+        finally:
+            lease.release()
+
+    async def _push_step(self, sender: str, step: Step, message: Message, writer: asyncio.StreamWriter) -> None:
         """Apply one step a previous provider pushed, after checking the pusher's signed record
         of it (or tell the pusher the session is unknown)."""
-        step = Step.from_header(message.header)
         session = self.sessions.get(step.session_id)
         if session is None or session.spec.prev_peer != sender:
             # Same answer for both cases: do not reveal which sessions exist to other peers.

@@ -106,6 +106,7 @@ class SessionRPCs(RequestChecks, ABC):
 
     def _close_session(self, session: Session) -> None:
         if self.sessions.pop(session.spec.session_id, None) is session:
+            self.batcher.forget(session.spec.session_id)
             self._reserved_bytes -= session.reserved_bytes
             self.quotas.remove_session(session.peer, session.reserved_bytes)
             if session.spec.next_session is not None:
@@ -316,9 +317,8 @@ class SessionRPCs(RequestChecks, ABC):
             )
         )
         try:
-            output = await self._run_compute(
-                lambda: self.backend.inference_step(session.cache, hidden, step.position, spec.start, spec.end),
-                hidden.shape[0] * hidden.shape[1],
+            output = await self.batcher.step(
+                self.backend, spec.session_id, session.cache, hidden, step.position, (spec.start, spec.end)
             )
         except BaseException:
             if charge is not None:

@@ -34,15 +34,22 @@ def install(noise: float, seed: int = 0) -> None:
     from hivemart_core.models.backend import SpanBackend
 
     generator = torch.Generator().manual_seed(seed)
-    honest_step, honest_forward = SpanBackend.inference_step, SpanBackend.forward
+    honest_step, honest_steps = SpanBackend.inference_step, SpanBackend.inference_steps
+    honest_forward = SpanBackend.forward
 
     def inference_step(self: SpanBackend, *args: Any, **kwargs: Any) -> torch.Tensor:
         return perturb(honest_step(self, *args, **kwargs), noise, generator)
 
+    def inference_steps(self: SpanBackend, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        if len(args[0]) == 1:  # one step alone goes through inference_step (perturbed there)
+            return honest_steps(self, *args, **kwargs)
+        return [perturb(output, noise, generator) for output in honest_steps(self, *args, **kwargs)]
+
     def forward(self: SpanBackend, *args: Any, **kwargs: Any) -> torch.Tensor:
         return perturb(honest_forward(self, *args, **kwargs), noise, generator)
 
-    SpanBackend.inference_step, SpanBackend.forward = inference_step, forward
+    SpanBackend.inference_step, SpanBackend.inference_steps = inference_step, inference_steps
+    SpanBackend.forward = forward
 
 
 class CheatingSwarm(LocalSwarm):
