@@ -78,6 +78,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart bench ledger --json": (HELP, _BENCH),
     "hivemart bench chaos --json [--minutes N]": (HELP, _BENCH),
     "hivemart bench load --json [--clients 1,4,16,64]": (HELP, _BENCH),
+    "hivemart bench load --json": (HELP, _BENCH),
     "hivemart bench swarm-sim --json [--providers 10000] [--blocks 80] [--hours 24] [--seed N]": (HELP, _BENCH),
     "hivemart bench train --json --jobs 2,4 [--load-steps 3]": (HELP, _BENCH),
     "hivemart bench train --json [--mode lora]": (HELP, _BENCH),
