@@ -211,8 +211,8 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
         return_dict: bool | None = None,
         **generation_kwargs: Any,  # what generate passes models along (its tokenizer...): unused here
     ) -> torch.Tensor | CausalLMOutputWithPast:
-        """Without ``past_key_values``: logits ``[batch, tokens, vocab]`` for ``input_ids``,
-        differentiable with respect to the client-side parameters (and the input embeddings)
+        """Without ``past_key_values``: logits ``[batch, tokens, vocab]`` for ``input_ids`` (or
+        for ``inputs_embeds``, the embeddings of the tokens), differentiable with respect to the client-side parameters (and the input embeddings)
         through the remote blocks, and to ``deep_prompts`` and ``lora.weights`` when given
         (see :meth:`run_blocks`).
 
@@ -223,9 +223,9 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
             if input_ids is None:
                 raise ValueError("a distributed generation step takes input_ids, not inputs_embeds")
             return self._session_step(input_ids, attention_mask, past_key_values, logits_to_keep)
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        hidden = self.parts.embed(input_ids)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        hidden = self.parts.embed(input_ids) if input_ids is not None else inputs_embeds
         hidden = self.run_blocks(hidden, deep_prompts=deep_prompts, lora=lora)
         return self.parts.logits(hidden.to(self._client_dtype))
 

@@ -307,6 +307,8 @@ class Demo:
             "exact_match": self.results["exact_match"],
             "jobs": self.jobs,
             "web": self.market.url,
+            "initial_peers": list(self.swarm.initial_peers),  # MADDR for the README's Python snippet
+            "model_path": str(self.state.model_path),
             "seconds": round(seconds, 1),
         }
 

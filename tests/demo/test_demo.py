@@ -16,6 +16,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.docs.readme_python import run_readme_snippet
+
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 SUMMARY_KEYS = {
@@ -46,7 +48,7 @@ def _processes_using(path: Path) -> list[psutil.Process]:
 
 
 def test_demo_runs_end_to_end_keeps_running_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    home = tmp_path / "demo-home"
+    home = tmp_path / ".hivemart" / "demo"  # the default place under the working directory
     env = {**os.environ, "DATABASE_URL": "", "REDIS_URL": "", "HIVEMART_HOME": str(home)}
     process = subprocess.Popen(
         [
@@ -85,6 +87,11 @@ def test_demo_runs_end_to_end_keeps_running_and_stops_on_ctrl_c(tmp_path: Path) 
 
         page = httpx.get(summary["web"] + "/", timeout=10)
         assert page.status_code == 200 and "Hivemart" in page.text
+        # The README's Python snippet, as written, against the kept demo (run where its checkpoint is).
+        assert Path(summary["model_path"]).resolve() == (home / "models" / "demo-llama").resolve()
+        snippet = run_readme_snippet(summary["initial_peers"][0], None, cwd=home.parent.parent)
+        assert snippet.returncode == 0, snippet.stderr[-4000:]
+        assert "gradient norm" in snippet.stdout
         started = _processes_using(home)
         assert len(started) >= 6  # web, worker, beat, dht, three agents (and their p2p daemons)
     finally:
