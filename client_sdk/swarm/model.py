@@ -69,8 +69,8 @@ class RemoteCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search keeps hypotheses ``beam_idx``: compose with a reorder not yet sent."""
-        beam_idx = beam_idx.cpu()
-        self.pending_reorder = beam_idx if self.pending_reorder is None else self.pending_reorder[beam_idx]
+        rows = beam_idx.cpu()
+        self.pending_reorder = rows if self.pending_reorder is None else self.pending_reorder[rows]
         self.session.beams = True
 
 
@@ -226,6 +226,7 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass either input_ids or inputs_embeds")
         hidden = self.parts.embed(input_ids) if input_ids is not None else inputs_embeds
+        assert hidden is not None  # one of the two was given
         hidden = self.run_blocks(hidden, deep_prompts=deep_prompts, lora=lora)
         return self.parts.logits(hidden.to(self._client_dtype))
 
@@ -238,7 +239,8 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
         hidden = self.runtime.run(cache.session.chain.step(self.parts.embed(input_ids), mask=mask, reorder=reorder))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.parts.logits(hidden.to(self._client_dtype)), past_key_values=cache)
+        logits: Any = self.parts.logits(hidden.to(self._client_dtype))  # transformers types it FloatTensor
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def run_blocks(
         self, hidden: torch.Tensor, *, deep_prompts: torch.Tensor | None = None, lora: RemoteLora | None = None
@@ -364,7 +366,7 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
             return result
         if isinstance(result, torch.Tensor):
             return result[:, history.shape[1] :]
-        result.sequences = sequences[:, history.shape[1] :]
+        result.sequences = sequences[:, history.shape[1] :]  # type: ignore[assignment]
         return result
 
     def _resolved_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
