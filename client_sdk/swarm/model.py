@@ -49,6 +49,27 @@ class GenerationSession:
     def position(self) -> int:
         return self.chain.position
 
+    @property
+    def last_token(self) -> torch.Tensor | None:
+        """The token chosen last and not yet fed through the chain (the next call feeds it first)."""
+        return None if self.tokens is None else self.tokens[:, -1:]
+
+    @last_token.setter
+    def last_token(self, token: torch.Tensor) -> None:
+        """After steps sent by hand (``session.chain.step``, e.g. a rollback), continue with
+        ``token`` [batch, 1] after the chain's ``position`` tokens. Tokens the chain got by hand
+        are unknown here: they show as the previous history (cut or padded with the pad token)
+        to logits processors that look at the history (``repetition_penalty``)."""
+        known = self.tokens if self.tokens is not None else token[:, :0]
+        known = known[:, : self.position]
+        if known.shape[1] < self.position:
+            pad = known.new_zeros(known.shape[0], self.position - known.shape[1])
+            known = torch.cat([known, pad], dim=1)
+        self.tokens = torch.cat([known, token.to(known.dtype)], dim=1)
+        mask = self.mask if self.mask is not None else torch.ones_like(known)
+        kept = mask[:, : self.position]
+        self.mask = torch.cat([kept, kept.new_ones(kept.shape[0], self.position + 1 - kept.shape[1])], dim=1)
+
 
 class RemoteCache(Cache):
     """The ``past_key_values`` that ``transformers`` generation sees: the keys and values live
