@@ -8,37 +8,94 @@ chain of providers. ``model(input_ids)`` supports autograd (backward calls each 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig
+from transformers.cache_utils import Cache
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.remote import RemoteBlocks, RemoteLora
 from client_sdk.swarm.routing import DEFAULT_HOP_COST_S, RouteHop, find_route
 from client_sdk.swarm.session import ChainSession, SessionJob
 from hivemart_core.errors import HivemartError
-from hivemart_core.models import ClientParts, ModelInfo, load_client_parts, load_model_info
+from hivemart_core.models import ClientParts, ModelInfo, load_client_parts, load_config, load_model_info
 from hivemart_core.swarm.dht import fetch_span_records
 from hivemart_core.swarm.runtime import SwarmRuntime
 
-__all__ = ["DistributedModelForCausalLM", "GenerationSession"]
+__all__ = ["DistributedModelForCausalLM", "GenerationSession", "RemoteCache"]
 
 
 @dataclass
 class GenerationSession:
-    """An inference session kept open across ``generate`` calls (``with model.inference_session(...)``)."""
+    """An inference session kept open across ``generate`` calls (``with model.inference_session(...)``).
+
+    ``tokens`` and ``mask`` are everything generated so far (with the attention mask of the
+    first prompt): a later call continues from them. The chain holds the keys and values of
+    all but the last token (chosen, not yet fed through the chain)."""
 
     chain: ChainSession
-    last_token: torch.Tensor | None = None  # sampled but not yet fed through the chain
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    beams: bool = False  # a beam search ran: the cached rows follow its hypotheses, not ``tokens``
 
     @property
     def position(self) -> int:
         return self.chain.position
 
+    @property
+    def last_token(self) -> torch.Tensor | None:
+        """The token chosen last and not yet fed through the chain (the next call feeds it first)."""
+        return None if self.tokens is None else self.tokens[:, -1:]
 
-class DistributedModelForCausalLM(torch.nn.Module):
+    @last_token.setter
+    def last_token(self, token: torch.Tensor) -> None:
+        """After steps sent by hand (``session.chain.step``, e.g. a rollback), continue with
+        ``token`` [batch, 1] after the chain's ``position`` tokens. Tokens the chain got by hand
+        are unknown here: they show as the previous history (cut or padded with the pad token)
+        to logits processors that look at the history (``repetition_penalty``)."""
+        known = self.tokens if self.tokens is not None else token[:, :0]
+        known = known[:, : self.position]
+        if known.shape[1] < self.position:
+            pad = known.new_zeros(known.shape[0], self.position - known.shape[1])
+            known = torch.cat([known, pad], dim=1)
+        self.tokens = torch.cat([known, token.to(known.dtype)], dim=1)
+        mask = self.mask if self.mask is not None else torch.ones_like(known)
+        kept = mask[:, : self.position]
+        self.mask = torch.cat([kept, kept.new_ones(kept.shape[0], self.position + 1 - kept.shape[1])], dim=1)
+
+
+class RemoteCache(Cache):
+    """The ``past_key_values`` that ``transformers`` generation sees: the keys and values live
+    in the providers' caches of an inference session; this object only knows their length
+    and remembers a beam reorder, which the next step carries to every provider."""
+
+    def __init__(self, session: GenerationSession) -> None:
+        super().__init__(layers=[])
+        self.session = session
+        self.pending_reorder: torch.Tensor | None = None
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.session.position
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search keeps hypotheses ``beam_idx``: compose with a reorder not yet sent."""
+        rows = beam_idx.cpu()
+        self.pending_reorder = rows if self.pending_reorder is None else self.pending_reorder[rows]
+        self.session.beams = True
+
+
+class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ignore[misc]
     """``DistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])``."""
 
     def __init__(
@@ -50,9 +107,16 @@ class DistributedModelForCausalLM(torch.nn.Module):
         owns_runtime: bool,
         push: bool = True,
         hop_cost_s: float = DEFAULT_HOP_COST_S,
+        config: PretrainedConfig | None = None,
+        generation_config: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         self.info, self.parts, self.runtime = info, parts, runtime
+        # What transformers' GenerationMixin and users read, as on a local model.
+        self.config = config if config is not None else PretrainedConfig()
+        self.generation_config = (
+            generation_config if generation_config is not None else GenerationConfig.from_model_config(self.config)
+        )
         self._owns_runtime = owns_runtime
         self.push, self.hop_cost_s = push, hop_cost_s
         self.bans = PeerBans()  # shared by every session and call of this model
@@ -78,9 +142,43 @@ class DistributedModelForCausalLM(torch.nn.Module):
         ``device``) and connect to the swarm through ``runtime`` or ``initial_peers``."""
         info = load_model_info(path)
         parts = load_client_parts(path, dtype=dtype, device=device)
+        config = load_config(path)
+        try:  # eos, pad and sampling defaults from the checkpoint, as AutoModelForCausalLM reads them
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation_config = GenerationConfig.from_model_config(config)
         owns = runtime is None
         runtime = runtime or SwarmRuntime(initial_peers)
-        return cls(info, parts, runtime, owns_runtime=owns, push=push)
+        return cls(
+            info,
+            parts,
+            runtime,
+            owns_runtime=owns,
+            push=push,
+            config=config,
+            generation_config=generation_config,
+        )
+
+    main_input_name = "input_ids"
+    _is_stateful = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (the client-side embeddings' device), as ``model.device`` on a local model."""
+        return self.parts.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts.embed_tokens.weight.dtype
+
+    def can_generate(self) -> bool:
+        return True
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.parts.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.parts.lm_head
 
     def close(self) -> None:
         if self._owns_runtime:
@@ -120,14 +218,50 @@ class DistributedModelForCausalLM(torch.nn.Module):
         return self.parts.lm_head.weight.dtype
 
     def forward(
-        self, input_ids: torch.Tensor, *, deep_prompts: torch.Tensor | None = None, lora: RemoteLora | None = None
-    ) -> torch.Tensor:
-        """Logits ``[batch, tokens, vocab]`` for ``input_ids``; differentiable with respect to
-        the client-side parameters (and the input embeddings) through the remote blocks, and
-        to ``deep_prompts`` and ``lora.weights`` when given (see :meth:`run_blocks`)."""
-        hidden = self.parts.embed(input_ids)
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RemoteCache | None = None,
+        *,
+        deep_prompts: torch.Tensor | None = None,
+        lora: RemoteLora | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **generation_kwargs: Any,  # what generate passes models along (its tokenizer...): unused here
+    ) -> torch.Tensor | CausalLMOutputWithPast:
+        """Without ``past_key_values``: logits ``[batch, tokens, vocab]`` for ``input_ids`` (or
+        for ``inputs_embeds``, the embeddings of the tokens), differentiable with respect to the client-side parameters (and the input embeddings)
+        through the remote blocks, and to ``deep_prompts`` and ``lora.weights`` when given
+        (see :meth:`run_blocks`).
+
+        With a :class:`RemoteCache` (what :meth:`generate` passes): one step of its inference
+        session, as ``transformers`` generation calls a local model; ``attention_mask`` covers
+        the whole sequence so far, its last columns mark padding among the new tokens."""
+        if past_key_values is not None:
+            if input_ids is None:
+                raise ValueError("a distributed generation step takes input_ids, not inputs_embeds")
+            return self._session_step(input_ids, attention_mask, past_key_values, logits_to_keep)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        hidden = self.parts.embed(input_ids) if input_ids is not None else inputs_embeds
+        assert hidden is not None  # one of the two was given
         hidden = self.run_blocks(hidden, deep_prompts=deep_prompts, lora=lora)
         return self.parts.logits(hidden.to(self._client_dtype))
+
+    def _session_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: RemoteCache, logits_to_keep: int
+    ) -> CausalLMOutputWithPast:
+        tokens = input_ids.shape[1]
+        mask = None if attention_mask is None else attention_mask[:, -tokens:].cpu()
+        reorder, cache.pending_reorder = cache.pending_reorder, None
+        hidden = self.runtime.run(cache.session.chain.step(self.parts.embed(input_ids), mask=mask, reorder=reorder))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits: Any = self.parts.logits(hidden.to(self._client_dtype))  # transformers types it FloatTensor
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def run_blocks(
         self, hidden: torch.Tensor, *, deep_prompts: torch.Tensor | None = None, lora: RemoteLora | None = None
@@ -166,120 +300,143 @@ class DistributedModelForCausalLM(torch.nn.Module):
         await chain.open()
         return chain
 
-    @torch.inference_mode()
-    def generate(
+    def generate(  # type: ignore[override]
         self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *args: Any,
         session: GenerationSession | None = None,
-        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Generate up to ``max_new_tokens`` after ``input_ids`` [batch, tokens].
+        **kwargs: Any,
+    ) -> Any:
+        """``transformers``' ``generate``, with the transformer blocks on the swarm.
 
-        Returns the prompt followed by the new tokens, like ``transformers``. Within a
-        ``session``, a later call continues where the previous one stopped; ``input_ids``
-        then holds only the new text to append (or None). ``on_token`` is called with each
-        new token column [batch] as soon as it is chosen (to stream text to a terminal).
+        Takes what a local model's ``generate`` takes (``**tokenizer(texts, padding=True,
+        return_tensors="pt")``, greedy, sampling, beam search, logits processors, stopping
+        criteria, streamers, ``return_dict_in_generate``...) and returns what it returns: the
+        prompt followed by the new tokens. Defaults come from ``model.generation_config``
+        (the checkpoint's ``generation_config.json``).
+
+        Within a ``session`` (``with model.inference_session(...)``), a later call continues
+        where the previous one stopped; ``inputs`` then holds only the new text to append (or
+        None), and the call returns that text followed by its new tokens. ``generator`` seeds
+        sampling (else torch's global generator is used, as locally); ``on_token`` is called
+        with each new token column [batch] as soon as it is chosen.
         """
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if input_ids is not None and (input_ids.ndim != 2 or input_ids.shape[1] == 0):
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is not None and (inputs.ndim != 2 or inputs.shape[1] == 0):
             raise ValueError("input_ids must have shape [batch, tokens] with at least one token")
         if session is None:
-            if input_ids is None:
+            if inputs is None:
                 raise ValueError("input_ids is required outside of an inference session")
-            with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as fresh:
+            config = self._resolved_config(generation_config, kwargs)
+            final = inputs.shape[1] + self._new_tokens(config, inputs.shape[1])
+            rows = inputs.shape[0] * (config.num_beams if config.num_beams > 1 else config.num_return_sequences)
+            with self.inference_session(max(final, inputs.shape[1] + 1), rows) as fresh:
                 return self.generate(
-                    input_ids,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    generator=generator,
-                    session=fresh,
-                    eos_token_id=eos_token_id,
-                    on_token=on_token,
+                    inputs, generation_config, *args, session=fresh, generator=generator, on_token=on_token, **kwargs
                 )
-        sampler = _Sampler(do_sample, temperature, top_k, top_p, generator)
-        return self.runtime.run(self._generate(session, input_ids, max_new_tokens, sampler, eos_token_id, on_token))
-
-    async def _generate(
-        self,
-        session: GenerationSession,
-        input_ids: torch.Tensor | None,
-        max_new_tokens: int,
-        sampler: _Sampler,
-        eos_token_id: int | None,
-        on_token: Callable[[torch.Tensor], None] | None,
-    ) -> torch.Tensor:
-        pending = [t for t in (session.last_token, input_ids) if t is not None]
-        if not pending:
+        if session.beams:
+            raise HivemartError("a beam search ran in this session; open a new session to generate more")
+        history = session.tokens
+        if inputs is None and history is None:
             raise ValueError("nothing to continue from: pass input_ids")
-        feed = torch.cat(pending, dim=1)
-        needed = session.position + feed.shape[1] + max_new_tokens - 1
+        attention_mask = kwargs.pop("attention_mask", None)
+        if inputs is not None and attention_mask is not None and attention_mask.shape != inputs.shape:
+            raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; input_ids {list(inputs.shape)}")
+        pieces = [t for t in (history, inputs) if t is not None]
+        full = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        if history is not None or attention_mask is not None:
+            own = torch.ones_like(inputs) if inputs is not None and attention_mask is None else attention_mask
+            masks = [m for m in (session.mask if history is not None else None, own) if m is not None]
+            attention_mask = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]
+            kwargs["attention_mask"] = attention_mask
+        config = self._resolved_config(generation_config, kwargs)
+        multiple = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+        if full.shape[0] * multiple != session.chain.batch_size:
+            raise ValueError(
+                f"{full.shape[0]} sequences x {multiple} (beams or return sequences) do not fill the session's "
+                f"batch of {session.chain.batch_size}; open it with batch_size={full.shape[0] * multiple}"
+            )
+        needed = full.shape[1] + self._new_tokens(config, full.shape[1]) - 1
         if needed > session.chain.max_length:
             raise HivemartError(
                 f"this generation needs {needed} positions but the session holds at most "
                 f"{session.chain.max_length}; open it with a larger max_length"
             )
-        outputs = [input_ids] if input_ids is not None else []
-        finished = torch.zeros(feed.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            hidden = await session.chain.step(self.parts.embed(feed))
-            logits = self.parts.logits(hidden[:, -1:].to(self._client_dtype))[:, -1]
-            token = sampler(logits).cpu()
-            if eos_token_id is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-                finished |= token == eos_token_id
-            outputs.append(token[:, None])
-            if on_token is not None:
-                on_token(token)
-            feed = token[:, None]
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        session.last_token = feed if max_new_tokens > 0 else session.last_token
-        return torch.cat(outputs, dim=1)
+        if on_token is not None:
+            kwargs["streamer"] = _CallbackStreamer(on_token, kwargs.get("streamer"))
+        with _seeded(generator):
+            result = GenerationMixin.generate(
+                self, full, generation_config, *args, past_key_values=RemoteCache(session), **kwargs
+            )
+        sequences = result if isinstance(result, torch.Tensor) else result.sequences
+        session.tokens = sequences
+        if attention_mask is None:
+            attention_mask = torch.ones_like(full)
+        session.mask = (
+            torch.cat(
+                [attention_mask, attention_mask.new_ones(sequences.shape[0], sequences.shape[1] - full.shape[1])], dim=1
+            )
+            if sequences.shape[0] == attention_mask.shape[0]
+            else None
+        )
+        if history is None:
+            return result
+        if isinstance(result, torch.Tensor):
+            return result[:, history.shape[1] :]
+        result.sequences = sequences[:, history.shape[1] :]  # type: ignore[assignment]
+        return result
+
+    def _resolved_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+        """The generation config a call will use (its base updated with the call's keywords)."""
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(
+                f"generate's second argument is a GenerationConfig, as on a local model, not "
+                f"{type(generation_config).__name__}; pass lengths by name: generate(ids, max_new_tokens=20)"
+            )
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        return config
+
+    @staticmethod
+    def _new_tokens(config: GenerationConfig, prompt: int) -> int:
+        if config.max_new_tokens is not None:
+            if config.max_new_tokens < 0:
+                raise ValueError("max_new_tokens must be >= 0")
+            return int(config.max_new_tokens)
+        return max(int(config.max_length) - prompt, 0)
 
 
-class _Sampler:
-    """Greedy or temperature / top-k / top-p sampling of the next token."""
+class _CallbackStreamer(BaseStreamer):  # type: ignore[misc]
+    """Calls ``on_token`` with each new token column (generation's first ``put`` is the prompt)."""
 
-    def __init__(
-        self,
-        do_sample: bool,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        generator: torch.Generator | None,
-    ) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        if top_k is not None and top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
-        self.generator = generator
+    def __init__(self, on_token: Callable[[torch.Tensor], None], inner: BaseStreamer | None) -> None:
+        self.on_token, self.inner, self.prompt_seen = on_token, inner, False
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits.float().cpu() / self.temperature  # sample on the CPU, where ``generator`` lives
-        if self.top_k is not None:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p is not None:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) > self.top_p  # keep the token that crosses top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+    def put(self, value: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.put(value)
+        if self.prompt_seen:
+            self.on_token(value.reshape(-1))
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+@contextlib.contextmanager
+def _seeded(generator: torch.Generator | None) -> Iterator[None]:
+    """Sample from ``generator``'s state (and advance it), leaving torch's global generator as it was."""
+    if generator is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(torch.get_rng_state())

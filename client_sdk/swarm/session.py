@@ -141,6 +141,35 @@ class _Entry:
     hidden: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _StepExtras:
+    """What a step sends besides hidden states: its padding mask and beam reorder."""
+
+    mask: tuple[tuple[int, ...], ...] | None
+    reorder: tuple[int, ...] | None
+
+    @classmethod
+    def of(
+        cls, mask: torch.Tensor | None, reorder: torch.Tensor | None, shape: torch.Size, batch: int
+    ) -> _StepExtras | None:
+        if mask is not None:
+            if tuple(mask.shape) != tuple(shape):
+                raise ValueError(f"mask must have shape {list(shape)} like the hidden states; got {list(mask.shape)}")
+            if bool(mask.bool().all()):
+                mask = None  # no padding: nothing to send
+        if reorder is not None:
+            if reorder.shape != (batch,) or bool((reorder < 0).any()) or bool((reorder >= batch).any()):
+                raise ValueError(f"reorder must hold one row index below {batch} per row")
+            if torch.equal(reorder.cpu(), torch.arange(batch)):
+                reorder = None  # the identity: nothing to send
+        if mask is None and reorder is None:
+            return None
+        return cls(
+            None if mask is None else tuple(tuple(int(v) for v in row) for row in mask.bool().int().tolist()),
+            None if reorder is None else tuple(int(v) for v in reorder.tolist()),
+        )
+
+
 @dataclass
 class _Boundary:
     """Hidden states that entered one block boundary, per step, in order."""
@@ -221,6 +250,10 @@ class ChainSession:
         self._records: dict[tuple[str, int], StepRecord] = {}
         self._input_records: dict[tuple[str, int], object] = {}
         self._opened: dict[str, RouteHop] = {}  # every session id this client opened -> its provider and span
+        # Padding masks and beam reorders of the steps that had them (replays resend them).
+        self._extras: dict[int, _StepExtras] = {}
+        self._reordered_at = 0  # the position of the latest reorder
+        self._plain = True  # no step had a mask or reorder: a boundary's prefix is a plain forward's input
 
     @property
     def route(self) -> list[RouteHop]:
@@ -331,16 +364,36 @@ class ChainSession:
 
     # --- steps -------------------------------------------------------------------------------------
 
-    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        position: int | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        reorder: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run ``hidden`` [batch, tokens, hidden] through the chain starting at ``position``
-        (default: the end of what the session holds) and return the last span's output."""
+        (default: the end of what the session holds) and return the last span's output.
+
+        ``mask`` [batch, tokens] (1 = real token, 0 = padding, like ``attention_mask``) marks
+        padding that later tokens must not attend to; ``reorder`` [batch] first makes every
+        provider keep the cached rows of these hypotheses, in this order (beam search)."""
         position = self.position if position is None else position
         if not 0 <= position <= self.position:
             raise ValueError(f"position {position} is outside the session's 0..{self.position}")
+        if position < self._reordered_at:
+            # The providers' rows before the reorder were permuted in place; a rollback cannot undo that.
+            raise ValueError(f"cannot roll back to {position}: the rows were reordered at {self._reordered_at}")
+        extras = _StepExtras.of(mask, reorder, hidden.shape[:2], self.batch_size)
         if position < self.position:
             for boundary in self._boundaries.values():
                 boundary.truncate(position)
         step_id = self._new_step_id()
+        if extras is not None:
+            self._extras[step_id] = extras
+            self._plain = False
+            if extras.reorder is not None:
+                self._reordered_at = position
         self._boundary(self.hops[0].start).record(step_id, position, hidden)
         resume, failure = 0, None
         for _ in range(_MAX_FAILOVERS_PER_STEP + 1):
@@ -358,6 +411,16 @@ class ChainSession:
             except _HopFailed as failed:
                 failure = failed
         raise SwarmError(f"step failed after {_MAX_FAILOVERS_PER_STEP} failovers; the swarm is unstable, try later")
+
+    def _extras_for(self, step_id: int, tokens: int | None = None) -> dict[str, Any]:
+        """The step's mask and reorder as sent (``tokens``: of a step cut short by a rollback)."""
+        extras = self._extras.get(step_id)
+        if extras is None:
+            return {}
+        mask = extras.mask
+        if mask is not None and tokens is not None:
+            mask = tuple(row[:tokens] for row in mask)
+        return {"mask": mask, "reorder": extras.reorder}
 
     def _new_step_id(self) -> int:
         self._next_step_id += 1
@@ -389,7 +452,9 @@ class ChainSession:
                 hidden = self._boundary(hop.start).get(step_id)
                 assert hidden is not None  # the pump returned only once it was there
             try:
-                await hop.stream.send_step(step_id, position, hidden.to(getattr(torch, hop.route.record.dtype)))
+                await hop.stream.send_step(
+                    step_id, position, hidden.to(getattr(torch, hop.route.record.dtype)), **self._extras_for(step_id)
+                )
             except ProviderUnavailableError as e:
                 raise _HopFailed(hop, str(e)) from e
             if not self.push:
@@ -663,7 +728,8 @@ class ChainSession:
         entries = [e for e in self._boundary(hop.start).entries if e.step_id != exclude_step]
         dtype = getattr(torch, hop.route.record.dtype)
         for entry in entries:  # pipelined: the provider applies them in order
-            await hop.stream.send_step(entry.step_id, entry.position, entry.hidden.to(dtype))
+            extras = self._extras_for(entry.step_id, entry.hidden.shape[1])
+            await hop.stream.send_step(entry.step_id, entry.position, entry.hidden.to(dtype), **extras)
         tokens = sum(e.hidden.shape[1] for e in entries)
         timeout = self.min_timeout + 3 * tokens * self.batch_size * (hop.end - hop.start) / max(
             hop.route.record.throughput, 1e-3
@@ -685,7 +751,7 @@ class ChainSession:
             if not verifier.due():
                 continue
             prefix, claimed = self._boundary(hop.start).prefix(), self._boundary(hop.end).get(step_id)
-            if prefix is None or claimed is None:
+            if prefix is None or claimed is None or not self._plain:  # a plain forward cannot redo masks/reorders
                 verifier.stats.skipped += 1
                 continue
             mismatch = await verifier.check(

@@ -177,7 +177,12 @@ def run_inference_bench(
                 model = DistributedModelForCausalLM.from_pretrained(
                     model_path, runtime=runtime, push=push, dtype=torch_dtype, device=device
                 )
-                runs[mode] = functools.partial(model.generate, prompt, max_new_tokens=new_tokens)
+                runs[mode] = functools.partial(
+                    model.generate,
+                    prompt,
+                    max_new_tokens=new_tokens,
+                    eos_token_id=None,  # every run makes all tokens
+                )
             for run in runs.values():
                 run()  # warm-up: caches, connections
             # Interleaved, so that the machine's drifting load hits local and swarm runs alike.
@@ -267,7 +272,9 @@ def run_failover_bench(
                         victim.process.send_signal(signal.SIGKILL)
 
                 started = time.perf_counter()
-                tokens = model.generate(prompt, max_new_tokens=new_tokens, session=session, on_token=on_token)
+                tokens = model.generate(
+                    prompt, max_new_tokens=new_tokens, session=session, on_token=on_token, eos_token_id=None
+                )
                 failovers = list(session.chain.failovers)
     gaps = [(b - a) * 1000 for a, b in zip([started] + stamps[:-1], stamps, strict=False)]
     return {

@@ -344,6 +344,8 @@ class Demo:
             "swarm": self.swarm.initial_peers[0],
             # for `hivemart login` against the kept demo (a local, throwaway account)
             "client_api_key": self.api_key,
+            "initial_peers": list(self.swarm.initial_peers),  # MADDR for the README's Python snippet
+            "model_path": str(self.state.model_path),
             "seconds": round(seconds, 1),
         }
 

@@ -167,6 +167,29 @@ class SpanKVCache:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0  # tokens whose keys and values are stored
+        # [batch, max_length], True = a real token; None while no step sent padding (all real).
+        self.mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def prepare_step(
+        self, position: int, tokens: int, mask: torch.Tensor | None = None, reorder: torch.Tensor | None = None
+    ) -> None:
+        """Before a step of ``tokens`` at ``position``: keep only the cached rows ``reorder``
+        (beam search continues those hypotheses), then note which new tokens are padding
+        (``mask`` [batch, tokens], True = real). Callers check the shapes and indices."""
+        if reorder is not None and position > 0:
+            index = reorder.to(self.keys[0].device)
+            for cached in (*self.keys, *self.values):
+                cached[:, :, :position] = cached[:, :, :position].index_select(0, index)
+            if self.mask is not None:
+                self.mask[:, :position] = self.mask[:, :position].index_select(0, index.to(self.mask.device))
+        if mask is not None and self.mask is None and not bool(mask.all()):
+            self.mask = torch.ones(self.batch_size, self.max_length, dtype=torch.bool, device=self.keys[0].device)
+        if self.mask is not None:
+            self.mask[:, position : position + tokens] = True if mask is None else mask.to(self.mask.device)
 
     @staticmethod
     def bytes_needed(
@@ -242,6 +265,17 @@ def _count_storage(storages: dict[int, int], tensor: torch.Tensor, excluded: set
     storage = tensor.untyped_storage()
     if storage.data_ptr() not in excluded:
         storages[storage.data_ptr()] = storage.nbytes()
+
+
+def _padded_positions_and_mask(real: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and attention mask of the tokens after ``position`` in rows where
+    ``real`` [batch, total] marks padding (False), exactly as ``transformers`` builds them
+    from an ``attention_mask``: positions count real tokens only (padding gets 1), and a
+    token attends to earlier real tokens and itself."""
+    position_ids = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)[:, position:]
+    total = real.shape[1]
+    causal = torch.ones(total - position, total, dtype=torch.bool, device=real.device).tril(diagonal=position)
+    return position_ids, causal[None, None] & real[:, None, None, :]
 
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
@@ -353,7 +387,9 @@ class SpanBackend:
         cache_position = torch.arange(position, position + seq_len, device=self.device)
         position_ids = cache_position.unsqueeze(0).expand(hidden.shape[0], -1)
         mask = None
-        if seq_len > 1 and position > 0:
+        if cache is not None and cache.mask is not None:
+            position_ids, mask = _padded_positions_and_mask(cache.mask[:, : position + seq_len], position)
+        elif seq_len > 1 and position > 0:
             # A chunk after cached tokens: sdpa's is_causal would align the triangle top-left,
             # so spell the causal mask out (True = may attend).
             total = position + seq_len
@@ -444,10 +480,18 @@ class SpanBackend:
         batched = BatchedKVCache([cache for cache, _, _ in steps], rows, positions)
         # Row r may attend to its own session's positions 0..position_r only (True = may attend).
         mask = torch.arange(batched.total, device=self.device)[None] <= row_positions[:, None]
+        position_ids = row_positions[:, None].clone()
+        row = 0
+        for (cache, _, position), count in zip(steps, rows, strict=True):
+            if cache.mask is not None:  # a padded session: its own padding is hidden, positions skip it
+                ids, own = _padded_positions_and_mask(cache.mask[:, : position + 1], position)
+                position_ids[row : row + count] = ids
+                mask[row : row + count, : position + 1] = own[:, 0, 0]
+            row += count
         output = self._run_layers(
             self.layers_for(start, end),
             torch.cat(hiddens),
-            row_positions[:, None],
+            position_ids,
             None,
             mask[:, None, None, :],
             batched,

@@ -377,6 +377,10 @@ class OpenSession:
         )
 
 
+# Most positions a step's padding mask may cover (batch x tokens): it travels in the header.
+MAX_MASK_ENTRIES = 32 * 1024
+
+
 @dataclass(frozen=True)
 class Step:
     """One inference step: hidden states for positions ``position ..`` of a session.
@@ -384,14 +388,32 @@ class Step:
     ``step_id`` identifies the step so that a step delivered twice (pushed by the previous
     provider and re-sent by the client) is applied once. A ``position`` below the session's
     length rolls the cache back to it first; one above it is an error.
+
+    ``mask`` (``[batch][tokens]`` of 0/1, like ``transformers``' ``attention_mask``) marks the
+    step's padding tokens (0): no later token attends to them, and position ids count only
+    real tokens, as a local model does with a left-padded batch. Left out, every token is
+    real. ``reorder`` (one row index per batch row) first replaces the session's cached rows
+    by ``rows[reorder[i]]``: beam search keeps the caches of the hypotheses it continues.
     """
 
     session_id: str
     step_id: int
     position: int
+    mask: tuple[tuple[int, ...], ...] | None = None
+    reorder: tuple[int, ...] | None = None
 
     def to_header(self) -> dict[str, Any]:
-        return {"type": "step", **asdict(self)}
+        header: dict[str, Any] = {
+            "type": "step",
+            "session_id": self.session_id,
+            "step_id": self.step_id,
+            "position": self.position,
+        }
+        if self.mask is not None:
+            header["mask"] = [list(row) for row in self.mask]
+        if self.reorder is not None:
+            header["reorder"] = list(self.reorder)
+        return header
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> Step:
@@ -401,7 +423,29 @@ class Step:
             session_id=_session_id(header),
             step_id=_int(header, "step_id", high=2**62),
             position=_int(header, "position"),
+            mask=_step_mask(header.get("mask")),
+            reorder=_step_reorder(header.get("reorder")),
         )
+
+
+def _step_mask(raw: Any) -> tuple[tuple[int, ...], ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw or not all(isinstance(row, list) and row for row in raw):
+        raise ProtocolError("'mask' must be a non-empty list of non-empty rows of 0/1, one row per batch row")
+    if len({len(row) for row in raw}) != 1 or len(raw) * len(raw[0]) > MAX_MASK_ENTRIES:
+        raise ProtocolError(f"'mask' rows must have the same length, at most {MAX_MASK_ENTRIES} entries in all")
+    if not all(type(v) is int and v in (0, 1) for row in raw for v in row):
+        raise ProtocolError("'mask' entries must be 0 (padding) or 1 (a real token)")
+    return tuple(tuple(row) for row in raw)
+
+
+def _step_reorder(raw: Any) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw or not all(type(v) is int and 0 <= v < _MAX_INT for v in raw):
+        raise ProtocolError("'reorder' must be a non-empty list of row indices (non-negative integers)")
+    return tuple(raw)
 
 
 @dataclass(frozen=True)

@@ -294,8 +294,17 @@ class InferenceStream:
         """The provider ended the stream (or it broke) and every reply was delivered."""
         return self._reader_task.done()
 
-    async def send_step(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
-        await self._send(Step(self.spec.session_id, step_id, position).to_header(), (hidden,))
+    async def send_step(
+        self,
+        step_id: int,
+        position: int,
+        hidden: torch.Tensor,
+        *,
+        mask: tuple[tuple[int, ...], ...] | None = None,
+        reorder: tuple[int, ...] | None = None,
+    ) -> None:
+        step = Step(self.spec.session_id, step_id, position, mask=mask, reorder=reorder)
+        await self._send(step.to_header(), (hidden,))
 
     def send_ack_nowait(self, receipt: dict[str, Any]) -> None:
         """Send the countersigned copy of a receipt back to the provider (the payment channel's

@@ -5,6 +5,7 @@ that very tensor; errors the next provider reports about our pushes go to the cl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from typing import Any
 
@@ -34,7 +35,7 @@ class RelayRPCs(SessionRPCs):
 
     async def _push(self, session: Session, step: Step, delivered: Delivered) -> None:
         spec = session.spec
-        header = Step(session_id=spec.next_session, step_id=step.step_id, position=step.position).to_header()
+        header = dataclasses.replace(step, session_id=spec.next_session).to_header()  # with its mask and reorder
         header["record"] = delivered.record.to_dict()  # the same record the client gets with the output
         try:
             writer = await self._push_link(spec.next_peer)

@@ -309,6 +309,7 @@ class SessionRPCs(RequestChecks, ABC):
                 f"session; positions {step.position}..{step.position + hidden.shape[1]} exceed them",
                 code=codes.TICKET_EXHAUSTED,
             )
+        self._prepare_cache(session, step, hidden.shape[1])
         charge = (
             None
             if session.ticket is None
@@ -345,6 +346,26 @@ class SessionRPCs(RequestChecks, ABC):
         )
         session.last_output = Delivered(step.step_id, step.position, output, record, input_record)
         return session.last_output
+
+    @staticmethod
+    def _prepare_cache(session: Session, step: Step, tokens: int) -> None:
+        """Apply the step's beam reorder and padding mask to the session's cache (checked first)."""
+        batch = session.spec.batch_size
+        mask = reorder = None
+        if step.mask is not None:
+            if (len(step.mask), len(step.mask[0])) != (batch, tokens):
+                raise RequestError(
+                    codes.BAD_SHAPE,
+                    f"the step's mask is {len(step.mask)}x{len(step.mask[0])}; its hidden states are {batch}x{tokens}",
+                )
+            mask = torch.tensor(step.mask, dtype=torch.bool)
+        if step.reorder is not None:
+            if len(step.reorder) != batch or max(step.reorder) >= batch:
+                raise RequestError(
+                    codes.BAD_REQUEST, f"'reorder' must give one row index below {batch} for each of the {batch} rows"
+                )
+            reorder = torch.tensor(step.reorder, dtype=torch.long)
+        session.cache.prepare_step(step.position, tokens, mask, reorder)
 
     async def _expire_idle_sessions(self) -> None:
         while True:

@@ -6,11 +6,13 @@ process it started is gone)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.demo.conftest import KeptDemo, processes_using
+from tests.docs.readme_python import run_readme_snippet
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -75,3 +77,12 @@ def _assert_readable_progress(text: str) -> None:
     assert len(streamed) == 1, text[-4000:]
     assert " INFO " not in streamed[0] and " WARNING " not in streamed[0] and "WARN" not in streamed[0], streamed
     assert "hivemart.progress: finetune" in text  # the fine-tuning steps, as log lines
+
+
+def test_the_readme_python_snippet_runs_against_the_kept_demo(kept_demo: KeptDemo) -> None:
+    """The README's Python snippet, as written, run where the kept demo's checkpoint is."""
+    summary = kept_demo.summary
+    assert Path(summary["model_path"]).resolve() == (kept_demo.home / "models" / "demo-llama").resolve()
+    snippet = run_readme_snippet(summary["initial_peers"][0], None, cwd=kept_demo.home.parent.parent)
+    assert snippet.returncode == 0, snippet.stderr[-4000:]
+    assert "gradient norm" in snippet.stdout

@@ -129,3 +129,52 @@ def test_batched_steps_refuse_what_they_cannot_batch(
     other_blocks = backend.new_cache(start=1, end=3, batch_size=1, max_length=8)
     with pytest.raises(ValueError, match="same blocks"):
         backend.inference_steps([(a, seq[:, 3:4], 3), (other_blocks, seq[:, 0:1], 0)], 0, 3)
+
+
+def test_padded_sessions_batched_match_local_transformers_with_an_attention_mask(
+    make_model: Callable[..., Path],
+) -> None:
+    """Left-padded sessions (rows of different lengths in one session) keep their padding
+    masked and their position ids counted from their first real token in a batched step too,
+    as transformers does with ``attention_mask``; beside them an unpadded session."""
+    path = make_model(arch="llama", kv_heads=2)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    backend = SpanBackend(path, 0, 2)
+    generator = torch.Generator().manual_seed(2)
+    padded, plain = (
+        torch.randint(4, 300, (2, 8), generator=generator),
+        torch.randint(4, 300, (1, 6), generator=generator),
+    )
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 has three padding tokens before its 2 real prompt tokens
+    prompt = 5
+    padded_cache, plain_cache = _cache(backend, 2), _cache(backend)
+    padded_embeds, plain_embeds = (local.model.embed_tokens(t).detach() for t in (padded, plain))
+    padded_cache.prepare_step(0, prompt, mask[:, :prompt].bool())
+    backend.inference_step(padded_cache, padded_embeds[:, :prompt], 0, 0, 2)
+    backend.inference_step(plain_cache, plain_embeds[:, :3], 0, 0, 2)
+    outputs = []
+    for i in range(3):
+        padded_cache.prepare_step(prompt + i, 1)
+        got, _ = backend.inference_steps(
+            [
+                (padded_cache, padded_embeds[:, prompt + i : prompt + i + 1], prompt + i),
+                (plain_cache, plain_embeds[:, 3 + i : 4 + i], 3 + i),
+            ],
+            0,
+            2,
+        )
+        outputs.append(got)
+    with torch.no_grad():
+        states = local.model(padded, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(torch.cat(outputs, dim=1), states[:, prompt:], **TOLERANCE)
+
+
+def test_a_reorder_keeps_the_chosen_rows_of_the_cache(make_model: Callable[..., Path]) -> None:
+    backend = SpanBackend(make_model(arch="llama", kv_heads=2), 0, 2)
+    sequence = torch.randn(3, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    reordered = _prefilled(backend, sequence, 4)
+    reordered.prepare_step(4, 1, reorder=torch.tensor([2, 2, 0]))
+    got = backend.inference_step(reordered, sequence[[2, 2, 0], 4:5], 4, 0, 2)
+    expected = backend.inference_step(_prefilled(backend, sequence[[2, 2, 0]], 4), sequence[[2, 2, 0], 4:5], 4, 0, 2)
+    torch.testing.assert_close(got, expected, **TOLERANCE)

@@ -190,3 +190,36 @@ def test_a_provider_that_stops_answering_is_replaced_after_its_deadline(tiny_mod
         if frozen is not None:
             frozen.process.send_signal(signal.SIGCONT)
         swarm.stop()
+
+
+def test_a_padded_beam_search_fails_over_exactly(tiny_model, tmp_path):
+    """The replacement gets the history with its padding masks and beam reorders, in order."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    tokenizer = load_tokenizer(tiny_model)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["Failover keeps padded beams exact", "Hi"], padding=True, return_tensors="pt")
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=12, num_beams=3)
+    local = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    expected = local.generate(**kwargs)
+    swarm = start_swarm(tiny_model, [(0, 2), (2, 4), (2, 4)], tmp_path)
+    try:
+        with SwarmRuntime(swarm.initial_peers) as runtime:
+            model = DistributedModelForCausalLM.from_pretrained(tiny_model, runtime=runtime)
+            with model.inference_session(max_length=batch.input_ids.shape[1] + 12, batch_size=6) as session:
+
+                class KillAtStep6(LogitsProcessor):
+                    calls = 0
+
+                    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                        KillAtStep6.calls += 1
+                        if KillAtStep6.calls == 6:  # five reorders are in the history by now
+                            serving = next(h for h in session.chain.route if (h.start, h.end) == (2, 4))
+                            swarm.stop_agent(agent_by_peer(swarm, serving.peer_id), sig=signal.SIGKILL)
+                        return scores
+
+                got = model.generate(**kwargs, session=session, logits_processor=LogitsProcessorList([KillAtStep6()]))
+                assert session.chain.failovers, "the killed provider was not replaced"
+    finally:
+        swarm.stop()
+    assert torch.equal(got, expected)

@@ -277,3 +277,40 @@ def test_a_burst_of_concurrent_requests_is_answered_in_full(runtime2, first_agen
 
     failures = [r for _ in range(5) for r in runtime2.run(burst()) if r != "ok"]
     assert failures == [], f"{len(failures)} of 600 failed, e.g. {failures[:2]}"
+
+
+def test_bad_padding_masks_and_beam_reorders_are_refused_and_the_session_goes_on(runtime2, first_agent):
+    def step(step_id: int, position: int, **extra) -> dict:
+        return {"type": "step", "session_id": "mask-session-1", "step_id": step_id, "position": position, **extra}
+
+    replies = runtime2.run(
+        _session_steps(
+            runtime2,
+            first_agent.peer_id,
+            [
+                (step(0, 0, mask=[[0, 1, 1]]), hidden(3)),  # fine: the first token is padding
+                (step(1, 3, mask=[[1, 1]]), hidden(1)),  # a mask of 2 tokens for 1
+                (step(2, 3, mask=[[2]]), hidden(1)),  # not 0/1
+                (step(3, 3, mask=[[1], [1, 1]]), hidden(1)),  # ragged
+                (step(4, 3, mask="1"), hidden(1)),  # not a list of rows
+                (step(5, 3, reorder=[1]), hidden(1)),  # row 1 of a batch of 1
+                (step(6, 3, reorder=[0, 0]), hidden(1)),  # two rows for one
+                (step(7, 3, reorder=[-1]), hidden(1)),  # negative
+                (step(8, 3, reorder=[0], mask=[[1]]), hidden(1)),  # fine
+            ],
+            session_id="mask-session-1",
+        )
+    )
+    codes = [r.get("code", r["type"]) for r in replies]
+    assert codes == [
+        "output",
+        "bad_shape",
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "output",
+    ]
+    assert_still_serves(runtime2, first_agent.peer_id)
