@@ -97,6 +97,8 @@ class Gateway:
             "status": status,
             "cancelled": generation.cancelled.is_set() and status != "done",
             **generation.usage,
+            "job": None if generation.settlement is None else generation.settlement["job"],
+            "job_state": None if generation.settlement is None else generation.settlement.get("state"),
         }
         self.recent.append(outcome)
         logger.info(
@@ -209,7 +211,8 @@ class Gateway:
         finally:
             if status != "done":
                 generation.cancelled.set()  # the worker stops at its next token and settles the job
-            self.release(generation, request_id, status)
+            # The outcome (tokens generated, the job's settlement) is final once the worker ends.
+            future.add_done_callback(lambda _: self.release(generation, request_id, status))
 
     # --- bodies --------------------------------------------------------------------------------------
 

@@ -219,9 +219,11 @@ class MarketPayer:
         budget: int,
         max_price: int,
         plan_timeout: float = 60.0,
+        price_ttl: float = 30.0,
         transport: Any = None,
     ) -> None:
         self.base_url, self.budget, self.max_price = base_url, budget, max_price
+        self.price_ttl = price_ttl
         self.plan_timeout, self.transport = plan_timeout, transport
         self._prices: dict[str, tuple[float, int | None]] = {}
         self._lock = threading.Lock()
@@ -260,12 +262,12 @@ class MarketPayer:
 
     def price_per_million_tokens(self, api_key: str, model_id: str, num_blocks: int) -> int | None:
         """The cheapest price of a million tokens through every block at the offers of online
-        providers (micro-credits; None when some block has no offer), cached for 30 s."""
+        providers (micro-credits; None when some block has no offer), cached for ``price_ttl`` seconds."""
         from hivemart_core.figures import cheapest_price_per_million_tokens
 
         with self._lock:
             cached = self._prices.get(model_id)
-        if cached is not None and time.monotonic() - cached[0] < 30:
+        if cached is not None and time.monotonic() - cached[0] < self.price_ttl:
             return cached[1]
         client = self.client(api_key)
         try:
