@@ -15,6 +15,7 @@ from hivemart.cli._root import cli, initial_peers_callback
     "--model",
     "model_path",
     required=True,
+    envvar="HIVEMART_SERVE_MODEL",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="The model's checkpoint directory (the gateway runs embeddings, head and tokenizer locally).",
 )
