@@ -150,7 +150,9 @@ def test_eight_concurrent_streams_share_the_swarm(client: openai.OpenAI, tiny_mo
 
     def stream(i: int) -> None:
         try:
-            chunks = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=6, temperature=0, stream=True)
+            chunks = client.completions.create(
+                model="tiny", prompt=prompts[i], max_tokens=6, temperature=0, stream=True
+            )
             texts[i] = "".join(c.choices[0].text for c in chunks if c.choices)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)

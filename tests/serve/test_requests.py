@@ -80,7 +80,9 @@ def test_prompts_models_and_options() -> None:
     for prompt in (None, "", ["a", "b"], [1, 2], 5):
         assert refused(parse_completion, {**COMPLETION, "prompt": prompt}).param == "prompt"
     assert refused(parse_completion, {"prompt": "hi"}).param == "model"
-    assert refused(parse_completion, {**COMPLETION, "stream_options": {"include_usage": True}}).param == "stream_options"
+    assert (
+        refused(parse_completion, {**COMPLETION, "stream_options": {"include_usage": True}}).param == "stream_options"
+    )
     assert refused(parse_chat, {**CHAT, "response_format": {"type": "json_object"}}).param == "response_format"
     ok = parse_completion({**COMPLETION, "prompt": ["one"], "stop": "x", "temperature": None, "n": None})
     assert (ok.prompt, ok.stop, ok.temperature, ok.n, ok.max_tokens) == ("one", ["x"], 1.0, 1, 16)
@@ -108,7 +110,7 @@ def test_choices_stop_at_stop_strings_and_hold_back_their_start(tiny_model: Path
     choices = Choices(tokenizer, 1, ["every"], tokenizer.eos_token_id)
     streamed = ""
     for token in ids:
-        for _, text, finish in choices.push([token]):
+        for _, text, _ in choices.push([token]):
             streamed += text
             assert "every" not in streamed
         if choices.done:
