@@ -71,7 +71,7 @@ class Demo:
         self.operator = Client(api_key=operator_key, base_url=market.url)
         self.provider_key = provider_key
         self.client: Client | None = None
-        self.username = self.password = ""
+        self.username = self.password = self.client_key = ""
         self.model: Any = None
         self.runtime: Any = None
         self.results: dict[str, Any] = {}
@@ -112,7 +112,8 @@ class Demo:
         anonymous = Client(base_url=self.market.url)
         signup = anonymous.accounts.signup(username=self.username, password=self.password)
         anonymous.close()
-        self.client = Client(api_key=signup.api_key.key, base_url=self.market.url)
+        self.client_key = signup.api_key.key
+        self.client = Client(api_key=self.client_key, base_url=self.market.url)
         self.operator.ledger.grant(username=self.username, amount=CLIENT_GRANT, memo="demo credits")
         self.options.say(
             f"[{phase}/9] client {self.username} signed up and received {format_credits(CLIENT_GRANT)} credits"
@@ -197,7 +198,7 @@ class Demo:
         """The marketplace should know the killed provider is gone before it plans the next
         job (its heartbeats stopped; the scheduler's sweep marks it offline)."""
         killed = self.results.get("killed")
-        if not killed:
+        if not killed or self.results.get("killed_offline"):
             return
 
         def offline() -> bool:
@@ -205,6 +206,7 @@ class Demo:
             return all(x.peer_id != killed["peer_id"] or x.state != "online" for x in offers)
 
         _wait(f"the marketplace to mark {killed['name']} offline", offline, timeout=60)
+        self.results["killed_offline"] = True
         self.say(f"      the marketplace marked {killed['name']} offline (no heartbeat); it is out of new plans")
 
     def _kill_first_hop(self, session: Any) -> dict[str, Any]:
@@ -230,6 +232,13 @@ class Demo:
                 pad_token_id=0,
             )
         return bool(torch.equal(tokens, expected))
+
+    def call_gateway(self, *, phase: int) -> None:
+        """One chat completion through ``hivemart serve --market`` (hivemart/demo/gateway.py)."""
+        from hivemart.demo.gateway import call_gateway
+
+        self._wait_offline_after_kill()
+        self.results["gateway"] = call_gateway(self, phase=phase)
 
     # --- 7: fine-tuning --------------------------------------------------------------------
 
@@ -305,6 +314,7 @@ class Demo:
             "audit_verdicts": sorted(a.verdict for a in audits),
             "steps_verified": self.results["inference_job"]["verification"]["checked"],
             "exact_match": self.results["exact_match"],
+            "gateway_tokens": self.results["gateway"]["completion_tokens"],
             "jobs": self.jobs,
             "web": self.market.url,
             "seconds": round(seconds, 1),

@@ -80,11 +80,16 @@ class Served:
     @classmethod
     def load(cls, path: Path, *, initial_peers: list[str], name: str | None = None) -> Served:
         from client_sdk.swarm.model import DistributedModelForCausalLM
+
+        return cls.for_model(DistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers), name=name)
+
+    @classmethod
+    def for_model(cls, model: DistributedModelForCausalLM, *, name: str | None = None) -> Served:
+        """Serve an open ``model`` (its checkpoint's tokenizer and context length)."""
         from hivemart_core.models import load_tokenizer
 
-        tokenizer = load_tokenizer(path)
-        model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers)
-        return cls(name or model.info.model_id, model, tokenizer, _context_length(path, tokenizer))
+        tokenizer = load_tokenizer(model.info.path)
+        return cls(name or model.info.model_id, model, tokenizer, _context_length(model.info.path, tokenizer))
 
     def model_for_job(self) -> DistributedModelForCausalLM:
         """A model of its own for a paid request (a job attaches to one model), sharing the
