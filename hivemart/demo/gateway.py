@@ -7,26 +7,24 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import httpx
-
-if TYPE_CHECKING:
-    from hivemart.demo.phases import Demo
 
 MESSAGES = [{"role": "user", "content": "Who pays the providers?"}]
 
 
-def call_gateway(demo: Demo, *, phase: int) -> dict[str, Any]:
-    """Serve the demo's model through the gateway, ask it one chat completion, and stop it."""
+def call_gateway(*, model: Any, market_url: str, client_key: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """Serve the demo's open ``model`` through a gateway paid on ``market_url``, ask it one chat
+    completion with ``client_key``, and stop it; returns the job, the tokens and the reply."""
     import uvicorn
 
     from hivemart.serve.app import create_app
     from hivemart.serve.engine import MarketPayer, Served
 
-    demo.options.say(f"[{phase}/9] OpenAI-compatible gateway (`hivemart serve --market`): one chat completion")
-    served = Served.for_model(demo._open_model(), name="demo")
-    payer = MarketPayer(demo.market.url, budget=5_000_000, max_price=2_000_000)
+    served = Served.for_model(model, name="demo")
+    payer = MarketPayer(market_url, budget=5_000_000, max_price=2_000_000)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,7 +43,7 @@ def call_gateway(demo: Demo, *, phase: int) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         response = httpx.post(
             url,
-            headers={"Authorization": f"Bearer {demo.client_key}"},
+            headers={"Authorization": f"Bearer {client_key}"},
             json={"model": "demo", "messages": MESSAGES, "max_tokens": 12, "temperature": 0},
             timeout=180,
         )
@@ -57,10 +55,8 @@ def call_gateway(demo: Demo, *, phase: int) -> dict[str, Any]:
         raise RuntimeError(f"the gateway answered {response.status_code}: {body}")
     reply, usage = body["choices"][0]["message"]["content"], body["usage"]
     job = body.get("hivemart", {}).get("job")
-    demo.options.say(
+    say(
         f"      POST {url} -> {reply!r} ({usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
         f"completion tokens, paid as job {job})"
     )
-    if job is not None:
-        demo.jobs.append(job)
     return {"job": job, "completion_tokens": usage["completion_tokens"], "reply": reply}

@@ -237,8 +237,14 @@ class Demo:
         """One chat completion through ``hivemart serve --market`` (hivemart/demo/gateway.py)."""
         from hivemart.demo.gateway import call_gateway
 
+        self.options.say(f"[{phase}/9] OpenAI-compatible gateway (`hivemart serve --market`): one chat completion")
         self._wait_offline_after_kill()
-        self.results["gateway"] = call_gateway(self, phase=phase)
+        result = call_gateway(
+            model=self._open_model(), market_url=self.market.url, client_key=self.client_key, say=self.options.say
+        )
+        if result["job"] is not None:
+            self.jobs.append(result["job"])  # settled and checked with the others
+        self.results["gateway"] = result
 
     # --- 7: fine-tuning --------------------------------------------------------------------
 
