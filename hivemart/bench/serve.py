@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from client_sdk.swarm.local import LocalSwarm
-from hivemart.bench.inference import _in_workdir, split_blocks
+from hivemart.bench.inference import split_blocks
 from hivemart_core.models import create_model
 
 __all__ = ["run_serve_bench"]
@@ -80,8 +81,15 @@ def _concurrently(run: Callable[[int], tuple[float, int]], streams: int) -> dict
     }
 
 
-@_in_workdir
-def run_serve_bench(
+def run_serve_bench(*, workdir: Path | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+    """The benchmark in ``workdir``, or in a temporary directory removed afterwards."""
+    if workdir is not None:
+        return _run(workdir=Path(workdir), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="hivemart-bench-") as tmp:
+        return _run(workdir=Path(tmp), **kwargs)
+
+
+def _run(
     *,
     hidden: int = 256,
     layers: int = 4,
@@ -89,7 +97,7 @@ def run_serve_bench(
     new_tokens: int = 32,
     concurrency: tuple[int, ...] = (1, 8),
     repeats: int = 3,
-    workdir: Path | None = None,
+    workdir: Path,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
     import openai
@@ -97,7 +105,6 @@ def run_serve_bench(
     from hivemart.serve.app import create_app
     from hivemart.serve.engine import Served
 
-    assert workdir is not None
     progress(f"creating a llama model: hidden {hidden}, {layers} layers")
     model_path = create_model(
         workdir / f"bench-llama-{hidden}x{layers}", arch="llama", hidden=hidden, layers=layers, seed=0

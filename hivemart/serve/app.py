@@ -184,9 +184,11 @@ class Gateway:
         asked, then ``data: [DONE]``. Ends the generation when the client leaves."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Delta] | None] = asyncio.Queue()
-        future = loop.run_in_executor(
-            self.pool, generation.run, lambda deltas: loop.call_soon_threadsafe(queue.put_nowait, deltas)
-        )
+
+        def on_deltas(deltas: list[Delta]) -> None:  # in the worker: hand over to this loop
+            loop.call_soon_threadsafe(queue.put_nowait, deltas)
+
+        future = loop.run_in_executor(self.pool, generation.run, on_deltas)
         future.add_done_callback(lambda _: queue.put_nowait(None))
         status = "cancelled"
         try:
