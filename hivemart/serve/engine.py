@@ -240,19 +240,29 @@ class MarketPayer:
 
     def open(self, api_key: str, model: DistributedModelForCausalLM) -> MarketJob:
         from client_sdk.swarm.job import MarketJob
+        from hivemart_core.errors import APIError
+        from hivemart_core.protocol.identity import Identity
 
         client = self.client(api_key)
+        created = None
         try:
             with market_errors(self.budget):
-                job = MarketJob.create(
-                    client,
+                identity = Identity.generate()
+                created = client.jobs.create(
                     model=model.info.model_id,
+                    kind="inference",
                     budget=self.budget,
                     max_price=self.max_price,
-                    plan_timeout=self.plan_timeout,
+                    client_key=identity.public_key,
                 )
+                job = MarketJob.open(client, created.id, identity, plan_timeout=self.plan_timeout)
                 job.attach(model)
         except BaseException:
+            if created is not None:  # never planned or never started: give its hold back now
+                try:
+                    client.jobs.cancel(created.id)
+                except APIError as e:
+                    logger.warning(f"job {created.id}: could not cancel it ({e}); its hold expires by itself")
             client.close()
             raise
         return job

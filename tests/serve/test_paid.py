@@ -20,7 +20,7 @@ def market_gateway(served: Any, live_server: Any) -> Iterator[str]:
     from hivemart.serve.app import create_app
     from hivemart.serve.engine import MarketPayer
 
-    payer = MarketPayer(live_server.url, budget=1_000_000, max_price=2_000_000, plan_timeout=5, price_ttl=0)
+    payer = MarketPayer(live_server.url, budget=1_000_000, max_price=2_000_000, plan_timeout=2, price_ttl=0)
     with running(create_app(served, payer=payer, close_served=False)) as url:
         yield url
 
@@ -70,3 +70,16 @@ def test_models_show_the_price_per_million_tokens(market_gateway: str, catalog_m
     card = client.models.list().data[0].model_extra["hivemart"]
     # Each block bought where it is cheapest: 2 blocks at 1000 and 2 at 3000 per million units.
     assert card["price_per_million_tokens"] == 8_000 and card["price_per_million_tokens_credits"] == "0.008000"
+
+
+def test_a_request_nobody_plans_is_503_and_its_hold_comes_back(market_gateway: str, catalog_model: Any) -> None:
+    from marketplace.jobs.models import Job
+    from marketplace.ledger.services import wallet_get_or_create
+
+    key = user_key(10_000_000)
+    client = openai.OpenAI(base_url=market_gateway, api_key=key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:  # no scheduler runs here: the job is never planned
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert caught.value.status_code == 503 and caught.value.code == "no_providers"
+    job = Job.objects.get()
+    assert job.state == "cancelled" and wallet_get_or_create(user=job.user).balance == 10_000_000
