@@ -10,6 +10,7 @@ from hivemart.cli import generate as _generate  # noqa: F401,E402
 from hivemart.cli import market as _market  # noqa: F401,E402
 from hivemart.cli import model as _model  # noqa: F401,E402
 from hivemart.cli import money as _money  # noqa: F401,E402
+from hivemart.cli import serve as _serve  # noqa: F401,E402
 from hivemart.cli._root import cli
 
 __all__ = ["cli", "main"]

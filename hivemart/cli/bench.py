@@ -76,6 +76,41 @@ def inference(
     emit(result, as_json)
 
 
+@bench.command("serve")
+@click.option("--hidden", default=256, show_default=True, help="Hidden size of the generated llama model.")
+@click.option("--layers", default=4, show_default=True, help="Transformer blocks.")
+@click.option("--providers", default=2, show_default=True, help="Providers the blocks are split across.")
+@click.option("--new-tokens", default=32, show_default=True, help="Tokens generated per stream.")
+@click.option(
+    "--streams",
+    "concurrency",
+    default=(1, 8),
+    multiple=True,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Concurrent streams (repeatable).",
+)
+@click.option("--repeats", default=3, show_default=True, help="Timed rounds; medians are reported.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per concurrency, one per line.")
+def serve_bench(
+    hidden: int, layers: int, providers: int, new_tokens: int, concurrency: tuple[int, ...], repeats: int, as_json: bool
+) -> None:
+    """Time to first token and tokens/s through the OpenAI-compatible gateway versus the SDK."""
+    from hivemart.bench.serve import run_serve_bench
+
+    lines = run_serve_bench(
+        hidden=hidden,
+        layers=layers,
+        providers=providers,
+        new_tokens=new_tokens,
+        concurrency=tuple(concurrency),
+        repeats=repeats,
+        progress=lambda msg: click.echo(msg, err=True),
+    )
+    for line in lines:
+        emit(line, as_json)
+
+
 @bench.command()
 @click.option("--captures", default=10_000, show_default=True, type=click.IntRange(min=1), help="Hold captures in all.")
 @click.option(

@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True))
 @click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
 @click.option(
+    "--chat",
+    is_flag=True,
+    help="PROMPT is a user's message: frame it with the model's chat template and print only the reply.",
+)
+@click.option(
     "--paid",
     is_flag=True,
     help="Run as a marketplace job (uses `hivemart login`'s key): the plan's "
@@ -80,6 +85,7 @@ def generate(
     top_k: int | None,
     top_p: float | None,
     seed: int | None,
+    chat: bool,
     paid: bool,
     job_id: int | None,
     budget: int,
@@ -100,7 +106,7 @@ def generate(
     job = None
     try:
         tokenizer = load_tokenizer(model_path)
-        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        input_ids = chat_input_ids(tokenizer, prompt) if chat else tokenizer(prompt, return_tensors="pt").input_ids
         model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers)
     except HivemartError as e:
         raise click.ClickException(str(e)) from e
@@ -110,7 +116,7 @@ def generate(
                 model, base_url=base_url, budget=budget, max_price=max_price, kind="inference", job_id=job_id
             )
         stream = (lambda token: None) if as_json else (lambda token: _write(tokenizer.decode(token[:1])))
-        if not as_json:
+        if not as_json and not chat:
             _write(prompt)
         started = time.perf_counter()
         tokens = model.generate(
@@ -158,6 +164,18 @@ def generate(
         _write("\n")
         if summary:
             click.echo(paid_summary(summary, marketplace_job), err=True)
+
+
+def chat_input_ids(tokenizer: Any, message: str) -> Any:
+    """``message`` as a user's turn through the model's chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise click.ClickException(
+            "this model's tokenizer has no chat template; drop --chat (or add chat_template.jinja to the checkpoint)"
+        )
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return encoded["input_ids"]
 
 
 def paid_summary(summary: dict[str, Any], job: Job | None) -> str:

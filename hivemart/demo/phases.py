@@ -74,7 +74,7 @@ class Demo:
         self.operator = Client(api_key=operator_key, base_url=market.url)
         self.provider_key = provider_key
         self.client: Client | None = None
-        self.username = self.password = self.api_key = ""
+        self.username = self.password = self.client_key = ""
         self.model: Any = None
         self.runtime: Any = None
         self.results: dict[str, Any] = {}
@@ -136,8 +136,8 @@ class Demo:
         anonymous = Client(base_url=self.market.url)
         signup = anonymous.accounts.signup(username=self.username, password=self.password)
         anonymous.close()
-        self.api_key = signup.api_key.key
-        self.client = Client(api_key=self.api_key, base_url=self.market.url)
+        self.client_key = signup.api_key.key
+        self.client = Client(api_key=self.client_key, base_url=self.market.url)
         # Bought as a user would, through the test payment provider (no account anywhere).
         topup = self.client.payments.topup(credits=CLIENT_TOPUP_CREDITS)
         topup = self.client.payments.test_pay(topup.id)
@@ -229,7 +229,7 @@ class Demo:
         """The marketplace should know the killed provider is gone before it plans the next
         job (its heartbeats stopped; the scheduler's sweep marks it offline)."""
         killed = self.results.get("killed")
-        if not killed:
+        if not killed or self.results.get("killed_offline"):
             return
 
         def offline() -> bool:
@@ -237,6 +237,7 @@ class Demo:
             return all(x.peer_id != killed["peer_id"] or x.state != "online" for x in offers)
 
         _wait(f"the marketplace to mark {killed['name']} offline", offline, timeout=60)
+        self.results["killed_offline"] = True
         self.say(f"      the marketplace marked {killed['name']} offline (no heartbeat); it is out of new plans")
 
     def _kill_first_hop(self, session: Any) -> dict[str, Any]:
@@ -262,6 +263,19 @@ class Demo:
                 pad_token_id=0,
             )
         return bool(torch.equal(tokens, expected))
+
+    def call_gateway(self, *, phase: int) -> None:
+        """One chat completion through ``hivemart serve --market`` (hivemart/demo/gateway.py)."""
+        from hivemart.demo.gateway import call_gateway
+
+        self.options.say(f"[{phase}/9] OpenAI-compatible gateway (`hivemart serve --market`): one chat completion")
+        self._wait_offline_after_kill()
+        result = call_gateway(
+            model=self._open_model(), market_url=self.market.url, client_key=self.client_key, say=self.options.say
+        )
+        if result["job"] is not None:
+            self.jobs.append(result["job"])  # settled and checked with the others
+        self.results["gateway"] = result
 
     # --- 7: fine-tuning --------------------------------------------------------------------
 
@@ -338,12 +352,13 @@ class Demo:
             "steps_verified": self.results["inference_job"]["verification"]["checked"],
             **self._probe_counts(),
             "exact_match": self.results["exact_match"],
+            "gateway_tokens": self.results["gateway"]["completion_tokens"],
             "jobs": self.jobs,
             "model": self.state.model_id,
             "web": self.market.url,
             "swarm": self.swarm.initial_peers[0],
             # for `hivemart login` against the kept demo (a local, throwaway account)
-            "client_api_key": self.api_key,
+            "client_api_key": self.client_key,
             "initial_peers": list(self.swarm.initial_peers),  # MADDR for the README's Python snippet
             "model_path": str(self.state.model_path),
             "seconds": round(seconds, 1),

@@ -11,7 +11,8 @@ Phases (each prints a numbered progress line):
  5. sign up a client and fund it;
  6. run a paid inference job: the plan's providers generate, tokens stream to the terminal,
     one provider is SIGKILLed midway and the client fails over to its backup; the tokens are
-    checked against local ``transformers``;
+    checked against local ``transformers``; then one chat completion through the OpenAI-compatible
+    gateway (``hivemart serve --market``, hivemart/demo/gateway.py), paid as a job of its own;
  7. run a short paid LoRA fine-tuning job through the swarm;
  8. wait for the scheduler to settle both jobs and check the books;
  9. print a summary (and, with ``--keep``, leave everything running until Ctrl-C).
@@ -103,6 +104,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         demo.start_providers(phase=4)
         demo.fund_client(phase=5)
         demo.run_inference(phase=6)
+        demo.call_gateway(phase=6)
         demo.run_finetune(phase=7)
         demo.settle(phase=8)
         summary = demo.summary(seconds=time.monotonic() - started)

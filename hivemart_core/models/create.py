@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTr
 from hivemart_core.errors import ModelError
 from hivemart_core.models.checkpoint import SUPPORTED_ARCHS, write_digest_file
 
-__all__ = ["create_model", "build_tokenizer", "DTYPES"]
+__all__ = ["create_model", "build_tokenizer", "CHAT_TEMPLATE", "DTYPES"]
 
 _CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 _SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -60,6 +60,14 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     return text
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+)
+
+
 def build_tokenizer(vocab_size: int = DEFAULT_VOCAB, *, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens, trained on the shipped corpus.
 
@@ -79,7 +87,12 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB, *, model_max_length: int = 
         pad_token="<pad>",
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
+        # What a llama's forward takes: no ``token_type_ids``, which ``generate(**enc)`` refuses.
+        model_input_names=["input_ids", "attention_mask"],
     )
+    # Chat models ship their template; ours frames each turn with the existing <s>/</s> tokens
+    # (new special tokens would change the vocabulary, hence the weights and the model id).
+    tokenizer.chat_template = CHAT_TEMPLATE
     missing = vocab_size - len(tokenizer)
     if missing > 0:
         tokenizer.add_tokens([f"<|extra_{i}|>" for i in range(missing)])

@@ -39,6 +39,7 @@ def test_demo_runs_end_to_end_and_keeps_running(kept_demo: KeptDemo) -> None:
     assert summary["tokens"] == 24 and summary["tokens_per_s"] > 0
     assert summary["failover_ok"] is True and summary["exact_match"] is True
     assert summary["ledger_balanced"] is True
+    assert summary["gateway_tokens"] > 0  # one chat completion through `hivemart serve --market`, paid
     assert summary["receipts"] > 0
     assert summary["client_spent"] > 0
     assert summary["client_spent"] == summary["providers_earned"] + summary["fees"]

@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
-HIVEMART_SERVICES = {"migrate", "web", "worker", "beat", "dht"}
+HIVEMART_SERVICES = {"migrate", "web", "worker", "beat", "dht", "gateway"}
 # Startup waits (a loaded CI machine may be slow); not assertions about speed.
 START_TIMEOUT_S = 120
 
@@ -83,6 +83,14 @@ def check_command(argv: list[str]) -> None:
         known = {opt for p in command.params for opt in p.opts}
         flags = [a for a in args[1:] if a.startswith("--")]
         assert flags and set(flags) <= known, f"unknown options for hivemart-provider {args[0]}: {set(flags) - known}"
+    elif program == "hivemart":
+        from hivemart.cli import cli as hivemart_cli
+
+        command = hivemart_cli.commands.get(argv[1])
+        assert command is not None, f"hivemart has no command {argv[1]!r}"
+        known = {opt for p in command.params for opt in p.opts}
+        flags = [a for a in argv[2:] if a.startswith("--")]
+        assert set(flags) <= known, f"unknown options for hivemart {argv[1]}: {set(flags) - known}"
     elif program == "gunicorn":
         module, _, attr = argv[1].partition(":")
         imported = __import__(module, fromlist=[attr or "application"])
@@ -141,10 +149,11 @@ def test_dependencies_wait_for_health_and_migrations(compose: dict) -> None:
 
 def test_long_running_services_have_healthchecks(compose: dict) -> None:
     services = compose["services"]
-    for name in ("postgres", "redis", "web", "worker", "dht"):
+    for name in ("postgres", "redis", "web", "worker", "dht", "gateway"):
         test = services[name]["healthcheck"]["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
     assert "/healthz" in " ".join(services["web"]["healthcheck"]["test"])
+    assert "8080/healthz" in " ".join(services["gateway"]["healthcheck"]["test"])
     assert "--ready-file" in services["dht"]["command"]
     ready = services["dht"]["command"][services["dht"]["command"].index("--ready-file") + 1]
     assert ready in services["dht"]["healthcheck"]["test"]

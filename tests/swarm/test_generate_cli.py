@@ -59,3 +59,31 @@ def test_generate_explains_missing_login_for_paid_jobs(
         ],
     )
     assert result.exit_code == 1 and "hivemart login" in result.output
+
+
+def test_generate_chat_uses_the_models_template(tiny_model: Path, two_provider_swarm: LocalSwarm) -> None:
+    peers = [a for peer in two_provider_swarm.initial_peers for a in ("--initial-peers", peer)]
+    result = CliRunner().invoke(
+        cli,
+        ["generate", "Hello", "--chat", "--model", str(tiny_model), *peers, "--max-new-tokens", "5", "--json"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    tokenizer = load_tokenizer(tiny_model)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert tokenizer.decode(ids[0]).endswith("<s>assistant\n")
+    local = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    expected = local.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out["text"] == tokenizer.decode(expected[0, ids.shape[1] :])
+
+
+def test_the_generated_tokenizer_feeds_local_generate(tiny_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    encoded = tokenizer(["Hello there"], return_tensors="pt")
+    assert set(encoded) == {"input_ids", "attention_mask"}  # no token_type_ids, which generate() refuses
+    local = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    out = local.generate(**encoded, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == encoded["input_ids"].shape[1] + 2
