@@ -27,6 +27,7 @@ _DOCKER = "needs docker, which test machines do not have; tests/deploy checks co
 _SYSTEMD = "administers a provider host (root, systemd); tests/deploy checks the unit files"
 _INSTALL = "installs packages from an index; scripts/test and the CI run it"
 _MONEY = "needs a provider with earnings and a staff key; tests/client_sdk/test_cli_money.py runs each"
+_GATEWAY = "a long-running service (the OpenAI-compatible gateway); tests/serve runs it with the openai client"
 _SYNTAX = "reference syntax ([optional] parts, placeholders); the same command runs in README's walkthrough"
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,6 +84,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart bench train --json --jobs 2,4 [--load-steps 3]": (HELP, _BENCH),
     "hivemart bench train --json [--mode lora]": (HELP, _BENCH),
     "hivemart demo": (DEMO, ""),
+    # The OpenAI-compatible gateway (README, docs/openai.md, docs/operators.md)
+    "hivemart serve": (HELP, "named in a sentence"),
+    "hivemart serve --model PATH --initial-peers MADDR [--market URL] --host H --port P": (HELP, _GATEWAY),
+    "hivemart serve --model ./llama-4x64 --initial-peers MADDR": (HELP, _GATEWAY),
+    "hivemart serve --model ./llama-4x64 --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/QmPeer... "
+    "--market https://market.example.org --host 0.0.0.0 --port 8080": (HELP, _GATEWAY),
+    "hivemart serve --market http://web:8000 --host 0.0.0.0 --port 8080": (HELP, _GATEWAY),
+    "pip install 'hivemart[serve]'": (HOST, _INSTALL),
+    "export HIVEMART_GATEWAY_KEY=$(openssl rand -hex 24)": (
+        HOST,
+        "sets a shell variable for the gateway command below it",
+    ),
+    "hivemart bench serve --json": (HELP, _BENCH),
+    'hivemart generate "Hello" --chat --model PATH --initial-peers MADDR': (
+        HELP,
+        "reference syntax; tests/swarm/test_generate_cli.py runs --chat against a swarm",
+    ),
+    "hivemart generate --paid": (HELP, "named in a sentence; it runs in README's walkthrough"),
     # Money in and out (README table, docs/operators.md, docs/providers.md)
     "hivemart wallet topup CREDITS": (
         HELP,
