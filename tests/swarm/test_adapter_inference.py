@@ -178,6 +178,17 @@ def test_a_session_naming_an_unknown_adapter_is_refused_with_a_typed_error(
     with pytest.raises(RemoteError) as refused:
         runtime2.run(ProviderConnection(runtime2.p2p, agent.peer_id).open_inference(spec, inbox))
     assert refused.value.code == codes.UNKNOWN_ADAPTER
+    # An adapter of ours that does not cover the session's blocks.
+    connection = ProviderConnection(runtime2.p2p, agent.peer_id)
+    create = AdapterRequest("create", "one-block-1", 0, 1, 2, 4.0, ("q_proj",), seed=0)
+    runtime2.run(connection.call(RPC_ADAPTER, create.to_header(), (), 10.0))
+    try:
+        narrow = OpenSession(session_id="adapterless-2", start=0, end=2, max_length=8, adapter_id="one-block-1")
+        with pytest.raises(RemoteError) as refused:
+            runtime2.run(connection.open_inference(narrow, inbox))
+        assert refused.value.code == codes.BAD_SPAN and "covers blocks 0:1" in str(refused.value)
+    finally:
+        runtime2.run(connection.call(RPC_ADAPTER, AdapterRequest("delete", "one-block-1").to_header(), (), 10.0))
 
 
 def test_generate_cli_applies_the_adapter(
