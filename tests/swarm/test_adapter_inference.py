@@ -121,6 +121,32 @@ def test_a_provider_that_forgot_the_adapter_gets_it_again(
         model.release_adapter(adapter)
 
 
+def test_rebuilt_hops_get_the_adapter_uploaded_and_replay_under_it(
+    tiny_model: Path, peft_dir: Path, local_peft: torch.nn.Module, model: DistributedModelForCausalLM
+) -> None:
+    """What failover does for a replacement provider: upload the adapter, then replay."""
+    ids = _ids(tiny_model, "Replacements apply the adapter too")
+    adapter = model.load_adapter(peft_dir)
+    runtime = model.runtime
+    try:
+        with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS, adapter=adapter) as session:
+            first = model.generate(ids, max_new_tokens=4, session=session)
+            placed = adapter.placements()
+            for (peer_id, _, _), adapter_id in placed.items():  # the providers lose it (a restart)...
+                request = AdapterRequest("delete", adapter_id).to_header()
+                runtime.run(ProviderConnection(runtime.p2p, peer_id).call(RPC_ADAPTER, request, (), 10.0))
+            chain = session.chain
+            old = [hop.stream.spec.session_id for hop in chain.hops]
+            # ...and every hop is rebuilt on new sessions, replaying the history.
+            runtime.run(chain._replace_from(0, chain._next_step_id, reason="test", exclude=None))  # noqa: SLF001
+            assert not set(old) & {hop.stream.spec.session_id for hop in chain.hops}
+            assert not set(placed.values()) & set(adapter.placements().values())  # uploaded again
+            rest = model.generate(None, max_new_tokens=NEW_TOKENS - 4, session=session)
+        assert torch.equal(torch.cat([first, rest], dim=1), _greedy(local_peft, ids))
+    finally:
+        model.release_adapter(adapter)
+
+
 def test_sessions_with_and_without_an_adapter_side_by_side_are_exact(
     tiny_model: Path, peft_dir: Path, local_peft: torch.nn.Module, model: DistributedModelForCausalLM
 ) -> None:
