@@ -2,7 +2,8 @@
 
 The client keeps the embeddings, final norm and LM head; hidden states travel through a
 chain of providers. ``model(input_ids)`` supports autograd (backward calls each provider's
-``rpc_backward``); ``model.generate(...)`` runs a KV-cached inference session.
+``rpc_backward``); ``model.generate(...)`` runs a KV-cached inference session, with a
+PEFT LoRA adapter applied on the providers when given ``adapter=``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from transformers.cache_utils import Cache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client_sdk.finetune.peft_export import read_peft_adapter
 from client_sdk.swarm.bans import PeerBans
 from client_sdk.swarm.remote import RemoteBlocks, RemoteLora
 from client_sdk.swarm.routing import DEFAULT_HOP_COST_S, RouteHop, find_route
 from client_sdk.swarm.session import ChainSession, SessionJob
-from hivemart_core.errors import HivemartError
+from hivemart_core.errors import HivemartError, ModelError
 from hivemart_core.models import ClientParts, ModelInfo, load_client_parts, load_config, load_model_info
+from hivemart_core.models.lora import target_shapes
 from hivemart_core.swarm.dht import fetch_span_records
 from hivemart_core.swarm.runtime import SwarmRuntime
 
 __all__ = ["DistributedModelForCausalLM", "GenerationSession", "RemoteCache"]
+
+# What ``adapter=`` takes: a PEFT LoRA directory, or an adapter loaded with ``model.load_adapter``.
+AdapterLike = str | Path | RemoteLora
 
 
 @dataclass
@@ -275,18 +281,64 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
         """
         return self.remote(hidden, deep_prompts, lora)
 
+    # --- adapters ----------------------------------------------------------------------------------
+
+    def load_adapter(self, adapter: AdapterLike) -> RemoteLora:
+        """A PEFT LoRA adapter of this model, ready for ``generate(adapter=...)``,
+        ``inference_session(adapter=...)`` and ``model(input_ids, lora=...)``.
+
+        ``adapter``: a directory holding ``adapter_config.json`` and
+        ``adapter_model.safetensors`` (what ``hivemart finetune --out`` writes, or PEFT's
+        ``save_pretrained``), or an adapter already loaded (checked against this model).
+        Loading once and passing the result to every call uploads each provider's slice
+        once (it is kept there while used, and re-uploaded if the provider forgot it); a
+        directory passed to a call is uploaded for that call and deleted after it.
+        Raises :class:`client_sdk.finetune.peft_export.AdapterFormatError` (a
+        :class:`ModelError`) for a directory that is not a LoRA of this model.
+        """
+        shapes = target_shapes(self.config)
+        if isinstance(adapter, RemoteLora):
+            if adapter.num_blocks != self.info.num_blocks or any(
+                adapter.shapes.get(t) != shapes[t] for t in adapter.spec.targets
+            ):
+                raise ModelError(
+                    f"this adapter is for a model of {adapter.num_blocks} blocks with other layer shapes; "
+                    f"{self.info.model_id} has {self.info.num_blocks} blocks"
+                )
+            return adapter
+        if not isinstance(adapter, (str, Path)):
+            raise TypeError(
+                f"adapter must be a PEFT adapter directory or a loaded adapter, not {type(adapter).__name__}"
+            )
+        spec, weights = read_peft_adapter(adapter, shapes, self.info.num_blocks)
+        return RemoteLora(spec, shapes, self.info.num_blocks, weights=weights)
+
+    def release_adapter(self, adapter: RemoteLora) -> None:
+        """Delete the copies of ``adapter`` the providers hold (unused ones also expire there)."""
+        self.runtime.run(adapter.release(self.runtime.p2p))
+
     # --- generation --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[GenerationSession]:
-        """Keep one KV-cached session open across several ``generate`` calls."""
-        session = self.runtime.run(self._open_chain(max_length, batch_size))
+    def inference_session(
+        self, max_length: int, batch_size: int = 1, *, adapter: AdapterLike | None = None
+    ) -> Iterator[GenerationSession]:
+        """Keep one KV-cached session open across several ``generate`` calls; with
+        ``adapter`` (see :meth:`load_adapter`), every provider applies that LoRA adapter."""
+        lora = None if adapter is None else self.load_adapter(adapter)
+        owned = lora is not None and not isinstance(adapter, RemoteLora)  # loaded here: deleted here
         try:
-            yield GenerationSession(session)
+            session = self.runtime.run(self._open_chain(max_length, batch_size, lora))
+            try:
+                yield GenerationSession(session)
+            finally:
+                self.runtime.run(session.close())
         finally:
-            self.runtime.run(session.close())
+            if owned:
+                assert lora is not None
+                self.release_adapter(lora)
 
-    async def _open_chain(self, max_length: int, batch_size: int) -> ChainSession:
+    async def _open_chain(self, max_length: int, batch_size: int, adapter: RemoteLora | None = None) -> ChainSession:
         chain = ChainSession(
             self.runtime.p2p,
             await self._route(),
@@ -296,6 +348,7 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
             find_route=self._find_route,
             bans=self.bans,
             job=self.job,
+            adapter=adapter,
         )
         await chain.open()
         return chain
@@ -308,6 +361,7 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
         session: GenerationSession | None = None,
         generator: torch.Generator | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
+        adapter: AdapterLike | None = None,
         **kwargs: Any,
     ) -> Any:
         """``transformers``' ``generate``, with the transformer blocks on the swarm.
@@ -322,19 +376,24 @@ class DistributedModelForCausalLM(GenerationMixin, torch.nn.Module):  # type: ig
         where the previous one stopped; ``inputs`` then holds only the new text to append (or
         None), and the call returns that text followed by its new tokens. ``generator`` seeds
         sampling (else torch's global generator is used, as locally); ``on_token`` is called
-        with each new token column [batch] as soon as it is chosen.
+        with each new token column [batch] as soon as it is chosen. ``adapter``: a PEFT LoRA
+        directory or loaded adapter (:meth:`load_adapter`) that the providers apply, so that
+        the result is what the base model with ``peft.PeftModel`` computes locally (within a
+        session, give it to :meth:`inference_session` instead).
         """
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         if inputs is not None and (inputs.ndim != 2 or inputs.shape[1] == 0):
             raise ValueError("input_ids must have shape [batch, tokens] with at least one token")
+        if session is not None and adapter is not None:
+            raise ValueError("a session's adapter is chosen when opening it: inference_session(..., adapter=...)")
         if session is None:
             if inputs is None:
                 raise ValueError("input_ids is required outside of an inference session")
             config = self._resolved_config(generation_config, kwargs)
             final = inputs.shape[1] + self._new_tokens(config, inputs.shape[1])
             rows = inputs.shape[0] * (config.num_beams if config.num_beams > 1 else config.num_return_sequences)
-            with self.inference_session(max(final, inputs.shape[1] + 1), rows) as fresh:
+            with self.inference_session(max(final, inputs.shape[1] + 1), rows, adapter=adapter) as fresh:
                 return self.generate(
                     inputs, generation_config, *args, session=fresh, generator=generator, on_token=on_token, **kwargs
                 )

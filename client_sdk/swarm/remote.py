@@ -104,8 +104,17 @@ class RemoteLora:
     def forget(self, peer_id: str, start: int, end: int) -> None:
         self._placed.pop((peer_id, start, end), None)
 
-    async def ensure(self, connection: ProviderConnection, start: int, end: int, timeout: float | None) -> str:
-        """Make sure the provider holds the current weights of blocks [start, end); its adapter id."""
+    async def ensure(
+        self,
+        connection: ProviderConnection,
+        start: int,
+        end: int,
+        timeout: float | None,
+        *,
+        ticket: dict[str, Any] | None = None,
+    ) -> str:
+        """Make sure the provider holds the current weights of blocks [start, end); its adapter id.
+        ``ticket`` claims the adapter memory for a job (default: the connection's billing ticket)."""
         key = (connection.peer_id, start, end)
         async with self._locks.setdefault(key, asyncio.Lock()):
             version = self.version
@@ -113,7 +122,8 @@ class RemoteLora:
             rows = self.weights.detach()[start:end].contiguous()
             if placed is None:
                 adapter_id = secrets.token_urlsafe(12)
-                ticket = connection.billing.ticket.to_dict() if connection.billing is not None else None
+                if ticket is None and connection.billing is not None:
+                    ticket = connection.billing.ticket.to_dict()
                 request = AdapterRequest(
                     "create",
                     adapter_id,

@@ -30,6 +30,10 @@ the one it returned (it is excluded and reported with both records as evidence),
 hop itself, which cannot back its claim with a record the upstream signed (it is excluded).
 Either way the hops from there on are rebuilt, and an honest hop is never verified against
 inputs it did not receive.
+
+A session with a LoRA ``adapter`` (:class:`client_sdk.swarm.remote.RemoteLora`) uploads each
+hop's slice of it (the rows of the hop's blocks) before opening the hop's session under its
+adapter id, on replacement hops too; the providers apply it at every step.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from hivemart_core.protocol.commitments import StepRecord, StepRecordError, dige
 from hivemart_core.protocol.error_codes import (
     BAD_PUSH,
     NEXT_HOP_FAILED,
+    UNKNOWN_ADAPTER,
     Retry,
     is_provider_limit,
     is_ticket_error,
@@ -64,6 +69,7 @@ from hivemart_core.protocol.tickets import JobTicket
 from hivemart_core.swarm.connection import InferenceStream, ProviderConnection, Reply, StreamMessage
 
 if TYPE_CHECKING:
+    from client_sdk.swarm.remote import RemoteLora
     from client_sdk.swarm.verify import Equivocation, ShadowVerifier
     from hivemart_core.swarm.receipts import ReceiptCollector
 
@@ -231,6 +237,7 @@ class ChainSession:
         job: SessionJob | None = None,
         close_timeout: float = 2.0,
         open_timeout: float = 5.0,
+        adapter: RemoteLora | None = None,
     ) -> None:
         if not route:
             raise SwarmError("an inference session needs at least one provider")
@@ -239,6 +246,7 @@ class ChainSession:
         self.find_route, self.bans = find_route, bans or PeerBans()
         self.step_timeout, self.min_timeout = step_timeout, min_timeout
         self.job, self.close_timeout, self.open_timeout = job, close_timeout, open_timeout
+        self.adapter = adapter
         self.position = 0  # tokens processed so far
         self.failovers: list[dict[str, Any]] = []  # what happened, for callers that report it
         self._initial_route = list(route)
@@ -323,20 +331,38 @@ class ChainSession:
 
     async def _open_hop(self, route_hop: RouteHop) -> _Hop:
         ticket = None if self.job is None else self.job.ticket_for(route_hop.peer_id, route_hop.start, route_hop.end)
-        # return_outputs stays on: failover needs every boundary, and receipts are checked against them.
-        spec = OpenSession(
-            session_id=new_session_id(),
-            start=route_hop.start,
-            end=route_hop.end,
-            max_length=self.max_length,
-            batch_size=self.batch_size,
-            return_outputs=True,
-            ticket=None if ticket is None else ticket.to_dict(),
-        )
         connection = ProviderConnection(self.p2p, route_hop.peer_id)
-        stream = await connection.open_inference(spec, self._inbox, timeout=self.open_timeout)
-        self._opened[spec.session_id] = route_hop
-        return _Hop(route_hop, stream, ticket=ticket)
+        for attempt in range(2):  # a second try when the provider forgot our adapter meanwhile
+            adapter_id = None
+            if self.adapter is not None:
+                adapter_id = await self.adapter.ensure(
+                    connection,
+                    route_hop.start,
+                    route_hop.end,
+                    self.open_timeout,
+                    ticket=None if ticket is None else ticket.to_dict(),
+                )
+            # return_outputs stays on: failover needs every boundary, and receipts are checked against them.
+            spec = OpenSession(
+                session_id=new_session_id(),
+                start=route_hop.start,
+                end=route_hop.end,
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                return_outputs=True,
+                ticket=None if ticket is None else ticket.to_dict(),
+                adapter_id=adapter_id,
+            )
+            try:
+                stream = await connection.open_inference(spec, self._inbox, timeout=self.open_timeout)
+            except RemoteError as e:
+                if self.adapter is None or e.code != UNKNOWN_ADAPTER or attempt:
+                    raise
+                self.adapter.forget(route_hop.peer_id, route_hop.start, route_hop.end)
+                continue
+            self._opened[spec.session_id] = route_hop
+            return _Hop(route_hop, stream, ticket=ticket)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _link(self, indices: Sequence[int]) -> None:
         """Tell hops ``indices`` (and their neighbours) who pushes to whom, and wait for acks."""
@@ -751,7 +777,8 @@ class ChainSession:
             if not verifier.due():
                 continue
             prefix, claimed = self._boundary(hop.start).prefix(), self._boundary(hop.end).get(step_id)
-            if prefix is None or claimed is None or not self._plain:  # a plain forward cannot redo masks/reorders
+            # A plain forward cannot redo masks, reorders or the session's adapter.
+            if prefix is None or claimed is None or not self._plain or self.adapter is not None:
                 verifier.stats.skipped += 1
                 continue
             mismatch = await verifier.check(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -74,6 +75,13 @@ if TYPE_CHECKING:
     help="With --paid: highest price, micro-credits per million work units.",
 )
 @click.option("--url", "base_url", help="With --paid or --job: the marketplace (default: saved, or HIVEMART_URL).")
+@click.option(
+    "--adapter",
+    "adapter_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A PEFT LoRA adapter directory (from `hivemart finetune --out`, or any PEFT LoRA of the "
+    "model) that the providers apply while generating.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(
     prompt: str,
@@ -91,6 +99,7 @@ def generate(
     budget: int,
     max_price: int,
     base_url: str | None,
+    adapter_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Generate a completion of PROMPT through the swarm's providers (free ones; with --paid or
@@ -110,6 +119,11 @@ def generate(
         model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers)
     except HivemartError as e:
         raise click.ClickException(str(e)) from e
+    try:  # a bad adapter directory is reported before anything runs on the swarm
+        adapter = None if adapter_dir is None else model.load_adapter(adapter_dir)
+    except HivemartError as e:
+        model.close()
+        raise click.ClickException(str(e)) from e
     try:
         if paid or job_id is not None:
             job = open_paid_job(
@@ -128,6 +142,7 @@ def generate(
             top_p=top_p,
             generator=generator,
             on_token=stream,
+            adapter=adapter,
         )
         elapsed = time.perf_counter() - started
         summary = job.finish() if job is not None else None
@@ -139,6 +154,9 @@ def generate(
         hint = failure_hint(str(e))
         raise click.ClickException(text + (f" (hint: {hint})" if hint else "")) from e
     finally:
+        if adapter is not None:  # its copies on the providers: deleted (best effort: they also expire there)
+            with contextlib.suppress(HivemartError):
+                model.release_adapter(adapter)
         if job is not None:
             job.detach()
             job.client.close()

@@ -434,32 +434,49 @@ class SpanBackend:
 
     @torch.inference_mode()
     def inference_step(
-        self, cache: SpanKVCache, hidden: torch.Tensor, position: int, start: int, end: int
+        self,
+        cache: SpanKVCache,
+        hidden: torch.Tensor,
+        position: int,
+        start: int,
+        end: int,
+        lora: LoraWeights | None = None,
     ) -> torch.Tensor:
-        """Run ``hidden`` (positions ``position..``) through blocks ``[start, end)`` and
-        append its keys and values to ``cache``, first dropping anything at or after
-        ``position`` (a rollback)."""
+        """Run ``hidden`` (positions ``position..``) through blocks ``[start, end)`` (with the
+        ``lora`` adapter if given) and append its keys and values to ``cache``, first
+        dropping anything at or after ``position`` (a rollback)."""
         cache.length = position
-        output = self._run(self.layers_for(start, end), hidden.to(self.device, self.dtype), position, cache)
+        with active_lora(self._active(lora)):
+            output = self._run(
+                self.layers_for(start, end, adaptable=lora is not None),
+                hidden.to(self.device, self.dtype),
+                position,
+                cache,
+            )
         cache.length = position + hidden.shape[1]
         return output
 
     @torch.inference_mode()
     def inference_steps(
-        self, steps: Sequence[tuple[SpanKVCache, torch.Tensor, int]], start: int, end: int
+        self,
+        steps: Sequence[tuple[SpanKVCache, torch.Tensor, int]],
+        start: int,
+        end: int,
+        lora: LoraWeights | None = None,
     ) -> list[torch.Tensor]:
         """Decode steps of several sessions over blocks ``[start, end)`` as one batched forward.
 
         ``steps``: (the session's cache, its hidden states ``[batch, 1, hidden]``, its position)
         per session, each session at most once. Each session may be at its own position
         (and rolls back to it, as in :meth:`inference_step`); its rows attend only to its
-        own cache. Returns each session's output, in order. One step alone takes
-        :meth:`inference_step`'s path unchanged. Results equal the unbatched ones up to
+        own cache. ``lora``: the adapter every session of the batch applies (sessions with
+        different adapters, or with and without one, go in different batches). Returns each
+        session's output, in order. One step alone takes :meth:`inference_step`'s path unchanged. Results equal the unbatched ones up to
         float rounding (a batched matrix product may sum in another order).
         """
         if len(steps) == 1:
             cache, hidden, position = steps[0]
-            return [self.inference_step(cache, hidden, position, start, end)]
+            return [self.inference_step(cache, hidden, position, start, end, lora)]
         if len({id(cache) for cache, _, _ in steps}) != len(steps):
             raise ValueError("a session can have only one step in a batch")
         hiddens = [hidden.to(self.device, self.dtype) for _, hidden, _ in steps]
@@ -488,14 +505,15 @@ class SpanBackend:
                 position_ids[row : row + count] = ids
                 mask[row : row + count, : position + 1] = own[:, 0, 0]
             row += count
-        output = self._run_layers(
-            self.layers_for(start, end),
-            torch.cat(hiddens),
-            position_ids,
-            None,
-            mask[:, None, None, :],
-            batched,
-        )
+        with active_lora(self._active(lora)):
+            output = self._run_layers(
+                self.layers_for(start, end, adaptable=lora is not None),
+                torch.cat(hiddens),
+                position_ids,
+                None,
+                mask[:, None, None, :],
+                batched,
+            )
         for cache, _, position in steps:
             cache.length = position + 1
         return list(output.split(rows))

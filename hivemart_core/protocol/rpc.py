@@ -334,6 +334,8 @@ class OpenSession:
     every step's output on this stream too (the last span of a chain always returns it).
     ``ticket`` is the job ticket that pays for the session (required by providers that
     trust a marketplace); the provider answers with signed ``receipt`` messages.
+    ``adapter_id`` names a LoRA adapter the same peer created on this provider (the
+    ``adapter`` RPC) covering the session's blocks: every step then applies it.
     """
 
     session_id: str
@@ -346,11 +348,13 @@ class OpenSession:
     next_session: str | None = None
     return_outputs: bool = True
     ticket: dict[str, Any] | None = None
+    adapter_id: str | None = None
 
     def to_header(self) -> dict[str, Any]:
         header = {"type": "open", **asdict(self)}
-        if self.ticket is None:
-            del header["ticket"]
+        for optional in ("ticket", "adapter_id"):
+            if header[optional] is None:
+                del header[optional]
         return header
 
     @classmethod
@@ -374,6 +378,7 @@ class OpenSession:
             next_session=next_session,
             return_outputs=return_outputs or next_peer is None,
             ticket=_ticket(header),
+            adapter_id=None if header.get("adapter_id") is None else _session_id(header, "adapter_id"),
         )
 
 

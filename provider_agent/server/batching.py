@@ -19,9 +19,9 @@ Prefill chunks (more than one token), failover replays and steps with batching o
 the unbatched path, through the same queue accounting (so that training still yields to
 them). Each session's step keeps everything per session: its cache (and rollback
 position), its charge, its signed record; a batch only shares the matrix products.
-Inference sessions carry no LoRA adapter (adapters serve forwards and backwards of
-fine-tuning jobs), so all sessions on the same blocks batch together; the batch key holds
-the blocks, and would hold an adapter id if sessions ever carry one.
+A session may carry a LoRA adapter (``OpenSession.adapter_id``): the batch key holds the
+blocks and the adapter id, so that sessions batch only with sessions applying the same
+adapter (or none); a batch's forward applies its adapter to every row.
 
 Training forwards wait before each block while inference steps are queued or running
 (:meth:`StepBatcher.wait_for_inference`, at most ``_TRAINING_WAIT_S`` per block so that
@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from hivemart_core.models.backend import SpanBackend, SpanKVCache
+from hivemart_core.models.backend import LoraWeights, SpanBackend, SpanKVCache
 
 __all__ = ["BatchStats", "StepBatcher"]
 
@@ -58,7 +58,8 @@ _WAIT_SHARE = 0.25
 # Longest a training forward waits before one block for inference steps to finish.
 _TRAINING_WAIT_S = 0.1
 
-BatchKey = tuple[int, int]  # the blocks [start, end) of the steps batched together
+# The blocks [start, end) and the adapter id (None: no adapter) of the steps batched together.
+BatchKey = tuple[int, int, str | None]
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Queued:
     cache: SpanKVCache
     hidden: torch.Tensor
     position: int
+    lora: LoraWeights | None
     future: asyncio.Future[torch.Tensor]
 
 
@@ -133,18 +135,22 @@ class StepBatcher:
         cache: SpanKVCache,
         hidden: torch.Tensor,
         position: int,
-        span: BatchKey,
+        blocks: tuple[int, int],
+        lora: LoraWeights | None = None,
+        adapter_id: str | None = None,
     ) -> torch.Tensor:
         """The output of one session's step: batched with other sessions' decode steps on
-        the same blocks when batching is on and this is a decode step, else on its own."""
-        start, end = span
+        the same blocks with the same adapter (``adapter_id``, whose weights are ``lora``)
+        when batching is on and this is a decode step, else on its own."""
+        start, end = blocks
+        span: BatchKey = (start, end, adapter_id if lora is not None else None)
         tokens = hidden.shape[0] * hidden.shape[1]
         self._enter()
         try:
             if not self.enabled or hidden.shape[1] != 1:
                 self.stats.unbatched += 1
                 output: torch.Tensor = await self._run(
-                    lambda: backend.inference_step(cache, hidden, position, start, end), tokens
+                    lambda: backend.inference_step(cache, hidden, position, start, end, lora), tokens
                 )
                 return output
             now = time.monotonic()
@@ -155,11 +161,11 @@ class StepBatcher:
                 # A lone session: its step at once, on the unbatched path (inline when small).
                 self._count(1)
                 alone: torch.Tensor = await self._run(
-                    lambda: backend.inference_step(cache, hidden, position, start, end), tokens
+                    lambda: backend.inference_step(cache, hidden, position, start, end, lora), tokens
                 )
                 return alone
             future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-            queue.append(_Queued(session_id, cache, hidden, position, future))
+            queue.append(_Queued(session_id, cache, hidden, position, lora, future))
             if span not in self._running:  # else taken when the forward in flight ends
                 self._start_or_wait(backend, span, expected)
             return await future
@@ -212,11 +218,14 @@ class StepBatcher:
 
     async def _compute(self, backend: SpanBackend, span: BatchKey, batch: list[_Queued]) -> None:
         steps = [(q.cache, q.hidden, q.position) for q in batch]
+        # One adapter id, one adapter: its weights as the first step saw them (an owner who
+        # replaces them mid-batch gets them from the next step on).
+        lora = batch[0].lora
         self._count(len(batch))
         started = time.monotonic()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: backend.inference_steps(steps, *span)
+                self._executor, lambda: backend.inference_steps(steps, span[0], span[1], lora)
             )
         except Exception as e:  # every session of the batch gets the error (the server reports it per session)
             for q in batch:

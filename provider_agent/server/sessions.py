@@ -14,6 +14,8 @@ import torch
 from hivemind.utils.logging import get_logger
 
 from hivemart_core.errors import ProtocolError
+from hivemart_core.models.adapters import Adapter, AdapterError
+from hivemart_core.models.backend import LoraWeights
 from hivemart_core.protocol import error_codes as codes
 from hivemart_core.protocol.commitments import StepRecord, digest_hex, sign_step
 from hivemart_core.protocol.framing import Message, read_message, write_message
@@ -70,6 +72,7 @@ class SessionRPCs(RequestChecks, ABC):
             )
         if len(self.sessions) >= self.config.max_sessions:
             raise RequestError(codes.BUSY, f"this provider already serves {len(self.sessions)} sessions; try another")
+        adapter = self._session_adapter(spec, peer)
         length = spec.max_length if ticket is None else self._paid_length(ticket, spec)
         needed = self.backend.cache_bytes(
             num_layers=spec.end - spec.start, batch_size=spec.batch_size, max_length=length
@@ -82,13 +85,41 @@ class SessionRPCs(RequestChecks, ABC):
             )
         self.quotas.check_session(peer, needed)
         cache = self.backend.new_cache(start=spec.start, end=spec.end, batch_size=spec.batch_size, max_length=length)
-        session = Session(spec=spec, cache=cache, reserved_bytes=needed, client=client, ticket=ticket, peer=peer)
+        session = Session(
+            spec=spec, cache=cache, reserved_bytes=needed, client=client, ticket=ticket, peer=peer, adapter=adapter
+        )
         self._reserved_bytes += needed
         self.quotas.add_session(peer, needed)
         self.sessions[spec.session_id] = session
         if spec.next_session is not None:
             self._by_next_session[spec.next_session] = session
         return session
+
+    def _session_adapter(self, spec: OpenSession, peer: str) -> Adapter | None:
+        """The adapter a session applies: one this peer created here (limits, rank and
+        budget were checked then), covering the session's blocks; None without one."""
+        if spec.adapter_id is None:
+            return None
+        adapter = self.adapters.get(spec.adapter_id, peer)
+        if not adapter.start <= spec.start < spec.end <= adapter.end:
+            raise RequestError(
+                codes.BAD_SPAN,
+                f"adapter {adapter.adapter_id} covers blocks {adapter.start}:{adapter.end}, "
+                f"not the session's {spec.start}:{spec.end}; create one for these blocks",
+            )
+        return adapter
+
+    @staticmethod
+    def _session_lora(session: Session) -> LoraWeights | None:
+        """The session's adapter weights for its blocks, as they are now (the owner may replace
+        them with the ``adapter`` RPC's ``set``); using them keeps the adapter from expiring."""
+        adapter = session.adapter
+        if adapter is None:
+            return None
+        adapter.last_used = time.monotonic()
+        spec = session.spec
+        rows = adapter.weights[spec.start - adapter.start : spec.end - adapter.start]
+        return LoraWeights(adapter.spec, rows, spec.start, source=adapter.weights)
 
     def _paid_length(self, ticket: JobTicket, spec: OpenSession) -> int:
         """Tokens of cache a session may reserve on ``ticket``: opening charges nothing, so the
@@ -119,7 +150,7 @@ class SessionRPCs(RequestChecks, ABC):
         spec = OpenSession.from_header(head.header)
         try:
             session = self._open_session(spec, writer, str(stream_info.peer_id))
-        except (RequestError, TicketError) as e:
+        except (RequestError, TicketError, AdapterError) as e:
             await write_message(writer, error_header(e.code, str(e)))
             return
         try:
@@ -319,7 +350,14 @@ class SessionRPCs(RequestChecks, ABC):
         )
         try:
             output = await self.batcher.step(
-                self.backend, spec.session_id, session.cache, hidden, step.position, (spec.start, spec.end)
+                self.backend,
+                spec.session_id,
+                session.cache,
+                hidden,
+                step.position,
+                (spec.start, spec.end),
+                self._session_lora(session),
+                spec.adapter_id,
             )
         except BaseException:
             if charge is not None:

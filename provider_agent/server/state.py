@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hivemart_core.models.adapters import Adapter
 from hivemart_core.models.backend import SpanKVCache
 from hivemart_core.protocol.commitments import StepRecord
 from hivemart_core.protocol.rpc import OpenSession
@@ -48,5 +49,6 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     ticket: JobTicket | None = None  # what pays for the session (None in free mode)
     peer: str = ""  # the client that opened it (its quotas count the session)
+    adapter: Adapter | None = None  # the LoRA adapter every step applies (OpenSession.adapter_id)
     # Signed into every step record: records of a session reopened under the same id differ.
     instance: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hivemart_core.models import create_model
-from hivemart_core.models.backend import SpanBackend, SpanKVCache
+from hivemart_core.models.backend import LoraWeights, SpanBackend, SpanKVCache
+from hivemart_core.models.lora import LoraSpec, block_numel
 from provider_agent.server.batching import StepBatcher
 
 HIDDEN = 64
@@ -45,12 +46,14 @@ def _session(backend: SpanBackend, length: int, seed: int, start: int = 0) -> tu
     return cache, hidden
 
 
-def _warm(batcher: StepBatcher, names: list[str], span: tuple[int, int] = (0, 3)) -> None:
+def _warm(
+    batcher: StepBatcher, names: list[str], span: tuple[int, int] = (0, 3), adapter_id: str | None = None
+) -> None:
     """Mark sessions as recently active (as their earlier steps would)."""
     import time
 
     for name in names:
-        batcher._last_step[name] = (span, time.monotonic())  # noqa: SLF001
+        batcher._last_step[name] = ((*span, adapter_id), time.monotonic())  # noqa: SLF001
 
 
 def test_concurrent_decode_steps_run_as_one_forward_with_each_sessions_result(backend: SpanBackend) -> None:
@@ -122,6 +125,44 @@ def test_steps_on_other_blocks_batch_apart_and_the_window_runs_stragglers(backen
     assert [o.shape for o in outputs] == [torch.Size([1, 1, HIDDEN])] * 3
     reference = _session(backend, 4, 2, start=1)
     assert torch.equal(outputs[1], backend.inference_step(reference[0], reference[1][:, 4:5], 4, 1, 3))
+
+
+def _lora(backend: SpanBackend, seed: int) -> LoraWeights:
+    """A random adapter (B non-zero, so that it changes outputs) for blocks 0:3."""
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"))
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(3, block_numel(spec, backend.lora_shapes), generator=generator) * 0.2
+    return LoraWeights(spec, weights, 0, source=weights)
+
+
+def test_sessions_batch_only_with_sessions_of_the_same_adapter(backend: SpanBackend) -> None:
+    batcher = StepBatcher(_inline, window_s=FOREVER)
+    lora = _lora(backend, 7)
+    # "p", "q" apply the adapter, "x", "y" none: two forwards of two, each exact for its rows.
+    _warm(batcher, ["p", "q"], adapter_id="adapter-one")
+    _warm(batcher, ["x", "y"])
+    plan = [("p", 2, lora), ("x", 5, None), ("q", 3, lora), ("y", 4, None)]
+    sessions = [_session(backend, n, seed) for seed, (_, n, _) in enumerate(plan)]
+    reference = [_session(backend, n, seed) for seed, (_, n, _) in enumerate(plan)]
+
+    async def main() -> list[torch.Tensor]:
+        return await asyncio.gather(
+            *[
+                batcher.step(
+                    backend, name, cache, hidden[:, n : n + 1], n, (0, 3), lora, None if lora is None else "adapter-one"
+                )
+                for (name, n, lora), (cache, hidden) in zip(plan, sessions, strict=True)
+            ]
+        )
+
+    outputs = _run(main())
+    assert batcher.stats.to_dict()["sizes"] == {"2": 2}
+    for output, (_, n, weights), (cache, hidden) in zip(outputs, plan, reference, strict=True):
+        expected = backend.inference_step(cache, hidden[:, n : n + 1], n, 0, 3, weights)
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    # The adapter matters: without it the same step computes something else.
+    cache, hidden = _session(backend, 2, 0)
+    assert not torch.allclose(outputs[0], backend.inference_step(cache, hidden[:, 2:3], 2, 0, 3), atol=1e-3)
 
 
 def test_at_most_max_sessions_steps_share_a_forward(backend: SpanBackend) -> None:
