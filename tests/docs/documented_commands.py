@@ -28,6 +28,7 @@ _SYSTEMD = "administers a provider host (root, systemd); tests/deploy checks the
 _INSTALL = "installs packages from an index; scripts/test and the CI run it"
 _MONEY = "needs a provider with earnings and a staff key; tests/client_sdk/test_cli_money.py runs each"
 _GATEWAY = "a long-running service (the OpenAI-compatible gateway); tests/serve runs it with the openai client"
+_ADAPTER = "reference syntax; tests/swarm/test_adapter_inference.py runs generate --adapter on a PEFT LoRA"
 _SYNTAX = "reference syntax ([optional] parts, placeholders); the same command runs in README's walkthrough"
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,7 +55,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart jobs create": (HELP, "named in a sentence; it runs in the walkthrough"),
     # README: the command table
     "hivemart demo [--keep] [--json]": (DEMO, ""),
-    'hivemart generate "PROMPT" --model PATH --initial-peers MADDR [--paid \\| --job ID]': (HELP, _SYNTAX),
+    'hivemart generate "PROMPT" --model PATH --initial-peers MADDR [--paid \\| --job ID] [--adapter DIR]': (
+        HELP,
+        _SYNTAX,
+    ),
     "hivemart finetune --mode lora --data FILE.jsonl --model PATH --initial-peers MADDR [--paid \\| --job ID]": (
         HELP,
         _SYNTAX,
@@ -84,6 +88,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart bench train --json --jobs 2,4 [--load-steps 3]": (HELP, _BENCH),
     "hivemart bench train --json [--mode lora]": (HELP, _BENCH),
     "hivemart demo": (DEMO, ""),
+    # LoRA adapters at inference (README, docs/generation.md)
+    "hivemart finetune --mode lora --out DIR": (HELP, _ADAPTER),
+    "hivemart finetune --out": (HELP, "named in a sentence; " + _ADAPTER),
+    "hivemart generate --adapter DIR": (HELP, _ADAPTER),
     # The OpenAI-compatible gateway (README, docs/openai.md, docs/operators.md)
     "hivemart serve": (HELP, "named in a sentence"),
     "hivemart serve --model PATH --initial-peers MADDR [--market URL] --host H --port P": (HELP, _GATEWAY),
