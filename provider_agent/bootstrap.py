@@ -59,17 +59,16 @@ async def _serve(
             record_validator=SignedRecordValidator(),
         )
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-        line = json.dumps({"ready": {"peer_id": str(p2p.peer_id), "maddrs": maddrs}})
+        ready = {"peer_id": str(p2p.peer_id), "maddrs": maddrs}
+        line = json.dumps({"ready": ready})
         if ready_file is not None:
             await asyncio.to_thread(_write_atomically, ready_file, line + "\n")
-            # Also in the log (`docker compose logs dht`, journalctl): it is how an operator
-            # learns the multiaddrs to hand out, whatever the log level.
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
         else:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
-        logger.info(f"bootstrap DHT node ready at {' '.join(maddrs)}")
+        # Also in the log at the default level (`docker compose logs dht`, journalctl): how an
+        # operator learns the multiaddrs to hand out. One record, so JSON logs stay JSON lines.
+        logger.info(f"bootstrap DHT node ready: {line}", extra={"ready": ready})
         await stop.wait()
     finally:
         # Bounded: after a signal to our process group the daemon may be gone already, and

@@ -139,7 +139,7 @@ def test_the_dht_logs_its_multiaddrs_even_with_a_ready_file(tmp_path: Path) -> N
             if select.select([process.stderr], [], [], 1.0)[0]:
                 logged += process.stderr.read1(65536)  # type: ignore[attr-defined]
         line = next(x for x in logged.decode().splitlines() if '"ready"' in x)
-        maddrs = json.loads(line)["ready"]["maddrs"]
+        maddrs = json.loads(line[line.index("{") :])["ready"]["maddrs"]  # the ready line, inside its log record
         assert maddrs and all("/p2p/" in m for m in maddrs)
         assert json.loads(ready.read_text())["ready"]["maddrs"] == maddrs
     finally:
