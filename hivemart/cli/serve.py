@@ -10,6 +10,25 @@ import click
 from hivemart.cli._root import cli, initial_peers_callback
 
 
+def _adapters_callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """``NAME=DIR`` pairs: a name the API can carry and an existing directory (read at start-up)."""
+    from hivemart.serve.engine import ADAPTER_NAME
+
+    pairs: list[tuple[str, Path]] = []
+    for value in values:
+        name, eq, directory = value.partition("=")
+        if not eq or not ADAPTER_NAME.fullmatch(name) or not directory:
+            raise click.BadParameter(
+                f"{value!r}: use NAME=DIR, NAME being 1 to 64 letters, digits, '.', '_' or '-'", param=param
+            )
+        if name in (n for n, _ in pairs):
+            raise click.BadParameter(f"adapter name {name!r} is given twice", param=param)
+        if not Path(directory).is_dir():
+            raise click.BadParameter(f"{directory!r} is not a directory (a PEFT LoRA adapter's)", param=param)
+        pairs.append((name, Path(directory)))
+    return pairs
+
+
 @cli.command()
 @click.option(
     "--model",
@@ -46,6 +65,15 @@ from hivemart.cli._root import cli, initial_peers_callback
     help="Without --market: serve anyone who reaches the port, with no key (a private network only).",
 )
 @click.option("--name", help="The model's name in the API (default: its model id).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    callback=_adapters_callback,
+    metavar="NAME=DIR",
+    help="Also serve a PEFT LoRA adapter (from `hivemart finetune --out`, or any PEFT LoRA of the model) "
+    "as model MODEL:NAME (repeatable).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -72,6 +100,7 @@ def serve(
     api_key: str | None,
     open_access: bool,
     name: str | None,
+    adapters: list[tuple[str, Path]],
     host: str,
     port: int,
     max_concurrent: int,
@@ -102,10 +131,16 @@ def serve(
         served = Served.load(model_path, initial_peers=initial_peers, name=name)
     except HivemartError as e:
         raise click.ClickException(str(e)) from e
+    for adapter_name, directory in adapters:  # a bad adapter stops the gateway before it serves anything
+        try:
+            served.add_adapter(adapter_name, directory)
+        except (HivemartError, ValueError) as e:
+            served.model.close()
+            raise click.ClickException(f"--adapter {adapter_name}={directory}: {e}") from e
     payer = MarketPayer(market_url, budget=budget, max_price=max_price) if market_url else None
     app = create_app(served, payer=payer, api_key=api_key, max_concurrent=max_concurrent)
     mode = f"paid jobs on {market_url}" if market_url else ("OPEN to anyone" if open_access else "free, key required")
-    click.echo(f"serving {served.name} ({mode}) at http://{host}:{port}/v1", err=True)
+    click.echo(f"serving {', '.join(served.model_names())} ({mode}) at http://{host}:{port}/v1", err=True)
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets requests finish (up to the
     # timeout), then the app's shutdown settles open jobs and leaves the swarm.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30, access_log=False)

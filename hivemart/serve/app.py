@@ -109,13 +109,16 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         key = self.authenticate(request)
-        return JSONResponse({"object": "list", "data": [await self._model_card(key)]})
+        card = await self._model_card(key)
+        # Each adapter is a model of its own, priced as the base model (the same blocks run).
+        return JSONResponse({"object": "list", "data": [{**card, "id": name} for name in self.served.model_names()]})
 
     async def model(self, request: Request) -> Response:
         key = self.authenticate(request)
-        if request.path_params["name"] != self.served.name:
-            raise self._unknown_model(request.path_params["name"])
-        return JSONResponse(await self._model_card(key))
+        name = request.path_params["name"]
+        if name not in self.served.model_names():
+            raise self._unknown_model(name)
+        return JSONResponse({**await self._model_card(key), "id": name})
 
     async def _model_card(self, key: str) -> dict[str, Any]:
         info = self.served.model.info
@@ -153,7 +156,7 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise OpenAIError(413, f"the request body is {length} bytes; at most {MAX_BODY_BYTES} are accepted")
         spec = parse(parse_body(await request.body()))
-        if spec.model != self.served.name:
+        if spec.model not in self.served.model_names():
             raise self._unknown_model(spec.model)
         generation = Generation(self.served, spec)
         request_id = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
@@ -225,7 +228,7 @@ class Gateway:
             "id": request_id,
             "object": kind,
             "created": int(time.time()),
-            "model": self.served.name,
+            "model": generation.request.model,
             "system_fingerprint": None,
         }
 
@@ -261,7 +264,8 @@ class Gateway:
     def _unknown_model(self, name: str) -> OpenAIError:
         return OpenAIError(
             404,
-            f"The model `{name}` does not exist on this gateway; it serves `{self.served.name}` (GET /v1/models)",
+            f"The model `{name}` does not exist on this gateway; it serves "
+            f"{', '.join(f'`{n}`' for n in self.served.model_names())} (GET /v1/models)",
             param="model",
             code="model_not_found",
         )
@@ -327,7 +331,8 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(gateway.shutdown)
-            if close_served:
+            if close_served:  # the adapters' copies on the providers go with the model
+                await asyncio.to_thread(served.release_adapters)
                 served.model.close()
 
     app = Starlette(

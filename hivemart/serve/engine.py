@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,11 +27,16 @@ if TYPE_CHECKING:
 
     from client_sdk.swarm.job import MarketJob
     from client_sdk.swarm.model import DistributedModelForCausalLM
+    from client_sdk.swarm.remote import RemoteLora
     from hivemart_core.api import Client
 
-__all__ = ["Served", "MarketPayer", "Choices", "Generation", "sdk_generate"]
+__all__ = ["Served", "MarketPayer", "Choices", "Generation", "sdk_generate", "ADAPTER_NAME"]
 
 logger = logging.getLogger(__name__)
+
+# An adapter's name, served as model "<model>:<name>": plain characters, so that it is one URL
+# path segment and reads the same in every client.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Delta = tuple[int, str, str | None]  # (choice index, new text, finish reason once it finished)
 
@@ -49,9 +55,11 @@ def sdk_generate(
     seed: int | None,
     eos_token_id: int | None,
     on_token: Callable[[torch.Tensor], None],
+    adapter: RemoteLora | None = None,
 ) -> None:
     """The gateway's one call into the SDK's generation API: greedy at temperature 0 (as
-    OpenAI's models approximately are), else sampling, seeded when ``seed`` is given."""
+    OpenAI's models approximately are), else sampling, seeded when ``seed`` is given; with a
+    loaded ``adapter``, the providers apply that PEFT LoRA."""
     import torch
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -64,18 +72,21 @@ def sdk_generate(
         generator=generator,
         eos_token_id=eos_token_id,
         on_token=on_token,
+        adapter=adapter,
     )
 
 
 @dataclass
 class Served:
     """The model the gateway serves: the SDK's client half (shared by every request), its
-    tokenizer and its context length."""
+    tokenizer and its context length; ``adapters`` are the PEFT LoRAs served as models
+    ``"<name>:<adapter>"``, each loaded once and shared by every request."""
 
     name: str
     model: DistributedModelForCausalLM
     tokenizer: Any
     context: int
+    adapters: dict[str, RemoteLora] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path, *, initial_peers: list[str], name: str | None = None) -> Served:
@@ -90,6 +101,39 @@ class Served:
 
         tokenizer = load_tokenizer(model.info.path)
         return cls(name or model.info.model_id, model, tokenizer, _context_length(model.info.path, tokenizer))
+
+    def add_adapter(self, name: str, directory: Path) -> None:
+        """Serve the PEFT LoRA in ``directory`` as model ``"<name>:<adapter name>"``; raises
+        ValueError for a bad or taken name, ``AdapterFormatError`` for a directory that is not
+        a LoRA of this model (nothing reaches the providers until a request uses it)."""
+        if not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+        if name in self.adapters:
+            raise ValueError(f"adapter name {name!r} is given twice")
+        self.adapters[name] = self.model.load_adapter(directory)
+
+    def model_names(self) -> list[str]:
+        """The names requests may use: the base model, then one per adapter."""
+        return [self.name, *(f"{self.name}:{a}" for a in self.adapters)]
+
+    def adapter_for(self, model: str) -> RemoteLora | None:
+        """The adapter that model name ``model`` asks for (None: the base model); KeyError
+        for a name this gateway does not serve."""
+        if model == self.name:
+            return None
+        base, colon, adapter = model.partition(":")
+        if base == self.name and colon and adapter in self.adapters:
+            return self.adapters[adapter]
+        raise KeyError(model)
+
+    def release_adapters(self) -> None:
+        """Delete the adapters' copies on the providers (best effort: unused ones expire there)."""
+        adapters, self.adapters = self.adapters, {}
+        for name, adapter in adapters.items():
+            try:
+                self.model.release_adapter(adapter)
+            except Exception as e:  # noqa: BLE001 - shutting down: the providers expire them anyway
+                logger.warning(f"adapter {name}: could not delete its copies ({e}); they expire on the providers")
 
     def model_for_job(self) -> DistributedModelForCausalLM:
         """A model of its own for a paid request (a job attaches to one model), sharing the
@@ -364,6 +408,7 @@ class Generation:
 
     def __init__(self, served: Served, request: GenerationRequest) -> None:
         self.served, self.request = served, request
+        self.adapter = served.adapter_for(request.model)  # KeyError: not served here
         self.prompt = served.prompt_ids(request)
         self.max_tokens = served.budget(request, len(self.prompt))
         self.choices = Choices(served.tokenizer, request.n, request.stop, served.tokenizer.eos_token_id)
@@ -409,6 +454,7 @@ class Generation:
                 seed=self.request.seed,
                 eos_token_id=self.served.tokenizer.eos_token_id,
                 on_token=on_token,
+                adapter=self.adapter,
             )
         except _Stop:
             pass

@@ -94,8 +94,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hivemart generate --adapter DIR": (HELP, _ADAPTER),
     # The OpenAI-compatible gateway (README, docs/openai.md, docs/operators.md)
     "hivemart serve": (HELP, "named in a sentence"),
-    "hivemart serve --model PATH --initial-peers MADDR [--market URL] --host H --port P": (HELP, _GATEWAY),
+    "hivemart serve --model PATH --initial-peers MADDR [--market URL] [--adapter NAME=DIR] --host H --port P": (
+        HELP,
+        _GATEWAY,
+    ),
     "hivemart serve --model ./llama-4x64 --initial-peers MADDR": (HELP, _GATEWAY),
+    "hivemart serve --model ./llama-4x64 --initial-peers MADDR --adapter support=./support-lora": (
+        HELP,
+        _GATEWAY + "; tests/serve/test_adapters.py serves a PEFT LoRA so",
+    ),
     "hivemart serve --model ./llama-4x64 --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/QmPeer... "
     "--market https://market.example.org --host 0.0.0.0 --port 8080": (HELP, _GATEWAY),
     "hivemart serve --market http://web:8000 --host 0.0.0.0 --port 8080": (HELP, _GATEWAY),
