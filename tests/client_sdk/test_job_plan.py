@@ -42,7 +42,8 @@ def entry(
         end=end,
         max_units=10_000,
         price=1_000_000,
-        expires_at=int(time.time()) + 600,
+        # Built at import (ENTRIES): valid for a day, so a slow suite reaching these tests late still has live tickets.
+        expires_at=int(time.time()) + 86_400,
     )
     body.update(ticket)
     body.setdefault("credit_units", body["max_units"])  # no credit limit unless a test sets one
