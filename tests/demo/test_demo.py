@@ -84,6 +84,7 @@ def test_the_readme_python_snippet_runs_against_the_kept_demo(kept_demo: KeptDem
     """The README's Python snippet, as written, run where the kept demo's checkpoint is."""
     summary = kept_demo.summary
     assert Path(summary["model_path"]).resolve() == (kept_demo.home / "models" / "demo-llama").resolve()
-    snippet = run_readme_snippet(summary["initial_peers"][0], None, cwd=kept_demo.home.parent.parent)
+    market = (summary["web"], summary["client_api_key"])  # the demo's providers serve paid jobs only
+    snippet = run_readme_snippet(summary["initial_peers"][0], None, cwd=kept_demo.home.parent.parent, market=market)
     assert snippet.returncode == 0, snippet.stderr[-4000:]
-    assert "gradient norm" in snippet.stdout
+    assert "gradient norm" in snippet.stdout and "paid job:" in snippet.stdout

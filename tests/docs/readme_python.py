@@ -19,9 +19,15 @@ def readme_snippet() -> str:
     return match.group(1)
 
 
-def run_readme_snippet(maddr: str, model: Path | None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """Run the snippet as written; only the environment it documents (MADDR, MODEL) differs."""
-    env = {**os.environ, "MADDR": maddr, "PYTHONPATH": str(ROOT)}
+def run_readme_snippet(
+    maddr: str, model: Path | None, cwd: Path = ROOT, market: tuple[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the snippet as written; only the environment it documents differs: MADDR, MODEL, and
+    for a marketplace's providers ``market`` = (HIVEMART_URL, HIVEMART_API_KEY)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HIVEMART_URL", "HIVEMART_API_KEY")}
+    env.update(MADDR=maddr, PYTHONPATH=str(ROOT))
+    if market is not None:
+        env["HIVEMART_URL"], env["HIVEMART_API_KEY"] = market
     if model is not None:
         env["MODEL"] = str(model)
     return subprocess.run(
