@@ -9,6 +9,7 @@ config (``job-keys/<marketplace>-<id>.key``, mode 0600), where ``--job ID`` find
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from hivemart_core.protocol.identity import Identity
 
 __all__ = [
+    "paid_job_options",
     "job_key_path",
     "new_job_identity",
     "open_paid_job",
@@ -47,6 +49,44 @@ def save_job_identity(identity: Identity, base_url: str, job_id: int) -> Path:
     path = job_key_path(base_url, job_id)
     identity.save(path)
     return path
+
+
+def paid_job_options(*, what: str, budget: int, job_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of a paid run, the same for ``generate`` and ``finetune``: ``--paid``, ``--job``,
+    ``--budget``, ``--max-price`` and ``--url`` (``what`` names the job in ``--paid``'s help)."""
+    options = [
+        click.option(
+            "--paid",
+            is_flag=True,
+            help=f"Run as a marketplace {what} (uses `hivemart login`'s key): the plan's providers, "
+            "tickets, receipts and settlement.",
+        ),
+        click.option("--job", "job_id", type=click.IntRange(min=1), help=job_help),
+        click.option(
+            "--budget",
+            default=budget,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="With --paid: micro-credits to hold.",
+        ),
+        click.option(
+            "--max-price",
+            default=2_000_000,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="With --paid: highest price, micro-credits per million work units.",
+        ),
+        click.option(
+            "--url", "base_url", help="With --paid or --job: the marketplace (default: saved, or HIVEMART_URL)."
+        ),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def paid_options_check(paid: bool, job_id: int | None) -> None:

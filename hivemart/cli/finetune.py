@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hivemart.cli._jobs import open_paid_job, paid_options_check, ticket_hint
+from hivemart.cli._jobs import open_paid_job, paid_job_options, paid_options_check, ticket_hint
 from hivemart.cli._root import api_error_text, cli, initial_peers_callback
 
 _MODES = ("ptune", "deep_ptune", "lora")
@@ -83,33 +83,11 @@ _MODES = ("ptune", "deep_ptune", "lora")
     type=click.IntRange(min=1),
     help="Most tokens per request; larger batches are split into chunks run concurrently.",
 )
-@click.option(
-    "--paid",
-    is_flag=True,
-    help="Run as a marketplace fine-tuning job (uses `hivemart login`'s key): the plan's providers, "
-    "tickets, receipts and settlement.",
+@paid_job_options(
+    what="fine-tuning job",
+    budget=20_000_000,
+    job_help="Run the existing finetune job ID (made with `hivemart jobs create --kind finetune`).",
 )
-@click.option(
-    "--job",
-    "job_id",
-    type=click.IntRange(min=1),
-    help="Run the existing finetune job ID (made with `hivemart jobs create --kind finetune`).",
-)
-@click.option(
-    "--budget",
-    default=20_000_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="With --paid: micro-credits to hold.",
-)
-@click.option(
-    "--max-price",
-    default=2_000_000,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="With --paid: highest price, micro-credits per million work units.",
-)
-@click.option("--url", "base_url", help="With --paid or --job: the marketplace (default: saved, or HIVEMART_URL).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 def finetune(

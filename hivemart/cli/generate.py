@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hivemart.cli._jobs import open_paid_job, paid_options_check, ticket_hint
+from hivemart.cli._jobs import open_paid_job, paid_job_options, paid_options_check, ticket_hint
 from hivemart.cli._root import api_error_text, cli, failure_hint, initial_peers_callback
 from hivemart_core.figures import format_credits
 
@@ -48,33 +48,11 @@ if TYPE_CHECKING:
     is_flag=True,
     help="PROMPT is a user's message: frame it with the model's chat template and print only the reply.",
 )
-@click.option(
-    "--paid",
-    is_flag=True,
-    help="Run as a marketplace job (uses `hivemart login`'s key): the plan's "
-    "providers, tickets, receipts and settlement.",
+@paid_job_options(
+    what="job",
+    budget=5_000_000,
+    job_help="Run the existing inference job ID (made with `hivemart jobs create`) instead of a new one.",
 )
-@click.option(
-    "--job",
-    "job_id",
-    type=click.IntRange(min=1),
-    help="Run the existing inference job ID (made with `hivemart jobs create`) instead of a new one.",
-)
-@click.option(
-    "--budget",
-    default=5_000_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="With --paid: micro-credits to hold.",
-)
-@click.option(
-    "--max-price",
-    default=2_000_000,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="With --paid: highest price, micro-credits per million work units.",
-)
-@click.option("--url", "base_url", help="With --paid or --job: the marketplace (default: saved, or HIVEMART_URL).")
 @click.option(
     "--adapter",
     "adapter_dir",
